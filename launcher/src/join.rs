@@ -1,0 +1,1 @@
+//! Moving a process into a holder's namespaces. (API outline; being written.)

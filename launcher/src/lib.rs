@@ -1,0 +1,15 @@
+//! ferry: rootless containers for Slurm job steps.
+//!
+//! The library holds every piece of logic; the `ferry` binary and the SPANK plugin are
+//! thin front ends over [`holder::prepare`] and [`join::join`].
+
+pub mod env;
+pub mod holder;
+pub mod image;
+pub mod join;
+pub mod mounts;
+pub mod rootfs;
+pub mod spec;
+pub mod srun_args;
+pub mod sys;
+pub mod user;

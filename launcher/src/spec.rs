@@ -1,0 +1,80 @@
+//! The container spec: everything the holder needs to build one container, as plain data.
+//!
+//! The CLI and the SPANK plugin both fill one of these and hand it, as JSON, to
+//! `ferry hold`; nothing else crosses from the caller to the holder.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::mounts::MountSpec;
+use crate::user::UserInfo;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ContainerSpec {
+    /// Absolute path of the image: a squashfs file or a directory holding a root filesystem.
+    pub image: PathBuf,
+    /// Put a tmpfs-backed overlay on top of the image so the root filesystem is writable.
+    #[serde(default)]
+    pub writable: bool,
+    /// Map the user to uid/gid 0 inside instead of keeping their own ids.
+    #[serde(default)]
+    pub remap_root: bool,
+    /// Bind the user's home directory at the same path inside.
+    #[serde(default = "default_true")]
+    pub mount_home: bool,
+    /// Extra bind mounts, in order.
+    #[serde(default)]
+    pub mounts: Vec<MountSpec>,
+    /// Working directory asked for explicitly (`--workdir`).
+    #[serde(default)]
+    pub workdir: Option<PathBuf>,
+    /// The caller's working directory, kept inside when it exists there.
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    /// `NAME=VALUE` pairs asked for explicitly; they win over the image's values.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// The user the container is for (who runs the holder).
+    pub user: UserInfo,
+    /// Site overrides of helper programs and limits.
+    #[serde(default)]
+    pub site: SiteSettings,
+}
+
+/// Settings an admin controls; users cannot change them through the spec in the plugin
+/// (the plugin fills them from plugstack arguments, never from the job's environment).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SiteSettings {
+    /// squashfuse program to use; default: `squashfuse_ll`, then `squashfuse`, from PATH.
+    #[serde(default)]
+    pub squashfuse: Option<PathBuf>,
+    /// fuse-overlayfs program used only where the kernel refuses overlayfs in a user namespace.
+    #[serde(default)]
+    pub fuse_overlayfs: Option<PathBuf>,
+    /// Size limit of the tmpfs that holds writes to a writable container (e.g. "50%", "4g").
+    #[serde(default)]
+    pub writable_tmpfs_size: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl ContainerSpec {
+    /// A spec with the defaults `ferry run` uses, for `image` and `user`.
+    pub fn new(image: PathBuf, user: UserInfo) -> Self {
+        ContainerSpec {
+            image,
+            writable: false,
+            remap_root: false,
+            mount_home: true,
+            mounts: Vec::new(),
+            workdir: None,
+            cwd: None,
+            env: Vec::new(),
+            user,
+            site: SiteSettings::default(),
+        }
+    }
+}
