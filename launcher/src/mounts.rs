@@ -1,10 +1,142 @@
-//! Bind mount specs. (being written)
+//! Bind mount specs: `SRC[:DST[:FLAGS]]`, alone or as pyxis' comma-separated list.
+
+use std::path::{Component, Path, PathBuf};
+
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MountSpec {
+    /// Host path (absolute).
     pub source: PathBuf,
+    /// Path inside the container (absolute).
     pub target: PathBuf,
     pub read_only: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MountSpecError {
+    #[error("empty mount spec: write SRC[:DST[:FLAGS]]")]
+    Empty,
+    #[error("mount spec `{spec}` has too many `:` fields: write SRC[:DST[:FLAGS]]")]
+    TooManyFields { spec: String },
+    #[error("mount spec `{spec}`: unknown flag `{flag}` (known: ro, rw, bind, rbind, private, rprivate, slave, rslave, nosuid, nodev)")]
+    UnknownFlag { spec: String, flag: String },
+    #[error("mount spec `{spec}`: the container path `{target}` must be absolute")]
+    RelativeTarget { spec: String, target: String },
+    #[error("mount spec `{spec}`: the container path must not contain `..`")]
+    DotDotTarget { spec: String },
+    #[error("mount spec `{spec}`: the source path must not be empty")]
+    EmptySource { spec: String },
+}
+
+impl MountSpec {
+    /// Parse one `SRC[:DST[:FLAGS]]`; a relative SRC is taken relative to `cwd`.
+    /// FLAGS are joined with `+` (pyxis): `ro`/`rw`, plus propagation words that ferry
+    /// accepts and ignores because its mounts are always private to the container.
+    pub fn parse(spec: &str, cwd: &Path) -> Result<MountSpec, MountSpecError> {
+        let trimmed = spec.trim();
+        if trimmed.is_empty() {
+            return Err(MountSpecError::Empty);
+        }
+        let fields: Vec<&str> = trimmed.split(':').collect();
+        if fields.len() > 3 {
+            return Err(MountSpecError::TooManyFields { spec: spec.to_string() });
+        }
+        let source = fields[0];
+        if source.is_empty() {
+            return Err(MountSpecError::EmptySource { spec: spec.to_string() });
+        }
+        let target = fields.get(1).copied().filter(|t| !t.is_empty()).unwrap_or(source);
+        let mut read_only = false;
+        if let Some(flags) = fields.get(2) {
+            for flag in flags.split('+').filter(|f| !f.is_empty()) {
+                match flag {
+                    "ro" => read_only = true,
+                    "rw" => read_only = false,
+                    "bind" | "rbind" | "private" | "rprivate" | "slave" | "rslave" | "nosuid"
+                    | "nodev" => {}
+                    other => {
+                        return Err(MountSpecError::UnknownFlag {
+                            spec: spec.to_string(),
+                            flag: other.to_string(),
+                        })
+                    }
+                }
+            }
+        }
+        let target = PathBuf::from(target);
+        if !target.is_absolute() {
+            return Err(MountSpecError::RelativeTarget {
+                spec: spec.to_string(),
+                target: target.display().to_string(),
+            });
+        }
+        if target.components().any(|c| c == Component::ParentDir) {
+            return Err(MountSpecError::DotDotTarget { spec: spec.to_string() });
+        }
+        Ok(MountSpec { source: cwd.join(source), target, read_only })
+    }
+
+    /// Parse a comma-separated list of specs (pyxis' `--container-mounts`).
+    pub fn parse_list(list: &str, cwd: &Path) -> Result<Vec<MountSpec>, MountSpecError> {
+        list.split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| MountSpec::parse(s, cwd))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cwd() -> PathBuf {
+        PathBuf::from("/work")
+    }
+
+    #[test]
+    fn source_only_mounts_at_same_path() {
+        let m = MountSpec::parse("/data", &cwd()).unwrap();
+        assert_eq!(m.source, PathBuf::from("/data"));
+        assert_eq!(m.target, PathBuf::from("/data"));
+        assert!(!m.read_only);
+    }
+
+    #[test]
+    fn source_target_and_flags() {
+        let m = MountSpec::parse("/scratch/x:/x:ro", &cwd()).unwrap();
+        assert_eq!((m.source.as_path(), m.target.as_path()), (Path::new("/scratch/x"), Path::new("/x")));
+        assert!(m.read_only);
+        assert!(!MountSpec::parse("/a:/b:rw", &cwd()).unwrap().read_only);
+        assert!(MountSpec::parse("/a:/b:rbind+ro", &cwd()).unwrap().read_only);
+    }
+
+    #[test]
+    fn relative_source_resolves_against_cwd() {
+        let m = MountSpec::parse("data:/data", &cwd()).unwrap();
+        assert_eq!(m.source, PathBuf::from("/work/data"));
+    }
+
+    #[test]
+    fn comma_list() {
+        let v = MountSpec::parse_list("/a:/b,/c:/d:ro,", &cwd()).unwrap();
+        assert_eq!(v.len(), 2);
+        assert!(v[1].read_only);
+    }
+
+    #[test]
+    fn bad_specs_are_refused() {
+        assert_eq!(MountSpec::parse("", &cwd()), Err(MountSpecError::Empty));
+        assert!(matches!(MountSpec::parse("/a:/b:ro:x", &cwd()), Err(MountSpecError::TooManyFields { .. })));
+        assert!(matches!(MountSpec::parse("/a:/b:rx", &cwd()), Err(MountSpecError::UnknownFlag { .. })));
+        assert!(matches!(MountSpec::parse("/a:b", &cwd()), Err(MountSpecError::RelativeTarget { .. })));
+        assert!(matches!(MountSpec::parse("/a:/b/../c", &cwd()), Err(MountSpecError::DotDotTarget { .. })));
+        assert!(matches!(MountSpec::parse(":/b", &cwd()), Err(MountSpecError::EmptySource { .. })));
+    }
+
+    #[test]
+    fn error_text_names_the_spec() {
+        let e = MountSpec::parse("/a:/b:bogus", &cwd()).unwrap_err().to_string();
+        assert!(e.contains("/a:/b:bogus") && e.contains("bogus"), "{e}");
+    }
 }

@@ -1,0 +1,617 @@
+//! Building a container's root filesystem inside its new mount namespace.
+//!
+//! Layout while building (no host directory is created for it):
+//! a tmpfs is mounted over the host's `/tmp` and made the root with `pivot_root`, so the
+//! host tree is reachable at `/oldroot`; the image is mounted at `/lower`; the container
+//! tree is assembled at `/newroot` (a bind of `/lower`, or an overlay with its upper layer
+//! on the tmpfs at `/rw`); generated files live in `/files`. A last `pivot_root` makes
+//! `/newroot` the root and the rest is detached, so it vanishes with the namespace.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use nix::mount::{mount, MsFlags};
+
+use crate::image::{self, ImageError, ImageKind};
+use crate::mounts::MountSpec;
+use crate::spec::ContainerSpec;
+use crate::sys;
+use crate::user::{self, InsideIds};
+
+const OLD: &str = "/oldroot";
+const LOWER: &str = "/lower";
+const NEW: &str = "/newroot";
+const RW: &str = "/rw";
+const FILES: &str = "/files";
+/// Largest text file read from an image (passwd, group, environment).
+const SMALL_FILE_LIMIT: u64 = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("squashfuse not found: install it (Debian/Ubuntu: apt-get install squashfuse) or set the site's squashfuse path")]
+    NoSquashfuse,
+    #[error("/dev/fuse is not usable by user {user}: {reason}")]
+    Fuse { user: String, reason: String },
+    #[error("mount source not found: {0} (check the path given to --mount/--container-mounts)")]
+    SourceMissing(PathBuf),
+    #[error("mount source not readable by user {user}: {path} (check its permissions and those of its parent directories)")]
+    SourceNotReadable { path: PathBuf, user: String },
+    #[error("cannot open mount source {path}: {source}")]
+    SourceOpen { path: PathBuf, source: io::Error },
+    #[error("cannot mount the image {path}: {detail}")]
+    ImageMount { path: PathBuf, detail: String },
+    #[error("cannot mount {what} at {target} in the container: {source}")]
+    Mount { what: String, target: PathBuf, source: io::Error },
+    #[error("cannot prepare the container ({step}): {source}")]
+    Setup { step: &'static str, source: io::Error },
+    #[error("working directory not found in the container: {0} (check --workdir/--container-workdir)")]
+    NoWorkdir(PathBuf),
+}
+
+fn setup(step: &'static str) -> impl FnOnce(io::Error) -> RootfsError {
+    move |source| RootfsError::Setup { step, source }
+}
+
+fn nix_io(e: nix::Error) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+/// A host path the container binds, opened by the user before any namespace changes so
+/// that permissions are the user's and a later swap of the path cannot redirect the mount.
+#[derive(Debug)]
+struct Source {
+    path: PathBuf,
+    fd: OwnedFd,
+    is_dir: bool,
+}
+
+impl Source {
+    /// The same file, opened again from inside the new mount namespace (the kernel binds
+    /// only mounts of the caller's namespace). Refused if the path now names another file.
+    fn reopen(&self) -> io::Result<OwnedFd> {
+        use std::os::unix::fs::MetadataExt;
+        let again: OwnedFd = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+            .open(Path::new(OLD).join(inside_path(&self.path)))?
+            .into();
+        let before = File::from(self.fd.try_clone()?).metadata()?;
+        let after = File::from(again.try_clone()?).metadata()?;
+        if (before.dev(), before.ino()) != (after.dev(), after.ino()) {
+            return Err(io::Error::new(io::ErrorKind::Other, "the path was replaced while the container was being set up"));
+        }
+        Ok(again)
+    }
+}
+
+/// Everything taken from the host, opened with the user's credentials.
+pub struct Inputs {
+    image_path: PathBuf,
+    image: File,
+    kind: ImageKind,
+    fuse: bool,
+    squashfuse: Option<PathBuf>,
+    home: Option<Source>,
+    mounts: Vec<(MountSpec, Source)>,
+}
+
+fn open_source(path: &Path, user: &str) -> Result<Source, RootfsError> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => RootfsError::SourceMissing(path.into()),
+            io::ErrorKind::PermissionDenied => RootfsError::SourceNotReadable { path: path.into(), user: user.into() },
+            _ => RootfsError::SourceOpen { path: path.into(), source },
+        })?;
+    let is_dir = file.metadata().map_err(|source| RootfsError::SourceOpen { path: path.into(), source })?.is_dir();
+    let mode = if is_dir { libc::R_OK | libc::X_OK } else { libc::R_OK };
+    sys::access_fd(file.as_fd(), mode)
+        .map_err(|_| RootfsError::SourceNotReadable { path: path.into(), user: user.into() })?;
+    Ok(Source { path: path.to_path_buf(), fd: file.into(), is_dir })
+}
+
+/// Open and check every input of `spec` as the calling user.
+pub fn open_inputs(spec: &ContainerSpec) -> Result<Inputs, RootfsError> {
+    let user = spec.user.name.as_str();
+    let image_path = spec.image.clone();
+    let image = File::open(&image_path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => ImageError::NotFound(image_path.clone()),
+        io::ErrorKind::PermissionDenied => ImageError::NotReadable { path: image_path.clone(), user: user.into() },
+        _ => ImageError::Open { path: image_path.clone(), source },
+    })?;
+    let kind = image::detect(&image_path, &image)?;
+    let (fuse, squashfuse) = match kind {
+        ImageKind::Squashfs { .. } => {
+            let program = image::squashfs::find_squashfuse(spec.site.squashfuse.as_deref())
+                .ok_or(RootfsError::NoSquashfuse)?;
+            // Only a check here: the kernel accepts a FUSE connection only from a /dev/fuse
+            // opened inside the user namespace that mounts it, so it is opened again there.
+            open_fuse(user, Path::new("/dev/fuse"))?;
+            (true, Some(program))
+        }
+        ImageKind::Directory => (false, None),
+    };
+    let home = if spec.mount_home && spec.user.home.is_absolute() && spec.user.home != Path::new("/") {
+        // A missing or unreadable home is not worth failing a job for: run without it.
+        open_source(&spec.user.home, user).map_err(|e| tracing::info!("not mounting home: {e}")).ok()
+    } else {
+        None
+    };
+    let mounts = spec
+        .mounts
+        .iter()
+        .map(|m| open_source(&m.source, user).map(|s| (m.clone(), s)))
+        .collect::<Result<_, _>>()?;
+    Ok(Inputs { image_path, image, kind, fuse, squashfuse, home, mounts })
+}
+
+fn open_fuse(user: &str, path: &Path) -> Result<File, RootfsError> {
+    fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open(path).map_err(|e| {
+        let reason = match e.kind() {
+            io::ErrorKind::NotFound => "it does not exist; an admin must load the fuse module (modprobe fuse)".to_string(),
+            io::ErrorKind::PermissionDenied => {
+                "permission denied; an admin must make it usable by users (chmod 0666 /dev/fuse, as distributions ship it)".to_string()
+            }
+            _ => e.to_string(),
+        };
+        RootfsError::Fuse { user: user.into(), reason }
+    })
+}
+
+/// A container whose root is in place: what the holder keeps alive and reports.
+pub struct Container {
+    pub squashfuse: Option<Child>,
+    pub env: Vec<(String, String)>,
+    pub workdir: PathBuf,
+}
+
+/// The path `rel` names inside the tree at `root`, with every symlink that exists in the
+/// tree followed as the container would follow it (absolute targets and `..` stay inside
+/// `root`). Components that do not exist are kept as given.
+pub fn resolve_in_tree(root: &Path, rel: &Path) -> io::Result<PathBuf> {
+    let mut resolved = PathBuf::new();
+    let mut pending: Vec<std::ffi::OsString> =
+        rel.components().rev().filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        }).collect();
+    let mut hops = 0;
+    while let Some(name) = pending.pop() {
+        if name == ".." {
+            resolved.pop();
+            continue;
+        }
+        let candidate = resolved.join(&name);
+        match fs::symlink_metadata(root.join(&candidate)) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                hops += 1;
+                if hops > 40 {
+                    return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many symlinks"));
+                }
+                let target = fs::read_link(root.join(&candidate))?;
+                if target.is_absolute() {
+                    resolved = PathBuf::new();
+                }
+                for c in target.components().rev() {
+                    match c {
+                        Component::Normal(n) => pending.push(n.to_os_string()),
+                        Component::ParentDir => pending.push("..".into()),
+                        _ => {}
+                    }
+                }
+            }
+            _ => resolved = candidate,
+        }
+    }
+    Ok(resolved)
+}
+
+/// One bind into the container tree.
+struct Bind {
+    what: String,
+    source: PathBuf,
+    target: PathBuf,
+    is_dir: bool,
+    recursive: bool,
+    flags: u64,
+}
+
+fn inside_path(p: &Path) -> PathBuf {
+    p.strip_prefix("/").unwrap_or(p).to_path_buf()
+}
+
+fn fd_path(fd: &impl AsRawFd) -> PathBuf {
+    PathBuf::from(format!("{OLD}/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Build the container described by `spec` from `inputs`. Runs inside the new user and
+/// mount namespaces, as the single thread of the holder.
+pub fn build(spec: &ContainerSpec, inputs: Inputs, inside: InsideIds) -> Result<Container, RootfsError> {
+    stage()?;
+    let squashfuse = mount_image(&inputs)?;
+    let result = assemble(spec, &inputs, inside);
+    match result {
+        Ok((env, workdir)) => Ok(Container { squashfuse, env, workdir }),
+        Err(e) => {
+            if let Some(mut child) = squashfuse {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Err(e)
+        }
+    }
+}
+
+fn assemble(spec: &ContainerSpec, inputs: &Inputs, inside: InsideIds) -> Result<(Vec<(String, String)>, PathBuf), RootfsError> {
+    let (binds, _sources) = plan_binds(spec, inputs)?;
+    let lower = Path::new(LOWER);
+    let mut missing = Vec::new();
+    for bind in &binds {
+        let resolved = resolve_in_tree(lower, &inside_path(&bind.target)).map_err(setup("resolving mount targets"))?;
+        if fs::symlink_metadata(lower.join(&resolved)).is_err() {
+            missing.push((resolved, bind.is_dir));
+        }
+    }
+    let overlay = spec.writable || !missing.is_empty();
+    if overlay {
+        mount_overlay(spec, &missing)?;
+    } else {
+        bind_mount(Path::new(LOWER), Path::new(NEW), true).map_err(|source| RootfsError::Mount {
+            what: "the image".into(),
+            target: "/".into(),
+            source,
+        })?;
+    }
+    write_identity_files(spec, inside)?;
+    let newroot = File::open(NEW).map_err(setup("opening the new root"))?;
+    for bind in &binds {
+        let target_fd = sys::open_in_root(newroot.as_fd(), &bind.target, libc::O_PATH, 0)
+            .map_err(|source| RootfsError::Mount { what: bind.what.clone(), target: bind.target.clone(), source })?;
+        let mounted = bind_mount(&bind.source, &fd_path(&target_fd), bind.recursive).and_then(|()| {
+            if bind.flags == 0 {
+                return Ok(());
+            }
+            // Opened again: the first descriptor names the covered directory, not the new mount.
+            let top = sys::open_in_root(newroot.as_fd(), &bind.target, libc::O_PATH, 0)?;
+            sys::mount_set_flags(&fd_path(&top), bind.flags, bind.recursive)
+        });
+        mounted.map_err(|source| RootfsError::Mount { what: bind.what.clone(), target: bind.target.clone(), source })?;
+    }
+    let root_flags = sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV | if spec.writable { 0 } else { sys::MOUNT_ATTR_RDONLY };
+    sys::mount_set_flags(Path::new(NEW), root_flags, false).map_err(setup("making the root filesystem read-only"))?;
+    drop(newroot);
+    enter_new_root()?;
+    let env = read_image_env();
+    let workdir = choose_workdir(spec)?;
+    Ok((env, workdir))
+}
+
+/// Mount a tmpfs over the host's /tmp and make it the root; the host stays at /oldroot.
+fn stage() -> Result<(), RootfsError> {
+    mount(
+        Some("ferry"),
+        "/tmp",
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755,size=64m"),
+    )
+    .map_err(|e| setup("mounting the staging tmpfs")(nix_io(e)))?;
+    std::env::set_current_dir("/tmp").map_err(setup("entering the staging tmpfs"))?;
+    for dir in ["oldroot", "lower", "newroot", "rw", "files"] {
+        fs::create_dir(dir).map_err(setup("creating staging directories"))?;
+    }
+    nix::unistd::pivot_root(".", "oldroot").map_err(|e| setup("pivot_root into the staging tmpfs")(nix_io(e)))?;
+    std::env::set_current_dir("/").map_err(setup("entering the staging root"))?;
+    Ok(())
+}
+
+fn mount_image(inputs: &Inputs) -> Result<Option<Child>, RootfsError> {
+    match inputs.kind {
+        ImageKind::Directory => {
+            let source = Source { path: inputs.image_path.clone(), fd: inputs.image.try_clone().map_err(setup("reopening the image"))?.into(), is_dir: true };
+            let fd = source.reopen().map_err(setup("reopening the image directory"))?;
+            bind_mount(&fd_path(&fd), Path::new(LOWER), true).map_err(|source| RootfsError::Mount {
+                what: format!("the image directory {}", inputs.image_path.display()),
+                target: "/".into(),
+                source,
+            })?;
+            Ok(None)
+        }
+        ImageKind::Squashfs { offset, .. } => mount_squashfs(inputs, offset).map(Some),
+    }
+}
+
+/// Mount the image with squashfuse: the holder (which has the capabilities of its user
+/// namespace) mounts the FUSE filesystem itself and hands the connection to squashfuse as
+/// `/dev/fd/N`, so neither fusermount nor any setuid helper is involved.
+fn mount_squashfs(inputs: &Inputs, offset: u64) -> Result<Child, RootfsError> {
+    debug_assert!(inputs.fuse);
+    let fuse = open_fuse(&inputs.image_path.display().to_string(), &Path::new(OLD).join("dev/fuse"))?;
+    let program = inputs.squashfuse.as_ref().expect("found for squashfs images");
+    let uid = nix::unistd::getuid().as_raw();
+    let gid = nix::unistd::getgid().as_raw();
+    let options = format!("fd={},rootmode=40000,user_id={uid},group_id={gid},default_permissions", fuse.as_raw_fd());
+    mount(
+        Some(inputs.image_path.as_os_str()),
+        LOWER,
+        Some("fuse.squashfuse"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RDONLY,
+        Some(options.as_str()),
+    )
+    .map_err(|e| RootfsError::ImageMount { path: inputs.image_path.clone(), detail: format!("FUSE mount refused: {e}") })?;
+
+    const IMAGE_FD: i32 = 3;
+    const FUSE_FD: i32 = 4;
+    let log_path = Path::new(FILES).join("squashfuse.log");
+    let log = File::create(&log_path).map_err(setup("creating the squashfuse log"))?;
+    let mut cmd = Command::new(program);
+    cmd.arg("-f");
+    if offset > 0 {
+        cmd.arg("-o").arg(format!("offset={offset}"));
+    }
+    cmd.arg(format!("/proc/self/fd/{IMAGE_FD}"))
+        .arg(format!("/dev/fd/{FUSE_FD}"))
+        .stdin(host_null()?)
+        .stdout(host_null()?)
+        .stderr(log);
+    let (image_fd, fuse_fd) = (inputs.image.as_raw_fd(), fuse.as_raw_fd());
+    // SAFETY: the closure only makes async-signal-safe system calls (dup, dup2, fcntl, prctl,
+    // chroot, chdir) on values computed before fork.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(move || {
+            // dup first so that moving one descriptor cannot overwrite the other.
+            let image_tmp = libc::dup(image_fd);
+            let fuse_tmp = libc::dup(fuse_fd);
+            if image_tmp < 0 || fuse_tmp < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            sys::dup2_raw(image_tmp, IMAGE_FD)?;
+            sys::dup2_raw(fuse_tmp, FUSE_FD)?;
+            sys::clear_cloexec(IMAGE_FD)?;
+            sys::clear_cloexec(FUSE_FD)?;
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(nix_io)?;
+            // squashfuse is a host program: it runs in the host tree (its libraries, its
+            // loader), while the connection it serves is already mounted in the staging tree.
+            nix::unistd::chroot(OLD).map_err(nix_io)?;
+            nix::unistd::chdir("/").map_err(nix_io)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| RootfsError::ImageMount {
+        path: inputs.image_path.clone(),
+        detail: format!("cannot start {}: {e}", program.display()),
+    })?;
+    // The first request waits for squashfuse to answer; if it dies first, the connection is
+    // aborted and this fails instead of hanging.
+    let started = Instant::now();
+    loop {
+        match fs::metadata(LOWER) {
+            Ok(_) => return Ok(child),
+            Err(e) => {
+                let exited = child.try_wait().ok().flatten();
+                if exited.is_some() || started.elapsed() > Duration::from_secs(30) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let log = fs::read_to_string(&log_path).unwrap_or_default();
+                    let detail = log.lines().filter(|l| !l.trim().is_empty()).last().map(str::to_string).unwrap_or_else(|| e.to_string());
+                    return Err(RootfsError::ImageMount { path: inputs.image_path.clone(), detail: format!("squashfuse: {detail}") });
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
+
+/// /dev/null while the host tree is at /oldroot (`Stdio::null` would look for /dev/null).
+fn host_null() -> Result<File, RootfsError> {
+    fs::OpenOptions::new().read(true).write(true).open(Path::new(OLD).join("dev/null")).map_err(setup("opening /dev/null"))
+}
+
+fn bind_mount(source: &Path, target: &Path, recursive: bool) -> io::Result<()> {
+    let flags = MsFlags::MS_BIND | if recursive { MsFlags::MS_REC } else { MsFlags::empty() };
+    mount(Some(source), target, None::<&str>, flags, None::<&str>).map_err(nix_io)
+}
+
+/// An overlay over the image with its upper layer on a tmpfs. Mount points the image
+/// lacks are created in the upper layer first, so the image itself never changes.
+fn mount_overlay(spec: &ContainerSpec, missing: &[(PathBuf, bool)]) -> Result<(), RootfsError> {
+    let size = spec.site.writable_tmpfs_size.as_deref().unwrap_or("50%");
+    let opts = format!("mode=0755,size={size}");
+    mount(Some("ferry-rw"), RW, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(opts.as_str()))
+        .map_err(|e| setup("mounting the writable layer")(nix_io(e)))?;
+    let upper = Path::new(RW).join("upper");
+    let work = Path::new(RW).join("work");
+    fs::create_dir(&upper).map_err(setup("creating the upper layer"))?;
+    fs::create_dir(&work).map_err(setup("creating the overlay work directory"))?;
+    fs::set_permissions(&upper, fs::Permissions::from_mode(
+        fs::metadata(LOWER).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o755),
+    ))
+    .map_err(setup("setting the root's mode"))?;
+    for (rel, is_dir) in missing {
+        create_mount_point(&upper, rel, *is_dir).map_err(setup("creating mount points"))?;
+    }
+    let base = format!("lowerdir={LOWER},upperdir={},workdir={}", upper.display(), work.display());
+    let mut last_err = None;
+    for extra in [",userxattr", ""] {
+        let opts = format!("{base}{extra}");
+        match mount(Some("overlay"), NEW, Some("overlay"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(opts.as_str())) {
+            Ok(()) => return Ok(()),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(RootfsError::Mount {
+        what: "the writable overlay".into(),
+        target: "/".into(),
+        source: nix_io(last_err.expect("tried at least once")),
+    })
+}
+
+/// Create `rel` (and missing parents, with the modes the image gives them) in `upper`.
+fn create_mount_point(upper: &Path, rel: &Path, is_dir: bool) -> io::Result<()> {
+    let mut prefix = PathBuf::new();
+    let parts: Vec<_> = rel.components().collect();
+    for (i, part) in parts.iter().enumerate() {
+        prefix.push(part);
+        let last = i + 1 == parts.len();
+        let path = upper.join(&prefix);
+        if fs::symlink_metadata(&path).is_ok() {
+            continue;
+        }
+        if last && !is_dir {
+            fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(&path)?;
+        } else {
+            let mode = fs::metadata(Path::new(LOWER).join(&prefix)).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o755);
+            fs::DirBuilder::new().mode(0o755).create(&path)?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode))?;
+        }
+    }
+    Ok(())
+}
+
+fn plan_binds(spec: &ContainerSpec, inputs: &Inputs) -> Result<(Vec<Bind>, Vec<OwnedFd>), RootfsError> {
+    let mut held = Vec::new();
+    let mut reopen = |s: &Source| -> Result<PathBuf, RootfsError> {
+        let fd = s.reopen().map_err(|e| RootfsError::SourceOpen { path: s.path.clone(), source: e })?;
+        let path = fd_path(&fd);
+        held.push(fd);
+        Ok(path)
+    };
+    let host = |p: &str| PathBuf::from(format!("{OLD}{p}"));
+    let guard = sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+    let mut binds = vec![
+        Bind { what: "/proc".into(), source: host("/proc"), target: "/proc".into(), is_dir: true, recursive: true, flags: 0 },
+        Bind { what: "/sys".into(), source: host("/sys"), target: "/sys".into(), is_dir: true, recursive: true, flags: 0 },
+        Bind { what: "/dev".into(), source: host("/dev"), target: "/dev".into(), is_dir: true, recursive: true, flags: sys::MOUNT_ATTR_NOSUID },
+        Bind { what: "/tmp".into(), source: host("/tmp"), target: "/tmp".into(), is_dir: true, recursive: true, flags: guard },
+    ];
+    if let Some(home) = &inputs.home {
+        binds.push(Bind {
+            what: format!("home {}", spec.user.home.display()),
+            source: reopen(home)?,
+            target: spec.user.home.clone(),
+            is_dir: home.is_dir,
+            recursive: true,
+            flags: guard,
+        });
+    }
+    for file in ["/etc/resolv.conf", "/etc/hosts"] {
+        if Path::new(file).is_file() {
+            binds.push(Bind { what: file.into(), source: host(file), target: file.into(), is_dir: false, recursive: false, flags: guard | sys::MOUNT_ATTR_RDONLY });
+        }
+    }
+    for file in ["passwd", "group"] {
+        binds.push(Bind {
+            what: format!("/etc/{file}"),
+            source: Path::new(FILES).join(file),
+            target: PathBuf::from("/etc").join(file),
+            is_dir: false,
+            recursive: false,
+            flags: guard | sys::MOUNT_ATTR_RDONLY,
+        });
+    }
+    for (m, source) in &inputs.mounts {
+        binds.push(Bind {
+            what: m.source.display().to_string(),
+            source: reopen(source)?,
+            target: m.target.clone(),
+            is_dir: source.is_dir,
+            recursive: true,
+            flags: guard | if m.read_only { sys::MOUNT_ATTR_RDONLY } else { 0 },
+        });
+    }
+    Ok((binds, held))
+}
+
+fn read_from_new_root(newroot: &File, path: &str) -> String {
+    sys::open_in_root(newroot.as_fd(), Path::new(path), libc::O_RDONLY, 0)
+        .ok()
+        .and_then(|fd| image::read_small_text(File::from(fd), SMALL_FILE_LIMIT).ok())
+        .unwrap_or_default()
+}
+
+fn write_identity_files(spec: &ContainerSpec, inside: InsideIds) -> Result<(), RootfsError> {
+    let newroot = File::open(NEW).map_err(setup("opening the new root"))?;
+    let shell = if sys::open_in_root(newroot.as_fd(), &spec.user.shell, libc::O_PATH, 0).is_ok() {
+        spec.user.shell.display().to_string()
+    } else {
+        "/bin/sh".to_string()
+    };
+    let passwd = user::passwd_with_user(&read_from_new_root(&newroot, "/etc/passwd"), &spec.user, inside, &shell);
+    let group = user::group_with_user(&read_from_new_root(&newroot, "/etc/group"), &spec.user.group_name(), &spec.user.name, inside);
+    for (name, text) in [("passwd", passwd), ("group", group)] {
+        let path = Path::new(FILES).join(name);
+        fs::write(&path, text).map_err(setup("writing passwd/group"))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).map_err(setup("writing passwd/group"))?;
+    }
+    Ok(())
+}
+
+/// Make /newroot the root and drop every other mount of the staging tree.
+fn enter_new_root() -> Result<(), RootfsError> {
+    std::env::set_current_dir(NEW).map_err(setup("entering the new root"))?;
+    // pivot_root(".", ".") stacks the old root on top of the new one; detaching it then
+    // leaves only the container tree, with no directory needed for the old root.
+    nix::unistd::pivot_root(".", ".").map_err(|e| setup("pivot_root into the container")(nix_io(e)))?;
+    nix::mount::umount2(".", nix::mount::MntFlags::MNT_DETACH).map_err(|e| setup("detaching the host tree")(nix_io(e)))?;
+    std::env::set_current_dir("/").map_err(setup("entering the container root"))?;
+    Ok(())
+}
+
+fn read_image_env() -> Vec<(String, String)> {
+    File::open("/etc/environment")
+        .ok()
+        .and_then(|f| image::read_small_text(f, SMALL_FILE_LIMIT).ok())
+        .map(|t| crate::env::parse_environment_file(&t))
+        .unwrap_or_default()
+}
+
+/// The explicit workdir (which must exist), else the caller's directory when it exists
+/// inside, else home, else `/`.
+fn choose_workdir(spec: &ContainerSpec) -> Result<PathBuf, RootfsError> {
+    if let Some(dir) = &spec.workdir {
+        return if dir.is_dir() { Ok(dir.clone()) } else { Err(RootfsError::NoWorkdir(dir.clone())) };
+    }
+    let candidates = [spec.cwd.clone(), Some(spec.user.home.clone())];
+    Ok(candidates.into_iter().flatten().find(|d| d.is_absolute() && d.is_dir()).unwrap_or_else(|| "/".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn resolve_follows_symlinks_inside_the_tree() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        fs::create_dir_all(r.join("usr/home")).unwrap();
+        symlink("/usr/home", r.join("home")).unwrap();
+        symlink("../../etc/shadow-escape", r.join("usr/home/esc")).unwrap();
+        symlink("../run/resolve/stub", r.join("usr/resolv")).unwrap();
+        assert_eq!(resolve_in_tree(r, Path::new("home/alice")).unwrap(), PathBuf::from("usr/home/alice"));
+        assert_eq!(resolve_in_tree(r, Path::new("usr/resolv")).unwrap(), PathBuf::from("run/resolve/stub"));
+        // `..` beyond the root stays at the root.
+        assert_eq!(resolve_in_tree(r, Path::new("usr/home/esc")).unwrap(), PathBuf::from("etc/shadow-escape"));
+        symlink("/../../../..", r.join("up")).unwrap();
+        assert_eq!(resolve_in_tree(r, Path::new("up/x")).unwrap(), PathBuf::from("x"));
+    }
+
+    #[test]
+    fn resolve_stops_symlink_loops() {
+        let root = tempfile::tempdir().unwrap();
+        symlink("b", root.path().join("a")).unwrap();
+        symlink("a", root.path().join("b")).unwrap();
+        assert!(resolve_in_tree(root.path(), Path::new("a/x")).is_err());
+    }
+}

@@ -1,1 +1,74 @@
+//! Images: what a path given as IMAGE holds, checked before anything is mounted.
+
 pub mod squashfs;
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// What kind of root filesystem an opened image holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageKind {
+    /// A squashfs image starting at `offset` bytes into the file.
+    Squashfs { offset: u64, compression: squashfs::Compression },
+    /// A directory holding a root filesystem.
+    Directory,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("image not found: {0} (check the path; relative paths are taken from the current directory)")]
+    NotFound(PathBuf),
+    #[error("image not readable by user {user}: {path} (check its permissions and those of its parent directories)")]
+    NotReadable { path: PathBuf, user: String },
+    #[error("cannot open image {path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("not a squashfs image or root filesystem directory: {path} ({detail})")]
+    UnknownFormat { path: PathBuf, detail: String },
+    #[error("bad squashfs image {path}: {reason}")]
+    BadSquashfs { path: PathBuf, reason: String },
+}
+
+/// Look at an already-opened image and say what it is. `file` must be opened for reading.
+pub fn detect(path: &Path, file: &File) -> Result<ImageKind, ImageError> {
+    let meta = file.metadata().map_err(|source| ImageError::Open { path: path.into(), source })?;
+    if meta.is_dir() {
+        return Ok(ImageKind::Directory);
+    }
+    if !meta.is_file() {
+        return Err(ImageError::UnknownFormat { path: path.into(), detail: "neither a regular file nor a directory".into() });
+    }
+    let mut head = [0u8; 96];
+    let n = read_at_most(file, &mut head, 0).map_err(|source| ImageError::Open { path: path.into(), source })?;
+    if n >= 4 && &head[..4] == squashfs::MAGIC {
+        let sb = squashfs::Superblock::parse(&head[..n], meta.len(), 0)
+            .map_err(|reason| ImageError::BadSquashfs { path: path.into(), reason })?;
+        return Ok(ImageKind::Squashfs { offset: 0, compression: sb.compression });
+    }
+    let detail = if n == 0 { "the file is empty".to_string() } else { format!("starts with bytes {}", hex(&head[..n.min(8)])) };
+    Err(ImageError::UnknownFormat { path: path.into(), detail })
+}
+
+fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64)? {
+            0 => break,
+            n => done += n,
+        }
+    }
+    Ok(done)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+}
+
+/// Read at most `limit` bytes of a text file that lives inside an image (hostile input:
+/// bounded, and invalid UTF-8 is replaced rather than refused).
+pub fn read_small_text(mut file: File, limit: u64) -> std::io::Result<String> {
+    let mut bytes = Vec::new();
+    (&mut file).take(limit).read_to_end(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}

@@ -1,0 +1,126 @@
+//! squashfs images: the superblock checks done before mounting, and the squashfuse program.
+
+use std::path::{Path, PathBuf};
+
+pub const MAGIC: &[u8; 4] = b"hsqs";
+const SUPERBLOCK_SIZE: usize = 96;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Gzip,
+    Lzma,
+    Lzo,
+    Xz,
+    Lz4,
+    Zstd,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superblock {
+    pub inodes: u32,
+    pub block_size: u32,
+    pub compression: Compression,
+    pub bytes_used: u64,
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+impl Superblock {
+    /// Check the superblock at the start of `bytes`; `file_len` and `offset` say where the
+    /// image lies in its file, so a truncated image is refused before it is mounted.
+    pub fn parse(bytes: &[u8], file_len: u64, offset: u64) -> Result<Superblock, String> {
+        if bytes.len() < SUPERBLOCK_SIZE {
+            return Err(format!("truncated: {} bytes, a superblock needs {SUPERBLOCK_SIZE}", bytes.len()));
+        }
+        if &bytes[..4] != MAGIC {
+            return Err("no squashfs magic".into());
+        }
+        let (major, minor) = (u16_at(bytes, 28), u16_at(bytes, 30));
+        if (major, minor) != (4, 0) {
+            return Err(format!("squashfs version {major}.{minor}; only 4.0 is supported"));
+        }
+        let compression = match u16_at(bytes, 20) {
+            1 => Compression::Gzip,
+            2 => Compression::Lzma,
+            3 => Compression::Lzo,
+            4 => Compression::Xz,
+            5 => Compression::Lz4,
+            6 => Compression::Zstd,
+            other => return Err(format!("unknown compression id {other}")),
+        };
+        let block_size = u32_at(bytes, 12);
+        let block_log = u16_at(bytes, 22);
+        if !(12..=20).contains(&block_log) || block_size != 1 << block_log {
+            return Err(format!("inconsistent block size {block_size} (log {block_log})"));
+        }
+        let bytes_used = u64_at(bytes, 40);
+        let available = file_len.saturating_sub(offset);
+        if bytes_used > available {
+            return Err(format!("truncated: the superblock says {bytes_used} bytes, the file holds {available}"));
+        }
+        Ok(Superblock { inodes: u32_at(bytes, 4), block_size, compression, bytes_used })
+    }
+}
+
+/// The squashfuse program to use: the site's choice, else `squashfuse_ll` (multi-threaded,
+/// low-level API, faster) or `squashfuse` from PATH.
+pub fn find_squashfuse(site_choice: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = site_choice {
+        return is_executable(p).then(|| p.to_path_buf());
+    }
+    ["squashfuse_ll", "squashfuse"].iter().find_map(|name| find_in_path(name))
+}
+
+/// A program found in PATH (or the usual system directories when PATH is empty).
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").filter(|p| !p.is_empty());
+    let dirs = path.unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&dirs).map(|d| d.join(name)).find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn superblock(compression: u16, bytes_used: u64) -> Vec<u8> {
+        let mut b = vec![0u8; SUPERBLOCK_SIZE];
+        b[..4].copy_from_slice(MAGIC);
+        b[12..16].copy_from_slice(&(1u32 << 17).to_le_bytes());
+        b[20..22].copy_from_slice(&compression.to_le_bytes());
+        b[22..24].copy_from_slice(&17u16.to_le_bytes());
+        b[28..30].copy_from_slice(&4u16.to_le_bytes());
+        b[40..48].copy_from_slice(&bytes_used.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn accepts_a_sane_superblock() {
+        let sb = Superblock::parse(&superblock(6, 4096), 4096, 0).unwrap();
+        assert_eq!(sb.compression, Compression::Zstd);
+        assert_eq!(sb.block_size, 1 << 17);
+    }
+
+    #[test]
+    fn refuses_truncated_and_odd_images() {
+        assert!(Superblock::parse(&superblock(1, 8192), 4096, 0).unwrap_err().contains("truncated"));
+        assert!(Superblock::parse(&superblock(1, 4096), 8192, 8000).unwrap_err().contains("truncated"));
+        assert!(Superblock::parse(&superblock(9, 10), 4096, 0).unwrap_err().contains("compression"));
+        assert!(Superblock::parse(&superblock(1, 10)[..50], 4096, 0).unwrap_err().contains("truncated"));
+        let mut v3 = superblock(1, 10);
+        v3[28] = 3;
+        assert!(Superblock::parse(&v3, 4096, 0).unwrap_err().contains("version"));
+    }
+}

@@ -1,0 +1,139 @@
+//! `ferry run`: a container for one command, made of the same prepare and join steps the
+//! plugin uses, with the command's exit status and signals passed through.
+
+use std::ffi::{CString, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::env;
+use crate::holder::{self, PrepareError, PrepareOptions};
+use crate::join::{self, JoinError, Namespaces};
+use crate::spec::ContainerSpec;
+use crate::sys;
+
+/// Exit status for ferry's own failures (as podman and docker use it).
+pub const EXIT_SETUP_FAILED: i32 = 125;
+pub const EXIT_CANNOT_EXECUTE: i32 = 126;
+pub const EXIT_NOT_FOUND: i32 = 127;
+
+const FORWARDED: [Signal; 9] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
+    Signal::SIGCONT,
+    Signal::SIGALRM,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Prepare(#[from] PrepareError),
+    #[error(transparent)]
+    Join(#[from] JoinError),
+    #[error("{what}: {source}")]
+    Os { what: &'static str, source: nix::Error },
+    #[error("argument or environment holds a NUL byte")]
+    Nul,
+}
+
+fn cstr(bytes: Vec<u8>) -> Result<CString, RunError> {
+    CString::new(bytes).map_err(|_| RunError::Nul)
+}
+
+/// Run `argv` in a container built from `spec`; returns the exit status for ferry to use.
+pub fn run(spec: &ContainerSpec, argv: &[OsString], opts: &PrepareOptions) -> Result<i32, RunError> {
+    let holder = holder::prepare(spec, opts)?;
+    let namespaces = Namespaces::open(holder.pid())?;
+    let caller = std::env::vars_os().map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()));
+    let vars = env::compose(caller, &holder.ready().env, &spec.env);
+    let search_path = vars.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone()).unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    let envp = vars.into_iter().map(|(k, v)| cstr(format!("{k}={v}").into_bytes())).collect::<Result<Vec<_>, _>>()?;
+    let args = argv.iter().map(|a| cstr(a.clone().into_vec())).collect::<Result<Vec<_>, _>>()?;
+    let workdir = holder.ready().workdir.clone();
+
+    let mut mask = SigSet::empty();
+    for s in FORWARDED {
+        mask.add(s);
+    }
+    mask.add(Signal::SIGCHLD);
+    mask.thread_block().map_err(|source| RunError::Os { what: "blocking signals", source })?;
+
+    let child = match sys::fork_single_threaded().map_err(|source| RunError::Os { what: "fork", source })? {
+        None => exec_in_container(&namespaces, &workdir, &args, &envp, &search_path, &mask),
+        Some(child) => child,
+    };
+    drop(namespaces);
+    let status = supervise(child, &mask);
+    let _ = holder.stop(Duration::from_secs(5));
+    Ok(status)
+}
+
+fn supervise(child: Pid, mask: &SigSet) -> i32 {
+    loop {
+        let Ok(info) = sys::wait_signal(mask) else { return EXIT_SETUP_FAILED };
+        if info.si_signo == libc::SIGCHLD {
+            loop {
+                match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(_, code)) => return code,
+                    Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+                    Ok(WaitStatus::StillAlive) => break,
+                    Ok(_) => continue,
+                    Err(nix::Error::EINTR) => continue,
+                    Err(_) => return EXIT_SETUP_FAILED,
+                }
+            }
+        } else if sys::sent_by_process(&info) {
+            if let Ok(sig) = Signal::try_from(info.si_signo) {
+                let _ = kill(child, sig);
+            }
+        }
+    }
+}
+
+/// The child: enter the container and exec the command; never returns.
+fn exec_in_container(ns: &Namespaces, workdir: &Path, args: &[CString], envp: &[CString], search_path: &str, mask: &SigSet) -> ! {
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    let _ = mask.thread_unblock();
+    if let Err(e) = join::join(ns, workdir) {
+        eprintln!("ferry: error: {e}");
+        std::process::exit(EXIT_SETUP_FAILED);
+    }
+    let program = args[0].as_bytes();
+    let candidates: Vec<PathBuf> = if program.contains(&b'/') {
+        vec![PathBuf::from(std::ffi::OsStr::from_bytes(program))]
+    } else {
+        std::env::split_paths(search_path).map(|d| d.join(std::ffi::OsStr::from_bytes(program))).collect()
+    };
+    let mut denied = false;
+    for path in candidates {
+        let Ok(c) = CString::new(path.into_os_string().into_vec()) else { continue };
+        match nix::unistd::execve(&c, args, envp) {
+            Err(nix::Error::EACCES) => denied = true,
+            Err(nix::Error::ENOEXEC) => {
+                eprintln!("ferry: error: cannot execute {}: not an executable this system can run (wrong architecture or missing #! line)", c.to_string_lossy());
+                std::process::exit(EXIT_CANNOT_EXECUTE);
+            }
+            _ => {}
+        }
+    }
+    let name = String::from_utf8_lossy(program);
+    if denied {
+        eprintln!("ferry: error: permission denied executing `{name}` in the container");
+        std::process::exit(EXIT_CANNOT_EXECUTE);
+    }
+    if program.contains(&b'/') {
+        eprintln!("ferry: error: command not found in the container: {name}");
+    } else {
+        eprintln!("ferry: error: command not found in the container: {name} (searched PATH={search_path})");
+    }
+    std::process::exit(EXIT_NOT_FOUND);
+}
