@@ -1,0 +1,178 @@
+//! Shared helpers for the end-to-end tests.
+//!
+//! The tests need what `integration/test` prepares: the `ferry` binary at `$FERRY_BIN`,
+//! test images under `$FERRY_IMAGES`, and the unprivileged users `ferrytest` and
+//! `ferrytest2`. A missing piece fails the test with the command that provides it; a test
+//! never skips silently.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+pub const USER: &str = "ferrytest";
+pub const OTHER_USER: &str = "ferrytest2";
+
+fn required_env(name: &str) -> String {
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => v,
+        _ => panic!("{name} is not set: run the tests through `integration/test`, which builds ferry and the test images"),
+    }
+}
+
+/// The ferry binary the tests run (readable and executable by the test users).
+pub fn ferry_bin() -> PathBuf {
+    let p = PathBuf::from(required_env("FERRY_BIN"));
+    assert!(p.is_file(), "FERRY_BIN={} does not exist: run `integration/test`", p.display());
+    p
+}
+
+/// A test image by name (e.g. `busybox.sqsh`, `debian`).
+pub fn image(name: &str) -> PathBuf {
+    let p = Path::new(&required_env("FERRY_IMAGES")).join(name);
+    assert!(p.exists(), "test image {} is missing: run `integration/build-images`", p.display());
+    p
+}
+
+/// Tests that change machine-wide state (sysctls, /dev/fuse) take the write side; all
+/// others the read side, so they never see that state.
+static MACHINE: RwLock<()> = RwLock::new(());
+
+pub fn shared_machine() -> RwLockReadGuard<'static, ()> {
+    MACHINE.read().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn exclusive_machine() -> RwLockWriteGuard<'static, ()> {
+    MACHINE.write().unwrap_or_else(|e| e.into_inner())
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(out: Output) -> Run {
+        use std::os::unix::process::ExitStatusExt;
+        let code = out.status.code().unwrap_or_else(|| 128 + out.status.signal().unwrap_or(0));
+        Run {
+            code,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Assert success and return stdout.
+    pub fn ok(&self) -> &str {
+        assert_eq!(self.code, 0, "command failed (exit {}):\nstdout: {}\nstderr: {}", self.code, self.stdout, self.stderr);
+        &self.stdout
+    }
+}
+
+/// Run a shell command line as `user` (via runuser, with a login-like environment).
+pub fn sh_as(user: &str, script: &str) -> Run {
+    assert_user_exists(user);
+    let out = Command::new("runuser")
+        .args(["-u", user, "--", "env", "-i"])
+        .arg(format!("HOME=/home/{user}"))
+        .arg(format!("USER={user}"))
+        .arg(format!("LOGNAME={user}"))
+        .arg("PATH=/usr/local/bin:/usr/bin:/bin")
+        .arg(format!("FERRY={}", ferry_bin().display()))
+        .arg(format!("FERRY_IMAGES={}", required_env("FERRY_IMAGES")))
+        .args(extra_env())
+        .args(["bash", "-c", script])
+        .current_dir("/")
+        .output()
+        .expect("runuser runs");
+    Run::from(out)
+}
+
+fn extra_env() -> Vec<String> {
+    ["SLURM_CONF"].iter().filter_map(|n| std::env::var(n).ok().map(|v| format!("{n}={v}"))).collect()
+}
+
+pub fn sh(script: &str) -> Run {
+    sh_as(USER, script)
+}
+
+pub fn assert_user_exists(user: &str) {
+    let ok = Command::new("id").arg(user).output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(ok, "test user {user} does not exist: run `integration/test-users`");
+}
+
+/// Live (non-zombie) processes of `user`, as "pid command" lines, ignoring `except` pids.
+pub fn live_processes(user: &str) -> Vec<String> {
+    let uid = uid_of(user);
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc") {
+        let Ok(entry) = entry else { continue };
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
+        let field = |key: &str| status.lines().find(|l| l.starts_with(key)).map(|l| l[key.len()..].trim().to_string());
+        let Some(uids) = field("Uid:") else { continue };
+        let state = field("State:").unwrap_or_default();
+        if uids.split_whitespace().next() == Some(uid.to_string().as_str()) && !state.starts_with('Z') {
+            let cmd = std::fs::read_to_string(entry.path().join("cmdline")).unwrap_or_default().replace('\0', " ");
+            found.push(format!("{name} {cmd}"));
+        }
+    }
+    found
+}
+
+pub fn uid_of(user: &str) -> u32 {
+    let out = Command::new("id").args(["-u", user]).output().expect("id runs");
+    String::from_utf8_lossy(&out.stdout).trim().parse().expect("numeric uid")
+}
+
+/// Wait up to `limit` for `user` to have no live ferry/squashfuse process; return what is left.
+pub fn leftovers_after(user: &str, limit: Duration) -> Vec<String> {
+    let start = Instant::now();
+    loop {
+        let left: Vec<String> =
+            live_processes(user).into_iter().filter(|p| p.contains("ferry") || p.contains("squashfuse") || p.contains("sleep")).collect();
+        if left.is_empty() || start.elapsed() > limit {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The host mount table (mounts ferry makes live only in the container's namespace; one
+/// showing up here would be a leak).
+pub fn host_mounts() -> String {
+    std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo")
+}
+
+/// Entries in a directory (to check nothing new appears).
+pub fn dir_entries(dir: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// A scratch directory owned by the test user, removed when dropped.
+pub struct UserDir {
+    pub path: PathBuf,
+}
+
+impl UserDir {
+    pub fn new(user: &str) -> UserDir {
+        let dir = tempfile::Builder::new().prefix("ferry-test-").tempdir_in("/var/tmp").expect("tempdir").keep();
+        let status = Command::new("chown").arg(format!("{user}:")).arg(&dir).status().expect("chown");
+        assert!(status.success());
+        UserDir { path: dir }
+    }
+}
+
+impl Drop for UserDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
