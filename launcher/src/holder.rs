@@ -153,8 +153,8 @@ pub fn prepare(spec: &ContainerSpec, opts: &PrepareOptions) -> Result<Holder, Pr
     unsafe {
         cmd.pre_exec(move || {
             if let Some(c) = &run_as {
-                let groups: Vec<libc::gid_t> = c.groups.clone();
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                // No allocation here: the caller may be multi-threaded (slurmstepd).
+                if libc::setgroups(c.groups.len(), c.groups.as_ptr()) != 0
                     || libc::setresgid(c.gid, c.gid, c.gid) != 0
                     || libc::setresuid(c.uid, c.uid, c.uid) != 0
                 {
