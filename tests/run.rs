@@ -13,9 +13,31 @@ fn img(name: &str) -> String {
 #[test]
 fn prints_the_marker_of_squashfs_and_directory_images() {
     let _m = shared_machine();
-    assert_eq!(sh(&format!("$FERRY run {} cat /etc/ferry-marker", img("debian.sqsh"))).ok().trim(), "debian-image");
-    assert_eq!(sh(&format!("$FERRY run {} cat /etc/ferry-marker", img("debian"))).ok().trim(), "debian-image");
-    for sqsh in ["busybox.sqsh", "busybox-gzip.sqsh", "busybox-xz.sqsh", "busybox-lz4.sqsh", "busybox"] {
+    assert_eq!(
+        sh(&format!(
+            "$FERRY run {} cat /etc/ferry-marker",
+            img("debian.sqsh")
+        ))
+        .ok()
+        .trim(),
+        "debian-image"
+    );
+    assert_eq!(
+        sh(&format!(
+            "$FERRY run {} cat /etc/ferry-marker",
+            img("debian")
+        ))
+        .ok()
+        .trim(),
+        "debian-image"
+    );
+    for sqsh in [
+        "busybox.sqsh",
+        "busybox-gzip.sqsh",
+        "busybox-xz.sqsh",
+        "busybox-lz4.sqsh",
+        "busybox",
+    ] {
         let out = sh(&format!("$FERRY run {} cat /etc/ferry-marker", img(sqsh)));
         assert_eq!(out.ok().trim(), "busybox-image", "{sqsh}");
     }
@@ -24,19 +46,32 @@ fn prints_the_marker_of_squashfs_and_directory_images() {
 #[test]
 fn the_host_is_not_what_the_command_sees() {
     let _m = shared_machine();
-    let out = sh(&format!("$FERRY run {} sh -c 'ls /usr/bin | wc -l; test -e /etc/ferry-marker && echo marker'", img("busybox.sqsh")));
+    let out = sh(&format!(
+        "$FERRY run {} sh -c 'ls /usr/bin | wc -l; test -e /etc/ferry-marker && echo marker'",
+        img("busybox.sqsh")
+    ));
     let text = out.ok();
     assert!(text.contains("marker"), "{text}");
-    assert!(!std::path::Path::new("/etc/ferry-marker").exists(), "the host must not carry the marker");
+    assert!(
+        !std::path::Path::new("/etc/ferry-marker").exists(),
+        "the host must not carry the marker"
+    );
 }
 
 #[test]
 fn id_inside_equals_id_outside() {
     let _m = shared_machine();
     let outside = sh("id").ok().to_string();
-    let inside = sh(&format!("$FERRY run {} id", img("debian.sqsh"))).ok().to_string();
+    let inside = sh(&format!("$FERRY run {} id", img("debian.sqsh")))
+        .ok()
+        .to_string();
     assert_eq!(inside, outside);
-    let name = sh(&format!("$FERRY run {} sh -c 'whoami; echo $HOME'", img("debian.sqsh"))).ok().to_string();
+    let name = sh(&format!(
+        "$FERRY run {} sh -c 'whoami; echo $HOME'",
+        img("debian.sqsh")
+    ))
+    .ok()
+    .to_string();
     assert_eq!(name, format!("{USER}\n/home/{USER}\n"));
 }
 
@@ -45,10 +80,18 @@ fn remap_root_is_uid_0_inside_and_the_user_outside() {
     let _m = shared_machine();
     let dir = UserDir::new(USER);
     let d = dir.path.display();
-    let out = sh(&format!("$FERRY run --remap-root -m {d}:/out {} sh -c 'id -u; id -g; touch /out/made-as-root'", img("debian.sqsh")));
+    let out = sh(&format!(
+        "$FERRY run --remap-root -m {d}:/out {} sh -c 'id -u; id -g; touch /out/made-as-root'",
+        img("debian.sqsh")
+    ));
     assert_eq!(out.ok(), "0\n0\n");
-    let meta = std::fs::metadata(dir.path.join("made-as-root")).expect("file created through the bind");
-    assert_eq!(meta.uid(), uid_of(USER), "a file created as remapped root belongs to the real user on the host");
+    let meta =
+        std::fs::metadata(dir.path.join("made-as-root")).expect("file created through the bind");
+    assert_eq!(
+        meta.uid(),
+        uid_of(USER),
+        "a file created as remapped root belongs to the real user on the host"
+    );
 }
 
 #[test]
@@ -58,7 +101,11 @@ fn root_filesystem_is_read_only_unless_writable() {
     let before = sha256(&image);
     let out = sh(&format!("$FERRY run {image} touch /etc/new-file"));
     assert_ne!(out.code, 0);
-    assert!(out.stderr.contains("Read-only file system"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("Read-only file system"),
+        "{}",
+        out.stderr
+    );
 
     let out = sh(&format!("$FERRY run --writable {image} sh -c 'echo data > /etc/new-file && cat /etc/new-file && rm /etc/ferry-marker && echo removed'"));
     assert_eq!(out.ok(), "data\nremoved\n");
@@ -68,25 +115,39 @@ fn root_filesystem_is_read_only_unless_writable() {
 
     // A directory image: writes land in memory, the directory stays as it was.
     let dir_image = img("debian");
-    let out = sh(&format!("$FERRY run -w {dir_image} sh -c 'echo x > /etc/dir-write && cat /etc/dir-write'"));
+    let out = sh(&format!(
+        "$FERRY run -w {dir_image} sh -c 'echo x > /etc/dir-write && cat /etc/dir-write'"
+    ));
     assert_eq!(out.ok(), "x\n");
     assert!(!image_path_exists("debian/etc/dir-write"));
 }
 
 fn image_path_exists(rel: &str) -> bool {
-    std::path::Path::new(&std::env::var("FERRY_IMAGES").unwrap()).join(rel).exists()
+    std::path::Path::new(&std::env::var("FERRY_IMAGES").unwrap())
+        .join(rel)
+        .exists()
 }
 
 fn sha256(path: &str) -> String {
-    let out = Command::new("sha256sum").arg(path).output().expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[test]
 fn home_is_mounted_unless_asked_not_to() {
     let _m = shared_machine();
     let token = format!("home-{}", std::process::id());
-    let out = sh(&format!("echo {token} > ~/ferry-home-check; $FERRY run {} cat /home/{USER}/ferry-home-check", img("busybox.sqsh")));
+    let out = sh(&format!(
+        "echo {token} > ~/ferry-home-check; $FERRY run {} cat /home/{USER}/ferry-home-check",
+        img("busybox.sqsh")
+    ));
     assert_eq!(out.ok().trim(), token);
     let out = sh(&format!("$FERRY run --no-mount-home {} sh -c 'test -e /home/{USER}/ferry-home-check && echo seen || echo unseen'", img("busybox.sqsh")));
     assert_eq!(out.ok().trim(), "unseen");
@@ -101,16 +162,27 @@ fn bind_mounts_read_write_and_read_only() {
     let image = img("busybox.sqsh");
     let out = sh(&format!("echo host > {d}/in; $FERRY run --mount {d}:/data {image} sh -c 'cat /data/in; echo inside > /data/out'"));
     assert_eq!(out.ok(), "host\n");
-    assert_eq!(std::fs::read_to_string(dir.path.join("out")).unwrap(), "inside\n");
+    assert_eq!(
+        std::fs::read_to_string(dir.path.join("out")).unwrap(),
+        "inside\n"
+    );
 
-    let out = sh(&format!("$FERRY run --mount {d}:/data:ro {image} sh -c 'cat /data/in; echo no > /data/ro-write'"));
+    let out = sh(&format!(
+        "$FERRY run --mount {d}:/data:ro {image} sh -c 'cat /data/in; echo no > /data/ro-write'"
+    ));
     assert_ne!(out.code, 0);
     assert!(out.stdout.contains("host"));
-    assert!(out.stderr.contains("Read-only file system"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("Read-only file system"),
+        "{}",
+        out.stderr
+    );
     assert!(!dir.path.join("ro-write").exists());
 
     // pyxis' comma-separated list, and a file bind.
-    let out = sh(&format!("$FERRY run --mount {d}:/a,{d}/in:/b.txt:ro {image} sh -c 'cat /a/in /b.txt'"));
+    let out = sh(&format!(
+        "$FERRY run --mount {d}:/a,{d}/in:/b.txt:ro {image} sh -c 'cat /a/in /b.txt'"
+    ));
     assert_eq!(out.ok(), "host\nhost\n");
 }
 
@@ -119,18 +191,42 @@ fn workdir_cwd_env_and_image_environment() {
     let _m = shared_machine();
     let image = img("busybox.sqsh");
     // cwd is kept when it exists inside.
-    assert_eq!(sh(&format!("cd /tmp && $FERRY run {image} pwd")).ok().trim(), "/tmp");
+    assert_eq!(
+        sh(&format!("cd /tmp && $FERRY run {image} pwd"))
+            .ok()
+            .trim(),
+        "/tmp"
+    );
     // ... else home.
-    assert_eq!(sh(&format!("cd /usr/share && $FERRY run {image} pwd")).ok().trim(), format!("/home/{USER}"));
+    assert_eq!(
+        sh(&format!("cd /usr/share && $FERRY run {image} pwd"))
+            .ok()
+            .trim(),
+        format!("/home/{USER}")
+    );
     // --workdir wins.
-    assert_eq!(sh(&format!("cd /tmp && $FERRY run --workdir /etc {image} pwd")).ok().trim(), "/etc");
+    assert_eq!(
+        sh(&format!("cd /tmp && $FERRY run --workdir /etc {image} pwd"))
+            .ok()
+            .trim(),
+        "/etc"
+    );
     let bad = sh(&format!("$FERRY run --workdir /nonexistent {image} pwd"));
     assert_eq!(bad.code, 125);
-    assert!(bad.stderr.contains("working directory not found in the container: /nonexistent"), "{}", bad.stderr);
+    assert!(
+        bad.stderr
+            .contains("working directory not found in the container: /nonexistent"),
+        "{}",
+        bad.stderr
+    );
     // The image's environment applies, PATH included; --env wins over it.
-    let out = sh(&format!("FROM_HOST=h $FERRY run {image} sh -c 'echo $FERRY_IMAGE_VAR $PATH $FROM_HOST'"));
+    let out = sh(&format!(
+        "FROM_HOST=h $FERRY run {image} sh -c 'echo $FERRY_IMAGE_VAR $PATH $FROM_HOST'"
+    ));
     assert_eq!(out.ok().trim(), "from-busybox-image /bin:/usr/bin h");
-    let out = sh(&format!("$FERRY run -e FERRY_IMAGE_VAR=mine --env NEW=1 {image} sh -c 'echo $FERRY_IMAGE_VAR $NEW'"));
+    let out = sh(&format!(
+        "$FERRY run -e FERRY_IMAGE_VAR=mine --env NEW=1 {image} sh -c 'echo $FERRY_IMAGE_VAR $NEW'"
+    ));
     assert_eq!(out.ok().trim(), "mine 1");
 }
 
@@ -139,17 +235,25 @@ fn exit_status_and_signals_propagate() {
     let _m = shared_machine();
     let image = img("busybox.sqsh");
     assert_eq!(sh(&format!("$FERRY run {image} sh -c 'exit 7'")).code, 7);
-    assert_eq!(sh(&format!("$FERRY run {image} sh -c 'kill -KILL $$'")).code, 137);
+    assert_eq!(
+        sh(&format!("$FERRY run {image} sh -c 'kill -KILL $$'")).code,
+        137
+    );
     let out = sh(&format!(
         "$FERRY run {image} sh -c 'trap \"echo got-term; exit 3\" TERM; echo ready; while :; do sleep 0.05; done' > /tmp/ferry-sig-$$ & \
          pid=$!; for i in $(seq 100); do grep -q ready /tmp/ferry-sig-$$ && break; sleep 0.05; done; \
          kill -TERM $pid; wait $pid; echo code=$?; cat /tmp/ferry-sig-$$; rm -f /tmp/ferry-sig-$$"
     ));
     let text = out.ok();
-    assert!(text.contains("code=3") && text.contains("got-term"), "{text}");
+    assert!(
+        text.contains("code=3") && text.contains("got-term"),
+        "{text}"
+    );
+    // A background job starts with SIGINT ignored; `env --default-signal` undoes that, as an
+    // interactive shell's foreground job has it.
     for (sig, want) in [("HUP", "got-hup"), ("INT", "got-int")] {
         let out = sh(&format!(
-            "$FERRY run {image} sh -c 'trap \"echo {want}; exit 0\" {sig}; echo ready; while :; do sleep 0.05; done' > /tmp/ferry-sig-$$ & \
+            "env --default-signal=INT $FERRY run {image} sh -c 'trap \"echo {want}; exit 0\" {sig}; echo ready; while :; do sleep 0.05; done' > /tmp/ferry-sig-$$ & \
              pid=$!; for i in $(seq 100); do grep -q ready /tmp/ferry-sig-$$ && break; sleep 0.05; done; \
              kill -{sig} $pid; wait $pid; cat /tmp/ferry-sig-$$; rm -f /tmp/ferry-sig-$$"
         ));
@@ -170,7 +274,10 @@ fn kill_9_of_ferry_leaves_nothing_within_a_second() {
     assert!(out.ok().contains("killed"));
     let left = leftovers_after(USER, Duration::from_secs(1));
     assert!(left.is_empty(), "left behind after kill -9: {left:?}");
-    assert_eq!(host_mounts().matches("squashfuse").count(), mounts_before.matches("squashfuse").count());
+    assert_eq!(
+        host_mounts().matches("squashfuse").count(),
+        mounts_before.matches("squashfuse").count()
+    );
 }
 
 /// Run a failing command and check the one-line error, the exit status and that nothing
@@ -178,13 +285,32 @@ fn kill_9_of_ferry_leaves_nothing_within_a_second() {
 fn assert_clean_failure(script: &str, code: i32, message: &str) {
     let tmp_before = dir_entries("/tmp");
     let out = sh(script);
-    assert_eq!(out.code, code, "exit status of `{script}`: stderr {}", out.stderr);
-    let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one error line expected for `{script}`, got: {lines:?}");
-    assert!(lines[0].starts_with("ferry: error: ") && lines[0].contains(message), "`{script}`: {}", lines[0]);
+    assert_eq!(
+        out.code, code,
+        "exit status of `{script}`: stderr {}",
+        out.stderr
+    );
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "one error line expected for `{script}`, got: {lines:?}"
+    );
+    assert!(
+        lines[0].starts_with("ferry: error: ") && lines[0].contains(message),
+        "`{script}`: {}",
+        lines[0]
+    );
     let left = leftovers_after(USER, Duration::from_secs(1));
     assert!(left.is_empty(), "left behind after `{script}`: {left:?}");
-    let new: Vec<String> = dir_entries("/tmp").into_iter().filter(|e| !tmp_before.contains(e) && e.contains("ferry")).collect();
+    let new: Vec<String> = dir_entries("/tmp")
+        .into_iter()
+        .filter(|e| !tmp_before.contains(e) && e.contains("ferry"))
+        .collect();
     assert!(new.is_empty(), "files left in /tmp: {new:?}");
 }
 
@@ -192,37 +318,83 @@ fn assert_clean_failure(script: &str, code: i32, message: &str) {
 fn bad_input_fails_with_one_clear_line_and_no_leftovers() {
     let _m = shared_machine();
     let image = img("busybox.sqsh");
-    assert_clean_failure("$FERRY run /nonexistent/image.sqsh true", 125, "image not found: /nonexistent/image.sqsh");
+    assert_clean_failure(
+        "$FERRY run /nonexistent/image.sqsh true",
+        125,
+        "image not found: /nonexistent/image.sqsh",
+    );
 
-    let scratch = tempfile::Builder::new().prefix("ferry-root-").tempdir_in("/var/tmp").unwrap();
+    let scratch = tempfile::Builder::new()
+        .prefix("ferry-root-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let secret = scratch.path().join("secret.sqsh");
     std::fs::copy(&image, &secret).unwrap();
     std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    std::fs::set_permissions(scratch.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    assert_clean_failure(&format!("$FERRY run {} true", secret.display()), 125, &format!("image not readable by user {USER}"));
+    std::fs::set_permissions(
+        scratch.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    assert_clean_failure(
+        &format!("$FERRY run {} true", secret.display()),
+        125,
+        &format!("image not readable by user {USER}"),
+    );
 
     let junk = scratch.path().join("junk.img");
     std::fs::write(&junk, b"this is not an image at all").unwrap();
-    assert_clean_failure(&format!("$FERRY run {} true", junk.display()), 125, "not a squashfs image or root filesystem directory");
+    assert_clean_failure(
+        &format!("$FERRY run {} true", junk.display()),
+        125,
+        "not a squashfs image or root filesystem directory",
+    );
 
     let truncated = scratch.path().join("truncated.sqsh");
     let bytes = std::fs::read(&image).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    assert_clean_failure(&format!("$FERRY run {} true", truncated.display()), 125, "truncated");
+    assert_clean_failure(
+        &format!("$FERRY run {} true", truncated.display()),
+        125,
+        "truncated",
+    );
 
-    assert_clean_failure(&format!("PATH=/nonexistent $FERRY run {image} true"), 125, "squashfuse not found");
+    assert_clean_failure(
+        &format!("PATH=/nonexistent $FERRY run {image} true"),
+        125,
+        "squashfuse not found",
+    );
 
-    assert_clean_failure(&format!("$FERRY run -m /nonexistent-src:/x {image} true"), 125, "mount source not found: /nonexistent-src");
+    assert_clean_failure(
+        &format!("$FERRY run -m /nonexistent-src:/x {image} true"),
+        125,
+        "mount source not found: /nonexistent-src",
+    );
     let private = scratch.path().join("private");
     std::fs::create_dir(&private).unwrap();
-    std::fs::set_permissions(&private, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(
+        &private,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
     assert_clean_failure(
         &format!("$FERRY run -m {}:/x {image} true", private.display()),
         125,
-        &format!("mount source not readable by user {USER}: {}", private.display()),
+        &format!(
+            "mount source not readable by user {USER}: {}",
+            private.display()
+        ),
     );
-    assert_clean_failure(&format!("$FERRY run -m /tmp:/x:bogus {image} true"), 125, "unknown flag `bogus`");
-    assert_clean_failure(&format!("$FERRY run {image} no-such-command"), 127, "command not found in the container: no-such-command");
+    assert_clean_failure(
+        &format!("$FERRY run -m /tmp:/x:bogus {image} true"),
+        125,
+        "unknown flag `bogus`",
+    );
+    assert_clean_failure(
+        &format!("$FERRY run {image} no-such-command"),
+        127,
+        "command not found in the container: no-such-command",
+    );
 }
 
 #[test]
@@ -235,23 +407,50 @@ fn unusable_dev_fuse_is_explained() {
         ferry_bin().display(),
         img("busybox.sqsh")
     );
-    let out = Command::new("unshare").args(["-m", "--propagation", "private", "bash", "-c", &script]).output().unwrap();
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "bash", "-c", &script])
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("/dev/fuse is not usable by user ferrytest") && stderr.contains("chmod 0666 /dev/fuse"), "{stderr}");
+    assert!(
+        stderr.contains("/dev/fuse is not usable by user ferrytest")
+            && stderr.contains("chmod 0666 /dev/fuse"),
+        "{stderr}"
+    );
     assert!(leftovers_after(USER, Duration::from_secs(1)).is_empty());
 }
 
 #[test]
 fn disabled_user_namespaces_are_explained() {
-    let _m = exclusive_machine();
-    let path = "/proc/sys/user/max_user_namespaces";
-    let saved = std::fs::read_to_string(path).unwrap();
-    std::fs::write(path, "0").unwrap();
-    let out = sh(&format!("$FERRY run {} true", img("busybox.sqsh")));
-    std::fs::write(path, saved.trim()).unwrap();
-    assert_eq!(out.code, 125);
-    assert!(out.stderr.contains("user.max_user_namespaces"), "{}", out.stderr);
+    let _m = shared_machine();
+    // user.max_user_namespaces is per user namespace: set it to 0 in a namespace that maps
+    // every uid to itself, and run ferry as the test user in there. (The shell execs again
+    // once the map is written: only then is it root, with capabilities, in there.)
+    use std::io::Write;
+    let uid = uid_of(USER);
+    let script = format!(
+        "read go; exec sh -c 'echo 0 > /proc/sys/user/max_user_namespaces && \
+         exec setpriv --reuid {uid} --regid {uid} --clear-groups env HOME=/home/{USER} {} run {} true'",
+        ferry_bin().display(),
+        img("busybox.sqsh")
+    );
+    let mut child = Command::new("unshare")
+        .args(["--user", "--", "sh", "-c", &script])
+        .current_dir("/")
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    std::thread::sleep(Duration::from_millis(100));
+    std::fs::write(format!("/proc/{pid}/uid_map"), "0 0 65536\n").unwrap();
+    std::fs::write(format!("/proc/{pid}/gid_map"), "0 0 65536\n").unwrap();
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(stderr.contains("user.max_user_namespaces=0"), "{stderr}");
     assert!(leftovers_after(USER, Duration::from_secs(1)).is_empty());
 }
 
@@ -260,13 +459,31 @@ fn an_image_with_only_a_static_binary_runs() {
     let _m = shared_machine();
     // No /etc, /proc, /dev or /home in the image: ferry makes the mount points it needs in
     // memory and the image stays untouched.
-    let dir = tempfile::Builder::new().prefix("ferry-static-").tempdir_in("/var/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-static-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let root = dir.path().join("root");
     std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::copy(image("busybox").join("bin/busybox"), root.join("bin/busybox")).unwrap();
-    Command::new("chmod").args(["-R", "a+rX"]).arg(dir.path()).status().unwrap();
-    let out = sh(&format!("$FERRY run {} /bin/busybox sh -c 'cat /etc/passwd | grep -c {USER}; /bin/busybox ls /'", root.display()));
+    std::fs::copy(
+        image("busybox").join("bin/busybox"),
+        root.join("bin/busybox"),
+    )
+    .unwrap();
+    Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    let out = sh(&format!(
+        "$FERRY run {} /bin/busybox sh -c 'cat /etc/passwd | grep -c {USER}; /bin/busybox ls /'",
+        root.display()
+    ));
     let text = out.ok();
     assert!(text.starts_with("1\n"), "{text}");
-    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 1, "the image directory is unchanged");
+    assert_eq!(
+        std::fs::read_dir(&root).unwrap().count(),
+        1,
+        "the image directory is unchanged"
+    );
 }

@@ -10,8 +10,13 @@ pub fn parse_environment_file(text: &str) -> Vec<(String, String)> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let line = line.strip_prefix("export ").map(str::trim_start).unwrap_or(line);
-        let Some((name, value)) = line.split_once('=') else { continue };
+        let line = line
+            .strip_prefix("export ")
+            .map(str::trim_start)
+            .unwrap_or(line);
+        let Some((name, value)) = line.split_once('=') else {
+            continue;
+        };
         if !is_valid_name(name) {
             continue;
         }
@@ -60,17 +65,24 @@ pub fn compose(
 }
 
 /// Parse `NAME=VALUE` as given to `--env`; a bare `NAME` takes the caller's value.
-pub fn parse_assignment(arg: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<(String, String), String> {
+pub fn parse_assignment(
+    arg: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<(String, String), String> {
     let (name, value) = match arg.split_once('=') {
         Some((n, v)) => (n, Some(v.to_string())),
         None => (arg, None),
     };
     if !is_valid_name(name) {
-        return Err(format!("invalid environment variable name `{name}` in `{arg}`: use NAME=VALUE"));
+        return Err(format!(
+            "invalid environment variable name `{name}` in `{arg}`: use NAME=VALUE"
+        ));
     }
     let value = match value {
         Some(v) => v,
-        None => lookup(name).ok_or_else(|| format!("`--env {name}` names a variable that is not set: use NAME=VALUE"))?,
+        None => lookup(name).ok_or_else(|| {
+            format!("`--env {name}` names a variable that is not set: use NAME=VALUE")
+        })?,
     };
     Ok((name.to_string(), value))
 }
@@ -80,13 +92,18 @@ mod tests {
     use super::*;
 
     fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
-        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
     fn environment_file_forms() {
         let text = "# comment\nPATH=/bin:/usr/bin\nexport A=\"x y\"\nB='z'\n\nnot an assignment\n1BAD=x\nA=again\n";
-        assert_eq!(parse_environment_file(text), pairs(&[("PATH", "/bin:/usr/bin"), ("A", "again"), ("B", "z")]));
+        assert_eq!(
+            parse_environment_file(text),
+            pairs(&[("PATH", "/bin:/usr/bin"), ("A", "again"), ("B", "z")])
+        );
     }
 
     #[test]
@@ -95,14 +112,26 @@ mod tests {
         let image = pairs(&[("PATH", "/image"), ("X", "image")]);
         let explicit = pairs(&[("X", "explicit")]);
         let env = compose(caller, &image, &explicit);
-        assert_eq!(env, pairs(&[("PATH", "/image"), ("HOME", "/home/a"), ("X", "explicit")]));
+        assert_eq!(
+            env,
+            pairs(&[("PATH", "/image"), ("HOME", "/home/a"), ("X", "explicit")])
+        );
     }
 
     #[test]
     fn assignments() {
-        assert_eq!(parse_assignment("A=1", |_| None), Ok(("A".into(), "1".into())));
-        assert_eq!(parse_assignment("A=", |_| None), Ok(("A".into(), "".into())));
-        assert_eq!(parse_assignment("A", |_| Some("h".into())), Ok(("A".into(), "h".into())));
+        assert_eq!(
+            parse_assignment("A=1", |_| None),
+            Ok(("A".into(), "1".into()))
+        );
+        assert_eq!(
+            parse_assignment("A=", |_| None),
+            Ok(("A".into(), "".into()))
+        );
+        assert_eq!(
+            parse_assignment("A", |_| Some("h".into())),
+            Ok(("A".into(), "h".into()))
+        );
         assert!(parse_assignment("A", |_| None).is_err());
         assert!(parse_assignment("1A=2", |_| None).is_err());
     }

@@ -142,7 +142,11 @@ impl Drop for Holder {
 pub fn prepare(spec: &ContainerSpec, opts: &PrepareOptions) -> Result<Holder, PrepareError> {
     let mut cmd = Command::new(&opts.holder_program);
     cmd.arg("hold").stdin(Stdio::piped()).stdout(Stdio::piped());
-    cmd.stderr(if opts.quiet { Stdio::null() } else { Stdio::inherit() });
+    cmd.stderr(if opts.quiet {
+        Stdio::null()
+    } else {
+        Stdio::inherit()
+    });
     if let Some(env) = &opts.env {
         cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
     }
@@ -162,12 +166,16 @@ pub fn prepare(spec: &ContainerSpec, opts: &PrepareOptions) -> Result<Holder, Pr
                 }
             }
             if die_with_parent {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+                    .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
             }
             sys::cloexec_from(3)
         });
     }
-    let mut child = cmd.spawn().map_err(|source| PrepareError::Spawn { program: opts.holder_program.clone(), source })?;
+    let mut child = cmd.spawn().map_err(|source| PrepareError::Spawn {
+        program: opts.holder_program.clone(),
+        source,
+    })?;
     let mut stdin = child.stdin.take().expect("piped");
     let stdout = child.stdout.take().expect("piped");
     let outcome = (|| {
@@ -180,18 +188,29 @@ pub fn prepare(spec: &ContainerSpec, opts: &PrepareOptions) -> Result<Holder, Pr
         let _ = child.kill();
         let status = child.wait();
         match err {
-            PrepareError::Died { .. } => PrepareError::Died { status: describe(status) },
+            PrepareError::Died { .. } => PrepareError::Died {
+                status: describe(status),
+            },
             other => other,
         }
     };
     match outcome {
-        Ok(Some(Report::Ready(ready))) => Ok(Holder { child, stop: Some(stdin), ready }),
+        Ok(Some(Report::Ready(ready))) => Ok(Holder {
+            child,
+            stop: Some(stdin),
+            ready,
+        }),
         Ok(Some(Report::Failed { message })) => {
             drop(stdin);
             let _ = child.wait();
             Err(PrepareError::Container(message))
         }
-        Ok(None) => Err(finish(child, PrepareError::Died { status: String::new() })),
+        Ok(None) => Err(finish(
+            child,
+            PrepareError::Died {
+                status: String::new(),
+            },
+        )),
         Err(e) => Err(finish(child, e)),
     }
 }
@@ -216,7 +235,8 @@ fn read_report(stdout: ChildStdout, timeout: Duration) -> Result<Option<Report>,
         if left.is_zero() {
             return Err(PrepareError::Timeout(timeout));
         }
-        let ms = PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX);
+        let ms =
+            PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX);
         let mut fds = [PollFd::new(stdout.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, ms) {
             Ok(0) => continue,
@@ -241,7 +261,12 @@ fn read_report(stdout: ChildStdout, timeout: Duration) -> Result<Option<Report>,
 /// The holder side (`ferry hold`): read the spec, build the container, report, then wait
 /// until told to stop. Returns the process exit code.
 pub fn hold() -> i32 {
-    for signal in [Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGPIPE] {
+    for signal in [
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGPIPE,
+    ] {
         // The command, not the holder, answers a terminal's ^C.
         let _ = sys::ignore_signal(signal);
     }
@@ -257,7 +282,11 @@ pub fn hold() -> i32 {
     let mut out = io::stdout().lock();
     let (report, container) = match outcome {
         Ok(container) => (
-            Report::Ready(Ready { pid: std::process::id() as i32, env: container.env.clone(), workdir: container.workdir.clone() }),
+            Report::Ready(Ready {
+                pid: std::process::id() as i32,
+                env: container.env.clone(),
+                workdir: container.workdir.clone(),
+            }),
             Some(container),
         ),
         Err(message) => (Report::Failed { message }, None),
@@ -265,14 +294,19 @@ pub fn hold() -> i32 {
     let text = serde_json::to_string(&report).expect("reports serialise") + "\n";
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
     drop(out);
-    let Some(mut container) = container else { return 1 };
+    let Some(mut container) = container else {
+        return 1;
+    };
     // Nothing more goes to the caller; a holder must not keep its pipe open either.
     if let Ok(null) = std::fs::File::open("/dev/null") {
         let _ = sys::dup2_raw(null.as_raw_fd(), 1);
     }
     wait_for_stop(&mut stdin);
     if let Some(mut fuse) = container.squashfuse.take() {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(fuse.id() as i32), Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(fuse.id() as i32),
+            Signal::SIGTERM,
+        );
         let deadline = Instant::now() + Duration::from_secs(2);
         while fuse.try_wait().ok().flatten().is_none() {
             if Instant::now() > deadline {
@@ -289,8 +323,18 @@ pub fn hold() -> i32 {
 fn build(spec: &ContainerSpec) -> Result<rootfs::Container, Box<dyn std::error::Error>> {
     let _ = nix::sys::prctl::set_no_new_privs();
     let inputs = rootfs::open_inputs(spec)?;
-    let inside = if spec.remap_root { InsideIds { uid: 0, gid: 0 } } else { InsideIds { uid: spec.user.uid, gid: spec.user.gid } };
-    let (uid, gid) = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
+    let inside = if spec.remap_root {
+        InsideIds { uid: 0, gid: 0 }
+    } else {
+        InsideIds {
+            uid: spec.user.uid,
+            gid: spec.user.gid,
+        }
+    };
+    let (uid, gid) = (
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+    );
     namespace::enter_new(uid, gid, inside)?;
     Ok(rootfs::build(spec, inputs, inside)?)
 }
@@ -302,10 +346,15 @@ fn wait_for_stop(stdin: &mut impl BufRead) {
     if mask.thread_block().is_err() {
         return;
     }
-    let Ok(sfd) = nix::sys::signalfd::SignalFd::new(&mask) else { return };
+    let Ok(sfd) = nix::sys::signalfd::SignalFd::new(&mask) else {
+        return;
+    };
     let stdin_fd = io::stdin();
     loop {
-        let mut fds = [PollFd::new(stdin_fd.as_fd(), PollFlags::POLLIN), PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
+        let mut fds = [
+            PollFd::new(stdin_fd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
+        ];
         match poll(&mut fds, PollTimeout::NONE) {
             Err(nix::Error::EINTR) => continue,
             Err(_) => return,

@@ -12,7 +12,10 @@ pub enum JoinError {
     #[error("cannot open the container's namespaces (holder pid {pid}): {source}; the container is gone")]
     Open { pid: i32, source: io::Error },
     #[error("cannot enter the container's {which} namespace: {source}")]
-    Enter { which: &'static str, source: nix::Error },
+    Enter {
+        which: &'static str,
+        source: nix::Error,
+    },
     #[error("cannot enter the working directory {dir} in the container: {source}")]
     Workdir { dir: String, source: io::Error },
 }
@@ -28,9 +31,14 @@ pub struct Namespaces {
 impl Namespaces {
     pub fn open(pid: i32) -> Result<Namespaces, JoinError> {
         let open = |ns: &str| {
-            File::open(format!("/proc/{pid}/ns/{ns}")).map(OwnedFd::from).map_err(|source| JoinError::Open { pid, source })
+            File::open(format!("/proc/{pid}/ns/{ns}"))
+                .map(OwnedFd::from)
+                .map_err(|source| JoinError::Open { pid, source })
         };
-        Ok(Namespaces { user: open("user")?, mnt: open("mnt")? })
+        Ok(Namespaces {
+            user: open("user")?,
+            mnt: open("mnt")?,
+        })
     }
 }
 
@@ -39,9 +47,18 @@ impl Namespaces {
 /// run as the container's user.
 pub fn join(ns: &Namespaces, workdir: &Path) -> Result<(), JoinError> {
     let _ = nix::sys::prctl::set_no_new_privs();
-    nix::sched::setns(&ns.user, CloneFlags::CLONE_NEWUSER).map_err(|source| JoinError::Enter { which: "user", source })?;
-    nix::sched::setns(&ns.mnt, CloneFlags::CLONE_NEWNS).map_err(|source| JoinError::Enter { which: "mount", source })?;
+    nix::sched::setns(&ns.user, CloneFlags::CLONE_NEWUSER).map_err(|source| JoinError::Enter {
+        which: "user",
+        source,
+    })?;
+    nix::sched::setns(&ns.mnt, CloneFlags::CLONE_NEWNS).map_err(|source| JoinError::Enter {
+        which: "mount",
+        source,
+    })?;
     std::env::set_current_dir(workdir)
         .or_else(|_| std::env::set_current_dir("/"))
-        .map_err(|source| JoinError::Workdir { dir: workdir.display().to_string(), source })
+        .map_err(|source| JoinError::Workdir {
+            dir: workdir.display().to_string(),
+            source,
+        })
 }

@@ -14,7 +14,11 @@ use ferry::spec::ContainerSpec;
 use ferry::user::UserInfo;
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Rootless containers for HPC: run a command in a squashfs or directory image, no root and no daemon")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Rootless containers for HPC: run a command in a squashfs or directory image, no root and no daemon"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -74,8 +78,13 @@ fn main() {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }
 
 fn run_command(args: RunArgs) -> anyhow::Result<i32> {
@@ -91,9 +100,14 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
         spec.mounts.extend(MountSpec::parse_list(m, &cwd)?);
     }
     for e in &args.env {
-        spec.env.push(parse_assignment(e, |n| std::env::var(n).ok()).map_err(anyhow::Error::msg)?);
+        spec.env
+            .push(parse_assignment(e, |n| std::env::var(n).ok()).map_err(anyhow::Error::msg)?);
     }
-    let command = if args.command.is_empty() { vec![OsString::from("/bin/sh")] } else { args.command };
+    let command = if args.command.is_empty() {
+        vec![OsString::from("/bin/sh")]
+    } else {
+        args.command
+    };
     let program = std::env::current_exe().context("cannot find the ferry binary itself")?;
     Ok(run(&spec, &command, &PrepareOptions::for_cli(program))?)
 }

@@ -40,13 +40,21 @@ impl MountSpec {
         }
         let fields: Vec<&str> = trimmed.split(':').collect();
         if fields.len() > 3 {
-            return Err(MountSpecError::TooManyFields { spec: spec.to_string() });
+            return Err(MountSpecError::TooManyFields {
+                spec: spec.to_string(),
+            });
         }
         let source = fields[0];
         if source.is_empty() {
-            return Err(MountSpecError::EmptySource { spec: spec.to_string() });
+            return Err(MountSpecError::EmptySource {
+                spec: spec.to_string(),
+            });
         }
-        let target = fields.get(1).copied().filter(|t| !t.is_empty()).unwrap_or(source);
+        let target = fields
+            .get(1)
+            .copied()
+            .filter(|t| !t.is_empty())
+            .unwrap_or(source);
         let mut read_only = false;
         if let Some(flags) = fields.get(2) {
             for flag in flags.split('+').filter(|f| !f.is_empty()) {
@@ -72,9 +80,15 @@ impl MountSpec {
             });
         }
         if target.components().any(|c| c == Component::ParentDir) {
-            return Err(MountSpecError::DotDotTarget { spec: spec.to_string() });
+            return Err(MountSpecError::DotDotTarget {
+                spec: spec.to_string(),
+            });
         }
-        Ok(MountSpec { source: cwd.join(source), target, read_only })
+        Ok(MountSpec {
+            source: cwd.join(source),
+            target,
+            read_only,
+        })
     }
 
     /// Parse a comma-separated list of specs (pyxis' `--container-mounts`).
@@ -105,10 +119,17 @@ mod tests {
     #[test]
     fn source_target_and_flags() {
         let m = MountSpec::parse("/scratch/x:/x:ro", &cwd()).unwrap();
-        assert_eq!((m.source.as_path(), m.target.as_path()), (Path::new("/scratch/x"), Path::new("/x")));
+        assert_eq!(
+            (m.source.as_path(), m.target.as_path()),
+            (Path::new("/scratch/x"), Path::new("/x"))
+        );
         assert!(m.read_only);
         assert!(!MountSpec::parse("/a:/b:rw", &cwd()).unwrap().read_only);
-        assert!(MountSpec::parse("/a:/b:rbind+ro", &cwd()).unwrap().read_only);
+        assert!(
+            MountSpec::parse("/a:/b:rbind+ro", &cwd())
+                .unwrap()
+                .read_only
+        );
     }
 
     #[test]
@@ -127,16 +148,33 @@ mod tests {
     #[test]
     fn bad_specs_are_refused() {
         assert_eq!(MountSpec::parse("", &cwd()), Err(MountSpecError::Empty));
-        assert!(matches!(MountSpec::parse("/a:/b:ro:x", &cwd()), Err(MountSpecError::TooManyFields { .. })));
-        assert!(matches!(MountSpec::parse("/a:/b:rx", &cwd()), Err(MountSpecError::UnknownFlag { .. })));
-        assert!(matches!(MountSpec::parse("/a:b", &cwd()), Err(MountSpecError::RelativeTarget { .. })));
-        assert!(matches!(MountSpec::parse("/a:/b/../c", &cwd()), Err(MountSpecError::DotDotTarget { .. })));
-        assert!(matches!(MountSpec::parse(":/b", &cwd()), Err(MountSpecError::EmptySource { .. })));
+        assert!(matches!(
+            MountSpec::parse("/a:/b:ro:x", &cwd()),
+            Err(MountSpecError::TooManyFields { .. })
+        ));
+        assert!(matches!(
+            MountSpec::parse("/a:/b:rx", &cwd()),
+            Err(MountSpecError::UnknownFlag { .. })
+        ));
+        assert!(matches!(
+            MountSpec::parse("/a:b", &cwd()),
+            Err(MountSpecError::RelativeTarget { .. })
+        ));
+        assert!(matches!(
+            MountSpec::parse("/a:/b/../c", &cwd()),
+            Err(MountSpecError::DotDotTarget { .. })
+        ));
+        assert!(matches!(
+            MountSpec::parse(":/b", &cwd()),
+            Err(MountSpecError::EmptySource { .. })
+        ));
     }
 
     #[test]
     fn error_text_names_the_spec() {
-        let e = MountSpec::parse("/a:/b:bogus", &cwd()).unwrap_err().to_string();
+        let e = MountSpec::parse("/a:/b:bogus", &cwd())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/a:/b:bogus") && e.contains("bogus"), "{e}");
     }
 }

@@ -12,19 +12,37 @@ pub enum NamespaceError {
     #[error("cannot create a user namespace: {reason}")]
     Disabled { reason: String },
     #[error("cannot set up the user namespace ({what}): {source}")]
-    Map { what: &'static str, source: io::Error },
+    Map {
+        what: &'static str,
+        source: io::Error,
+    },
     #[error("cannot make mounts private to the container: {0}")]
     Propagation(nix::Error),
 }
 
 /// Move the calling (single-threaded) process into new user and mount namespaces in which
 /// `outside` uid/gid appear as `inside`. Only the one user is mapped: no setuid helper.
-pub fn enter_new(outside_uid: u32, outside_gid: u32, inside: InsideIds) -> Result<(), NamespaceError> {
-    nix::sched::unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)
-        .map_err(|errno| NamespaceError::Disabled { reason: diagnose_unshare(errno) })?;
+pub fn enter_new(
+    outside_uid: u32,
+    outside_gid: u32,
+    inside: InsideIds,
+) -> Result<(), NamespaceError> {
+    nix::sched::unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS).map_err(|errno| {
+        NamespaceError::Disabled {
+            reason: diagnose_unshare(errno),
+        }
+    })?;
     write_proc("/proc/self/setgroups", "deny", "setgroups")?;
-    write_proc("/proc/self/uid_map", &format!("{} {} 1\n", inside.uid, outside_uid), "uid_map")?;
-    write_proc("/proc/self/gid_map", &format!("{} {} 1\n", inside.gid, outside_gid), "gid_map")?;
+    write_proc(
+        "/proc/self/uid_map",
+        &format!("{} {} 1\n", inside.uid, outside_uid),
+        "uid_map",
+    )?;
+    write_proc(
+        "/proc/self/gid_map",
+        &format!("{} {} 1\n", inside.gid, outside_gid),
+        "gid_map",
+    )?;
     // Slave, not private: an unmount on the host (a stale NFS mount, say) still reaches us,
     // while nothing we mount leaks out.
     nix::mount::mount(

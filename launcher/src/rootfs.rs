@@ -48,10 +48,19 @@ pub enum RootfsError {
     #[error("cannot mount the image {path}: {detail}")]
     ImageMount { path: PathBuf, detail: String },
     #[error("cannot mount {what} at {target} in the container: {source}")]
-    Mount { what: String, target: PathBuf, source: io::Error },
+    Mount {
+        what: String,
+        target: PathBuf,
+        source: io::Error,
+    },
     #[error("cannot prepare the container ({step}): {source}")]
-    Setup { step: &'static str, source: io::Error },
-    #[error("working directory not found in the container: {0} (check --workdir/--container-workdir)")]
+    Setup {
+        step: &'static str,
+        source: io::Error,
+    },
+    #[error(
+        "working directory not found in the container: {0} (check --workdir/--container-workdir)"
+    )]
     NoWorkdir(PathBuf),
 }
 
@@ -85,7 +94,10 @@ impl Source {
         let before = File::from(self.fd.try_clone()?).metadata()?;
         let after = File::from(again.try_clone()?).metadata()?;
         if (before.dev(), before.ino()) != (after.dev(), after.ino()) {
-            return Err(io::Error::new(io::ErrorKind::Other, "the path was replaced while the container was being set up"));
+            return Err(io::Error::new(
+                io::ErrorKind::Other,
+                "the path was replaced while the container was being set up",
+            ));
         }
         Ok(again)
     }
@@ -109,14 +121,36 @@ fn open_source(path: &Path, user: &str) -> Result<Source, RootfsError> {
         .open(path)
         .map_err(|source| match source.kind() {
             io::ErrorKind::NotFound => RootfsError::SourceMissing(path.into()),
-            io::ErrorKind::PermissionDenied => RootfsError::SourceNotReadable { path: path.into(), user: user.into() },
-            _ => RootfsError::SourceOpen { path: path.into(), source },
+            io::ErrorKind::PermissionDenied => RootfsError::SourceNotReadable {
+                path: path.into(),
+                user: user.into(),
+            },
+            _ => RootfsError::SourceOpen {
+                path: path.into(),
+                source,
+            },
         })?;
-    let is_dir = file.metadata().map_err(|source| RootfsError::SourceOpen { path: path.into(), source })?.is_dir();
-    let mode = if is_dir { libc::R_OK | libc::X_OK } else { libc::R_OK };
-    sys::access_fd(file.as_fd(), mode)
-        .map_err(|_| RootfsError::SourceNotReadable { path: path.into(), user: user.into() })?;
-    Ok(Source { path: path.to_path_buf(), fd: file.into(), is_dir })
+    let is_dir = file
+        .metadata()
+        .map_err(|source| RootfsError::SourceOpen {
+            path: path.into(),
+            source,
+        })?
+        .is_dir();
+    let mode = if is_dir {
+        libc::R_OK | libc::X_OK
+    } else {
+        libc::R_OK
+    };
+    sys::access_fd(file.as_fd(), mode).map_err(|_| RootfsError::SourceNotReadable {
+        path: path.into(),
+        user: user.into(),
+    })?;
+    Ok(Source {
+        path: path.to_path_buf(),
+        fd: file.into(),
+        is_dir,
+    })
 }
 
 /// Open and check every input of `spec` as the calling user.
@@ -125,8 +159,14 @@ pub fn open_inputs(spec: &ContainerSpec) -> Result<Inputs, RootfsError> {
     let image_path = spec.image.clone();
     let image = File::open(&image_path).map_err(|source| match source.kind() {
         io::ErrorKind::NotFound => ImageError::NotFound(image_path.clone()),
-        io::ErrorKind::PermissionDenied => ImageError::NotReadable { path: image_path.clone(), user: user.into() },
-        _ => ImageError::Open { path: image_path.clone(), source },
+        io::ErrorKind::PermissionDenied => ImageError::NotReadable {
+            path: image_path.clone(),
+            user: user.into(),
+        },
+        _ => ImageError::Open {
+            path: image_path.clone(),
+            source,
+        },
     })?;
     let kind = image::detect(&image_path, &image)?;
     let (fuse, squashfuse) = match kind {
@@ -140,18 +180,29 @@ pub fn open_inputs(spec: &ContainerSpec) -> Result<Inputs, RootfsError> {
         }
         ImageKind::Directory => (false, None),
     };
-    let home = if spec.mount_home && spec.user.home.is_absolute() && spec.user.home != Path::new("/") {
-        // A missing or unreadable home is not worth failing a job for: run without it.
-        open_source(&spec.user.home, user).map_err(|e| tracing::info!("not mounting home: {e}")).ok()
-    } else {
-        None
-    };
+    let home =
+        if spec.mount_home && spec.user.home.is_absolute() && spec.user.home != Path::new("/") {
+            // A missing or unreadable home is not worth failing a job for: run without it.
+            open_source(&spec.user.home, user)
+                .map_err(|e| tracing::info!("not mounting home: {e}"))
+                .ok()
+        } else {
+            None
+        };
     let mounts = spec
         .mounts
         .iter()
         .map(|m| open_source(&m.source, user).map(|s| (m.clone(), s)))
         .collect::<Result<_, _>>()?;
-    Ok(Inputs { image_path, image, kind, fuse, squashfuse, home, mounts })
+    Ok(Inputs {
+        image_path,
+        image,
+        kind,
+        fuse,
+        squashfuse,
+        home,
+        mounts,
+    })
 }
 
 fn open_fuse(user: &str, path: &Path) -> Result<File, RootfsError> {
@@ -179,12 +230,15 @@ pub struct Container {
 /// `root`). Components that do not exist are kept as given.
 pub fn resolve_in_tree(root: &Path, rel: &Path) -> io::Result<PathBuf> {
     let mut resolved = PathBuf::new();
-    let mut pending: Vec<std::ffi::OsString> =
-        rel.components().rev().filter_map(|c| match c {
+    let mut pending: Vec<std::ffi::OsString> = rel
+        .components()
+        .rev()
+        .filter_map(|c| match c {
             Component::Normal(n) => Some(n.to_os_string()),
             Component::ParentDir => Some("..".into()),
             _ => None,
-        }).collect();
+        })
+        .collect();
     let mut hops = 0;
     while let Some(name) = pending.pop() {
         if name == ".." {
@@ -196,7 +250,10 @@ pub fn resolve_in_tree(root: &Path, rel: &Path) -> io::Result<PathBuf> {
             Ok(meta) if meta.file_type().is_symlink() => {
                 hops += 1;
                 if hops > 40 {
-                    return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many symlinks"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "too many symlinks",
+                    ));
                 }
                 let target = fs::read_link(root.join(&candidate))?;
                 if target.is_absolute() {
@@ -236,12 +293,20 @@ fn fd_path(fd: &impl AsRawFd) -> PathBuf {
 
 /// Build the container described by `spec` from `inputs`. Runs inside the new user and
 /// mount namespaces, as the single thread of the holder.
-pub fn build(spec: &ContainerSpec, inputs: Inputs, inside: InsideIds) -> Result<Container, RootfsError> {
+pub fn build(
+    spec: &ContainerSpec,
+    inputs: Inputs,
+    inside: InsideIds,
+) -> Result<Container, RootfsError> {
     stage()?;
     let squashfuse = mount_image(&inputs)?;
     let result = assemble(spec, &inputs, inside);
     match result {
-        Ok((env, workdir)) => Ok(Container { squashfuse, env, workdir }),
+        Ok((env, workdir)) => Ok(Container {
+            squashfuse,
+            env,
+            workdir,
+        }),
         Err(e) => {
             if let Some(mut child) = squashfuse {
                 let _ = child.kill();
@@ -252,12 +317,17 @@ pub fn build(spec: &ContainerSpec, inputs: Inputs, inside: InsideIds) -> Result<
     }
 }
 
-fn assemble(spec: &ContainerSpec, inputs: &Inputs, inside: InsideIds) -> Result<(Vec<(String, String)>, PathBuf), RootfsError> {
+fn assemble(
+    spec: &ContainerSpec,
+    inputs: &Inputs,
+    inside: InsideIds,
+) -> Result<(Vec<(String, String)>, PathBuf), RootfsError> {
     let (binds, _sources) = plan_binds(spec, inputs)?;
     let lower = Path::new(LOWER);
     let mut missing = Vec::new();
     for bind in &binds {
-        let resolved = resolve_in_tree(lower, &inside_path(&bind.target)).map_err(setup("resolving mount targets"))?;
+        let resolved = resolve_in_tree(lower, &inside_path(&bind.target))
+            .map_err(setup("resolving mount targets"))?;
         if fs::symlink_metadata(lower.join(&resolved)).is_err() {
             missing.push((resolved, bind.is_dir));
         }
@@ -266,29 +336,48 @@ fn assemble(spec: &ContainerSpec, inputs: &Inputs, inside: InsideIds) -> Result<
     if overlay {
         mount_overlay(spec, &missing)?;
     } else {
-        bind_mount(Path::new(LOWER), Path::new(NEW), true).map_err(|source| RootfsError::Mount {
-            what: "the image".into(),
-            target: "/".into(),
-            source,
+        bind_mount(Path::new(LOWER), Path::new(NEW), true).map_err(|source| {
+            RootfsError::Mount {
+                what: "the image".into(),
+                target: "/".into(),
+                source,
+            }
         })?;
     }
     write_identity_files(spec, inside)?;
     let newroot = File::open(NEW).map_err(setup("opening the new root"))?;
     for bind in &binds {
-        let target_fd = sys::open_in_root(newroot.as_fd(), &bind.target, libc::O_PATH, 0)
-            .map_err(|source| RootfsError::Mount { what: bind.what.clone(), target: bind.target.clone(), source })?;
-        let mounted = bind_mount(&bind.source, &fd_path(&target_fd), bind.recursive).and_then(|()| {
-            if bind.flags == 0 {
-                return Ok(());
-            }
-            // Opened again: the first descriptor names the covered directory, not the new mount.
-            let top = sys::open_in_root(newroot.as_fd(), &bind.target, libc::O_PATH, 0)?;
-            sys::mount_set_flags(&fd_path(&top), bind.flags, bind.recursive)
-        });
-        mounted.map_err(|source| RootfsError::Mount { what: bind.what.clone(), target: bind.target.clone(), source })?;
+        let target_fd = sys::open_in_root(newroot.as_fd(), &bind.target, libc::O_PATH, 0).map_err(
+            |source| RootfsError::Mount {
+                what: bind.what.clone(),
+                target: bind.target.clone(),
+                source,
+            },
+        )?;
+        let mounted =
+            bind_mount(&bind.source, &fd_path(&target_fd), bind.recursive).and_then(|()| {
+                if bind.flags == 0 {
+                    return Ok(());
+                }
+                // Opened again: the first descriptor names the covered directory, not the new mount.
+                let top = sys::open_in_root(newroot.as_fd(), &bind.target, libc::O_PATH, 0)?;
+                sys::mount_set_flags(&fd_path(&top), bind.flags, bind.recursive)
+            });
+        mounted.map_err(|source| RootfsError::Mount {
+            what: bind.what.clone(),
+            target: bind.target.clone(),
+            source,
+        })?;
     }
-    let root_flags = sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV | if spec.writable { 0 } else { sys::MOUNT_ATTR_RDONLY };
-    sys::mount_set_flags(Path::new(NEW), root_flags, false).map_err(setup("making the root filesystem read-only"))?;
+    let root_flags = sys::MOUNT_ATTR_NOSUID
+        | sys::MOUNT_ATTR_NODEV
+        | if spec.writable {
+            0
+        } else {
+            sys::MOUNT_ATTR_RDONLY
+        };
+    sys::mount_set_flags(Path::new(NEW), root_flags, false)
+        .map_err(setup("making the root filesystem read-only"))?;
     drop(newroot);
     enter_new_root()?;
     let env = read_image_env();
@@ -310,7 +399,8 @@ fn stage() -> Result<(), RootfsError> {
     for dir in ["oldroot", "lower", "newroot", "rw", "files"] {
         fs::create_dir(dir).map_err(setup("creating staging directories"))?;
     }
-    nix::unistd::pivot_root(".", "oldroot").map_err(|e| setup("pivot_root into the staging tmpfs")(nix_io(e)))?;
+    nix::unistd::pivot_root(".", "oldroot")
+        .map_err(|e| setup("pivot_root into the staging tmpfs")(nix_io(e)))?;
     std::env::set_current_dir("/").map_err(setup("entering the staging root"))?;
     Ok(())
 }
@@ -318,12 +408,24 @@ fn stage() -> Result<(), RootfsError> {
 fn mount_image(inputs: &Inputs) -> Result<Option<Child>, RootfsError> {
     match inputs.kind {
         ImageKind::Directory => {
-            let source = Source { path: inputs.image_path.clone(), fd: inputs.image.try_clone().map_err(setup("reopening the image"))?.into(), is_dir: true };
-            let fd = source.reopen().map_err(setup("reopening the image directory"))?;
-            bind_mount(&fd_path(&fd), Path::new(LOWER), true).map_err(|source| RootfsError::Mount {
-                what: format!("the image directory {}", inputs.image_path.display()),
-                target: "/".into(),
-                source,
+            let source = Source {
+                path: inputs.image_path.clone(),
+                fd: inputs
+                    .image
+                    .try_clone()
+                    .map_err(setup("reopening the image"))?
+                    .into(),
+                is_dir: true,
+            };
+            let fd = source
+                .reopen()
+                .map_err(setup("reopening the image directory"))?;
+            bind_mount(&fd_path(&fd), Path::new(LOWER), true).map_err(|source| {
+                RootfsError::Mount {
+                    what: format!("the image directory {}", inputs.image_path.display()),
+                    target: "/".into(),
+                    source,
+                }
             })?;
             Ok(None)
         }
@@ -336,11 +438,20 @@ fn mount_image(inputs: &Inputs) -> Result<Option<Child>, RootfsError> {
 /// `/dev/fd/N`, so neither fusermount nor any setuid helper is involved.
 fn mount_squashfs(inputs: &Inputs, offset: u64) -> Result<Child, RootfsError> {
     debug_assert!(inputs.fuse);
-    let fuse = open_fuse(&inputs.image_path.display().to_string(), &Path::new(OLD).join("dev/fuse"))?;
-    let program = inputs.squashfuse.as_ref().expect("found for squashfs images");
+    let fuse = open_fuse(
+        &inputs.image_path.display().to_string(),
+        &Path::new(OLD).join("dev/fuse"),
+    )?;
+    let program = inputs
+        .squashfuse
+        .as_ref()
+        .expect("found for squashfs images");
     let uid = nix::unistd::getuid().as_raw();
     let gid = nix::unistd::getgid().as_raw();
-    let options = format!("fd={},rootmode=40000,user_id={uid},group_id={gid},default_permissions", fuse.as_raw_fd());
+    let options = format!(
+        "fd={},rootmode=40000,user_id={uid},group_id={gid},default_permissions",
+        fuse.as_raw_fd()
+    );
     mount(
         Some(inputs.image_path.as_os_str()),
         LOWER,
@@ -348,7 +459,10 @@ fn mount_squashfs(inputs: &Inputs, offset: u64) -> Result<Child, RootfsError> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RDONLY,
         Some(options.as_str()),
     )
-    .map_err(|e| RootfsError::ImageMount { path: inputs.image_path.clone(), detail: format!("FUSE mount refused: {e}") })?;
+    .map_err(|e| RootfsError::ImageMount {
+        path: inputs.image_path.clone(),
+        detail: format!("FUSE mount refused: {e}"),
+    })?;
 
     const IMAGE_FD: i32 = 3;
     const FUSE_FD: i32 = 4;
@@ -404,8 +518,16 @@ fn mount_squashfs(inputs: &Inputs, offset: u64) -> Result<Child, RootfsError> {
                     let _ = child.kill();
                     let _ = child.wait();
                     let log = fs::read_to_string(&log_path).unwrap_or_default();
-                    let detail = log.lines().filter(|l| !l.trim().is_empty()).last().map(str::to_string).unwrap_or_else(|| e.to_string());
-                    return Err(RootfsError::ImageMount { path: inputs.image_path.clone(), detail: format!("squashfuse: {detail}") });
+                    let detail = log
+                        .lines()
+                        .filter(|l| !l.trim().is_empty())
+                        .last()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| e.to_string());
+                    return Err(RootfsError::ImageMount {
+                        path: inputs.image_path.clone(),
+                        detail: format!("squashfuse: {detail}"),
+                    });
                 }
                 std::thread::sleep(Duration::from_millis(2));
             }
@@ -415,11 +537,20 @@ fn mount_squashfs(inputs: &Inputs, offset: u64) -> Result<Child, RootfsError> {
 
 /// /dev/null while the host tree is at /oldroot (`Stdio::null` would look for /dev/null).
 fn host_null() -> Result<File, RootfsError> {
-    fs::OpenOptions::new().read(true).write(true).open(Path::new(OLD).join("dev/null")).map_err(setup("opening /dev/null"))
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(Path::new(OLD).join("dev/null"))
+        .map_err(setup("opening /dev/null"))
 }
 
 fn bind_mount(source: &Path, target: &Path, recursive: bool) -> io::Result<()> {
-    let flags = MsFlags::MS_BIND | if recursive { MsFlags::MS_REC } else { MsFlags::empty() };
+    let flags = MsFlags::MS_BIND
+        | if recursive {
+            MsFlags::MS_REC
+        } else {
+            MsFlags::empty()
+        };
     mount(Some(source), target, None::<&str>, flags, None::<&str>).map_err(nix_io)
 }
 
@@ -428,24 +559,45 @@ fn bind_mount(source: &Path, target: &Path, recursive: bool) -> io::Result<()> {
 fn mount_overlay(spec: &ContainerSpec, missing: &[(PathBuf, bool)]) -> Result<(), RootfsError> {
     let size = spec.site.writable_tmpfs_size.as_deref().unwrap_or("50%");
     let opts = format!("mode=0755,size={size}");
-    mount(Some("ferry-rw"), RW, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(opts.as_str()))
-        .map_err(|e| setup("mounting the writable layer")(nix_io(e)))?;
+    mount(
+        Some("ferry-rw"),
+        RW,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(opts.as_str()),
+    )
+    .map_err(|e| setup("mounting the writable layer")(nix_io(e)))?;
     let upper = Path::new(RW).join("upper");
     let work = Path::new(RW).join("work");
     fs::create_dir(&upper).map_err(setup("creating the upper layer"))?;
     fs::create_dir(&work).map_err(setup("creating the overlay work directory"))?;
-    fs::set_permissions(&upper, fs::Permissions::from_mode(
-        fs::metadata(LOWER).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o755),
-    ))
+    fs::set_permissions(
+        &upper,
+        fs::Permissions::from_mode(
+            fs::metadata(LOWER)
+                .map(|m| m.permissions().mode() & 0o7777)
+                .unwrap_or(0o755),
+        ),
+    )
     .map_err(setup("setting the root's mode"))?;
     for (rel, is_dir) in missing {
         create_mount_point(&upper, rel, *is_dir).map_err(setup("creating mount points"))?;
     }
-    let base = format!("lowerdir={LOWER},upperdir={},workdir={}", upper.display(), work.display());
+    let base = format!(
+        "lowerdir={LOWER},upperdir={},workdir={}",
+        upper.display(),
+        work.display()
+    );
     let mut last_err = None;
     for extra in [",userxattr", ""] {
         let opts = format!("{base}{extra}");
-        match mount(Some("overlay"), NEW, Some("overlay"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(opts.as_str())) {
+        match mount(
+            Some("overlay"),
+            NEW,
+            Some("overlay"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(opts.as_str()),
+        ) {
             Ok(()) => return Ok(()),
             Err(e) => last_err = Some(e),
         }
@@ -469,9 +621,15 @@ fn create_mount_point(upper: &Path, rel: &Path, is_dir: bool) -> io::Result<()> 
             continue;
         }
         if last && !is_dir {
-            fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(&path)?;
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .open(&path)?;
         } else {
-            let mode = fs::metadata(Path::new(LOWER).join(&prefix)).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o755);
+            let mode = fs::metadata(Path::new(LOWER).join(&prefix))
+                .map(|m| m.permissions().mode() & 0o7777)
+                .unwrap_or(0o755);
             fs::DirBuilder::new().mode(0o755).create(&path)?;
             fs::set_permissions(&path, fs::Permissions::from_mode(mode))?;
         }
@@ -479,10 +637,16 @@ fn create_mount_point(upper: &Path, rel: &Path, is_dir: bool) -> io::Result<()> 
     Ok(())
 }
 
-fn plan_binds(spec: &ContainerSpec, inputs: &Inputs) -> Result<(Vec<Bind>, Vec<OwnedFd>), RootfsError> {
+fn plan_binds(
+    spec: &ContainerSpec,
+    inputs: &Inputs,
+) -> Result<(Vec<Bind>, Vec<OwnedFd>), RootfsError> {
     let mut held = Vec::new();
     let mut reopen = |s: &Source| -> Result<PathBuf, RootfsError> {
-        let fd = s.reopen().map_err(|e| RootfsError::SourceOpen { path: s.path.clone(), source: e })?;
+        let fd = s.reopen().map_err(|e| RootfsError::SourceOpen {
+            path: s.path.clone(),
+            source: e,
+        })?;
         let path = fd_path(&fd);
         held.push(fd);
         Ok(path)
@@ -490,10 +654,38 @@ fn plan_binds(spec: &ContainerSpec, inputs: &Inputs) -> Result<(Vec<Bind>, Vec<O
     let host = |p: &str| PathBuf::from(format!("{OLD}{p}"));
     let guard = sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
     let mut binds = vec![
-        Bind { what: "/proc".into(), source: host("/proc"), target: "/proc".into(), is_dir: true, recursive: true, flags: 0 },
-        Bind { what: "/sys".into(), source: host("/sys"), target: "/sys".into(), is_dir: true, recursive: true, flags: 0 },
-        Bind { what: "/dev".into(), source: host("/dev"), target: "/dev".into(), is_dir: true, recursive: true, flags: sys::MOUNT_ATTR_NOSUID },
-        Bind { what: "/tmp".into(), source: host("/tmp"), target: "/tmp".into(), is_dir: true, recursive: true, flags: guard },
+        Bind {
+            what: "/proc".into(),
+            source: host("/proc"),
+            target: "/proc".into(),
+            is_dir: true,
+            recursive: true,
+            flags: 0,
+        },
+        Bind {
+            what: "/sys".into(),
+            source: host("/sys"),
+            target: "/sys".into(),
+            is_dir: true,
+            recursive: true,
+            flags: 0,
+        },
+        Bind {
+            what: "/dev".into(),
+            source: host("/dev"),
+            target: "/dev".into(),
+            is_dir: true,
+            recursive: true,
+            flags: sys::MOUNT_ATTR_NOSUID,
+        },
+        Bind {
+            what: "/tmp".into(),
+            source: host("/tmp"),
+            target: "/tmp".into(),
+            is_dir: true,
+            recursive: true,
+            flags: guard,
+        },
     ];
     if let Some(home) = &inputs.home {
         binds.push(Bind {
@@ -507,7 +699,14 @@ fn plan_binds(spec: &ContainerSpec, inputs: &Inputs) -> Result<(Vec<Bind>, Vec<O
     }
     for file in ["/etc/resolv.conf", "/etc/hosts"] {
         if Path::new(file).is_file() {
-            binds.push(Bind { what: file.into(), source: host(file), target: file.into(), is_dir: false, recursive: false, flags: guard | sys::MOUNT_ATTR_RDONLY });
+            binds.push(Bind {
+                what: file.into(),
+                source: host(file),
+                target: file.into(),
+                is_dir: false,
+                recursive: false,
+                flags: guard | sys::MOUNT_ATTR_RDONLY,
+            });
         }
     }
     for file in ["passwd", "group"] {
@@ -527,7 +726,12 @@ fn plan_binds(spec: &ContainerSpec, inputs: &Inputs) -> Result<(Vec<Bind>, Vec<O
             target: m.target.clone(),
             is_dir: source.is_dir,
             recursive: true,
-            flags: guard | if m.read_only { sys::MOUNT_ATTR_RDONLY } else { 0 },
+            flags: guard
+                | if m.read_only {
+                    sys::MOUNT_ATTR_RDONLY
+                } else {
+                    0
+                },
         });
     }
     Ok((binds, held))
@@ -547,12 +751,23 @@ fn write_identity_files(spec: &ContainerSpec, inside: InsideIds) -> Result<(), R
     } else {
         "/bin/sh".to_string()
     };
-    let passwd = user::passwd_with_user(&read_from_new_root(&newroot, "/etc/passwd"), &spec.user, inside, &shell);
-    let group = user::group_with_user(&read_from_new_root(&newroot, "/etc/group"), &spec.user.group_name(), &spec.user.name, inside);
+    let passwd = user::passwd_with_user(
+        &read_from_new_root(&newroot, "/etc/passwd"),
+        &spec.user,
+        inside,
+        &shell,
+    );
+    let group = user::group_with_user(
+        &read_from_new_root(&newroot, "/etc/group"),
+        &spec.user.group_name(),
+        &spec.user.name,
+        inside,
+    );
     for (name, text) in [("passwd", passwd), ("group", group)] {
         let path = Path::new(FILES).join(name);
         fs::write(&path, text).map_err(setup("writing passwd/group"))?;
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).map_err(setup("writing passwd/group"))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644))
+            .map_err(setup("writing passwd/group"))?;
     }
     Ok(())
 }
@@ -562,8 +777,10 @@ fn enter_new_root() -> Result<(), RootfsError> {
     std::env::set_current_dir(NEW).map_err(setup("entering the new root"))?;
     // pivot_root(".", ".") stacks the old root on top of the new one; detaching it then
     // leaves only the container tree, with no directory needed for the old root.
-    nix::unistd::pivot_root(".", ".").map_err(|e| setup("pivot_root into the container")(nix_io(e)))?;
-    nix::mount::umount2(".", nix::mount::MntFlags::MNT_DETACH).map_err(|e| setup("detaching the host tree")(nix_io(e)))?;
+    nix::unistd::pivot_root(".", ".")
+        .map_err(|e| setup("pivot_root into the container")(nix_io(e)))?;
+    nix::mount::umount2(".", nix::mount::MntFlags::MNT_DETACH)
+        .map_err(|e| setup("detaching the host tree")(nix_io(e)))?;
     std::env::set_current_dir("/").map_err(setup("entering the container root"))?;
     Ok(())
 }
@@ -580,10 +797,18 @@ fn read_image_env() -> Vec<(String, String)> {
 /// inside, else home, else `/`.
 fn choose_workdir(spec: &ContainerSpec) -> Result<PathBuf, RootfsError> {
     if let Some(dir) = &spec.workdir {
-        return if dir.is_dir() { Ok(dir.clone()) } else { Err(RootfsError::NoWorkdir(dir.clone())) };
+        return if dir.is_dir() {
+            Ok(dir.clone())
+        } else {
+            Err(RootfsError::NoWorkdir(dir.clone()))
+        };
     }
     let candidates = [spec.cwd.clone(), Some(spec.user.home.clone())];
-    Ok(candidates.into_iter().flatten().find(|d| d.is_absolute() && d.is_dir()).unwrap_or_else(|| "/".into()))
+    Ok(candidates
+        .into_iter()
+        .flatten()
+        .find(|d| d.is_absolute() && d.is_dir())
+        .unwrap_or_else(|| "/".into()))
 }
 
 #[cfg(test)]
@@ -599,12 +824,24 @@ mod tests {
         symlink("/usr/home", r.join("home")).unwrap();
         symlink("../../etc/shadow-escape", r.join("usr/home/esc")).unwrap();
         symlink("../run/resolve/stub", r.join("usr/resolv")).unwrap();
-        assert_eq!(resolve_in_tree(r, Path::new("home/alice")).unwrap(), PathBuf::from("usr/home/alice"));
-        assert_eq!(resolve_in_tree(r, Path::new("usr/resolv")).unwrap(), PathBuf::from("run/resolve/stub"));
+        assert_eq!(
+            resolve_in_tree(r, Path::new("home/alice")).unwrap(),
+            PathBuf::from("usr/home/alice")
+        );
+        assert_eq!(
+            resolve_in_tree(r, Path::new("usr/resolv")).unwrap(),
+            PathBuf::from("run/resolve/stub")
+        );
         // `..` beyond the root stays at the root.
-        assert_eq!(resolve_in_tree(r, Path::new("usr/home/esc")).unwrap(), PathBuf::from("etc/shadow-escape"));
+        assert_eq!(
+            resolve_in_tree(r, Path::new("usr/home/esc")).unwrap(),
+            PathBuf::from("etc/shadow-escape")
+        );
         symlink("/../../../..", r.join("up")).unwrap();
-        assert_eq!(resolve_in_tree(r, Path::new("up/x")).unwrap(), PathBuf::from("x"));
+        assert_eq!(
+            resolve_in_tree(r, Path::new("up/x")).unwrap(),
+            PathBuf::from("x")
+        );
     }
 
     #[test]

@@ -40,7 +40,10 @@ pub enum RunError {
     #[error(transparent)]
     Join(#[from] JoinError),
     #[error("{what}: {source}")]
-    Os { what: &'static str, source: nix::Error },
+    Os {
+        what: &'static str,
+        source: nix::Error,
+    },
     #[error("argument or environment holds a NUL byte")]
     Nul,
 }
@@ -50,25 +53,65 @@ fn cstr(bytes: Vec<u8>) -> Result<CString, RunError> {
 }
 
 /// Run `argv` in a container built from `spec`; returns the exit status for ferry to use.
-pub fn run(spec: &ContainerSpec, argv: &[OsString], opts: &PrepareOptions) -> Result<i32, RunError> {
+pub fn run(
+    spec: &ContainerSpec,
+    argv: &[OsString],
+    opts: &PrepareOptions,
+) -> Result<i32, RunError> {
     let holder = holder::prepare(spec, opts)?;
     let namespaces = Namespaces::open(holder.pid())?;
-    let caller = std::env::vars_os().map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()));
+    let caller = std::env::vars_os().map(|(k, v)| {
+        (
+            k.to_string_lossy().into_owned(),
+            v.to_string_lossy().into_owned(),
+        )
+    });
     let vars = env::compose(caller, &holder.ready().env, &spec.env);
-    let search_path = vars.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone()).unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    let envp = vars.into_iter().map(|(k, v)| cstr(format!("{k}={v}").into_bytes())).collect::<Result<Vec<_>, _>>()?;
-    let args = argv.iter().map(|a| cstr(a.clone().into_vec())).collect::<Result<Vec<_>, _>>()?;
+    let search_path = vars
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    let envp = vars
+        .into_iter()
+        .map(|(k, v)| cstr(format!("{k}={v}").into_bytes()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let args = argv
+        .iter()
+        .map(|a| cstr(a.clone().into_vec()))
+        .collect::<Result<Vec<_>, _>>()?;
     let workdir = holder.ready().workdir.clone();
 
+    // A signal ferry inherited as ignored would never reach sigwaitinfo: take it back to
+    // the default (it is blocked, so it only waits there) and give the command the
+    // disposition it would have had without ferry.
+    let inherited_ignored: Vec<Signal> = FORWARDED
+        .into_iter()
+        .filter(|s| sys::signal_is_ignored(*s))
+        .collect();
     let mut mask = SigSet::empty();
     for s in FORWARDED {
         mask.add(s);
     }
     mask.add(Signal::SIGCHLD);
-    mask.thread_block().map_err(|source| RunError::Os { what: "blocking signals", source })?;
+    mask.thread_block().map_err(|source| RunError::Os {
+        what: "blocking signals",
+        source,
+    })?;
+    for s in &inherited_ignored {
+        let _ = sys::default_signal(*s);
+    }
 
-    let child = match sys::fork_single_threaded().map_err(|source| RunError::Os { what: "fork", source })? {
-        None => exec_in_container(&namespaces, &workdir, &args, &envp, &search_path, &mask),
+    let child = match sys::fork_single_threaded().map_err(|source| RunError::Os {
+        what: "fork",
+        source,
+    })? {
+        None => {
+            for s in &inherited_ignored {
+                let _ = sys::ignore_signal(*s);
+            }
+            exec_in_container(&namespaces, &workdir, &args, &envp, &search_path, &mask)
+        }
         Some(child) => child,
     };
     drop(namespaces);
@@ -79,7 +122,9 @@ pub fn run(spec: &ContainerSpec, argv: &[OsString], opts: &PrepareOptions) -> Re
 
 fn supervise(child: Pid, mask: &SigSet) -> i32 {
     loop {
-        let Ok(info) = sys::wait_signal(mask) else { return EXIT_SETUP_FAILED };
+        let Ok(info) = sys::wait_signal(mask) else {
+            return EXIT_SETUP_FAILED;
+        };
         if info.si_signo == libc::SIGCHLD {
             loop {
                 match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
@@ -100,7 +145,14 @@ fn supervise(child: Pid, mask: &SigSet) -> i32 {
 }
 
 /// The child: enter the container and exec the command; never returns.
-fn exec_in_container(ns: &Namespaces, workdir: &Path, args: &[CString], envp: &[CString], search_path: &str, mask: &SigSet) -> ! {
+fn exec_in_container(
+    ns: &Namespaces,
+    workdir: &Path,
+    args: &[CString],
+    envp: &[CString],
+    search_path: &str,
+    mask: &SigSet,
+) -> ! {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     let _ = mask.thread_unblock();
     if let Err(e) = join::join(ns, workdir) {
@@ -111,11 +163,15 @@ fn exec_in_container(ns: &Namespaces, workdir: &Path, args: &[CString], envp: &[
     let candidates: Vec<PathBuf> = if program.contains(&b'/') {
         vec![PathBuf::from(std::ffi::OsStr::from_bytes(program))]
     } else {
-        std::env::split_paths(search_path).map(|d| d.join(std::ffi::OsStr::from_bytes(program))).collect()
+        std::env::split_paths(search_path)
+            .map(|d| d.join(std::ffi::OsStr::from_bytes(program)))
+            .collect()
     };
     let mut denied = false;
     for path in candidates {
-        let Ok(c) = CString::new(path.into_os_string().into_vec()) else { continue };
+        let Ok(c) = CString::new(path.into_os_string().into_vec()) else {
+            continue;
+        };
         match nix::unistd::execve(&c, args, envp) {
             Err(nix::Error::EACCES) => denied = true,
             Err(nix::Error::ENOEXEC) => {

@@ -17,7 +17,12 @@ fn cstring(path: &Path) -> io::Result<CString> {
 
 /// `openat2(dirfd, path, flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`: resolve `path`
 /// as if `dirfd` were `/`, so `..` and absolute symlinks in an image cannot lead outside it.
-pub fn open_in_root(dirfd: BorrowedFd<'_>, path: &Path, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+pub fn open_in_root(
+    dirfd: BorrowedFd<'_>,
+    path: &Path,
+    flags: i32,
+    mode: u32,
+) -> io::Result<OwnedFd> {
     let path = cstring(path)?;
     // SAFETY: open_how is plain integers; all-zero is its documented default.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
@@ -59,7 +64,12 @@ const AT_RECURSIVE: u32 = 0x8000;
 /// every mount below it) without restating flags the kernel has locked.
 pub fn mount_set_flags(path: &Path, set: u64, recursive: bool) -> io::Result<()> {
     let path = cstring(path)?;
-    let attr = MountAttr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    let attr = MountAttr {
+        attr_set: set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
     let flags = if recursive { AT_RECURSIVE } else { 0 };
     // SAFETY: `path` is NUL-terminated, `attr` is a mount_attr of the size we pass, and
     // the kernel only reads them.
@@ -171,4 +181,15 @@ pub fn access_fd(fd: BorrowedFd<'_>, mode: i32) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Whether `signal` is ignored (SIG_IGN) in this process, as a shell leaves SIGINT for a
+/// background job or `nohup` leaves SIGHUP.
+pub fn signal_is_ignored(signal: nix::sys::signal::Signal) -> bool {
+    // SAFETY: sigaction with a null new action only reads the current one into `old`.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal as i32, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
+    }
 }

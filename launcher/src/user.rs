@@ -43,13 +43,23 @@ impl UserInfo {
                 (*g, name)
             })
             .collect();
-        Ok(UserInfo { uid, gid, name: user.name, home: user.dir, shell: user.shell, groups })
+        Ok(UserInfo {
+            uid,
+            gid,
+            name: user.name,
+            home: user.dir,
+            shell: user.shell,
+            groups,
+        })
     }
 
     /// The calling process's user.
     pub fn current() -> Result<UserInfo, UserError> {
-        let groups: Vec<u32> =
-            nix::unistd::getgroups().unwrap_or_default().into_iter().map(|g| g.as_raw()).collect();
+        let groups: Vec<u32> = nix::unistd::getgroups()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
         UserInfo::lookup(Uid::current().as_raw(), Gid::current().as_raw(), &groups)
     }
 
@@ -73,7 +83,12 @@ pub struct InsideIds {
 
 /// The image's passwd file with the container user's entry put in place of any entry with
 /// the same uid or name. Lines the parser does not understand are kept as they are.
-pub fn passwd_with_user(image_passwd: &str, user: &UserInfo, inside: InsideIds, shell: &str) -> String {
+pub fn passwd_with_user(
+    image_passwd: &str,
+    user: &UserInfo,
+    inside: InsideIds,
+    shell: &str,
+) -> String {
     let (name, home) = if inside.uid == 0 {
         ("root".to_string(), user.home.display().to_string())
     } else {
@@ -90,13 +105,21 @@ pub fn passwd_with_user(image_passwd: &str, user: &UserInfo, inside: InsideIds, 
         out.push_str(line);
         out.push('\n');
     }
-    out.push_str(&format!("{name}:x:{}:{}:{name}:{home}:{shell}\n", inside.uid, inside.gid));
+    out.push_str(&format!(
+        "{name}:x:{}:{}:{name}:{home}:{shell}\n",
+        inside.uid, inside.gid
+    ));
     out
 }
 
 /// The image's group file with the user's primary group (and `nogroup`, which unmapped
 /// supplementary groups show as) present.
-pub fn group_with_user(image_group: &str, group_name: &str, user_name: &str, inside: InsideIds) -> String {
+pub fn group_with_user(
+    image_group: &str,
+    group_name: &str,
+    user_name: &str,
+    inside: InsideIds,
+) -> String {
     let group_name = if inside.gid == 0 { "root" } else { group_name };
     let mut out = String::new();
     let mut have_nogroup = false;
@@ -135,8 +158,17 @@ mod tests {
 
     #[test]
     fn passwd_replaces_same_uid_and_keeps_others() {
-        let image = "root:x:0:0:root:/root:/bin/sh\nubuntu:x:1000:1000::/home/ubuntu:/bin/sh\ngarbage\n";
-        let out = passwd_with_user(image, &alice(), InsideIds { uid: 1000, gid: 1000 }, "/bin/bash");
+        let image =
+            "root:x:0:0:root:/root:/bin/sh\nubuntu:x:1000:1000::/home/ubuntu:/bin/sh\ngarbage\n";
+        let out = passwd_with_user(
+            image,
+            &alice(),
+            InsideIds {
+                uid: 1000,
+                gid: 1000,
+            },
+            "/bin/bash",
+        );
         assert!(out.contains("root:x:0:0:root:/root:/bin/sh\n"));
         assert!(!out.contains("ubuntu"));
         assert!(out.contains("garbage\n"));
@@ -145,13 +177,26 @@ mod tests {
 
     #[test]
     fn remapped_root_is_named_root() {
-        let out = passwd_with_user("root:x:0:0:root:/root:/bin/sh\n", &alice(), InsideIds { uid: 0, gid: 0 }, "/bin/sh");
+        let out = passwd_with_user(
+            "root:x:0:0:root:/root:/bin/sh\n",
+            &alice(),
+            InsideIds { uid: 0, gid: 0 },
+            "/bin/sh",
+        );
         assert_eq!(out, "root:x:0:0:root:/home/alice:/bin/sh\n");
     }
 
     #[test]
     fn group_has_primary_and_nogroup() {
-        let out = group_with_user("root:x:0:\nusers:x:100:\n", "alice", "alice", InsideIds { uid: 1000, gid: 1000 });
+        let out = group_with_user(
+            "root:x:0:\nusers:x:100:\n",
+            "alice",
+            "alice",
+            InsideIds {
+                uid: 1000,
+                gid: 1000,
+            },
+        );
         assert!(out.contains("alice:x:1000:alice\n"));
         assert!(out.contains("nogroup:x:65534:\n"));
         assert!(out.contains("users:x:100:\n"));

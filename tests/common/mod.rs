@@ -23,14 +23,22 @@ fn required_env(name: &str) -> String {
 /// The ferry binary the tests run (readable and executable by the test users).
 pub fn ferry_bin() -> PathBuf {
     let p = PathBuf::from(required_env("FERRY_BIN"));
-    assert!(p.is_file(), "FERRY_BIN={} does not exist: run `integration/test`", p.display());
+    assert!(
+        p.is_file(),
+        "FERRY_BIN={} does not exist: run `integration/test`",
+        p.display()
+    );
     p
 }
 
 /// A test image by name (e.g. `busybox.sqsh`, `debian`).
 pub fn image(name: &str) -> PathBuf {
     let p = Path::new(&required_env("FERRY_IMAGES")).join(name);
-    assert!(p.exists(), "test image {} is missing: run `integration/build-images`", p.display());
+    assert!(
+        p.exists(),
+        "test image {} is missing: run `integration/build-images`",
+        p.display()
+    );
     p
 }
 
@@ -55,7 +63,10 @@ pub struct Run {
 impl Run {
     fn from(out: Output) -> Run {
         use std::os::unix::process::ExitStatusExt;
-        let code = out.status.code().unwrap_or_else(|| 128 + out.status.signal().unwrap_or(0));
+        let code = out
+            .status
+            .code()
+            .unwrap_or_else(|| 128 + out.status.signal().unwrap_or(0));
         Run {
             code,
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -65,7 +76,11 @@ impl Run {
 
     /// Assert success and return stdout.
     pub fn ok(&self) -> &str {
-        assert_eq!(self.code, 0, "command failed (exit {}):\nstdout: {}\nstderr: {}", self.code, self.stdout, self.stderr);
+        assert_eq!(
+            self.code, 0,
+            "command failed (exit {}):\nstdout: {}\nstderr: {}",
+            self.code, self.stdout, self.stderr
+        );
         &self.stdout
     }
 }
@@ -90,7 +105,10 @@ pub fn sh_as(user: &str, script: &str) -> Run {
 }
 
 fn extra_env() -> Vec<String> {
-    ["SLURM_CONF"].iter().filter_map(|n| std::env::var(n).ok().map(|v| format!("{n}={v}"))).collect()
+    ["SLURM_CONF"]
+        .iter()
+        .filter_map(|n| std::env::var(n).ok().map(|v| format!("{n}={v}")))
+        .collect()
 }
 
 pub fn sh(script: &str) -> Run {
@@ -98,8 +116,15 @@ pub fn sh(script: &str) -> Run {
 }
 
 pub fn assert_user_exists(user: &str) {
-    let ok = Command::new("id").arg(user).output().map(|o| o.status.success()).unwrap_or(false);
-    assert!(ok, "test user {user} does not exist: run `integration/test-users`");
+    let ok = Command::new("id")
+        .arg(user)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "test user {user} does not exist: run `integration/test-users`"
+    );
 }
 
 /// Live (non-zombie) processes of `user`, as "pid command" lines, ignoring `except` pids.
@@ -112,12 +137,23 @@ pub fn live_processes(user: &str) -> Vec<String> {
         if !name.chars().all(|c| c.is_ascii_digit()) {
             continue;
         }
-        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
-        let field = |key: &str| status.lines().find(|l| l.starts_with(key)).map(|l| l[key.len()..].trim().to_string());
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(key))
+                .map(|l| l[key.len()..].trim().to_string())
+        };
         let Some(uids) = field("Uid:") else { continue };
         let state = field("State:").unwrap_or_default();
-        if uids.split_whitespace().next() == Some(uid.to_string().as_str()) && !state.starts_with('Z') {
-            let cmd = std::fs::read_to_string(entry.path().join("cmdline")).unwrap_or_default().replace('\0', " ");
+        if uids.split_whitespace().next() == Some(uid.to_string().as_str())
+            && !state.starts_with('Z')
+        {
+            let cmd = std::fs::read_to_string(entry.path().join("cmdline"))
+                .unwrap_or_default()
+                .replace('\0', " ");
             found.push(format!("{name} {cmd}"));
         }
     }
@@ -125,16 +161,24 @@ pub fn live_processes(user: &str) -> Vec<String> {
 }
 
 pub fn uid_of(user: &str) -> u32 {
-    let out = Command::new("id").args(["-u", user]).output().expect("id runs");
-    String::from_utf8_lossy(&out.stdout).trim().parse().expect("numeric uid")
+    let out = Command::new("id")
+        .args(["-u", user])
+        .output()
+        .expect("id runs");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("numeric uid")
 }
 
 /// Wait up to `limit` for `user` to have no live ferry/squashfuse process; return what is left.
 pub fn leftovers_after(user: &str, limit: Duration) -> Vec<String> {
     let start = Instant::now();
     loop {
-        let left: Vec<String> =
-            live_processes(user).into_iter().filter(|p| p.contains("ferry") || p.contains("squashfuse") || p.contains("sleep")).collect();
+        let left: Vec<String> = live_processes(user)
+            .into_iter()
+            .filter(|p| p.contains("ferry") || p.contains("squashfuse") || p.contains("sleep"))
+            .collect();
         if left.is_empty() || start.elapsed() > limit {
             return left;
         }
@@ -151,7 +195,11 @@ pub fn host_mounts() -> String {
 /// Entries in a directory (to check nothing new appears).
 pub fn dir_entries(dir: &str) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -164,8 +212,16 @@ pub struct UserDir {
 
 impl UserDir {
     pub fn new(user: &str) -> UserDir {
-        let dir = tempfile::Builder::new().prefix("ferry-test-").tempdir_in("/var/tmp").expect("tempdir").keep();
-        let status = Command::new("chown").arg(format!("{user}:")).arg(&dir).status().expect("chown");
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-test-")
+            .tempdir_in("/var/tmp")
+            .expect("tempdir")
+            .keep();
+        let status = Command::new("chown")
+            .arg(format!("{user}:"))
+            .arg(&dir)
+            .status()
+            .expect("chown");
         assert!(status.success());
         UserDir { path: dir }
     }

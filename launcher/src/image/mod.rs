@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageKind {
     /// A squashfs image starting at `offset` bytes into the file.
-    Squashfs { offset: u64, compression: squashfs::Compression },
+    Squashfs {
+        offset: u64,
+        compression: squashfs::Compression,
+    },
     /// A directory holding a root filesystem.
     Directory,
 }
@@ -23,7 +26,10 @@ pub enum ImageError {
     #[error("image not readable by user {user}: {path} (check its permissions and those of its parent directories)")]
     NotReadable { path: PathBuf, user: String },
     #[error("cannot open image {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("not a squashfs image or root filesystem directory: {path} ({detail})")]
     UnknownFormat { path: PathBuf, detail: String },
     #[error("bad squashfs image {path}: {reason}")]
@@ -32,22 +38,45 @@ pub enum ImageError {
 
 /// Look at an already-opened image and say what it is. `file` must be opened for reading.
 pub fn detect(path: &Path, file: &File) -> Result<ImageKind, ImageError> {
-    let meta = file.metadata().map_err(|source| ImageError::Open { path: path.into(), source })?;
+    let meta = file.metadata().map_err(|source| ImageError::Open {
+        path: path.into(),
+        source,
+    })?;
     if meta.is_dir() {
         return Ok(ImageKind::Directory);
     }
     if !meta.is_file() {
-        return Err(ImageError::UnknownFormat { path: path.into(), detail: "neither a regular file nor a directory".into() });
+        return Err(ImageError::UnknownFormat {
+            path: path.into(),
+            detail: "neither a regular file nor a directory".into(),
+        });
     }
     let mut head = [0u8; 96];
-    let n = read_at_most(file, &mut head, 0).map_err(|source| ImageError::Open { path: path.into(), source })?;
+    let n = read_at_most(file, &mut head, 0).map_err(|source| ImageError::Open {
+        path: path.into(),
+        source,
+    })?;
     if n >= 4 && &head[..4] == squashfs::MAGIC {
-        let sb = squashfs::Superblock::parse(&head[..n], meta.len(), 0)
-            .map_err(|reason| ImageError::BadSquashfs { path: path.into(), reason })?;
-        return Ok(ImageKind::Squashfs { offset: 0, compression: sb.compression });
+        let sb = squashfs::Superblock::parse(&head[..n], meta.len(), 0).map_err(|reason| {
+            ImageError::BadSquashfs {
+                path: path.into(),
+                reason,
+            }
+        })?;
+        return Ok(ImageKind::Squashfs {
+            offset: 0,
+            compression: sb.compression,
+        });
     }
-    let detail = if n == 0 { "the file is empty".to_string() } else { format!("starts with bytes {}", hex(&head[..n.min(8)])) };
-    Err(ImageError::UnknownFormat { path: path.into(), detail })
+    let detail = if n == 0 {
+        "the file is empty".to_string()
+    } else {
+        format!("starts with bytes {}", hex(&head[..n.min(8)]))
+    };
+    Err(ImageError::UnknownFormat {
+        path: path.into(),
+        detail,
+    })
 }
 
 fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
@@ -62,7 +91,11 @@ fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usi
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Read at most `limit` bytes of a text file that lives inside an image (hostile input:

@@ -38,14 +38,19 @@ impl Superblock {
     /// image lies in its file, so a truncated image is refused before it is mounted.
     pub fn parse(bytes: &[u8], file_len: u64, offset: u64) -> Result<Superblock, String> {
         if bytes.len() < SUPERBLOCK_SIZE {
-            return Err(format!("truncated: {} bytes, a superblock needs {SUPERBLOCK_SIZE}", bytes.len()));
+            return Err(format!(
+                "truncated: {} bytes, a superblock needs {SUPERBLOCK_SIZE}",
+                bytes.len()
+            ));
         }
         if &bytes[..4] != MAGIC {
             return Err("no squashfs magic".into());
         }
         let (major, minor) = (u16_at(bytes, 28), u16_at(bytes, 30));
         if (major, minor) != (4, 0) {
-            return Err(format!("squashfs version {major}.{minor}; only 4.0 is supported"));
+            return Err(format!(
+                "squashfs version {major}.{minor}; only 4.0 is supported"
+            ));
         }
         let compression = match u16_at(bytes, 20) {
             1 => Compression::Gzip,
@@ -59,14 +64,23 @@ impl Superblock {
         let block_size = u32_at(bytes, 12);
         let block_log = u16_at(bytes, 22);
         if !(12..=20).contains(&block_log) || block_size != 1 << block_log {
-            return Err(format!("inconsistent block size {block_size} (log {block_log})"));
+            return Err(format!(
+                "inconsistent block size {block_size} (log {block_log})"
+            ));
         }
         let bytes_used = u64_at(bytes, 40);
         let available = file_len.saturating_sub(offset);
         if bytes_used > available {
-            return Err(format!("truncated: the superblock says {bytes_used} bytes, the file holds {available}"));
+            return Err(format!(
+                "truncated: the superblock says {bytes_used} bytes, the file holds {available}"
+            ));
         }
-        Ok(Superblock { inodes: u32_at(bytes, 4), block_size, compression, bytes_used })
+        Ok(Superblock {
+            inodes: u32_at(bytes, 4),
+            block_size,
+            compression,
+            bytes_used,
+        })
     }
 }
 
@@ -76,19 +90,26 @@ pub fn find_squashfuse(site_choice: Option<&Path>) -> Option<PathBuf> {
     if let Some(p) = site_choice {
         return is_executable(p).then(|| p.to_path_buf());
     }
-    ["squashfuse_ll", "squashfuse"].iter().find_map(|name| find_in_path(name))
+    ["squashfuse_ll", "squashfuse"]
+        .iter()
+        .find_map(|name| find_in_path(name))
 }
 
 /// A program found in PATH (or the usual system directories when PATH is empty).
 pub fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").filter(|p| !p.is_empty());
-    let dirs = path.unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
-    std::env::split_paths(&dirs).map(|d| d.join(name)).find(|p| is_executable(p))
+    let dirs = path
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&dirs)
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
 }
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -115,12 +136,22 @@ mod tests {
 
     #[test]
     fn refuses_truncated_and_odd_images() {
-        assert!(Superblock::parse(&superblock(1, 8192), 4096, 0).unwrap_err().contains("truncated"));
-        assert!(Superblock::parse(&superblock(1, 4096), 8192, 8000).unwrap_err().contains("truncated"));
-        assert!(Superblock::parse(&superblock(9, 10), 4096, 0).unwrap_err().contains("compression"));
-        assert!(Superblock::parse(&superblock(1, 10)[..50], 4096, 0).unwrap_err().contains("truncated"));
+        assert!(Superblock::parse(&superblock(1, 8192), 4096, 0)
+            .unwrap_err()
+            .contains("truncated"));
+        assert!(Superblock::parse(&superblock(1, 4096), 8192, 8000)
+            .unwrap_err()
+            .contains("truncated"));
+        assert!(Superblock::parse(&superblock(9, 10), 4096, 0)
+            .unwrap_err()
+            .contains("compression"));
+        assert!(Superblock::parse(&superblock(1, 10)[..50], 4096, 0)
+            .unwrap_err()
+            .contains("truncated"));
         let mut v3 = superblock(1, 10);
         v3[28] = 3;
-        assert!(Superblock::parse(&v3, 4096, 0).unwrap_err().contains("version"));
+        assert!(Superblock::parse(&v3, 4096, 0)
+            .unwrap_err()
+            .contains("version"));
     }
 }

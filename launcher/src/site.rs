@@ -1,0 +1,241 @@
+//! Site settings of the SPANK plugin: the `key=value` words after the plugin's path in
+//! `plugstack.conf`, e.g.
+//!
+//! ```text
+//! required /usr/lib/slurm/spank_ferry.so ferry_bin=/usr/local/bin/ferry default_mounts=/etc/slurm:/etc/slurm:ro
+//! ```
+//!
+//! Only an admin controls these: the plugin never takes them from the job's environment or
+//! options.
+
+use std::path::{Path, PathBuf};
+
+use crate::mounts::{MountSpec, MountSpecError};
+use crate::spec::SiteSettings;
+
+/// Where the `ferry` program is when plugstack.conf does not say.
+pub const DEFAULT_FERRY_BIN: &str = "/usr/local/bin/ferry";
+
+/// How much the plugin logs (through Slurm's own log, which filters again by its level).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn parse(word: &str) -> Option<LogLevel> {
+        Some(match word.to_ascii_lowercase().as_str() {
+            "error" | "quiet" => LogLevel::Error,
+            "warn" | "warning" => LogLevel::Warn,
+            "info" => LogLevel::Info,
+            "debug" | "verbose" => LogLevel::Debug,
+            "trace" | "debug2" | "debug3" => LogLevel::Trace,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginSettings {
+    /// `ferry_bin=`: the `ferry` program the plugin runs as the holder (`ferry hold`).
+    pub ferry_bin: PathBuf,
+    /// `runtime_dir=`: where per-step state goes on the node; `None`: the launcher's default.
+    pub runtime_dir: Option<PathBuf>,
+    /// `default_mounts=SRC:DST[:FLAGS][,...]`: bind mounts every container gets, before the
+    /// user's `--container-mounts`. May be given more than once; the lists add up.
+    pub default_mounts: Vec<MountSpec>,
+    /// `squashfuse=`: the squashfuse program (default: `squashfuse_ll`, then `squashfuse`).
+    pub squashfuse: Option<PathBuf>,
+    /// `fuse_overlayfs=`: fuse-overlayfs, used where the kernel refuses overlayfs.
+    pub fuse_overlayfs: Option<PathBuf>,
+    /// `writable_tmpfs_size=`: size limit of the tmpfs holding a writable container's changes.
+    pub writable_tmpfs_size: Option<String>,
+    /// `log_level=error|warn|info|debug|trace` (default `debug`: Slurm's level decides).
+    pub log_level: LogLevel,
+}
+
+impl Default for PluginSettings {
+    fn default() -> Self {
+        PluginSettings {
+            ferry_bin: PathBuf::from(DEFAULT_FERRY_BIN),
+            runtime_dir: None,
+            default_mounts: Vec::new(),
+            squashfuse: None,
+            fuse_overlayfs: None,
+            writable_tmpfs_size: None,
+            log_level: LogLevel::Debug,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SiteError {
+    #[error("plugstack.conf argument `{0}` is not key=value (known keys: {KEYS})")]
+    NotKeyValue(String),
+    #[error("plugstack.conf argument `{key}=`: unknown key (known keys: {KEYS})")]
+    UnknownKey { key: String },
+    #[error("plugstack.conf argument `{key}=` is given twice")]
+    Duplicate { key: String },
+    #[error("plugstack.conf argument `{key}=` needs a value")]
+    Empty { key: String },
+    #[error("plugstack.conf argument `{key}={value}`: the path must be absolute")]
+    RelativePath { key: String, value: String },
+    #[error("plugstack.conf argument `log_level={0}`: use error, warn, info, debug or trace")]
+    LogLevel(String),
+    #[error("plugstack.conf argument `default_mounts=`: {0}")]
+    Mount(MountSpecError),
+    #[error("plugstack.conf argument `default_mounts=`: the host path `{0}` must be absolute")]
+    RelativeMountSource(String),
+}
+
+const KEYS: &str =
+    "ferry_bin, runtime_dir, default_mounts, squashfuse, fuse_overlayfs, writable_tmpfs_size, log_level";
+
+fn absolute(key: &str, value: &str) -> Result<PathBuf, SiteError> {
+    if value.is_empty() {
+        return Err(SiteError::Empty { key: key.to_string() });
+    }
+    if !value.starts_with('/') {
+        return Err(SiteError::RelativePath { key: key.to_string(), value: value.to_string() });
+    }
+    Ok(PathBuf::from(value))
+}
+
+impl PluginSettings {
+    /// Parse the plugin's plugstack.conf arguments. Unknown keys and bad values are errors, so
+    /// that a typo shows up instead of silently running with a default.
+    pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<PluginSettings, SiteError> {
+        let mut s = PluginSettings::default();
+        let mut seen: Vec<&str> = Vec::new();
+        for arg in args {
+            let arg = arg.as_ref().trim();
+            if arg.is_empty() {
+                continue;
+            }
+            let (key, value) = arg.split_once('=').ok_or_else(|| SiteError::NotKeyValue(arg.to_string()))?;
+            let key = key.trim();
+            let value = value.trim();
+            if key != "default_mounts" {
+                if seen.contains(&key) {
+                    return Err(SiteError::Duplicate { key: key.to_string() });
+                }
+                seen.push(key);
+            }
+            match key {
+                "ferry_bin" => s.ferry_bin = absolute(key, value)?,
+                "runtime_dir" => s.runtime_dir = Some(absolute(key, value)?),
+                "squashfuse" => s.squashfuse = Some(absolute(key, value)?),
+                "fuse_overlayfs" => s.fuse_overlayfs = Some(absolute(key, value)?),
+                "writable_tmpfs_size" => {
+                    if value.is_empty() {
+                        return Err(SiteError::Empty { key: key.to_string() });
+                    }
+                    s.writable_tmpfs_size = Some(value.to_string());
+                }
+                "log_level" => s.log_level = LogLevel::parse(value).ok_or_else(|| SiteError::LogLevel(value.to_string()))?,
+                "default_mounts" => {
+                    for spec in value.split(',').filter(|v| !v.trim().is_empty()) {
+                        let source = spec.trim().split(':').next().unwrap_or("");
+                        if !source.starts_with('/') {
+                            return Err(SiteError::RelativeMountSource(source.to_string()));
+                        }
+                        s.default_mounts.push(MountSpec::parse(spec, Path::new("/")).map_err(SiteError::Mount)?);
+                    }
+                }
+                _ => return Err(SiteError::UnknownKey { key: key.to_string() }),
+            }
+        }
+        Ok(s)
+    }
+
+    /// The part of these settings that goes into a [`crate::spec::ContainerSpec`].
+    pub fn site_settings(&self) -> SiteSettings {
+        SiteSettings {
+            squashfuse: self.squashfuse.clone(),
+            fuse_overlayfs: self.fuse_overlayfs.clone(),
+            writable_tmpfs_size: self.writable_tmpfs_size.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<PluginSettings, SiteError> {
+        PluginSettings::parse(args)
+    }
+
+    #[test]
+    fn defaults() {
+        let s = parse(&[]).unwrap();
+        assert_eq!(s, PluginSettings::default());
+        assert_eq!(s.ferry_bin, PathBuf::from("/usr/local/bin/ferry"));
+        assert_eq!(s.log_level, LogLevel::Debug);
+        assert_eq!(s.site_settings(), SiteSettings::default());
+    }
+
+    #[test]
+    fn all_keys() {
+        let s = parse(&[
+            "ferry_bin=/opt/ferry/bin/ferry",
+            "runtime_dir=/run/ferry",
+            "default_mounts=/etc/slurm:/etc/slurm:ro,/scratch",
+            "squashfuse=/usr/bin/squashfuse_ll",
+            "fuse_overlayfs=/usr/bin/fuse-overlayfs",
+            "writable_tmpfs_size=50%",
+            "log_level=info",
+        ])
+        .unwrap();
+        assert_eq!(s.ferry_bin, PathBuf::from("/opt/ferry/bin/ferry"));
+        assert_eq!(s.runtime_dir, Some(PathBuf::from("/run/ferry")));
+        assert_eq!(s.default_mounts.len(), 2);
+        assert_eq!(s.default_mounts[0].source, PathBuf::from("/etc/slurm"));
+        assert!(s.default_mounts[0].read_only);
+        assert_eq!(s.default_mounts[1].target, PathBuf::from("/scratch"));
+        assert_eq!(s.squashfuse, Some(PathBuf::from("/usr/bin/squashfuse_ll")));
+        assert_eq!(s.log_level, LogLevel::Info);
+        let site = s.site_settings();
+        assert_eq!(site.fuse_overlayfs, Some(PathBuf::from("/usr/bin/fuse-overlayfs")));
+        assert_eq!(site.writable_tmpfs_size.as_deref(), Some("50%"));
+    }
+
+    #[test]
+    fn default_mounts_add_up_and_may_be_empty() {
+        let s = parse(&["default_mounts=/a", "default_mounts=/b:/c", "default_mounts="]).unwrap();
+        let targets: Vec<_> = s.default_mounts.iter().map(|m| m.target.clone()).collect();
+        assert_eq!(targets, [PathBuf::from("/a"), PathBuf::from("/c")]);
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        assert_eq!(parse(&["ferry_bin"]), Err(SiteError::NotKeyValue("ferry_bin".into())));
+        assert_eq!(parse(&["runtimedir=/x"]), Err(SiteError::UnknownKey { key: "runtimedir".into() }));
+        assert_eq!(
+            parse(&["ferry_bin=ferry"]),
+            Err(SiteError::RelativePath { key: "ferry_bin".into(), value: "ferry".into() })
+        );
+        assert_eq!(parse(&["squashfuse="]), Err(SiteError::Empty { key: "squashfuse".into() }));
+        assert_eq!(parse(&["log_level=loud"]), Err(SiteError::LogLevel("loud".into())));
+        assert_eq!(
+            parse(&["log_level=info", "log_level=debug"]),
+            Err(SiteError::Duplicate { key: "log_level".into() })
+        );
+        assert_eq!(parse(&["default_mounts=data:/data"]), Err(SiteError::RelativeMountSource("data".into())));
+        assert!(matches!(parse(&["default_mounts=/a:b"]), Err(SiteError::Mount(_))));
+        let msg = parse(&["runtimedir=/x"]).unwrap_err().to_string();
+        assert!(msg.contains("runtime_dir"), "{msg}");
+    }
+
+    #[test]
+    fn log_levels() {
+        assert_eq!(LogLevel::parse("ERROR"), Some(LogLevel::Error));
+        assert_eq!(LogLevel::parse("verbose"), Some(LogLevel::Debug));
+        assert_eq!(LogLevel::parse("debug3"), Some(LogLevel::Trace));
+        assert!(LogLevel::Error < LogLevel::Info);
+    }
+}
