@@ -303,19 +303,10 @@ pub fn hold() -> i32 {
     }
     wait_for_stop(&mut stdin);
     if let Some(mut fuse) = container.squashfuse.take() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(fuse.id() as i32),
-            Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while fuse.try_wait().ok().flatten().is_none() {
-            if Instant::now() > deadline {
-                let _ = fuse.kill();
-                let _ = fuse.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        // A read-only image server has nothing to flush: end it at once, so the mount (and
+        // with the holder gone, the namespace) disappears without delay.
+        let _ = fuse.kill();
+        let _ = fuse.wait();
     }
     0
 }
