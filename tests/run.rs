@@ -101,11 +101,17 @@ fn root_filesystem_is_read_only_unless_writable() {
     let before = sha256(&image);
     let out = sh(&format!("$FERRY run {image} touch /new-file"));
     assert_ne!(out.code, 0);
-    assert!(out.stderr.contains("Read-only file system"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("Read-only file system"),
+        "{}",
+        out.stderr
+    );
 
     // The user owns the overlay's root; the image's root-owned directories stay theirs
     // unless --remap-root makes the user root inside.
-    let out = sh(&format!("$FERRY run --writable {image} sh -c 'echo data > /new-file && cat /new-file'"));
+    let out = sh(&format!(
+        "$FERRY run --writable {image} sh -c 'echo data > /new-file && cat /new-file'"
+    ));
     assert_eq!(out.ok(), "data\n");
     let out = sh(&format!("$FERRY run --writable --remap-root {image} sh -c 'echo data > /etc/new-file && rm /etc/ferry-marker && echo removed'"));
     assert_eq!(out.ok(), "removed\n");
@@ -115,7 +121,9 @@ fn root_filesystem_is_read_only_unless_writable() {
 
     // A directory image: writes land in memory, the directory stays as it was.
     let dir_image = img("debian");
-    let out = sh(&format!("$FERRY run -w {dir_image} sh -c 'echo x > /dir-write && cat /dir-write'"));
+    let out = sh(&format!(
+        "$FERRY run -w {dir_image} sh -c 'echo x > /dir-write && cat /dir-write'"
+    ));
     assert_eq!(out.ok(), "x\n");
     assert!(!image_path_exists("debian/dir-write"));
 }

@@ -94,8 +94,7 @@ impl Source {
         let before = File::from(self.fd.try_clone()?).metadata()?;
         let after = File::from(again.try_clone()?).metadata()?;
         if (before.dev(), before.ino()) != (after.dev(), after.ino()) {
-            return Err(io::Error::new(
-                io::ErrorKind::Other,
+            return Err(io::Error::other(
                 "the path was replaced while the container was being set up",
             ));
         }
@@ -520,8 +519,7 @@ fn mount_squashfs(inputs: &Inputs, offset: u64) -> Result<Child, RootfsError> {
                     let log = fs::read_to_string(&log_path).unwrap_or_default();
                     let detail = log
                         .lines()
-                        .filter(|l| !l.trim().is_empty())
-                        .last()
+                        .rfind(|l| !l.trim().is_empty())
                         .map(str::to_string)
                         .unwrap_or_else(|| e.to_string());
                     return Err(RootfsError::ImageMount {

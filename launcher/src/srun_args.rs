@@ -292,7 +292,7 @@ fn resolve_long<'a>(
     let mm = slurm_version & 0xffff00;
     let srun = SRUN_LONG_OPTIONS
         .iter()
-        .filter(|o| o.since <= mm && o.until.map_or(true, |u| mm <= u))
+        .filter(|o| o.since <= mm && o.until.is_none_or(|u| mm <= u))
         .map(|o| (o.name, o.arg));
     let candidates = srun.chain(extra.iter().copied());
 
@@ -796,7 +796,7 @@ mod tests {
         let mm = V2205 & 0xffff00;
         let longs: Vec<(&str, Arg)> = SRUN_LONG_OPTIONS
             .iter()
-            .filter(|o| o.since <= mm && o.until.map_or(true, |u| mm <= u))
+            .filter(|o| o.since <= mm && o.until.is_none_or(|u| mm <= u))
             .map(|o| (o.name, o.arg))
             .chain(FERRY.iter().copied())
             .collect();
