@@ -97,10 +97,15 @@ const KEYS: &str =
 
 fn absolute(key: &str, value: &str) -> Result<PathBuf, SiteError> {
     if value.is_empty() {
-        return Err(SiteError::Empty { key: key.to_string() });
+        return Err(SiteError::Empty {
+            key: key.to_string(),
+        });
     }
     if !value.starts_with('/') {
-        return Err(SiteError::RelativePath { key: key.to_string(), value: value.to_string() });
+        return Err(SiteError::RelativePath {
+            key: key.to_string(),
+            value: value.to_string(),
+        });
     }
     Ok(PathBuf::from(value))
 }
@@ -116,12 +121,16 @@ impl PluginSettings {
             if arg.is_empty() {
                 continue;
             }
-            let (key, value) = arg.split_once('=').ok_or_else(|| SiteError::NotKeyValue(arg.to_string()))?;
+            let (key, value) = arg
+                .split_once('=')
+                .ok_or_else(|| SiteError::NotKeyValue(arg.to_string()))?;
             let key = key.trim();
             let value = value.trim();
             if key != "default_mounts" {
                 if seen.contains(&key) {
-                    return Err(SiteError::Duplicate { key: key.to_string() });
+                    return Err(SiteError::Duplicate {
+                        key: key.to_string(),
+                    });
                 }
                 seen.push(key);
             }
@@ -132,21 +141,32 @@ impl PluginSettings {
                 "fuse_overlayfs" => s.fuse_overlayfs = Some(absolute(key, value)?),
                 "writable_tmpfs_size" => {
                     if value.is_empty() {
-                        return Err(SiteError::Empty { key: key.to_string() });
+                        return Err(SiteError::Empty {
+                            key: key.to_string(),
+                        });
                     }
                     s.writable_tmpfs_size = Some(value.to_string());
                 }
-                "log_level" => s.log_level = LogLevel::parse(value).ok_or_else(|| SiteError::LogLevel(value.to_string()))?,
+                "log_level" => {
+                    s.log_level = LogLevel::parse(value)
+                        .ok_or_else(|| SiteError::LogLevel(value.to_string()))?
+                }
                 "default_mounts" => {
                     for spec in value.split(',').filter(|v| !v.trim().is_empty()) {
                         let source = spec.trim().split(':').next().unwrap_or("");
                         if !source.starts_with('/') {
                             return Err(SiteError::RelativeMountSource(source.to_string()));
                         }
-                        s.default_mounts.push(MountSpec::parse(spec, Path::new("/")).map_err(SiteError::Mount)?);
+                        s.default_mounts.push(
+                            MountSpec::parse(spec, Path::new("/")).map_err(SiteError::Mount)?,
+                        );
                     }
                 }
-                _ => return Err(SiteError::UnknownKey { key: key.to_string() }),
+                _ => {
+                    return Err(SiteError::UnknownKey {
+                        key: key.to_string(),
+                    })
+                }
             }
         }
         Ok(s)
@@ -200,33 +220,68 @@ mod tests {
         assert_eq!(s.squashfuse, Some(PathBuf::from("/usr/bin/squashfuse_ll")));
         assert_eq!(s.log_level, LogLevel::Info);
         let site = s.site_settings();
-        assert_eq!(site.fuse_overlayfs, Some(PathBuf::from("/usr/bin/fuse-overlayfs")));
+        assert_eq!(
+            site.fuse_overlayfs,
+            Some(PathBuf::from("/usr/bin/fuse-overlayfs"))
+        );
         assert_eq!(site.writable_tmpfs_size.as_deref(), Some("50%"));
     }
 
     #[test]
     fn default_mounts_add_up_and_may_be_empty() {
-        let s = parse(&["default_mounts=/a", "default_mounts=/b:/c", "default_mounts="]).unwrap();
+        let s = parse(&[
+            "default_mounts=/a",
+            "default_mounts=/b:/c",
+            "default_mounts=",
+        ])
+        .unwrap();
         let targets: Vec<_> = s.default_mounts.iter().map(|m| m.target.clone()).collect();
         assert_eq!(targets, [PathBuf::from("/a"), PathBuf::from("/c")]);
     }
 
     #[test]
     fn errors_name_the_problem() {
-        assert_eq!(parse(&["ferry_bin"]), Err(SiteError::NotKeyValue("ferry_bin".into())));
-        assert_eq!(parse(&["runtimedir=/x"]), Err(SiteError::UnknownKey { key: "runtimedir".into() }));
+        assert_eq!(
+            parse(&["ferry_bin"]),
+            Err(SiteError::NotKeyValue("ferry_bin".into()))
+        );
+        assert_eq!(
+            parse(&["runtimedir=/x"]),
+            Err(SiteError::UnknownKey {
+                key: "runtimedir".into()
+            })
+        );
         assert_eq!(
             parse(&["ferry_bin=ferry"]),
-            Err(SiteError::RelativePath { key: "ferry_bin".into(), value: "ferry".into() })
+            Err(SiteError::RelativePath {
+                key: "ferry_bin".into(),
+                value: "ferry".into()
+            })
         );
-        assert_eq!(parse(&["squashfuse="]), Err(SiteError::Empty { key: "squashfuse".into() }));
-        assert_eq!(parse(&["log_level=loud"]), Err(SiteError::LogLevel("loud".into())));
+        assert_eq!(
+            parse(&["squashfuse="]),
+            Err(SiteError::Empty {
+                key: "squashfuse".into()
+            })
+        );
+        assert_eq!(
+            parse(&["log_level=loud"]),
+            Err(SiteError::LogLevel("loud".into()))
+        );
         assert_eq!(
             parse(&["log_level=info", "log_level=debug"]),
-            Err(SiteError::Duplicate { key: "log_level".into() })
+            Err(SiteError::Duplicate {
+                key: "log_level".into()
+            })
         );
-        assert_eq!(parse(&["default_mounts=data:/data"]), Err(SiteError::RelativeMountSource("data".into())));
-        assert!(matches!(parse(&["default_mounts=/a:b"]), Err(SiteError::Mount(_))));
+        assert_eq!(
+            parse(&["default_mounts=data:/data"]),
+            Err(SiteError::RelativeMountSource("data".into()))
+        );
+        assert!(matches!(
+            parse(&["default_mounts=/a:b"]),
+            Err(SiteError::Mount(_))
+        ));
         let msg = parse(&["runtimedir=/x"]).unwrap_err().to_string();
         assert!(msg.contains("runtime_dir"), "{msg}");
     }

@@ -1,1 +1,348 @@
-//! placeholder until the plugin lands
+//! ferry's SPANK plugin: `--container` / pyxis' `--container-*` options for srun, sbatch and
+//! salloc, and the per-node container of each step (see DESIGN.md, "The step, on each node").
+//!
+//! Install as `spank_ferry.so` and add to plugstack.conf:
+//!
+//! ```text
+//! required /usr/lib/x86_64-linux-gnu/slurm/spank_ferry.so ferry_bin=/usr/local/bin/ferry
+//! ```
+//!
+//! # The FFI edge
+//!
+//! This file owns everything Slurm sees: the plugin symbols and the `slurm_spank_*`
+//! callbacks. It uses the `slurm-spank` crate's bindings and its [`SpankHandle`] API, but not
+//! its `SPANK_PLUGIN!` macro, because:
+//! - the macro's option callback (`spank_option_callback`) is not guarded against panics:
+//!   a panic there would abort srun or slurmstepd. Options are registered here with
+//!   [`option_callback`], which catches panics;
+//! - `plugin_version` must carry the version of the Slurm the plugin runs under, read from
+//!   its headers at build time (see `build.rs`), not the crate's bundled bindings' version;
+//! - a step without a container should cost nothing: only the callbacks ferry needs are
+//!   exported, and they return at once when there is no container.
+//!
+//! Every callback runs inside [`guard`]: a panic becomes an error return code and a line in
+//! Slurm's log, never an unwind into C.
+
+use std::os::raw::{c_char, c_int, c_uint};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Mutex, TryLockError};
+
+use slurm_spank::spank_sys;
+use slurm_spank::{spank_log, Context, LogLevel, OptionCache, SpankHandle};
+
+mod local;
+mod log;
+mod options;
+mod remote;
+mod request;
+
+// The site settings parser lives in the launcher (launcher/src/site.rs) so it is unit-tested
+// there. Until launcher/src/lib.rs declares `pub mod site;`, it is compiled into the plugin
+// from its file; `crate::mounts`/`crate::spec` resolve through these re-exports.
+// TODO: replace these four lines with `use ferry::site;` once `ferry::site` exists.
+#[path = "../../launcher/src/site.rs"]
+mod site;
+use ferry::mounts;
+use ferry::spec;
+
+use options::OptionCalls;
+use site::PluginSettings;
+
+include!(concat!(env!("OUT_DIR"), "/slurm_version.rs"));
+
+// ---------------------------------------------------------------------------------------
+// Plugin symbols. Slurm's plugin loader (src/common/plugin.c) requires `plugin_name`,
+// `plugin_type` and `plugin_version`; for type "spank" it accepts the plugin when
+// `plugin_version`'s major.minor equal its own. `spank_plugin_version` is what C's
+// `SPANK_PLUGIN(name, 1)` also defines.
+
+/// The plugin's name: Slurm logs it and names option variables after it
+/// (`_SLURM_SPANK_OPTION_ferry_container_image`).
+#[no_mangle]
+pub static plugin_name: [u8; 6] = *b"ferry\0";
+#[no_mangle]
+pub static plugin_type: [u8; 6] = *b"spank\0";
+#[no_mangle]
+pub static plugin_version: c_uint = SLURM_VERSION_NUMBER;
+#[no_mangle]
+pub static spank_plugin_version: c_uint = 1;
+
+// ---------------------------------------------------------------------------------------
+// State. Slurm calls a plugin from one thread at a time; the mutex only makes that
+// explicit. It is never held across a fork by another thread, so task callbacks (which run
+// in a forked child of slurmstepd) find it free.
+
+struct Plugin {
+    context: Option<Context>,
+    settings: Result<PluginSettings, String>,
+    options: OptionCalls,
+    /// Option callbacks' errors, reported from init_post_opt (the callback's own return
+    /// value only makes Slurm print a generic line).
+    option_errors: Vec<String>,
+    inherited: local::Inherited,
+    step: Option<remote::Step>,
+}
+
+static STATE: Mutex<Option<Plugin>> = Mutex::new(None);
+
+/// Run `f` with the plugin state, catching panics. Returns Slurm's return code.
+fn guard(
+    callback: &str,
+    f: impl FnOnce(&mut Plugin, &mut OptionCache) -> Result<(), String>,
+) -> c_int {
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        let mut lock = match STATE.try_lock() {
+            Ok(lock) => lock,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                return Err(format!("{callback}: called while another callback runs"));
+            }
+        };
+        let plugin = lock.get_or_insert_with(|| Plugin {
+            context: None,
+            settings: Err("not read yet".into()),
+            options: OptionCalls::default(),
+            option_errors: Vec::new(),
+            inherited: local::Inherited::default(),
+            step: None,
+        });
+        // slurm-spank's option cache, unused (ferry keeps its options in `Plugin::options`),
+        // but a SpankHandle needs one.
+        let mut cache = OptionCache::default();
+        f(plugin, &mut cache)
+    }));
+    match outcome {
+        Ok(Ok(())) => 0,
+        Ok(Err(msg)) if msg.is_empty() => -1,
+        Ok(Err(msg)) => {
+            if tracing::dispatcher::has_been_set() {
+                tracing::error!("{msg}");
+            } else {
+                // Before init set up logging.
+                spank_log(LogLevel::Error, &format!("ferry: {msg}"));
+            }
+            -1
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            spank_log(
+                LogLevel::Error,
+                &format!("ferry: internal error in {callback}: {what}"),
+            );
+            -1
+        }
+    }
+}
+
+/// A [`SpankHandle`] for a callback's arguments.
+fn handle<'a>(
+    spank: spank_sys::spank_t,
+    ac: c_int,
+    av: *const *const c_char,
+    cache: &'a mut OptionCache,
+) -> SpankHandle<'a> {
+    slurm_spank::init_spank_handle(spank, ac, av, cache)
+}
+
+// ---------------------------------------------------------------------------------------
+// Options.
+
+/// Slurm calls this for each of ferry's options: in srun/sbatch/salloc while parsing the
+/// command line (and `SLURM_SPANK_*` variables), in slurmstepd for the values srun
+/// forwarded. `val` is the option's index in [`options::OPTIONS`].
+extern "C" fn option_callback(val: c_int, optarg: *const c_char, _remote: c_int) -> c_int {
+    let rc = guard("option", |plugin, _| {
+        let Some(index) = options::index_of(val) else {
+            return Err(format!("unexpected option number {val}"));
+        };
+        // SAFETY: Slurm passes NULL or a NUL-terminated string that outlives this call.
+        let value = unsafe { options::optarg(optarg) };
+        if let Err(e) = plugin.options.record(index, value) {
+            plugin.option_errors.push(e);
+            return Err("bad option".into());
+        }
+        Ok(())
+    });
+    // A non-zero return makes srun/sbatch exit with "Invalid --OPTION argument".
+    if rc == 0 {
+        0
+    } else {
+        -1
+    }
+}
+
+fn register_options(spank: spank_sys::spank_t) -> Result<(), String> {
+    for (index, def) in options::OPTIONS.iter().enumerate() {
+        let mut opt = spank_sys::spank_option {
+            name: def.name.as_ptr().cast(),
+            arginfo: def.arginfo.map_or(std::ptr::null(), |a| a.as_ptr().cast()),
+            usage: def.usage.as_ptr().cast(),
+            has_arg: c_int::from(def.arginfo.is_some()),
+            val: index as c_int,
+            cb: Some(option_callback),
+        };
+        // SAFETY: `opt` points to 'static NUL-terminated strings; Slurm copies the struct.
+        let rc = unsafe { spank_sys::spank_option_register(spank, &mut opt) };
+        if rc != spank_sys::ESPANK_SUCCESS {
+            return Err(format!(
+                "cannot register option --{}: spank error {rc}",
+                def.name()
+            ));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Callbacks.
+
+#[no_mangle]
+pub extern "C" fn slurm_spank_init(
+    spank: spank_sys::spank_t,
+    ac: c_int,
+    av: *const *const c_char,
+) -> c_int {
+    guard("init", |plugin, cache| {
+        let sh = handle(spank, ac, av, cache);
+        let context = sh.context().map_err(|e| e.to_string())?;
+        plugin.context = Some(context);
+        let args = sh
+            .plugin_argv()
+            .map_err(|e| format!("plugstack.conf arguments: {e}"))?;
+        plugin.settings = PluginSettings::parse(&args).map_err(|e| e.to_string());
+        let level = plugin
+            .settings
+            .as_ref()
+            .map(|s| s.log_level)
+            .unwrap_or(site::LogLevel::Debug);
+        log::init(
+            level,
+            matches!(context, Context::Local | Context::Allocator),
+        );
+        if let Err(e) = &plugin.settings {
+            // Steps without a container go on; those with one fail with this message.
+            tracing::error!("{e}");
+        }
+        match context {
+            Context::Local | Context::Allocator => {
+                plugin.inherited = local::Inherited::capture();
+                register_options(spank)
+            }
+            Context::Remote => register_options(spank),
+            // slurmd and prolog/epilog: nothing to do.
+            Context::Slurmd | Context::JobScript => Ok(()),
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn slurm_spank_init_post_opt(
+    spank: spank_sys::spank_t,
+    ac: c_int,
+    av: *const *const c_char,
+) -> c_int {
+    guard("init_post_opt", |plugin, cache| {
+        if let Some(e) = plugin.option_errors.first() {
+            if plugin.context != Some(Context::Remote) {
+                return Err(e.clone());
+            }
+        }
+        let sh = handle(spank, ac, av, cache);
+        match plugin.context {
+            Some(context @ (Context::Local | Context::Allocator)) => {
+                let cwd = local::cwd()?;
+                let (own, inherited) = plugin.options.split(|name| std::env::var(name).ok());
+                if inherited.any() {
+                    // The job's options; its resolved request is in SLURM_FERRY_CONTAINER_*.
+                    tracing::debug!("options inherited from the job: {inherited:?}");
+                }
+                let req =
+                    local::resolve(context, &own, &plugin.inherited, SLURM_VERSION_NUMBER, &cwd)?;
+                if req.is_some() {
+                    if let Err(e) = &plugin.settings {
+                        return Err(format!(
+                            "the site configuration of ferry is broken ({e}); tell your admins"
+                        ));
+                    }
+                }
+                local::export(req.as_ref());
+                Ok(())
+            }
+            Some(Context::Remote) => {
+                // Errors are kept in the step and reported by task_init.
+                plugin.step = remote::init_post_opt(&sh, &plugin.options.all(), &plugin.settings);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn slurm_spank_user_init(
+    spank: spank_sys::spank_t,
+    ac: c_int,
+    av: *const *const c_char,
+) -> c_int {
+    guard("user_init", |plugin, cache| {
+        let (Some(step), Ok(settings)) = (plugin.step.as_mut(), plugin.settings.as_ref()) else {
+            return Ok(());
+        };
+        let sh = handle(spank, ac, av, cache);
+        remote::user_init(&sh, step, settings);
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn slurm_spank_task_init(
+    spank: spank_sys::spank_t,
+    ac: c_int,
+    av: *const *const c_char,
+) -> c_int {
+    guard("task_init", |plugin, cache| {
+        let Some(step) = plugin.step.as_ref() else {
+            return Ok(());
+        };
+        let sh = handle(spank, ac, av, cache);
+        match remote::task_init(&sh, step) {
+            Ok(()) => Ok(()),
+            // slurm_error here reaches the user's terminal; one line per node is enough
+            // (every task still fails).
+            Err(e) if sh.task_id().unwrap_or(0) == 0 => Err(e),
+            Err(_) => Err(String::new()),
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn slurm_spank_task_exit(
+    _spank: spank_sys::spank_t,
+    _ac: c_int,
+    _av: *const *const c_char,
+) -> c_int {
+    guard("task_exit", |plugin, _| {
+        if let Some(step) = plugin.step.as_mut() {
+            remote::task_exit(step);
+        }
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn slurm_spank_exit(
+    _spank: spank_sys::spank_t,
+    _ac: c_int,
+    _av: *const *const c_char,
+) -> c_int {
+    guard("exit", |plugin, _| {
+        if let Some(step) = plugin.step.as_mut() {
+            remote::exit(step);
+        }
+        Ok(())
+    })
+}

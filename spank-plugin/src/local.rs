@@ -1,0 +1,194 @@
+//! Local context (srun) and allocator context (sbatch, salloc): find out which image and
+//! options the step or job asks for, check them, and hand them to the remote side (see
+//! [`crate::request`] for the transport).
+//!
+//! Where the image comes from, first match wins:
+//! 1. this command's own request: `--container-image` (a ferry option) or, in srun,
+//!    srun's own `--container` read from `/proc/self/cmdline` (Slurm owns that option, see
+//!    [`ferry::srun_args`]); giving both with different values is an error;
+//! 2. `SRUN_CONTAINER` (srun) / `SBATCH_CONTAINER` (sbatch) / `SALLOC_CONTAINER` (salloc),
+//!    Slurm's input variables for `--container`;
+//! 3. `SLURM_FERRY_CONTAINER_IMAGE` inherited from the enclosing job (set by the sbatch/salloc
+//!    that made it, already resolved against *its* working directory);
+//! 4. `SLURM_CONTAINER`: inherited from the job, or set by srun/sbatch themselves from
+//!    `--container` when it was not set before.
+//!
+//! The other options: this command's value, else the job's (inherited `SLURM_FERRY_CONTAINER_*`).
+//! Relative paths are made absolute against this command's working directory here, where
+//! it is known.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use ferry::srun_args;
+use slurm_spank::Context;
+use tracing::{debug, info, warn};
+
+use crate::options::{self, OptionValues};
+use crate::request::{self, StepRequest, ALL_ENV};
+
+/// The `SLURM_FERRY_CONTAINER_*` variables this process started with (before the plugin set any).
+#[derive(Debug, Clone, Default)]
+pub struct Inherited {
+    vars: HashMap<&'static str, String>,
+}
+
+impl Inherited {
+    pub fn capture() -> Inherited {
+        let vars = ALL_ENV
+            .iter()
+            .filter_map(|name| std::env::var(name).ok().map(|v| (*name, v)))
+            .collect();
+        Inherited { vars }
+    }
+
+    fn request(&self) -> Result<Option<StepRequest>, String> {
+        StepRequest::from_env(|name| self.vars.get(name).cloned())
+    }
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// srun's `--container` from its command line.
+fn srun_container_arg(slurm_version: u32) -> Result<Option<String>, String> {
+    let cmdline = std::fs::read("/proc/self/cmdline")
+        .map_err(|e| format!("cannot read srun's command line (/proc/self/cmdline): {e}"))?;
+    let argv = srun_args::split_cmdline(&cmdline);
+    let args = argv.get(1..).unwrap_or(&[]);
+    let table = options::srun_table();
+    let found = srun_args::container(args, slurm_version, &table);
+    match found.map(OsString::into_string) {
+        None => Ok(None),
+        Some(Ok(v)) if v.is_empty() => Ok(None),
+        Some(Ok(v)) => Ok(Some(v)),
+        Some(Err(v)) => Err(format!(
+            "--container={}: the path is not valid UTF-8",
+            v.to_string_lossy()
+        )),
+    }
+}
+
+/// Resolve the request of this srun/sbatch/salloc. `None`: no container.
+pub fn resolve(
+    context: Context,
+    opts: &OptionValues,
+    inherited: &Inherited,
+    slurm_version: u32,
+    cwd: &Path,
+) -> Result<Option<StepRequest>, String> {
+    if let Some((a, b)) = opts.conflicts.first() {
+        return Err(format!(
+            "--{a} and --{b} contradict each other: give one of them"
+        ));
+    }
+    let job = inherited
+        .request()
+        .map_err(|e| format!("inherited environment: {e}"))?;
+
+    let own = match context {
+        Context::Local => srun_container_arg(slurm_version)?,
+        _ => None,
+    };
+    let input_var = match context {
+        Context::Local => "SRUN_CONTAINER",
+        _ if is_salloc() => "SALLOC_CONTAINER",
+        _ => "SBATCH_CONTAINER",
+    };
+    let image = match (&opts.image, &own) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(format!(
+            "the image is given twice, as --container={b} and --container-image={a}: give it once"
+        ))
+        }
+        (Some(a), _) => Some((a.clone(), "--container-image")),
+        (None, Some(b)) => Some((b.clone(), "--container")),
+        (None, None) => None,
+    }
+    .filter(|(i, _)| !i.is_empty())
+    .or_else(|| env_nonempty(input_var).map(|i| (i, input_var)))
+    .or_else(|| job.as_ref().map(|j| (j.image.clone(), request::ENV_IMAGE)))
+    .or_else(|| env_nonempty("SLURM_CONTAINER").map(|i| (i, "SLURM_CONTAINER")));
+
+    let Some((image, origin)) = image else {
+        if opts.any() {
+            warn!("container options without an image have no effect: add --container=IMAGE");
+        }
+        return Ok(None);
+    };
+    // An inherited SLURM_FERRY_CONTAINER_IMAGE is absolute already, against the job's directory.
+    let image = request::absolute_image(&image, cwd);
+    if !request::is_reference(&image) && !Path::new(&image).exists() {
+        warn!("image {image} (from {origin}) does not exist on this host; the step will look for it on its nodes");
+    }
+
+    let job = job.unwrap_or_default();
+    let mounts = match opts.mounts.as_deref() {
+        Some(list) => Some(
+            request::absolute_mounts(list, cwd).map_err(|e| format!("--container-mounts: {e}"))?,
+        ),
+        None => job.mounts,
+    };
+    let workdir = opts.workdir.clone().or(job.workdir);
+    if let Some(w) = &workdir {
+        if !w.starts_with('/') {
+            return Err(format!(
+                "--container-workdir={w}: give an absolute path inside the container"
+            ));
+        }
+    }
+    let env_names = opts.env.clone().or(job.env_names);
+    if let Some(list) = &env_names {
+        request::check_env_names(list)?;
+    }
+    let req = StepRequest {
+        image,
+        mounts,
+        workdir,
+        env_names,
+        mount_home: opts.mount_home.or(job.mount_home),
+        remap_root: opts.remap_root.or(job.remap_root),
+        writable: opts.writable.or(job.writable),
+        entrypoint: opts.entrypoint.or(job.entrypoint),
+    };
+    info!("container image {} (from {origin})", req.image);
+    debug!("request: {req:?}");
+    Ok(Some(req))
+}
+
+/// Put `req` (or, for `None`, its absence) into this process's environment, from where Slurm
+/// copies it into the step's (or the batch job's) environment.
+pub fn export(req: Option<&StepRequest>) {
+    // srun and sbatch are single-threaded while they process options, which is when this
+    // runs (init_post_opt); nothing else reads the environment concurrently.
+    match req {
+        Some(req) => {
+            for (name, value) in req.to_env() {
+                match value {
+                    Some(v) => std::env::set_var(name, v),
+                    None => std::env::remove_var(name),
+                }
+            }
+        }
+        None => {
+            for name in ALL_ENV {
+                std::env::remove_var(name);
+            }
+        }
+    }
+}
+
+/// Whether this process is salloc (the allocator context is sbatch or salloc).
+fn is_salloc() -> bool {
+    std::fs::read_link("/proc/self/exe")
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n == "salloc"))
+        .unwrap_or(false)
+}
+
+/// This command's working directory.
+pub fn cwd() -> Result<PathBuf, String> {
+    std::env::current_dir().map_err(|e| format!("cannot determine the current directory: {e}"))
+}

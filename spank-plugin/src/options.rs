@@ -1,0 +1,411 @@
+//! The plugin's command-line options: pyxis' names, registered dynamically in every context
+//! (sbatch and salloc ignore a static `spank_options` table).
+//!
+//! There is deliberately no `--container`: Slurm >= 21.08 owns that name (a plugin option of
+//! the same name is ignored and makes Slurm print `Ignoring conflicting option "container"`
+//! on every srun). Its value is read in [`crate::local`].
+
+use std::ffi::CStr;
+use std::os::raw::{c_char, c_int};
+
+use ferry::srun_args::Arg;
+
+/// What an option sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Key {
+    Image,
+    Mounts,
+    Workdir,
+    Env,
+    MountHome(bool),
+    RemapRoot(bool),
+    Writable(bool),
+    Entrypoint(bool),
+}
+
+pub struct OptDef {
+    /// NUL-terminated, as Slurm wants it.
+    pub name: &'static [u8],
+    /// NUL-terminated; `None` for a flag.
+    pub arginfo: Option<&'static [u8]>,
+    pub usage: &'static [u8],
+    pub key: Key,
+}
+
+impl OptDef {
+    pub fn name(&self) -> &'static str {
+        // The table below holds ASCII names with one trailing NUL.
+        std::str::from_utf8(&self.name[..self.name.len() - 1]).unwrap_or("?")
+    }
+}
+
+macro_rules! opt {
+    ($name:literal, $arginfo:literal, $usage:literal, $key:expr) => {
+        OptDef {
+            name: concat!($name, "\0").as_bytes(),
+            arginfo: Some(concat!($arginfo, "\0").as_bytes()),
+            usage: concat!($usage, "\0").as_bytes(),
+            key: $key,
+        }
+    };
+    ($name:literal, $usage:literal, $key:expr) => {
+        OptDef {
+            name: concat!($name, "\0").as_bytes(),
+            arginfo: None,
+            usage: concat!($usage, "\0").as_bytes(),
+            key: $key,
+        }
+    };
+}
+
+/// The options, in the order `srun --help` lists them. An option's index here is its `val`.
+pub static OPTIONS: &[OptDef] = &[
+    opt!(
+        "container-image",
+        "IMAGE",
+        "[ferry] run the step in a container of IMAGE: a squashfs (.sqsh), SIF or OCI archive \
+         file, a directory, or docker://REF. Same as srun's --container=IMAGE.",
+        Key::Image
+    ),
+    opt!(
+        "container-mounts",
+        "SRC:DST[:FLAGS][,...]",
+        "[ferry] bind host path SRC at DST inside the container; FLAGS: ro or rw (default rw). \
+         A relative SRC is relative to the current directory.",
+        Key::Mounts
+    ),
+    opt!(
+        "container-workdir",
+        "DIR",
+        "[ferry] working directory inside the container (default: the current directory if \
+         it exists there, else the image's)",
+        Key::Workdir
+    ),
+    opt!(
+        "container-mount-home",
+        "[ferry] bind the user's home directory into the container (default)",
+        Key::MountHome(true)
+    ),
+    opt!(
+        "no-container-mount-home",
+        "[ferry] do not bind the user's home directory into the container",
+        Key::MountHome(false)
+    ),
+    opt!(
+        "container-remap-root",
+        "[ferry] be uid/gid 0 (root) inside the container; no more rights outside",
+        Key::RemapRoot(true)
+    ),
+    opt!(
+        "no-container-remap-root",
+        "[ferry] keep your own uid/gid inside the container (default)",
+        Key::RemapRoot(false)
+    ),
+    opt!(
+        "container-writable",
+        "[ferry] make the container's root filesystem writable (changes are discarded at \
+         the end of the step and count against the step's memory)",
+        Key::Writable(true)
+    ),
+    opt!(
+        "container-readonly",
+        "[ferry] keep the container's root filesystem read-only (default)",
+        Key::Writable(false)
+    ),
+    opt!(
+        "container-env",
+        "NAME[,NAME...]",
+        "[ferry] for these environment variables, use the host's value in the container \
+         even where the image sets one",
+        Key::Env
+    ),
+    opt!(
+        "container-entrypoint",
+        "[ferry] run the command through the image's entrypoint",
+        Key::Entrypoint(true)
+    ),
+    opt!(
+        "no-container-entrypoint",
+        "[ferry] do not use the image's entrypoint (default)",
+        Key::Entrypoint(false)
+    ),
+];
+
+/// The options as [`ferry::srun_args`] needs them to read srun's command line.
+pub fn srun_table() -> Vec<(&'static str, Arg)> {
+    OPTIONS
+        .iter()
+        .map(|o| {
+            (
+                o.name(),
+                if o.arginfo.is_some() {
+                    Arg::Required
+                } else {
+                    Arg::No
+                },
+            )
+        })
+        .collect()
+}
+
+/// The option callbacks' calls, in order: (index into [`OPTIONS`], optarg).
+///
+/// srun, sbatch and salloc call an option's callback for the command line *and* for
+/// `SLURM_SPANK__SLURM_SPANK_OPTION_<plugin>_<option>` variables, which Slurm puts into a
+/// batch job's environment for the options given to sbatch. So `sbatch --container-image=A`
+/// makes every srun in the script see `--container-image=A` as if given to it. Slurm handles
+/// these variables before the command line, so a call is inherited when it is the option's
+/// first call and its value is the variable's (for flags the variable holds `(null)`, Slurm's
+/// printing of a NULL value, while a flag on the command line comes with no value at all).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OptionCalls {
+    calls: Vec<(usize, Option<String>)>,
+}
+
+/// Slurm's variable for option `name` of plugin `ferry` (`_opt_env_name` in plugstack.c:
+/// every character that is not alphanumeric becomes `_`).
+pub fn inherited_var(name: &str) -> String {
+    let canon: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("SLURM_SPANK__SLURM_SPANK_OPTION_ferry_{canon}")
+}
+
+impl OptionCalls {
+    /// Record a callback's call. Errors are for the user.
+    pub fn record(&mut self, index: usize, value: Option<&CStr>) -> Result<(), String> {
+        let def = OPTIONS
+            .get(index)
+            .ok_or_else(|| format!("unknown option number {index}"))?;
+        let value = match value {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .map_err(|_| format!("--{}: the value is not valid UTF-8", def.name()))?
+                    .to_string(),
+            ),
+        };
+        if def.arginfo.is_some() && value.is_none() {
+            return Err(format!("--{} needs a value", def.name()));
+        }
+        self.calls.push((index, value));
+        Ok(())
+    }
+
+    /// The values this command was given, and those it inherited through Slurm's variables
+    /// (looked up with `env`).
+    pub fn split(&self, env: impl Fn(&str) -> Option<String>) -> (OptionValues, OptionValues) {
+        let mut own = OptionValues::default();
+        let mut inherited = OptionValues::default();
+        let mut seen = vec![false; OPTIONS.len()];
+        for (index, value) in &self.calls {
+            let first = !std::mem::replace(&mut seen[*index], true);
+            let from_env = first
+                && env(&inherited_var(OPTIONS[*index].name()))
+                    .is_some_and(|v| Some(&v) == value.as_ref());
+            let target = if from_env { &mut inherited } else { &mut own };
+            target.set(*index, value.as_deref());
+        }
+        (own, inherited)
+    }
+
+    /// All values, as given (remote context: what srun forwarded).
+    pub fn all(&self) -> OptionValues {
+        self.split(|_| None).0
+    }
+}
+
+/// Option values.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OptionValues {
+    pub image: Option<String>,
+    pub mounts: Option<String>,
+    pub workdir: Option<String>,
+    pub env: Option<String>,
+    pub mount_home: Option<bool>,
+    pub remap_root: Option<bool>,
+    pub writable: Option<bool>,
+    pub entrypoint: Option<bool>,
+    /// Both options of a pair (`--container-writable` and `--container-readonly`), as
+    /// `(first, second)` names; the callbacks see them in different orders in srun and in
+    /// slurmstepd, so giving both is refused.
+    pub conflicts: Vec<(&'static str, &'static str)>,
+}
+
+impl OptionValues {
+    pub fn any(&self) -> bool {
+        *self != OptionValues::default()
+    }
+
+    /// Set option number `index` (< `OPTIONS.len()`) to `value` (`None` for flags).
+    fn set(&mut self, index: usize, value: Option<&str>) {
+        let def = &OPTIONS[index];
+        let text = || value.map(str::to_string);
+        match def.key {
+            Key::Image => self.image = text(),
+            Key::Mounts => self.mounts = text(),
+            Key::Workdir => self.workdir = text(),
+            Key::Env => self.env = text(),
+            Key::MountHome(on) => self.mount_home = self.flag(self.mount_home, on, def),
+            Key::RemapRoot(on) => self.remap_root = self.flag(self.remap_root, on, def),
+            Key::Writable(on) => self.writable = self.flag(self.writable, on, def),
+            Key::Entrypoint(on) => self.entrypoint = self.flag(self.entrypoint, on, def),
+        }
+    }
+
+    /// The new value of a flag pair set to `on` by `def`, noting a conflict with `prev`.
+    fn flag(&mut self, prev: Option<bool>, on: bool, def: &OptDef) -> Option<bool> {
+        if prev.is_some_and(|p| p != on) {
+            let other = OPTIONS
+                .iter()
+                .find(|o| o.key != def.key && same_pair(o.key, def.key))
+                .map(OptDef::name)
+                .unwrap_or("?");
+            self.conflicts.push((other, def.name()));
+        }
+        Some(on)
+    }
+}
+
+fn same_pair(a: Key, b: Key) -> bool {
+    matches!(
+        (a, b),
+        (Key::MountHome(_), Key::MountHome(_))
+            | (Key::RemapRoot(_), Key::RemapRoot(_))
+            | (Key::Writable(_), Key::Writable(_))
+            | (Key::Entrypoint(_), Key::Entrypoint(_))
+    )
+}
+
+/// `val` of an option callback back to an index into [`OPTIONS`].
+pub fn index_of(val: c_int) -> Option<usize> {
+    usize::try_from(val).ok().filter(|i| *i < OPTIONS.len())
+}
+
+/// The optarg of an option callback.
+///
+/// # Safety
+/// `optarg` is NULL or a NUL-terminated string valid for the callback's duration.
+pub unsafe fn optarg<'a>(optarg: *const c_char) -> Option<&'a CStr> {
+    (!optarg.is_null()).then(|| CStr::from_ptr(optarg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::ffi::CString;
+
+    fn index(name: &str) -> usize {
+        OPTIONS.iter().position(|o| o.name() == name).unwrap()
+    }
+
+    fn calls(list: &[(&str, Option<&str>)]) -> OptionCalls {
+        let mut c = OptionCalls::default();
+        for (name, value) in list {
+            let v = value.map(|v| CString::new(v).unwrap());
+            c.record(index(name), v.as_deref()).unwrap();
+        }
+        c
+    }
+
+    #[test]
+    fn table_is_consistent() {
+        assert_eq!(OPTIONS.len(), 12);
+        for o in OPTIONS {
+            assert_eq!(o.name.last(), Some(&0));
+            assert_eq!(o.usage.last(), Some(&0));
+            assert!(o.arginfo.iter().all(|a| a.last() == Some(&0)));
+            assert_ne!(o.name(), "container", "Slurm owns --container");
+            assert!(o.name().len() <= 64, "SPANK_OPTION_MAXLEN");
+        }
+        let table = srun_table();
+        assert!(table.contains(&("container-image", Arg::Required)));
+        assert!(table.contains(&("no-container-mount-home", Arg::No)));
+    }
+
+    #[test]
+    fn values_and_flags() {
+        let v = calls(&[
+            ("container-image", Some("a.sqsh")),
+            ("container-mounts", Some("/a:/b")),
+            ("container-writable", None),
+            ("no-container-mount-home", None),
+        ])
+        .all();
+        assert_eq!(v.image.as_deref(), Some("a.sqsh"));
+        assert_eq!(v.mounts.as_deref(), Some("/a:/b"));
+        assert_eq!(v.writable, Some(true));
+        assert_eq!(v.mount_home, Some(false));
+        assert_eq!(v.remap_root, None);
+        assert!(v.conflicts.is_empty());
+    }
+
+    #[test]
+    fn both_of_a_pair_conflict() {
+        let v = calls(&[("container-writable", None), ("container-readonly", None)]).all();
+        assert_eq!(
+            v.conflicts,
+            vec![("container-writable", "container-readonly")]
+        );
+        let v = calls(&[("container-writable", None), ("container-writable", None)]).all();
+        assert!(v.conflicts.is_empty());
+    }
+
+    #[test]
+    fn values_need_text() {
+        let mut c = OptionCalls::default();
+        assert!(c.record(index("container-image"), None).is_err());
+        let bad = CString::new(vec![0xffu8]).unwrap();
+        assert!(c
+            .record(index("container-image"), Some(&bad))
+            .unwrap_err()
+            .contains("UTF-8"));
+        assert!(c.record(99, None).is_err());
+    }
+
+    #[test]
+    fn inherited_variable_names() {
+        assert_eq!(
+            inherited_var("container-image"),
+            "SLURM_SPANK__SLURM_SPANK_OPTION_ferry_container_image"
+        );
+    }
+
+    #[test]
+    fn calls_from_slurms_variables_are_inherited() {
+        let env: HashMap<String, String> = [
+            (inherited_var("container-image"), "a.sqsh".to_string()),
+            (inherited_var("container-writable"), "(null)".to_string()),
+        ]
+        .into_iter()
+        .collect();
+        let get = |n: &str| env.get(n).cloned();
+        // sbatch --container-image=a.sqsh --container-writable, then in the script:
+        // srun --container-image=b.sqsh --container-readonly
+        let c = calls(&[
+            ("container-image", Some("a.sqsh")),
+            ("container-writable", Some("(null)")),
+            ("container-image", Some("b.sqsh")),
+            ("container-readonly", None),
+        ]);
+        let (own, inherited) = c.split(get);
+        assert_eq!(inherited.image.as_deref(), Some("a.sqsh"));
+        assert_eq!(inherited.writable, Some(true));
+        assert_eq!(own.image.as_deref(), Some("b.sqsh"));
+        assert_eq!(own.writable, Some(false));
+        assert!(own.conflicts.is_empty() && inherited.conflicts.is_empty());
+        // The same value again on the command line is a second call: the command's own.
+        let (own, _) = calls(&[
+            ("container-image", Some("a.sqsh")),
+            ("container-image", Some("a.sqsh")),
+        ])
+        .split(get);
+        assert_eq!(own.image.as_deref(), Some("a.sqsh"));
+        // Nothing inherited: all own.
+        let (own, inherited) = calls(&[("container-image", Some("a.sqsh"))]).split(|_| None);
+        assert_eq!(own.image.as_deref(), Some("a.sqsh"));
+        assert!(!inherited.any());
+    }
+}

@@ -1,0 +1,343 @@
+//! Remote context (slurmstepd, one per step per node): the step's container, following
+//! "The step, on each node" in DESIGN.md.
+//!
+//! Today this reads the request and logs what it would run; the marked places (`LAUNCHER:`)
+//! are where `ferry::holder::prepare` and `ferry::join` plug in. [`START_HOLDER`] keeps them
+//! off until the launcher is ready: the code around them is compiled and type-checked
+//! against the launcher's API already.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry::holder::{Credentials, PrepareOptions};
+use ferry::mounts::MountSpec;
+use ferry::spec::ContainerSpec;
+use ferry::user::UserInfo;
+use slurm_spank::SpankHandle;
+use tracing::{debug, error, info, trace, warn};
+
+use crate::options::OptionValues;
+use crate::request::{self, StepRequest};
+use crate::site::PluginSettings;
+
+/// LAUNCHER: set to true once `ferry hold` and `ferry::join` are ready for slurmstepd.
+pub const START_HOLDER: bool = false;
+
+/// Step ids Slurm uses for things that are not `srun` steps (slurm.h).
+const SLURM_INTERACTIVE_STEP: u32 = 0xffff_fffa;
+const SLURM_BATCH_SCRIPT: u32 = 0xffff_fffb;
+const SLURM_EXTERN_CONT: u32 = 0xffff_fffc;
+
+/// One step's container on this node.
+#[derive(Default)]
+pub struct Step {
+    pub job_id: u32,
+    pub step_id: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub local_tasks: u32,
+    pub request: StepRequest,
+    /// Where the request came from, for the logs.
+    pub origin: &'static str,
+    /// An error from user_init, reported by every task_init (user_init's errors do not reach
+    /// the user's terminal; task_init's do).
+    pub failure: Option<String>,
+    /// The running holder (LAUNCHER: `Option<ferry::holder::Holder>`) and its namespaces
+    /// (LAUNCHER: `Option<ferry::join::Namespaces>`), opened right after it reported ready.
+    pub holder: Option<ferry::holder::Holder>,
+    pub namespaces: Option<ferry::join::Namespaces>,
+    pub workdir: Option<PathBuf>,
+    pub tasks_exited: u32,
+}
+
+fn step_name(step_id: u32) -> String {
+    match step_id {
+        SLURM_BATCH_SCRIPT => "batch".into(),
+        SLURM_EXTERN_CONT => "extern".into(),
+        SLURM_INTERACTIVE_STEP => "interactive".into(),
+        n => n.to_string(),
+    }
+}
+
+/// init_post_opt: what does this step ask for? `None`: no container, and nothing more to do
+/// for this step (no later callback does any work). A step that asks for a container but
+/// cannot have it gets a [`Step`] with `failure` set: errors here reach only slurmd's log,
+/// so task_init repeats them on the user's terminal.
+pub fn init_post_opt(
+    spank: &SpankHandle,
+    opts: &OptionValues,
+    settings: &Result<PluginSettings, String>,
+) -> Option<Step> {
+    let step_id = spank.job_stepid().unwrap_or(0);
+    let job_id = spank.job_id().unwrap_or(0);
+    let name = format!("{job_id}.{}", step_name(step_id));
+
+    // The batch script (and salloc's interactive step) runs on the host, so that srun,
+    // sbatch and the site's modules work in it; the extern step is Slurm's, not the user's.
+    if matches!(
+        step_id,
+        SLURM_BATCH_SCRIPT | SLURM_EXTERN_CONT | SLURM_INTERACTIVE_STEP
+    ) {
+        return None;
+    }
+    if tracing::enabled!(tracing::Level::TRACE) {
+        let env = spank.job_env().unwrap_or_default();
+        let relevant: Vec<&&str> = env
+            .iter()
+            .filter(|v| v.contains("FERRY") || v.contains("CONTAINER") || v.contains("SPANK"))
+            .collect();
+        trace!("step {name}: options {opts:?}, environment {relevant:?}");
+    }
+
+    let getenv = |name: &str| spank.getenv(name).ok().flatten();
+    let found = match StepRequest::from_env(getenv) {
+        // srun's plugin resolved everything (see crate::local).
+        Ok(Some(req)) => Ok(Some((req, "srun"))),
+        Ok(None) => from_options(opts, &getenv),
+        Err(e) => Err(e),
+    };
+    let mut step = Step {
+        job_id,
+        step_id,
+        ..Step::default()
+    };
+    match found {
+        Ok(None) => {
+            debug!("step {name}: no container");
+            return None;
+        }
+        Ok(Some((request, origin))) => {
+            step.request = request;
+            step.origin = origin;
+        }
+        Err(e) => step.failure = Some(e),
+    }
+    if let Err(e) = settings {
+        step.failure = Some(format!(
+            "the site configuration of ferry is broken ({e}); tell your admins"
+        ));
+    }
+    let ids = (|| -> Result<(), slurm_spank::SpankError> {
+        step.uid = spank.job_uid()?;
+        step.gid = spank.job_gid()?;
+        step.groups = spank.job_supplementary_gids().unwrap_or_default();
+        step.local_tasks = spank.job_local_task_count()?;
+        Ok(())
+    })();
+    if let Err(e) = ids {
+        step.failure
+            .get_or_insert(format!("cannot read the step's ids from Slurm: {e}"));
+    }
+    match &step.failure {
+        Some(e) => error!("step {name}: {e}"),
+        None => {
+            info!(
+                "step {name}: container {} (from {}), {} local task(s), uid {} gid {}",
+                step.request.image, step.origin, step.local_tasks, step.uid, step.gid
+            );
+            debug!("step {name}: request {:?}", step.request);
+        }
+    }
+    Some(step)
+}
+
+/// The request when srun's plugin did not hand one over in the environment (srun without
+/// this plugin, or an environment Slurm did not pass on): the options Slurm forwarded
+/// itself, then `SLURM_CONTAINER`. Relative paths cannot be resolved here (the submit
+/// directory is unknown), so they are refused with a hint.
+fn from_options(
+    opts: &OptionValues,
+    getenv: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<(StepRequest, &'static str)>, String> {
+    let (image, origin) = match (&opts.image, getenv("SLURM_CONTAINER")) {
+        (Some(i), _) if !i.is_empty() => (i.clone(), "--container-image"),
+        (_, Some(i)) if !i.is_empty() => (i, "SLURM_CONTAINER"),
+        _ => return Ok(None),
+    };
+    if !request::is_reference(&image) && !image.starts_with('/') {
+        return Err(format!(
+            "image `{image}` (from {origin}) is a relative path, and srun did not pass on its \
+             working directory: give an absolute path"
+        ));
+    }
+    if let Some(list) = &opts.mounts {
+        request::absolute_mounts(list, Path::new("/"))?;
+        if list
+            .split(',')
+            .any(|m| !m.trim().is_empty() && !m.trim().starts_with('/'))
+        {
+            return Err("--container-mounts: give absolute host paths (srun did not pass on its working directory)".into());
+        }
+    }
+    Ok(Some((
+        StepRequest {
+            image,
+            mounts: opts.mounts.clone(),
+            workdir: opts.workdir.clone(),
+            env_names: opts.env.clone(),
+            mount_home: opts.mount_home,
+            remap_root: opts.remap_root,
+            writable: opts.writable,
+            entrypoint: opts.entrypoint,
+        },
+        origin,
+    )))
+}
+
+/// The launcher's container spec for `step`.
+fn container_spec(
+    spank: &SpankHandle,
+    step: &Step,
+    settings: &PluginSettings,
+) -> Result<ContainerSpec, String> {
+    let req = &step.request;
+    if request::is_reference(&req.image) {
+        // LAUNCHER: import (or find in the cache) and use the squashfs path.
+        return Err(format!(
+            "image references such as {} are not supported yet: give a file",
+            req.image
+        ));
+    }
+    let user = UserInfo::lookup(step.uid, step.gid, &step.groups).map_err(|e| e.to_string())?;
+    let mut spec = ContainerSpec::new(PathBuf::from(&req.image), user);
+    spec.writable = req.writable.unwrap_or(false);
+    spec.remap_root = req.remap_root.unwrap_or(false);
+    spec.mount_home = req.mount_home.unwrap_or(true);
+    spec.mounts = settings.default_mounts.clone();
+    if let Some(list) = &req.mounts {
+        spec.mounts.extend(
+            MountSpec::parse_list(list, Path::new("/"))
+                .map_err(|e| format!("--container-mounts: {e}"))?,
+        );
+    }
+    spec.workdir = req.workdir.as_ref().map(PathBuf::from);
+    // slurmstepd runs user_init in the step's working directory (srun's, or --chdir's),
+    // also under --export=NONE, where PWD is not in the step's environment.
+    spec.cwd = std::env::current_dir().ok();
+    if let Some(names) = &req.env_names {
+        for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if let Some(value) = spank.getenv(name).ok().flatten() {
+                spec.env.push((name.to_string(), value));
+            }
+        }
+    }
+    spec.site = settings.site_settings();
+    Ok(spec)
+}
+
+/// user_init (once per step per node, slurmstepd as root with the job user's ids in place
+/// for this call): start the holder as the job user, keep its namespaces.
+pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings) {
+    if step.failure.is_some() {
+        return;
+    }
+    let spec = match container_spec(spank, step, settings) {
+        Ok(spec) => spec,
+        Err(e) => {
+            // For slurmd's log; task_init tells the user.
+            info!("step {}.{}: {e}", step.job_id, step_name(step.step_id));
+            step.failure = Some(e);
+            return;
+        }
+    };
+    let opts = PrepareOptions {
+        holder_program: settings.ferry_bin.clone(),
+        run_as: Some(Credentials {
+            uid: step.uid,
+            gid: step.gid,
+            groups: step.groups.clone(),
+        }),
+        die_with_parent: false,
+        timeout: Duration::from_secs(300),
+        env: None,
+        // Any fd shared with slurmstepd (stderr included) makes srun wait for the holder.
+        quiet: true,
+    };
+    info!(
+        "step {}.{}: would run `{} hold` as uid {} with spec {}",
+        step.job_id,
+        step_name(step.step_id),
+        opts.holder_program.display(),
+        step.uid,
+        serde_json::to_string(&spec).unwrap_or_else(|e| format!("<{e}>"))
+    );
+    if !START_HOLDER {
+        return;
+    }
+    // LAUNCHER: the holder and its namespaces, kept until task_exit.
+    match ferry::holder::prepare(&spec, &opts) {
+        Ok(holder) => {
+            let pid = holder.pid();
+            match ferry::join::Namespaces::open(pid) {
+                Ok(ns) => step.namespaces = Some(ns),
+                Err(e) => step.failure = Some(e.to_string()),
+            }
+            step.workdir = Some(holder.ready().workdir.clone());
+            step.holder = Some(holder);
+        }
+        Err(e) => step.failure = Some(e.to_string()),
+    }
+}
+
+/// task_init (each task, in the task's process, already the job user, just before exec):
+/// enter the container. An error here fails the task with one line on the user's terminal.
+pub fn task_init(spank: &SpankHandle, step: &Step) -> Result<(), String> {
+    if let Some(e) = &step.failure {
+        return Err(format!("cannot start the container for this step: {e}"));
+    }
+    if !START_HOLDER {
+        debug!(
+            "task {:?}: would join the container",
+            spank.task_global_id().ok()
+        );
+        return Ok(());
+    }
+    // LAUNCHER: setns user then mnt, chdir, then the image environment under Slurm's.
+    let (Some(ns), Some(holder)) = (&step.namespaces, &step.holder) else {
+        return Err("the container is gone".into());
+    };
+    let workdir = step.workdir.clone().unwrap_or_else(|| PathBuf::from("/"));
+    ferry::join::join(ns, &workdir).map_err(|e| e.to_string())?;
+    for (name, value) in &holder.ready().env {
+        // The image's values, except where Slurm or --container-env set one for the task.
+        let keep_task_value = name.starts_with("SLURM_")
+            || name.starts_with("PMI")
+            || step
+                .request
+                .env_names
+                .as_deref()
+                .is_some_and(|n| n.split(',').any(|x| x.trim() == name));
+        if keep_task_value && spank.getenv(name).ok().flatten().is_some() {
+            continue;
+        }
+        spank.setenv(name, value, true).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// task_exit (slurmstepd, once per task as it is reaped): after the last local task, stop
+/// the holder, before Slurm waits for the step's processes to go.
+pub fn task_exit(step: &mut Step) {
+    step.tasks_exited += 1;
+    if step.tasks_exited < step.local_tasks {
+        return;
+    }
+    stop_holder(step, "the step's last task exited");
+}
+
+/// exit (slurmstepd, at the end): make sure nothing is left, also for failed steps.
+pub fn exit(step: &mut Step) {
+    stop_holder(step, "the step ends");
+}
+
+fn stop_holder(step: &mut Step, why: &str) {
+    step.namespaces = None;
+    if let Some(holder) = step.holder.take() {
+        // LAUNCHER: --container-save would squash the container's changes here, first.
+        match holder.stop(Duration::from_secs(10)) {
+            Ok(status) => debug!("holder stopped ({why}): {status}"),
+            Err(e) => warn!("cannot stop the holder ({why}): {e}"),
+        }
+    }
+}

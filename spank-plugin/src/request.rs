@@ -1,0 +1,150 @@
+//! What a step asks for, as the submit side resolved it, and how it travels to slurmstepd.
+//!
+//! Plain data with no launcher types, so that the transport between srun/sbatch and
+//! slurmstepd stays the same when the launcher's API changes; [`crate::remote`] turns it
+//! into a `ferry::spec::ContainerSpec`.
+//!
+//! Transport: srun/sbatch/salloc (local and allocator context) put the resolved request into
+//! their own process environment with plain `setenv()` — the variables below. Slurm copies
+//! that environment into the job step's environment, where slurmstepd (remote context)
+//! reads it with `spank_getenv`. (`spank_setenv` is refused in local context and
+//! `spank_job_control_setenv` does not reach the step's remote callbacks.) The same variables
+//! are inherited by the batch script and by the `srun`s in it, which take them as the job's
+//! defaults.
+//!
+//! The names start with `SLURM_` on purpose: with `--export=NONE` (or `--export=VARS`)
+//! srun and sbatch still copy every variable whose name starts with `SLURM`
+//! (`env_array_merge_slurm`), and nothing else. Measured on 22.05: `FERRY_*` variables
+//! did not reach the step under `srun --export=NONE`; `SLURM_*` ones did.
+
+use std::path::Path;
+
+use ferry::mounts::MountSpec;
+
+/// The image: an absolute path, or a reference such as `docker://ubuntu:24.04`.
+pub const ENV_IMAGE: &str = "SLURM_FERRY_CONTAINER_IMAGE";
+/// `--container-mounts`, with relative host paths made absolute.
+pub const ENV_MOUNTS: &str = "SLURM_FERRY_CONTAINER_MOUNTS";
+pub const ENV_WORKDIR: &str = "SLURM_FERRY_CONTAINER_WORKDIR";
+/// `--container-env`: names whose host values win over the image's.
+pub const ENV_ENV: &str = "SLURM_FERRY_CONTAINER_ENV";
+pub const ENV_MOUNT_HOME: &str = "SLURM_FERRY_CONTAINER_MOUNT_HOME";
+pub const ENV_REMAP_ROOT: &str = "SLURM_FERRY_CONTAINER_REMAP_ROOT";
+pub const ENV_WRITABLE: &str = "SLURM_FERRY_CONTAINER_WRITABLE";
+pub const ENV_ENTRYPOINT: &str = "SLURM_FERRY_CONTAINER_ENTRYPOINT";
+
+/// Every variable of the transport, for unsetting them all.
+pub const ALL_ENV: &[&str] = &[
+    ENV_IMAGE,
+    ENV_MOUNTS,
+    ENV_WORKDIR,
+    ENV_ENV,
+    ENV_MOUNT_HOME,
+    ENV_REMAP_ROOT,
+    ENV_WRITABLE,
+    ENV_ENTRYPOINT,
+];
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepRequest {
+    pub image: String,
+    pub mounts: Option<String>,
+    pub workdir: Option<String>,
+    pub env_names: Option<String>,
+    pub mount_home: Option<bool>,
+    pub remap_root: Option<bool>,
+    pub writable: Option<bool>,
+    pub entrypoint: Option<bool>,
+}
+
+fn flag_text(v: Option<bool>) -> Option<String> {
+    v.map(|b| if b { "1" } else { "0" }.to_string())
+}
+
+fn parse_flag(name: &str, v: Option<String>) -> Result<Option<bool>, String> {
+    match v.as_deref() {
+        None | Some("") => Ok(None),
+        Some("1") => Ok(Some(true)),
+        Some("0") => Ok(Some(false)),
+        Some(other) => Err(format!("{name}={other}: expected 1 or 0")),
+    }
+}
+
+impl StepRequest {
+    /// The variables to set (`Some`) and to unset (`None`).
+    pub fn to_env(&self) -> Vec<(&'static str, Option<String>)> {
+        vec![
+            (ENV_IMAGE, Some(self.image.clone())),
+            (ENV_MOUNTS, self.mounts.clone()),
+            (ENV_WORKDIR, self.workdir.clone()),
+            (ENV_ENV, self.env_names.clone()),
+            (ENV_MOUNT_HOME, flag_text(self.mount_home)),
+            (ENV_REMAP_ROOT, flag_text(self.remap_root)),
+            (ENV_WRITABLE, flag_text(self.writable)),
+            (ENV_ENTRYPOINT, flag_text(self.entrypoint)),
+        ]
+    }
+
+    /// The request in an environment, read through `get`; `None` without an image.
+    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Option<StepRequest>, String> {
+        let image = match get(ENV_IMAGE) {
+            Some(i) if !i.is_empty() => i,
+            _ => return Ok(None),
+        };
+        let text = |name| get(name).filter(|v| !v.is_empty());
+        Ok(Some(StepRequest {
+            image,
+            mounts: text(ENV_MOUNTS),
+            workdir: text(ENV_WORKDIR),
+            env_names: text(ENV_ENV),
+            mount_home: parse_flag(ENV_MOUNT_HOME, get(ENV_MOUNT_HOME))?,
+            remap_root: parse_flag(ENV_REMAP_ROOT, get(ENV_REMAP_ROOT))?,
+            writable: parse_flag(ENV_WRITABLE, get(ENV_WRITABLE))?,
+            entrypoint: parse_flag(ENV_ENTRYPOINT, get(ENV_ENTRYPOINT))?,
+        }))
+    }
+}
+
+/// Whether an image names something to fetch (`docker://…`) rather than a path.
+pub fn is_reference(image: &str) -> bool {
+    image.contains("://")
+}
+
+/// `image` with a relative path made absolute against `cwd`; references stay as they are.
+pub fn absolute_image(image: &str, cwd: &Path) -> String {
+    if is_reference(image) || image.starts_with('/') {
+        image.to_string()
+    } else {
+        cwd.join(image).display().to_string()
+    }
+}
+
+/// Check a `--container-mounts` list and make its relative host paths absolute against
+/// `cwd`, keeping the `SRC:DST[:FLAGS]` text otherwise as it is.
+pub fn absolute_mounts(list: &str, cwd: &Path) -> Result<String, String> {
+    MountSpec::parse_list(list, cwd).map_err(|e| e.to_string())?;
+    let items: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|item| match item.split_once(':') {
+            Some((src, rest)) if !src.starts_with('/') => {
+                format!("{}:{rest}", cwd.join(src).display())
+            }
+            _ => item.to_string(),
+        })
+        .collect();
+    Ok(items.join(","))
+}
+
+/// Check a `--container-env` list of variable names.
+pub fn check_env_names(list: &str) -> Result<(), String> {
+    for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if !ferry::env::is_valid_name(name) {
+            return Err(format!(
+                "--container-env: `{name}` is not a variable name (write NAME[,NAME...])"
+            ));
+        }
+    }
+    Ok(())
+}
