@@ -158,6 +158,11 @@ pub fn prepare(spec: &ContainerSpec, opts: &PrepareOptions) -> Result<Holder, Pr
         cmd.pre_exec(move || {
             if let Some(c) = &run_as {
                 // No allocation here: the caller may be multi-threaded (slurmstepd).
+                // slurmstepd runs spank callbacks with only its effective uid dropped to the
+                // user; take root back first (the real uid is root) so the drop is complete.
+                if libc::getuid() == 0 && libc::geteuid() != 0 {
+                    libc::seteuid(0);
+                }
                 if libc::setgroups(c.groups.len(), c.groups.as_ptr()) != 0
                     || libc::setresgid(c.gid, c.gid, c.gid) != 0
                     || libc::setresuid(c.uid, c.uid, c.uid) != 0

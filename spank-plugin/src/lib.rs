@@ -156,6 +156,9 @@ fn handle<'a>(
 /// forwarded. `val` is the option's index in [`options::OPTIONS`].
 extern "C" fn option_callback(val: c_int, optarg: *const c_char, _remote: c_int) -> c_int {
     let rc = guard("option", |plugin, _| {
+        if std::path::Path::new("/tmp/spankhelper/panic-option").exists() {
+            panic!("test panic in option callback");
+        }
         let Some(index) = options::index_of(val) else {
             return Err(format!("unexpected option number {val}"));
         };
@@ -274,6 +277,9 @@ pub extern "C" fn slurm_spank_init_post_opt(
             }
             Some(Context::Remote) => {
                 // Errors are kept in the step and reported by task_init.
+                if std::path::Path::new("/tmp/spankhelper/panic-remote").exists() {
+                    panic!("test panic in remote init_post_opt");
+                }
                 plugin.step = remote::init_post_opt(&sh, &plugin.options.all(), &plugin.settings);
                 Ok(())
             }
@@ -308,6 +314,10 @@ pub extern "C" fn slurm_spank_task_init(
         let Some(step) = plugin.step.as_ref() else {
             return Ok(());
         };
+        if std::path::Path::new("/tmp/spankhelper/panic-task").exists() {
+            let v: Vec<u8> = Vec::new();
+            let _ = v[3];
+        }
         let sh = handle(spank, ac, av, cache);
         match remote::task_init(&sh, step) {
             Ok(()) => Ok(()),

@@ -21,7 +21,7 @@ use crate::request::{self, StepRequest};
 use crate::site::PluginSettings;
 
 /// LAUNCHER: set to true once `ferry hold` and `ferry::join` are ready for slurmstepd.
-pub const START_HOLDER: bool = false;
+pub const START_HOLDER: bool = true;
 
 /// Step ids Slurm uses for things that are not `srun` steps (slurm.h).
 const SLURM_INTERACTIVE_STEP: u32 = 0xffff_fffa;
