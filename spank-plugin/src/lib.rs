@@ -85,11 +85,39 @@ struct Plugin {
 
 static STATE: Mutex<Option<Plugin>> = Mutex::new(None);
 
+thread_local! {
+    /// The last panic's message and place, for [`guard`] to log.
+    static LAST_PANIC: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Replace the default panic hook, which would print to srun's or the task's stderr (with a
+/// backtrace when RUST_BACKTRACE is set), by one that keeps the message for [`guard`]. The
+/// hook belongs to this library's copy of std: it does not touch other plugins.
+fn quiet_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let what = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            let place = info
+                .location()
+                .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            LAST_PANIC.with(|p| *p.borrow_mut() = Some(format!("{what}{place}")));
+        }));
+    });
+}
+
 /// Run `f` with the plugin state, catching panics. Returns Slurm's return code.
 fn guard(
     callback: &str,
     f: impl FnOnce(&mut Plugin, &mut OptionCache) -> Result<(), String>,
 ) -> c_int {
+    quiet_panics();
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         let mut lock = match STATE.try_lock() {
             Ok(lock) => lock,
@@ -123,12 +151,10 @@ fn guard(
             }
             -1
         }
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+        Err(_) => {
+            let what = LAST_PANIC
+                .with(|p| p.borrow_mut().take())
+                .unwrap_or_else(|| "panic".into());
             spank_log(
                 LogLevel::Error,
                 &format!("ferry: internal error in {callback}: {what}"),
@@ -156,9 +182,6 @@ fn handle<'a>(
 /// forwarded. `val` is the option's index in [`options::OPTIONS`].
 extern "C" fn option_callback(val: c_int, optarg: *const c_char, _remote: c_int) -> c_int {
     let rc = guard("option", |plugin, _| {
-        if std::path::Path::new("/tmp/spankhelper/panic-option").exists() {
-            panic!("test panic in option callback");
-        }
         let Some(index) = options::index_of(val) else {
             return Err(format!("unexpected option number {val}"));
         };
@@ -277,9 +300,6 @@ pub extern "C" fn slurm_spank_init_post_opt(
             }
             Some(Context::Remote) => {
                 // Errors are kept in the step and reported by task_init.
-                if std::path::Path::new("/tmp/spankhelper/panic-remote").exists() {
-                    panic!("test panic in remote init_post_opt");
-                }
                 plugin.step = remote::init_post_opt(&sh, &plugin.options.all(), &plugin.settings);
                 Ok(())
             }
@@ -314,10 +334,6 @@ pub extern "C" fn slurm_spank_task_init(
         let Some(step) = plugin.step.as_ref() else {
             return Ok(());
         };
-        if std::path::Path::new("/tmp/spankhelper/panic-task").exists() {
-            let v: Vec<u8> = Vec::new();
-            let _ = v[3];
-        }
         let sh = handle(spank, ac, av, cache);
         match remote::task_init(&sh, step) {
             Ok(()) => Ok(()),
