@@ -11,6 +11,7 @@ pub mod mounts;
 pub mod namespace;
 pub mod rootfs;
 pub mod run;
+pub mod site;
 pub mod spec;
 pub mod srun_args;
 pub mod sys;

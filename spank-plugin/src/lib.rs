@@ -36,14 +36,7 @@ mod options;
 mod remote;
 mod request;
 
-// The site settings parser lives in the launcher (launcher/src/site.rs) so it is unit-tested
-// there. Until launcher/src/lib.rs declares `pub mod site;`, it is compiled into the plugin
-// from its file; `crate::mounts`/`crate::spec` resolve through these re-exports.
-// TODO: replace these four lines with `use ferry::site;` once `ferry::site` exists.
-#[path = "../../launcher/src/site.rs"]
-mod site;
-use ferry::mounts;
-use ferry::spec;
+use ferry::site;
 
 use options::OptionCalls;
 use site::PluginSettings;
