@@ -107,7 +107,6 @@ pub struct Inputs {
     image_path: PathBuf,
     image: File,
     kind: ImageKind,
-    fuse: bool,
     squashfuse: Option<PathBuf>,
     home: Option<Source>,
     mounts: Vec<(MountSpec, Source)>,
@@ -168,16 +167,16 @@ pub fn open_inputs(spec: &ContainerSpec) -> Result<Inputs, RootfsError> {
         },
     })?;
     let kind = image::detect(&image_path, &image)?;
-    let (fuse, squashfuse) = match kind {
+    let squashfuse = match kind {
         ImageKind::Squashfs { .. } => {
             let program = image::squashfs::find_squashfuse(spec.site.squashfuse.as_deref())
                 .ok_or(RootfsError::NoSquashfuse)?;
             // Only a check here: the kernel accepts a FUSE connection only from a /dev/fuse
             // opened inside the user namespace that mounts it, so it is opened again there.
             open_fuse(user, Path::new("/dev/fuse"))?;
-            (true, Some(program))
+            Some(program)
         }
-        ImageKind::Directory => (false, None),
+        ImageKind::Directory => None,
     };
     let home =
         if spec.mount_home && spec.user.home.is_absolute() && spec.user.home != Path::new("/") {
@@ -197,7 +196,6 @@ pub fn open_inputs(spec: &ContainerSpec) -> Result<Inputs, RootfsError> {
         image_path,
         image,
         kind,
-        fuse,
         squashfuse,
         home,
         mounts,
@@ -343,8 +341,8 @@ fn assemble(
             }
         })?;
     }
-    write_identity_files(spec, inside)?;
     let newroot = File::open(NEW).map_err(setup("opening the new root"))?;
+    write_identity_files(&newroot, spec, inside)?;
     for bind in &binds {
         let target_fd = sys::open_in_root(newroot.as_fd(), &bind.target, libc::O_PATH, 0).map_err(
             |source| RootfsError::Mount {
@@ -436,7 +434,6 @@ fn mount_image(inputs: &Inputs) -> Result<Option<Child>, RootfsError> {
 /// namespace) mounts the FUSE filesystem itself and hands the connection to squashfuse as
 /// `/dev/fd/N`, so neither fusermount nor any setuid helper is involved.
 fn mount_squashfs(inputs: &Inputs, offset: u64) -> Result<Child, RootfsError> {
-    debug_assert!(inputs.fuse);
     let fuse = open_fuse(
         &inputs.image_path.display().to_string(),
         &Path::new(OLD).join("dev/fuse"),
@@ -742,21 +739,24 @@ fn read_from_new_root(newroot: &File, path: &str) -> String {
         .unwrap_or_default()
 }
 
-fn write_identity_files(spec: &ContainerSpec, inside: InsideIds) -> Result<(), RootfsError> {
-    let newroot = File::open(NEW).map_err(setup("opening the new root"))?;
+fn write_identity_files(
+    newroot: &File,
+    spec: &ContainerSpec,
+    inside: InsideIds,
+) -> Result<(), RootfsError> {
     let shell = if sys::open_in_root(newroot.as_fd(), &spec.user.shell, libc::O_PATH, 0).is_ok() {
         spec.user.shell.display().to_string()
     } else {
         "/bin/sh".to_string()
     };
     let passwd = user::passwd_with_user(
-        &read_from_new_root(&newroot, "/etc/passwd"),
+        &read_from_new_root(newroot, "/etc/passwd"),
         &spec.user,
         inside,
         &shell,
     );
     let group = user::group_with_user(
-        &read_from_new_root(&newroot, "/etc/group"),
+        &read_from_new_root(newroot, "/etc/group"),
         &spec.user.group_name(),
         &spec.user.name,
         inside,
