@@ -121,6 +121,14 @@ pub fn dup2_raw(from: RawFd, to: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// End the calling process at once with `code`, running no exit handlers and flushing no
+/// buffers: for a task process forked by slurmstepd, whose atexit handlers and stdio
+/// buffers are slurmstepd's.
+pub fn exit_immediately(code: i32) -> ! {
+    // SAFETY: _exit takes no pointers and never returns.
+    unsafe { libc::_exit(code) }
+}
+
 /// Fork the calling process. Only for single-threaded callers (the `ferry` CLI): the child
 /// may then run ordinary Rust code before it execs.
 pub fn fork_single_threaded() -> nix::Result<Option<Pid>> {

@@ -157,6 +157,19 @@ fn guard(
     }
 }
 
+/// Whether this is srun, sbatch or salloc (local or allocator context).
+fn in_submit_command() -> bool {
+    let lock = match STATE.try_lock() {
+        Ok(lock) => lock,
+        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(TryLockError::WouldBlock) => return false,
+    };
+    matches!(
+        lock.as_ref().and_then(|p| p.context),
+        Some(Context::Local | Context::Allocator)
+    )
+}
+
 /// A [`SpankHandle`] for a callback's arguments.
 fn handle<'a>(
     spank: spank_sys::spank_t,
@@ -264,7 +277,7 @@ pub extern "C" fn slurm_spank_init_post_opt(
     ac: c_int,
     av: *const *const c_char,
 ) -> c_int {
-    guard("init_post_opt", |plugin, cache| {
+    let rc = guard("init_post_opt", |plugin, cache| {
         if let Some(e) = plugin.option_errors.first() {
             if plugin.context != Some(Context::Remote) {
                 return Err(e.clone());
@@ -298,7 +311,13 @@ pub extern "C" fn slurm_spank_init_post_opt(
             }
             _ => Ok(()),
         }
-    })
+    });
+    // srun, sbatch and salloc have printed ferry's line already; a failed callback would
+    // make them add two generic lines of their own. Nothing has been submitted yet.
+    if rc != 0 && in_submit_command() {
+        std::process::exit(1);
+    }
+    rc
 }
 
 #[no_mangle]
@@ -328,13 +347,24 @@ pub extern "C" fn slurm_spank_task_init(
             return Ok(());
         };
         let sh = handle(spank, ac, av, cache);
-        match remote::task_init(&sh, step) {
-            Ok(()) => Ok(()),
-            // slurm_error here reaches the user's terminal; one line per node is enough
-            // (every task still fails).
-            Err(e) if sh.task_id().unwrap_or(0) == 0 => Err(e),
-            Err(_) => Err(String::new()),
+        let Err(e) = remote::task_init(&sh, step) else {
+            return Ok(());
+        };
+        // A failed callback would add Slurm's own lines ("task_init() failed", "Failed to
+        // invoke spank plugin stack") to ours; this process is the task, forked to exec the
+        // user's command, so end it the way a failed exec would, with one line on the
+        // task's stderr (srun's terminal), once per node.
+        if sh.task_id().unwrap_or(0) == 0 {
+            let node = sh
+                .getenv("SLURMD_NODENAME")
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            let line = format!("ferry: error on node {node}: {e}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
         }
+        tracing::debug!("task_init: {e}");
+        ferry::sys::exit_immediately(remote::SETUP_FAILED_EXIT_CODE)
     })
 }
 

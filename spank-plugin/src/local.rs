@@ -121,7 +121,9 @@ pub fn resolve(
     // An inherited SLURM_FERRY_CONTAINER_IMAGE is absolute already, against the job's directory.
     let image = request::absolute_image(&image, cwd);
     if !request::is_reference(&image) && !Path::new(&image).exists() {
-        warn!("image {image} (from {origin}) does not exist on this host; the step will look for it on its nodes");
+        // Not an error: node-local paths (sbcast, a node's /tmp) exist only on the nodes,
+        // and the node's error is the one line the user needs when it is missing there too.
+        debug!("image {image} (from {origin}) does not exist on this host; the step will look for it on its nodes");
     }
 
     let job = job.unwrap_or_default();

@@ -23,6 +23,9 @@ use crate::site::PluginSettings;
 /// LAUNCHER: set to true once `ferry hold` and `ferry::join` are ready for slurmstepd.
 pub const START_HOLDER: bool = true;
 
+/// Exit status of a task whose container could not be set up (`ferry run` uses the same).
+pub const SETUP_FAILED_EXIT_CODE: i32 = 125;
+
 /// Step ids Slurm uses for things that are not `srun` steps (slurm.h).
 const SLURM_INTERACTIVE_STEP: u32 = 0xffff_fffa;
 const SLURM_BATCH_SCRIPT: u32 = 0xffff_fffb;

@@ -1,0 +1,494 @@
+//! The SPANK plugin on a live Slurm cluster: `srun --container`, the pyxis option names,
+//! sbatch and salloc, as the unprivileged test user.
+//!
+//! `integration/test` starts the cluster (integration/cluster, with the plugin in
+//! plugstack.conf) and exports SLURM_CONF. Without a running cluster every test here fails
+//! with the command that starts one.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferry_tests::*;
+
+/// The cluster's SLURM_CONF, after checking that its node answers.
+fn cluster() -> String {
+    let conf = match std::env::var("SLURM_CONF") {
+        Ok(c) if !c.is_empty() => c,
+        _ => panic!(
+            "SLURM_CONF is not set: these tests need the test cluster; run them through \
+             `integration/test`, or start it with `integration/cluster up` and \
+             `eval \"$(integration/cluster env)\"`"
+        ),
+    };
+    let out = Command::new("sinfo")
+        .args(["-h", "-o", "%t"])
+        .env("SLURM_CONF", &conf)
+        .output()
+        .expect("sinfo runs (slurm-wlm installed?)");
+    let state = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !state.trim().is_empty(),
+        "the test cluster (SLURM_CONF={conf}) does not answer: start it with \
+         `integration/cluster up`; sinfo said: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    conf
+}
+
+/// A shell line as the test user, with the cluster's SLURM_CONF.
+fn slurm(script: &str) -> Run {
+    cluster();
+    sh(script)
+}
+
+fn img(name: &str) -> String {
+    image(name).display().to_string()
+}
+
+/// stderr without the status lines srun prints for every failed task.
+fn own_lines(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| !l.contains("Exited with exit code") && !l.trim().is_empty())
+        .collect()
+}
+
+/// The things a container step could leave on the node: the user's live processes, the
+/// host's mounts of FUSE/overlay file systems, entries in /tmp and /dev/shm.
+#[derive(Debug, PartialEq, Eq)]
+struct NodeState {
+    processes: Vec<String>,
+    mounts: Vec<String>,
+    tmp: Vec<String>,
+    shm: Vec<String>,
+}
+
+/// Entries of `dir` that belong to the test user.
+fn owned_entries(dir: &str) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = uid_of(USER);
+    dir_entries(dir)
+        .into_iter()
+        .filter(|name| {
+            std::fs::symlink_metadata(std::path::Path::new(dir).join(name))
+                .is_ok_and(|m| m.uid() == uid)
+        })
+        .collect()
+}
+
+fn node_state() -> NodeState {
+    let mounts = host_mounts()
+        .lines()
+        .filter(|l| l.contains("fuse") || l.contains("overlay") || l.contains("ferry"))
+        .map(str::to_string)
+        .collect();
+    NodeState {
+        processes: live_processes(USER),
+        mounts,
+        tmp: owned_entries("/tmp"),
+        shm: owned_entries("/dev/shm"),
+    }
+}
+
+/// Wait up to `limit` for the node to return to `before`; return the last state seen.
+fn settle_to(before: &NodeState, limit: Duration) -> NodeState {
+    let start = Instant::now();
+    loop {
+        let now = node_state();
+        if &now == before || start.elapsed() > limit {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn daemon_pids() -> Vec<String> {
+    let out = Command::new("pgrep")
+        .args(["-x", "slurmd|slurmctld"])
+        .output()
+        .expect("pgrep");
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
+
+// ---- 1. both spellings ----------------------------------------------------------------
+
+#[test]
+fn container_option_in_both_spellings_and_pyxis_name_print_the_marker() {
+    let _m = shared_machine();
+    let debian = img("debian.sqsh");
+    let busybox = img("busybox.sqsh");
+    let out = slurm(&format!(
+        "srun -n1 --container={debian} cat /etc/ferry-marker"
+    ));
+    assert_eq!(out.ok(), "debian-image\n");
+    let out = slurm(&format!(
+        "srun -n1 --container {busybox} cat /etc/ferry-marker"
+    ));
+    assert_eq!(out.ok(), "busybox-image\n");
+    let out = slurm(&format!(
+        "srun -n1 --container-image={busybox} cat /etc/ferry-marker"
+    ));
+    assert_eq!(out.ok(), "busybox-image\n");
+    let out = slurm(&format!(
+        "SRUN_CONTAINER={debian} srun -n1 cat /etc/ferry-marker"
+    ));
+    assert_eq!(out.ok(), "debian-image\n");
+    // A relative path is taken from srun's working directory.
+    let out =
+        slurm("cd \"$FERRY_IMAGES\" && srun -n1 --container=busybox.sqsh cat /etc/ferry-marker");
+    assert_eq!(out.ok(), "busybox-image\n");
+    // A directory image, and one holding only a static binary and no shell.
+    let out = slurm(&format!(
+        "srun -n1 --container={} cat /etc/ferry-marker",
+        img("debian")
+    ));
+    assert_eq!(out.ok(), "debian-image\n");
+}
+
+#[test]
+fn an_image_with_only_a_static_binary_runs_as_a_step() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let root = dir.path.join("root");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy(
+        image("busybox").join("bin/busybox"),
+        root.join("bin/busybox"),
+    )
+    .unwrap();
+    Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(&dir.path)
+        .status()
+        .unwrap();
+    let out = slurm(&format!(
+        "srun -n1 --container={} /bin/busybox ls /",
+        root.display()
+    ));
+    let listing: BTreeSet<&str> = out.ok().lines().collect();
+    assert!(
+        listing.contains("bin") && listing.contains("proc"),
+        "{listing:?}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&root).unwrap().count(),
+        1,
+        "image unchanged"
+    );
+}
+
+#[test]
+fn a_step_without_a_container_runs_on_the_host() {
+    let _m = shared_machine();
+    let out = slurm("srun -n1 bash -c 'cat /etc/ferry-marker 2>/dev/null || echo host; env | grep -c ^SLURM_FERRY_ || true'");
+    assert_eq!(out.ok(), "host\n0\n");
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
+}
+
+// ---- 2. tasks share one container -----------------------------------------------------
+
+#[test]
+fn four_tasks_share_one_mount_namespace_with_their_own_ranks() {
+    let _m = shared_machine();
+    let out = slurm(&format!(
+        "srun -O -n4 --container={} bash -c 'echo $SLURM_PROCID $(readlink /proc/self/ns/mnt)'; readlink /proc/self/ns/mnt",
+        img("debian.sqsh")
+    ));
+    let text = out.ok();
+    let mut lines: Vec<&str> = text.lines().collect();
+    let host_ns = lines.pop().unwrap();
+    let ranks: BTreeSet<&str> = lines.iter().map(|l| l.split(' ').next().unwrap()).collect();
+    let namespaces: BTreeSet<&str> = lines.iter().map(|l| l.split(' ').nth(1).unwrap()).collect();
+    assert_eq!(ranks, BTreeSet::from(["0", "1", "2", "3"]), "{text}");
+    assert_eq!(namespaces.len(), 1, "one container for the step: {text}");
+    assert!(!namespaces.contains(host_ns), "not the host's: {text}");
+}
+
+// ---- 3. identity -----------------------------------------------------------------------
+
+#[test]
+fn tasks_run_as_the_submitting_user_and_remap_root_gives_no_privilege_outside() {
+    let _m = shared_machine();
+    let debian = img("debian.sqsh");
+    let out = slurm(&format!(
+        "id -u; id -g; id -un; srun -n1 --container={debian} sh -c 'id -u; id -g; id -un'"
+    ));
+    let text = out.ok();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 6, "{text}");
+    assert_eq!(lines[..3], lines[3..], "same ids inside: {text}");
+    assert_eq!(lines[2], USER);
+
+    // Inside, root; outside, still the user: a root-owned host directory stays closed, and a
+    // file made in the user's own directory belongs to the user.
+    let dir = UserDir::new(USER);
+    let out = slurm(&format!(
+        "srun -n1 --container-remap-root --container={debian} \
+         --container-mounts=/var/lib:/hostlib,{d}:/mine \
+         sh -c 'id -u; id -g; touch /hostlib/ferry-escape 2>&1 | sed \"s/.*: //\"; touch /mine/made'",
+        d = dir.path.display()
+    ));
+    let text = out.ok();
+    assert_eq!(text, "0\n0\nPermission denied\n", "{}", out.stderr);
+    assert!(!std::path::Path::new("/var/lib/ferry-escape").exists());
+    use std::os::unix::fs::MetadataExt;
+    let made = std::fs::metadata(dir.path.join("made")).unwrap();
+    assert_eq!(made.uid(), uid_of(USER));
+}
+
+// ---- environment ------------------------------------------------------------------------
+
+#[test]
+fn tasks_get_slurm_variables_and_the_image_environment() {
+    let _m = shared_machine();
+    let out = slurm(&format!(
+        "export FERRY_ASKED=yes; srun -n1 --container={} --container-env=FERRY_ASKED \
+         /bin/sh -c 'echo $SLURM_PROCID $SLURM_LOCALID ${{SLURM_JOB_ID:+job}} $SLURM_NTASKS; echo $PATH; echo $FERRY_IMAGE_VAR; echo $FERRY_ASKED'",
+        img("busybox.sqsh")
+    ));
+    assert_eq!(
+        out.ok(),
+        "0 0 job 1\n/bin:/usr/bin\nfrom-busybox-image\nyes\n",
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn working_directory_and_mounts_follow_the_options() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    std::fs::write(dir.path.join("data.txt"), "host data\n").unwrap();
+    Command::new("chmod")
+        .args(["a+r"])
+        .arg(dir.path.join("data.txt"))
+        .status()
+        .unwrap();
+    let out = slurm(&format!(
+        "cd {d} && srun -n1 --container={img} --container-mounts={d}:/data:ro \
+         --container-workdir=/data sh -c 'pwd; cat data.txt; touch x 2>&1 | sed \"s/.*: //\"'",
+        d = dir.path.display(),
+        img = img("debian.sqsh")
+    ));
+    assert_eq!(out.ok(), "/data\nhost data\nRead-only file system\n");
+    // Without --container-workdir the task starts in srun's directory when the container
+    // has it (here through the mount at the same path).
+    let out = slurm(&format!(
+        "cd {d} && srun -n1 --container={img} --container-mounts={d} pwd",
+        d = dir.path.display(),
+        img = img("debian.sqsh")
+    ));
+    assert_eq!(out.ok().trim(), dir.path.display().to_string());
+}
+
+// ---- 4. cgroups -------------------------------------------------------------------------
+
+/// /proc/self/cgroup with job and step ids replaced, so two steps compare.
+fn normalised_cgroups(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let parts: Vec<String> = line
+            .split('/')
+            .map(|p| {
+                if p.starts_with("job_") {
+                    "job_N".to_string()
+                } else if p.starts_with("step_") {
+                    "step_N".to_string()
+                } else {
+                    p.to_string()
+                }
+            })
+            .collect();
+        out.push_str(&parts.join("/"));
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn tasks_stay_in_the_steps_cgroup() {
+    let _m = shared_machine();
+    let bare = slurm("srun -n1 cat /proc/self/cgroup");
+    let inside = slurm(&format!(
+        "srun -n1 --container={} cat /proc/self/cgroup",
+        img("debian.sqsh")
+    ));
+    let bare = normalised_cgroups(bare.ok());
+    assert!(bare.contains("memory:/slurm_"), "{bare}");
+    assert_eq!(normalised_cgroups(inside.ok()), bare);
+}
+
+#[test]
+fn the_memory_limit_holds_inside_the_container() {
+    let _m = shared_machine();
+    // 150 MiB in one shell variable against --mem=64M.
+    let out = slurm(&format!(
+        "srun -n1 --mem=64M --container={} bash -c 'x=$(head -c 150M /dev/zero | tr \"\\0\" a); echo survived ${{#x}}'",
+        img("debian.sqsh")
+    ));
+    assert_ne!(out.code, 0, "{}", out.stdout);
+    assert!(!out.stdout.contains("survived"), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("Out Of Memory") || out.stderr.contains("oom-kill"),
+        "srun reports the OOM kill: {}",
+        out.stderr
+    );
+}
+
+// ---- 5. sbatch and salloc ------------------------------------------------------------
+
+#[test]
+fn sbatch_container_applies_to_every_step_and_a_step_can_override_it() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let debian = img("debian.sqsh");
+    let busybox = img("busybox.sqsh");
+    let script = format!(
+        "#!/bin/bash\n\
+         #SBATCH --container={debian}\n\
+         #SBATCH --output={d}/out.txt\n\
+         echo \"script: $(cat /etc/ferry-marker 2>/dev/null || echo on the host)\"\n\
+         srun -n1 cat /etc/ferry-marker\n\
+         srun -n1 --container={busybox} cat /etc/ferry-marker\n\
+         srun -n1 --container-image={busybox} cat /etc/ferry-marker\n\
+         srun -n1 --export=NONE cat /etc/ferry-marker\n\
+         srun -n1 cat /etc/ferry-marker\n",
+        d = dir.path.display()
+    );
+    std::fs::write(dir.path.join("job.sh"), script).unwrap();
+    Command::new("chmod")
+        .arg("a+rx")
+        .arg(dir.path.join("job.sh"))
+        .status()
+        .unwrap();
+    let out = slurm(&format!(
+        "cd {} && sbatch --wait job.sh",
+        dir.path.display()
+    ));
+    out.ok();
+    let log = std::fs::read_to_string(dir.path.join("out.txt")).unwrap();
+    assert_eq!(
+        log,
+        "script: on the host\ndebian-image\nbusybox-image\nbusybox-image\ndebian-image\ndebian-image\n"
+    );
+    // The same with the pyxis name on the command line.
+    let out = slurm(&format!(
+        "cd {} && sbatch --wait --container-image={busybox} --output=out2.txt --wrap 'srun -n1 cat /etc/ferry-marker'",
+        dir.path.display()
+    ));
+    out.ok();
+    let log = std::fs::read_to_string(dir.path.join("out2.txt")).unwrap();
+    assert_eq!(log, "busybox-image\n");
+}
+
+#[test]
+fn salloc_container_applies_to_its_steps() {
+    let _m = shared_machine();
+    for option in ["--container", "--container-image"] {
+        let out = slurm(&format!(
+            "salloc {option}={} bash -c 'cat /etc/ferry-marker 2>/dev/null || echo on the host; srun -n1 cat /etc/ferry-marker; srun -n1 --container={} cat /etc/ferry-marker' 2>/dev/null",
+            img("busybox.sqsh"),
+            img("debian.sqsh")
+        ));
+        assert_eq!(
+            out.ok(),
+            "on the host\nbusybox-image\ndebian-image\n",
+            "salloc {option}"
+        );
+    }
+}
+
+// ---- 6. errors ---------------------------------------------------------------------------
+
+#[test]
+fn bad_input_gives_one_line_and_leaves_nothing() {
+    let _m = exclusive_machine();
+    let before = node_state();
+    let secret = UserDir::new(OTHER_USER);
+    std::fs::copy(image("busybox.sqsh"), secret.path.join("img.sqsh")).unwrap();
+    Command::new("chmod")
+        .arg("0700")
+        .arg(&secret.path)
+        .status()
+        .unwrap();
+    let busybox = img("busybox.sqsh");
+    let cases = [
+        (
+            "srun -n1 --container=/nonexistent/image.sqsh true".to_string(),
+            "image not found: /nonexistent/image.sqsh",
+            125,
+        ),
+        (
+            format!(
+                "srun -n1 --container={} true",
+                secret.path.join("img.sqsh").display()
+            ),
+            "image not readable by user ferrytest",
+            125,
+        ),
+        (
+            format!("srun -n1 --container={busybox} --container-mounts=/tmp:/x:bogus true"),
+            "unknown flag `bogus`",
+            1,
+        ),
+        (
+            format!("srun -O -n2 --container={busybox} --container-mounts=/nonexistent:/x true"),
+            "mount source not found: /nonexistent",
+            125,
+        ),
+    ];
+    for (command, expected, code) in cases {
+        let out = slurm(&command);
+        assert_eq!(out.code, code, "{command}: {}", out.stderr);
+        let lines = own_lines(&out.stderr);
+        assert_eq!(lines.len(), 1, "{command}: one line, got {lines:#?}");
+        assert!(lines[0].contains(expected), "{command}: {}", lines[0]);
+        assert!(lines[0].contains("ferry"), "{command}: {}", lines[0]);
+    }
+    drop(secret);
+    let after = settle_to(&before, Duration::from_secs(5));
+    assert_eq!(after, before, "the node is as before");
+}
+
+// ---- 7. many steps, scancel ----------------------------------------------------------
+
+#[test]
+fn fifty_container_steps_leave_nothing_behind() {
+    let _m = exclusive_machine();
+    let daemons = daemon_pids();
+    assert!(!daemons.is_empty(), "slurmd and slurmctld run");
+    let before = node_state();
+    let out = slurm(&format!(
+        "n=0; for i in $(seq 50); do srun -n1 --container={} true && n=$((n+1)); done; echo $n",
+        img("busybox.sqsh")
+    ));
+    assert_eq!(out.ok(), "50\n", "{}", out.stderr);
+    let after = settle_to(&before, Duration::from_secs(5));
+    assert_eq!(after, before, "the node is as before");
+    assert_eq!(
+        daemon_pids(),
+        daemons,
+        "slurmd and slurmctld did not restart"
+    );
+}
+
+#[test]
+fn scancel_kills_everything_inside() {
+    let _m = exclusive_machine();
+    let before = node_state();
+    let out = slurm(&format!(
+        "srun -n1 -J ferry-scancel --container={} sleep 300 & \
+         for i in $(seq 100); do squeue -h -u $USER -n ferry-scancel -t R | grep -q . && break; sleep 0.1; done; \
+         sleep 0.5; scancel -u $USER -n ferry-scancel; wait; echo done",
+        img("debian.sqsh")
+    ));
+    assert!(out.stdout.ends_with("done\n"), "{}", out.stdout);
+    let after = settle_to(&before, Duration::from_secs(10));
+    assert_eq!(after, before, "the node is as before");
+}
