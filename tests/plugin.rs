@@ -492,3 +492,102 @@ fn scancel_kills_everything_inside() {
     let after = settle_to(&before, Duration::from_secs(10));
     assert_eq!(after, before, "the node is as before");
 }
+
+// ---- site settings ----------------------------------------------------------------------
+
+/// plugstack.conf of the test cluster, rewritten for one test and restored when dropped.
+/// srun and each slurmstepd read it afresh, so no daemon restarts.
+struct Plugstack {
+    path: std::path::PathBuf,
+    original: String,
+}
+
+impl Plugstack {
+    fn open() -> Plugstack {
+        let conf = std::path::PathBuf::from(cluster());
+        let path = conf.parent().unwrap().join("plugstack.conf");
+        let original = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            original.contains("spank_ferry.so"),
+            "the test cluster runs without the plugin: {original}"
+        );
+        Plugstack { path, original }
+    }
+
+    /// The plugin line with `args` in place of the current arguments.
+    fn set_args(&self, args: &str) {
+        let line = self
+            .original
+            .lines()
+            .find(|l| l.contains("spank_ferry.so"))
+            .unwrap();
+        let mut words = line.split_whitespace();
+        let (required, so) = (words.next().unwrap(), words.next().unwrap());
+        let ferry_bin = words.find(|w| w.starts_with("ferry_bin=")).unwrap_or("");
+        std::fs::write(&self.path, format!("{required} {so} {ferry_bin} {args}\n")).unwrap();
+    }
+}
+
+impl Drop for Plugstack {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.path, &self.original);
+    }
+}
+
+#[test]
+fn plugstack_arguments_take_effect() {
+    let _m = exclusive_machine();
+    let plugstack = Plugstack::open();
+    let busybox = img("busybox.sqsh");
+    let site = UserDir::new(USER);
+    std::fs::write(site.path.join("site.txt"), "site file\n").unwrap();
+    Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(&site.path)
+        .status()
+        .unwrap();
+
+    // default_mounts: every container gets them, read-only here; writable_tmpfs_size bounds
+    // a writable container's changes.
+    plugstack.set_args(&format!(
+        "default_mounts={}:/site:ro writable_tmpfs_size=1m log_level=info squashfuse=/usr/bin/squashfuse_ll",
+        site.path.display()
+    ));
+    let out = slurm(&format!(
+        "srun -n1 --container-writable --container={busybox} sh -c \
+         'cat /site/site.txt; touch /site/x 2>&1 | sed \"s/.*: //\"; \
+          head -c 4000000 /dev/zero 2>/dev/null > /big || echo big refused; rm -f /big; \
+          head -c 100000 /dev/zero > /small && echo small ok'"
+    ));
+    assert_eq!(
+        out.ok(),
+        "site file\nRead-only file system\nbig refused\nsmall ok\n",
+        "{}",
+        out.stderr
+    );
+
+    // A site squashfuse that is not there: the step says which setting to fix.
+    plugstack.set_args("squashfuse=/nonexistent/squashfuse_ll");
+    let out = slurm(&format!("srun -n1 --container={busybox} true"));
+    assert_eq!(out.code, 125, "{}", out.stderr);
+    let lines = own_lines(&out.stderr);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains("/nonexistent/squashfuse_ll"),
+        "{}",
+        lines[0]
+    );
+
+    // A broken configuration: steps without a container still run; container steps fail
+    // with a line that names the bad argument.
+    plugstack.set_args("no_such_key=1");
+    let out = slurm("srun -n1 echo plain");
+    assert_eq!(out.ok(), "plain\n");
+    let out = slurm(&format!("srun -n1 --container={busybox} true"));
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.contains("no_such_key") && out.stderr.contains("tell your admins"),
+        "{}",
+        out.stderr
+    );
+}

@@ -35,8 +35,10 @@ const SMALL_FILE_LIMIT: u64 = 4 << 20;
 pub enum RootfsError {
     #[error(transparent)]
     Image(#[from] ImageError),
-    #[error("squashfuse not found: install it (Debian/Ubuntu: apt-get install squashfuse) or set the site's squashfuse path")]
+    #[error("squashfuse not found: install it (Debian/Ubuntu: apt-get install squashfuse) or set `squashfuse=` in the plugin's plugstack.conf arguments")]
     NoSquashfuse,
+    #[error("the site's squashfuse program {0} is missing or not executable: fix `squashfuse=` in plugstack.conf, or leave it out to use squashfuse_ll from PATH")]
+    SiteSquashfuseMissing(PathBuf),
     #[error("/dev/fuse is not usable by user {user}: {reason}")]
     Fuse { user: String, reason: String },
     #[error("mount source not found: {0} (check the path given to --mount/--container-mounts)")]
@@ -170,7 +172,10 @@ pub fn open_inputs(spec: &ContainerSpec) -> Result<Inputs, RootfsError> {
     let squashfuse = match kind {
         ImageKind::Squashfs { .. } => {
             let program = image::squashfs::find_squashfuse(spec.site.squashfuse.as_deref())
-                .ok_or(RootfsError::NoSquashfuse)?;
+                .ok_or_else(|| match &spec.site.squashfuse {
+                    Some(p) => RootfsError::SiteSquashfuseMissing(p.clone()),
+                    None => RootfsError::NoSquashfuse,
+                })?;
             // Only a check here: the kernel accepts a FUSE connection only from a /dev/fuse
             // opened inside the user namespace that mounts it, so it is opened again there.
             open_fuse(user, Path::new("/dev/fuse"))?;

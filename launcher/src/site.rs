@@ -43,15 +43,11 @@ impl LogLevel {
 pub struct PluginSettings {
     /// `ferry_bin=`: the `ferry` program the plugin runs as the holder (`ferry hold`).
     pub ferry_bin: PathBuf,
-    /// `runtime_dir=`: where per-step state goes on the node; `None`: the launcher's default.
-    pub runtime_dir: Option<PathBuf>,
     /// `default_mounts=SRC:DST[:FLAGS][,...]`: bind mounts every container gets, before the
     /// user's `--container-mounts`. May be given more than once; the lists add up.
     pub default_mounts: Vec<MountSpec>,
     /// `squashfuse=`: the squashfuse program (default: `squashfuse_ll`, then `squashfuse`).
     pub squashfuse: Option<PathBuf>,
-    /// `fuse_overlayfs=`: fuse-overlayfs, used where the kernel refuses overlayfs.
-    pub fuse_overlayfs: Option<PathBuf>,
     /// `writable_tmpfs_size=`: size limit of the tmpfs holding a writable container's changes.
     pub writable_tmpfs_size: Option<String>,
     /// `log_level=error|warn|info|debug|trace` (default `debug`: Slurm's level decides).
@@ -62,10 +58,8 @@ impl Default for PluginSettings {
     fn default() -> Self {
         PluginSettings {
             ferry_bin: PathBuf::from(DEFAULT_FERRY_BIN),
-            runtime_dir: None,
             default_mounts: Vec::new(),
             squashfuse: None,
-            fuse_overlayfs: None,
             writable_tmpfs_size: None,
             log_level: LogLevel::Debug,
         }
@@ -92,8 +86,7 @@ pub enum SiteError {
     RelativeMountSource(String),
 }
 
-const KEYS: &str =
-    "ferry_bin, runtime_dir, default_mounts, squashfuse, fuse_overlayfs, writable_tmpfs_size, log_level";
+const KEYS: &str = "ferry_bin, default_mounts, squashfuse, writable_tmpfs_size, log_level";
 
 fn absolute(key: &str, value: &str) -> Result<PathBuf, SiteError> {
     if value.is_empty() {
@@ -136,9 +129,7 @@ impl PluginSettings {
             }
             match key {
                 "ferry_bin" => s.ferry_bin = absolute(key, value)?,
-                "runtime_dir" => s.runtime_dir = Some(absolute(key, value)?),
                 "squashfuse" => s.squashfuse = Some(absolute(key, value)?),
-                "fuse_overlayfs" => s.fuse_overlayfs = Some(absolute(key, value)?),
                 "writable_tmpfs_size" => {
                     if value.is_empty() {
                         return Err(SiteError::Empty {
@@ -176,7 +167,6 @@ impl PluginSettings {
     pub fn site_settings(&self) -> SiteSettings {
         SiteSettings {
             squashfuse: self.squashfuse.clone(),
-            fuse_overlayfs: self.fuse_overlayfs.clone(),
             writable_tmpfs_size: self.writable_tmpfs_size.clone(),
         }
     }
@@ -203,16 +193,13 @@ mod tests {
     fn all_keys() {
         let s = parse(&[
             "ferry_bin=/opt/ferry/bin/ferry",
-            "runtime_dir=/run/ferry",
             "default_mounts=/etc/slurm:/etc/slurm:ro,/scratch",
             "squashfuse=/usr/bin/squashfuse_ll",
-            "fuse_overlayfs=/usr/bin/fuse-overlayfs",
             "writable_tmpfs_size=50%",
             "log_level=info",
         ])
         .unwrap();
         assert_eq!(s.ferry_bin, PathBuf::from("/opt/ferry/bin/ferry"));
-        assert_eq!(s.runtime_dir, Some(PathBuf::from("/run/ferry")));
         assert_eq!(s.default_mounts.len(), 2);
         assert_eq!(s.default_mounts[0].source, PathBuf::from("/etc/slurm"));
         assert!(s.default_mounts[0].read_only);
@@ -220,10 +207,6 @@ mod tests {
         assert_eq!(s.squashfuse, Some(PathBuf::from("/usr/bin/squashfuse_ll")));
         assert_eq!(s.log_level, LogLevel::Info);
         let site = s.site_settings();
-        assert_eq!(
-            site.fuse_overlayfs,
-            Some(PathBuf::from("/usr/bin/fuse-overlayfs"))
-        );
         assert_eq!(site.writable_tmpfs_size.as_deref(), Some("50%"));
     }
 
@@ -282,8 +265,8 @@ mod tests {
             parse(&["default_mounts=/a:b"]),
             Err(SiteError::Mount(_))
         ));
-        let msg = parse(&["runtimedir=/x"]).unwrap_err().to_string();
-        assert!(msg.contains("runtime_dir"), "{msg}");
+        let msg = parse(&["ferrybin=/x"]).unwrap_err().to_string();
+        assert!(msg.contains("ferry_bin"), "{msg}");
     }
 
     #[test]

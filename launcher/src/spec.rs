@@ -49,9 +49,6 @@ pub struct SiteSettings {
     /// squashfuse program to use; default: `squashfuse_ll`, then `squashfuse`, from PATH.
     #[serde(default)]
     pub squashfuse: Option<PathBuf>,
-    /// fuse-overlayfs program used only where the kernel refuses overlayfs in a user namespace.
-    #[serde(default)]
-    pub fuse_overlayfs: Option<PathBuf>,
     /// Size limit of the tmpfs that holds writes to a writable container (e.g. "50%", "4g").
     #[serde(default)]
     pub writable_tmpfs_size: Option<String>,
