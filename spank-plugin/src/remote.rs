@@ -1,10 +1,5 @@
 //! Remote context (slurmstepd, one per step per node): the step's container, following
 //! "The step, on each node" in DESIGN.md.
-//!
-//! Today this reads the request and logs what it would run; the marked places (`LAUNCHER:`)
-//! are where `ferry::holder::prepare` and `ferry::join` plug in. [`START_HOLDER`] keeps them
-//! off until the launcher is ready: the code around them is compiled and type-checked
-//! against the launcher's API already.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,9 +14,6 @@ use tracing::{debug, error, info, trace, warn};
 use crate::options::OptionValues;
 use crate::request::{self, StepRequest};
 use crate::site::PluginSettings;
-
-/// LAUNCHER: set to true once `ferry hold` and `ferry::join` are ready for slurmstepd.
-pub const START_HOLDER: bool = true;
 
 /// Exit status of a task whose container could not be set up (`ferry run` uses the same).
 pub const SETUP_FAILED_EXIT_CODE: i32 = 125;
@@ -46,8 +38,8 @@ pub struct Step {
     /// An error from user_init, reported by every task_init (user_init's errors do not reach
     /// the user's terminal; task_init's do).
     pub failure: Option<String>,
-    /// The running holder (LAUNCHER: `Option<ferry::holder::Holder>`) and its namespaces
-    /// (LAUNCHER: `Option<ferry::join::Namespaces>`), opened right after it reported ready.
+    /// The running holder and its namespaces, opened right after it reported ready (so no
+    /// reused pid can stand in for it later).
     pub holder: Option<ferry::holder::Holder>,
     pub namespaces: Option<ferry::join::Namespaces>,
     pub workdir: Option<PathBuf>,
@@ -196,7 +188,6 @@ fn container_spec(
 ) -> Result<ContainerSpec, String> {
     let req = &step.request;
     if request::is_reference(&req.image) {
-        // LAUNCHER: import (or find in the cache) and use the squashfs path.
         return Err(format!(
             "image references such as {} are not supported yet: give a file",
             req.image
@@ -257,18 +248,14 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
         // Any fd shared with slurmstepd (stderr included) makes srun wait for the holder.
         quiet: true,
     };
-    info!(
-        "step {}.{}: would run `{} hold` as uid {} with spec {}",
+    debug!(
+        "step {}.{}: starting `{} hold` as uid {} with spec {}",
         step.job_id,
         step_name(step.step_id),
         opts.holder_program.display(),
         step.uid,
         serde_json::to_string(&spec).unwrap_or_else(|e| format!("<{e}>"))
     );
-    if !START_HOLDER {
-        return;
-    }
-    // LAUNCHER: the holder and its namespaces, kept until task_exit.
     match ferry::holder::prepare(&spec, &opts) {
         Ok(holder) => {
             let pid = holder.pid();
@@ -289,14 +276,6 @@ pub fn task_init(spank: &SpankHandle, step: &Step) -> Result<(), String> {
     if let Some(e) = &step.failure {
         return Err(format!("cannot start the container for this step: {e}"));
     }
-    if !START_HOLDER {
-        debug!(
-            "task {:?}: would join the container",
-            spank.task_global_id().ok()
-        );
-        return Ok(());
-    }
-    // LAUNCHER: setns user then mnt, chdir, then the image environment under Slurm's.
     let (Some(ns), Some(holder)) = (&step.namespaces, &step.holder) else {
         return Err("the container is gone".into());
     };
@@ -337,7 +316,6 @@ pub fn exit(step: &mut Step) {
 fn stop_holder(step: &mut Step, why: &str) {
     step.namespaces = None;
     if let Some(holder) = step.holder.take() {
-        // LAUNCHER: --container-save would squash the container's changes here, first.
         match holder.stop(Duration::from_secs(10)) {
             Ok(status) => debug!("holder stopped ({why}): {status}"),
             Err(e) => warn!("cannot stop the holder ({why}): {e}"),
