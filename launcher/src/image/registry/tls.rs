@@ -38,7 +38,7 @@ pub(super) fn config(ca_file: Option<&Path>) -> Result<TlsConfig, RegistryError>
         .build())
 }
 
-fn read_ca_file(path: &Path) -> Result<Vec<Certificate<'static>>, RegistryError> {
+pub(super) fn read_ca_file(path: &Path) -> Result<Vec<Certificate<'static>>, RegistryError> {
     let bad = |reason: String| RegistryError::CaFile {
         path: path.to_path_buf(),
         reason,

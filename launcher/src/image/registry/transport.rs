@@ -58,7 +58,11 @@ impl<'a> Target<'a> {
             reference,
             origin: format!("{scheme}://{}", api_host(&reference.registry)).to_ascii_lowercase(),
             insecure,
-            image: reference.to_string(),
+            image: if reference.tag.is_none() && reference.digest.is_none() {
+                format!("{reference}:latest")
+            } else {
+                reference.to_string()
+            },
         }
     }
 
@@ -96,7 +100,11 @@ struct AuthState {
 }
 
 pub(super) struct Transport {
-    agent: ureq::Agent,
+    /// For plain-http URLs; never verifies a certificate, so it is built without any.
+    plain: ureq::Agent,
+    /// For https URLs, made on first use: reading the system's CA store costs tens of
+    /// milliseconds that a pull from an insecure site registry need not pay.
+    tls: std::sync::OnceLock<ureq::Agent>,
     options: ClientOptions,
     /// `Authorization` values per registry and repository: registry tokens are scoped to
     /// one repository, and fetching one per request would double the requests.
@@ -112,23 +120,27 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 impl Transport {
     pub fn new(options: &ClientOptions) -> Result<Transport, RegistryError> {
-        let tls = super::tls::config(options.ca_file.as_deref())?;
-        let config = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .user_agent(options.user_agent.as_str())
-            // Blobs must arrive byte for byte as the digest says: no transfer decoding.
-            .accept_encoding("")
-            .timeout_connect(Some(options.connect_timeout))
-            .timeout_per_read(Some(options.read_timeout))
-            .tls_config(tls)
-            .max_idle_connections_per_host(options.parallel.max(1) + 1)
-            .build();
+        // A bad CA file should fail now, not at the first https request of some later pull.
+        if let Some(path) = &options.ca_file {
+            super::tls::read_ca_file(path)?;
+        }
         Ok(Transport {
-            agent: config.new_agent(),
+            plain: agent(options, ureq::tls::TlsConfig::default()),
+            tls: std::sync::OnceLock::new(),
             options: options.clone(),
             auth: Mutex::new(HashMap::new()),
         })
+    }
+
+    fn agent(&self, url: &str) -> Result<&ureq::Agent, Attempt> {
+        if url.starts_with("http://") {
+            return Ok(&self.plain);
+        }
+        if let Some(a) = self.tls.get() {
+            return Ok(a);
+        }
+        let tls = super::tls::config(self.options.ca_file.as_deref()).map_err(Attempt::Fatal)?;
+        Ok(self.tls.get_or_init(|| agent(&self.options, tls)))
     }
 
     /// Runs `attempt` until it succeeds, fails for good, or the tries are used up; waits
@@ -187,7 +199,7 @@ impl Transport {
         let mut hops = 0;
         loop {
             let own_origin = origin_of(&url).is_some_and(|o| o == target.origin);
-            let mut request = self.agent.get(&url);
+            let mut request = self.agent(&url)?.get(&url);
             if own_origin {
                 if let Some(state) = self.auth_state(target) {
                     request = request.header("Authorization", state.header);
@@ -414,7 +426,7 @@ impl Transport {
         creds: Option<&Credentials>,
     ) -> Result<String, Attempt> {
         let registry = &target.reference.registry;
-        let mut request = self.agent.get(realm).query("scope", scope);
+        let mut request = self.agent(realm)?.get(realm).query("scope", scope);
         if let Some(s) = service {
             request = request.query("service", s);
         }
@@ -483,6 +495,21 @@ impl Transport {
                 })
             })
     }
+}
+
+fn agent(options: &ClientOptions, tls: ureq::tls::TlsConfig) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .user_agent(options.user_agent.as_str())
+        // Blobs must arrive byte for byte as the digest says: no transfer decoding.
+        .accept_encoding("")
+        .timeout_connect(Some(options.connect_timeout))
+        .timeout_per_read(Some(options.read_timeout))
+        .tls_config(tls)
+        .max_idle_connections_per_host(options.parallel.max(1) + 1)
+        .build()
+        .new_agent()
 }
 
 pub(super) fn describe(fetch: Fetch, target: &Target) -> String {
