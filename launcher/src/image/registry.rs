@@ -169,6 +169,17 @@ impl Default for ClientOptions {
     }
 }
 
+impl ClientOptions {
+    /// The defaults plus the site's registry settings from plugstack.conf.
+    pub fn with_site(settings: &crate::site::PluginSettings) -> ClientOptions {
+        ClientOptions {
+            insecure_registries: settings.insecure_registries.clone(),
+            ca_file: settings.registry_ca_file.clone(),
+            ..ClientOptions::default()
+        }
+    }
+}
+
 /// The manifest a reference stands for on this client's platform.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
