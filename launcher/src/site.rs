@@ -52,6 +52,12 @@ pub struct PluginSettings {
     pub writable_tmpfs_size: Option<String>,
     /// `log_level=error|warn|info|debug|trace` (default `debug`: Slurm's level decides).
     pub log_level: LogLevel,
+    /// `registry_ca_file=`: PEM CA certificates trusted for registries besides the system's
+    /// (a site registry with a private CA).
+    pub registry_ca_file: Option<PathBuf>,
+    /// `insecure_registries=HOST[:PORT][,...]`: registries reached over plain http. May be
+    /// given more than once; the lists add up.
+    pub insecure_registries: Vec<String>,
 }
 
 impl Default for PluginSettings {
@@ -62,6 +68,8 @@ impl Default for PluginSettings {
             squashfuse: None,
             writable_tmpfs_size: None,
             log_level: LogLevel::Debug,
+            registry_ca_file: None,
+            insecure_registries: Vec::new(),
         }
     }
 }
@@ -84,9 +92,15 @@ pub enum SiteError {
     Mount(MountSpecError),
     #[error("plugstack.conf argument `default_mounts=`: the host path `{0}` must be absolute")]
     RelativeMountSource(String),
+    #[error("plugstack.conf argument `insecure_registries=`: `{0}` is not HOST or HOST:PORT")]
+    BadRegistry(String),
 }
 
-const KEYS: &str = "ferry_bin, default_mounts, squashfuse, writable_tmpfs_size, log_level";
+const KEYS: &str = "ferry_bin, default_mounts, squashfuse, writable_tmpfs_size, log_level, \
+registry_ca_file, insecure_registries";
+
+/// Keys that may be repeated, their values adding up.
+const LIST_KEYS: &[&str] = &["default_mounts", "insecure_registries"];
 
 fn absolute(key: &str, value: &str) -> Result<PathBuf, SiteError> {
     if value.is_empty() {
@@ -119,7 +133,7 @@ impl PluginSettings {
                 .ok_or_else(|| SiteError::NotKeyValue(arg.to_string()))?;
             let key = key.trim();
             let value = value.trim();
-            if key != "default_mounts" {
+            if !LIST_KEYS.contains(&key) {
                 if seen.contains(&key) {
                     return Err(SiteError::Duplicate {
                         key: key.to_string(),
@@ -141,6 +155,18 @@ impl PluginSettings {
                 "log_level" => {
                     s.log_level = LogLevel::parse(value)
                         .ok_or_else(|| SiteError::LogLevel(value.to_string()))?
+                }
+                "registry_ca_file" => s.registry_ca_file = Some(absolute(key, value)?),
+                "insecure_registries" => {
+                    for host in value.split(',').map(str::trim).filter(|v| !v.is_empty()) {
+                        let ok = host
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c));
+                        if !ok {
+                            return Err(SiteError::BadRegistry(host.to_string()));
+                        }
+                        s.insecure_registries.push(host.to_string());
+                    }
                 }
                 "default_mounts" => {
                     for spec in value.split(',').filter(|v| !v.trim().is_empty()) {
@@ -197,8 +223,19 @@ mod tests {
             "squashfuse=/usr/bin/squashfuse_ll",
             "writable_tmpfs_size=50%",
             "log_level=info",
+            "registry_ca_file=/etc/ssl/site-ca.pem",
+            "insecure_registries=registry.site:5000, 10.0.0.1",
+            "insecure_registries=localhost:5000",
         ])
         .unwrap();
+        assert_eq!(
+            s.registry_ca_file,
+            Some(PathBuf::from("/etc/ssl/site-ca.pem"))
+        );
+        assert_eq!(
+            s.insecure_registries,
+            ["registry.site:5000", "10.0.0.1", "localhost:5000"]
+        );
         assert_eq!(s.ferry_bin, PathBuf::from("/opt/ferry/bin/ferry"));
         assert_eq!(s.default_mounts.len(), 2);
         assert_eq!(s.default_mounts[0].source, PathBuf::from("/etc/slurm"));
@@ -264,6 +301,14 @@ mod tests {
         assert!(matches!(
             parse(&["default_mounts=/a:b"]),
             Err(SiteError::Mount(_))
+        ));
+        assert_eq!(
+            parse(&["insecure_registries=http://x"]),
+            Err(SiteError::BadRegistry("http://x".into()))
+        );
+        assert!(matches!(
+            parse(&["registry_ca_file=ca.pem"]),
+            Err(SiteError::RelativePath { .. })
         ));
         let msg = parse(&["ferrybin=/x"]).unwrap_err().to_string();
         assert!(msg.contains("ferry_bin"), "{msg}");

@@ -1,5 +1,6 @@
 //! Images: what a path given as IMAGE holds, checked before anything is mounted.
 
+pub mod registry;
 pub mod squashfs;
 
 use std::fs::File;

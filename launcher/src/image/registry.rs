@@ -1,0 +1,590 @@
+//! A client for the OCI distribution API (`docker://` images): resolve a tag to a digest,
+//! and pull an image into an OCI image layout directory.
+//!
+//! What a pull leaves in its destination directory (the contract with the importer):
+//! - `oci-layout`: `{"imageLayoutVersion":"1.0.0"}`;
+//! - `index.json`: an OCI index naming exactly one manifest — the one for this machine's
+//!   platform — with the annotation `org.opencontainers.image.ref.name` set to the tag
+//!   (absent when the reference had only a digest). Its `mediaType` is the manifest's own,
+//!   which may be Docker's schema 2 type as well as OCI's;
+//! - `blobs/sha256/<hex>`: that manifest, its config and its layers, byte for byte as the
+//!   registry sent them (layers still compressed: gzip, zstd or plain tar), each checked
+//!   against its digest and size;
+//! - `.ferry-pull.lock` (empty) and, after an interrupted pull, `blobs/sha256/.<hex>.partial`
+//!   files that the next pull into the same directory continues.
+//!
+//! `index.json` is written last: a directory without it is an unfinished pull.
+
+mod auth;
+mod layout;
+pub mod manifest;
+mod progress;
+mod tls;
+mod transport;
+
+#[cfg(test)]
+mod test_server;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub use auth::{CredentialError, CredentialSources, Credentials};
+pub use layout::{LOCK_FILE, REF_NAME_ANNOTATION};
+pub use manifest::{Descriptor, Platform};
+pub use progress::Progress;
+
+use layout::{sha256_digest, Layout};
+use manifest::{ManifestProblem, Parsed};
+use transport::{header, Fetch, Target, Transport};
+
+/// A remote image: `registry/repository` with a tag and/or a digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteRef {
+    /// Host and optional port, as in the reference (`docker.io`, `nvcr.io`, `127.0.0.1:5000`).
+    pub registry: String,
+    /// `library/busybox`, `nvidia/pytorch`.
+    pub repository: String,
+    pub tag: Option<String>,
+    /// `sha256:…`; when given, it is what is pulled, and the tag is only a name.
+    pub digest: Option<String>,
+    /// enroot's `user@registry`: which of several stored logins to use.
+    pub user: Option<String>,
+}
+
+impl RemoteRef {
+    /// What goes into the manifest URL: the digest if there is one, else the tag, else
+    /// `latest`.
+    pub fn reference(&self) -> &str {
+        self.digest
+            .as_deref()
+            .or(self.tag.as_deref())
+            .unwrap_or("latest")
+    }
+
+    /// Refuse names that could not be a registry, repository, tag or digest, so nothing
+    /// odd ends up in a URL.
+    fn check(&self) -> Result<(), RegistryError> {
+        let bad = |reason: String| RegistryError::BadReference {
+            image: transport::printable(&self.to_string(), 200),
+            reason,
+        };
+        let host_ok = !self.registry.is_empty()
+            && self
+                .registry
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-:[]_".contains(c));
+        if !host_ok {
+            return Err(bad(
+                "the registry must be a host name with an optional port".into(),
+            ));
+        }
+        let component_ok = |c: &str| {
+            !c.is_empty()
+                && c.chars()
+                    .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || "._-".contains(ch))
+                && c.starts_with(|ch: char| ch.is_ascii_alphanumeric())
+        };
+        if !self.repository.split('/').all(component_ok) {
+            return Err(bad(
+                "the repository must be lower-case letters, digits and . _ - separated by /".into(),
+            ));
+        }
+        if let Some(tag) = &self.tag {
+            let ok = tag.len() <= 128
+                && tag.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+                && tag
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            if !ok {
+                return Err(bad(format!(
+                    "`{}` is not a valid tag",
+                    transport::printable(tag, 130)
+                )));
+            }
+        }
+        if let Some(d) = &self.digest {
+            manifest::check_digest(d).map_err(bad)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for RemoteRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.registry, self.repository)?;
+        if let Some(t) = &self.tag {
+            write!(f, ":{t}")?;
+        }
+        if let Some(d) = &self.digest {
+            write!(f, "@{d}")?;
+        }
+        Ok(())
+    }
+}
+
+/// How the client talks to registries.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Registries reached over plain http (`host` or `host:port`); all others use https.
+    pub insecure_registries: Vec<String>,
+    pub credentials: CredentialSources,
+    /// Blobs downloaded at once.
+    pub parallel: usize,
+    /// Further tries after a failed one (connection errors, 429, 5xx, cut-off downloads).
+    pub retries: u32,
+    /// Pause before the first retry; doubled for each further one (at most 30 s).
+    pub retry_delay: Duration,
+    pub progress: Progress,
+    /// Extra PEM CA certificates trusted besides the system's (a site registry's private CA).
+    pub ca_file: Option<PathBuf>,
+    pub user_agent: String,
+    /// Which image of a multi-platform index to pull.
+    pub platform: Platform,
+    pub connect_timeout: Duration,
+    /// A connection that delivers nothing for this long is given up (and retried).
+    pub read_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            insecure_registries: Vec::new(),
+            credentials: CredentialSources::from_env(),
+            parallel: 4,
+            retries: 5,
+            retry_delay: Duration::from_secs(1),
+            progress: Progress::auto(),
+            ca_file: None,
+            user_agent: concat!("ferry/", env!("CARGO_PKG_VERSION")).to_string(),
+            platform: Platform::host(),
+            connect_timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ClientOptions {
+    /// The defaults plus the site's registry settings from plugstack.conf.
+    pub fn with_site(settings: &crate::site::PluginSettings) -> ClientOptions {
+        ClientOptions {
+            insecure_registries: settings.insecure_registries.clone(),
+            ca_file: settings.registry_ca_file.clone(),
+            ..ClientOptions::default()
+        }
+    }
+}
+
+/// The manifest a reference stands for on this client's platform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The platform manifest's digest: the identity of the image that would be pulled.
+    pub manifest_digest: String,
+    pub media_type: String,
+    pub size: u64,
+    /// The multi-platform index the manifest was chosen from, if the reference named one.
+    pub index_digest: Option<String>,
+    /// The platform the index entry declared.
+    pub platform: Option<Platform>,
+}
+
+/// What a pull wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pulled {
+    pub manifest_digest: String,
+    pub manifest_media_type: String,
+    pub config_digest: String,
+    /// Bottom layer first, as in the manifest.
+    pub layers: Vec<Descriptor>,
+    /// Bytes downloaded in this pull (blobs already present cost nothing).
+    pub fetched_bytes: u64,
+    /// Blobs that were already complete in the destination.
+    pub reused_blobs: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("bad image reference {image}: {reason}")]
+    BadReference { image: String, reason: String },
+    #[error("unknown registry host {host}: the name does not resolve (check the image reference)")]
+    UnknownHost { host: String },
+    #[error("TLS connection to {host} failed: {reason} (a registry with a private CA needs the site's registry CA file; a plain-http registry must be marked insecure)")]
+    Tls { host: String, reason: String },
+    #[error("cannot get {what} from registry {registry}: {reason} (gave up after {tries} tries)")]
+    GaveUp {
+        registry: String,
+        what: String,
+        reason: String,
+        tries: u32,
+    },
+    #[error("registry {registry} refused anonymous access to {repository}: log in: put credentials in {hint} (`machine {registry} login USER password PASS`); a misspelled image name gets this answer too")]
+    LoginNeeded {
+        registry: String,
+        repository: String,
+        hint: String,
+    },
+    #[error("registry {registry} refused the login `{login}` (from {}) for {repository}: check the password or token, and that this account may pull this image", file.display())]
+    CredentialsRejected {
+        registry: String,
+        repository: String,
+        login: String,
+        file: PathBuf,
+    },
+    #[error("no such image or tag: {image} {detail}")]
+    NotFound { image: String, detail: String },
+    #[error("registry {registry} has no blob {digest} although the manifest of {image} names it")]
+    BlobNotFound {
+        registry: String,
+        image: String,
+        digest: String,
+    },
+    #[error("{image} is a Docker schema 1 image, which ferry does not support (deprecated since 2017): push it again with a current docker, podman or skopeo")]
+    Schema1 { image: String },
+    #[error("{image} has no image for {wanted}; it has: {}", available.join(", "))]
+    NoPlatform {
+        image: String,
+        wanted: String,
+        available: Vec<String>,
+    },
+    #[error(
+        "{what} from registry {registry} is corrupt: expected digest {expected}, got {actual}"
+    )]
+    DigestMismatch {
+        registry: String,
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    #[error(
+        "{what} from registry {registry} is larger than the {expected} bytes its descriptor says"
+    )]
+    SizeMismatch {
+        registry: String,
+        what: String,
+        expected: u64,
+    },
+    #[error("bad manifest for {image}: {reason}")]
+    BadManifest { image: String, reason: String },
+    #[error("{image}: unsupported {what}")]
+    Unsupported { image: String, what: String },
+    #[error("registry {registry}: {what}: {detail}")]
+    Http {
+        registry: String,
+        what: String,
+        detail: String,
+    },
+    #[error("registry {registry} wants logins sent to {realm} over plain http; refused (mark the registry insecure if that is really intended)")]
+    InsecureRealm { registry: String, realm: String },
+    #[error(transparent)]
+    Credentials(#[from] CredentialError),
+    #[error("registry CA file {}: {reason}", path.display())]
+    CaFile { path: PathBuf, reason: String },
+    #[error("cannot write {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A registry client; cheap to share between threads, and it keeps the tokens it got.
+pub struct Client {
+    options: ClientOptions,
+    transport: Transport,
+}
+
+/// A fetched manifest: its descriptor, its exact bytes, and what they say.
+struct Fetched {
+    descriptor: Descriptor,
+    bytes: Vec<u8>,
+    parsed: Parsed,
+}
+
+impl Client {
+    pub fn new(options: ClientOptions) -> Result<Client, RegistryError> {
+        let transport = Transport::new(&options)?;
+        Ok(Client { options, transport })
+    }
+
+    pub fn options(&self) -> &ClientOptions {
+        &self.options
+    }
+
+    fn target<'a>(&self, r: &'a RemoteRef) -> Result<Target<'a>, RegistryError> {
+        r.check()?;
+        let host = r
+            .registry
+            .rsplit_once(':')
+            .map_or(r.registry.as_str(), |(h, _)| h);
+        let insecure = self
+            .options
+            .insecure_registries
+            .iter()
+            .any(|i| i.eq_ignore_ascii_case(&r.registry) || i.eq_ignore_ascii_case(host));
+        Ok(Target::new(r, insecure))
+    }
+
+    /// Which manifest `r` stands for on this client's platform (one or two small requests;
+    /// no blob is fetched).
+    pub fn resolve(&self, r: &RemoteRef) -> Result<Resolved, RegistryError> {
+        let target = self.target(r)?;
+        let (resolved, _) = self.resolve_inner(&target, false)?;
+        Ok(resolved)
+    }
+
+    /// Follow the reference to a platform manifest; with `fetch`, also download that
+    /// manifest when the reference named an index.
+    fn resolve_inner(
+        &self,
+        target: &Target,
+        fetch: bool,
+    ) -> Result<(Resolved, Option<Fetched>), RegistryError> {
+        let r = target.reference;
+        let mut current = self.fetch_manifest(target, r.reference(), r.digest.as_deref(), None)?;
+        let mut index_digest = None;
+        let mut platform = None;
+        // An index may (rarely) point at another index; two levels is all anyone builds.
+        for _ in 0..3 {
+            let manifests = match &current.parsed {
+                Parsed::Manifest { .. } => {
+                    let resolved = Resolved {
+                        manifest_digest: current.descriptor.digest.clone(),
+                        media_type: current.descriptor.media_type.clone(),
+                        size: current.descriptor.size,
+                        index_digest,
+                        platform,
+                    };
+                    return Ok((resolved, Some(current)));
+                }
+                Parsed::Index { manifests, .. } => manifests,
+            };
+            let entry =
+                manifest::select(manifests, &self.options.platform).map_err(|available| {
+                    RegistryError::NoPlatform {
+                        image: target.image.clone(),
+                        wanted: self.options.platform.to_string(),
+                        available,
+                    }
+                })?;
+            let d = entry.descriptor.clone();
+            tracing::debug!(
+                "{}: {} is {}",
+                target.image,
+                self.options.platform,
+                d.digest
+            );
+            index_digest.get_or_insert_with(|| current.descriptor.digest.clone());
+            platform = entry.platform.clone();
+            let is_index = d.media_type == manifest::OCI_INDEX
+                || d.media_type == manifest::DOCKER_MANIFEST_LIST;
+            if !fetch && !is_index && !d.media_type.is_empty() {
+                let resolved = Resolved {
+                    manifest_digest: d.digest,
+                    media_type: d.media_type,
+                    size: d.size,
+                    index_digest,
+                    platform,
+                };
+                return Ok((resolved, None));
+            }
+            current = self.fetch_manifest(target, &d.digest, Some(&d.digest), Some(d.size))?;
+        }
+        Err(RegistryError::BadManifest {
+            image: target.image.clone(),
+            reason: "indexes nested more than two deep".into(),
+        })
+    }
+
+    /// GET one manifest or index, bounded in size; checked against `digest` when given.
+    fn fetch_manifest(
+        &self,
+        target: &Target,
+        reference: &str,
+        digest: Option<&str>,
+        size: Option<u64>,
+    ) -> Result<Fetched, RegistryError> {
+        let what = format!("manifest {reference}");
+        let (bytes, content_type) = self.transport.with_retries(target, &what, || {
+            let response = self.transport.get(
+                target,
+                &format!("manifests/{reference}"),
+                Some(manifest::ACCEPT),
+                0,
+                Fetch::Manifest(reference),
+            )?;
+            let content_type = header(&response, "content-type");
+            let mut bytes = Vec::new();
+            response
+                .into_body()
+                .into_reader()
+                .take(manifest::MAX_MANIFEST_BYTES + 1)
+                .read_to_end(&mut bytes)
+                .map_err(|e| transport::retry(format!("reading the manifest: {e}")))?;
+            Ok((bytes, content_type))
+        })?;
+        if bytes.len() as u64 > manifest::MAX_MANIFEST_BYTES {
+            return Err(RegistryError::BadManifest {
+                image: target.image.clone(),
+                reason: format!("larger than {} bytes", manifest::MAX_MANIFEST_BYTES),
+            });
+        }
+        let actual = sha256_digest(&bytes);
+        if let Some(expected) = digest {
+            if actual != expected {
+                return Err(RegistryError::DigestMismatch {
+                    registry: target.reference.registry.clone(),
+                    what,
+                    expected: expected.to_string(),
+                    actual,
+                });
+            }
+        }
+        if let Some(expected) = size {
+            if expected != bytes.len() as u64 {
+                return Err(RegistryError::BadManifest {
+                    image: target.image.clone(),
+                    reason: format!(
+                        "{what} has {} bytes, its index entry says {expected}",
+                        bytes.len()
+                    ),
+                });
+            }
+        }
+        let parsed = manifest::parse(&bytes, content_type.as_deref()).map_err(|p| match p {
+            ManifestProblem::Schema1 => RegistryError::Schema1 {
+                image: target.image.clone(),
+            },
+            ManifestProblem::Unsupported(what) => RegistryError::Unsupported {
+                image: target.image.clone(),
+                what,
+            },
+            ManifestProblem::Invalid(reason) => RegistryError::BadManifest {
+                image: target.image.clone(),
+                reason,
+            },
+        })?;
+        let media_type = match &parsed {
+            Parsed::Manifest { media_type, .. } | Parsed::Index { media_type, .. } => {
+                media_type.clone()
+            }
+        };
+        Ok(Fetched {
+            descriptor: Descriptor {
+                media_type,
+                digest: actual,
+                size: bytes.len() as u64,
+            },
+            bytes,
+            parsed,
+        })
+    }
+
+    /// Pull `r` into the OCI image layout directory `dest` (created if missing); see the
+    /// module documentation for what it holds afterwards. Blobs already in `dest` are not
+    /// fetched again, so calling this again after an interruption continues the pull.
+    pub fn pull(&self, r: &RemoteRef, dest: &Path) -> Result<Pulled, RegistryError> {
+        let started = Instant::now();
+        let target = self.target(r)?;
+        let (_, fetched) = self.resolve_inner(&target, true)?;
+        let Some(Fetched {
+            descriptor: manifest_desc,
+            bytes,
+            parsed: Parsed::Manifest { config, layers, .. },
+        }) = fetched
+        else {
+            return Err(RegistryError::BadManifest {
+                image: target.image.clone(),
+                reason: "no image manifest found".into(),
+            });
+        };
+        let layout = Layout::open(dest)?;
+        layout.put_blob(&manifest_desc, &bytes)?;
+
+        // The config first: it is small, and a broken one fails the pull before gigabytes
+        // of layers are fetched. Identical layers (it happens) are fetched once.
+        let mut blobs: Vec<&Descriptor> = Vec::with_capacity(layers.len() + 1);
+        for d in std::iter::once(&config).chain(layers.iter()) {
+            if !blobs.iter().any(|b| b.digest == d.digest) {
+                blobs.push(d);
+            }
+        }
+        let (present, missing): (Vec<&Descriptor>, Vec<&Descriptor>) =
+            blobs.iter().partition(|d| layout.has_blob(d));
+        let total: u64 = missing.iter().map(|d| d.size).sum();
+        tracing::info!(
+            "pulling {} ({}): {} blobs to fetch ({}), {} already here",
+            target.image,
+            manifest_desc.digest,
+            missing.len(),
+            progress::human_bytes(total),
+            present.len()
+        );
+        let meter =
+            progress::Meter::new(self.options.progress, &target.image, total, missing.len());
+        let fetched_bytes = self.fetch_all(&target, &layout, &missing, &meter)?;
+        let reused_blobs = present.len();
+        meter.finish();
+        layout.write_index(&manifest_desc, r.tag.as_deref())?;
+        tracing::info!(
+            "pulled {} in {:.1} s ({} fetched)",
+            target.image,
+            started.elapsed().as_secs_f64(),
+            progress::human_bytes(fetched_bytes)
+        );
+        Ok(Pulled {
+            manifest_digest: manifest_desc.digest,
+            manifest_media_type: manifest_desc.media_type,
+            config_digest: config.digest,
+            layers,
+            fetched_bytes,
+            reused_blobs,
+        })
+    }
+
+    /// Download blobs on `parallel` threads. The first failure stops the others from
+    /// starting new blobs; what finished stays for the next try.
+    fn fetch_all(
+        &self,
+        target: &Target,
+        layout: &Layout,
+        blobs: &[&Descriptor],
+        meter: &progress::Meter,
+    ) -> Result<u64, RegistryError> {
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let first_error: Mutex<Option<RegistryError>> = Mutex::new(None);
+        let fetched = std::sync::atomic::AtomicU64::new(0);
+        let workers = self.options.parallel.clamp(1, 32).min(blobs.len().max(1));
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| loop {
+                    if failed.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(d) = blobs.get(i) else { return };
+                    match layout.fetch_blob(&self.transport, target, d, meter) {
+                        Ok(n) => {
+                            fetched.fetch_add(n, Ordering::Relaxed);
+                            meter.blob_done(&d.digest, d.size);
+                        }
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
+                            slot.get_or_insert(e);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(fetched.into_inner()),
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! The registry client against a real registry: Debian's docker-registry, started and
+//! filled by `integration/registry up` (see that script for the images).
+//!
+//! Needs `FERRY_TEST_REGISTRY=127.0.0.1:15000` (`eval "$(integration/registry env)"`).
+//! Without it these tests print a note and pass, except under CI (`CI=true`), where a
+//! missing registry is a failure rather than a silent skip.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferry::image::registry::{
+    Client, ClientOptions, CredentialSources, Platform, Progress, RegistryError, RemoteRef,
+};
+
+fn registry() -> Option<String> {
+    match std::env::var("FERRY_TEST_REGISTRY") {
+        Ok(r) if !r.is_empty() => Some(r),
+        _ => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!(
+                    "FERRY_TEST_REGISTRY is not set under CI: run `integration/registry up` and \
+                     `eval \"$(integration/registry env)\"` before the tests"
+                );
+            }
+            eprintln!(
+                "note: registry tests skipped: FERRY_TEST_REGISTRY is not set \
+                 (integration/registry up; eval \"$(integration/registry env)\")"
+            );
+            None
+        }
+    }
+}
+
+fn options(registry: &str) -> ClientOptions {
+    ClientOptions {
+        insecure_registries: vec![registry.to_string()],
+        credentials: CredentialSources::default(),
+        progress: Progress::Quiet,
+        platform: Platform::parse("linux/amd64").unwrap(),
+        retry_delay: Duration::from_millis(100),
+        ..ClientOptions::default()
+    }
+}
+
+fn reference(registry: &str, repository: &str, tag: &str) -> RemoteRef {
+    RemoteRef {
+        registry: registry.to_string(),
+        repository: repository.to_string(),
+        tag: Some(tag.to_string()),
+        digest: None,
+        user: None,
+    }
+}
+
+fn index_entry(dest: &Path) -> serde_json::Value {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dest.join("index.json")).unwrap()).unwrap();
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 1);
+    index["manifests"][0].clone()
+}
+
+fn blob(dest: &Path, digest: &str) -> std::path::PathBuf {
+    dest.join("blobs/sha256")
+        .join(digest.strip_prefix("sha256:").unwrap())
+}
+
+/// The names in a gzip layer, by the system's tar.
+fn layer_listing(path: &Path) -> String {
+    let out = Command::new("tar").arg("-tzf").arg(path).output().unwrap();
+    assert!(out.status.success(), "tar -tzf {}", path.display());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn pull_busybox_and_pull_again() {
+    let Some(reg) = registry() else { return };
+    let client = Client::new(options(&reg)).unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    let r = reference(&reg, "ferry/busybox", "latest");
+
+    let start = Instant::now();
+    let pulled = client.pull(&r, dest.path()).unwrap();
+    let first = start.elapsed();
+    assert_eq!(pulled.layers.len(), 1);
+    assert_eq!(pulled.reused_blobs, 0);
+    let entry = index_entry(dest.path());
+    assert_eq!(entry["digest"], pulled.manifest_digest.as_str());
+    assert_eq!(
+        entry["annotations"]["org.opencontainers.image.ref.name"],
+        "latest"
+    );
+    assert_eq!(
+        entry["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    let listing = layer_listing(&blob(dest.path(), &pulled.layers[0].digest));
+    assert!(listing.lines().any(|l| l == "./bin/busybox"), "{listing}");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(dest.path(), &pulled.config_digest)).unwrap())
+            .unwrap();
+    assert_eq!(config["architecture"], "amd64");
+
+    let start = Instant::now();
+    let again = client.pull(&r, dest.path()).unwrap();
+    let second = start.elapsed();
+    assert_eq!(again.manifest_digest, pulled.manifest_digest);
+    assert_eq!(again.fetched_bytes, 0);
+    assert_eq!(again.reused_blobs, 2);
+    eprintln!(
+        "measure: pull of {r} ({} bytes): {:.1} ms; again with every blob present: {:.1} ms",
+        pulled.fetched_bytes,
+        first.as_secs_f64() * 1000.0,
+        second.as_secs_f64() * 1000.0
+    );
+
+    let resolved = client.resolve(&r).unwrap();
+    assert_eq!(resolved.manifest_digest, pulled.manifest_digest);
+}
+
+#[test]
+fn docker_schema2_and_multi_platform() {
+    let Some(reg) = registry() else { return };
+    let client = Client::new(options(&reg)).unwrap();
+    let oci = client
+        .resolve(&reference(&reg, "ferry/busybox", "latest"))
+        .unwrap();
+
+    let dest = tempfile::tempdir().unwrap();
+    let docker = client
+        .pull(&reference(&reg, "ferry/busybox", "docker"), dest.path())
+        .unwrap();
+    assert_eq!(
+        docker.manifest_media_type,
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    assert_eq!(
+        index_entry(dest.path())["mediaType"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+
+    // The index's amd64 entry is the very image pushed as ferry/busybox:latest.
+    let multi = reference(&reg, "ferry/multi", "latest");
+    let amd = client.resolve(&multi).unwrap();
+    assert_eq!(amd.manifest_digest, oci.manifest_digest);
+    assert!(amd.index_digest.is_some());
+
+    let mut arm_opts = options(&reg);
+    arm_opts.platform = Platform::parse("linux/arm64").unwrap();
+    let arm_client = Client::new(arm_opts).unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    let arm = arm_client.pull(&multi, dest.path()).unwrap();
+    assert_ne!(arm.manifest_digest, amd.manifest_digest);
+    let listing = layer_listing(&blob(dest.path(), &arm.layers[0].digest));
+    assert!(listing.contains("./etc/ferry-marker"), "{listing}");
+    assert!(!listing.contains("busybox"), "{listing}");
+
+    let mut s390 = options(&reg);
+    s390.platform = Platform::parse("linux/s390x").unwrap();
+    let e = Client::new(s390).unwrap().resolve(&multi).unwrap_err();
+    assert!(
+        e.to_string()
+            .ends_with("has no image for linux/s390x; it has: linux/amd64, linux/arm64/v8"),
+        "{e}"
+    );
+}
+
+#[test]
+fn errors_from_a_real_registry() {
+    let Some(reg) = registry() else { return };
+    let client = Client::new(options(&reg)).unwrap();
+    let e = client
+        .resolve(&reference(&reg, "ferry/busybox", "no-such-tag"))
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::NotFound { .. }), "{e}");
+    assert!(e.to_string().starts_with(&format!(
+        "no such image or tag: {reg}/ferry/busybox:no-such-tag"
+    )));
+    let e = client
+        .resolve(&reference(&reg, "ferry/no-such-repo", "latest"))
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::NotFound { .. }), "{e}");
+
+    // Not marked insecure: https to a plain-http registry fails at once, saying why.
+    let mut https = options(&reg);
+    https.insecure_registries.clear();
+    let e = Client::new(https)
+        .unwrap()
+        .resolve(&reference(&reg, "ferry/busybox", "latest"))
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::Tls { .. }), "{e}");
+}
+
+#[test]
+fn the_pull_command() {
+    let Some(reg) = registry() else { return };
+    let dest = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["pull", "--insecure"])
+        .arg(format!("docker://{reg}#ferry/busybox:latest"))
+        .arg(dest.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("sha256:") && stdout.contains("1 layers"),
+        "{stdout}"
+    );
+    assert!(dest.path().join("index.json").exists());
+    eprintln!("measure: ferry pull: {}", stdout.trim());
+
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["pull"])
+        .arg(format!("{reg}/ferry/busybox:latest"))
+        .arg(dest.path().join("x"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("ferry: error: TLS connection to") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+}
