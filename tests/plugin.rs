@@ -591,3 +591,73 @@ fn plugstack_arguments_take_effect() {
         out.stderr
     );
 }
+
+// ---- named containers and --container-save ---------------------------------------------
+
+#[test]
+fn named_containers_keep_state_across_steps_and_save_makes_an_image() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let debian = img("busybox.sqsh"); // small: the save squashes it whole
+    let busybox = img("busybox.sqsh");
+    let d = dir.path.display();
+    let out = slurm(&format!(
+        "cd {d} && salloc -Q bash -c '\
+         srun -n1 --container={debian} --container-name=work sh -c \"echo step1 > /etc/state\"; \
+         srun -O -n2 --container={debian} --container-name=work cat /etc/state; \
+         srun -n1 --container={debian} cat /etc/state 2>/dev/null || echo no state without the name; \
+         srun -n1 --container={debian} --container-name=other cat /etc/state 2>/dev/null || echo other name is separate; \
+         srun -n1 --container={debian} --container-name=work --container-save=saved.sqsh sh -c \"echo step2 >> /etc/state\"; \
+         srun -n1 --container={busybox} --container-save={d}/solo.sqsh sh -c \"echo solo > /etc/solo\"; \
+         echo $SLURM_JOB_ID > jobid'"
+    ));
+    assert_eq!(
+        out.ok(),
+        "step1\nstep1\nno state without the name\nother name is separate\n",
+        "{}",
+        out.stderr
+    );
+    // The saved images hold the changes, owned by root as in any image.
+    let out = slurm(&format!(
+        "srun -n1 --container={d}/saved.sqsh --container-remap-root sh -c 'cat /etc/state; stat -c %u /etc/state'; \
+         srun -n1 --container={d}/solo.sqsh cat /etc/solo"
+    ));
+    assert_eq!(out.ok(), "step1\nstep2\n0\nsolo\n", "{}", out.stderr);
+    // No temporary file next to them.
+    let names = dir_entries(&d.to_string());
+    assert_eq!(names, ["jobid", "saved.sqsh", "solo.sqsh"], "{names:?}");
+    // The job's unpacked containers are gone once the job is (its epilog removes them).
+    let job = std::fs::read_to_string(dir.path.join("jobid")).unwrap();
+    let job_dir = format!("/tmp/ferry-{}/job{}", uid_of(USER), job.trim());
+    let start = Instant::now();
+    while std::path::Path::new(&job_dir).exists() && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !std::path::Path::new(&job_dir).exists(),
+        "{job_dir} remains"
+    );
+}
+
+#[test]
+fn container_name_and_save_are_checked_before_the_step_starts() {
+    let _m = shared_machine();
+    let busybox = img("busybox.sqsh");
+    let out = slurm(&format!(
+        "srun -n1 --container={busybox} --container-name=../x true"
+    ));
+    assert_eq!(out.code, 1);
+    let lines = own_lines(&out.stderr);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].contains("--container-name=../x"), "{}", lines[0]);
+    // A save target the user cannot write: the step runs, the save fails with a line.
+    let out = slurm(&format!(
+        "srun -n1 --container={busybox} --container-save=/var/lib/x.sqsh true"
+    ));
+    assert!(
+        out.stderr.contains("--container-save") && out.stderr.contains("/var/lib/x.sqsh"),
+        "{}",
+        out.stderr
+    );
+    assert!(!std::path::Path::new("/var/lib/x.sqsh").exists());
+}

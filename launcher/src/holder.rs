@@ -138,20 +138,10 @@ impl Drop for Holder {
     }
 }
 
-/// Start a holder for `spec` and wait for its report.
-pub fn prepare(spec: &ContainerSpec, opts: &PrepareOptions) -> Result<Holder, PrepareError> {
-    let mut cmd = Command::new(&opts.holder_program);
-    cmd.arg("hold").stdin(Stdio::piped()).stdout(Stdio::piped());
-    cmd.stderr(if opts.quiet {
-        Stdio::null()
-    } else {
-        Stdio::inherit()
-    });
-    if let Some(env) = &opts.env {
-        cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
-    }
-    let run_as = opts.run_as.clone();
-    let die_with_parent = opts.die_with_parent;
+/// Make `cmd` run as `run_as` (when given; the caller is root, maybe with only its
+/// effective uid dropped, as in slurmstepd), optionally dying with the thread that starts
+/// it, with no inherited descriptor beyond stdio.
+pub fn run_as_on_exec(cmd: &mut Command, run_as: Option<Credentials>, die_with_parent: bool) {
     // SAFETY: between fork and exec the closure makes only async-signal-safe system calls
     // (setgroups, setresgid, setresuid, prctl, close_range) on data prepared before fork.
     unsafe {
@@ -177,6 +167,21 @@ pub fn prepare(spec: &ContainerSpec, opts: &PrepareOptions) -> Result<Holder, Pr
             sys::cloexec_from(3)
         });
     }
+}
+
+/// Start a holder for `spec` and wait for its report.
+pub fn prepare(spec: &ContainerSpec, opts: &PrepareOptions) -> Result<Holder, PrepareError> {
+    let mut cmd = Command::new(&opts.holder_program);
+    cmd.arg("hold").stdin(Stdio::piped()).stdout(Stdio::piped());
+    cmd.stderr(if opts.quiet {
+        Stdio::null()
+    } else {
+        Stdio::inherit()
+    });
+    if let Some(env) = &opts.env {
+        cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
+    }
+    run_as_on_exec(&mut cmd, opts.run_as.clone(), opts.die_with_parent);
     let mut child = cmd.spawn().map_err(|source| PrepareError::Spawn {
         program: opts.holder_program.clone(),
         source,

@@ -8,6 +8,7 @@ pub mod holder;
 pub mod image;
 pub mod join;
 pub mod mounts;
+pub mod named;
 pub mod namespace;
 pub mod rootfs;
 pub mod run;

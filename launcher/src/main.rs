@@ -36,6 +36,20 @@ enum Command {
     /// will do this and convert the result.
     #[command(hide = true)]
     Pull(PullArgs),
+    /// Squash an unpacked container (`ferry run --keep DIR`: DIR/rootfs) into a squashfs
+    /// image, atomically.
+    Save(SaveArgs),
+}
+
+#[derive(Args)]
+struct SaveArgs {
+    /// The root filesystem to save (e.g. DIR/rootfs of `ferry run --keep DIR`).
+    rootfs: PathBuf,
+    /// The image to write (replaced atomically when it exists).
+    output: PathBuf,
+    /// Remove this directory (the container's) after saving, whether the save worked or not.
+    #[arg(long, hide = true, value_name = "DIR")]
+    remove: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -79,6 +93,11 @@ struct RunArgs {
     /// Set NAME=VALUE inside (a bare NAME passes the current value); repeatable.
     #[arg(short = 'e', long = "env", value_name = "NAME=VALUE")]
     env: Vec<String>,
+    /// Run in a writable, unpacked copy of the image kept in DIR (made on first use,
+    /// reused after; DIR/rootfs), like a named container. `ferry save DIR/rootfs OUT.sqsh`
+    /// makes an image of it.
+    #[arg(long, value_name = "DIR")]
+    keep: Option<PathBuf>,
     /// Image: a squashfs file (.sqsh) or a directory holding a root filesystem.
     image: PathBuf,
     /// Command and its arguments (default: /bin/sh).
@@ -98,6 +117,21 @@ fn main() {
                 EXIT_SETUP_FAILED
             }
         },
+        Command::Save(args) => {
+            let saved = ferry::named::save(&args.rootfs, &args.output);
+            if let Some(dir) = &args.remove {
+                if let Err(e) = std::fs::remove_dir_all(dir) {
+                    eprintln!("ferry: warning: cannot remove {}: {e}", dir.display());
+                }
+            }
+            match saved {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("ferry: error: {e}");
+                    1
+                }
+            }
+        }
         Command::Pull(args) => match pull_command(args) {
             Ok(()) => 0,
             Err(e) => {
@@ -128,6 +162,14 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     spec.mount_home = !args.no_mount_home;
     spec.workdir = args.workdir;
     spec.cwd = Some(cwd.clone());
+    if let Some(dir) = &args.keep {
+        let dir = cwd.join(dir);
+        spec.unpacked = Some(ferry::spec::UnpackedDir {
+            owned_from: dir.clone(),
+            dir,
+        });
+        spec.writable = true;
+    }
     for m in &args.mounts {
         spec.mounts.extend(MountSpec::parse_list(m, &cwd)?);
     }

@@ -19,6 +19,7 @@ use nix::mount::{mount, MsFlags};
 
 use crate::image::{self, ImageError, ImageKind};
 use crate::mounts::MountSpec;
+use crate::named;
 use crate::spec::ContainerSpec;
 use crate::sys;
 use crate::user::{self, InsideIds};
@@ -35,6 +36,8 @@ const SMALL_FILE_LIMIT: u64 = 4 << 20;
 pub enum RootfsError {
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error(transparent)]
+    Named(#[from] named::NamedError),
     #[error("squashfuse not found: install it (Debian/Ubuntu: apt-get install squashfuse) or set `squashfuse=` in the plugin's plugstack.conf arguments")]
     NoSquashfuse,
     #[error("the site's squashfuse program {0} is missing or not executable: fix `squashfuse=` in plugstack.conf, or leave it out to use squashfuse_ll from PATH")]
@@ -169,6 +172,19 @@ pub fn open_inputs(spec: &ContainerSpec) -> Result<Inputs, RootfsError> {
         },
     })?;
     let kind = image::detect(&image_path, &image)?;
+    // An unpacked container is a directory image from here on: the user's own copy.
+    let (image_path, image, kind) = match &spec.unpacked {
+        None => (image_path, image, kind),
+        Some(u) => {
+            named::make_private_dir(&u.owned_from, &u.dir)?;
+            let rootfs = named::prepare_rootfs(&u.dir, &image_path, &kind)?;
+            let dir = File::open(&rootfs).map_err(|source| ImageError::Open {
+                path: rootfs.clone(),
+                source,
+            })?;
+            (rootfs, dir, ImageKind::Directory)
+        }
+    };
     let squashfuse = match kind {
         ImageKind::Squashfs { .. } => {
             let program = image::squashfs::find_squashfuse(spec.site.squashfuse.as_deref())
@@ -334,8 +350,20 @@ fn assemble(
             missing.push((resolved, bind.is_dir));
         }
     }
-    let overlay = spec.writable || !missing.is_empty();
-    if overlay {
+    let overlay = spec.unpacked.is_none() && (spec.writable || !missing.is_empty());
+    if spec.unpacked.is_some() {
+        // The user's own copy: mount points go into it, and writes stay in it.
+        for (rel, is_dir) in &missing {
+            create_mount_point(lower, rel, *is_dir).map_err(setup("creating mount points"))?;
+        }
+        bind_mount(Path::new(LOWER), Path::new(NEW), true).map_err(|source| {
+            RootfsError::Mount {
+                what: "the unpacked container".into(),
+                target: "/".into(),
+                source,
+            }
+        })?;
+    } else if overlay {
         mount_overlay(spec, &missing)?;
     } else {
         bind_mount(Path::new(LOWER), Path::new(NEW), true).map_err(|source| {

@@ -50,6 +50,9 @@ pub struct PluginSettings {
     pub squashfuse: Option<PathBuf>,
     /// `writable_tmpfs_size=`: size limit of the tmpfs holding a writable container's changes.
     pub writable_tmpfs_size: Option<String>,
+    /// `named_dir=`: where each user's unpacked containers (`--container-name`,
+    /// `--container-save`) go on a node, as `ferry-UID/jobJOBID/NAME` (default `/tmp`).
+    pub named_dir: PathBuf,
     /// `log_level=error|warn|info|debug|trace` (default `debug`: Slurm's level decides).
     pub log_level: LogLevel,
     /// `registry_ca_file=`: PEM CA certificates trusted for registries besides the system's
@@ -68,6 +71,7 @@ impl Default for PluginSettings {
             squashfuse: None,
             writable_tmpfs_size: None,
             log_level: LogLevel::Debug,
+            named_dir: PathBuf::from("/tmp"),
             registry_ca_file: None,
             insecure_registries: Vec::new(),
         }
@@ -96,7 +100,8 @@ pub enum SiteError {
     BadRegistry(String),
 }
 
-const KEYS: &str = "ferry_bin, default_mounts, squashfuse, writable_tmpfs_size, log_level, \
+const KEYS: &str =
+    "ferry_bin, default_mounts, squashfuse, writable_tmpfs_size, log_level, named_dir, \
 registry_ca_file, insecure_registries";
 
 /// Keys that may be repeated, their values adding up.
@@ -144,6 +149,7 @@ impl PluginSettings {
             match key {
                 "ferry_bin" => s.ferry_bin = absolute(key, value)?,
                 "squashfuse" => s.squashfuse = Some(absolute(key, value)?),
+                "named_dir" => s.named_dir = absolute(key, value)?,
                 "writable_tmpfs_size" => {
                     if value.is_empty() {
                         return Err(SiteError::Empty {
@@ -223,6 +229,7 @@ mod tests {
             "squashfuse=/usr/bin/squashfuse_ll",
             "writable_tmpfs_size=50%",
             "log_level=info",
+            "named_dir=/local/ferry",
             "registry_ca_file=/etc/ssl/site-ca.pem",
             "insecure_registries=registry.site:5000, 10.0.0.1",
             "insecure_registries=localhost:5000",
@@ -243,6 +250,7 @@ mod tests {
         assert_eq!(s.default_mounts[1].target, PathBuf::from("/scratch"));
         assert_eq!(s.squashfuse, Some(PathBuf::from("/usr/bin/squashfuse_ll")));
         assert_eq!(s.log_level, LogLevel::Info);
+        assert_eq!(s.named_dir, PathBuf::from("/local/ferry"));
         let site = s.site_settings();
         assert_eq!(site.writable_tmpfs_size.as_deref(), Some("50%"));
     }

@@ -35,11 +35,23 @@ pub struct ContainerSpec {
     /// `NAME=VALUE` pairs asked for explicitly; they win over the image's values.
     #[serde(default)]
     pub env: Vec<(String, String)>,
+    /// A directory of the user's holding an unpacked, writable copy of the image that
+    /// outlives the step (named containers, `--container-save`): unpacked on first use,
+    /// reused after. `None`: the image is mounted as it is.
+    #[serde(default)]
+    pub unpacked: Option<UnpackedDir>,
     /// The user the container is for (who runs the holder).
     pub user: UserInfo,
     /// Site overrides of helper programs and limits.
     #[serde(default)]
     pub site: SiteSettings,
+}
+
+/// Where an unpacked container lives: `dir`, made private to the user from `owned_from` down.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UnpackedDir {
+    pub owned_from: PathBuf,
+    pub dir: PathBuf,
 }
 
 /// Settings an admin controls; users cannot change them through the spec in the plugin
@@ -70,6 +82,7 @@ impl ContainerSpec {
             workdir: None,
             cwd: None,
             env: Vec::new(),
+            unpacked: None,
             user,
             site: SiteSettings::default(),
         }

@@ -376,7 +376,7 @@ pub extern "C" fn slurm_spank_task_exit(
 ) -> c_int {
     guard("task_exit", |plugin, _| {
         if let Some(step) = plugin.step.as_mut() {
-            remote::task_exit(step);
+            remote::task_exit(step, plugin.settings.as_ref().ok());
         }
         Ok(())
     })
@@ -392,6 +392,37 @@ pub extern "C" fn slurm_spank_exit(
         if let Some(step) = plugin.step.as_mut() {
             remote::exit(step);
         }
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn slurm_spank_job_epilog(
+    spank: spank_sys::spank_t,
+    ac: c_int,
+    av: *const *const c_char,
+) -> c_int {
+    guard("job_epilog", |plugin, cache| {
+        let sh = handle(spank, ac, av, cache);
+        // Slurm calls no slurm_spank_init before a job prolog or epilog: read the arguments here.
+        if plugin.context.is_none() {
+            let args = sh.plugin_argv().unwrap_or_default();
+            plugin.settings = PluginSettings::parse(&args).map_err(|e| e.to_string());
+        }
+        let Ok(settings) = plugin.settings.as_ref() else {
+            return Ok(());
+        };
+        let (uid, job_id) = match (sh.job_uid(), sh.job_id()) {
+            (Ok(uid), Ok(job_id)) => (uid, job_id),
+            (uid, job) => {
+                spank_log(
+                    LogLevel::Error,
+                    &format!("ferry: job_epilog: no job uid or id ({uid:?}, {job:?})"),
+                );
+                return Ok(());
+            }
+        };
+        remote::remove_job_containers(settings, uid, job_id);
         Ok(())
     })
 }

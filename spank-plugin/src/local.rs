@@ -141,6 +141,15 @@ pub fn resolve(
             ));
         }
     }
+    let name = opts.name.clone().or(job.name);
+    if let Some(n) = &name {
+        request::check_name(n)?;
+    }
+    // Saving is per step: a job-wide --container-save would make every step overwrite it.
+    let save = opts
+        .save
+        .as_deref()
+        .map(|p| request::absolute_image(p, cwd));
     let env_names = opts.env.clone().or(job.env_names);
     if let Some(list) = &env_names {
         request::check_env_names(list)?;
@@ -154,6 +163,8 @@ pub fn resolve(
         remap_root: opts.remap_root.or(job.remap_root),
         writable: opts.writable.or(job.writable),
         entrypoint: opts.entrypoint.or(job.entrypoint),
+        name,
+        save,
     };
     info!("container image {} (from {origin})", req.image);
     debug!("request: {req:?}");

@@ -21,6 +21,8 @@ pub enum Key {
     RemapRoot(bool),
     Writable(bool),
     Entrypoint(bool),
+    Name,
+    Save,
 }
 
 pub struct OptDef {
@@ -118,6 +120,20 @@ pub static OPTIONS: &[OptDef] = &[
         "[ferry] for these environment variables, use the host's value in the container \
          even where the image sets one",
         Key::Env
+    ),
+    opt!(
+        "container-name",
+        "NAME",
+        "[ferry] keep the container's changes under NAME for the later steps of the job \
+         (unpacked on first use on each node; writable unless --container-readonly)",
+        Key::Name
+    ),
+    opt!(
+        "container-save",
+        "PATH",
+        "[ferry] when the step ends, save the container's root filesystem (image plus \
+         changes) as the squashfs image PATH",
+        Key::Save
     ),
     opt!(
         "container-entrypoint",
@@ -227,6 +243,8 @@ pub struct OptionValues {
     pub remap_root: Option<bool>,
     pub writable: Option<bool>,
     pub entrypoint: Option<bool>,
+    pub name: Option<String>,
+    pub save: Option<String>,
     /// Both options of a pair (`--container-writable` and `--container-readonly`), as
     /// `(first, second)` names; the callbacks see them in different orders in srun and in
     /// slurmstepd, so giving both is refused.
@@ -247,6 +265,8 @@ impl OptionValues {
             Key::Mounts => self.mounts = text(),
             Key::Workdir => self.workdir = text(),
             Key::Env => self.env = text(),
+            Key::Name => self.name = text(),
+            Key::Save => self.save = text(),
             Key::MountHome(on) => self.mount_home = self.flag(self.mount_home, on, def),
             Key::RemapRoot(on) => self.remap_root = self.flag(self.remap_root, on, def),
             Key::Writable(on) => self.writable = self.flag(self.writable, on, def),

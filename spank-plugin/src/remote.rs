@@ -32,6 +32,8 @@ pub struct Step {
     pub gid: u32,
     pub groups: Vec<u32>,
     pub local_tasks: u32,
+    /// This node's index in the step (`--container-save` writes from node 0 only).
+    pub node_id: u32,
     pub request: StepRequest,
     /// Where the request came from, for the logs.
     pub origin: &'static str,
@@ -118,6 +120,7 @@ pub fn init_post_opt(
         step.gid = spank.job_gid()?;
         step.groups = spank.job_supplementary_gids().unwrap_or_default();
         step.local_tasks = spank.job_local_task_count()?;
+        step.node_id = spank.job_nodeid().unwrap_or(0);
         Ok(())
     })();
     if let Err(e) = ids {
@@ -175,6 +178,8 @@ fn from_options(
             remap_root: opts.remap_root,
             writable: opts.writable,
             entrypoint: opts.entrypoint,
+            name: opts.name.clone(),
+            save: opts.save.clone().filter(|p| p.starts_with('/')),
         },
         origin,
     )))
@@ -217,7 +222,46 @@ fn container_spec(
         }
     }
     spec.site = settings.site_settings();
+    if req.name.is_some() || req.save.is_some() {
+        let (owned_from, dir) = unpacked_dir(settings, step);
+        spec.unpacked = Some(ferry::spec::UnpackedDir { owned_from, dir });
+        // Keeping or saving changes is the point of both; --container-readonly still wins.
+        spec.writable = req.writable.unwrap_or(true);
+    }
     Ok(spec)
+}
+
+/// The user's directory for unpacked containers on this node, and this step's container in
+/// it: the named one, or one for this step alone when it only saves.
+fn unpacked_dir(settings: &PluginSettings, step: &Step) -> (PathBuf, PathBuf) {
+    let user_dir = settings.named_dir.join(format!("ferry-{}", step.uid));
+    let job_dir = user_dir.join(format!("job{}", step.job_id));
+    let dir = match &step.request.name {
+        Some(name) => job_dir.join(name),
+        None => job_dir.join(format!(".step{}", step_name(step.step_id))),
+    };
+    (user_dir, dir)
+}
+
+/// job_epilog (each node of the job, as root, at the job's end): remove the job's unpacked
+/// containers. Only inside a real directory owned by the user: a symlink planted at the
+/// user's directory must not point the removal elsewhere (remove_dir_all itself never
+/// follows symlinks inside the tree).
+pub fn remove_job_containers(settings: &PluginSettings, uid: u32, job_id: u32) {
+    use std::os::unix::fs::MetadataExt;
+    let user_dir = settings.named_dir.join(format!("ferry-{uid}"));
+    match std::fs::symlink_metadata(&user_dir) {
+        Ok(m) if m.is_dir() && m.uid() == uid => {}
+        _ => return,
+    }
+    let job_dir = user_dir.join(format!("job{job_id}"));
+    if !job_dir.exists() {
+        return;
+    }
+    match std::fs::remove_dir_all(&job_dir) {
+        Ok(()) => info!("removed the job's containers in {}", job_dir.display()),
+        Err(e) => warn!("cannot remove {}: {e}", job_dir.display()),
+    }
 }
 
 /// user_init (once per step per node, slurmstepd as root with the job user's ids in place
@@ -300,10 +344,15 @@ pub fn task_init(spank: &SpankHandle, step: &Step) -> Result<(), String> {
 
 /// task_exit (slurmstepd, once per task as it is reaped): after the last local task, stop
 /// the holder, before Slurm waits for the step's processes to go.
-pub fn task_exit(step: &mut Step) {
+pub fn task_exit(step: &mut Step, settings: Option<&PluginSettings>) {
     step.tasks_exited += 1;
     if step.tasks_exited < step.local_tasks {
         return;
+    }
+    if let Some(settings) = settings {
+        if step.node_id == 0 {
+            save_container(step, settings);
+        }
     }
     stop_holder(step, "the step's last task exited");
 }
@@ -311,6 +360,57 @@ pub fn task_exit(step: &mut Step) {
 /// exit (slurmstepd, at the end): make sure nothing is left, also for failed steps.
 pub fn exit(step: &mut Step) {
     stop_holder(step, "the step ends");
+}
+
+/// `--container-save`: squash the container's root filesystem to the requested path, as
+/// the user (so the path is checked with the user's rights), before the holder stops.
+fn save_container(step: &Step, settings: &PluginSettings) {
+    let (Some(output), Some(_)) = (&step.request.save, &step.holder) else {
+        return;
+    };
+    let (_, dir) = unpacked_dir(settings, step);
+    let mut cmd = std::process::Command::new(&settings.ferry_bin);
+    cmd.arg("save")
+        .arg(dir.join(ferry::named::ROOTFS))
+        .arg(output)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    if step.request.name.is_none() {
+        // This step's own copy: gone after the save.
+        cmd.arg("--remove").arg(&dir);
+    }
+    ferry::holder::run_as_on_exec(
+        &mut cmd,
+        Some(Credentials {
+            uid: step.uid,
+            gid: step.gid,
+            groups: step.groups.clone(),
+        }),
+        false,
+    );
+    let started = std::time::Instant::now();
+    match cmd.output() {
+        Ok(out) if out.status.success() => info!(
+            "step {}.{}: saved the container to {output} in {:.1} s",
+            step.job_id,
+            step_name(step.step_id),
+            started.elapsed().as_secs_f64()
+        ),
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stderr);
+            let line = text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+            // slurmstepd forwards its errors to srun's terminal while the step lasts.
+            error!(
+                "--container-save: {}",
+                line.trim_start_matches("ferry: error: ")
+            );
+        }
+        Err(e) => error!(
+            "--container-save: cannot run {}: {e}",
+            settings.ferry_bin.display()
+        ),
+    }
 }
 
 fn stop_holder(step: &mut Step, why: &str) {

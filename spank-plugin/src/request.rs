@@ -32,6 +32,10 @@ pub const ENV_MOUNT_HOME: &str = "SLURM_FERRY_CONTAINER_MOUNT_HOME";
 pub const ENV_REMAP_ROOT: &str = "SLURM_FERRY_CONTAINER_REMAP_ROOT";
 pub const ENV_WRITABLE: &str = "SLURM_FERRY_CONTAINER_WRITABLE";
 pub const ENV_ENTRYPOINT: &str = "SLURM_FERRY_CONTAINER_ENTRYPOINT";
+/// `--container-name`.
+pub const ENV_NAME: &str = "SLURM_FERRY_CONTAINER_NAME";
+/// `--container-save`, made absolute.
+pub const ENV_SAVE: &str = "SLURM_FERRY_CONTAINER_SAVE";
 
 /// Every variable of the transport, for unsetting them all.
 pub const ALL_ENV: &[&str] = &[
@@ -43,6 +47,8 @@ pub const ALL_ENV: &[&str] = &[
     ENV_REMAP_ROOT,
     ENV_WRITABLE,
     ENV_ENTRYPOINT,
+    ENV_NAME,
+    ENV_SAVE,
 ];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -55,6 +61,8 @@ pub struct StepRequest {
     pub remap_root: Option<bool>,
     pub writable: Option<bool>,
     pub entrypoint: Option<bool>,
+    pub name: Option<String>,
+    pub save: Option<String>,
 }
 
 fn flag_text(v: Option<bool>) -> Option<String> {
@@ -82,6 +90,8 @@ impl StepRequest {
             (ENV_REMAP_ROOT, flag_text(self.remap_root)),
             (ENV_WRITABLE, flag_text(self.writable)),
             (ENV_ENTRYPOINT, flag_text(self.entrypoint)),
+            (ENV_NAME, self.name.clone()),
+            (ENV_SAVE, self.save.clone()),
         ]
     }
 
@@ -101,6 +111,8 @@ impl StepRequest {
             remap_root: parse_flag(ENV_REMAP_ROOT, get(ENV_REMAP_ROOT))?,
             writable: parse_flag(ENV_WRITABLE, get(ENV_WRITABLE))?,
             entrypoint: parse_flag(ENV_ENTRYPOINT, get(ENV_ENTRYPOINT))?,
+            name: text(ENV_NAME),
+            save: text(ENV_SAVE),
         }))
     }
 }
@@ -135,6 +147,23 @@ pub fn absolute_mounts(list: &str, cwd: &Path) -> Result<String, String> {
         })
         .collect();
     Ok(items.join(","))
+}
+
+/// Check a `--container-name`: it names a directory on each node.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "--container-name={name}: use letters, digits, `.`, `_` and `-` (not first), e.g. --container-name=build"
+        ))
+    }
 }
 
 /// Check a `--container-env` list of variable names.

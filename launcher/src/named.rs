@@ -1,0 +1,332 @@
+//! Unpacked containers: a writable copy of an image in a directory of the user's, made on
+//! first use and kept between steps. Slurm's named containers (`--container-name`) use one
+//! per job and name; `--container-save` squashes one back into an image.
+//!
+//! Unpacking is the price pyxis and enroot pay on every start; ferry pays it only where
+//! state must outlive a step. Everything here runs as the user (in the holder, before it
+//! leaves the host's namespaces, or as a helper the plugin starts as the user), so no file
+//! is written with more rights than the user has.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::image::ImageKind;
+
+/// The unpacked root filesystem inside a container directory.
+pub const ROOTFS: &str = "rootfs";
+const PARTIAL: &str = "rootfs.partial";
+const LOCK: &str = ".lock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NamedError {
+    #[error(
+        "{path} belongs to uid {owner}, not to you (uid {uid}): remove it or ask its owner to"
+    )]
+    NotOwned { path: PathBuf, owner: u32, uid: u32 },
+    #[error("{0} is not a directory (a symlink or file is in the way): remove it")]
+    NotADirectory(PathBuf),
+    #[error("cannot create the container directory {path}: {source}")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("cannot unpack the image into {path}: {detail}")]
+    Unpack { path: PathBuf, detail: String },
+    #[error("cannot save the container to {path}: {detail}")]
+    Save { path: PathBuf, detail: String },
+}
+
+/// Make `dir` (and missing parents) as the calling user, mode 0700, and check that every
+/// component from `owned_from` down is a real directory of the user's: a directory planted by
+/// someone else in a shared place like /tmp must not receive the user's files.
+pub fn make_private_dir(owned_from: &Path, dir: &Path) -> Result<(), NamedError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| NamedError::Create {
+            path: dir.into(),
+            source,
+        })?;
+    let uid = nix::unistd::getuid().as_raw();
+    let mut check = dir.to_path_buf();
+    loop {
+        let meta = fs::symlink_metadata(&check).map_err(|source| NamedError::Create {
+            path: check.clone(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(NamedError::NotADirectory(check));
+        }
+        if meta.uid() != uid {
+            return Err(NamedError::NotOwned {
+                path: check,
+                owner: meta.uid(),
+                uid,
+            });
+        }
+        if check == owned_from || !check.pop() || !check.starts_with(owned_from) {
+            return Ok(());
+        }
+    }
+}
+
+/// The unpacked root filesystem in the container directory `dir`, unpacking the image first
+/// when this is the container's first use. Concurrent first uses (several steps, several
+/// nodes sharing a file system) unpack once: the others wait on the lock and find it done.
+pub fn prepare_rootfs(
+    dir: &Path,
+    image_path: &Path,
+    kind: &ImageKind,
+) -> Result<PathBuf, NamedError> {
+    let rootfs = dir.join(ROOTFS);
+    let lock = File::create(dir.join(LOCK)).map_err(|source| NamedError::Create {
+        path: dir.join(LOCK),
+        source,
+    })?;
+    // Held until this function returns: the unpack is what must happen once.
+    let _lock =
+        nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
+            NamedError::Create {
+                path: dir.join(LOCK),
+                source: io::Error::from_raw_os_error(e as i32),
+            }
+        })?;
+    if fs::symlink_metadata(&rootfs).is_ok_and(|m| m.is_dir()) {
+        return Ok(rootfs);
+    }
+    let partial = dir.join(PARTIAL);
+    if partial.exists() {
+        // Left by an unpack that was killed.
+        fs::remove_dir_all(&partial).map_err(|e| NamedError::Unpack {
+            path: partial.clone(),
+            detail: format!("cannot remove a partial unpack: {e}"),
+        })?;
+    }
+    let started = std::time::Instant::now();
+    let result = match kind {
+        ImageKind::Squashfs { offset, .. } => unsquash(image_path, *offset, &partial),
+        ImageKind::Directory => copy_tree(image_path, &partial),
+    };
+    if let Err(detail) = result {
+        let _ = fs::remove_dir_all(&partial);
+        return Err(NamedError::Unpack {
+            path: dir.into(),
+            detail,
+        });
+    }
+    fs::rename(&partial, &rootfs).map_err(|e| NamedError::Unpack {
+        path: dir.into(),
+        detail: e.to_string(),
+    })?;
+    tracing::info!(
+        "unpacked {} into {} in {:.1} s",
+        image_path.display(),
+        rootfs.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(rootfs)
+}
+
+/// Lines a user's unpack prints for what only root can make; device nodes are not wanted
+/// in a container anyway (its /dev is the host's).
+fn is_harmless(line: &str) -> bool {
+    line.trim().is_empty()
+        || line.contains("because you're not superuser")
+        || line.contains("cannot create special file")
+        || line.contains("failed to preserve ownership")
+        || line.starts_with("Exit status")
+}
+
+fn run_tolerant(cmd: &mut Command, what: &str) -> Result<(), String> {
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match stderr.lines().find(|l| !is_harmless(l)) {
+        None => Ok(()),
+        Some(line) => Err(format!("{what}: {}", line.trim())),
+    }
+}
+
+fn unsquash(image: &Path, offset: u64, into: &Path) -> Result<(), String> {
+    let mut cmd = Command::new("unsquashfs");
+    cmd.args(["-q", "-n", "-no-xattrs", "-ignore-errors", "-d"])
+        .arg(into)
+        .arg("-o")
+        .arg(offset.to_string())
+        .arg(image);
+    run_tolerant(&mut cmd, "unsquashfs").map_err(|e| {
+        if e.starts_with("cannot run") {
+            format!("{e} (install squashfs-tools)")
+        } else {
+            e
+        }
+    })?;
+    if !into.is_dir() {
+        return Err("unsquashfs made no root directory".into());
+    }
+    Ok(())
+}
+
+fn copy_tree(from: &Path, into: &Path) -> Result<(), String> {
+    let mut cmd = Command::new("cp");
+    cmd.args(["-a", "--no-preserve=ownership"])
+        .arg(from.join("."))
+        .arg(into);
+    fs::create_dir(into).map_err(|e| e.to_string())?;
+    run_tolerant(&mut cmd, "cp")
+}
+
+/// Squash the root filesystem `rootfs` into the image `output`, atomically: the image
+/// appears complete under its name or not at all. Files are owned by root in the image, as
+/// in images built by root, so a later `--container-remap-root` sees them as its own.
+pub fn save(rootfs: &Path, output: &Path) -> Result<(), NamedError> {
+    let fail = |detail: String| NamedError::Save {
+        path: output.into(),
+        detail,
+    };
+    let name = output
+        .file_name()
+        .ok_or_else(|| fail("give a file name".into()))?;
+    let parent = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Err(fail(format!(
+            "the directory {} does not exist",
+            parent.display()
+        )));
+    }
+    let mut partial_name = std::ffi::OsString::from(".");
+    partial_name.push(name);
+    partial_name.push(format!(".ferry-{}.partial", std::process::id()));
+    let partial = parent.join(partial_name);
+    let out = Command::new("mksquashfs")
+        .arg(rootfs)
+        .arg(&partial)
+        .args([
+            "-noappend",
+            "-comp",
+            "zstd",
+            "-all-root",
+            "-no-xattrs",
+            "-quiet",
+            "-no-progress",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output();
+    let failed = match out {
+        Err(e) => Some(format!(
+            "cannot run mksquashfs: {e} (install squashfs-tools)"
+        )),
+        Ok(out) if !out.status.success() => Some(
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .rfind(|l| !l.trim().is_empty())
+                .unwrap_or("mksquashfs failed")
+                .trim()
+                .to_string(),
+        ),
+        Ok(_) => None,
+    };
+    if let Some(detail) = failed {
+        let _ = fs::remove_file(&partial);
+        return Err(fail(detail));
+    }
+    fs::rename(&partial, output).map_err(|e| {
+        let _ = fs::remove_file(&partial);
+        fail(e.to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(root: &Path) {
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::write(root.join("etc/marker"), "one\n").unwrap();
+    }
+
+    #[test]
+    fn unpacks_once_and_saves_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        tree(&src);
+        let image = tmp.path().join("img.sqsh");
+        let ok = Command::new("mksquashfs")
+            .arg(&src)
+            .arg(&image)
+            .args(["-quiet", "-no-progress", "-noappend"])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let dir = tmp.path().join("named/job1/c");
+        make_private_dir(tmp.path(), &dir).unwrap();
+        let kind = ImageKind::Squashfs {
+            offset: 0,
+            compression: crate::image::squashfs::Compression::Gzip,
+        };
+        let rootfs = prepare_rootfs(&dir, &image, &kind).unwrap();
+        assert_eq!(
+            fs::read_to_string(rootfs.join("etc/marker")).unwrap(),
+            "one\n"
+        );
+        // The second use keeps what the first wrote.
+        fs::write(rootfs.join("etc/marker"), "two\n").unwrap();
+        let again = prepare_rootfs(&dir, &image, &kind).unwrap();
+        assert_eq!(
+            fs::read_to_string(again.join("etc/marker")).unwrap(),
+            "two\n"
+        );
+
+        let saved = tmp.path().join("saved.sqsh");
+        save(&rootfs, &saved).unwrap();
+        let cat = Command::new("unsquashfs")
+            .args(["-cat"])
+            .arg(&saved)
+            .arg("etc/marker")
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&cat.stdout), "two\n");
+        let leftovers: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn directory_images_are_copied() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        tree(&src);
+        let dir = tmp.path().join("c");
+        make_private_dir(tmp.path(), &dir).unwrap();
+        let rootfs = prepare_rootfs(&dir, &src, &ImageKind::Directory).unwrap();
+        fs::write(rootfs.join("etc/marker"), "changed\n").unwrap();
+        assert_eq!(fs::read_to_string(src.join("etc/marker")).unwrap(), "one\n");
+    }
+
+    #[test]
+    fn a_symlink_in_the_way_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/", tmp.path().join("link")).unwrap();
+        let err = make_private_dir(tmp.path(), &tmp.path().join("link")).unwrap_err();
+        assert!(matches!(err, NamedError::NotADirectory(_)), "{err}");
+    }
+
+    #[test]
+    fn saving_into_a_missing_directory_says_so() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = save(tmp.path(), &tmp.path().join("nope/out.sqsh")).unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+}
