@@ -134,7 +134,13 @@ fn file_stem(digest: &str) -> Result<String, CacheError> {
 /// Write `bytes` to `path` by writing a sibling temp file and renaming it over.
 fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new().prefix(".new-").tempfile_in(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".new-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .tempfile_in(dir)?;
+    // Readable like the images: in a site's shared cache every user reads the entries.
+    tmp.as_file()
+        .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;

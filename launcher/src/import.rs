@@ -298,8 +298,8 @@ pub fn mksquashfs(
     Ok(())
 }
 
-/// Write `image` as a squashfs file at `out`: a cached import is linked (or copied), a
-/// local squashfs or SIF partition is copied, a directory is squashed.
+/// Write `image` as a squashfs file at `out`: a squashfs (cached or local) or a SIF's
+/// partition is copied, a directory is squashed.
 pub fn export(image: &ImportedImage, out: &Path, opts: &ImportOptions) -> Result<(), ImportError> {
     let src = &image.path;
     let export_err = |detail: String| ImportError::Export {
@@ -316,9 +316,8 @@ pub fn export(image: &ImportedImage, out: &Path, opts: &ImportOptions) -> Result
         return Err(export_err("not a squashfs image".into()));
     };
     if offset == 0 {
-        if image.entry.is_some() && fs::hard_link(src, out).is_ok() {
-            return Ok(());
-        }
+        // A copy, not a hard link: the user may change their file (mksquashfs appends
+        // in place by default), and the cached image must not change with it.
         fs::copy(src, out).map_err(io_err("copy to", out))?;
         return Ok(());
     }

@@ -880,11 +880,13 @@ fn resolve_docker(
         None => match entries.as_slice() {
             [one] => one,
             [] => return Err(r.malformed("manifest.json", "it lists no images")),
-            _ => return Err(select(format!(
+            _ => {
+                return Err(select(format!(
                 "it holds {} images; name one, e.g. docker-archive:{origin}:NAME:TAG (names: {})",
                 entries.len(),
                 all_tags()
-            ))),
+            )))
+            }
         },
     };
     let config_bytes = r

@@ -128,6 +128,15 @@ impl ImageRef {
         if looks_like_path(input) {
             return Err(ReferenceError::NotFound(path));
         }
+        if let Some((file, _)) = input.rsplit_once(':') {
+            if !file.is_empty() && cwd.join(file).exists() {
+                return Err(invalid(
+                    input,
+                    format!("{file} exists, but FILE:TAG needs a scheme to say what the file is"),
+                    "oci:DIR:TAG, oci-archive:FILE:TAG or docker-archive:FILE:NAME:TAG",
+                ));
+            }
+        }
         // pyxis and enroot users write bare names (`ubuntu:22.04`, `nvcr.io#nvidia/x`).
         RemoteRef::parse_docker(input)
             .map(ImageRef::Registry)
@@ -670,6 +679,8 @@ mod tests {
                 reference: None
             }
         );
+        let e = ImageRef::parse("layout:v1", dir.path()).unwrap_err();
+        assert!(e.to_string().contains("oci:DIR:TAG"), "{e}");
         std::fs::write(dir.path().join("img.sqsh"), b"hsqs").unwrap();
         assert!(ImageRef::parse("img.sqsh", dir.path()).unwrap().is_local());
     }
