@@ -34,12 +34,11 @@ const STALE_TMP: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    #[error("image cache {path}: cannot {what}: {source}")]
+    #[error("image cache {path}: cannot {what}: {error}")]
     Io {
         what: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error("image cache entry {path} is corrupt ({detail}); remove it and import again")]
     Corrupt { path: PathBuf, detail: String },
@@ -50,10 +49,10 @@ pub enum CacheError {
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CacheError + 'a {
-    move |source| CacheError::Io {
+    move |error| CacheError::Io {
         what,
         path: path.into(),
-        source,
+        error,
     }
 }
 
@@ -112,6 +111,8 @@ pub struct GcReport {
     pub freed: u64,
     /// Entries that would have gone but are in use (locked).
     pub in_use: usize,
+    /// Entries that would have gone but this user may not remove.
+    pub not_removable: usize,
     pub tmp_removed: usize,
 }
 
@@ -174,6 +175,10 @@ impl Cache {
             match fs::DirBuilder::new().mode(0o755).create(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                // A site's cache that this user may only read: lookups still work.
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    tracing::debug!("cannot create {}: {e}", p.display())
+                }
                 Err(e) => return Err(io_err("create a cache directory", &p)(e)),
             }
         }
@@ -204,11 +209,15 @@ impl Cache {
             .root
             .join("locks")
             .join(format!("{}.lock", file_stem(digest)?));
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
+        // flock needs no write access: a lock file another user made opens read-only.
+        let file = File::open(&path)
+            .or_else(|_| {
+                fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&path)
+            })
             .map_err(io_err("open a lock file", &path))?;
         match Flock::lock(file, arg) {
             Ok(l) => Ok(Some(DigestLock(l))),
@@ -239,6 +248,12 @@ impl Cache {
             path: path.clone(),
             detail: e.to_string(),
         })?;
+        if entry.digest != digest {
+            return Err(CacheError::Corrupt {
+                path,
+                detail: format!("it describes {}", entry.digest),
+            });
+        }
         if !self.image_path(digest)?.is_file() {
             return Ok(None);
         }
@@ -325,6 +340,8 @@ impl Cache {
         Ok((entry, true))
     }
 
+    /// Record a use of a complete entry. Best effort: in a shared cache the entry may
+    /// belong to someone else, and using it must not fail for that.
     fn reuse(&self, mut entry: Entry, reference: Option<&str>) -> Result<Entry, CacheError> {
         entry.last_used = now();
         if let Some(r) = reference {
@@ -332,9 +349,13 @@ impl Cache {
                 entry.refs.push(r.into());
             }
         }
-        self.store(&entry)?;
+        if let Err(e) = self.store(&entry) {
+            tracing::debug!("not recording the use of {}: {e}", entry.digest);
+        }
         if let Some(r) = reference {
-            self.set_ref(r, &entry.digest)?;
+            if let Err(e) = self.set_ref(r, &entry.digest) {
+                tracing::debug!("not recording {r} as {}: {e}", entry.digest);
+            }
         }
         Ok(entry)
     }
@@ -436,7 +457,12 @@ impl Cache {
             };
             // The .json first: without it the entry is incomplete, so never half-used.
             let json = self.entry_path(&e.digest)?;
-            fs::remove_file(&json).map_err(io_err("remove an entry", &json))?;
+            if let Err(x) = fs::remove_file(&json) {
+                // Someone else's image in a shared cache, say: theirs to remove.
+                tracing::warn!("cannot remove {}: {x}", json.display());
+                report.not_removable += 1;
+                continue;
+            }
             let sqsh = self.image_path(&e.digest)?;
             match fs::remove_file(&sqsh) {
                 Ok(()) => {}

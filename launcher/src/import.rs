@@ -41,22 +41,21 @@ pub enum ImportError {
     NoMksquashfs,
     #[error("mksquashfs failed ({status}): {detail}")]
     Mksquashfs { status: String, detail: String },
-    #[error("cannot {what} {path}: {source}")]
+    #[error("cannot {what} {path}: {error}")]
     Io {
         what: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error("cannot export {path}: {detail}")]
     Export { path: PathBuf, detail: String },
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ImportError + 'a {
-    move |source| ImportError::Io {
+    move |error| ImportError::Io {
         what,
         path: path.into(),
-        source,
+        error,
     }
 }
 
@@ -276,7 +275,7 @@ pub fn mksquashfs(
         _ => ImportError::Io {
             what: "run",
             path: program.clone(),
-            source: e,
+            error: e,
         },
     })?;
     let output = child.wait_with_output().map_err(io_err("run", &program))?;

@@ -294,6 +294,12 @@ fn gc_command(args: GcArgs) -> anyhow::Result<()> {
         report.in_use,
         report.tmp_removed
     );
+    if report.not_removable > 0 {
+        println!(
+            "{} images could not be removed (not yours to remove?)",
+            report.not_removable
+        );
+    }
     Ok(())
 }
 

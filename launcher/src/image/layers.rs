@@ -6,11 +6,12 @@
 //! calls without `AT_SYMLINK_FOLLOW`); paths holding `..` are refused outright. So neither
 //! `..`, absolute names, symlinked parents, hardlinks nor whiteouts can reach outside.
 //!
-//! Modes are kept, but everything stays readable (and directories writable and searchable)
-//! by the importing user on disk, so later layers can write and `mksquashfs` can read;
-//! [`Unpacked::modes`] lists the modes the image really asked for, for the squashfs to
-//! record (or [`Unpacked::restore_modes`] to apply on disk). Ownership is ignored: the
-//! tree belongs to the user. Device nodes and fifos cannot be made unprivileged: skipped.
+//! Modes are kept, but on disk everything stays readable (and directories writable and
+//! searchable) by the importing user, so later layers can write and `mksquashfs` can read,
+//! and no set-id or sticky bit is set. [`Unpacked::modes`] lists the modes the image really
+//! asked for, for the squashfs to record (or [`Unpacked::restore_modes`] to apply on disk).
+//! Ownership is ignored: the tree belongs to the user. Device nodes and fifos cannot be
+//! made unprivileged: skipped and counted.
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -38,24 +39,22 @@ const MAX_DEPTH: usize = 256;
 const DIR_OWNER_BITS: u32 = 0o700;
 const FILE_OWNER_BITS: u32 = 0o400;
 
+/// The mode an entry has on disk while unpacking: never setuid, setgid or sticky (the
+/// unpacked tree must not hold set-id programs, even briefly), always usable by the owner.
+fn on_disk(mode: u32, owner_bits: u32) -> u32 {
+    (mode & 0o777) | owner_bits
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
     #[error("refusing layer entry '{path}': {why}")]
     Unsafe { path: String, why: &'static str },
     #[error("cannot read layer: {0}")]
-    Read(#[source] io::Error),
-    #[error("cannot write '{path}' while unpacking: {source}")]
-    Write {
-        path: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot open the unpack directory {path}: {source}")]
-    Root {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    Read(io::Error),
+    #[error("cannot write '{path}' while unpacking: {error}")]
+    Write { path: String, error: io::Error },
+    #[error("cannot open the unpack directory {path}: {error}")]
+    Root { path: PathBuf, error: io::Error },
 }
 
 /// Counts reported after unpacking.
@@ -96,9 +95,9 @@ pub struct Unpacker {
 }
 
 fn write_err(path: &Path) -> impl FnOnce(io::Error) -> LayerError + '_ {
-    move |source| LayerError::Write {
+    move |error| LayerError::Write {
         path: path.display().to_string(),
-        source,
+        error,
     }
 }
 
@@ -279,9 +278,9 @@ impl Unpacker {
                     Err(io::Error::from_raw_os_error(libc::ENOTDIR))
                 }
             })
-            .map_err(|source| LayerError::Root {
+            .map_err(|error| LayerError::Root {
                 path: root.into(),
-                source,
+                error,
             })?;
         Ok(Unpacker {
             root: fd,
@@ -330,7 +329,7 @@ impl Unpacker {
             // The tree's root itself: only its mode and time matter.
             if kind == tar::EntryType::Directory {
                 let _ = File::from(self.root.try_clone().map_err(write_err(Path::new("/")))?)
-                    .set_permissions(PermissionsExt::from_mode(mode | DIR_OWNER_BITS));
+                    .set_permissions(PermissionsExt::from_mode(on_disk(mode, DIR_OWNER_BITS)));
                 self.dirs.insert(PathBuf::new(), DirMeta { mode, mtime });
             }
             return Ok(());
@@ -535,7 +534,7 @@ impl Unpacker {
         )
         .map_err(write_err(path))?;
         File::from(fd)
-            .set_permissions(PermissionsExt::from_mode(mode | DIR_OWNER_BITS))
+            .set_permissions(PermissionsExt::from_mode(on_disk(mode, DIR_OWNER_BITS)))
             .map_err(write_err(path))?;
         self.dirs.insert(path.into(), DirMeta { mode, mtime });
         Ok(())
@@ -570,11 +569,11 @@ impl Unpacker {
                 write_err(path)(e)
             }
         })?;
-        let on_disk = mode | FILE_OWNER_BITS;
-        file.set_permissions(PermissionsExt::from_mode(on_disk))
+        let disk_mode = on_disk(mode, FILE_OWNER_BITS);
+        file.set_permissions(PermissionsExt::from_mode(disk_mode))
             .map_err(write_err(path))?;
         file.set_times(file_times(mtime)).map_err(write_err(path))?;
-        if on_disk != mode {
+        if disk_mode != mode {
             self.modes.insert(path.into(), mode);
         }
         Ok(())
@@ -703,9 +702,9 @@ impl Unpacker {
         .map_err(write_err(&path))?;
         let mut file = File::from(fd);
         io::Write::write_all(&mut file, bytes).map_err(write_err(&path))?;
-        file.set_permissions(PermissionsExt::from_mode(mode | FILE_OWNER_BITS))
+        file.set_permissions(PermissionsExt::from_mode(on_disk(mode, FILE_OWNER_BITS)))
             .map_err(write_err(&path))?;
-        if mode | FILE_OWNER_BITS != mode {
+        if on_disk(mode, FILE_OWNER_BITS) != mode {
             self.modes.insert(path, mode);
         }
         Ok(())
@@ -730,7 +729,7 @@ impl Unpacker {
     pub fn finish(self) -> Result<Unpacked, LayerError> {
         let mut modes: Vec<(PathBuf, u32)> = self.modes.into_iter().collect();
         for (path, meta) in &self.dirs {
-            if meta.mode | DIR_OWNER_BITS != meta.mode && !path.as_os_str().is_empty() {
+            if on_disk(meta.mode, DIR_OWNER_BITS) != meta.mode && !path.as_os_str().is_empty() {
                 modes.push((path.clone(), meta.mode));
             }
             let opened = sys::open_in_root(
@@ -769,9 +768,9 @@ impl Unpacked {
     /// Give every entry the mode the image asked for, on disk (deepest first, so a
     /// directory losing its owner's write bit does not block its children).
     pub fn restore_modes(&self, root: &Path) -> Result<(), LayerError> {
-        let root_fd = File::open(root).map_err(|source| LayerError::Root {
+        let root_fd = File::open(root).map_err(|error| LayerError::Root {
             path: root.into(),
-            source,
+            error,
         })?;
         for (path, mode) in self.modes.iter().rev() {
             let fd = sys::open_in_root(
@@ -886,10 +885,12 @@ mod tests {
         assert_eq!(m.nlink(), 2);
         assert_eq!(m.mode() & 0o7777, 0o644);
         assert_eq!(m.mtime(), 1_000_000);
+        // No set-id program on disk while unpacking; the mode is recorded.
         assert_eq!(
             root.join("bin/tool").metadata().unwrap().mode() & 0o7777,
-            0o4755
+            0o755
         );
+        assert!(out.modes.contains(&(PathBuf::from("bin/tool"), 0o4755)));
         assert_eq!(
             std::fs::read_link(root.join("etc/localtime")).unwrap(),
             Path::new("/usr/share/zoneinfo/UTC")
@@ -903,6 +904,10 @@ mod tests {
         assert!(out.modes.contains(&(PathBuf::from("etc/shadow"), 0)));
         assert!(out.modes.contains(&(PathBuf::from("ro"), 0o555)));
         out.restore_modes(&root).unwrap();
+        assert_eq!(
+            root.join("bin/tool").metadata().unwrap().mode() & 0o7777,
+            0o4755
+        );
         assert_eq!(root.join("ro").metadata().unwrap().mode() & 0o777, 0o555);
         assert_eq!(
             root.join("etc/shadow").metadata().unwrap().mode() & 0o777,

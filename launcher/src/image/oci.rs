@@ -6,9 +6,9 @@
 //! anything the archive names.
 
 use std::collections::HashMap;
-use std::fs::File;
+use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -33,12 +33,11 @@ const MAX_NESTING: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
-    #[error("cannot read {what} in {origin}: {source}")]
+    #[error("cannot read {what} in {origin}: {error}")]
     Io {
         what: String,
         origin: String,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error("{origin} is not an OCI image layout: it has no oci-layout file (an OCI layout directory holds oci-layout, index.json and blobs/)")]
     NotLayout { origin: String },
@@ -232,10 +231,21 @@ impl Source {
     /// Open member `name` (a fixed name or `blobs/sha256/<checked hex>`): None if absent.
     fn open(&self, name: &str) -> io::Result<Option<(Box<dyn Read + '_>, u64)>> {
         match self {
-            Source::Dir(dir) => match File::open(dir.join(name)) {
+            // O_NONBLOCK: a fifo planted in a layout must not hang the import.
+            Source::Dir(dir) => match fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(dir.join(name))
+            {
                 Ok(f) => {
-                    let len = f.metadata()?.len();
-                    Ok(Some((Box::new(f), len)))
+                    let meta = f.metadata()?;
+                    if !meta.is_file() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "not a regular file",
+                        ));
+                    }
+                    Ok(Some((Box::new(f), meta.len())))
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(e),
@@ -292,10 +302,10 @@ impl Read for BlobReader<'_> {
 impl BlobReader<'_> {
     pub fn finish(mut self) -> Result<(), OciError> {
         let digest_name = self.digest.clone().unwrap_or_else(|| "layer".into());
-        io::copy(&mut self, &mut io::sink()).map_err(|source| OciError::Io {
+        io::copy(&mut self, &mut io::sink()).map_err(|error| OciError::Io {
             what: format!("blob {digest_name}"),
             origin: self.origin.clone(),
-            source,
+            error,
         })?;
         if let Some(expected) = self.size {
             if expected != self.count {
@@ -403,10 +413,10 @@ struct Reader<'s> {
 impl<'s> Reader<'s> {
     fn io(&self, what: impl Into<String>) -> impl FnOnce(io::Error) -> OciError + '_ {
         let what = what.into();
-        move |source| OciError::Io {
+        move |error| OciError::Io {
             what,
             origin: self.origin.clone(),
-            source,
+            error,
         }
     }
 
@@ -531,10 +541,10 @@ impl Image {
     /// The image in an OCI archive (a tar of a layout).
     pub fn open_oci_archive(file: &Path, reference: Option<&str>) -> Result<Image, OciError> {
         let origin = file.display().to_string();
-        let index = TarIndex::build(file).map_err(|source| OciError::Io {
+        let index = TarIndex::build(file).map_err(|error| OciError::Io {
             what: "the archive".into(),
             origin: origin.clone(),
-            source,
+            error,
         })?;
         resolve_layout(Source::Tar(index), origin, reference)
     }
@@ -543,10 +553,10 @@ impl Image {
     /// only `repositories`); `reference` picks one of several by its `NAME:TAG`.
     pub fn open_docker_archive(file: &Path, reference: Option<&str>) -> Result<Image, OciError> {
         let origin = file.display().to_string();
-        let index = TarIndex::build(file).map_err(|source| OciError::Io {
+        let index = TarIndex::build(file).map_err(|error| OciError::Io {
             what: "the archive".into(),
             origin: origin.clone(),
-            source,
+            error,
         })?;
         resolve_docker(Source::Tar(index), origin, reference)
     }
@@ -606,6 +616,9 @@ fn resolve_layout(
             .iter()
             .filter(|m| ref_names(m).iter().any(|n| name_matches(n, tag)))
             .collect(),
+        // One image is the one meant, whatever its platform (a registry pull for another
+        // platform writes such a layout); among several, this machine's.
+        None if top.len() == 1 => top.iter().collect(),
         None => top
             .iter()
             .filter(|m| platform_matches(&m.platform))
@@ -1258,6 +1271,35 @@ pub(crate) mod tests {
         // A platform manifest can be named by its digest, below the index.
         let img = Image::open_layout(d, Some(&l.manifest_digest)).unwrap();
         assert_eq!(img.digest, l.manifest_digest);
+    }
+
+    #[test]
+    fn a_lone_image_of_another_platform_is_still_the_one() {
+        let l = make_layout(&[("hello", b"hi\n")], "v1");
+        let index = l.dir.path().join("index.json");
+        let text = std::fs::read_to_string(&index).unwrap().replace(
+            "\"annotations\"",
+            "\"platform\":{\"os\":\"linux\",\"architecture\":\"mips\"},\"annotations\"",
+        );
+        std::fs::write(&index, text).unwrap();
+        assert_eq!(
+            Image::open_layout(l.dir.path(), None).unwrap().digest,
+            l.manifest_digest
+        );
+    }
+
+    #[test]
+    fn a_fifo_in_a_layout_does_not_hang() {
+        let l = make_layout(&[("hello", b"hi\n")], "v1");
+        let blob = l
+            .dir
+            .path()
+            .join("blobs/sha256")
+            .join(&l.manifest_digest[7..]);
+        std::fs::remove_file(&blob).unwrap();
+        nix::unistd::mkfifo(&blob, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = Image::open_layout(l.dir.path(), None).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
     }
 
     fn tar_of_dir(dir: &Path, out: &Path) {

@@ -77,11 +77,10 @@ pub enum ReferenceError {
     },
     #[error("image not found: {0} (check the path; relative paths are taken from the current directory)")]
     NotFound(PathBuf),
-    #[error("cannot read image {path}: {source}")]
+    #[error("cannot read image {path}: {error}")]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -255,9 +254,9 @@ fn split_archive_name(
 
 /// What an existing path holds, from its type and first bytes.
 fn classify_local(path: &Path) -> Result<ImageRef, ReferenceError> {
-    let read_err = |source: std::io::Error| ReferenceError::Read {
+    let read_err = |error: std::io::Error| ReferenceError::Read {
         path: path.into(),
-        source,
+        error,
     };
     let meta = path.metadata().map_err(read_err)?;
     if meta.is_dir() {
