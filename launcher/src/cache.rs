@@ -314,6 +314,11 @@ impl Cache {
         if let Some(entry) = self.lookup(digest)? {
             return Ok((self.reuse(entry, reference)?, false));
         }
+        // Leftovers of killed imports are big (an unpacked image): clear them before
+        // adding another.
+        if let Err(e) = self.clean_tmp(STALE_TMP) {
+            tracing::debug!("not clearing old work areas: {e}");
+        }
         let area = self.work_area()?;
         let built = build(&area)?;
         let target = self.image_path(digest)?;

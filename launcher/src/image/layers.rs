@@ -481,7 +481,10 @@ impl Unpacker {
             rel.into(),
             DirMeta {
                 mode: 0o755,
-                mtime: 0,
+                // As tar does for parents an archive does not list: made now.
+                mtime: SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
             },
         );
         self.touch(rel);
