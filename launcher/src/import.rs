@@ -35,6 +35,8 @@ pub enum ImportError {
     Layer(#[from] LayerError),
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
     #[error("registry pulls are not built into this binary yet: {0} (import the image elsewhere, e.g. skopeo copy docker://… oci:DIR, then ferry import oci:DIR)")]
     RegistryNotBuiltIn(String),
     #[error("mksquashfs not found: install squashfs-tools (Debian/Ubuntu: apt-get install squashfs-tools)")]
@@ -99,11 +101,16 @@ pub fn import(
 ) -> Result<ImportedImage, ImportError> {
     let name = image.to_string();
     match image {
-        ImageRef::Local(path) => Ok(ImportedImage {
-            path: path.clone(),
-            entry: None,
-            built: false,
-        }),
+        ImageRef::Local(path) => {
+            // Checked now rather than when a container is made from it.
+            let file = fs::File::open(path).map_err(io_err("open", path))?;
+            crate::image::detect(path, &file)?;
+            Ok(ImportedImage {
+                path: path.clone(),
+                entry: None,
+                built: false,
+            })
+        }
         ImageRef::Registry(r) => Err(ImportError::RegistryNotBuiltIn(r.to_string())),
         ImageRef::OciLayout { dir, reference } => {
             from_oci_layout(dir, reference.as_deref(), cache, Some(&name), opts)

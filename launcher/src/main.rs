@@ -210,11 +210,16 @@ fn import_command(args: ImportArgs) -> anyhow::Result<()> {
     let opts = import_options();
     let imported = match &image_ref {
         // Nothing to cache: a local image is run as it is, or converted into the output.
-        ImageRef::Local(path) => import::ImportedImage {
-            path: path.clone(),
-            entry: None,
-            built: false,
-        },
+        ImageRef::Local(path) => {
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            ferry::image::detect(path, &file)?;
+            import::ImportedImage {
+                path: path.clone(),
+                entry: None,
+                built: false,
+            }
+        }
         _ => import::import(&image_ref, &open_cache(&args.cache)?, &opts)?,
     };
     match &args.output {

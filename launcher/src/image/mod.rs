@@ -100,6 +100,8 @@ pub fn detect(path: &Path, file: &File) -> Result<ImageKind, ImageError> {
     }
     let detail = if n == 0 {
         "the file is empty".to_string()
+    } else if head.starts_with(&[0x1f, 0x8b]) {
+        "it is gzip-compressed: decompress a .tar.gz first, then name it as oci-archive:FILE or docker-archive:FILE".to_string()
     } else {
         format!("starts with bytes {}", hex(&head[..n.min(8)]))
     };

@@ -41,6 +41,8 @@ pub enum OciError {
     },
     #[error("{origin} is not an OCI image layout: it has no oci-layout file (an OCI layout directory holds oci-layout, index.json and blobs/)")]
     NotLayout { origin: String },
+    #[error("image not found: {origin} (check the path; relative paths are taken from the current directory)")]
+    NotFound { origin: String },
     #[error("{what} is missing from {origin} (was the image copied completely?)")]
     Missing { what: String, origin: String },
     #[error("blob {digest} in {origin} is corrupt: its content hashes to {actual}")]
@@ -530,10 +532,7 @@ impl Image {
     pub fn open_layout(dir: &Path, reference: Option<&str>) -> Result<Image, OciError> {
         let origin = dir.display().to_string();
         if !dir.is_dir() {
-            return Err(OciError::Missing {
-                what: "the layout directory".into(),
-                origin,
-            });
+            return Err(OciError::NotFound { origin });
         }
         resolve_layout(Source::Dir(dir.into()), origin, reference)
     }
@@ -541,11 +540,7 @@ impl Image {
     /// The image in an OCI archive (a tar of a layout).
     pub fn open_oci_archive(file: &Path, reference: Option<&str>) -> Result<Image, OciError> {
         let origin = file.display().to_string();
-        let index = TarIndex::build(file).map_err(|error| OciError::Io {
-            what: "the archive".into(),
-            origin: origin.clone(),
-            error,
-        })?;
+        let index = TarIndex::build(file).map_err(|error| archive_error(error, &origin))?;
         resolve_layout(Source::Tar(index), origin, reference)
     }
 
@@ -553,11 +548,7 @@ impl Image {
     /// only `repositories`); `reference` picks one of several by its `NAME:TAG`.
     pub fn open_docker_archive(file: &Path, reference: Option<&str>) -> Result<Image, OciError> {
         let origin = file.display().to_string();
-        let index = TarIndex::build(file).map_err(|error| OciError::Io {
-            what: "the archive".into(),
-            origin: origin.clone(),
-            error,
-        })?;
+        let index = TarIndex::build(file).map_err(|error| archive_error(error, &origin))?;
         resolve_docker(Source::Tar(index), origin, reference)
     }
 
@@ -574,6 +565,19 @@ impl Image {
     /// Sum of the stored layer sizes.
     pub fn layers_size(&self) -> u64 {
         self.layers.iter().map(|l| l.size).sum()
+    }
+}
+
+fn archive_error(error: io::Error, origin: &str) -> OciError {
+    match error.kind() {
+        io::ErrorKind::NotFound => OciError::NotFound {
+            origin: origin.into(),
+        },
+        _ => OciError::Io {
+            what: "the archive".into(),
+            origin: origin.into(),
+            error,
+        },
     }
 }
 

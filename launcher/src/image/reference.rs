@@ -107,7 +107,8 @@ impl ImageRef {
                 .map(ImageRef::Registry)
                 .map_err(|problem| invalid(input, problem, DOCKER_EXAMPLE));
         }
-        let path = cwd.join(input);
+        // `a/./b` -> `a/b`, for messages; `..` stays (it may cross a symlink).
+        let path: PathBuf = cwd.join(input).components().collect();
         if path.symlink_metadata().is_ok() {
             return classify_local(&path);
         }
