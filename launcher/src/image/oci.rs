@@ -519,11 +519,14 @@ fn ref_names(d: &Descriptor) -> Vec<&str> {
         .collect()
 }
 
+/// `v1` matches `v1` and `example.com/app:v1`; `app:v1` also matches containerd's
+/// `docker.io/library/app:v1`.
 fn name_matches(name: &str, wanted: &str) -> bool {
     name == wanted
         || name
             .strip_suffix(wanted)
             .is_some_and(|rest| rest.ends_with(':'))
+        || (wanted.contains(':') && docker_name_matches(name, wanted))
 }
 
 impl Image {
@@ -1169,6 +1172,9 @@ pub(crate) mod tests {
         assert_eq!(img.layers.len(), 1);
         read_all_layers(&img).unwrap();
         assert!(Image::open_layout(l.dir.path(), Some("v1")).is_ok());
+        assert!(name_matches("docker.io/library/app:v1", "app:v1"));
+        assert!(name_matches("example.com/app:v1", "v1"));
+        assert!(!name_matches("example.com/app:v11", "v1"));
         assert!(Image::open_layout(l.dir.path(), Some(&l.manifest_digest)).is_ok());
         let e = Image::open_layout(l.dir.path(), Some("v2")).unwrap_err();
         assert!(
