@@ -661,3 +661,35 @@ fn container_name_and_save_are_checked_before_the_step_starts() {
     );
     assert!(!std::path::Path::new("/var/lib/x.sqsh").exists());
 }
+
+// ---- registry images ---------------------------------------------------------------------
+
+#[test]
+fn a_registry_image_runs_as_a_step_and_a_missing_tag_is_one_line() {
+    let _m = shared_machine();
+    let registry = match std::env::var("FERRY_TEST_REGISTRY") {
+        Ok(r) if !r.is_empty() => r,
+        _ => panic!(
+            "FERRY_TEST_REGISTRY is not set: start the test registry with `integration/registry up` \
+             and `eval \"$(integration/registry env)\"` (integration/test does)"
+        ),
+    };
+    // Imported into the user's cache on first use, found there after.
+    for _ in 0..2 {
+        let out = slurm(&format!(
+            "srun -n1 --container=docker://{registry}/ferry/busybox:latest cat /etc/ferry-marker"
+        ));
+        assert_eq!(out.ok(), "busybox-image\n", "{}", out.stderr);
+    }
+    let out = slurm(&format!(
+        "srun -n1 --container=docker://{registry}/ferry/no-such-image:latest true"
+    ));
+    assert_eq!(out.code, 125, "{}", out.stderr);
+    let lines = own_lines(&out.stderr);
+    let lines: Vec<&&str> = lines
+        .iter()
+        .filter(|l| !l.contains("queued and waiting") && !l.contains("has been allocated"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].contains("no such image or tag"), "{}", lines[0]);
+}

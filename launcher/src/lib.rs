@@ -3,9 +3,11 @@
 //! The library holds every piece of logic; the `ferry` binary and the SPANK plugin are
 //! thin front ends over [`holder::prepare`] and [`join::join`].
 
+pub mod cache;
 pub mod env;
 pub mod holder;
 pub mod image;
+pub mod import;
 pub mod join;
 pub mod mounts;
 pub mod named;

@@ -6,9 +6,12 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use ferry::cache::{format_size, parse_size, Cache};
 use ferry::env::parse_assignment;
 use ferry::holder::PrepareOptions;
-use ferry::image::registry::{self, RemoteRef};
+use ferry::image::oci::Image;
+use ferry::image::reference::ImageRef;
+use ferry::import::{self, ImportOptions};
 use ferry::mounts::MountSpec;
 use ferry::run::{run, EXIT_SETUP_FAILED};
 use ferry::spec::ContainerSpec;
@@ -18,7 +21,7 @@ use ferry::user::UserInfo;
 #[command(
     name = "ferry",
     version,
-    about = "Rootless containers for HPC: run a command in a squashfs or directory image, no root and no daemon"
+    about = "Rootless containers for HPC: run a command in a squashfs, SIF, OCI or directory image, no root and no daemon"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -29,13 +32,17 @@ struct Cli {
 enum Command {
     /// Run a command in a container made from IMAGE.
     Run(RunArgs),
+    /// Import an image into the cache (or, with -o, into a squashfs file of your own).
+    Import(ImportArgs),
+    /// List the images in the cache.
+    Images(CacheArgs),
+    /// Remove cached images, least recently used first, and leftovers of killed imports.
+    Gc(GcArgs),
+    /// Show an image's digest, config and layers as JSON.
+    Inspect(InspectArgs),
     /// (internal) Hold a container's namespaces; started by `ferry run` and the Slurm plugin.
     #[command(hide = true)]
     Hold,
-    /// (testing) Pull a registry image into an OCI image layout directory; `ferry import`
-    /// will do this and convert the result.
-    #[command(hide = true)]
-    Pull(PullArgs),
     /// Squash an unpacked container (`ferry run --keep DIR`: DIR/rootfs) into a squashfs
     /// image, atomically.
     Save(SaveArgs),
@@ -50,26 +57,6 @@ struct SaveArgs {
     /// Remove this directory (the container's) after saving, whether the save worked or not.
     #[arg(long, hide = true, value_name = "DIR")]
     remove: Option<PathBuf>,
-}
-
-#[derive(Args)]
-struct PullArgs {
-    /// `docker://[USER@][REGISTRY#]IMAGE[:TAG|@DIGEST]` or `REGISTRY/IMAGE[:TAG|@DIGEST]`.
-    image: String,
-    /// The OCI image layout directory to write (created if missing; a pull into it resumes).
-    dir: PathBuf,
-    /// Talk plain http to this image's registry.
-    #[arg(long)]
-    insecure: bool,
-    /// OS/ARCH[/VARIANT] to pick from a multi-platform image (default: this machine's).
-    #[arg(long)]
-    platform: Option<String>,
-    /// Extra PEM CA certificates to trust.
-    #[arg(long, value_name = "FILE")]
-    ca_file: Option<PathBuf>,
-    /// Blobs fetched at once.
-    #[arg(long, default_value_t = 4)]
-    parallel: usize,
 }
 
 #[derive(Args)]
@@ -98,11 +85,52 @@ struct RunArgs {
     /// makes an image of it.
     #[arg(long, value_name = "DIR")]
     keep: Option<PathBuf>,
-    /// Image: a squashfs file (.sqsh) or a directory holding a root filesystem.
-    image: PathBuf,
+    #[command(flatten)]
+    cache: CacheArgs,
+    /// Image: a squashfs (.sqsh), SIF or root filesystem directory, an OCI layout
+    /// (oci:DIR[:TAG]), an archive (oci-archive:FILE, docker-archive:FILE) or docker://REF.
+    image: String,
     /// Command and its arguments (default: /bin/sh).
     #[arg(allow_hyphen_values = true)]
     command: Vec<OsString>,
+}
+
+#[derive(Args)]
+struct CacheArgs {
+    /// Image cache directory (default: $XDG_CACHE_HOME/ferry or ~/.cache/ferry).
+    #[arg(long = "cache", env = "FERRY_CACHE", value_name = "DIR")]
+    dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    #[command(flatten)]
+    cache: CacheArgs,
+    /// Allow plain HTTP and unverified TLS to the registry.
+    #[arg(long)]
+    insecure: bool,
+    /// Also write the image as this squashfs file.
+    #[arg(short = 'o', long = "output", value_name = "FILE.sqsh")]
+    output: Option<PathBuf>,
+    /// Image reference (see `ferry run --help`).
+    image: String,
+}
+
+#[derive(Args)]
+struct GcArgs {
+    #[command(flatten)]
+    cache: CacheArgs,
+    /// Shrink the cache to at most this size (e.g. 50G); without it only leftovers go.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_size: Option<u64>,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    #[command(flatten)]
+    cache: CacheArgs,
+    /// Image reference, or the sha256: digest of a cached image.
+    image: String,
 }
 
 fn main() {
@@ -110,13 +138,7 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Hold => ferry::holder::hold(),
-        Command::Run(args) => match run_command(args) {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("ferry: error: {e:#}");
-                EXIT_SETUP_FAILED
-            }
-        },
+        Command::Run(args) => report(run_command(args)),
         Command::Save(args) => {
             let saved = ferry::named::save(&args.rootfs, &args.output);
             if let Some(dir) = &args.remove {
@@ -132,13 +154,10 @@ fn main() {
                 }
             }
         }
-        Command::Pull(args) => match pull_command(args) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("ferry: error: {e:#}");
-                1
-            }
-        },
+        Command::Import(args) => report(import_command(args).map(|()| 0)),
+        Command::Images(args) => report(images_command(args).map(|()| 0)),
+        Command::Gc(args) => report(gc_command(args).map(|()| 0)),
+        Command::Inspect(args) => report(inspect_command(args).map(|()| 0)),
     };
     std::process::exit(code);
 }
@@ -153,10 +172,58 @@ fn init_logging() {
         .init();
 }
 
+fn report(outcome: anyhow::Result<i32>) -> i32 {
+    match outcome {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferry: error: {e:#}");
+            EXIT_SETUP_FAILED
+        }
+    }
+}
+
+fn open_cache(args: &CacheArgs) -> anyhow::Result<Cache> {
+    let root = match &args.dir {
+        Some(d) => d.clone(),
+        None => Cache::default_root()?,
+    };
+    Ok(Cache::open(&root)?)
+}
+
+fn import_options() -> ImportOptions {
+    let mut opts = ImportOptions {
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        ..ImportOptions::default()
+    };
+    // Registries to reach over plain http (a test or site registry without TLS).
+    if let Ok(list) = std::env::var("FERRY_INSECURE_REGISTRIES") {
+        opts.registry.insecure_registries.extend(
+            list.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
+        );
+    }
+    opts
+}
+
 fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let user = UserInfo::current()?;
-    let mut spec = ContainerSpec::new(cwd.join(&args.image), user);
+    let image_ref = ImageRef::parse(&args.image, &cwd)?;
+    // Imported images stay in the cache while they run: a gc then passes them by.
+    let (image, _in_use) = if let ImageRef::Local(path) = &image_ref {
+        (path.clone(), None)
+    } else {
+        let cache = open_cache(&args.cache)?;
+        let imported = import::import(&image_ref, &cache, &import_options())?;
+        let held = match &imported.entry {
+            Some(e) => Some(cache.hold(&e.digest)?),
+            None => None,
+        };
+        (imported.path, held)
+    };
+    let mut spec = ContainerSpec::new(image, user);
     spec.writable = args.writable;
     spec.remap_root = args.remap_root;
     spec.mount_home = !args.no_mount_home;
@@ -186,136 +253,189 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     Ok(run(&spec, &command, &PrepareOptions::for_cli(program))?)
 }
 
-fn pull_command(args: PullArgs) -> anyhow::Result<()> {
-    let reference = parse_remote_ref(&args.image)?;
-    let mut options = registry::ClientOptions {
-        parallel: args.parallel.max(1),
-        ca_file: args.ca_file,
-        ..Default::default()
+fn import_command(args: ImportArgs) -> anyhow::Result<()> {
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    let image_ref = ImageRef::parse(&args.image, &cwd)?;
+    if args.insecure && !matches!(image_ref, ImageRef::Registry(_)) {
+        tracing::warn!("--insecure only matters for registry images");
+    }
+    let mut opts = import_options();
+    if let (true, ImageRef::Registry(r)) = (args.insecure, &image_ref) {
+        opts.registry.insecure_registries.push(r.registry.clone());
+    }
+    let imported = match &image_ref {
+        // Nothing to cache: a local image is run as it is, or converted into the output.
+        ImageRef::Local(path) => {
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            ferry::image::detect(path, &file)?;
+            import::ImportedImage {
+                path: path.clone(),
+                entry: None,
+                built: false,
+            }
+        }
+        _ => import::import(&image_ref, &open_cache(&args.cache)?, &opts)?,
     };
-    if args.insecure {
-        options.insecure_registries.push(reference.registry.clone());
+    match &args.output {
+        Some(out) => {
+            let out = cwd.join(out);
+            import::export(&imported, &out, &opts)?;
+            println!("{}", out.display());
+        }
+        None => println!("{}", imported.path.display()),
     }
-    if let Some(p) = &args.platform {
-        options.platform = registry::Platform::parse(p).with_context(|| {
-            format!("--platform {p}: expected OS/ARCH[/VARIANT], e.g. linux/arm64")
-        })?;
-    }
-    let start = std::time::Instant::now();
-    let client = registry::Client::new(options)?;
-    let pulled = client.pull(&reference, &args.dir)?;
-    println!(
-        "{} {} ({} layers, {} bytes fetched, {} blobs reused) in {:.2} s",
-        reference,
-        pulled.manifest_digest,
-        pulled.layers.len(),
-        pulled.fetched_bytes,
-        pulled.reused_blobs,
-        start.elapsed().as_secs_f64()
-    );
     Ok(())
 }
 
-/// A stop-gap reference parser for `ferry pull` until `image::reference` lands: enroot's
-/// `docker://[USER@][REGISTRY#]IMAGE[:TAG]` and Docker's `[REGISTRY/]IMAGE[:TAG][@DIGEST]`.
-fn parse_remote_ref(text: &str) -> anyhow::Result<RemoteRef> {
-    let rest = text.strip_prefix("docker://").unwrap_or(text);
-    let (user, rest) = match rest.split_once('@') {
-        Some((u, r)) if !u.contains('/') && !u.contains('#') && !r.starts_with("sha256:") => {
-            (Some(u.to_string()), r)
+fn images_command(args: CacheArgs) -> anyhow::Result<()> {
+    let cache = open_cache(&args)?;
+    let refs = cache.refs()?;
+    let now = ferry::cache::now();
+    let mut rows = vec![[
+        "REFERENCE".to_string(),
+        "DIGEST".to_string(),
+        "SIZE".to_string(),
+        "LAST USE".to_string(),
+    ]];
+    for e in cache.entries()? {
+        let mut names: Vec<&str> = refs
+            .iter()
+            .filter(|(_, d)| **d == e.digest)
+            .map(|(r, _)| r.as_str())
+            .collect();
+        if names.is_empty() {
+            names.push("<none>");
         }
-        _ => (None, rest),
-    };
-    let (name, digest) = match rest.split_once('@') {
-        Some((n, d)) => (n, Some(d.to_string())),
-        None => (rest, None),
-    };
-    let (registry, path) = if let Some((r, p)) = name.split_once('#') {
-        (r.to_string(), p.to_string())
-    } else {
-        match name.split_once('/') {
-            Some((first, p)) if first.contains(['.', ':']) || first == "localhost" => {
-                (first.to_string(), p.to_string())
-            }
-            _ => ("docker.io".to_string(), name.to_string()),
+        let short = e.digest.strip_prefix("sha256:").unwrap_or(&e.digest);
+        for name in names {
+            rows.push([
+                name.to_string(),
+                short.chars().take(12).collect(),
+                format_size(e.size),
+                format_age(now.saturating_sub(e.last_used)),
+            ]);
         }
-    };
-    let (repository, tag) = match path.rsplit_once(':') {
-        Some((r, t)) if !t.contains('/') => (r.to_string(), Some(t.to_string())),
-        _ => (path.clone(), None),
-    };
-    let repository = if registry == "docker.io" && !repository.contains('/') {
-        format!("library/{repository}")
-    } else {
-        repository
-    };
-    if registry.is_empty() || repository.is_empty() {
-        anyhow::bail!("bad image reference `{text}`: expected [REGISTRY/]IMAGE[:TAG][@DIGEST]");
     }
-    Ok(RemoteRef {
-        registry,
-        repository,
-        tag,
-        digest,
-        user,
-    })
+    let widths: Vec<usize> = (0..4)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        println!(
+            "{:w0$}  {:w1$}  {:>w2$}  {}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2]
+        );
+    }
+    Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parsed(
-        text: &str,
-    ) -> (
-        String,
-        String,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-    ) {
-        let r = parse_remote_ref(text).unwrap();
-        (r.registry, r.repository, r.tag, r.digest, r.user)
+fn format_age(secs: u64) -> String {
+    match secs {
+        0..=59 => "just now".into(),
+        60..=3599 => format!("{} minutes ago", secs / 60),
+        3600..=86399 => format!("{} hours ago", secs / 3600),
+        _ => format!("{} days ago", secs / 86400),
     }
+}
 
-    #[test]
-    fn pull_references() {
-        let s = |v: &str| Some(v.to_string());
-        assert_eq!(
-            parsed("docker://alice@nvcr.io#nvidia/pytorch:24.05-py3"),
-            (
-                "nvcr.io".into(),
-                "nvidia/pytorch".into(),
-                s("24.05-py3"),
-                None,
-                s("alice")
-            )
+fn gc_command(args: GcArgs) -> anyhow::Result<()> {
+    let cache = open_cache(&args.cache)?;
+    let report = cache.gc(args.max_size)?;
+    println!(
+        "removed {} images ({}); {} in use kept; {} leftover work areas removed",
+        report.removed.len(),
+        format_size(report.freed),
+        report.in_use,
+        report.tmp_removed
+    );
+    if report.not_removable > 0 {
+        println!(
+            "{} images could not be removed (not yours to remove?)",
+            report.not_removable
         );
-        assert_eq!(
-            parsed("busybox"),
-            (
-                "docker.io".into(),
-                "library/busybox".into(),
-                None,
-                None,
-                None
-            )
-        );
-        assert_eq!(
-            parsed("127.0.0.1:15000/ferry/busybox:latest"),
-            (
-                "127.0.0.1:15000".into(),
-                "ferry/busybox".into(),
-                s("latest"),
-                None,
-                None
-            )
-        );
-        let d = format!("sha256:{}", "a".repeat(64));
-        assert_eq!(
-            parsed(&format!("ghcr.io/o/i@{d}")),
-            ("ghcr.io".into(), "o/i".into(), None, Some(d.clone()), None)
-        );
-        assert!(parse_remote_ref("docker://#x").is_err());
     }
+    Ok(())
+}
+
+fn inspect_command(args: InspectArgs) -> anyhow::Result<()> {
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    let cache = open_cache(&args.cache)?;
+    let from_entry = |e: ferry::cache::Entry| {
+        serde_json::json!({
+            "digest": e.digest,
+            "cached": true,
+            "path": cache.image_path(&e.digest).ok(),
+            "refs": e.refs,
+            "config": e.config,
+            "config_digest": e.config_digest,
+            "layers": e.layers,
+            "size": e.size,
+            "created": e.created,
+            "last_used": e.last_used,
+        })
+    };
+    let value = if args.image.starts_with("sha256:") {
+        let e = cache
+            .lookup(&args.image)?
+            .with_context(|| format!("no image {} in the cache", args.image))?;
+        from_entry(e)
+    } else {
+        let image_ref = ImageRef::parse(&args.image, &cwd)?;
+        let opened = match &image_ref {
+            ImageRef::OciLayout { dir, reference } => {
+                Some(Image::open_layout(dir, reference.as_deref())?)
+            }
+            ImageRef::OciArchive { file, reference } => {
+                Some(Image::open_oci_archive(file, reference.as_deref())?)
+            }
+            ImageRef::DockerArchive { file, reference } => {
+                Some(Image::open_docker_archive(file, reference.as_deref())?)
+            }
+            ImageRef::Local(_) | ImageRef::Registry(_) => None,
+        };
+        match (opened, &image_ref) {
+            (Some(img), _) => serde_json::json!({
+                "digest": img.digest,
+                "cached": cache.lookup(&img.digest)?.is_some(),
+                "config": img.config.config,
+                "config_digest": img.config_digest,
+                "architecture": img.config.architecture,
+                "os": img.config.os,
+                "layers": img.layers,
+                "size": img.layers_size(),
+            }),
+            (None, ImageRef::Local(path)) => {
+                let file = std::fs::File::open(path)
+                    .with_context(|| format!("cannot open {}", path.display()))?;
+                let kind = ferry::image::detect(path, &file)?;
+                let (kind, offset) = match kind {
+                    ferry::image::ImageKind::Squashfs { offset, .. } => ("squashfs", offset),
+                    ferry::image::ImageKind::Directory => ("directory", 0),
+                };
+                serde_json::json!({
+                    "path": path,
+                    "kind": kind,
+                    "offset": offset,
+                    "size": std::fs::metadata(path)?.len(),
+                })
+            }
+            (None, _) => {
+                let digest = cache.resolve_ref(&image_ref.to_string())?.with_context(|| {
+                    format!("{image_ref} is not in the cache, and registry inspection is not built into this binary yet")
+                })?;
+                let e = cache
+                    .lookup(&digest)?
+                    .with_context(|| format!("{image_ref} is no longer in the cache"))?;
+                from_entry(e)
+            }
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
 }

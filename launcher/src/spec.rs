@@ -12,7 +12,8 @@ use crate::user::UserInfo;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ContainerSpec {
-    /// Absolute path of the image: a squashfs file or a directory holding a root filesystem.
+    /// Absolute path of the image: a squashfs or SIF file, or a directory holding a root
+    /// filesystem.
     pub image: PathBuf,
     /// Put a tmpfs-backed overlay on top of the image so the root filesystem is writable.
     #[serde(default)]

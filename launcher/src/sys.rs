@@ -23,12 +23,45 @@ pub fn open_in_root(
     flags: i32,
     mode: u32,
 ) -> io::Result<OwnedFd> {
+    openat2(
+        dirfd,
+        path,
+        flags,
+        mode,
+        libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    )
+}
+
+/// `openat2(dirfd, name, flags, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`: open an entry
+/// directly below `dirfd` without following any symlink, the last component included.
+pub fn open_beneath_nofollow(
+    dirfd: BorrowedFd<'_>,
+    name: &Path,
+    flags: i32,
+    mode: u32,
+) -> io::Result<OwnedFd> {
+    openat2(
+        dirfd,
+        name,
+        flags | libc::O_NOFOLLOW,
+        mode,
+        libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    )
+}
+
+fn openat2(
+    dirfd: BorrowedFd<'_>,
+    path: &Path,
+    flags: i32,
+    mode: u32,
+    resolve: u64,
+) -> io::Result<OwnedFd> {
     let path = cstring(path)?;
     // SAFETY: open_how is plain integers; all-zero is its documented default.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = (flags | libc::O_CLOEXEC) as u64;
     how.mode = mode as u64;
-    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    how.resolve = resolve;
     // SAFETY: `path` is a valid NUL-terminated string and `how` a fully initialised
     // open_how whose size we pass; the kernel only reads both.
     let fd = unsafe {

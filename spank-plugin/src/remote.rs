@@ -192,14 +192,13 @@ fn container_spec(
     settings: &PluginSettings,
 ) -> Result<ContainerSpec, String> {
     let req = &step.request;
-    if request::is_reference(&req.image) {
-        return Err(format!(
-            "image references such as {} are not supported yet: give a file",
-            req.image
-        ));
-    }
     let user = UserInfo::lookup(step.uid, step.gid, &step.groups).map_err(|e| e.to_string())?;
-    let mut spec = ContainerSpec::new(PathBuf::from(&req.image), user);
+    let image = if request::is_reference(&req.image) {
+        import_as_user(step, settings, &user, &req.image)?
+    } else {
+        PathBuf::from(&req.image)
+    };
+    let mut spec = ContainerSpec::new(image, user);
     spec.writable = req.writable.unwrap_or(false);
     spec.remap_root = req.remap_root.unwrap_or(false);
     spec.mount_home = req.mount_home.unwrap_or(true);
@@ -262,6 +261,60 @@ pub fn remove_job_containers(settings: &PluginSettings, uid: u32, job_id: u32) {
         Ok(()) => info!("removed the job's containers in {}", job_dir.display()),
         Err(e) => warn!("cannot remove {}: {e}", job_dir.display()),
     }
+}
+
+/// Import a registry or archive reference into the user's cache with `ferry import`, run as
+/// the user (so registry credentials and the cache are the user's, and nothing is written
+/// as root). Returns the squashfs to run.
+fn import_as_user(
+    step: &Step,
+    settings: &PluginSettings,
+    user: &UserInfo,
+    image: &str,
+) -> Result<PathBuf, String> {
+    let mut cmd = std::process::Command::new(&settings.ferry_bin);
+    cmd.arg("import")
+        .arg(image)
+        .env_clear()
+        .env("HOME", &user.home)
+        .env("USER", &user.name)
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env(
+            "FERRY_INSECURE_REGISTRIES",
+            settings.insecure_registries.join(","),
+        )
+        .stdin(std::process::Stdio::null());
+    ferry::holder::run_as_on_exec(
+        &mut cmd,
+        Some(Credentials {
+            uid: step.uid,
+            gid: step.gid,
+            groups: step.groups.clone(),
+        }),
+        false,
+    );
+    let started = std::time::Instant::now();
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {} import: {e}", settings.ferry_bin.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        let line = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+        return Err(format!(
+            "cannot import {image}: {}",
+            line.trim_start_matches("ferry: error: ")
+        ));
+    }
+    let path = stdout
+        .lines()
+        .rfind(|l| l.starts_with('/'))
+        .ok_or_else(|| format!("ferry import {image} named no image file"))?;
+    info!(
+        "imported {image} as {path} in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(PathBuf::from(path))
 }
 
 /// user_init (once per step per node, slurmstepd as root with the job user's ids in place

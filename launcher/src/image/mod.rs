@@ -1,6 +1,11 @@
 //! Images: what a path given as IMAGE holds, checked before anything is mounted.
 
+pub mod config;
+pub mod layers;
+pub mod oci;
+pub mod reference;
 pub mod registry;
+pub mod sif;
 pub mod squashfs;
 
 use std::fs::File;
@@ -35,6 +40,8 @@ pub enum ImageError {
     UnknownFormat { path: PathBuf, detail: String },
     #[error("bad squashfs image {path}: {reason}")]
     BadSquashfs { path: PathBuf, reason: String },
+    #[error("cannot use SIF image {path}: {reason}")]
+    BadSif { path: PathBuf, reason: String },
 }
 
 /// Look at an already-opened image and say what it is. `file` must be opened for reading.
@@ -52,7 +59,7 @@ pub fn detect(path: &Path, file: &File) -> Result<ImageKind, ImageError> {
             detail: "neither a regular file nor a directory".into(),
         });
     }
-    let mut head = [0u8; 96];
+    let mut head = [0u8; 128];
     let n = read_at_most(file, &mut head, 0).map_err(|source| ImageError::Open {
         path: path.into(),
         source,
@@ -69,8 +76,33 @@ pub fn detect(path: &Path, file: &File) -> Result<ImageKind, ImageError> {
             compression: sb.compression,
         });
     }
+    if sif::is_sif(&head[..n]) {
+        let bad = |reason| ImageError::BadSif {
+            path: path.into(),
+            reason,
+        };
+        let part = sif::primary_partition(file, meta.len()).map_err(bad)?;
+        let mut sb = [0u8; 96];
+        let got = read_at_most(file, &mut sb, part.offset).map_err(|source| ImageError::Open {
+            path: path.into(),
+            source,
+        })?;
+        // The squashfs must fit in its partition, not merely in the file.
+        let sb = squashfs::Superblock::parse(&sb[..got], part.offset + part.size, part.offset)
+            .map_err(|reason| {
+                bad(format!(
+                    "its primary partition is not a usable squashfs: {reason}"
+                ))
+            })?;
+        return Ok(ImageKind::Squashfs {
+            offset: part.offset,
+            compression: sb.compression,
+        });
+    }
     let detail = if n == 0 {
         "the file is empty".to_string()
+    } else if head.starts_with(&[0x1f, 0x8b]) {
+        "it is gzip-compressed: decompress a .tar.gz first, then name it as oci-archive:FILE or docker-archive:FILE".to_string()
     } else {
         format!("starts with bytes {}", hex(&head[..n.min(8)]))
     };
@@ -80,7 +112,7 @@ pub fn detect(path: &Path, file: &File) -> Result<ImageKind, ImageError> {
     })
 }
 
-fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+pub(crate) fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], offset + done as u64)? {
@@ -105,4 +137,23 @@ pub fn read_small_text(mut file: File, limit: u64) -> std::io::Result<String> {
     let mut bytes = Vec::new();
     (&mut file).take(limit).read_to_end(&mut bytes)?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sif_is_its_primary_squashfs_in_place() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sif");
+        let path = dir.join("one-group.sif");
+        let kind = detect(&path, &File::open(&path).unwrap()).unwrap();
+        let ImageKind::Squashfs { offset, .. } = kind else {
+            panic!("{kind:?}")
+        };
+        assert!(offset > 0);
+        let path = dir.join("empty.sif");
+        let e = detect(&path, &File::open(&path).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("no root file system"), "{e}");
+    }
 }

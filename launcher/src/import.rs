@@ -1,0 +1,544 @@
+//! Import: turn an image reference into a squashfs `ferry run` can mount, through the
+//! cache. OCI layouts are the core path: OCI and docker archives are read the same way,
+//! and a registry pull (elsewhere) writes a layout and then calls [`from_oci_layout`].
+//!
+//! The squashfs is made with `mksquashfs -all-root`: every file is owned by uid/gid 0.
+//! Inside a container the user is either themselves (files then show as `nobody`, and
+//! the permission bits for others apply, as for any root-owned system file) or, with
+//! remap-root, uid 0 (files show as root-owned, which is what the image meant for its
+//! system files). Keeping the importing user's uid instead would tie a shared cache's
+//! images to whoever imported them first; keeping the layers' uids is not possible for
+//! an unprivileged importer that cannot chown, and only root is ever mapped inside anyway.
+
+use std::fs;
+use std::io::{self, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::Serialize;
+
+use crate::cache::{Built, Cache, CacheError, Entry};
+use crate::image::config::ImageConfig;
+use crate::image::layers::{LayerError, Unpacker};
+use crate::image::oci::{Image, OciError};
+use crate::image::reference::ImageRef;
+use crate::image::squashfs::find_in_path;
+
+/// Largest /etc/environment read from an image to merge the config's Env into.
+const ENV_FILE_LIMIT: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error(transparent)]
+    Oci(#[from] OciError),
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    #[error(transparent)]
+    Registry(#[from] crate::image::registry::RegistryError),
+    #[error("mksquashfs not found: install squashfs-tools (Debian/Ubuntu: apt-get install squashfs-tools)")]
+    NoMksquashfs,
+    #[error("mksquashfs failed ({status}): {detail}")]
+    Mksquashfs { status: String, detail: String },
+    #[error("cannot {what} {path}: {error}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        error: io::Error,
+    },
+    #[error("cannot export {path}: {detail}")]
+    Export { path: PathBuf, detail: String },
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ImportError + 'a {
+    move |error| ImportError::Io {
+        what,
+        path: path.into(),
+        error,
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// Threads for mksquashfs; default: all available.
+    pub processors: Option<usize>,
+    /// Say what is happening on stderr (layers, mksquashfs progress).
+    pub progress: bool,
+    /// mksquashfs program; default: from PATH.
+    pub mksquashfs: Option<PathBuf>,
+    /// How registry images are pulled.
+    pub registry: crate::image::registry::ClientOptions,
+}
+
+/// What to run, and how.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportedImage {
+    /// A squashfs (in the cache, or the user's own), a SIF file or a directory.
+    pub path: PathBuf,
+    /// The cache entry, for imported images; `None` for local images run as they are.
+    pub entry: Option<Entry>,
+    /// Whether this call built the squashfs (false: found in the cache).
+    pub built: bool,
+}
+
+impl ImportedImage {
+    /// The image's run-time settings (empty for local images, whose settings live in
+    /// their own /etc/environment and /etc/rc, as enroot keeps them).
+    pub fn config(&self) -> ImageConfig {
+        self.entry
+            .as_ref()
+            .map(|e| e.config.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Import any reference except a registry one; local images are returned as they are.
+pub fn import(
+    image: &ImageRef,
+    cache: &Cache,
+    opts: &ImportOptions,
+) -> Result<ImportedImage, ImportError> {
+    let name = image.to_string();
+    match image {
+        ImageRef::Local(path) => {
+            // Checked now rather than when a container is made from it.
+            let file = fs::File::open(path).map_err(io_err("open", path))?;
+            crate::image::detect(path, &file)?;
+            Ok(ImportedImage {
+                path: path.clone(),
+                entry: None,
+                built: false,
+            })
+        }
+        ImageRef::Registry(r) => from_registry(r, cache, opts),
+        ImageRef::OciLayout { dir, reference } => {
+            from_oci_layout(dir, reference.as_deref(), cache, Some(&name), opts)
+        }
+        ImageRef::OciArchive { file, reference } => {
+            let img = Image::open_oci_archive(file, reference.as_deref())?;
+            from_image(&img, cache, Some(&name), opts)
+        }
+        ImageRef::DockerArchive { file, reference } => {
+            let img = Image::open_docker_archive(file, reference.as_deref())?;
+            from_image(&img, cache, Some(&name), opts)
+        }
+    }
+}
+
+/// Import a registry image: the tag is resolved to a manifest digest first (a small
+/// request), so an image already in the cache is not downloaded again; otherwise it is
+/// pulled into a work area of the cache as an OCI layout and imported from there.
+fn from_registry(
+    r: &crate::image::reference::RemoteRef,
+    cache: &Cache,
+    opts: &ImportOptions,
+) -> Result<ImportedImage, ImportError> {
+    use crate::image::registry;
+    let remote = registry::RemoteRef {
+        registry: r.registry.clone(),
+        repository: r.repository.clone(),
+        tag: r.tag.clone(),
+        digest: r.digest.clone(),
+        user: r.user.clone(),
+    };
+    let client = registry::Client::new(opts.registry.clone())?;
+    let resolved = client.resolve(&remote)?;
+    if let Some(entry) = cache.lookup(&resolved.manifest_digest)? {
+        tracing::debug!("{r}: {} is cached", resolved.manifest_digest);
+        return Ok(ImportedImage {
+            path: cache.image_path(&entry.digest)?,
+            entry: Some(entry),
+            built: false,
+        });
+    }
+    let area = cache.work_area()?;
+    let layout = area.path().join("layout");
+    // Pull exactly what was resolved, so a tag moved meanwhile cannot mix two images.
+    let pinned = registry::RemoteRef {
+        digest: Some(resolved.manifest_digest.clone()),
+        ..remote
+    };
+    client.pull(&pinned, &layout)?;
+    from_oci_layout(&layout, None, cache, Some(&r.to_string()), opts)
+}
+
+/// Import the image of an OCI layout directory. `tag_or_digest` picks one when the
+/// layout holds several; `record_as` is the reference the cache lists it under (the
+/// registry client passes the `docker://` reference it pulled).
+pub fn from_oci_layout(
+    dir: &Path,
+    tag_or_digest: Option<&str>,
+    cache: &Cache,
+    record_as: Option<&str>,
+    opts: &ImportOptions,
+) -> Result<ImportedImage, ImportError> {
+    let img = Image::open_layout(dir, tag_or_digest)?;
+    from_image(&img, cache, record_as, opts)
+}
+
+/// Import an opened image: found in the cache by digest, or built once.
+pub fn from_image(
+    img: &Image,
+    cache: &Cache,
+    record_as: Option<&str>,
+    opts: &ImportOptions,
+) -> Result<ImportedImage, ImportError> {
+    let (entry, built) =
+        cache.get_or_build(&img.digest, record_as, |area| build(img, area.path(), opts))?;
+    Ok(ImportedImage {
+        path: cache.image_path(&entry.digest)?,
+        entry: Some(entry),
+        built,
+    })
+}
+
+fn build(img: &Image, area: &Path, opts: &ImportOptions) -> Result<Built, ImportError> {
+    let rootfs = area.join("rootfs");
+    fs::create_dir(&rootfs).map_err(io_err("create", &rootfs))?;
+    let mut unpacker = Unpacker::new(&rootfs)?;
+    let n = img.layers.len();
+    for (i, layer) in img.layers.iter().enumerate() {
+        if opts.progress {
+            eprintln!(
+                "ferry: layer {}/{n} {} ({})",
+                i + 1,
+                layer.digest.as_deref().unwrap_or("(legacy, unchecked)"),
+                crate::cache::format_size(layer.size)
+            );
+        }
+        let mut reader = img.layer(i)?;
+        unpacker.apply_layer(&mut reader)?;
+        reader.finish()?;
+    }
+    if !img.config.config.env.is_empty() {
+        // Today's runtime reads the image environment from /etc/environment (enroot's
+        // convention), so an imported image runs right with it as well.
+        let old = unpacker
+            .read_file(Path::new("etc/environment"), ENV_FILE_LIMIT)
+            .unwrap_or_default();
+        let text = environment_file(&String::from_utf8_lossy(&old), &img.config.config.env);
+        unpacker.write_file(Path::new("etc/environment"), text.as_bytes(), 0o644)?;
+    }
+    let unpacked = unpacker.finish()?;
+    let out = area.join("image.sqsh");
+    let pseudo = area.join("modes.pseudo");
+    fs::write(&pseudo, pseudo_definitions(&unpacked.modes)).map_err(io_err("write", &pseudo))?;
+    mksquashfs(&rootfs, &out, Some(&pseudo), opts)?;
+    Ok(Built {
+        squashfs: out,
+        config: img.config.config.clone(),
+        config_digest: Some(img.config_digest.clone()),
+        layers: img.layers.iter().filter_map(|l| l.digest.clone()).collect(),
+    })
+}
+
+/// The existing /etc/environment text followed by the config's `Env`, which wins.
+fn environment_file(existing: &str, env: &[String]) -> String {
+    let mut text = existing.to_string();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    for e in env {
+        let Some((name, value)) = e.split_once('=') else {
+            continue;
+        };
+        if !crate::env::is_valid_name(name) || value.contains('\n') {
+            continue; // not representable in the file
+        }
+        let plain = value.trim() == value
+            && !value.starts_with(['"', '\''])
+            && !value.ends_with(['"', '\'']);
+        if plain {
+            text.push_str(&format!("{name}={value}\n"));
+        } else {
+            text.push_str(&format!("{name}=\"{value}\"\n"));
+        }
+    }
+    text
+}
+
+/// mksquashfs pseudo definitions (`"path" m MODE UID GID`) giving entries the modes the
+/// image asked for while the files on disk stay readable for mksquashfs.
+fn pseudo_definitions(modes: &[(PathBuf, u32)]) -> String {
+    let mut out = String::new();
+    for (path, mode) in modes {
+        let Some(p) = path.to_str() else {
+            tracing::debug!(
+                "keeping the unpacked mode of {}: name is not UTF-8",
+                path.display()
+            );
+            continue;
+        };
+        if p.contains(['\n', '"', '\\']) {
+            tracing::debug!("keeping the unpacked mode of {p}: name needs escaping");
+            continue;
+        }
+        out.push_str(&format!("\"{p}\" m {mode:o} 0 0\n"));
+    }
+    out
+}
+
+/// Run mksquashfs on `dir`, writing `out`.
+pub fn mksquashfs(
+    dir: &Path,
+    out: &Path,
+    pseudo: Option<&Path>,
+    opts: &ImportOptions,
+) -> Result<(), ImportError> {
+    let program = match &opts.mksquashfs {
+        Some(p) => p.clone(),
+        None => find_in_path("mksquashfs").ok_or(ImportError::NoMksquashfs)?,
+    };
+    let processors = opts
+        .processors
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1);
+    let mut cmd = Command::new(&program);
+    cmd.arg(dir)
+        .arg(out)
+        .args(["-noappend", "-comp", "zstd", "-no-xattrs", "-all-root"])
+        .arg("-processors")
+        .arg(processors.to_string());
+    if let Some(p) = pseudo {
+        cmd.arg("-pf").arg(p);
+    }
+    let show = opts.progress && io::stderr().is_terminal();
+    if !show {
+        cmd.args(["-quiet", "-no-progress"]);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(if show {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => ImportError::NoMksquashfs,
+        _ => ImportError::Io {
+            what: "run",
+            path: program.clone(),
+            error: e,
+        },
+    })?;
+    let output = child.wait_with_output().map_err(io_err("run", &program))?;
+    if !output.status.success() {
+        let text = String::from_utf8_lossy(&output.stderr);
+        let detail = text
+            .lines()
+            .rfind(|l| !l.trim().is_empty())
+            .unwrap_or("no message")
+            .to_string();
+        return Err(ImportError::Mksquashfs {
+            status: output.status.to_string(),
+            detail,
+        });
+    }
+    if show {
+        let _ = io::stderr().write_all(&output.stderr);
+    }
+    Ok(())
+}
+
+/// Write `image` as a squashfs file at `out`: a squashfs (cached or local) or a SIF's
+/// partition is copied, a directory is squashed.
+pub fn export(image: &ImportedImage, out: &Path, opts: &ImportOptions) -> Result<(), ImportError> {
+    let src = &image.path;
+    let export_err = |detail: String| ImportError::Export {
+        path: src.clone(),
+        detail,
+    };
+    let meta = fs::metadata(src).map_err(io_err("read", src))?;
+    if meta.is_dir() {
+        return mksquashfs(src, out, None, opts);
+    }
+    let file = fs::File::open(src).map_err(io_err("open", src))?;
+    let kind = crate::image::detect(src, &file).map_err(|e| export_err(e.to_string()))?;
+    let crate::image::ImageKind::Squashfs { offset, .. } = kind else {
+        return Err(export_err("not a squashfs image".into()));
+    };
+    if offset == 0 {
+        // A copy, not a hard link: the user may change their file (mksquashfs appends
+        // in place by default), and the cached image must not change with it.
+        fs::copy(src, out).map_err(io_err("copy to", out))?;
+        return Ok(());
+    }
+    // A SIF's partition: copy just its bytes.
+    let part = crate::image::sif::primary_partition(&file, meta.len()).map_err(export_err)?;
+    let mut reader = io::Read::take(io::BufReader::new(&file), part.offset + part.size);
+    io::copy(
+        &mut io::Read::take(&mut reader, part.offset),
+        &mut io::sink(),
+    )
+    .map_err(io_err("read", src))?;
+    let mut dst = fs::File::create(out).map_err(io_err("create", out))?;
+    io::copy(&mut reader, &mut dst).map_err(io_err("write", out))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::oci::tests::{make_docker_archive, make_layout};
+
+    fn unsquash_cat(sqsh: &Path, file: &str) -> String {
+        let out = Command::new("unsquashfs")
+            .args(["-cat"])
+            .arg(sqsh)
+            .arg(file)
+            .output()
+            .expect("unsquashfs is installed");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn unsquash_list(sqsh: &Path) -> String {
+        let out = Command::new("unsquashfs")
+            .args(["-lln"])
+            .arg(sqsh)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn opts() -> ImportOptions {
+        ImportOptions {
+            processors: Some(1),
+            ..ImportOptions::default()
+        }
+    }
+
+    #[test]
+    fn imports_a_layout_once_and_records_it() {
+        let l = make_layout(
+            &[
+                ("hello", b"hi\n"),
+                ("etc/shadow", b"secret\n"),
+                ("etc/environment", b"LANG=C\n"),
+            ],
+            "v1",
+        );
+        let t = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&t.path().join("cache")).unwrap();
+        let r = ImageRef::parse(
+            &format!("oci:{}:v1", l.dir.path().display()),
+            Path::new("/"),
+        )
+        .unwrap();
+        let first = import(&r, &cache, &opts()).unwrap();
+        assert!(first.built);
+        assert_eq!(first.entry.as_ref().unwrap().digest, l.manifest_digest);
+        assert_eq!(unsquash_cat(&first.path, "hello"), "hi\n");
+        let env = unsquash_cat(&first.path, "etc/environment");
+        assert_eq!(env, "LANG=C\nPATH=/bin\nFOO=bar\n");
+        let listing = unsquash_list(&first.path);
+        assert!(listing.contains("0/0"), "{listing}");
+        assert_eq!(first.config().working_dir.as_deref(), Some("/srv"));
+        let again = import(&r, &cache, &opts()).unwrap();
+        assert!(!again.built);
+        assert_eq!(again.path, first.path);
+        assert_eq!(
+            cache.resolve_ref(&r.to_string()).unwrap().as_deref(),
+            Some(l.manifest_digest.as_str())
+        );
+        // Exported as a file of its own.
+        let out = t.path().join("copy.sqsh");
+        export(&again, &out, &opts()).unwrap();
+        assert_eq!(unsquash_cat(&out, "hello"), "hi\n");
+    }
+
+    #[test]
+    fn modes_the_image_asked_for_are_kept() {
+        let mut layer = tar::Builder::new(Vec::new());
+        for (name, mode) in [("shadow", 0o000), ("tool", 0o4755)] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(1);
+            h.set_mode(mode);
+            layer.append_data(&mut h, name, &b"x"[..]).unwrap();
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o555);
+        h.set_size(0);
+        layer.append_data(&mut h, "ro/", &[][..]).unwrap();
+        let layer = layer.into_inner().unwrap();
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        fs::create_dir(&root).unwrap();
+        let mut u = Unpacker::new(&root).unwrap();
+        u.apply_layer(&layer[..]).unwrap();
+        let unpacked = u.finish().unwrap();
+        let pseudo = t.path().join("p");
+        fs::write(&pseudo, pseudo_definitions(&unpacked.modes)).unwrap();
+        let out = t.path().join("o.sqsh");
+        mksquashfs(&root, &out, Some(&pseudo), &opts()).unwrap();
+        let listing = unsquash_list(&out);
+        assert!(listing.contains("---------- 0/0"), "{listing}");
+        assert!(listing.contains("-rwsr-xr-x 0/0"), "{listing}");
+        assert!(listing.contains("dr-xr-xr-x 0/0"), "{listing}");
+    }
+
+    #[test]
+    fn imports_a_docker_archive_and_refuses_registry_refs() {
+        let t = tempfile::tempdir().unwrap();
+        let archive = t.path().join("save.tar");
+        make_docker_archive(&archive, &[("bin/hello", b"hello\n")]);
+        let cache = Cache::open(&t.path().join("cache")).unwrap();
+        let r = ImageRef::parse(archive.to_str().unwrap(), Path::new("/")).unwrap();
+        assert!(matches!(r, ImageRef::DockerArchive { .. }));
+        let img = import(&r, &cache, &opts()).unwrap();
+        assert_eq!(unsquash_cat(&img.path, "bin/hello"), "hello\n");
+        assert_eq!(unsquash_cat(&img.path, "etc/environment"), "A=1\n");
+        let reg = ImageRef::parse("docker://alpine", Path::new("/")).unwrap();
+        let e = import(&reg, &cache, &opts()).unwrap_err();
+        assert!(e.to_string().contains("not built into this binary"), "{e}");
+    }
+
+    #[test]
+    fn environment_file_merging() {
+        let text = environment_file(
+            "PATH=/usr/bin",
+            &[
+                "PATH=/opt/bin".into(),
+                "SPACE= x ".into(),
+                "Q=\"q\"".into(),
+                "bad name=1".into(),
+                "NL=a\nb".into(),
+            ],
+        );
+        assert_eq!(
+            text,
+            "PATH=/usr/bin\nPATH=/opt/bin\nSPACE=\" x \"\nQ=\"\"q\"\"\n"
+        );
+        let parsed = crate::env::parse_environment_file(&text);
+        assert_eq!(
+            parsed,
+            vec![
+                ("PATH".to_string(), "/opt/bin".to_string()),
+                ("SPACE".to_string(), " x ".to_string()),
+                ("Q".to_string(), "\"q\"".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn sif_partitions_export_as_squashfs() {
+        let sif = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sif/one-group.sif");
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("x.sqsh");
+        let img = ImportedImage {
+            path: sif,
+            entry: None,
+            built: false,
+        };
+        export(&img, &out, &opts()).unwrap();
+        assert_eq!(unsquash_cat(&out, "hello.txt"), "Hello from Sylabs!\n");
+    }
+}
