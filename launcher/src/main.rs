@@ -195,6 +195,10 @@ fn import_options() -> ImportOptions {
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         ..ImportOptions::default()
     };
+    // A site registry's private CA (the plugin passes the site's registry_ca_file).
+    if let Some(ca) = std::env::var_os("FERRY_REGISTRY_CA_FILE").filter(|v| !v.is_empty()) {
+        opts.registry.ca_file = Some(ca.into());
+    }
     // Registries to reach over plain http (a test or site registry without TLS).
     if let Ok(list) = std::env::var("FERRY_INSECURE_REGISTRIES") {
         opts.registry.insecure_registries.extend(

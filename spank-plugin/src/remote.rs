@@ -284,6 +284,9 @@ fn import_as_user(
             settings.insecure_registries.join(","),
         )
         .stdin(std::process::Stdio::null());
+    if let Some(ca) = &settings.registry_ca_file {
+        cmd.env("FERRY_REGISTRY_CA_FILE", ca);
+    }
     ferry::holder::run_as_on_exec(
         &mut cmd,
         Some(Credentials {
