@@ -271,7 +271,14 @@ fn classify_local(path: &Path) -> Result<ImageRef, ReferenceError> {
     }
     if meta.is_file() {
         let mut head = [0u8; 512];
-        let mut file = File::open(path).map_err(read_err)?;
+        let mut file = match File::open(path) {
+            Ok(f) => f,
+            // The runtime opens it again as the user and says whose permission is missing.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Ok(ImageRef::Local(path.into()))
+            }
+            Err(e) => return Err(read_err(e)),
+        };
         let mut n = 0;
         while n < head.len() {
             match file.read(&mut head[n..]).map_err(read_err)? {
