@@ -48,6 +48,43 @@ pub struct Step {
     pub tasks_exited: u32,
 }
 
+impl Step {
+    /// The job user's ids, for what the plugin starts on the user's behalf.
+    fn credentials(&self) -> Credentials {
+        Credentials {
+            uid: self.uid,
+            gid: self.gid,
+            groups: self.groups.clone(),
+        }
+    }
+}
+
+/// Run `ferry_bin ARGS` as the step's user, with `env` only, and return its stdout; on
+/// failure, its last stderr line (ferry's one-line error, without the prefix).
+fn run_ferry_as_user(
+    step: &Step,
+    settings: &PluginSettings,
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Result<String, String> {
+    let mut cmd = std::process::Command::new(&settings.ferry_bin);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null());
+    ferry::holder::run_as_on_exec(&mut cmd, Some(step.credentials()), false);
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", settings.ferry_bin.display()))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let line = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+        return Err(line.trim_start_matches("ferry: error: ").to_string());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn step_name(step_id: u32) -> String {
     match step_id {
         SLURM_BATCH_SCRIPT => "batch".into(),
@@ -272,43 +309,18 @@ fn import_as_user(
     user: &UserInfo,
     image: &str,
 ) -> Result<PathBuf, String> {
-    let mut cmd = std::process::Command::new(&settings.ferry_bin);
-    cmd.arg("import")
-        .arg(image)
-        .env_clear()
-        .env("HOME", &user.home)
-        .env("USER", &user.name)
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .env(
-            "FERRY_INSECURE_REGISTRIES",
-            settings.insecure_registries.join(","),
-        )
-        .stdin(std::process::Stdio::null());
+    let insecure = settings.insecure_registries.join(",");
+    let mut env = vec![
+        ("HOME", user.home.as_os_str()),
+        ("USER", user.name.as_ref()),
+        ("FERRY_INSECURE_REGISTRIES", insecure.as_ref()),
+    ];
     if let Some(ca) = &settings.registry_ca_file {
-        cmd.env("FERRY_REGISTRY_CA_FILE", ca);
+        env.push(("FERRY_REGISTRY_CA_FILE", ca.as_os_str()));
     }
-    ferry::holder::run_as_on_exec(
-        &mut cmd,
-        Some(Credentials {
-            uid: step.uid,
-            gid: step.gid,
-            groups: step.groups.clone(),
-        }),
-        false,
-    );
     let started = std::time::Instant::now();
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run {} import: {e}", settings.ferry_bin.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        let line = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
-        return Err(format!(
-            "cannot import {image}: {}",
-            line.trim_start_matches("ferry: error: ")
-        ));
-    }
+    let stdout = run_ferry_as_user(step, settings, &["import".as_ref(), image.as_ref()], &env)
+        .map_err(|e| format!("cannot import {image}: {e}"))?;
     let path = stdout
         .lines()
         .rfind(|l| l.starts_with('/'))
@@ -337,11 +349,7 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
     };
     let opts = PrepareOptions {
         holder_program: settings.ferry_bin.clone(),
-        run_as: Some(Credentials {
-            uid: step.uid,
-            gid: step.gid,
-            groups: step.groups.clone(),
-        }),
+        run_as: Some(step.credentials()),
         die_with_parent: false,
         timeout: Duration::from_secs(300),
         env: None,
@@ -425,47 +433,22 @@ fn save_container(step: &Step, settings: &PluginSettings) {
         return;
     };
     let (_, dir) = unpacked_dir(settings, step);
-    let mut cmd = std::process::Command::new(&settings.ferry_bin);
-    cmd.arg("save")
-        .arg(dir.join(ferry::named::ROOTFS))
-        .arg(output)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
+    let rootfs = dir.join(ferry::named::ROOTFS);
+    let mut args = vec!["save".as_ref(), rootfs.as_os_str(), output.as_ref()];
     if step.request.name.is_none() {
         // This step's own copy: gone after the save.
-        cmd.arg("--remove").arg(&dir);
+        args.extend(["--remove".as_ref(), dir.as_os_str()]);
     }
-    ferry::holder::run_as_on_exec(
-        &mut cmd,
-        Some(Credentials {
-            uid: step.uid,
-            gid: step.gid,
-            groups: step.groups.clone(),
-        }),
-        false,
-    );
     let started = std::time::Instant::now();
-    match cmd.output() {
-        Ok(out) if out.status.success() => info!(
+    match run_ferry_as_user(step, settings, &args, &[]) {
+        Ok(_) => info!(
             "step {}.{}: saved the container to {output} in {:.1} s",
             step.job_id,
             step_name(step.step_id),
             started.elapsed().as_secs_f64()
         ),
-        Ok(out) => {
-            let text = String::from_utf8_lossy(&out.stderr);
-            let line = text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
-            // slurmstepd forwards its errors to srun's terminal while the step lasts.
-            error!(
-                "--container-save: {}",
-                line.trim_start_matches("ferry: error: ")
-            );
-        }
-        Err(e) => error!(
-            "--container-save: cannot run {}: {e}",
-            settings.ferry_bin.display()
-        ),
+        // slurmstepd forwards its errors to srun's terminal while the step lasts.
+        Err(e) => error!("--container-save: {e}"),
     }
 }
 
