@@ -332,7 +332,7 @@ mod tests {
 
     #[test]
     fn table_is_consistent() {
-        assert_eq!(OPTIONS.len(), 12);
+        assert_eq!(OPTIONS.len(), 14);
         for o in OPTIONS {
             assert_eq!(o.name.last(), Some(&0));
             assert_eq!(o.usage.last(), Some(&0));
@@ -343,6 +343,8 @@ mod tests {
         let table = srun_table();
         assert!(table.contains(&("container-image", Arg::Required)));
         assert!(table.contains(&("no-container-mount-home", Arg::No)));
+        assert!(table.contains(&("container-name", Arg::Required)));
+        assert!(table.contains(&("container-save", Arg::Required)));
     }
 
     #[test]
