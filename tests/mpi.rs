@@ -24,10 +24,11 @@ const NODES: usize = 3;
 
 /// The three-node cluster's slurm.conf, after checking that all its nodes answer.
 fn multi_cluster() -> String {
-    let start = "start it with `FERRY_CLUSTER_DIR=/tmp/ferry-mpi-cluster FERRY_CLUSTER_NODES=3 \
+    let start =
+        "start it with `FERRY_CLUSTER_DIR=/var/tmp/ferry-mpi-cluster FERRY_CLUSTER_NODES=3 \
                  FERRY_CLUSTER_NODE=fmpi FERRY_SLURMCTLD_PORT=16837 FERRY_SLURMD_PORT=16838 \
                  FERRY_PLUGIN=… integration/cluster up` and export \
-                 FERRY_MULTI_SLURM_CONF=/tmp/ferry-mpi-cluster/etc/slurm.conf, or run \
+                 FERRY_MULTI_SLURM_CONF=/var/tmp/ferry-mpi-cluster/etc/slurm.conf, or run \
                  `integration/test`, which does both";
     let conf = match std::env::var("FERRY_MULTI_SLURM_CONF") {
         Ok(c) if !c.is_empty() => c,
@@ -99,7 +100,13 @@ fn parse_ring(stdout: &str) -> Ring {
 /// Six ranks, two per node on three distinct nodes that are the cluster's, in Slurm's block
 /// order (ranks 0-1 on the first node, ...), and a token that went all the way round.
 fn assert_ring_over_three_nodes(run: &Run) {
-    let out = run.ok();
+    run.ok();
+    assert_ring_output_over_three_nodes(run);
+}
+
+/// The same, for the output of a step that may have failed after the ring.
+fn assert_ring_output_over_three_nodes(run: &Run) {
+    let out = &run.stdout;
     let ring = parse_ring(out);
     let conf = multi_cluster();
     assert_eq!(
@@ -152,40 +159,42 @@ fn openmpi_ring_over_three_nodes_with_pmix() {
     );
 }
 
-/// MPICH over `--mpi=pmi2`, one rank per node. (Two ranks per node on several nodes hang in
-/// MPI_Finalize in about half the runs, with or without ferry: Debian 12's MPICH 4.0.2 closes
-/// its UCX connections there and waits for peers that already block in the PMI barrier;
-/// see README, "MPI".)
+/// MPICH over `--mpi=pmi2`: PMI-1 over the descriptor slurmstepd hands each task (PMI_FD),
+/// which the task keeps when it enters the container.
+///
+/// Debian 12's MPICH 4.0.2 (ch4:ucx) hangs in MPI_Finalize in most runs across nodes, with
+/// or without ferry (the same binaries run on the host hang the same way): it closes its UCX
+/// connections there and waits for peers that have already gone on to block in PMI. So the
+/// ring gets RING_FINALIZE_TIMEOUT: a run passes when it exits 0, or when every rank reported
+/// and completed the ring and then only MPI_Finalize timed out (exit status 3, one line
+/// per rank); anything else fails.
 #[test]
 fn mpich_ring_over_three_nodes_with_pmi2() {
     let run = srun(
-        "",
+        "RING_FINALIZE_TIMEOUT=5",
         &format!(
-            "-N3 -n3 --mpi=pmi2 --container={} /usr/local/bin/ring-mpich",
+            "-N3 -n6 --ntasks-per-node=2 --mpi=pmi2 --container={} /usr/local/bin/ring-mpich",
             mpi_image()
         ),
     );
-    let out = run.ok();
-    let ring = parse_ring(out);
-    assert_eq!(
-        ring.ranks.keys().copied().collect::<Vec<_>>(),
-        vec![0, 1, 2],
-        "every rank reports once:\n{out}\nstderr: {}",
-        run.stderr
-    );
-    assert!(ring.ranks.values().all(|(size, _)| *size == 3), "{out}");
-    let hosts: BTreeSet<String> = ring.ranks.values().map(|(_, h)| h.clone()).collect();
-    assert_eq!(
-        hosts,
-        node_names(&multi_cluster()),
-        "one rank per node:\n{out}"
-    );
-    assert_eq!(
-        ring.complete.as_deref(),
-        Some("ring complete: 3 ranks, token 3"),
-        "{out}\nstderr: {}",
-        run.stderr
-    );
+    assert_ring_output_over_three_nodes(&run);
+    if run.code != 0 {
+        const TIMEOUT: &str = "ring: MPI_Finalize did not return in time";
+        let other: Vec<&str> = run
+            .stderr
+            .lines()
+            .filter(|l| {
+                !l.trim().is_empty() && *l != TIMEOUT && !l.ends_with("Exited with exit code 3")
+            })
+            .collect();
+        let timeouts = run.stderr.lines().filter(|l| *l == TIMEOUT).count();
+        assert!(
+            run.code == 3 && timeouts == 6 && other.is_empty(),
+            "the step failed other than by MPICH's known hang in MPI_Finalize (exit {}):\n{}",
+            run.code,
+            run.stderr
+        );
+    }
 }
 
 /// Two MPICH ranks on one node over `--mpi=pmi2`, with UCX limited to shared memory
@@ -220,6 +229,34 @@ fn mpich_ranks_on_one_node_talk_over_shared_memory() {
                 .iter()
                 .all(|l| l.contains("sysv/memory") || l.contains("posix/memory")),
         "UCX reaches the other rank over shared memory: {peer_configs:?}\n{log}"
+    );
+}
+
+/// Slurm's PMIx server directory (under SlurmdSpoolDir, which the three-node cluster keeps
+/// outside /tmp, like a real node) is in the container at its own path, with the server's
+/// shared-memory data stores that the task's PMIx client maps.
+#[test]
+fn pmix_server_directory_is_in_the_container() {
+    let run = srun(
+        "",
+        &format!(
+            "-N1 -n1 --mpi=pmix --container={} bash -c 'echo \"$PMIX_SERVER_TMPDIR\"; ls \"$PMIX_SERVER_TMPDIR\"'",
+            mpi_image()
+        ),
+    );
+    let out = run.ok();
+    let mut lines = out.lines();
+    let dir = lines.next().unwrap_or_default();
+    assert!(
+        dir.contains("/spool/") && !dir.starts_with("/tmp/"),
+        "the server directory is under the spool directory, outside /tmp: {out}"
+    );
+    let entries: Vec<&str> = lines.collect();
+    assert!(
+        entries.iter().any(|e| e.starts_with("pmix_dstor_ds21_"))
+            && entries.iter().any(|e| e.starts_with("pmix_dstor_ds12_")),
+        "the PMIx data stores are visible inside: {out}\nstderr: {}",
+        run.stderr
     );
 }
 
