@@ -246,6 +246,12 @@ fn container_spec(
                 .map_err(|e| format!("--container-mounts: {e}"))?,
         );
     }
+    // After the user's: these are Slurm's own and must not be covered.
+    spec.mounts.extend(mpi_runtime_mounts(
+        step,
+        |name| std::env::var_os(name),
+        |name| spank.getenv(name).ok().flatten(),
+    ));
     spec.workdir = req.workdir.as_ref().map(PathBuf::from);
     // slurmstepd runs user_init in the step's working directory (srun's, or --chdir's),
     // also under --export=NONE, where PWD is not in the step's environment.
@@ -330,6 +336,57 @@ fn import_as_user(
         started.elapsed().as_secs_f64()
     );
     Ok(PathBuf::from(path))
+}
+
+/// Host directories of Slurm's MPI support that the step's tasks must find at the same path
+/// inside the container, for `process_env` (slurmstepd's own environment) and `step_env`
+/// (the step's).
+///
+/// mpi/pmix runs a PMIx server in slurmstepd whose directory, `<SlurmdSpoolDir>/pmix.<job>.<step>/`,
+/// holds what the task's PMIx client opens by path: the server's contact files and the
+/// shared-memory data store (PMIx's gds/ds21) that every client maps. The spool directory
+/// is not in the container, so without this bind MPI_Init fails. mpi/pmix creates the
+/// directory before user_init and names it only in slurmstepd's own environment
+/// (`PMIX_SERVER_TMPDIR`; the tasks get the same value in theirs later, in task_init).
+/// The client's directory (`spmix_appdir_<uid>_<job>.<step>`) is under `SLURM_PMIX_TMPDIR`
+/// when the step sets it, else under slurm.conf's TmpFS, which is `/tmp` (bound already)
+/// unless the site changed it.
+///
+/// mpi/pmi2 needs nothing here: its tasks talk to slurmstepd over an inherited descriptor
+/// (`PMI_FD`), which the task keeps when it enters the container.
+fn mpi_runtime_mounts(
+    step: &Step,
+    process_env: impl Fn(&str) -> Option<std::ffi::OsString>,
+    step_env: impl Fn(&str) -> Option<String>,
+) -> Vec<MountSpec> {
+    let mut dirs = Vec::new();
+    // Only this step's server directory: slurmstepd's environment is inherited from
+    // slurmd, and a stale value there must not expose another step's files.
+    if let Some(dir) = process_env("PMIX_SERVER_TMPDIR").map(PathBuf::from) {
+        let own = format!("pmix.{}.{}", step.job_id, step.step_id);
+        if dir.is_absolute() && dir.file_name().is_some_and(|n| n == own.as_str()) {
+            dirs.push(dir);
+        } else {
+            debug!(
+                "not binding PMIX_SERVER_TMPDIR={}: not this step's",
+                dir.display()
+            );
+        }
+    }
+    if let Some(base) = step_env("SLURM_PMIX_TMPDIR").filter(|b| b.starts_with('/')) {
+        dirs.push(Path::new(&base).join(format!(
+            "spmix_appdir_{}_{}.{}",
+            step.uid, step.job_id, step.step_id
+        )));
+    }
+    dirs.into_iter()
+        .filter(|d| d.is_dir())
+        .map(|d| MountSpec {
+            source: d.clone(),
+            target: d,
+            read_only: false,
+        })
+        .collect()
 }
 
 /// user_init (once per step per node, slurmstepd as root with the job user's ids in place
@@ -459,5 +516,63 @@ fn stop_holder(step: &mut Step, why: &str) {
             Ok(status) => debug!("holder stopped ({why}): {status}"),
             Err(e) => warn!("cannot stop the holder ({why}): {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step() -> Step {
+        Step {
+            job_id: 42,
+            step_id: 3,
+            uid: 2001,
+            ..Step::default()
+        }
+    }
+
+    #[test]
+    fn pmix_server_dir_of_this_step_is_bound_at_the_same_path() {
+        let spool = tempfile::tempdir().unwrap();
+        let own = spool.path().join("pmix.42.3");
+        std::fs::create_dir(&own).unwrap();
+        let env = |name: &str| (name == "PMIX_SERVER_TMPDIR").then(|| own.clone().into());
+        let mounts = mpi_runtime_mounts(&step(), env, |_| None);
+        assert_eq!(
+            mounts,
+            vec![MountSpec {
+                source: own.clone(),
+                target: own.clone(),
+                read_only: false
+            }]
+        );
+    }
+
+    #[test]
+    fn other_steps_and_missing_dirs_are_not_bound() {
+        let spool = tempfile::tempdir().unwrap();
+        let other = spool.path().join("pmix.42.2");
+        std::fs::create_dir(&other).unwrap();
+        let env = |name: &str| (name == "PMIX_SERVER_TMPDIR").then(|| other.clone().into());
+        assert!(mpi_runtime_mounts(&step(), env, |_| None).is_empty());
+        // The right name, but no such directory (mpi/pmix not used by this step).
+        let gone = spool.path().join("pmix.42.3");
+        let env = |name: &str| (name == "PMIX_SERVER_TMPDIR").then(|| gone.clone().into());
+        assert!(mpi_runtime_mounts(&step(), env, |_| None).is_empty());
+        assert!(mpi_runtime_mounts(&step(), |_| None, |_| None).is_empty());
+    }
+
+    #[test]
+    fn client_dir_under_slurm_pmix_tmpdir_is_bound() {
+        let base = tempfile::tempdir().unwrap();
+        let cli = base.path().join("spmix_appdir_2001_42.3");
+        std::fs::create_dir(&cli).unwrap();
+        let base_text = base.path().display().to_string();
+        let step_env = |name: &str| (name == "SLURM_PMIX_TMPDIR").then(|| base_text.clone());
+        let mounts = mpi_runtime_mounts(&step(), |_| None, step_env);
+        assert_eq!(mounts.len(), 1);
+        assert_eq!(mounts[0].source, cli);
+        assert_eq!(mounts[0].target, cli);
     }
 }

@@ -1,0 +1,374 @@
+//! MPI through the plugin on a three-node Slurm cluster: `srun -N3 --mpi=… --container=mpi.sqsh`,
+//! as the unprivileged test user.
+//!
+//! `integration/test` starts the cluster (`integration/cluster` with FERRY_CLUSTER_NODES=3:
+//! three slurmds, each in its own network and UTS namespace) beside the single-node one, and
+//! exports its slurm.conf as FERRY_MULTI_SLURM_CONF; the image comes from
+//! `integration/build-images --mpi`. Without them every test here fails with the command
+//! that provides them.
+//!
+//! The image holds Debian 12's OpenMPI 4.1 (external PMIx 4.2) and MPICH 4.0 (ch4:ucx, its
+//! own PMI-1 client), with integration/mpi/ring.c built for each: every rank prints
+//! `rank R of N on HOST`, a token goes once around the ring and rank 0 prints
+//! `ring complete: N ranks, token T`. Which MPI works with which `--mpi` plugin of Slurm:
+//! OpenMPI with `--mpi=pmix` (Debian's OpenMPI has no PMI-1/2 support), MPICH with
+//! `--mpi=pmi2` (its client speaks the PMI-1 wire protocol that Slurm's pmi2 plugin serves
+//! on PMI_FD).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+
+use ferry_tests::*;
+
+const NODES: usize = 3;
+
+/// The three-node cluster's slurm.conf, after checking that all its nodes answer.
+fn multi_cluster() -> String {
+    let start =
+        "start it with `FERRY_CLUSTER_DIR=/var/tmp/ferry-mpi-cluster FERRY_CLUSTER_NODES=3 \
+                 FERRY_CLUSTER_NODE=fmpi FERRY_SLURMCTLD_PORT=16837 FERRY_SLURMD_PORT=16838 \
+                 FERRY_PLUGIN=… integration/cluster up` and export \
+                 FERRY_MULTI_SLURM_CONF=/var/tmp/ferry-mpi-cluster/etc/slurm.conf, or run \
+                 `integration/test`, which does both";
+    let conf = match std::env::var("FERRY_MULTI_SLURM_CONF") {
+        Ok(c) if !c.is_empty() => c,
+        _ => panic!("FERRY_MULTI_SLURM_CONF is not set: these tests need the three-node test cluster; {start}"),
+    };
+    let out = Command::new("sinfo")
+        .args(["-h", "-N", "-o", "%N %t"])
+        .env("SLURM_CONF", &conf)
+        .output()
+        .expect("sinfo runs (slurm-wlm installed?)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.lines().count() == NODES,
+        "the three-node test cluster (FERRY_MULTI_SLURM_CONF={conf}) does not answer with \
+         {NODES} nodes; {start}. sinfo said: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    conf
+}
+
+/// The cluster's node names, as Slurm knows them.
+fn node_names(conf: &str) -> BTreeSet<String> {
+    let out = Command::new("sinfo")
+        .args(["-h", "-N", "-o", "%N"])
+        .env("SLURM_CONF", conf)
+        .output()
+        .expect("sinfo runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+fn mpi_image() -> String {
+    image("mpi.sqsh").display().to_string()
+}
+
+/// `srun ARGS` on the three-node cluster as the test user; `env` is put before srun (the
+/// tasks inherit it).
+fn srun(env: &str, args: &str) -> Run {
+    let conf = multi_cluster();
+    sh(&format!(
+        "export SLURM_CONF={conf}; {env} timeout 120 srun --time=3 {args}"
+    ))
+}
+
+/// What the ring printed: rank → (size, host), and the closing line.
+struct Ring {
+    ranks: BTreeMap<u32, (u32, String)>,
+    complete: Option<String>,
+}
+
+fn parse_ring(stdout: &str) -> Ring {
+    let mut ranks = BTreeMap::new();
+    let mut complete = None;
+    for line in stdout.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let ["rank", r, "of", n, "on", host] = words[..] {
+            let rank: u32 = r.parse().expect("rank number");
+            let old = ranks.insert(rank, (n.parse().expect("size"), host.to_string()));
+            assert!(old.is_none(), "rank {rank} reported twice:\n{stdout}");
+        } else if line.starts_with("ring complete") {
+            complete = Some(line.to_string());
+        }
+    }
+    Ring { ranks, complete }
+}
+
+/// Six ranks, two per node on three distinct nodes that are the cluster's, in Slurm's block
+/// order (ranks 0-1 on the first node, ...), and a token that went all the way round.
+fn assert_ring_over_three_nodes(run: &Run) {
+    run.ok();
+    assert_ring_output_over_three_nodes(run);
+}
+
+/// The same, for the output of a step that may have failed after the ring.
+fn assert_ring_output_over_three_nodes(run: &Run) {
+    let out = &run.stdout;
+    let ring = parse_ring(out);
+    let conf = multi_cluster();
+    assert_eq!(
+        ring.ranks.keys().copied().collect::<Vec<_>>(),
+        (0..6).collect::<Vec<_>>(),
+        "every rank reports once:\n{out}\nstderr: {}",
+        run.stderr
+    );
+    assert!(
+        ring.ranks.values().all(|(size, _)| *size == 6),
+        "every rank sees 6 ranks:\n{out}"
+    );
+    let hosts: BTreeSet<String> = ring.ranks.values().map(|(_, h)| h.clone()).collect();
+    assert_eq!(
+        hosts,
+        node_names(&conf),
+        "the ranks run on the cluster's three nodes:\n{out}"
+    );
+    for pair in [[0, 1], [2, 3], [4, 5]] {
+        assert_eq!(
+            ring.ranks[&pair[0]].1, ring.ranks[&pair[1]].1,
+            "ranks {pair:?} share a node (block distribution, 2 per node):\n{out}"
+        );
+    }
+    assert_eq!(
+        ring.complete.as_deref(),
+        Some("ring complete: 6 ranks, token 15"),
+        "the token went once around all six ranks:\n{out}\nstderr: {}",
+        run.stderr
+    );
+}
+
+#[test]
+fn openmpi_ring_over_three_nodes_with_pmix() {
+    let run = srun(
+        "",
+        &format!(
+            "-N3 -n6 --ntasks-per-node=2 --mpi=pmix --container={} /usr/local/bin/ring-openmpi",
+            mpi_image()
+        ),
+    );
+    assert_ring_over_three_nodes(&run);
+    // Without Slurm's PMIx server directory in the container, PMIx falls back from its
+    // shared-memory store and says so ("PMIX ERROR: ERROR in file .../gds_ds12_lock_pthread.c"),
+    // while the ring still completes.
+    assert!(
+        !run.stderr.contains("PMIX ERROR"),
+        "PMIx reached everything of slurmstepd's server: {}",
+        run.stderr
+    );
+}
+
+/// MPICH over `--mpi=pmi2`: PMI-1 over the descriptor slurmstepd hands each task (PMI_FD),
+/// which the task keeps when it enters the container.
+///
+/// Debian 12's MPICH 4.0.2 (ch4:ucx) hangs in MPI_Finalize in most runs across nodes, with
+/// or without ferry (the same binaries run on the host hang the same way): it closes its UCX
+/// connections there and waits for peers that have already gone on to block in PMI. So the
+/// ring gets RING_FINALIZE_TIMEOUT: a run passes when it exits 0, or when every rank reported
+/// and completed the ring and then only MPI_Finalize timed out (exit status 3, one line
+/// per rank); anything else fails.
+#[test]
+fn mpich_ring_over_three_nodes_with_pmi2() {
+    let run = srun(
+        "RING_FINALIZE_TIMEOUT=5",
+        &format!(
+            "-N3 -n6 --ntasks-per-node=2 --mpi=pmi2 --container={} /usr/local/bin/ring-mpich",
+            mpi_image()
+        ),
+    );
+    assert_ring_output_over_three_nodes(&run);
+    if run.code != 0 {
+        const TIMEOUT: &str = "ring: MPI_Finalize did not return in time";
+        let other: Vec<&str> = run
+            .stderr
+            .lines()
+            .filter(|l| {
+                !l.trim().is_empty() && *l != TIMEOUT && !l.ends_with("Exited with exit code 3")
+            })
+            .collect();
+        let timeouts = run.stderr.lines().filter(|l| *l == TIMEOUT).count();
+        assert!(
+            run.code == 3 && timeouts == 6 && other.is_empty(),
+            "the step failed other than by MPICH's known hang in MPI_Finalize (exit {}):\n{}",
+            run.code,
+            run.stderr
+        );
+    }
+}
+
+/// Two MPICH ranks on one node over `--mpi=pmi2`, with UCX limited to shared memory
+/// (`sm`: sysv/posix segments and cross-memory attach) and `self`: the ring completes only
+/// over shared memory, and UCX's log names the shared-memory transports it chose.
+#[test]
+fn mpich_ranks_on_one_node_talk_over_shared_memory() {
+    let run = srun(
+        "UCX_TLS=sm,self UCX_LOG_LEVEL=info",
+        &format!(
+            "-N1 -n2 --mpi=pmi2 --container={} /usr/local/bin/ring-mpich",
+            mpi_image()
+        ),
+    );
+    let ring = parse_ring(run.ok());
+    assert_eq!(
+        ring.complete.as_deref(),
+        Some("ring complete: 2 ranks, token 1"),
+        "stdout: {}\nstderr: {}",
+        run.stdout,
+        run.stderr
+    );
+    // e.g. `ucp_worker.c:1763 UCX INFO ep_cfg[1]: tag(sysv/memory cma/memory) rma(...)`
+    let log = format!("{}{}", run.stdout, run.stderr);
+    let peer_configs: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ep_cfg[") && l.contains("tag(") && !l.contains("tag(self/"))
+        .collect();
+    assert!(
+        !peer_configs.is_empty()
+            && peer_configs
+                .iter()
+                .all(|l| l.contains("sysv/memory") || l.contains("posix/memory")),
+        "UCX reaches the other rank over shared memory: {peer_configs:?}\n{log}"
+    );
+}
+
+/// Slurm's PMIx server directory (under SlurmdSpoolDir, which the three-node cluster keeps
+/// outside /tmp, like a real node) is in the container at its own path, with the server's
+/// shared-memory data stores that the task's PMIx client maps.
+#[test]
+fn pmix_server_directory_is_in_the_container() {
+    let run = srun(
+        "",
+        &format!(
+            "-N1 -n1 --mpi=pmix --container={} bash -c 'echo \"$PMIX_SERVER_TMPDIR\"; ls \"$PMIX_SERVER_TMPDIR\"'",
+            mpi_image()
+        ),
+    );
+    let out = run.ok();
+    let mut lines = out.lines();
+    let dir = lines.next().unwrap_or_default();
+    assert!(
+        dir.contains("/spool/") && !dir.starts_with("/tmp/"),
+        "the server directory is under the spool directory, outside /tmp: {out}"
+    );
+    let entries: Vec<&str> = lines.collect();
+    assert!(
+        entries.iter().any(|e| e.starts_with("pmix_dstor_ds21_"))
+            && entries.iter().any(|e| e.starts_with("pmix_dstor_ds12_")),
+        "the PMIx data stores are visible inside: {out}\nstderr: {}",
+        run.stderr
+    );
+}
+
+/// The ring binaries exist only in the image: a step without --container cannot run them,
+/// so the rings above ran inside the container.
+#[test]
+fn ring_programs_are_only_in_the_image() {
+    let run = srun("", "-N1 -n1 /usr/local/bin/ring-openmpi");
+    assert_ne!(run.code, 0, "ring-openmpi ran on the host: {}", run.stdout);
+    let run = srun(
+        "",
+        &format!("-N1 -n1 --container={} cat /etc/ferry-marker", mpi_image()),
+    );
+    assert_eq!(run.ok().trim(), "mpi-image");
+}
+
+/// Two ranks on one node with OpenMPI's byte transfer layers limited to `self` and `vader`
+/// (shared memory; no TCP): the ring can only complete if the ranks reach each other's
+/// shared memory inside the container.
+#[test]
+fn openmpi_ranks_on_one_node_talk_over_shared_memory() {
+    let run = srun(
+        "OMPI_MCA_btl=self,vader OMPI_MCA_btl_base_verbose=100",
+        &format!(
+            "-N1 -n2 --mpi=pmix --container={} /usr/local/bin/ring-openmpi",
+            mpi_image()
+        ),
+    );
+    let ring = parse_ring(run.ok());
+    assert_eq!(ring.ranks.len(), 2, "{}", run.stdout);
+    assert_eq!(
+        ring.complete.as_deref(),
+        Some("ring complete: 2 ranks, token 1"),
+        "stdout: {}\nstderr: {}",
+        run.stdout,
+        run.stderr
+    );
+    let sends = btl_sends(&format!("{}{}", run.stdout, run.stderr));
+    assert!(
+        sends.iter().any(|s| s.btl == "vader"),
+        "OpenMPI sent between the ranks over vader: {sends:?}\n{}",
+        run.stderr
+    );
+}
+
+/// One `mca: bml: Using BTL btl for send to [[JOB,VPID],RANK] on node NODE` line of
+/// OpenMPI's verbose BTL log: which transport a rank on `from_node` chose for a peer.
+#[derive(Debug)]
+struct BtlSend {
+    from_node: String,
+    btl: String,
+    to_rank: u32,
+    to_node: String,
+}
+
+fn btl_sends(log: &str) -> Vec<BtlSend> {
+    log.lines()
+        .filter_map(|line| {
+            // [fmpi1:18087] mca: bml: Using tcp btl for send to [[9088,19785],2] on node fmpi2
+            let (head, rest) = line.split_once("] mca: bml: Using ")?;
+            let from_node = head.strip_prefix('[')?.split(':').next()?.to_string();
+            let (btl, rest) = rest.split_once(" btl for send to [[")?;
+            let (proc_name, to_node) = rest.split_once("] on node ")?;
+            let to_rank = proc_name.rsplit(',').next()?.parse().ok()?;
+            Some(BtlSend {
+                from_node,
+                btl: btl.to_string(),
+                to_rank,
+                to_node: to_node.trim().to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Over three nodes with every transport allowed: OpenMPI picks shared memory (vader) for
+/// the ring's neighbours on the same node and TCP only for those on another node, as on a
+/// real cluster; so shared memory between the ranks of a node works in the container.
+#[test]
+fn openmpi_uses_shared_memory_within_a_node_and_tcp_between_nodes() {
+    let run = srun(
+        "OMPI_MCA_btl_base_verbose=100",
+        &format!(
+            "-N3 -n6 --ntasks-per-node=2 --mpi=pmix --container={} /usr/local/bin/ring-openmpi",
+            mpi_image()
+        ),
+    );
+    assert_ring_over_three_nodes(&run);
+    let sends: Vec<BtlSend> = btl_sends(&run.stderr)
+        .into_iter()
+        .filter(|s| s.btl != "self")
+        .collect();
+    let ring = parse_ring(&run.stdout);
+    for s in &sends {
+        assert_eq!(
+            ring.ranks.get(&s.to_rank).map(|(_, host)| host.as_str()),
+            Some(s.to_node.as_str()),
+            "OpenMPI's node of rank {} is the one the rank reported: {s:?}",
+            s.to_rank
+        );
+    }
+    let local: Vec<&BtlSend> = sends.iter().filter(|s| s.from_node == s.to_node).collect();
+    let remote: Vec<&BtlSend> = sends.iter().filter(|s| s.from_node != s.to_node).collect();
+    // The ring's pairs: 0→1, 2→3, 4→5 within a node (and back, for the first contact);
+    // 1→2, 3→4, 5→0 between nodes.
+    assert!(
+        local.len() >= 3 && local.iter().all(|s| s.btl == "vader"),
+        "sends within a node use vader: {local:?}\n{}",
+        run.stderr
+    );
+    assert!(
+        remote.len() >= 3 && remote.iter().all(|s| s.btl == "tcp"),
+        "sends between nodes use tcp: {remote:?}\n{}",
+        run.stderr
+    );
+}
