@@ -3,6 +3,7 @@
 //! The library holds every piece of logic; the `ferry` binary and the SPANK plugin are
 //! thin front ends over [`holder::prepare`] and [`join::join`].
 
+pub mod doctor;
 pub mod env;
 pub mod holder;
 pub mod image;

@@ -36,6 +36,8 @@ enum Command {
     /// will do this and convert the result.
     #[command(hide = true)]
     Pull(PullArgs),
+    /// Check this node for what ferry needs (namespaces, FUSE, squashfuse, Slurm setup).
+    Doctor(ferry::doctor::DoctorArgs),
 }
 
 #[derive(Args)]
@@ -98,6 +100,7 @@ fn main() {
                 EXIT_SETUP_FAILED
             }
         },
+        Command::Doctor(args) => ferry::doctor::main(&args),
         Command::Pull(args) => match pull_command(args) {
             Ok(()) => 0,
             Err(e) => {
