@@ -138,7 +138,8 @@ fn a_healthy_node_passes_every_check() {
     assert!(checks
         .iter()
         .any(|c| c["id"] == "userns" && c["status"] == "ok"));
-    assert!(leftovers_after(USER, Duration::from_secs(1)).is_empty());
+    // The probe's mounts lived in its own namespaces only.
+    assert!(!host_mounts().contains("ferry-doctor"));
 }
 
 #[test]
@@ -312,4 +313,257 @@ fn plugstack_problems_are_named() {
         "FAIL",
         &["ferry.conf:1", "`ferrybin=`: unknown key"],
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Installation: `make install` and the Debian package, from the binaries integration/test
+// built (CARGO=true: make builds nothing here).
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn make(target: &str, vars: &[String]) -> String {
+    let out = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(repo())
+        .arg(target)
+        .arg("CARGO=true")
+        .arg(format!("FERRY={}", ferry_bin().display()))
+        .arg(format!("PLUGIN_SO={}", plugin_so().display()))
+        .args(vars)
+        .output()
+        .expect("make runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "make {target} failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A directory root owns, readable by the test user.
+fn scratch_root() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-install-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// Debian's plugin directory of the running architecture.
+fn debian_plugin_dir() -> String {
+    format!("/usr/lib/{}-linux-gnu/slurm-wlm", std::env::consts::ARCH)
+}
+
+/// major.minor of the Slurm headers the plugin is built against.
+fn header_major_minor() -> String {
+    let text = std::fs::read_to_string("/usr/include/slurm/slurm_version.h").unwrap();
+    let hex = text
+        .lines()
+        .find_map(|l| l.strip_prefix("#define SLURM_VERSION_NUMBER "))
+        .unwrap()
+        .trim();
+    let v = u32::from_str_radix(hex.trim_start_matches("0x"), 16).unwrap();
+    format!("{}.{:02}", v >> 16, (v >> 8) & 0xff)
+}
+
+#[test]
+fn make_install_puts_files_where_slurm_looks_and_uninstall_removes_them() {
+    let _m = shared_machine();
+    let root = scratch_root();
+    let dest = format!("DESTDIR={}", root.path().display());
+    let said = make("install", &[dest.clone(), "PREFIX=/opt/ferry".into()]);
+    assert!(said.contains("ferry doctor"), "{said}");
+    let bin = root.path().join("opt/ferry/bin/ferry");
+    let so = root
+        .path()
+        .join(debian_plugin_dir().trim_start_matches('/'))
+        .join("spank_ferry.so");
+    let conf = root.path().join("etc/slurm/plugstack.conf.d/ferry.conf");
+    assert_eq!(
+        std::fs::metadata(&bin).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
+    assert_eq!(
+        std::fs::read(&so).unwrap(),
+        std::fs::read(plugin_so()).unwrap()
+    );
+    let line = format!(
+        "required {}/spank_ferry.so ferry_bin=/opt/ferry/bin/ferry",
+        debian_plugin_dir()
+    );
+    let text = std::fs::read_to_string(&conf).unwrap();
+    assert!(text.lines().any(|l| l == line), "{text}");
+
+    // The installed ferry runs its doctor for the test user.
+    let out = sh(&format!("{} doctor", bin.display()));
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert_check(&out.stdout, "userns", "ok", &[]);
+
+    // A site's edits to ferry.conf survive a second install.
+    std::fs::write(&conf, format!("{line} log_level=info\n")).unwrap();
+    make("install", &[dest.clone(), "PREFIX=/opt/ferry".into()]);
+    assert!(std::fs::read_to_string(&conf)
+        .unwrap()
+        .contains("log_level=info"));
+    assert!(conf.with_extension("conf.new").exists());
+
+    make("uninstall", &[dest, "PREFIX=/opt/ferry".into()]);
+    for gone in [&bin, &so, &conf] {
+        assert!(!gone.exists(), "{} is left", gone.display());
+    }
+}
+
+#[test]
+fn a_plugin_for_another_slurm_is_refused_before_install() {
+    let _m = shared_machine();
+    let slurm = SlurmDir::new("");
+    slurm.write("slurm_version.h", "#define SLURM_VERSION_NUMBER 0x0e0b04\n");
+    let out = Command::new(repo().join("packaging/slurm-info"))
+        .arg("check")
+        .arg(slurm.path().join("slurm_version.h"))
+        .env("SLURM_CONF", slurm.path().join("slurm.conf"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is Slurm 14.11.4 but this machine runs Slurm")
+            && stderr.contains("FERRY_SLURM_VERSION_H"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_deb_installs_into_a_throwaway_root_and_its_doctor_passes() {
+    let _m = shared_machine();
+    let work = scratch_root();
+    let said = make(
+        "deb",
+        &[format!("DEB_DIR={}", work.path().join("out").display())],
+    );
+    let deb = PathBuf::from(said.lines().last().unwrap().trim());
+    assert!(deb.is_file(), "{said}");
+
+    let field = |name: &str| {
+        let out = Command::new("dpkg-deb")
+            .arg("-f")
+            .arg(&deb)
+            .arg(name)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let series = header_major_minor();
+    let depends = field("Depends");
+    assert!(depends.contains("squashfuse"), "{depends}");
+    assert!(
+        depends.contains(&format!("slurm-wlm-basic-plugins (>= {series})")),
+        "{depends}"
+    );
+
+    // A root of its own whose dpkg database is a copy of this machine's: dpkg checks the
+    // dependencies against the packages really installed here, and changes nothing here.
+    let root = work.path().join("root");
+    let db = root.join("var/lib/dpkg");
+    for d in ["info", "updates", "triggers"] {
+        std::fs::create_dir_all(db.join(d)).unwrap();
+    }
+    std::fs::copy("/var/lib/dpkg/status", db.join("status")).unwrap();
+    let dpkg = |args: &[&str]| {
+        let out = Command::new("dpkg")
+            .arg(format!("--root={}", root.display()))
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| !l.contains("files list file for package"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(out.status.success(), "dpkg {args:?}: {stderr}");
+    };
+    dpkg(&["-i", deb.to_str().unwrap()]);
+    let plugin_dir = debian_plugin_dir();
+    let installed = |p: &str| root.join(p.trim_start_matches('/'));
+    assert!(installed("/usr/bin/ferry").is_file());
+    assert!(installed(&format!("{plugin_dir}/spank_ferry.so")).is_file());
+    let conf = installed("/etc/slurm/plugstack.conf.d/ferry.conf");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == format!("required {plugin_dir}/spank_ferry.so ferry_bin=/usr/bin/ferry")),
+        "{text}"
+    );
+    let conffiles = std::fs::read_to_string(db.join("info/ferry.conffiles")).unwrap();
+    assert_eq!(conffiles.trim(), "/etc/slurm/plugstack.conf.d/ferry.conf");
+
+    // The package's files at their real paths, in a private mount namespace only (overlays
+    // of the package's directories over the host's), with Debian's own plugstack.conf: the
+    // installed ferry's doctor finds the plugin through the include and passes.
+    let slurm = SlurmDir::new("");
+    slurm.write(
+        "slurm.conf",
+        "ClusterName=doctor\nSlurmctldHost=localhost\nPlugStackConfig=/etc/slurm/plugstack.conf\n",
+    );
+    let host_view = || {
+        [
+            "/usr/bin/ferry".to_string(),
+            format!("{plugin_dir}/spank_ferry.so"),
+            "/etc/slurm/plugstack.conf.d/ferry.conf".to_string(),
+        ]
+        .map(|p| Path::new(&p).exists())
+    };
+    let host_before = host_view();
+    let mut script = String::from("set -e; ");
+    for dir in ["/usr/bin", &plugin_dir, "/etc/slurm/plugstack.conf.d"] {
+        script.push_str(&format!(
+            "mount -t overlay overlay -o lowerdir={}:{dir} {dir}; ",
+            installed(dir).display()
+        ));
+    }
+    script.push_str(&format!(
+        "runuser -u {USER} -- env -i HOME=/home/{USER} PATH=/usr/bin:/bin {} /usr/bin/ferry doctor",
+        slurm.env()
+    ));
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "bash", "-c", &script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_check(
+        &stdout,
+        "plugstack",
+        "ok",
+        &[
+            "/etc/slurm/plugstack.conf.d/ferry.conf:",
+            "ferry_bin /usr/bin/ferry",
+        ],
+    );
+    assert_check(
+        &stdout,
+        "plugin-version",
+        "ok",
+        &[&format!("built for Slurm {series}")],
+    );
+    assert_eq!(host_view(), host_before, "the host's own paths changed");
+
+    // Removing keeps the site's configuration; purging removes it.
+    dpkg(&["-r", "ferry"]);
+    assert!(!installed("/usr/bin/ferry").exists());
+    assert!(conf.exists());
+    dpkg(&["-P", "ferry"]);
+    assert!(!conf.exists());
 }
