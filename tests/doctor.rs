@@ -122,7 +122,12 @@ fn a_healthy_node_passes_every_check() {
         "ok",
         &["the plugin is built for Slurm 2"],
     );
-    assert!(!out.stdout.contains("FAIL"), "{}", out.stdout);
+    assert!(
+        !out.stdout.lines().any(|l| l.starts_with("FAIL")),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.ends_with(", 0 FAIL\n"), "{}", out.stdout);
     // The cache check leaves no trace behind.
     let probes = dir_entries(&format!("/home/{USER}/.cache/ferry"))
         .into_iter()

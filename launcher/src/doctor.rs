@@ -129,7 +129,7 @@ impl Report {
         }
         let count = |s| self.checks.iter().filter(|c| c.status == s).count();
         out.push_str(&format!(
-            "{} ok, {} warnings, {} failed\n",
+            "{} ok, {} warn, {} FAIL\n",
             count(Status::Ok),
             count(Status::Warn),
             count(Status::Fail)
@@ -843,15 +843,13 @@ pub fn wildcard_match(pattern: &[u8], name: &[u8]) -> bool {
 
 /// The value of `key` in slurm.conf text (keys are case-insensitive; the last one wins).
 pub fn slurm_conf_value(text: &str, key: &str) -> Option<String> {
-    text.lines()
-        .filter_map(|l| {
-            let l = l.split('#').next().unwrap_or("").trim();
-            let (k, v) = l.split_once('=')?;
-            k.trim()
-                .eq_ignore_ascii_case(key)
-                .then(|| v.trim().to_string())
-        })
-        .last()
+    text.lines().rev().find_map(|l| {
+        let l = l.split('#').next().unwrap_or("").trim();
+        let (k, v) = l.split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case(key)
+            .then(|| v.trim().to_string())
+    })
 }
 
 /// `0xMMmmuu` from `srun --version` output (`slurm 23.11.4`, `slurm-wlm 22.05.8`).
