@@ -28,12 +28,12 @@ fn main() {
 
     let text = match fs::read_to_string(&header) {
         Ok(text) => text,
+        // One line, because cargo shows it among the build output: what is missing and
+        // the two ways to provide it.
         Err(e) => fail(&format!(
-            "cannot read {}: {e}\n\
-             spank-ferry must be built against the headers of the Slurm it will be loaded by \
-             (Slurm refuses plugins whose major.minor version differs).\n\
-             Install them (Debian/Ubuntu: `apt-get install libslurm-dev`; RPM: slurm-devel) or \
-             point FERRY_SLURM_VERSION_H at that Slurm's slurm_version.h.",
+            "cannot read {} ({e}): spank-ferry must be built against the headers of the Slurm \
+             that will load it; install them (Debian/Ubuntu: apt-get install libslurm-dev; \
+             RPM: slurm-devel) or set FERRY_SLURM_VERSION_H to that Slurm's slurm_version.h",
             header.display()
         )),
     };

@@ -4,6 +4,7 @@
 //! thin front ends over [`holder::prepare`] and [`join::join`].
 
 pub mod cache;
+pub mod doctor;
 pub mod env;
 pub mod holder;
 pub mod image;

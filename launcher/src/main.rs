@@ -46,6 +46,8 @@ enum Command {
     /// Squash an unpacked container (`ferry run --keep DIR`: DIR/rootfs) into a squashfs
     /// image, atomically.
     Save(SaveArgs),
+    /// Check this node for what ferry needs (namespaces, FUSE, squashfuse, Slurm setup).
+    Doctor(ferry::doctor::DoctorArgs),
 }
 
 #[derive(Args)]
@@ -154,6 +156,7 @@ fn main() {
                 }
             }
         }
+        Command::Doctor(args) => ferry::doctor::main(&args),
         Command::Import(args) => report(import_command(args).map(|()| 0)),
         Command::Images(args) => report(images_command(args).map(|()| 0)),
         Command::Gc(args) => report(gc_command(args).map(|()| 0)),

@@ -1,0 +1,66 @@
+# ferry: build, install and package the launcher (`ferry`) and the Slurm plugin
+# (`spank_ferry.so`). README.md, "Installing", explains the targets.
+#
+#   make                      build both (release)
+#   make install              ferry to $(PREFIX)/bin, the plugin into the running Slurm's
+#                             PluginDir, the plugstack.conf line to $(SLURM_SYSCONFDIR)
+#   make uninstall            remove what install put there
+#   make deb                  a Debian package in $(DEB_DIR)
+#
+# Variables: PREFIX (/usr/local), DESTDIR (staging root), PLUGIN_DIR (the running Slurm's
+# PluginDir, else Debian's), SLURM_SYSCONFDIR (/etc/slurm), FERRY_SLURM_VERSION_H (the
+# slurm_version.h the plugin is built against), CARGO. FERRY and PLUGIN_SO name already
+# built files (default: this tree's release build), e.g. `make install CARGO=true FERRY=...`
+# installs binaries built elsewhere without building.
+
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR ?= $(PREFIX)/bin
+SLURM_SYSCONFDIR ?= /etc/slurm
+CARGO ?= cargo
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
+FERRY ?= $(TARGET_DIR)/release/ferry
+PLUGIN_SO ?= $(TARGET_DIR)/release/libspank_ferry.so
+FERRY_SLURM_VERSION_H ?= /usr/include/slurm/slurm_version.h
+export FERRY_SLURM_VERSION_H
+# Asked of Slurm only when needed (`=`, not `:=`): scontrol may be slow or absent.
+PLUGIN_DIR ?= $(shell packaging/slurm-info plugin-dir)
+DEB_DIR ?= $(TARGET_DIR)/debian
+
+CONF = $(DESTDIR)$(SLURM_SYSCONFDIR)/plugstack.conf.d/ferry.conf
+
+.PHONY: all build check-slurm install uninstall deb
+
+all: build
+
+check-slurm:
+	@packaging/slurm-info check "$(FERRY_SLURM_VERSION_H)"
+
+build: check-slurm
+	$(CARGO) build --release -p ferry -p spank-ferry
+
+# The plugstack line points at the installed paths. An existing ferry.conf may carry the
+# site's arguments: it is kept, and the new one is written beside it as ferry.conf.new.
+install: build
+	install -D -m 0755 "$(FERRY)" "$(DESTDIR)$(BINDIR)/ferry"
+	install -D -m 0755 "$(PLUGIN_SO)" "$(DESTDIR)$(PLUGIN_DIR)/spank_ferry.so"
+	install -d -m 0755 "$(dir $(CONF))"
+	sed -e 's|^required .*|required $(PLUGIN_DIR)/spank_ferry.so ferry_bin=$(BINDIR)/ferry|' \
+	    -e 's|\[/usr/local/bin/ferry\]|[$(BINDIR)/ferry]|' \
+	    conf/plugstack.conf.d/ferry.conf > "$(CONF).tmp"
+	@if [ -e "$(CONF)" ] && ! cmp -s "$(CONF).tmp" "$(CONF)"; then \
+	    mv "$(CONF).tmp" "$(CONF).new"; \
+	    echo "make install: kept the existing $(CONF); the new line is in $(CONF).new"; \
+	else \
+	    mv "$(CONF).tmp" "$(CONF)"; chmod 0644 "$(CONF)"; \
+	fi
+	@if [ -z "$(DESTDIR)" ] && ! grep -qs '^[[:space:]]*include[[:space:]].*plugstack.conf.d' "$(SLURM_SYSCONFDIR)/plugstack.conf"; then \
+	    echo "make install: $(SLURM_SYSCONFDIR)/plugstack.conf does not include plugstack.conf.d/: add 'include $(SLURM_SYSCONFDIR)/plugstack.conf.d/*.conf' to it"; \
+	fi
+	@echo "make install: done; run 'ferry doctor' as a user on each node to check it"
+
+uninstall:
+	rm -f "$(DESTDIR)$(BINDIR)/ferry" "$(DESTDIR)$(PLUGIN_DIR)/spank_ferry.so" "$(CONF)" "$(CONF).new"
+
+deb: build
+	packaging/build-deb "$(FERRY)" "$(PLUGIN_SO)" "$(DEB_DIR)"
