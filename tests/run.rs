@@ -493,3 +493,80 @@ fn an_image_with_only_a_static_binary_runs() {
         "the image directory is unchanged"
     );
 }
+
+/// An OCI layout of the busybox tree plus a layer with /opt/app/start.sh, whose config
+/// sets Entrypoint, Cmd, WorkingDir and Env. Built by the test user with tar and sha256sum.
+const MAKE_CONFIGURED_LAYOUT: &str = r#"
+set -eu
+blob() { h=$(sha256sum "$1" | cut -d' ' -f1); mv "$1" "layout/blobs/sha256/$h"; echo "$h"; }
+size() { stat -c %s "layout/blobs/sha256/$1"; }
+mkdir -p layout/blobs/sha256 app/opt/app
+printf '%s\n' 'echo "entry $*"' 'pwd' 'echo "$CFG_VAR"' > app/opt/app/start.sh
+tar -C "$FERRY_IMAGES/busybox" -cf l1.tar .
+tar -C app -cf l2.tar .
+d1=$(sha256sum l1.tar | cut -d' ' -f1); d2=$(sha256sum l2.tar | cut -d' ' -f1)
+gzip -n l1.tar
+g1=$(blob l1.tar.gz); g2=$(blob l2.tar)
+printf '{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/bin:/usr/bin","CFG_VAR=from-config"],"Entrypoint":["/bin/sh","/opt/app/start.sh"],"Cmd":["default"],"WorkingDir":"/opt/app"},"rootfs":{"type":"layers","diff_ids":["sha256:%s","sha256:%s"]}}' "$d1" "$d2" > config.json
+c=$(blob config.json)
+printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:%s","size":%s},{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%s}]}' "$c" "$(size "$c")" "$g1" "$(size "$g1")" "$g2" "$(size "$g2")" > manifest.json
+m=$(blob manifest.json)
+printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"org.opencontainers.image.ref.name":"v1"}}]}' "$m" "$(size "$m")" > layout/index.json
+printf '{"imageLayoutVersion":"1.0.0"}' > layout/oci-layout
+"#;
+
+#[test]
+fn image_config_sets_the_start_command_workdir_and_environment() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    sh(&format!("cd {d} && {MAKE_CONFIGURED_LAYOUT}")).ok();
+    let run = |args: &str| {
+        sh(&format!("cd {d} && $FERRY run --cache {d}/cache {args}"))
+            .ok()
+            .to_string()
+    };
+    let image = format!("oci:{d}/layout:v1");
+    // No command: Entrypoint + Cmd, in WorkingDir, with the config's Env.
+    assert_eq!(run(&image), "entry default\n/opt/app\nfrom-config\n");
+    // --entrypoint: the arguments replace Cmd.
+    assert_eq!(
+        run(&format!("--entrypoint {image} -- a b")),
+        "entry a b\n/opt/app\nfrom-config\n"
+    );
+    // A command of the user's runs as it is; the caller's directory is not in the
+    // container (/var/tmp), so the image's WorkingDir is where it starts...
+    assert_eq!(run(&format!("{image} pwd")), "/opt/app\n");
+    // ... while a directory that exists inside is kept, and --workdir wins over both.
+    let out = sh(&format!(
+        "cd /tmp && $FERRY run --cache {d}/cache {image} pwd"
+    ));
+    assert_eq!(out.ok(), "/tmp\n");
+    assert_eq!(run(&format!("--workdir /bin {image} pwd")), "/bin\n");
+    // The config travels inside the image: a copy made with -o starts the same way.
+    let copy = sh(&format!(
+        "cd {d} && $FERRY import --cache {d}/cache {image} -o {d}/copy.sqsh >/dev/null && $FERRY run {d}/copy.sqsh"
+    ));
+    assert_eq!(copy.ok(), "entry default\n/opt/app\nfrom-config\n");
+}
+
+#[test]
+fn enroot_images_start_through_etc_rc() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    sh(&format!(
+        r#"set -e; cd {d}; cp -a "$FERRY_IMAGES/busybox" root
+        printf '%s\n' 'echo "rc $#"' 'if [ $# -gt 0 ]; then exec "$@"; fi' 'echo rc-default' > root/etc/rc
+        mksquashfs root rc.sqsh -all-root -quiet -no-progress >/dev/null"#
+    ))
+    .ok();
+    let run = |args: &str| sh(&format!("$FERRY run {args}")).ok().to_string();
+    assert_eq!(run(&format!("{d}/rc.sqsh")), "rc 0\nrc-default\n");
+    assert_eq!(
+        run(&format!("--entrypoint {d}/rc.sqsh -- echo hi")),
+        "rc 2\nhi\n"
+    );
+    // Without --entrypoint the command runs directly, as pyxis does by default.
+    assert_eq!(run(&format!("{d}/rc.sqsh echo hi")), "hi\n");
+}

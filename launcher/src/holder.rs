@@ -69,6 +69,9 @@ pub struct Ready {
     pub env: Vec<(String, String)>,
     /// Where the command starts, inside the container.
     pub workdir: PathBuf,
+    /// The image's own start command and WorkingDir.
+    #[serde(default)]
+    pub start: crate::entrypoint::ImageStart,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -296,6 +299,7 @@ pub fn hold() -> i32 {
                 pid: std::process::id() as i32,
                 env: container.env.clone(),
                 workdir: container.workdir.clone(),
+                start: container.start.clone(),
             }),
             Some(container),
         ),

@@ -222,6 +222,15 @@ fn build(img: &Image, area: &Path, opts: &ImportOptions) -> Result<Built, Import
         let text = environment_file(&String::from_utf8_lossy(&old), &img.config.config.env);
         unpacker.write_file(Path::new("etc/environment"), text.as_bytes(), 0o644)?;
     }
+    // The whole run-time config travels inside the image, so a copy made with
+    // `ferry import -o` (or moved to another cluster) still starts as its author meant.
+    let config_json =
+        serde_json::to_vec_pretty(&img.config.config).expect("image configs serialise");
+    unpacker.write_file(
+        Path::new(crate::entrypoint::CONFIG_PATH.trim_start_matches('/')),
+        &config_json,
+        0o644,
+    )?;
     let unpacked = unpacker.finish()?;
     let out = area.join("image.sqsh");
     let pseudo = area.join("modes.pseudo");

@@ -5,6 +5,7 @@
 
 pub mod cache;
 pub mod doctor;
+pub mod entrypoint;
 pub mod env;
 pub mod holder;
 pub mod image;

@@ -76,9 +76,14 @@ struct RunArgs {
     /// Bind mount SRC[:DST[:ro|rw]]; repeatable, and a comma-separated list is accepted.
     #[arg(short = 'm', long = "mount", value_name = "SRC[:DST[:FLAGS]]")]
     mounts: Vec<String>,
-    /// Working directory inside (default: the current directory if it exists inside, else home, else /).
+    /// Working directory inside (default: the current directory if it exists inside, else
+    /// the image's WorkingDir, else home, else /).
     #[arg(long, value_name = "DIR")]
     workdir: Option<PathBuf>,
+    /// Run the image's entrypoint (its Entrypoint, or enroot's /etc/rc) with COMMAND as its
+    /// arguments, in the image's WorkingDir.
+    #[arg(long)]
+    entrypoint: bool,
     /// Set NAME=VALUE inside (a bare NAME passes the current value); repeatable.
     #[arg(short = 'e', long = "env", value_name = "NAME=VALUE")]
     env: Vec<String>,
@@ -92,7 +97,8 @@ struct RunArgs {
     /// Image: a squashfs (.sqsh), SIF or root filesystem directory, an OCI layout
     /// (oci:DIR[:TAG]), an archive (oci-archive:FILE, docker-archive:FILE) or docker://REF.
     image: String,
-    /// Command and its arguments (default: /bin/sh).
+    /// Command and its arguments (default: the image's Entrypoint and Cmd, else enroot's
+    /// /etc/rc, else /bin/sh).
     #[arg(allow_hyphen_values = true)]
     command: Vec<OsString>,
 }
@@ -251,11 +257,9 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
         spec.env
             .push(parse_assignment(e, |n| std::env::var(n).ok()).map_err(anyhow::Error::msg)?);
     }
-    let command = if args.command.is_empty() {
-        vec![OsString::from("/bin/sh")]
-    } else {
-        args.command
-    };
+    // No command: run the image as its author meant (Entrypoint + Cmd, in WorkingDir).
+    spec.entrypoint = args.entrypoint || args.command.is_empty();
+    let command = args.command;
     let program = std::env::current_exe().context("cannot find the ferry binary itself")?;
     Ok(run(&spec, &command, &PrepareOptions::for_cli(program))?)
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use nix::mount::{mount, MsFlags};
 
+use crate::entrypoint::ImageStart;
 use crate::image::{self, ImageError, ImageKind};
 use crate::mounts::MountSpec;
 use crate::named;
@@ -241,6 +242,7 @@ pub struct Container {
     pub squashfuse: Option<Child>,
     pub env: Vec<(String, String)>,
     pub workdir: PathBuf,
+    pub start: ImageStart,
 }
 
 /// The path `rel` names inside the tree at `root`, with every symlink that exists in the
@@ -320,10 +322,11 @@ pub fn build(
     let squashfuse = mount_image(&inputs)?;
     let result = assemble(spec, &inputs, inside);
     match result {
-        Ok((env, workdir)) => Ok(Container {
+        Ok((env, workdir, start)) => Ok(Container {
             squashfuse,
             env,
             workdir,
+            start,
         }),
         Err(e) => {
             if let Some(mut child) = squashfuse {
@@ -339,7 +342,7 @@ fn assemble(
     spec: &ContainerSpec,
     inputs: &Inputs,
     inside: InsideIds,
-) -> Result<(Vec<(String, String)>, PathBuf), RootfsError> {
+) -> Result<(Vec<(String, String)>, PathBuf, ImageStart), RootfsError> {
     let (binds, _sources) = plan_binds(spec, inputs)?;
     let lower = Path::new(LOWER);
     let mut missing = Vec::new();
@@ -411,8 +414,9 @@ fn assemble(
     drop(newroot);
     enter_new_root()?;
     let env = read_image_env();
-    let workdir = choose_workdir(spec)?;
-    Ok((env, workdir))
+    let start = ImageStart::read(Path::new("/"), SMALL_FILE_LIMIT);
+    let workdir = choose_workdir(spec, start.working_dir.as_deref())?;
+    Ok((env, workdir, start))
 }
 
 /// Mount a tmpfs over the host's /tmp and make it the root; the host stays at /oldroot.
@@ -825,8 +829,10 @@ fn read_image_env() -> Vec<(String, String)> {
 }
 
 /// The explicit workdir (which must exist), else the caller's directory when it exists
-/// inside, else home, else `/`.
-fn choose_workdir(spec: &ContainerSpec) -> Result<PathBuf, RootfsError> {
+/// inside, else the image's WorkingDir, else home, else `/`. When the image's own start
+/// command runs (`entrypoint`), its WorkingDir comes before the caller's directory, as
+/// the image's author meant it to.
+fn choose_workdir(spec: &ContainerSpec, image_dir: Option<&Path>) -> Result<PathBuf, RootfsError> {
     if let Some(dir) = &spec.workdir {
         return if dir.is_dir() {
             Ok(dir.clone())
@@ -834,7 +840,12 @@ fn choose_workdir(spec: &ContainerSpec) -> Result<PathBuf, RootfsError> {
             Err(RootfsError::NoWorkdir(dir.clone()))
         };
     }
-    let candidates = [spec.cwd.clone(), Some(spec.user.home.clone())];
+    let image_dir = image_dir.map(Path::to_path_buf);
+    let candidates = if spec.entrypoint {
+        [image_dir, spec.cwd.clone(), Some(spec.user.home.clone())]
+    } else {
+        [spec.cwd.clone(), image_dir, Some(spec.user.home.clone())]
+    };
     Ok(candidates
         .into_iter()
         .flatten()

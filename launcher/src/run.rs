@@ -52,7 +52,9 @@ fn cstr(bytes: Vec<u8>) -> Result<CString, RunError> {
     CString::new(bytes).map_err(|_| RunError::Nul)
 }
 
-/// Run `argv` in a container built from `spec`; returns the exit status for ferry to use.
+/// Run `argv` in a container built from `spec` (an empty `argv`, or `spec.entrypoint`,
+/// runs the image's start command, see [`crate::entrypoint`]); returns the exit status for
+/// ferry to use.
 pub fn run(
     spec: &ContainerSpec,
     argv: &[OsString],
@@ -76,6 +78,8 @@ pub fn run(
         .into_iter()
         .map(|(k, v)| cstr(format!("{k}={v}").into_bytes()))
         .collect::<Result<Vec<_>, _>>()?;
+    let argv = crate::entrypoint::command_line(&holder.ready().start, argv, spec.entrypoint);
+    tracing::debug!("command: {argv:?}");
     let args = argv
         .iter()
         .map(|a| cstr(a.clone().into_vec()))

@@ -41,6 +41,10 @@ pub struct ContainerSpec {
     /// reused after. `None`: the image is mounted as it is.
     #[serde(default)]
     pub unpacked: Option<UnpackedDir>,
+    /// Run the image's own start command (Entrypoint, or enroot's /etc/rc) with the
+    /// command as its arguments, in the image's WorkingDir unless `workdir` says otherwise.
+    #[serde(default)]
+    pub entrypoint: bool,
     /// The user the container is for (who runs the holder).
     pub user: UserInfo,
     /// Site overrides of helper programs and limits.
@@ -84,6 +88,7 @@ impl ContainerSpec {
             cwd: None,
             env: Vec::new(),
             unpacked: None,
+            entrypoint: false,
             user,
             site: SiteSettings::default(),
         }
