@@ -322,7 +322,11 @@ pub fn build(
     let squashfuse = mount_image(&inputs)?;
     let result = assemble(spec, &inputs, inside);
     match result {
-        Ok((env, workdir, start)) => Ok(Container {
+        Ok(Assembled {
+            env,
+            workdir,
+            start,
+        }) => Ok(Container {
             squashfuse,
             env,
             workdir,
@@ -338,11 +342,18 @@ pub fn build(
     }
 }
 
+/// What the container tree, once built, tells the caller.
+struct Assembled {
+    env: Vec<(String, String)>,
+    workdir: PathBuf,
+    start: ImageStart,
+}
+
 fn assemble(
     spec: &ContainerSpec,
     inputs: &Inputs,
     inside: InsideIds,
-) -> Result<(Vec<(String, String)>, PathBuf, ImageStart), RootfsError> {
+) -> Result<Assembled, RootfsError> {
     let (binds, _sources) = plan_binds(spec, inputs)?;
     let lower = Path::new(LOWER);
     let mut missing = Vec::new();
