@@ -427,7 +427,11 @@ fn assemble(
     let env = read_image_env();
     let start = ImageStart::read(Path::new("/"), SMALL_FILE_LIMIT);
     let workdir = choose_workdir(spec, start.working_dir.as_deref())?;
-    Ok((env, workdir, start))
+    Ok(Assembled {
+        env,
+        workdir,
+        start,
+    })
 }
 
 /// Mount a tmpfs over the host's /tmp and make it the root; the host stays at /oldroot.
