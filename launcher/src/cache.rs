@@ -345,9 +345,10 @@ impl Cache {
         Ok((entry, true))
     }
 
-    /// Record a use of a complete entry. Best effort: in a shared cache the entry may
-    /// belong to someone else, and using it must not fail for that.
-    fn reuse(&self, mut entry: Entry, reference: Option<&str>) -> Result<Entry, CacheError> {
+    /// Record a use of a complete entry (and `reference` as one of its names). Best
+    /// effort: in a shared cache the entry may belong to someone else, and using it must
+    /// not fail for that.
+    pub fn reuse(&self, mut entry: Entry, reference: Option<&str>) -> Result<Entry, CacheError> {
         entry.last_used = now();
         if let Some(r) = reference {
             if !entry.refs.iter().any(|x| x == r) {

@@ -148,6 +148,7 @@ fn from_registry(
     let resolved = client.resolve(&remote)?;
     if let Some(entry) = cache.lookup(&resolved.manifest_digest)? {
         tracing::debug!("{r}: {} is cached", resolved.manifest_digest);
+        let entry = cache.reuse(entry, Some(&r.to_string()))?;
         return Ok(ImportedImage {
             path: cache.image_path(&entry.digest)?,
             entry: Some(entry),

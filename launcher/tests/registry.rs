@@ -223,6 +223,29 @@ fn the_import_command() {
     );
     assert!(std::path::Path::new(path).is_file());
 
+    // The same image by digest is a cache hit, and `ferry images` lists both names.
+    let digest = path
+        .rsplit("/images/sha256-")
+        .next()
+        .and_then(|s| s.strip_suffix(".sqsh"))
+        .unwrap()
+        .to_string();
+    let by_digest = format!("docker://{reg}/ferry/busybox@sha256:{digest}");
+    let again = import(&["--insecure"], by_digest.clone());
+    assert!(again.status.success());
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), path);
+    let listing = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .arg("images")
+        .env("FERRY_CACHE", cache.path())
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        listing.contains(&format!("{reg}/ferry/busybox:latest"))
+            && listing.contains(&format!("@sha256:{digest}")),
+        "{listing}"
+    );
+
     // Without --insecure, https to a plain-http registry fails with one line.
     let out = import(&[], format!("docker://{reg}/ferry/busybox:latest"));
     assert_ne!(out.status.code(), Some(0));
