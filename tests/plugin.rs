@@ -693,3 +693,31 @@ fn a_registry_image_runs_as_a_step_and_a_missing_tag_is_one_line() {
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert!(lines[0].contains("no such image or tag"), "{}", lines[0]);
 }
+
+#[test]
+fn a_registry_image_brings_its_environment_and_working_directory() {
+    let _m = shared_machine();
+    let registry = std::env::var("FERRY_TEST_REGISTRY")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .expect("FERRY_TEST_REGISTRY is not set: integration/test starts the test registry");
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let repo = format!("ferry/configured-{}", std::process::id());
+    sh(&format!(
+        "cd {d} && {MAKE_CONFIGURED_LAYOUT}\n skopeo --insecure-policy copy -q --dest-tls-verify=false \
+         oci:{d}/layout:v1 docker://{registry}/{repo}:v1"
+    ))
+    .ok();
+    // srun's directory (under /var/tmp) is not in the container: the task starts in the
+    // image's WorkingDir, with the image's Env.
+    let out = slurm(&format!(
+        "cd {d} && srun -n1 --container=docker://{registry}/{repo}:v1 sh -c 'pwd; echo $CFG_VAR'"
+    ));
+    assert_eq!(out.ok(), "/opt/app\nfrom-config\n", "{}", out.stderr);
+    // A directory that exists inside is kept, as without a container.
+    let out = slurm(&format!(
+        "cd /tmp && srun -n1 --container=docker://{registry}/{repo}:v1 pwd"
+    ));
+    assert_eq!(out.ok(), "/tmp\n", "{}", out.stderr);
+}

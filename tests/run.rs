@@ -494,27 +494,6 @@ fn an_image_with_only_a_static_binary_runs() {
     );
 }
 
-/// An OCI layout of the busybox tree plus a layer with /opt/app/start.sh, whose config
-/// sets Entrypoint, Cmd, WorkingDir and Env. Built by the test user with tar and sha256sum.
-const MAKE_CONFIGURED_LAYOUT: &str = r#"
-set -eu
-blob() { h=$(sha256sum "$1" | cut -d' ' -f1); mv "$1" "layout/blobs/sha256/$h"; echo "$h"; }
-size() { stat -c %s "layout/blobs/sha256/$1"; }
-mkdir -p layout/blobs/sha256 app/opt/app
-printf '%s\n' 'echo "entry $*"' 'pwd' 'echo "$CFG_VAR"' > app/opt/app/start.sh
-tar -C "$FERRY_IMAGES/busybox" -cf l1.tar .
-tar -C app -cf l2.tar .
-d1=$(sha256sum l1.tar | cut -d' ' -f1); d2=$(sha256sum l2.tar | cut -d' ' -f1)
-gzip -n l1.tar
-g1=$(blob l1.tar.gz); g2=$(blob l2.tar)
-printf '{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/bin:/usr/bin","CFG_VAR=from-config"],"Entrypoint":["/bin/sh","/opt/app/start.sh"],"Cmd":["default"],"WorkingDir":"/opt/app"},"rootfs":{"type":"layers","diff_ids":["sha256:%s","sha256:%s"]}}' "$d1" "$d2" > config.json
-c=$(blob config.json)
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:%s","size":%s},{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%s}]}' "$c" "$(size "$c")" "$g1" "$(size "$g1")" "$g2" "$(size "$g2")" > manifest.json
-m=$(blob manifest.json)
-printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"org.opencontainers.image.ref.name":"v1"}}]}' "$m" "$(size "$m")" > layout/index.json
-printf '{"imageLayoutVersion":"1.0.0"}' > layout/oci-layout
-"#;
-
 #[test]
 fn image_config_sets_the_start_command_workdir_and_environment() {
     let _m = shared_machine();
