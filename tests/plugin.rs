@@ -662,6 +662,65 @@ fn container_name_and_save_are_checked_before_the_step_starts() {
     assert!(!std::path::Path::new("/var/lib/x.sqsh").exists());
 }
 
+#[test]
+fn concurrent_first_steps_on_one_name_share_one_container() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let busybox = img("busybox.sqsh");
+    let d = dir.path.display();
+    // Four steps start at once on a name not yet unpacked: one unpacks, the others wait
+    // for it; every step's file must be in the one container afterwards.
+    let out = slurm(&format!(
+        "cd {d} && salloc -Q bash -c '\
+         for i in 1 2 3 4; do \
+           srun --overlap -n1 --container={busybox} --container-name=shared sh -c \"echo $i > /etc/step-$i\" & \
+         done; wait; \
+         srun --overlap -n1 --container={busybox} --container-name=shared sh -c \"cat /etc/step-*\" | sort'"
+    ));
+    assert_eq!(out.ok(), "1\n2\n3\n4\n", "{}", out.stderr);
+}
+
+#[test]
+fn a_save_that_fails_leaves_no_file_behind() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let busybox = img("busybox.sqsh");
+    let full = dir.path.join("full");
+    std::fs::create_dir(&full).unwrap();
+    // A 1 MiB file system for the output: the squashed container (with 4 MiB of random
+    // data in it) cannot fit.
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m,mode=0755"])
+        .arg("tmpfs")
+        .arg(&full)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(full.clone());
+    Command::new("chown")
+        .arg(format!("{USER}:"))
+        .arg(&full)
+        .status()
+        .unwrap();
+    let f = full.display();
+    let out = slurm(&format!(
+        "srun -n1 --container={busybox} --container-save={f}/out.sqsh \
+         sh -c 'head -c 4194304 /dev/urandom > /big'"
+    ));
+    assert!(
+        out.stderr.contains("--container-save") && out.stderr.contains(&format!("{f}/out.sqsh")),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(dir_entries(&f.to_string()), Vec::<String>::new());
+}
+
 // ---- registry images ---------------------------------------------------------------------
 
 #[test]
