@@ -137,7 +137,8 @@ pub static OPTIONS: &[OptDef] = &[
     ),
     opt!(
         "container-entrypoint",
-        "[ferry] run the command through the image's entrypoint",
+        "[ferry] accepted for pyxis scripts: tasks still run their command directly \
+         (outside Slurm, `ferry run --entrypoint` runs it through the image's entrypoint)",
         Key::Entrypoint(true)
     ),
     opt!(

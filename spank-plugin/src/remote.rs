@@ -235,6 +235,11 @@ fn container_spec(
     } else {
         PathBuf::from(&req.image)
     };
+    if req.entrypoint == Some(true) {
+        // Slurm execs the task's own argv after task_init; the plugin cannot put the
+        // image's entrypoint in front of it (yet). Said once per step, in Slurm's log.
+        info!("--container-entrypoint: the task's command runs directly");
+    }
     let mut spec = ContainerSpec::new(image, user);
     spec.writable = req.writable.unwrap_or(false);
     spec.remap_root = req.remap_root.unwrap_or(false);
