@@ -549,3 +549,61 @@ fn enroot_images_start_through_etc_rc() {
     // Without --entrypoint the command runs directly, as pyxis does by default.
     assert_eq!(run(&format!("{d}/rc.sqsh echo hi")), "hi\n");
 }
+
+#[test]
+fn the_unpack_provider_unpacks_once_shares_read_only_and_gc_spares_trees_in_use() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let image = img("busybox.sqsh");
+    let uid = uid_of(USER);
+    let run = format!("$FERRY run --cache {d}/cache --rootfs unpack");
+    // Four first uses at once: all run, one tree is made.
+    let out = sh(&format!(
+        "for i in 1 2 3 4; do {run} {image} cat /etc/ferry-marker & done; wait"
+    ));
+    assert_eq!(out.ok(), "busybox-image\n".repeat(4));
+    let trees = dir_entries(&format!("{d}/cache/unpacked-{uid}"));
+    assert_eq!(trees.len(), 1, "{trees:?}");
+    let tree = format!("{d}/cache/unpacked-{uid}/{}/rootfs", trees[0]);
+    // Later containers use that tree itself (the same inode), read-only...
+    let host_inode = std::fs::metadata(format!("{tree}/bin/busybox"))
+        .unwrap()
+        .ino();
+    let out = sh(&format!(
+        "{run} {image} sh -c 'stat -c %i /bin/busybox; touch /new'"
+    ));
+    assert_eq!(out.stdout, format!("{host_inode}\n"));
+    assert!(
+        out.stderr.contains("Read-only file system"),
+        "{}",
+        out.stderr
+    );
+    // ... and with --writable the writes stay out of it.
+    sh(&format!(
+        "{run} --writable {image} sh -c 'touch /new && rm /bin/ls'"
+    ))
+    .ok();
+    assert!(!std::path::Path::new(&format!("{tree}/new")).exists());
+    assert!(std::path::Path::new(&format!("{tree}/bin/ls")).exists());
+    // gc leaves a tree in use alone and removes it once unused.
+    let out = sh(&format!(
+        "{run} {image} sleep 3 & sleep 1; $FERRY gc --cache {d}/cache; \
+         ls {d}/cache/unpacked-{uid} | wc -l; wait; \
+         $FERRY gc --cache {d}/cache | grep -c 'removed 1 unpacked'; ls {d}/cache/unpacked-{uid} | wc -l"
+    ));
+    assert_eq!(
+        out.ok()
+            .lines()
+            .filter(|l| !l.starts_with("removed 0"))
+            .collect::<Vec<_>>(),
+        ["1", "1", "0"]
+    );
+    // An unknown provider is one line.
+    let bad = sh(&format!("$FERRY run --rootfs fancy {image} true"));
+    assert_eq!(bad.code, 125);
+    assert_eq!(bad.stderr.lines().count(), 1, "{}", bad.stderr);
+    assert!(bad
+        .stderr
+        .contains("--rootfs fancy: unknown provider (known: squashfuse, unpack)"));
+}

@@ -160,6 +160,12 @@ impl Cache {
             .ok_or(CacheError::NoRoot)
     }
 
+    /// Where the `unpack` root filesystem provider keeps this user's unpacked images: per
+    /// user, so a shared cache never mixes users' trees.
+    pub fn unpack_root(&self, uid: u32) -> PathBuf {
+        self.root.join(format!("unpacked-{uid}"))
+    }
+
     /// Open (creating as needed) the cache at `root`. A new root is private to its user;
     /// an existing one (a site's shared cache) keeps the permissions it was given.
     pub fn open(root: &Path) -> Result<Cache, CacheError> {

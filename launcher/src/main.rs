@@ -14,7 +14,7 @@ use ferry::image::reference::ImageRef;
 use ferry::import::{self, ImportOptions};
 use ferry::mounts::MountSpec;
 use ferry::run::{run, EXIT_SETUP_FAILED};
-use ferry::spec::ContainerSpec;
+use ferry::spec::{ContainerSpec, RootfsProvider};
 use ferry::user::UserInfo;
 
 #[derive(Parser)]
@@ -84,6 +84,11 @@ struct RunArgs {
     /// arguments, in the image's WorkingDir.
     #[arg(long)]
     entrypoint: bool,
+    /// How a squashfs or SIF image becomes the root filesystem: `squashfuse` (mounted,
+    /// nothing copied) or `unpack` (unpacked once into the cache and reused: no FUSE on
+    /// the read path, costs disk).
+    #[arg(long, value_name = "PROVIDER", default_value = "squashfuse")]
+    rootfs: String,
     /// Set NAME=VALUE inside (a bare NAME passes the current value); repeatable.
     #[arg(short = 'e', long = "env", value_name = "NAME=VALUE")]
     env: Vec<String>,
@@ -225,6 +230,20 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     let user = UserInfo::current()?;
     let image_ref = ImageRef::parse(&args.image, &cwd)?;
     // Imported images stay in the cache while they run: a gc then passes them by.
+    let provider = match args.rootfs.as_str() {
+        "squashfuse" => RootfsProvider::Squashfuse,
+        "unpack" => {
+            let dir = open_cache(&args.cache)?.unpack_root(user.uid);
+            RootfsProvider::Unpack {
+                owned_from: dir.clone(),
+                dir,
+            }
+        }
+        other => anyhow::bail!(
+            "--rootfs {other}: unknown provider (known: {})",
+            RootfsProvider::NAMES.join(", ")
+        ),
+    };
     let (image, _in_use) = if let ImageRef::Local(path) = &image_ref {
         (path.clone(), None)
     } else {
@@ -238,6 +257,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     };
     let mut spec = ContainerSpec::new(image, user);
     spec.writable = args.writable;
+    spec.rootfs = provider;
     spec.remap_root = args.remap_root;
     spec.mount_home = !args.no_mount_home;
     spec.workdir = args.workdir;
@@ -358,6 +378,15 @@ fn format_age(secs: u64) -> String {
 fn gc_command(args: GcArgs) -> anyhow::Result<()> {
     let cache = open_cache(&args.cache)?;
     let report = cache.gc(args.max_size)?;
+    let unpacked = cache.unpack_root(nix::unistd::getuid().as_raw());
+    let (trees, tree_bytes) = ferry::named::remove_unused_unpacked(&unpacked)
+        .with_context(|| format!("cannot clean {}", unpacked.display()))?;
+    if trees > 0 {
+        println!(
+            "removed {trees} unpacked images ({}) that no container uses",
+            format_size(tree_bytes)
+        );
+    }
     println!(
         "removed {} images ({}); {} in use kept; {} leftover work areas removed",
         report.removed.len(),

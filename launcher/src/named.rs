@@ -13,6 +13,8 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use nix::fcntl::Flock;
+
 use crate::image::ImageKind;
 
 /// The unpacked root filesystem inside a container directory.
@@ -126,6 +128,120 @@ pub fn prepare_rootfs(
         started.elapsed().as_secs_f64()
     );
     Ok(rootfs)
+}
+
+/// The `unpack` root filesystem provider: an image unpacked once into `root` (a directory
+/// of the user's, checked from `owned_from` down), shared read-only by every later container
+/// of that image. Returns the unpacked tree and a shared lock on it that the caller keeps
+/// for the container's life, so [`remove_unused_unpacked`] never removes a tree in use.
+///
+/// The key is the image file's identity (device, inode, size, modification time): cached
+/// imports never change, and an image file replaced by a new one gets a new tree.
+pub fn unpack_shared(
+    owned_from: &Path,
+    root: &Path,
+    image_path: &Path,
+    image: &File,
+    kind: &ImageKind,
+) -> Result<(PathBuf, Flock<File>), NamedError> {
+    let meta = image.metadata().map_err(|e| NamedError::Unpack {
+        path: image_path.into(),
+        detail: e.to_string(),
+    })?;
+    let key = format!(
+        "{:x}-{:x}-{:x}-{:x}.{}",
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec()
+    );
+    let dir = root.join(key);
+    make_private_dir(owned_from, &dir)?;
+    // A tree removed by `ferry gc` between the unpack and the shared lock is unpacked again.
+    for _ in 0..3 {
+        let rootfs = prepare_rootfs(&dir, image_path, kind)?;
+        let lock = lock_file(&dir, nix::fcntl::FlockArg::LockShared)?;
+        if rootfs.is_dir() {
+            // Its modification time is the tree's last use, for whoever looks.
+            let _ = lock.set_modified(std::time::SystemTime::now());
+            return Ok((rootfs, lock));
+        }
+    }
+    Err(NamedError::Unpack {
+        path: dir,
+        detail: "the unpacked tree keeps disappearing (is `ferry gc` running in a loop?)".into(),
+    })
+}
+
+fn lock_file(dir: &Path, how: nix::fcntl::FlockArg) -> Result<Flock<File>, NamedError> {
+    let path = dir.join(LOCK);
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| NamedError::Create {
+            path: path.clone(),
+            source,
+        })?;
+    nix::fcntl::Flock::lock(file, how).map_err(|(_, e)| NamedError::Create {
+        path,
+        source: io::Error::from_raw_os_error(e as i32),
+    })
+}
+
+/// Remove the unpacked trees under `root` that no container uses now; returns how many
+/// were removed and the bytes they held (as far as they could be counted).
+pub fn remove_unused_unpacked(root: &Path) -> io::Result<(usize, u64)> {
+    let mut removed = (0, 0);
+    let entries = match fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e),
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        let Ok(_lock) = lock_file(&dir, nix::fcntl::FlockArg::LockExclusiveNonblock) else {
+            continue; // in use (or not ours to lock)
+        };
+        let bytes = tree_size(&dir);
+        // Make the tree writable to us first: images hold read-only directories.
+        let _ = Command::new("chmod")
+            .args(["-R", "u+rwX"])
+            .arg(&dir)
+            .status();
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {
+                removed.0 += 1;
+                removed.1 += bytes;
+            }
+            Err(e) => tracing::warn!("cannot remove {}: {e}", dir.display()),
+        }
+    }
+    Ok(removed)
+}
+
+fn tree_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += m.blocks() * 512;
+            }
+        }
+    }
+    total
 }
 
 /// Lines a user's unpack prints for what only root can make; device nodes are not wanted

@@ -21,7 +21,7 @@ use crate::entrypoint::ImageStart;
 use crate::image::{self, ImageError, ImageKind};
 use crate::mounts::MountSpec;
 use crate::named;
-use crate::spec::ContainerSpec;
+use crate::spec::{ContainerSpec, RootfsProvider};
 use crate::sys;
 use crate::user::{self, InsideIds};
 
@@ -116,6 +116,9 @@ pub struct Inputs {
     squashfuse: Option<PathBuf>,
     home: Option<Source>,
     mounts: Vec<(MountSpec, Source)>,
+    /// The shared lock on an unpacked tree (`unpack` provider), kept while the container
+    /// lives so that `ferry gc` leaves the tree alone.
+    hold: Option<nix::fcntl::Flock<File>>,
 }
 
 fn open_source(path: &Path, user: &str) -> Result<Source, RootfsError> {
@@ -173,10 +176,21 @@ pub fn open_inputs(spec: &ContainerSpec) -> Result<Inputs, RootfsError> {
         },
     })?;
     let kind = image::detect(&image_path, &image)?;
-    // An unpacked container is a directory image from here on: the user's own copy.
-    let (image_path, image, kind) = match &spec.unpacked {
-        None => (image_path, image, kind),
-        Some(u) => {
+    // An unpacked container is a directory image from here on: the user's own copy; so is
+    // an image under the `unpack` provider, read-only and shared.
+    let mut hold = None;
+    let (image_path, image, kind) = match (&spec.unpacked, &spec.rootfs, &kind) {
+        (None, RootfsProvider::Unpack { owned_from, dir }, ImageKind::Squashfs { .. }) => {
+            let (rootfs, lock) = named::unpack_shared(owned_from, dir, &image_path, &image, &kind)?;
+            hold = Some(lock);
+            let dir = File::open(&rootfs).map_err(|source| ImageError::Open {
+                path: rootfs.clone(),
+                source,
+            })?;
+            (rootfs, dir, ImageKind::Directory)
+        }
+        (None, ..) => (image_path, image, kind),
+        (Some(u), ..) => {
             named::make_private_dir(&u.owned_from, &u.dir)?;
             let rootfs = named::prepare_rootfs(&u.dir, &image_path, &kind)?;
             let dir = File::open(&rootfs).map_err(|source| ImageError::Open {
@@ -221,6 +235,7 @@ pub fn open_inputs(spec: &ContainerSpec) -> Result<Inputs, RootfsError> {
         squashfuse,
         home,
         mounts,
+        hold,
     })
 }
 
@@ -243,6 +258,8 @@ pub struct Container {
     pub env: Vec<(String, String)>,
     pub workdir: PathBuf,
     pub start: ImageStart,
+    /// Kept for the container's life (see [`Inputs`]).
+    pub hold: Option<nix::fcntl::Flock<File>>,
 }
 
 /// The path `rel` names inside the tree at `root`, with every symlink that exists in the
@@ -315,7 +332,7 @@ fn fd_path(fd: &impl AsRawFd) -> PathBuf {
 /// mount namespaces, as the single thread of the holder.
 pub fn build(
     spec: &ContainerSpec,
-    inputs: Inputs,
+    mut inputs: Inputs,
     inside: InsideIds,
 ) -> Result<Container, RootfsError> {
     stage()?;
@@ -331,6 +348,7 @@ pub fn build(
             env,
             workdir,
             start,
+            hold: inputs.hold.take(),
         }),
         Err(e) => {
             if let Some(mut child) = squashfuse {

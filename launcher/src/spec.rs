@@ -41,6 +41,9 @@ pub struct ContainerSpec {
     /// reused after. `None`: the image is mounted as it is.
     #[serde(default)]
     pub unpacked: Option<UnpackedDir>,
+    /// How a squashfs or SIF image becomes the root filesystem.
+    #[serde(default)]
+    pub rootfs: RootfsProvider,
     /// Run the image's own start command (Entrypoint, or enroot's /etc/rc) with the
     /// command as its arguments, in the image's WorkingDir unless `workdir` says otherwise.
     #[serde(default)]
@@ -50,6 +53,26 @@ pub struct ContainerSpec {
     /// Site overrides of helper programs and limits.
     #[serde(default)]
     pub site: SiteSettings,
+}
+
+/// How a squashfs or SIF image becomes the container's root filesystem. Directory images
+/// are used as they are under either.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RootfsProvider {
+    /// Mounted with squashfuse in the user's namespace: nothing is copied, start cost does
+    /// not depend on image size, reads go through FUSE.
+    #[default]
+    Squashfuse,
+    /// Unpacked once into `dir` (reused by later containers, read-only to them), then
+    /// bound: no FUSE on the read path, for metadata-heavy work; costs disk and a first
+    /// unpack. `owned_from` down must be the user's own directories.
+    Unpack { owned_from: PathBuf, dir: PathBuf },
+}
+
+impl RootfsProvider {
+    /// The names users and admins write (`--rootfs`, `--container-rootfs`, `rootfs=`).
+    pub const NAMES: &'static [&'static str] = &["squashfuse", "unpack"];
 }
 
 /// Where an unpacked container lives: `dir`, made private to the user from `owned_from` down.
@@ -89,6 +112,7 @@ impl ContainerSpec {
             env: Vec::new(),
             unpacked: None,
             entrypoint: false,
+            rootfs: RootfsProvider::default(),
             user,
             site: SiteSettings::default(),
         }
