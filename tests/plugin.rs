@@ -6,6 +6,7 @@
 //! with the command that starts one.
 
 use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -590,6 +591,69 @@ fn plugstack_arguments_take_effect() {
         "{}",
         out.stderr
     );
+}
+
+#[test]
+fn the_unpack_provider_by_option_and_as_the_site_default() {
+    let _m = exclusive_machine();
+    let plugstack = Plugstack::open();
+    let busybox = img("busybox.sqsh");
+    let uid = uid_of(USER);
+    // A node-local directory for the users' unpacked trees, as an admin would give.
+    let named = tempfile::Builder::new()
+        .prefix("ferry-named-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    Command::new("chmod")
+        .arg("1777")
+        .arg(named.path())
+        .status()
+        .unwrap();
+    let n = named.path().display();
+    let inode = "srun -n1 --container={busybox} {opt} stat -c %i /bin/busybox";
+    let step_inode = |opt: &str| {
+        let out = slurm(&inode.replace("{busybox}", &busybox).replace("{opt}", opt));
+        out.ok().trim().parse::<u64>().unwrap()
+    };
+    let tree_inode = || {
+        let trees = dir_entries(&format!("{n}/ferry-{uid}/unpacked"));
+        assert_eq!(trees.len(), 1, "{trees:?}");
+        std::fs::metadata(format!(
+            "{n}/ferry-{uid}/unpacked/{}/rootfs/bin/busybox",
+            trees[0]
+        ))
+        .unwrap()
+        .ino()
+    };
+
+    plugstack.set_args(&format!("named_dir={n}"));
+    // Asked for by the step: the task sees the unpacked tree itself.
+    let first = step_inode("--container-rootfs=unpack");
+    assert_eq!(first, tree_inode());
+    // The site default is squashfuse: another file system.
+    assert_ne!(step_inode(""), first);
+    // The site makes unpack the default; a step may still ask for squashfuse.
+    plugstack.set_args(&format!("named_dir={n} rootfs=unpack"));
+    assert_eq!(step_inode(""), first, "the tree is reused");
+    assert_ne!(step_inode("--container-rootfs=squashfuse"), first);
+    // A bad value is refused by srun in one line.
+    let out = slurm(&format!(
+        "srun -n1 --container={busybox} --container-rootfs=fancy true"
+    ));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    let lines = own_lines(&out.stderr);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains("--container-rootfs=fancy: unknown provider (known: squashfuse, unpack)"),
+        "{}",
+        lines[0]
+    );
+    drop(plugstack);
+    // The trees belong to the user; clean them as root (the test made the directory).
+    let _ = Command::new("chmod")
+        .args(["-R", "u+rwX"])
+        .arg(named.path())
+        .status();
 }
 
 // ---- named containers and --container-save ---------------------------------------------

@@ -61,6 +61,9 @@ pub struct PluginSettings {
     /// `insecure_registries=HOST[:PORT][,...]`: registries reached over plain http. May be
     /// given more than once; the lists add up.
     pub insecure_registries: Vec<String>,
+    /// `rootfs=squashfuse|unpack`: the root filesystem provider of steps that do not choose
+    /// one with `--container-rootfs` (default `squashfuse`).
+    pub rootfs: String,
 }
 
 impl Default for PluginSettings {
@@ -74,6 +77,7 @@ impl Default for PluginSettings {
             named_dir: PathBuf::from("/tmp"),
             registry_ca_file: None,
             insecure_registries: Vec::new(),
+            rootfs: "squashfuse".to_string(),
         }
     }
 }
@@ -98,11 +102,13 @@ pub enum SiteError {
     RelativeMountSource(String),
     #[error("plugstack.conf argument `insecure_registries=`: `{0}` is not HOST or HOST:PORT")]
     BadRegistry(String),
+    #[error("plugstack.conf argument `rootfs={0}`: use squashfuse or unpack")]
+    Rootfs(String),
 }
 
 const KEYS: &str =
     "ferry_bin, default_mounts, squashfuse, writable_tmpfs_size, log_level, named_dir, \
-registry_ca_file, insecure_registries";
+registry_ca_file, insecure_registries, rootfs";
 
 /// Keys that may be repeated, their values adding up.
 const LIST_KEYS: &[&str] = &["default_mounts", "insecure_registries"];
@@ -163,6 +169,12 @@ impl PluginSettings {
                         .ok_or_else(|| SiteError::LogLevel(value.to_string()))?
                 }
                 "registry_ca_file" => s.registry_ca_file = Some(absolute(key, value)?),
+                "rootfs" => {
+                    if !crate::spec::RootfsProvider::NAMES.contains(&value) {
+                        return Err(SiteError::Rootfs(value.to_string()));
+                    }
+                    s.rootfs = value.to_string();
+                }
                 "insecure_registries" => {
                     for host in value.split(',').map(str::trim).filter(|v| !v.is_empty()) {
                         let ok = host

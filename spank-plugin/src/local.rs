@@ -150,6 +150,15 @@ pub fn resolve(
         .save
         .as_deref()
         .map(|p| request::absolute_image(p, cwd));
+    let rootfs = opts.rootfs.clone().or(job.rootfs);
+    if let Some(r) = &rootfs {
+        if !ferry::spec::RootfsProvider::NAMES.contains(&r.as_str()) {
+            return Err(format!(
+                "--container-rootfs={r}: unknown provider (known: {})",
+                ferry::spec::RootfsProvider::NAMES.join(", ")
+            ));
+        }
+    }
     let env_names = opts.env.clone().or(job.env_names);
     if let Some(list) = &env_names {
         request::check_env_names(list)?;
@@ -165,6 +174,7 @@ pub fn resolve(
         entrypoint: opts.entrypoint.or(job.entrypoint),
         name,
         save,
+        rootfs,
     };
     info!("container image {} (from {origin})", req.image);
     debug!("request: {req:?}");

@@ -23,6 +23,7 @@ pub enum Key {
     Entrypoint(bool),
     Name,
     Save,
+    Rootfs,
 }
 
 pub struct OptDef {
@@ -136,6 +137,14 @@ pub static OPTIONS: &[OptDef] = &[
         Key::Save
     ),
     opt!(
+        "container-rootfs",
+        "PROVIDER",
+        "[ferry] how the image becomes the root filesystem: squashfuse (mounted, nothing \
+         copied) or unpack (unpacked once per node and reused: faster for metadata-heavy \
+         work, costs disk); default: the site's",
+        Key::Rootfs
+    ),
+    opt!(
         "container-entrypoint",
         "[ferry] accepted for pyxis scripts: tasks still run their command directly \
          (outside Slurm, `ferry run --entrypoint` runs it through the image's entrypoint)",
@@ -246,6 +255,7 @@ pub struct OptionValues {
     pub entrypoint: Option<bool>,
     pub name: Option<String>,
     pub save: Option<String>,
+    pub rootfs: Option<String>,
     /// Both options of a pair (`--container-writable` and `--container-readonly`), as
     /// `(first, second)` names; the callbacks see them in different orders in srun and in
     /// slurmstepd, so giving both is refused.
@@ -268,6 +278,7 @@ impl OptionValues {
             Key::Env => self.env = text(),
             Key::Name => self.name = text(),
             Key::Save => self.save = text(),
+            Key::Rootfs => self.rootfs = text(),
             Key::MountHome(on) => self.mount_home = self.flag(self.mount_home, on, def),
             Key::RemapRoot(on) => self.remap_root = self.flag(self.remap_root, on, def),
             Key::Writable(on) => self.writable = self.flag(self.writable, on, def),
@@ -333,7 +344,7 @@ mod tests {
 
     #[test]
     fn table_is_consistent() {
-        assert_eq!(OPTIONS.len(), 14);
+        assert_eq!(OPTIONS.len(), 15);
         for o in OPTIONS {
             assert_eq!(o.name.last(), Some(&0));
             assert_eq!(o.usage.last(), Some(&0));
@@ -346,6 +357,7 @@ mod tests {
         assert!(table.contains(&("no-container-mount-home", Arg::No)));
         assert!(table.contains(&("container-name", Arg::Required)));
         assert!(table.contains(&("container-save", Arg::Required)));
+        assert!(table.contains(&("container-rootfs", Arg::Required)));
     }
 
     #[test]

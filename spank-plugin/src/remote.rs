@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ferry::holder::{Credentials, PrepareOptions};
 use ferry::mounts::MountSpec;
-use ferry::spec::ContainerSpec;
+use ferry::spec::{ContainerSpec, RootfsProvider};
 use ferry::user::UserInfo;
 use slurm_spank::SpankHandle;
 use tracing::{debug, error, info, trace, warn};
@@ -217,6 +217,7 @@ fn from_options(
             entrypoint: opts.entrypoint,
             name: opts.name.clone(),
             save: opts.save.clone().filter(|p| p.starts_with('/')),
+            rootfs: opts.rootfs.clone(),
         },
         origin,
     )))
@@ -269,6 +270,24 @@ fn container_spec(
         }
     }
     spec.site = settings.site_settings();
+    let provider = req.rootfs.as_deref().unwrap_or(&settings.rootfs);
+    spec.rootfs = match provider {
+        "squashfuse" => RootfsProvider::Squashfuse,
+        // Node-local, per user, kept across jobs (the job epilog removes only jobJOB/).
+        "unpack" => {
+            let user_dir = settings.named_dir.join(format!("ferry-{}", step.uid));
+            RootfsProvider::Unpack {
+                dir: user_dir.join("unpacked"),
+                owned_from: user_dir,
+            }
+        }
+        other => {
+            return Err(format!(
+                "--container-rootfs={other}: unknown provider (known: {})",
+                RootfsProvider::NAMES.join(", ")
+            ))
+        }
+    };
     if req.name.is_some() || req.save.is_some() {
         let (owned_from, dir) = unpacked_dir(settings, step);
         spec.unpacked = Some(ferry::spec::UnpackedDir { owned_from, dir });

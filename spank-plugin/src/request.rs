@@ -37,6 +37,9 @@ pub const ENV_NAME: &str = "SLURM_FERRY_CONTAINER_NAME";
 /// `--container-save`, made absolute.
 pub const ENV_SAVE: &str = "SLURM_FERRY_CONTAINER_SAVE";
 
+/// `--container-rootfs`.
+pub const ENV_ROOTFS: &str = "SLURM_FERRY_CONTAINER_ROOTFS";
+
 /// Every variable of the transport, for unsetting them all.
 pub const ALL_ENV: &[&str] = &[
     ENV_IMAGE,
@@ -49,6 +52,7 @@ pub const ALL_ENV: &[&str] = &[
     ENV_ENTRYPOINT,
     ENV_NAME,
     ENV_SAVE,
+    ENV_ROOTFS,
 ];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -63,6 +67,7 @@ pub struct StepRequest {
     pub entrypoint: Option<bool>,
     pub name: Option<String>,
     pub save: Option<String>,
+    pub rootfs: Option<String>,
 }
 
 fn flag_text(v: Option<bool>) -> Option<String> {
@@ -92,6 +97,7 @@ impl StepRequest {
             (ENV_ENTRYPOINT, flag_text(self.entrypoint)),
             (ENV_NAME, self.name.clone()),
             (ENV_SAVE, self.save.clone()),
+            (ENV_ROOTFS, self.rootfs.clone()),
         ]
     }
 
@@ -113,6 +119,7 @@ impl StepRequest {
             entrypoint: parse_flag(ENV_ENTRYPOINT, get(ENV_ENTRYPOINT))?,
             name: text(ENV_NAME),
             save: text(ENV_SAVE),
+            rootfs: text(ENV_ROOTFS),
         }))
     }
 }
