@@ -607,3 +607,55 @@ fn the_unpack_provider_unpacks_once_shares_read_only_and_gc_spares_trees_in_use(
         .stderr
         .contains("--rootfs fancy: unknown provider (known: squashfuse, unpack)"));
 }
+
+#[test]
+fn sif_images_run_in_place_and_a_sif_without_a_root_filesystem_is_one_line() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let fixtures = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../launcher/tests/fixtures/sif"
+    );
+    // The Sylabs fixtures hold no programs: a static busybox is bound in to read them.
+    let tools = format!("-m {}/bin:/ferry-tools:ro", img("busybox"));
+    for sif in [
+        "one-group.sif",
+        "two-groups.sif",
+        "one-group-signed-pgp.sif",
+    ] {
+        let out = sh(&format!(
+            "$FERRY run --cache {d}/cache {tools} {fixtures}/{sif} /ferry-tools/busybox cat /hello.txt"
+        ));
+        assert_eq!(out.ok(), "Hello from Sylabs!\n", "{sif}");
+    }
+    // Nothing was copied or imported: the cache holds no image.
+    let cached = sh(&format!("find {d} -type f | wc -l"))
+        .ok()
+        .trim()
+        .to_string();
+    assert_eq!(cached, "0");
+    // The root file system is the SIF's partition, mounted by squashfuse at its offset.
+    let out = sh(&format!(
+        "$FERRY run {tools} {fixtures}/one-group.sif /ferry-tools/busybox ls /"
+    ));
+    assert!(out.ok().contains("hello.txt"), "{}", out.stdout);
+    for (sif, why) in [
+        ("empty.sif", "no root file system partition"),
+        (
+            "one-object-generic-json.sif",
+            "no root file system partition",
+        ),
+    ] {
+        let bad = sh(&format!(
+            "$FERRY run {tools} {fixtures}/{sif} /ferry-tools/busybox true"
+        ));
+        assert_eq!(bad.code, 125, "{sif}: {}", bad.stderr);
+        assert_eq!(bad.stderr.lines().count(), 1, "{sif}: {}", bad.stderr);
+        assert!(
+            bad.stderr.contains(why) && bad.stderr.contains(sif),
+            "{}",
+            bad.stderr
+        );
+    }
+}
