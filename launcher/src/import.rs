@@ -155,15 +155,29 @@ fn from_registry(
             built: false,
         });
     }
-    let area = cache.work_area()?;
-    let layout = area.path().join("layout");
     // Pull exactly what was resolved, so a tag moved meanwhile cannot mix two images.
     let pinned = registry::RemoteRef {
         digest: Some(resolved.manifest_digest.clone()),
         ..remote
     };
-    client.pull(&pinned, &layout)?;
-    from_oci_layout(&layout, None, cache, Some(&r.to_string()), opts)
+    // The pull happens under the digest's lock: concurrent imports of one image (steps
+    // starting together, nodes sharing the cache) download each blob once, the others
+    // wait and find the result.
+    let (entry, built) = cache.get_or_build(
+        &resolved.manifest_digest,
+        Some(&r.to_string()),
+        |area| -> Result<Built, ImportError> {
+            let layout = area.path().join("layout");
+            client.pull(&pinned, &layout)?;
+            let img = Image::open_layout(&layout, None)?;
+            build(&img, area.path(), opts)
+        },
+    )?;
+    Ok(ImportedImage {
+        path: cache.image_path(&entry.digest)?,
+        entry: Some(entry),
+        built,
+    })
 }
 
 /// Import the image of an OCI layout directory. `tag_or_digest` picks one when the

@@ -255,3 +255,57 @@ fn the_import_command() {
         "{stderr}"
     );
 }
+
+#[test]
+fn concurrent_imports_of_one_cold_image_fetch_each_blob_once() {
+    let Some(reg) = registry() else { return };
+    let log = std::env::var("FERRY_TEST_REGISTRY_LOG")
+        .expect("FERRY_TEST_REGISTRY_LOG is not set: eval \"$(integration/registry env)\"");
+    // A repository of this test's own, so other tests' requests do not count.
+    let repo = format!("ferry/concurrent-{}", std::process::id());
+    let copied = Command::new("skopeo")
+        .args(["--insecure-policy", "copy", "-q"])
+        .args(["--src-tls-verify=false", "--dest-tls-verify=false"])
+        .arg(format!("docker://{reg}/ferry/busybox:latest"))
+        .arg(format!("docker://{reg}/{repo}:latest"))
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let cache = tempfile::tempdir().unwrap();
+    let children: Vec<_> = (0..8)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_ferry"))
+                .args(["import", "--insecure"])
+                .arg(format!("docker://{reg}/{repo}:latest"))
+                .env("FERRY_CACHE", cache.path())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let paths: std::collections::BTreeSet<String> = outputs
+        .iter()
+        .map(|o| {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            String::from_utf8_lossy(&o.stdout).trim().to_string()
+        })
+        .collect();
+    assert_eq!(paths.len(), 1, "all eight name the same image: {paths:?}");
+    // Every blob of the image (config and layer) was downloaded exactly once.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut gets = std::collections::BTreeMap::<String, usize>::new();
+    for line in text.lines() {
+        let needle = format!("\"GET /v2/{repo}/blobs/");
+        if let Some(rest) = line.split(&needle).nth(1) {
+            let blob = rest.split_whitespace().next().unwrap().to_string();
+            *gets.entry(blob).or_default() += 1;
+        }
+    }
+    assert_eq!(gets.len(), 2, "config and one layer: {gets:?}");
+    assert!(gets.values().all(|&n| n == 1), "{gets:?}");
+}
