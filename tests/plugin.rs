@@ -844,3 +844,39 @@ fn a_registry_image_brings_its_environment_and_working_directory() {
     ));
     assert_eq!(out.ok(), "/tmp\n", "{}", out.stderr);
 }
+
+#[test]
+fn a_jobs_tag_is_resolved_once_and_bare_registry_names_work() {
+    let _m = shared_machine();
+    let registry = std::env::var("FERRY_TEST_REGISTRY")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .expect("FERRY_TEST_REGISTRY is not set: integration/test starts the test registry");
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let repo = format!("{registry}/ferry/moving-{}", std::process::id());
+    let push = |from: &str| {
+        format!(
+            "skopeo --insecure-policy copy -q --src-tls-verify=false --dest-tls-verify=false \
+             {from} docker://{repo}:t"
+        )
+    };
+    let busybox = push(&format!("docker://{registry}/ferry/busybox:latest"));
+    let configured = push(&format!("oci:{d}/layout:v1"));
+    sh(&format!("cd {d} && {MAKE_CONFIGURED_LAYOUT}\n {busybox}")).ok();
+    // The allocation names the tag; the tag then moves to another image. The job's steps
+    // keep running the image the tag named when the job was made; a new srun that names
+    // the tag itself gets the new one.
+    let which = "sh -c 'test -e /opt/app && echo configured || echo busybox'";
+    let out = slurm(&format!(
+        "cd {d} && salloc -Q --container=docker://{repo}:t bash -c '\
+         srun -n1 {which}; {configured}; srun -n1 {which}; \
+         srun -n1 --container=docker://{repo}:t {which}'"
+    ));
+    assert_eq!(out.ok(), "busybox\nbusybox\nconfigured\n", "{}", out.stderr);
+    // pyxis' spelling without docker://: a registry name, since no such path exists.
+    let out = slurm(&format!(
+        "cd {d} && srun -n1 --container-image={registry}/ferry/busybox:latest cat /etc/ferry-marker"
+    ));
+    assert_eq!(out.ok(), "busybox-image\n", "{}", out.stderr);
+}

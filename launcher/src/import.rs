@@ -137,13 +137,7 @@ fn from_registry(
     opts: &ImportOptions,
 ) -> Result<ImportedImage, ImportError> {
     use crate::image::registry;
-    let remote = registry::RemoteRef {
-        registry: r.registry.clone(),
-        repository: r.repository.clone(),
-        tag: r.tag.clone(),
-        digest: r.digest.clone(),
-        user: r.user.clone(),
-    };
+    let remote = registry_ref(r);
     let client = registry::Client::new(opts.registry.clone())?;
     let resolved = client.resolve(&remote)?;
     if let Some(entry) = cache.lookup(&resolved.manifest_digest)? {
@@ -178,6 +172,41 @@ fn from_registry(
         entry: Some(entry),
         built,
     })
+}
+
+fn registry_ref(r: &crate::image::reference::RemoteRef) -> crate::image::registry::RemoteRef {
+    crate::image::registry::RemoteRef {
+        registry: r.registry.clone(),
+        repository: r.repository.clone(),
+        tag: r.tag.clone(),
+        digest: r.digest.clone(),
+        user: r.user.clone(),
+    }
+}
+
+/// A registry reference by tag, pinned to the digest the tag names now: the same text
+/// with `@sha256:…` added (the multi-platform index's digest when there is one, so that
+/// each node still picks its own platform). A job resolves its tag once this way, and all
+/// its nodes and steps run the same image even when the tag moves meanwhile. `None` for
+/// references that are pinned already and for everything that is not a registry image.
+pub fn pin_reference(
+    image: &ImageRef,
+    opts: &crate::image::registry::ClientOptions,
+) -> Result<Option<String>, ImportError> {
+    let ImageRef::Registry(r) = image else {
+        return Ok(None);
+    };
+    if r.digest.is_some() || r.user.is_some() {
+        return Ok(None);
+    }
+    let client = crate::image::registry::Client::new(opts.clone())?;
+    let resolved = client.resolve(&registry_ref(r))?;
+    let digest = resolved.index_digest.unwrap_or(resolved.manifest_digest);
+    let pinned = crate::image::reference::RemoteRef {
+        digest: Some(digest),
+        ..r.clone()
+    };
+    Ok(Some(pinned.to_string()))
 }
 
 /// Import the image of an OCI layout directory. `tag_or_digest` picks one when the

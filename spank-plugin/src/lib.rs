@@ -292,13 +292,16 @@ pub extern "C" fn slurm_spank_init_post_opt(
                     // The job's options; its resolved request is in SLURM_FERRY_CONTAINER_*.
                     tracing::debug!("options inherited from the job: {inherited:?}");
                 }
-                let req =
+                let mut req =
                     local::resolve(context, &own, &plugin.inherited, SLURM_VERSION_NUMBER, &cwd)?;
-                if req.is_some() {
-                    if let Err(e) = &plugin.settings {
-                        return Err(format!(
-                            "the site configuration of ferry is broken ({e}); tell your admins"
-                        ));
+                if let Some(r) = req.as_mut() {
+                    match &plugin.settings {
+                        Err(e) => {
+                            return Err(format!(
+                                "the site configuration of ferry is broken ({e}); tell your admins"
+                            ))
+                        }
+                        Ok(settings) => local::pin_tag(r, settings),
                     }
                 }
                 local::export(req.as_ref());

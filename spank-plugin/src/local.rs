@@ -118,6 +118,15 @@ pub fn resolve(
         }
         return Ok(None);
     };
+    // pyxis' bare registry names (`ubuntu:24.04`, `nvcr.io#nvidia/pytorch:24.05-py3`) mean
+    // registry images, unless such a path exists; they travel in their docker:// form.
+    let image = match ferry::image::reference::ImageRef::parse(&image, cwd) {
+        Ok(ferry::image::reference::ImageRef::Registry(r)) if !request::is_reference(&image) => {
+            debug!("{image} names a registry image: {r}");
+            r.to_string()
+        }
+        _ => image,
+    };
     // An inherited SLURM_FERRY_CONTAINER_IMAGE is absolute already, against the job's directory.
     let image = request::absolute_image(&image, cwd);
     if !request::is_reference(&image) && !Path::new(&image).exists() {
@@ -214,4 +223,38 @@ fn is_salloc() -> bool {
 /// This command's working directory.
 pub fn cwd() -> Result<PathBuf, String> {
     std::env::current_dir().map_err(|e| format!("cannot determine the current directory: {e}"))
+}
+
+/// Pin a registry image given by tag to the digest the tag names now, so that every node
+/// and every later step of the job runs the same image even if the tag moves. Best effort:
+/// a registry this host cannot reach (a login node without access) leaves the tag for the
+/// nodes to resolve.
+pub fn pin_tag(req: &mut StepRequest, settings: &ferry::site::PluginSettings) {
+    if !request::is_reference(&req.image) {
+        return;
+    }
+    let Ok(image) = ferry::image::reference::ImageRef::parse(&req.image, Path::new("/")) else {
+        return;
+    };
+    let opts = ferry::image::registry::ClientOptions {
+        insecure_registries: settings.insecure_registries.clone(),
+        ca_file: settings.registry_ca_file.clone(),
+        retries: 0,
+        connect_timeout: std::time::Duration::from_secs(3),
+        read_timeout: std::time::Duration::from_secs(10),
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    match ferry::import::pin_reference(&image, &opts) {
+        Ok(Some(pinned)) => {
+            info!(
+                "{} is {pinned} ({:.0} ms)",
+                req.image,
+                started.elapsed().as_secs_f64() * 1000.0
+            );
+            req.image = pinned;
+        }
+        Ok(None) => {}
+        Err(e) => debug!("not pinning {} here: {e}; the nodes resolve it", req.image),
+    }
 }
