@@ -552,7 +552,9 @@ fn enroot_images_start_through_etc_rc() {
 
 #[test]
 fn the_unpack_provider_unpacks_once_shares_read_only_and_gc_spares_trees_in_use() {
-    let _m = shared_machine();
+    // Exclusive: a container stays up for seconds here, which the tests that look for the
+    // user's leftover processes must not see.
+    let _m = exclusive_machine();
     let dir = UserDir::new(USER);
     let d = dir.path.display();
     let image = img("busybox.sqsh");
