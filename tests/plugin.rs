@@ -189,7 +189,13 @@ fn a_step_without_a_container_runs_on_the_host() {
     let _m = shared_machine();
     let out = slurm("srun -n1 bash -c 'cat /etc/ferry-marker 2>/dev/null || echo host; env | grep -c ^SLURM_FERRY_ || true'");
     assert_eq!(out.ok(), "host\n0\n");
-    assert!(out.stderr.is_empty(), "{}", out.stderr);
+    // Nothing from ferry; srun may say that it waited for the node other tests hold.
+    let said: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.contains("queued and waiting") && !l.contains("has been allocated"))
+        .collect();
+    assert!(said.is_empty(), "{}", out.stderr);
 }
 
 // ---- 2. tasks share one container -----------------------------------------------------
@@ -868,10 +874,22 @@ fn a_jobs_tag_is_resolved_once_and_bare_registry_names_work() {
     // keep running the image the tag named when the job was made; a new srun that names
     // the tag itself gets the new one.
     let which = "sh -c 'test -e /opt/app && echo configured || echo busybox'";
+    let script = dir.path.join("job.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "srun -n1 {which}\n{configured}\nsrun -n1 {which}\n\
+             srun -n1 --container=docker://{repo}:t {which}\n"
+        ),
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("a+r")
+        .arg(&script)
+        .status()
+        .unwrap();
     let out = slurm(&format!(
-        "cd {d} && salloc -Q --container=docker://{repo}:t bash -c '\
-         srun -n1 {which}; {configured}; srun -n1 {which}; \
-         srun -n1 --container=docker://{repo}:t {which}'"
+        "cd {d} && salloc -Q --container=docker://{repo}:t bash {d}/job.sh"
     ));
     assert_eq!(out.ok(), "busybox\nbusybox\nconfigured\n", "{}", out.stderr);
     // pyxis' spelling without docker://: a registry name, since no such path exists.
