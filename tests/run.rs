@@ -661,3 +661,105 @@ fn sif_images_run_in_place_and_a_sif_without_a_root_filesystem_is_one_line() {
         );
     }
 }
+
+#[test]
+fn layers_pushed_with_skopeo_come_back_file_for_file() {
+    let _m = shared_machine();
+    let registry = std::env::var("FERRY_TEST_REGISTRY")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .expect("FERRY_TEST_REGISTRY is not set: integration/test starts the test registry");
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let repo = format!("{registry}/ferry/layered-{}", std::process::id());
+    sh(&format!(
+        "cd {d} && {MAKE_LAYERED_LAYOUT}\n \
+         skopeo --insecure-policy copy -q --dest-tls-verify=false oci:{d}/layout:v1 docker://{repo}:v1 && \
+         skopeo --insecure-policy copy -q oci:{d}/layout:v1 docker-archive:{d}/layered.tar:ferry/layered:v1"
+    ))
+    .ok();
+    let list = |image: &str| {
+        sh(&format!(
+            "FERRY_INSECURE_REGISTRIES={registry} $FERRY run --cache {d}/cache -m {d}:/t {image} sh /t/list.sh"
+        ))
+        .ok()
+        .to_string()
+    };
+    // Whiteouts, the opaque directory, the hardlink and the symlink, pulled from a registry
+    // and read from a docker-archive that skopeo wrote.
+    assert_eq!(list(&format!("docker://{repo}:v1")), LAYERED_DATA);
+    assert_eq!(
+        list(&format!("docker-archive:{d}/layered.tar")),
+        LAYERED_DATA
+    );
+    assert_eq!(list(&format!("oci:{d}/layout:v1")), LAYERED_DATA);
+}
+
+#[test]
+fn hostile_layers_are_refused_in_one_line_and_leave_nothing() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    // mklayout NAME LAYER-FILE MEDIA-SUFFIX: a one-layer OCI layout in NAME/ (tag v1). The
+    // diff_id is not checked against anything here: these layers must fail before that.
+    let setup = format!(
+        r#"set -eu; cd {d}; mkdir outside
+mklayout() {{
+  mkdir -p "$1/blobs/sha256"
+  l=$(sha256sum "$2" | cut -d' ' -f1); cp "$2" "$1/blobs/sha256/$l"; ls=$(stat -c %s "$2")
+  printf '{{"architecture":"amd64","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":["sha256:%s"]}}}}' "$l" > c.json
+  c=$(sha256sum c.json | cut -d' ' -f1); cp c.json "$1/blobs/sha256/$c"
+  printf '{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar%s","digest":"sha256:%s","size":%s}}]}}' "$c" "$(stat -c %s c.json)" "$3" "$l" "$ls" > m.json
+  m=$(sha256sum m.json | cut -d' ' -f1); cp m.json "$1/blobs/sha256/$m"
+  printf '{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{{"org.opencontainers.image.ref.name":"v1"}}}}]}}' "$m" "$(stat -c %s m.json)" > "$1/index.json"
+  printf '{{"imageLayoutVersion":"1.0.0"}}' > "$1/oci-layout"
+}}
+mkdir src; printf evil > src/evil
+# ../ in a member name (GNU tar keeps it only with -P).
+tar -P --transform 's,^src/,../../outside/,' -cf dotdot.tar src/evil; mklayout dotdot dotdot.tar ""
+# A symlink to outside, then a file written through it.
+mkdir sl; ln -s {d}/outside sl/esc; tar -C sl -cf sl.tar esc; mkdir -p sl2/esc; printf evil > sl2/esc/pwned
+tar -C sl2 -rf sl.tar esc/pwned; mklayout symlink sl.tar ""
+# An absolute member name.
+tar -P --transform 's,^src/,{d}/outside/abs-,' -cf abs.tar src/evil; mklayout absolute abs.tar ""
+# A truncated gzip layer.
+tar -C "$FERRY_IMAGES/busybox" -czf full.tgz .; head -c 100000 full.tgz > cut.tgz; mklayout truncated cut.tgz "+gzip"
+# A layer blob whose content no longer matches its digest (one byte changed).
+tar -cf ok.tar src/evil; mklayout corrupt ok.tar ""
+printf X | dd of="corrupt/blobs/sha256/$(sha256sum ok.tar | cut -d' ' -f1)" bs=1 seek=600 conv=notrunc status=none
+$FERRY import --cache {d}/cache oci:{d}/symlink:v1 >/dev/null 2>&1 || true
+# Lock files are empty and harmless; the entries, refs and work areas must not change.
+find {d}/cache -type f ! -path '*/locks/*' | sort > before.txt
+"#
+    );
+    sh(&setup).ok();
+    for (layout, why) in [
+        ("dotdot", "refusing layer entry '../../outside/evil'"),
+        ("symlink", "cannot write 'esc'"),
+        ("truncated", "cannot read layer"),
+        ("corrupt", "is corrupt: its content hashes to"),
+    ] {
+        let out = sh(&format!(
+            "$FERRY import --cache {d}/cache oci:{d}/{layout}:v1"
+        ));
+        assert_ne!(out.code, 0, "{layout}: {}", out.stdout);
+        assert_eq!(out.stderr.lines().count(), 1, "{layout}: {}", out.stderr);
+        assert!(out.stderr.contains(why), "{layout}: {}", out.stderr);
+        // Nothing written outside, nothing left in the cache.
+        assert_eq!(
+            dir_entries(&format!("{d}/outside")),
+            Vec::<String>::new(),
+            "{layout}"
+        );
+        let after = sh(&format!(
+            "find {d}/cache -type f ! -path '*/locks/*' | sort | diff {d}/before.txt - && echo same"
+        ));
+        assert_eq!(after.stdout, "same\n", "{layout}: the cache changed");
+    }
+    // An absolute member name lands inside the image, as docker and OCI have it.
+    let out = sh(&format!(
+        "$FERRY import --cache {d}/cache oci:{d}/absolute:v1 | xargs -I{{}} unsquashfs -l {{}} | grep -c abs-evil"
+    ));
+    assert_eq!(out.ok(), "1\n", "{}", out.stderr);
+    assert_eq!(dir_entries(&format!("{d}/outside")), Vec::<String>::new());
+}

@@ -254,3 +254,45 @@ m=$(blob manifest.json)
 printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"org.opencontainers.image.ref.name":"v1"}}]}' "$m" "$(size "$m")" > layout/index.json
 printf '{"imageLayoutVersion":"1.0.0"}' > layout/oci-layout
 "#;
+
+/// An OCI layout (tag `v1`, in `layout/`) of three layers that exercise layer application:
+/// the busybox tree; then /data with files, a directory, a symlink, a hardlink and a mode;
+/// then a layer that replaces a file, deletes one with a whiteout, empties a directory with
+/// an opaque marker plus a new file, and whites out a file inside a directory. Also writes
+/// `list.sh`, which prints /data as [`LAYERED_DATA`] expects it. For the test user, in an
+/// empty directory.
+pub const MAKE_LAYERED_LAYOUT: &str = r#"
+set -eu
+blob() { h=$(sha256sum "$1" | cut -d' ' -f1); mv "$1" "layout/blobs/sha256/$h"; echo "$h"; }
+size() { stat -c %s "layout/blobs/sha256/$1"; }
+mkdir -p layout/blobs/sha256 l1/data/dir l1/data/opq l2/data/opq l2/data/dir
+printf a1 > l1/data/a; printf b > l1/data/b; printf x > l1/data/dir/x; printf old > l1/data/opq/old
+printf m > l1/data/mode; chmod 0754 l1/data/mode
+ln -s a l1/data/link; ln l1/data/a l1/data/hard
+printf a2 > l2/data/a; : > l2/data/.wh.b; : > l2/data/opq/.wh..wh..opq; printf new > l2/data/opq/new
+: > l2/data/dir/.wh.x
+tar -C "$FERRY_IMAGES/busybox" -cf l0.tar .
+tar -C l1 -cf l1.tar data
+tar -C l2 -cf l2.tar data
+d0=$(sha256sum l0.tar | cut -d' ' -f1); d1=$(sha256sum l1.tar | cut -d' ' -f1); d2=$(sha256sum l2.tar | cut -d' ' -f1)
+gzip -n l0.tar; gzip -n l2.tar
+g0=$(blob l0.tar.gz); g1=$(blob l1.tar); g2=$(blob l2.tar.gz)
+printf '{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/bin:/usr/bin"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s","sha256:%s","sha256:%s"]}}' "$d0" "$d1" "$d2" > config.json
+c=$(blob config.json)
+printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:%s","size":%s},{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%s},{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:%s","size":%s}]}' "$c" "$(size "$c")" "$g0" "$(size "$g0")" "$g1" "$(size "$g1")" "$g2" "$(size "$g2")" > manifest.json
+m=$(blob manifest.json)
+printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"org.opencontainers.image.ref.name":"v1"}}]}' "$m" "$(size "$m")" > layout/index.json
+printf '{"imageLayoutVersion":"1.0.0"}' > layout/oci-layout
+cat > list.sh <<'LIST'
+cd /data
+find . | sort | while read -r f; do
+  if [ -L "$f" ]; then echo "$f -> $(readlink "$f")"
+  elif [ -d "$f" ]; then echo "$f/"
+  else echo "$f $(stat -c %a "$f") $(cat "$f")"; fi
+done
+LIST
+"#;
+
+/// What `list.sh` prints for the image of [`MAKE_LAYERED_LAYOUT`].
+pub const LAYERED_DATA: &str =
+    "./\n./a 644 a2\n./dir/\n./hard 644 a1\n./link -> a\n./mode 754 m\n./opq/\n./opq/new 644 new\n";
