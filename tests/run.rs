@@ -735,7 +735,7 @@ find {d}/cache -type f ! -path '*/locks/*' | sort > before.txt
     sh(&setup).ok();
     for (layout, why) in [
         ("dotdot", "refusing layer entry '../../outside/evil'"),
-        ("symlink", "cannot write 'esc'"),
+        ("symlink", "refusing layer entry 'esc': it is a symlink"),
         ("truncated", "cannot read layer"),
         ("corrupt", "is corrupt: its content hashes to"),
     ] {

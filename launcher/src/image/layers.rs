@@ -488,7 +488,24 @@ impl Unpacker {
             },
         );
         self.touch(rel);
-        open(self.root.as_fd()).map_err(write_err(rel))
+        open(self.root.as_fd()).map_err(|e| {
+            let is_link = nix::sys::stat::fstatat(
+                Some(parent_fd.as_raw_fd()),
+                name,
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK);
+            if is_link {
+                // Followed inside the image only, and its target is not a directory there:
+                // an archive that writes through a symlink to leave the tree lands here.
+                LayerError::Unsafe {
+                    path: rel.display().to_string(),
+                    why: "it is a symlink, and entries beneath it would be written through it",
+                }
+            } else {
+                write_err(rel)(e)
+            }
+        })
     }
 
     /// Make room for a new non-directory entry `name`.
