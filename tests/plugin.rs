@@ -898,3 +898,45 @@ fn a_jobs_tag_is_resolved_once_and_bare_registry_names_work() {
     ));
     assert_eq!(out.ok(), "busybox-image\n", "{}", out.stderr);
 }
+
+#[test]
+fn the_sites_registry_ca_and_the_users_credentials_reach_the_import() {
+    let _m = exclusive_machine();
+    let var = |n: &str| {
+        std::env::var(n).unwrap_or_else(|_| {
+            panic!("{n} is not set: integration/test starts the test registries")
+        })
+    };
+    let (addr, ca) = (var("FERRY_TEST_AUTH_REGISTRY"), var("FERRY_TEST_AUTH_CA"));
+    let (login, password) = (
+        var("FERRY_TEST_AUTH_LOGIN"),
+        var("FERRY_TEST_AUTH_PASSWORD"),
+    );
+    let plugstack = Plugstack::open();
+    // The user's login, where enroot users keep theirs: a netrc-style file of their own.
+    sh(&format!(
+        "mkdir -p ~/.config/ferry && umask 077 && \
+         printf 'machine {addr} login {login} password {password}\\n' > ~/.config/ferry/credentials"
+    ))
+    .ok();
+    struct Forget;
+    impl Drop for Forget {
+        fn drop(&mut self) {
+            let _ = sh("rm -f ~/.config/ferry/credentials");
+        }
+    }
+    let _forget = Forget;
+    let step =
+        format!("srun -n1 --container=docker://{addr}/ferry/busybox:latest cat /etc/ferry-marker");
+    // Without the site's CA the node cannot trust the registry: one line that says why.
+    plugstack.set_args("");
+    let out = slurm(&step);
+    assert_eq!(out.code, 125, "{}", out.stderr);
+    let lines = own_lines(&out.stderr);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].contains("TLS connection to"), "{}", lines[0]);
+    // With it, the import (as the user, with the user's login) works.
+    plugstack.set_args(&format!("registry_ca_file={ca}"));
+    let out = slurm(&step);
+    assert_eq!(out.ok(), "busybox-image\n", "{}", out.stderr);
+}

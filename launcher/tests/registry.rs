@@ -309,3 +309,110 @@ fn concurrent_imports_of_one_cold_image_fetch_each_blob_once() {
     assert_eq!(gets.len(), 2, "config and one layer: {gets:?}");
     assert!(gets.values().all(|&n| n == 1), "{gets:?}");
 }
+
+/// The second test registry: TLS from a private CA, and a login.
+struct AuthRegistry {
+    addr: String,
+    ca: String,
+    login: String,
+    password: String,
+}
+
+fn auth_registry() -> Option<AuthRegistry> {
+    registry()?;
+    let var = |n: &str| {
+        std::env::var(n)
+            .unwrap_or_else(|_| panic!("{n} is not set: eval \"$(integration/registry env)\""))
+    };
+    Some(AuthRegistry {
+        addr: var("FERRY_TEST_AUTH_REGISTRY"),
+        ca: var("FERRY_TEST_AUTH_CA"),
+        login: var("FERRY_TEST_AUTH_LOGIN"),
+        password: var("FERRY_TEST_AUTH_PASSWORD"),
+    })
+}
+
+#[test]
+fn a_registry_with_a_private_ca_and_a_login() {
+    let Some(reg) = auth_registry() else { return };
+    let home = tempfile::tempdir().unwrap();
+    let image = format!("docker://{}/ferry/busybox:latest", reg.addr);
+    let import = |env: &[(&str, String)]| {
+        let cache = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        cmd.args(["import", &image])
+            .env("FERRY_CACHE", cache.path())
+            .env("HOME", home.path())
+            .env("DOCKER_CONFIG", home.path().join("docker"))
+            .env_remove("FERRY_CREDENTIALS_FILE")
+            .env_remove("FERRY_REGISTRY_CA_FILE")
+            .env_remove("FERRY_INSECURE_REGISTRIES");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let one_line = |stderr: &str, text: &str| {
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.contains("WARN")).collect();
+        assert!(lines.len() == 1 && lines[0].contains(text), "{stderr}");
+    };
+    let ca = ("FERRY_REGISTRY_CA_FILE", reg.ca.clone());
+    // Without the CA: the TLS handshake fails, with the fix in the line.
+    let (ok, _, err) = import(&[]);
+    assert!(!ok);
+    one_line(&err, "TLS connection to");
+    // With the CA but no login.
+    let (ok, _, err) = import(&[ca.clone()]);
+    assert!(!ok);
+    one_line(&err, "refused anonymous access");
+    // A wrong password, from a netrc-style file.
+    let creds = home.path().join("creds");
+    let write_creds = |password: &str| {
+        std::fs::write(
+            &creds,
+            format!(
+                "machine {} login {} password {password}\n",
+                reg.addr, reg.login
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+    };
+    write_creds("wrong");
+    let file = ("FERRY_CREDENTIALS_FILE", creds.display().to_string());
+    let (ok, _, err) = import(&[ca.clone(), file.clone()]);
+    assert!(!ok);
+    one_line(&err, &format!("refused the login `{}`", reg.login));
+    // The right one, from that file and from Docker's config.json.
+    write_creds(&reg.password);
+    let (ok, out, err) = import(&[ca.clone(), file]);
+    assert!(ok && out.trim().ends_with(".sqsh"), "{out}{err}");
+    std::fs::remove_file(&creds).unwrap();
+    let token = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "printf %s '{}:{}' | base64 -w0",
+            reg.login, reg.password
+        ))
+        .output()
+        .unwrap();
+    let docker = home.path().join("docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    std::fs::write(
+        docker.join("config.json"),
+        format!(
+            "{{\"auths\":{{\"{}\":{{\"auth\":\"{}\"}}}}}}",
+            reg.addr,
+            String::from_utf8_lossy(&token.stdout)
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = import(&[ca]);
+    assert!(ok && out.trim().ends_with(".sqsh"), "{out}{err}");
+}
