@@ -367,7 +367,7 @@ fn a_registry_with_a_private_ca_and_a_login() {
     assert!(!ok);
     one_line(&err, "TLS connection to");
     // With the CA but no login.
-    let (ok, _, err) = import(&[ca.clone()]);
+    let (ok, _, err) = import(std::slice::from_ref(&ca));
     assert!(!ok);
     one_line(&err, "refused anonymous access");
     // A wrong password, from a netrc-style file.
