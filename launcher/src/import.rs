@@ -137,6 +137,20 @@ fn from_registry(
     opts: &ImportOptions,
 ) -> Result<ImportedImage, ImportError> {
     use crate::image::registry;
+    // An image pinned to the digest it is cached under needs no registry at all: nodes
+    // that share a cache (or run a job's later steps) start without asking the registry.
+    // A digest of a multi-platform index is resolved first, to this machine's platform.
+    if let Some(digest) = &r.digest {
+        if let Some(entry) = cache.lookup(digest)? {
+            tracing::debug!("{r}: cached, not asking the registry");
+            let entry = cache.reuse(entry, Some(&r.to_string()))?;
+            return Ok(ImportedImage {
+                path: cache.image_path(&entry.digest)?,
+                entry: Some(entry),
+                built: false,
+            });
+        }
+    }
     let remote = registry_ref(r);
     let client = registry::Client::new(opts.registry.clone())?;
     let resolved = client.resolve(&remote)?;

@@ -234,6 +234,14 @@ fn the_import_command() {
     let again = import(&["--insecure"], by_digest.clone());
     assert!(again.status.success());
     assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), path);
+    // Pinned to a cached digest, no registry is asked: not even one that does not answer.
+    let offline = import(&[], format!("docker://127.0.0.1:9/ferry/busybox@sha256:{digest}"));
+    assert!(
+        offline.status.success(),
+        "{}",
+        String::from_utf8_lossy(&offline.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&offline.stdout).trim(), path);
     let listing = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .arg("images")
         .env("FERRY_CACHE", cache.path())
