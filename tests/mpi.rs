@@ -372,3 +372,70 @@ fn openmpi_uses_shared_memory_within_a_node_and_tcp_between_nodes() {
         run.stderr
     );
 }
+
+/// The three-node cluster's plugstack.conf, with other plugin arguments for a while.
+struct MultiPlugstack {
+    path: std::path::PathBuf,
+    original: String,
+}
+
+impl MultiPlugstack {
+    fn open(conf: &str) -> MultiPlugstack {
+        let path = std::path::Path::new(conf).with_file_name("plugstack.conf");
+        let original = std::fs::read_to_string(&path).unwrap();
+        MultiPlugstack { path, original }
+    }
+
+    /// The plugin line with `extra` added to its arguments.
+    fn add_args(&self, extra: &str) {
+        let text: String = self
+            .original
+            .lines()
+            .map(|l| {
+                if l.contains("spank_ferry.so") {
+                    format!("{l} {extra}\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        std::fs::write(&self.path, text).unwrap();
+    }
+}
+
+impl Drop for MultiPlugstack {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.path, &self.original);
+    }
+}
+
+#[test]
+fn import_on_submit_lets_nodes_without_registry_access_run_registry_images() {
+    let _m = exclusive_machine();
+    let conf = multi_cluster();
+    let registry = std::env::var("FERRY_TEST_REGISTRY")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .expect("FERRY_TEST_REGISTRY is not set: integration/test starts the test registry");
+    // An image no cache has seen: made now, pushed under a name of this test's own.
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let image = format!("docker://{registry}/ferry/submit-{}:v1", std::process::id());
+    sh(&format!(
+        "cd {d} && {MAKE_CONFIGURED_LAYOUT}\n skopeo --insecure-policy copy -q \
+         --dest-tls-verify=false oci:{d}/layout:v1 {image}"
+    ))
+    .ok();
+    let plugstack = MultiPlugstack::open(&conf);
+    let step = format!("-N1 -n1 --container={image} cat /opt/app/start.sh");
+    // The nodes live in their own network namespaces: 127.0.0.1 is not the registry there,
+    // so importing on the node fails, in one line.
+    let out = srun("", &step);
+    assert_eq!(out.code, 125, "{}", out.stderr);
+    assert!(out.stderr.contains(&registry), "{}", out.stderr);
+    // With import_on_submit, srun imports on this host into the user's cache, which the
+    // nodes share; they find the pinned digest there and never ask the registry.
+    plugstack.add_args("import_on_submit=yes");
+    let out = srun("", &step);
+    assert!(out.ok().contains("entry $*"), "{}", out.stderr);
+}

@@ -64,6 +64,11 @@ pub struct PluginSettings {
     /// `rootfs=squashfuse|unpack`: the root filesystem provider of steps that do not choose
     /// one with `--container-rootfs` (default `squashfuse`).
     pub rootfs: String,
+    /// `import_on_submit=yes|no`: srun, sbatch and salloc import registry and archive
+    /// images into the user's cache before the job or step starts (default `no`). For a
+    /// cache on a shared file system: one import on the submit host instead of one wait
+    /// per node, and nodes that need no registry access.
+    pub import_on_submit: bool,
 }
 
 impl Default for PluginSettings {
@@ -78,6 +83,7 @@ impl Default for PluginSettings {
             registry_ca_file: None,
             insecure_registries: Vec::new(),
             rootfs: "squashfuse".to_string(),
+            import_on_submit: false,
         }
     }
 }
@@ -104,11 +110,13 @@ pub enum SiteError {
     BadRegistry(String),
     #[error("plugstack.conf argument `rootfs={0}`: use squashfuse or unpack")]
     Rootfs(String),
+    #[error("plugstack.conf argument `{key}={value}`: use yes or no")]
+    YesNo { key: String, value: String },
 }
 
 const KEYS: &str =
     "ferry_bin, default_mounts, squashfuse, writable_tmpfs_size, log_level, named_dir, \
-registry_ca_file, insecure_registries, rootfs";
+registry_ca_file, insecure_registries, rootfs, import_on_submit";
 
 /// Keys that may be repeated, their values adding up.
 const LIST_KEYS: &[&str] = &["default_mounts", "insecure_registries"];
@@ -169,6 +177,18 @@ impl PluginSettings {
                         .ok_or_else(|| SiteError::LogLevel(value.to_string()))?
                 }
                 "registry_ca_file" => s.registry_ca_file = Some(absolute(key, value)?),
+                "import_on_submit" => {
+                    s.import_on_submit = match value {
+                        "yes" | "true" | "1" => true,
+                        "no" | "false" | "0" => false,
+                        _ => {
+                            return Err(SiteError::YesNo {
+                                key: key.to_string(),
+                                value: value.to_string(),
+                            })
+                        }
+                    }
+                }
                 "rootfs" => {
                     if !crate::spec::RootfsProvider::NAMES.contains(&value) {
                         return Err(SiteError::Rootfs(value.to_string()));

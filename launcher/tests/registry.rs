@@ -235,7 +235,10 @@ fn the_import_command() {
     assert!(again.status.success());
     assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), path);
     // Pinned to a cached digest, no registry is asked: not even one that does not answer.
-    let offline = import(&[], format!("docker://127.0.0.1:9/ferry/busybox@sha256:{digest}"));
+    let offline = import(
+        &[],
+        format!("docker://127.0.0.1:9/ferry/busybox@sha256:{digest}"),
+    );
     assert!(
         offline.status.success(),
         "{}",

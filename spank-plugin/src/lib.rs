@@ -301,7 +301,10 @@ pub extern "C" fn slurm_spank_init_post_opt(
                                 "the site configuration of ferry is broken ({e}); tell your admins"
                             ))
                         }
-                        Ok(settings) => local::pin_tag(r, settings),
+                        Ok(settings) => {
+                            local::pin_tag(r, settings);
+                            local::import_now(r, settings)?;
+                        }
                     }
                 }
                 local::export(req.as_ref());

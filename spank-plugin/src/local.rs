@@ -225,6 +225,42 @@ pub fn cwd() -> Result<PathBuf, String> {
     std::env::current_dir().map_err(|e| format!("cannot determine the current directory: {e}"))
 }
 
+/// `import_on_submit=yes`: import the image into the user's cache now, as the user (srun
+/// and sbatch run as the user), showing ferry's progress on the terminal. The nodes then
+/// find it in the cache, when the cache is on a file system they share.
+pub fn import_now(req: &StepRequest, settings: &ferry::site::PluginSettings) -> Result<(), String> {
+    if !settings.import_on_submit || !request::is_reference(&req.image) {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let mut cmd = std::process::Command::new(&settings.ferry_bin);
+    cmd.args(["import", &req.image])
+        .env(
+            "FERRY_INSECURE_REGISTRIES",
+            settings.insecure_registries.join(","),
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    if let Some(ca) = &settings.registry_ca_file {
+        cmd.env("FERRY_REGISTRY_CA_FILE", ca);
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", settings.ferry_bin.display()))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let line = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+        return Err(line.trim_start_matches("ferry: error: ").to_string());
+    }
+    info!(
+        "imported {} before the start in {:.1} s",
+        req.image,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// Pin a registry image given by tag to the digest the tag names now, so that every node
 /// and every later step of the job runs the same image even if the tag moves. Best effort:
 /// a registry this host cannot reach (a login node without access) leaves the tag for the
