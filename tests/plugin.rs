@@ -940,3 +940,61 @@ fn the_sites_registry_ca_and_the_users_credentials_reach_the_import() {
     let out = slurm(&step);
     assert_eq!(out.ok(), "busybox-image\n", "{}", out.stderr);
 }
+
+#[test]
+fn packages_install_with_remap_root_and_writable_then_save_into_an_image() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let debian = img("debian.sqsh");
+    // Two trivial packages: one for dpkg -i, one served by a file:// apt repository.
+    sh(&format!(
+        r#"set -e; cd {d}
+mkdeb() {{
+  mkdir -p "$1/DEBIAN" "$1/usr/bin"
+  printf 'Package: %s\nVersion: 1.0\nArchitecture: all\nMaintainer: ferry tests <t@example.org>\nDescription: test\n' "$1" > "$1/DEBIAN/control"
+  printf '#!/bin/sh\necho %s works\n' "$1" > "$1/usr/bin/$1"; chmod 755 "$1/usr/bin/$1"
+  dpkg-deb --root-owner-group -b "$1" "$1.deb" >/dev/null
+}}
+mkdeb ferry-local; mkdeb ferry-repo
+mkdir repo; mv ferry-repo.deb repo/
+printf 'Package: ferry-repo\nVersion: 1.0\nArchitecture: all\nMaintainer: ferry tests <t@example.org>\nDescription: test\nFilename: ./ferry-repo.deb\nSize: %s\nSHA256: %s\n\n' \
+  "$(stat -c %s repo/ferry-repo.deb)" "$(sha256sum repo/ferry-repo.deb | cut -d' ' -f1)" > repo/Packages"#
+    ))
+    .ok();
+    std::fs::write(
+        dir.path.join("install.sh"),
+        "set -e\n\
+         dpkg -i /pkgs/ferry-local.deb >/dev/null\n\
+         echo 'deb [trusted=yes] file:/pkgs/repo ./' > /etc/apt/sources.list\n\
+         apt-get -qq update\n\
+         apt-get -qq install -y ferry-repo >/dev/null 2>&1\n\
+         ferry-local\nferry-repo\n",
+    )
+    .unwrap();
+    Command::new("chmod")
+        .args(["a+r"])
+        .arg(dir.path.join("install.sh"))
+        .status()
+        .unwrap();
+    let out = slurm(&format!(
+        "srun -n1 --container={debian} --container-remap-root --container-writable \
+         --container-mounts={d}:/pkgs:ro --container-save={d}/tools.sqsh sh /pkgs/install.sh"
+    ));
+    assert_eq!(
+        out.ok(),
+        "ferry-local works\nferry-repo works\n",
+        "{}",
+        out.stderr
+    );
+    // The saved image has both packages installed, and not ferry's apt setting.
+    let out = slurm(&format!(
+        "srun -n1 --container={d}/tools.sqsh sh -c 'ferry-local; ferry-repo; \
+         dpkg -s ferry-repo | grep Status; ls /etc/apt/apt.conf.d | grep -c ferry'"
+    ));
+    assert_eq!(
+        out.stdout, "ferry-local works\nferry-repo works\nStatus: install ok installed\n0\n",
+        "{}",
+        out.stderr
+    );
+}

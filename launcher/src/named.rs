@@ -335,6 +335,12 @@ pub fn save(rootfs: &Path, output: &Path) -> Result<(), NamedError> {
             "-quiet",
             "-no-progress",
         ])
+        // ferry's own apt setting for --remap-root is not part of the image.
+        .arg("-e")
+        .arg(format!(
+            "etc/apt/apt.conf.d/{}",
+            crate::rootfs::APT_REMAP_ROOT_FILE
+        ))
         .stdin(std::process::Stdio::null())
         .output();
     let failed = match out {

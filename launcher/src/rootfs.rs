@@ -442,6 +442,9 @@ fn assemble(
         .map_err(setup("making the root filesystem read-only"))?;
     drop(newroot);
     enter_new_root()?;
+    if spec.remap_root && spec.writable {
+        let_apt_stay_root();
+    }
     let env = read_image_env();
     let start = ImageStart::read(Path::new("/"), SMALL_FILE_LIMIT);
     let workdir = choose_workdir(spec, start.working_dir.as_deref())?;
@@ -852,6 +855,26 @@ fn enter_new_root() -> Result<(), RootfsError> {
     std::env::set_current_dir("/").map_err(setup("entering the container root"))?;
     Ok(())
 }
+
+/// apt switches to its `_apt` user to download, and that fails where only one uid is
+/// mapped (`setgroups: Operation not permitted`). With `--remap-root --writable`, which
+/// is how users install packages into an image, tell apt to stay root, as enroot does.
+/// `ferry save` leaves the file out of saved images.
+fn let_apt_stay_root() {
+    let dir = Path::new("/etc/apt/apt.conf.d");
+    if !dir.is_dir() {
+        return;
+    }
+    let text = "// Written by ferry for --remap-root: only one uid is mapped, so apt must not\n\
+                // switch to its _apt user. Not part of saved images.\n\
+                APT::Sandbox::User \"root\";\n";
+    if let Err(e) = fs::write(dir.join(APT_REMAP_ROOT_FILE), text) {
+        tracing::debug!("not configuring apt for --remap-root: {e}");
+    }
+}
+
+/// The apt setting [`let_apt_stay_root`] writes, under /etc/apt/apt.conf.d.
+pub const APT_REMAP_ROOT_FILE: &str = "99ferry-remap-root";
 
 fn read_image_env() -> Vec<(String, String)> {
     File::open("/etc/environment")
