@@ -998,3 +998,112 @@ printf 'Package: ferry-repo\nVersion: 1.0\nArchitecture: all\nMaintainer: ferry 
         out.stderr
     );
 }
+
+// ---- GPUs ---------------------------------------------------------------------------------
+
+/// What a task sees of the GPUs: Slurm's SLURM_STEP_GPUS, the container's GPU nodes
+/// (indexes), and the count the probe gets through the host's libcuda (or `none`).
+const STEP_GPU_REPORT: &str = "echo \"step=$SLURM_STEP_GPUS\"; \
+    echo \"dev=$(ls /dev | sed -n \"s/^nvidia\\([0-9]*\\)$/\\1/p\" | sort -n | paste -sd, -)\"; \
+    /opt/probe/cuda-query | sed -n \"s/^devices: //p; s/^libcuda: not found.*/none/p\"";
+
+#[test]
+fn steps_get_their_own_gpus_and_steps_without_gpus_get_none() {
+    // The node's four GPUs are shared by this test's jobs only.
+    let _m = exclusive_machine();
+    let probe = gpu_probe_dir();
+    let debian = img("debian.sqsh");
+    let mounts = format!("--container-mounts={probe}:/opt/probe:ro");
+    // A job holds two GPUs; the step gets the other two, and only those are inside.
+    let out = slurm(&format!(
+        "sbatch -J ferry-gpu-hold --gres=gpu:2 -o /dev/null --wrap 'sleep 60' >/dev/null; \
+         for i in $(seq 100); do squeue -h -u $USER -n ferry-gpu-hold -t R | grep -q . && break; sleep 0.1; done; \
+         srun -n1 --gres=gpu:2 {mounts} --container={debian} sh -c '{STEP_GPU_REPORT}'; \
+         scancel -u $USER -n ferry-gpu-hold"
+    ));
+    let text = out.ok();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}\n{}", out.stderr);
+    let step = lines[0].trim_start_matches("step=");
+    assert_eq!(lines[1], format!("dev={step}"), "{text}");
+    assert!(step == "0,1" || step == "2,3", "{text}");
+    assert_eq!(lines[2], "2", "{text}");
+
+    // No gres: no GPU node, no driver library.
+    let out = slurm(&format!(
+        "srun -n1 {mounts} --container={debian} sh -c '{STEP_GPU_REPORT}'"
+    ));
+    assert_eq!(out.ok(), "step=\ndev=\nnone\n", "{}", out.stderr);
+
+    // --container-gpus=all asks for the node's GPUs whatever the step has.
+    let out = slurm(&format!(
+        "srun -n1 --container-gpus=all {mounts} --container={debian} sh -c '{STEP_GPU_REPORT}; nvidia-smi | head -n1'"
+    ));
+    assert_eq!(
+        out.ok(),
+        "step=\ndev=0,1,2,3\n4\nstand-in nvidia-smi\n",
+        "{}",
+        out.stderr
+    );
+
+    // Two tasks of a 2-GPU step share one container holding both GPUs.
+    let out = slurm(&format!(
+        "srun -n2 --gres=gpu:2 {mounts} --container={debian} sh -c 'echo $(ls /dev | grep -c \"^nvidia[0-9]\") $(readlink /proc/self/ns/mnt)'"
+    ));
+    let lines: BTreeSet<&str> = out.ok().lines().collect();
+    assert_eq!(lines.len(), 1, "{}", out.stdout);
+    assert!(out.stdout.starts_with("2 mnt:"), "{}", out.stdout);
+
+    // A bad value is refused by srun before the job starts.
+    let out = slurm(&format!(
+        "srun -n1 --container-gpus=some --container={debian} true"
+    ));
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.contains("--container-gpus") && out.stderr.contains("none, all"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn site_gpu_default_and_host_libraries() {
+    let _m = exclusive_machine();
+    let plugstack = Plugstack::open();
+    let probe = gpu_probe_dir();
+    let debian = img("debian.sqsh");
+    let mounts = format!("--container-mounts={probe}:/opt/probe:ro");
+
+    // gpus=none: a step with gres gets no GPU unless it asks.
+    plugstack.set_args("gpus=none");
+    let out = slurm(&format!(
+        "srun -n1 --gres=gpu:1 {mounts} --container={debian} sh -c '{STEP_GPU_REPORT}'; \
+         srun -n1 --gres=gpu:1 --container-gpus=0 {mounts} --container={debian} sh -c 'ls /dev | grep \"^nvidia[0-9]\"'"
+    ));
+    assert_eq!(out.ok(), "step=0\ndev=\nnone\nnvidia0\n", "{}", out.stderr);
+
+    // host_libs: a directory at its own path and a library by its loader-cache name, both
+    // registered with the image's loader, in steps without GPUs too.
+    let standin = "/usr/local/lib/ferry-gpu-standin";
+    plugstack.set_args(&format!("host_libs={standin},libnvidia-ml.so.1"));
+    let out = slurm(&format!(
+        "srun -n1 --container={debian} sh -c 'ls {standin} | sort | paste -sd, -; ls /usr/lib/ferry-host; \
+         ldconfig -p | sed -n \"s/.*libnvidia-ml.so.1 .*=> //p\" | sort | paste -sd, -'"
+    ));
+    assert_eq!(
+        out.ok(),
+        format!(
+            "libcuda.so.1,libnvidia-ml.so.1\nlibnvidia-ml.so.1\n/usr/lib/ferry-host/libnvidia-ml.so.1,{standin}/libnvidia-ml.so.1\n"
+        ),
+        "{}",
+        out.stderr
+    );
+
+    // A library the node lacks fails the step in one line naming it.
+    plugstack.set_args("host_libs=libferry-nothere.so.1");
+    let out = slurm(&format!("srun -n1 --container={debian} true"));
+    assert_eq!(out.code, 125, "{}", out.stderr);
+    let lines = own_lines(&out.stderr);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].contains("libferry-nothere.so.1"), "{}", lines[0]);
+}

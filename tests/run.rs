@@ -763,3 +763,116 @@ find {d}/cache -type f ! -path '*/locks/*' | sort > before.txt
     assert_eq!(out.ok(), "1\n", "{}", out.stderr);
     assert_eq!(dir_entries(&format!("{d}/outside")), Vec::<String>::new());
 }
+
+/// What a container shows of the GPUs: its NVIDIA device nodes, then what the probe (which
+/// dlopens libcuda.so.1 as the CUDA runtime does) says, then nvidia-smi's first line.
+const GPU_REPORT: &str = "ls /dev | grep nvidia | tr '\\n' ' '; echo; \
+    /opt/probe/cuda-query; nvidia-smi 2>&1 | head -n1";
+
+#[test]
+fn gpus_asked_for_are_the_only_ones_inside_with_the_hosts_driver() {
+    let _m = shared_machine();
+    let probe = gpu_probe_dir();
+    let debian = img("debian.sqsh");
+    let out = sh(&format!(
+        "$FERRY run --gpus 1,3 -m {probe}:/opt/probe:ro {debian} sh -c \"{GPU_REPORT}\""
+    ));
+    assert_eq!(
+        out.ok(),
+        "nvidia-uvm nvidia1 nvidia3 nvidiactl \n\
+         libcuda: /usr/lib/ferry-host/libcuda.so.1\n\
+         driver version: 12040\n\
+         devices: 2\n\
+         stand-in nvidia-smi\n",
+        "{}",
+        out.stderr
+    );
+    // The loader finds the host's libraries through the image's own cache (no
+    // LD_LIBRARY_PATH), and the image itself is unchanged.
+    let out = sh(&format!(
+        "$FERRY run --gpus all {debian} sh -c 'echo \"LD=$LD_LIBRARY_PATH\"; ldconfig -p | grep -c /usr/lib/ferry-host/; ls /dev | grep -c \"^nvidia[0-9]\"'"
+    ));
+    assert_eq!(out.ok(), "LD=\n2\n4\n", "{}", out.stderr);
+    let out = sh(&format!(
+        "$FERRY run {debian} sh -c 'ldconfig -p | grep -c ferry-host; test -e /usr/lib/ferry-host || echo clean'"
+    ));
+    assert_eq!(out.stdout, "0\nclean\n", "{}", out.stderr);
+    // The scheduler's variable chooses when --gpus is not given.
+    let out = sh(&format!(
+        "CUDA_VISIBLE_DEVICES=2 $FERRY run -m {probe}:/opt/probe:ro {debian} sh -c \"{GPU_REPORT}\""
+    ));
+    assert!(
+        out.ok().starts_with("nvidia-uvm nvidia2 nvidiactl \n"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn without_gpus_no_nvidia_node_or_driver_file_is_inside() {
+    let _m = shared_machine();
+    let probe = gpu_probe_dir();
+    let out = sh(&format!(
+        "$FERRY run -m {probe}:/opt/probe:ro {} sh -c \"{GPU_REPORT}; ls /dev/pts >/dev/null && echo pts; echo shm > /dev/shm/ferry-gpu-test && cat /dev/shm/ferry-gpu-test; rm -f /dev/shm/ferry-gpu-test\"",
+        img("debian.sqsh")
+    ));
+    // The probe finds no library; nvidia-smi is not there; the rest of /dev still works.
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines[0], "", "no NVIDIA node: {}", out.stdout);
+    assert!(lines[1].starts_with("libcuda: not found"), "{}", out.stdout);
+    assert!(lines[2].contains("not found"), "nvidia-smi: {}", out.stdout);
+    assert_eq!(&lines[3..], ["pts", "shm"], "{}", out.stdout);
+}
+
+#[test]
+fn gpu_requests_that_cannot_be_met_are_one_line() {
+    let _m = shared_machine();
+    gpu_probe_dir();
+    assert_clean_failure(
+        &format!("$FERRY run --gpus 7 {} true", img("debian.sqsh")),
+        125,
+        "GPU 7 was asked for, but this node has no /dev/nvidia7",
+    );
+    assert_clean_failure(
+        &format!("$FERRY run --gpus 0,x {} true", img("debian.sqsh")),
+        125,
+        "GPU list `0,x`",
+    );
+}
+
+#[test]
+fn an_image_without_ldconfig_finds_the_driver_through_ld_library_path() {
+    let _m = shared_machine();
+    gpu_probe_dir();
+    let out = sh(&format!(
+        "$FERRY run --gpus 0 {} sh -c 'echo $LD_LIBRARY_PATH; ls /usr/lib/ferry-host'",
+        img("busybox.sqsh")
+    ));
+    assert_eq!(
+        out.ok(),
+        "/usr/lib/ferry-host\nlibcuda.so.1\nlibnvidia-ml.so.1\n",
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_saved_gpu_container_keeps_none_of_the_hosts_driver_files() {
+    let _m = shared_machine();
+    let probe = gpu_probe_dir();
+    let work = UserDir::new(USER);
+    let w = work.path.display();
+    let out = sh(&format!(
+        "$FERRY run --gpus 0 --keep {w}/c -m {probe}:/opt/probe:ro {} sh -c '/opt/probe/cuda-query | head -n1; echo kept > /kept' && \
+         $FERRY save {w}/c/rootfs {w}/saved.sqsh && \
+         $FERRY run {w}/saved.sqsh sh -c 'cat /kept; test -e /usr/lib/ferry-host || echo no-lib-dir; test -e /usr/bin/nvidia-smi || echo no-smi'",
+        img("debian.sqsh")
+    ));
+    assert_eq!(
+        out.ok(),
+        "libcuda: /usr/lib/ferry-host/libcuda.so.1\nkept\nno-lib-dir\nno-smi\n",
+        "{}",
+        out.stderr
+    );
+}

@@ -89,6 +89,11 @@ struct RunArgs {
     /// the read path, costs disk).
     #[arg(long, value_name = "PROVIDER", default_value = "squashfuse")]
     rootfs: String,
+    /// GPUs inside: `all`, `none`, or indexes (0,2: /dev/nvidia0 and /dev/nvidia2), with the
+    /// host's driver libraries and nvidia-smi. Default: those the scheduler gave the job
+    /// (SLURM_STEP_GPUS, CUDA_VISIBLE_DEVICES), else none.
+    #[arg(long, value_name = "all|none|LIST")]
+    gpus: Option<String>,
     /// Set NAME=VALUE inside (a bare NAME passes the current value); repeatable.
     #[arg(short = 'e', long = "env", value_name = "NAME=VALUE")]
     env: Vec<String>,
@@ -279,6 +284,10 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     }
     // No command: run the image as its author meant (Entrypoint + Cmd, in WorkingDir).
     spec.entrypoint = args.entrypoint || args.command.is_empty();
+    spec.gpus = match &args.gpus {
+        Some(list) => ferry::gpu::GpuRequest::parse(list).context("--gpus")?,
+        None => ferry::gpu::GpuRequest::from_env(|n| std::env::var(n).ok()),
+    };
     let command = args.command;
     let program = std::env::current_exe().context("cannot find the ferry binary itself")?;
     Ok(run(&spec, &command, &PrepareOptions::for_cli(program))?)

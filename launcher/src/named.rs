@@ -341,6 +341,12 @@ pub fn save(rootfs: &Path, output: &Path) -> Result<(), NamedError> {
             "etc/apt/apt.conf.d/{}",
             crate::rootfs::APT_REMAP_ROOT_FILE
         ))
+        // Nor are the mount points of the host's GPU driver files in a named container.
+        .args(
+            host_mount_points(rootfs)
+                .iter()
+                .flat_map(|p| ["-e".as_ref(), p.as_os_str()]),
+        )
         .stdin(std::process::Stdio::null())
         .output();
     let failed = match out {
@@ -365,6 +371,23 @@ pub fn save(rootfs: &Path, output: &Path) -> Result<(), NamedError> {
         let _ = fs::remove_file(&partial);
         fail(e.to_string())
     })
+}
+
+/// Mount points ferry made in an unpacked container for host files (see `crate::gpu`):
+/// the host library directory, and empty files where the driver's programs were bound.
+fn host_mount_points(rootfs: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let lib_dir = Path::new(crate::gpu::HOST_LIB_DIR.trim_start_matches('/')).to_path_buf();
+    if fs::symlink_metadata(rootfs.join(&lib_dir)).is_ok_and(|m| m.is_dir()) {
+        out.push(lib_dir);
+    }
+    for name in crate::gpu::DRIVER_PROGRAMS {
+        let rel = Path::new("usr/bin").join(name);
+        if fs::symlink_metadata(rootfs.join(&rel)).is_ok_and(|m| m.is_file() && m.len() == 0) {
+            out.push(rel);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 use nix::mount::{mount, MsFlags};
 
 use crate::entrypoint::ImageStart;
+use crate::gpu::{self, HostFiles};
 use crate::image::{self, ImageError, ImageKind};
 use crate::mounts::MountSpec;
 use crate::named;
-use crate::spec::{ContainerSpec, RootfsProvider};
+use crate::spec::{ContainerCli, ContainerSpec, RootfsProvider};
 use crate::sys;
 use crate::user::{self, InsideIds};
 
@@ -39,6 +40,10 @@ pub enum RootfsError {
     Image(#[from] ImageError),
     #[error(transparent)]
     Named(#[from] named::NamedError),
+    #[error(transparent)]
+    Gpu(#[from] gpu::GpuError),
+    #[error("cannot open the host file {path} for the container: {source}")]
+    HostFile { path: PathBuf, source: io::Error },
     #[error("squashfuse not found: install it (Debian/Ubuntu: apt-get install squashfuse) or set `squashfuse=` in the plugin's plugstack.conf arguments")]
     NoSquashfuse,
     #[error("the site's squashfuse program {0} is missing or not executable: fix `squashfuse=` in plugstack.conf, or leave it out to use squashfuse_ll from PATH")]
@@ -116,6 +121,10 @@ pub struct Inputs {
     squashfuse: Option<PathBuf>,
     home: Option<Source>,
     mounts: Vec<(MountSpec, Source)>,
+    /// What the container gets from the host (GPU nodes shown or hidden, driver and site
+    /// libraries and tools), with the host files opened, and where each goes inside.
+    host: HostFiles,
+    host_binds: Vec<(PathBuf, Source)>,
     /// The shared lock on an unpacked tree (`unpack` provider), kept while the container
     /// lives so that `ferry gc` leaves the tree alone.
     hold: Option<nix::fcntl::Flock<File>>,
@@ -228,6 +237,18 @@ pub fn open_inputs(spec: &ContainerSpec) -> Result<Inputs, RootfsError> {
         .iter()
         .map(|m| open_source(&m.source, user).map(|s| (m.clone(), s)))
         .collect::<Result<_, _>>()?;
+    let cli = match &spec.site.nvidia_container_cli {
+        ContainerCli::Auto => gpu::find_container_cli(),
+        ContainerCli::Off => None,
+        ContainerCli::Path(p) => Some(p.clone()),
+    };
+    let host = gpu::host_files(
+        &gpu::Host::system(),
+        &spec.gpus,
+        &spec.site.host_libs,
+        cli.as_deref(),
+    )?;
+    let host_binds = open_host_files(&host, user)?;
     Ok(Inputs {
         image_path,
         image,
@@ -235,8 +256,37 @@ pub fn open_inputs(spec: &ContainerSpec) -> Result<Inputs, RootfsError> {
         squashfuse,
         home,
         mounts,
+        host,
+        host_binds,
         hold,
     })
+}
+
+/// The host's files for the container (see [`gpu::host_files`]), opened as the user, with
+/// their places inside: libraries in [`gpu::HOST_LIB_DIR`], library directories at their
+/// own path, programs in /usr/bin.
+fn open_host_files(host: &HostFiles, user: &str) -> Result<Vec<(PathBuf, Source)>, RootfsError> {
+    let lib_dir = Path::new(gpu::HOST_LIB_DIR);
+    let wanted = host
+        .libraries
+        .iter()
+        .map(|(name, path)| (lib_dir.join(name), path))
+        .chain(host.library_dirs.iter().map(|d| (d.clone(), d)))
+        .chain(
+            host.programs
+                .iter()
+                .map(|(name, path)| (Path::new("/usr/bin").join(name), path)),
+        );
+    wanted
+        .map(|(target, path)| {
+            open_source(path, user)
+                .map(|source| (target, source))
+                .map_err(|e| RootfsError::HostFile {
+                    path: path.clone(),
+                    source: io::Error::other(e.to_string()),
+                })
+        })
+        .collect()
 }
 
 fn open_fuse(user: &str, path: &Path) -> Result<File, RootfsError> {
@@ -431,6 +481,11 @@ fn assemble(
             source,
         })?;
     }
+    let library_path = if inputs.host.has_libraries() {
+        register_host_libraries(spec, &inputs.host)
+    } else {
+        None
+    };
     let root_flags = sys::MOUNT_ATTR_NOSUID
         | sys::MOUNT_ATTR_NODEV
         | if spec.writable {
@@ -445,7 +500,10 @@ fn assemble(
     if spec.remap_root && spec.writable {
         let_apt_stay_root();
     }
-    let env = read_image_env();
+    let mut env = read_image_env();
+    if let Some(dirs) = library_path {
+        add_library_path(&mut env, &dirs);
+    }
     let start = ImageStart::read(Path::new("/"), SMALL_FILE_LIMIT);
     let workdir = choose_workdir(spec, start.working_dir.as_deref())?;
     Ok(Assembled {
@@ -740,7 +798,11 @@ fn plan_binds(
         },
         Bind {
             what: "/dev".into(),
-            source: host("/dev"),
+            source: if inputs.host.hidden_dev_entries.is_empty() {
+                host("/dev")
+            } else {
+                dev_tree(&inputs.host.hidden_dev_entries)?
+            },
             target: "/dev".into(),
             is_dir: true,
             recursive: true,
@@ -802,7 +864,205 @@ fn plan_binds(
                 },
         });
     }
+    for (target, source) in &inputs.host_binds {
+        binds.push(Bind {
+            what: format!("host file {}", source.path.display()),
+            source: reopen(source)?,
+            target: target.clone(),
+            is_dir: source.is_dir,
+            recursive: source.is_dir,
+            flags: guard | sys::MOUNT_ATTR_RDONLY,
+        });
+    }
     Ok((binds, held))
+}
+
+/// The container's /dev when some of the host's NVIDIA nodes must not show: a directory on
+/// the staging tmpfs with every other entry of the host's /dev bound onto an entry of its
+/// own (directories with what is mounted below them: pts, shm, mqueue), symlinks copied.
+fn dev_tree(hidden: &[String]) -> Result<PathBuf, RootfsError> {
+    use std::os::unix::ffi::OsStrExt;
+    let tree = Path::new(FILES).join("dev");
+    fs::create_dir(&tree).map_err(setup("creating /dev"))?;
+    fs::set_permissions(&tree, fs::Permissions::from_mode(0o755))
+        .map_err(setup("creating /dev"))?;
+    let host_dev = Path::new(OLD).join("dev");
+    let entries = fs::read_dir(&host_dev).map_err(setup("reading the host's /dev"))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if hidden.iter().any(|h| h.as_bytes() == name.as_bytes()) {
+            continue;
+        }
+        let (source, target) = (host_dev.join(&name), tree.join(&name));
+        let made = entry.file_type().and_then(|kind| {
+            if kind.is_symlink() {
+                std::os::unix::fs::symlink(fs::read_link(&source)?, &target)
+            } else if kind.is_dir() {
+                fs::create_dir(&target)?;
+                bind_mount(&source, &target, true)
+            } else {
+                File::create(&target)?;
+                bind_mount(&source, &target, false)
+            }
+        });
+        if let Err(e) = made {
+            // One unusual entry (a node the user may not even stat) must not fail the step.
+            tracing::debug!("leaving /dev/{} out: {e}", name.to_string_lossy());
+            let _ = fs::remove_file(&target).or_else(|_| fs::remove_dir(&target));
+        }
+    }
+    Ok(tree)
+}
+
+/// Make the image's loader find the host libraries bound in: the image's own ldconfig,
+/// run in the container tree as the user, writes a cache of the image's libraries and the
+/// host's (listed first, so the host's driver wins over any copy in the image), which then
+/// stands in for the image's /etc/ld.so.cache. Returns the directories for
+/// `LD_LIBRARY_PATH` when that cannot be done (an image without glibc's ldconfig).
+fn register_host_libraries(spec: &ContainerSpec, host: &HostFiles) -> Option<String> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if !host.libraries.is_empty() {
+        dirs.push(gpu::HOST_LIB_DIR.into());
+    }
+    dirs.extend(host.library_dirs.iter().cloned());
+    let search = dirs
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    match run_image_ldconfig(spec, &dirs) {
+        Ok(()) => None,
+        Err(why) => {
+            tracing::info!("host libraries through LD_LIBRARY_PATH: {why}");
+            Some(search)
+        }
+    }
+}
+
+fn run_image_ldconfig(spec: &ContainerSpec, dirs: &[PathBuf]) -> Result<(), String> {
+    let newroot = Path::new(NEW);
+    let ldconfig = ["/sbin/ldconfig", "/usr/sbin/ldconfig"]
+        .into_iter()
+        .find(|p| {
+            resolve_in_tree(newroot, &inside_path(Path::new(p)))
+                .is_ok_and(|r| newroot.join(r).is_file())
+        })
+        .ok_or("the image has no ldconfig")?;
+    let work = Path::new(FILES).join("ldconfig");
+    fs::create_dir(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    let mut conf = String::new();
+    for d in dirs {
+        conf.push_str(&format!(
+            "{}
+",
+            d.display()
+        ));
+    }
+    conf.push_str(
+        "include /etc/ld.so.conf
+",
+    );
+    fs::write(work.join("ld.so.conf"), conf).map_err(|e| e.to_string())?;
+    let work_dir = File::open(&work).map_err(|e| e.to_string())?;
+    let log = File::create(Path::new(FILES).join("ldconfig.log")).map_err(|e| e.to_string())?;
+    const WORK_FD: i32 = 3;
+    let via = format!("/proc/self/fd/{WORK_FD}");
+    let mut cmd = Command::new(ldconfig);
+    cmd.arg("-X")
+        .arg("-f")
+        .arg(format!("{via}/ld.so.conf"))
+        .arg("-C")
+        .arg(format!("{via}/ld.so.cache"))
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(host_null().map_err(|e| e.to_string())?)
+        .stdout(host_null().map_err(|e| e.to_string())?)
+        .stderr(log);
+    let dir_fd = work_dir.as_raw_fd();
+    // SAFETY: the closure only makes async-signal-safe system calls (dup, dup2, fcntl,
+    // chroot, chdir) on values computed before fork.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(move || {
+            let tmp = libc::dup(dir_fd);
+            if tmp < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            sys::dup2_raw(tmp, WORK_FD)?;
+            sys::clear_cloexec(WORK_FD)?;
+            // The image's ldconfig, in the image's tree: it reads the image's own
+            // configuration and writes its cache format for the image's loader.
+            nix::unistd::chroot(NEW).map_err(nix_io)?;
+            nix::unistd::chdir("/").map_err(nix_io)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run the image's {ldconfig}: {e}"))?;
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() > Duration::from_secs(60) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("the image's {ldconfig} took over 60 s"));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    let cache = work.join("ld.so.cache");
+    if !status.success() || !cache.is_file() {
+        let log = fs::read_to_string(Path::new(FILES).join("ldconfig.log")).unwrap_or_default();
+        return Err(format!(
+            "the image's {ldconfig} failed ({status}): {}",
+            log.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("")
+        ));
+    }
+    tracing::debug!("ldconfig took {:?}", started.elapsed());
+    install_loader_cache(spec, &cache)
+}
+
+/// Put `cache` at /etc/ld.so.cache in the container tree: written into a writable tree (so
+/// that an ldconfig run later inside, e.g. by apt, can replace it), bound over the image's
+/// otherwise.
+fn install_loader_cache(spec: &ContainerSpec, cache: &Path) -> Result<(), String> {
+    let target = Path::new(NEW).join("etc/ld.so.cache");
+    if spec.writable || spec.unpacked.is_some() {
+        let copied = fs::read(cache).and_then(|data| {
+            let _ = fs::remove_file(&target);
+            fs::write(&target, data)
+        });
+        match copied {
+            Ok(()) => return Ok(()),
+            Err(e) => tracing::debug!("cannot write {}: {e}; binding it", target.display()),
+        }
+    }
+    let newroot = File::open(NEW).map_err(|e| e.to_string())?;
+    let at = sys::open_in_root(
+        newroot.as_fd(),
+        Path::new("/etc/ld.so.cache"),
+        libc::O_PATH,
+        0,
+    )
+    .map_err(|e| format!("the image has no /etc/ld.so.cache to replace ({e})"))?;
+    bind_mount(cache, &fd_path(&at), false)
+        .and_then(|()| {
+            let top = sys::open_in_root(
+                newroot.as_fd(),
+                Path::new("/etc/ld.so.cache"),
+                libc::O_PATH,
+                0,
+            )?;
+            sys::mount_set_flags(
+                &fd_path(&top),
+                sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
+                false,
+            )
+        })
+        .map_err(|e| format!("cannot bind the loader cache: {e}"))
 }
 
 fn read_from_new_root(newroot: &File, path: &str) -> String {
@@ -875,6 +1135,15 @@ fn let_apt_stay_root() {
 
 /// The apt setting [`let_apt_stay_root`] writes, under /etc/apt/apt.conf.d.
 pub const APT_REMAP_ROOT_FILE: &str = "99ferry-remap-root";
+
+/// Put `dirs` in front of the image's `LD_LIBRARY_PATH`.
+fn add_library_path(env: &mut Vec<(String, String)>, dirs: &str) {
+    match env.iter_mut().find(|(k, _)| k == "LD_LIBRARY_PATH") {
+        Some((_, v)) if !v.is_empty() => *v = format!("{dirs}:{v}"),
+        Some((_, v)) => *v = dirs.to_string(),
+        None => env.push(("LD_LIBRARY_PATH".into(), dirs.to_string())),
+    }
+}
 
 fn read_image_env() -> Vec<(String, String)> {
     File::open("/etc/environment")

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::mounts::{MountSpec, MountSpecError};
-use crate::spec::SiteSettings;
+use crate::spec::{ContainerCli, SiteSettings};
 
 /// Where the `ferry` program is when plugstack.conf does not say.
 pub const DEFAULT_FERRY_BIN: &str = "/usr/local/bin/ferry";
@@ -69,6 +69,28 @@ pub struct PluginSettings {
     /// cache on a shared file system: one import on the submit host instead of one wait
     /// per node, and nodes that need no registry access.
     pub import_on_submit: bool,
+    /// `gpus=auto|all|none`: the GPUs of steps that do not choose with `--container-gpus`
+    /// (default `auto`: the step's own, from Slurm's gres).
+    pub gpus: GpuDefault,
+    /// `host_libs=ITEM[,...]`: host libraries every container gets, registered with the
+    /// image's loader (absolute directories or files, or loader-cache names such as
+    /// `libibverbs.so.1` or `libmlx5.so*`). May be given more than once; the lists add up.
+    pub host_libs: Vec<String>,
+    /// `nvidia_container_cli=PATH|no`: list the GPU driver's files with this program
+    /// (default: `nvidia-container-cli` when installed in /usr/bin or the like; `no`: never).
+    pub nvidia_container_cli: ContainerCli,
+}
+
+/// The site's default for a step's GPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GpuDefault {
+    /// The GPUs Slurm gave the step.
+    #[default]
+    Auto,
+    /// Every GPU of the node.
+    All,
+    /// None, unless the step asks.
+    None,
 }
 
 impl Default for PluginSettings {
@@ -84,6 +106,9 @@ impl Default for PluginSettings {
             insecure_registries: Vec::new(),
             rootfs: "squashfuse".to_string(),
             import_on_submit: false,
+            gpus: GpuDefault::Auto,
+            host_libs: Vec::new(),
+            nvidia_container_cli: ContainerCli::Auto,
         }
     }
 }
@@ -110,16 +135,22 @@ pub enum SiteError {
     BadRegistry(String),
     #[error("plugstack.conf argument `rootfs={0}`: use squashfuse or unpack")]
     Rootfs(String),
+    #[error("plugstack.conf argument `gpus={0}`: use auto, all or none")]
+    Gpus(String),
+    #[error(
+        "plugstack.conf argument `host_libs=`: `{0}` is not an absolute path or a library name"
+    )]
+    HostLib(String),
     #[error("plugstack.conf argument `{key}={value}`: use yes or no")]
     YesNo { key: String, value: String },
 }
 
 const KEYS: &str =
     "ferry_bin, default_mounts, squashfuse, writable_tmpfs_size, log_level, named_dir, \
-registry_ca_file, insecure_registries, rootfs, import_on_submit";
+registry_ca_file, insecure_registries, rootfs, import_on_submit, gpus, host_libs, nvidia_container_cli";
 
 /// Keys that may be repeated, their values adding up.
-const LIST_KEYS: &[&str] = &["default_mounts", "insecure_registries"];
+const LIST_KEYS: &[&str] = &["default_mounts", "insecure_registries", "host_libs"];
 
 fn absolute(key: &str, value: &str) -> Result<PathBuf, SiteError> {
     if value.is_empty() {
@@ -189,6 +220,30 @@ impl PluginSettings {
                         }
                     }
                 }
+                "gpus" => {
+                    s.gpus = match value {
+                        "auto" => GpuDefault::Auto,
+                        "all" => GpuDefault::All,
+                        "none" => GpuDefault::None,
+                        _ => return Err(SiteError::Gpus(value.to_string())),
+                    }
+                }
+                "host_libs" => {
+                    for item in value.split(',').map(str::trim).filter(|v| !v.is_empty()) {
+                        let ok = item.starts_with('/')
+                            || (!item.contains('/') && item.starts_with("lib"));
+                        if !ok {
+                            return Err(SiteError::HostLib(item.to_string()));
+                        }
+                        s.host_libs.push(item.to_string());
+                    }
+                }
+                "nvidia_container_cli" => {
+                    s.nvidia_container_cli = match value {
+                        "no" | "none" => ContainerCli::Off,
+                        _ => ContainerCli::Path(absolute(key, value)?),
+                    }
+                }
                 "rootfs" => {
                     if !crate::spec::RootfsProvider::NAMES.contains(&value) {
                         return Err(SiteError::Rootfs(value.to_string()));
@@ -232,6 +287,8 @@ impl PluginSettings {
         SiteSettings {
             squashfuse: self.squashfuse.clone(),
             writable_tmpfs_size: self.writable_tmpfs_size.clone(),
+            host_libs: self.host_libs.clone(),
+            nvidia_container_cli: self.nvidia_container_cli.clone(),
         }
     }
 }
@@ -265,8 +322,27 @@ mod tests {
             "registry_ca_file=/etc/ssl/site-ca.pem",
             "insecure_registries=registry.site:5000, 10.0.0.1",
             "insecure_registries=localhost:5000",
+            "gpus=none",
+            "host_libs=/opt/mpi/lib,libibverbs.so.1",
+            "host_libs=libmlx5.so*",
+            "nvidia_container_cli=/usr/bin/nvidia-container-cli",
         ])
         .unwrap();
+        assert_eq!(s.gpus, GpuDefault::None);
+        assert_eq!(
+            s.host_libs,
+            ["/opt/mpi/lib", "libibverbs.so.1", "libmlx5.so*"]
+        );
+        assert_eq!(
+            s.nvidia_container_cli,
+            ContainerCli::Path("/usr/bin/nvidia-container-cli".into())
+        );
+        assert_eq!(
+            parse(&["nvidia_container_cli=no"])
+                .unwrap()
+                .nvidia_container_cli,
+            ContainerCli::Off
+        );
         assert_eq!(
             s.registry_ca_file,
             Some(PathBuf::from("/etc/ssl/site-ca.pem"))
@@ -350,6 +426,11 @@ mod tests {
             parse(&["registry_ca_file=ca.pem"]),
             Err(SiteError::RelativePath { .. })
         ));
+        assert_eq!(parse(&["gpus=some"]), Err(SiteError::Gpus("some".into())));
+        assert_eq!(
+            parse(&["host_libs=lib/x.so"]),
+            Err(SiteError::HostLib("lib/x.so".into()))
+        );
         let msg = parse(&["ferrybin=/x"]).unwrap_err().to_string();
         assert!(msg.contains("ferry_bin"), "{msg}");
     }

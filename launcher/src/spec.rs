@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::gpu::GpuRequest;
 use crate::mounts::MountSpec;
 use crate::user::UserInfo;
 
@@ -48,6 +49,10 @@ pub struct ContainerSpec {
     /// command as its arguments, in the image's WorkingDir unless `workdir` says otherwise.
     #[serde(default)]
     pub entrypoint: bool,
+    /// GPUs the container gets: their device nodes (the host's other NVIDIA nodes are
+    /// hidden), and the host's driver libraries and tools.
+    #[serde(default)]
+    pub gpus: GpuRequest,
     /// The user the container is for (who runs the holder).
     pub user: UserInfo,
     /// Site overrides of helper programs and limits.
@@ -92,6 +97,27 @@ pub struct SiteSettings {
     /// Size limit of the tmpfs that holds writes to a writable container (e.g. "50%", "4g").
     #[serde(default)]
     pub writable_tmpfs_size: Option<String>,
+    /// Host libraries every container gets, registered with the image's loader: absolute
+    /// directories (bound at their own path), absolute files, or names in the host's
+    /// loader cache (`libibverbs.so.1`, `libmlx5.so*`).
+    #[serde(default)]
+    pub host_libs: Vec<String>,
+    /// NVIDIA's `nvidia-container-cli`, to list the driver's files of a GPU container.
+    #[serde(default)]
+    pub nvidia_container_cli: ContainerCli,
+}
+
+/// Whether the driver's files come from `nvidia-container-cli` or the loader cache.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerCli {
+    /// Used when installed in a standard directory (/usr/bin, ...).
+    #[default]
+    Auto,
+    /// Never used: the loader cache decides.
+    Off,
+    /// This program.
+    Path(PathBuf),
 }
 
 fn default_true() -> bool {
@@ -112,6 +138,7 @@ impl ContainerSpec {
             env: Vec::new(),
             unpacked: None,
             entrypoint: false,
+            gpus: GpuRequest::None,
             rootfs: RootfsProvider::default(),
             user,
             site: SiteSettings::default(),

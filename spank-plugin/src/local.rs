@@ -168,6 +168,10 @@ pub fn resolve(
             ));
         }
     }
+    let gpus = opts.gpus.clone().or(job.gpus);
+    if let Some(g) = &gpus {
+        ferry::gpu::GpuRequest::parse(g).map_err(|e| format!("--container-gpus: {e}"))?;
+    }
     let env_names = opts.env.clone().or(job.env_names);
     if let Some(list) = &env_names {
         request::check_env_names(list)?;
@@ -184,6 +188,7 @@ pub fn resolve(
         name,
         save,
         rootfs,
+        gpus,
     };
     info!("container image {} (from {origin})", req.image);
     debug!("request: {req:?}");

@@ -24,6 +24,7 @@ pub enum Key {
     Name,
     Save,
     Rootfs,
+    Gpus,
 }
 
 pub struct OptDef {
@@ -145,6 +146,14 @@ pub static OPTIONS: &[OptDef] = &[
         Key::Rootfs
     ),
     opt!(
+        "container-gpus",
+        "all|none|LIST",
+        "[ferry] GPUs in the container, with the host's driver libraries and nvidia-smi: \
+         all of the node's, none, or indexes (0,2); default: the step's own (--gres, \
+         --gpus), unless the site says otherwise",
+        Key::Gpus
+    ),
+    opt!(
         "container-entrypoint",
         "[ferry] accepted for pyxis scripts: tasks still run their command directly \
          (outside Slurm, `ferry run --entrypoint` runs it through the image's entrypoint)",
@@ -256,6 +265,7 @@ pub struct OptionValues {
     pub name: Option<String>,
     pub save: Option<String>,
     pub rootfs: Option<String>,
+    pub gpus: Option<String>,
     /// Both options of a pair (`--container-writable` and `--container-readonly`), as
     /// `(first, second)` names; the callbacks see them in different orders in srun and in
     /// slurmstepd, so giving both is refused.
@@ -279,6 +289,7 @@ impl OptionValues {
             Key::Name => self.name = text(),
             Key::Save => self.save = text(),
             Key::Rootfs => self.rootfs = text(),
+            Key::Gpus => self.gpus = text(),
             Key::MountHome(on) => self.mount_home = self.flag(self.mount_home, on, def),
             Key::RemapRoot(on) => self.remap_root = self.flag(self.remap_root, on, def),
             Key::Writable(on) => self.writable = self.flag(self.writable, on, def),

@@ -4,8 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ferry::gpu::GpuRequest;
 use ferry::holder::{Credentials, PrepareOptions};
 use ferry::mounts::MountSpec;
+use ferry::site::GpuDefault;
 use ferry::spec::{ContainerSpec, RootfsProvider};
 use ferry::user::UserInfo;
 use slurm_spank::SpankHandle;
@@ -218,6 +220,7 @@ fn from_options(
             name: opts.name.clone(),
             save: opts.save.clone().filter(|p| p.starts_with('/')),
             rootfs: opts.rootfs.clone(),
+            gpus: opts.gpus.clone(),
         },
         origin,
     )))
@@ -288,6 +291,9 @@ fn container_spec(
             ))
         }
     };
+    spec.gpus = step_gpus(req.gpus.as_deref(), settings.gpus, |name| {
+        spank.getenv(name).ok().flatten()
+    })?;
     if req.name.is_some() || req.save.is_some() {
         let (owned_from, dir) = unpacked_dir(settings, step);
         spec.unpacked = Some(ferry::spec::UnpackedDir { owned_from, dir });
@@ -295,6 +301,23 @@ fn container_spec(
         spec.writable = req.writable.unwrap_or(true);
     }
     Ok(spec)
+}
+
+/// The GPUs of the step's container: `--container-gpus` when given, else the site's
+/// default, whose `auto` means the GPUs Slurm gave the step on this node (`step_env`).
+fn step_gpus(
+    asked: Option<&str>,
+    site: GpuDefault,
+    step_env: impl Fn(&str) -> Option<String>,
+) -> Result<GpuRequest, String> {
+    if let Some(text) = asked {
+        return GpuRequest::parse(text).map_err(|e| format!("--container-gpus: {e}"));
+    }
+    Ok(match site {
+        GpuDefault::Auto => GpuRequest::from_env(step_env),
+        GpuDefault::All => GpuRequest::All,
+        GpuDefault::None => GpuRequest::None,
+    })
 }
 
 /// The user's directory for unpacked containers on this node, and this step's container in

@@ -40,6 +40,9 @@ pub const ENV_SAVE: &str = "SLURM_FERRY_CONTAINER_SAVE";
 /// `--container-rootfs`.
 pub const ENV_ROOTFS: &str = "SLURM_FERRY_CONTAINER_ROOTFS";
 
+/// `--container-gpus`.
+pub const ENV_GPUS: &str = "SLURM_FERRY_CONTAINER_GPUS";
+
 /// Every variable of the transport, for unsetting them all.
 pub const ALL_ENV: &[&str] = &[
     ENV_IMAGE,
@@ -53,6 +56,7 @@ pub const ALL_ENV: &[&str] = &[
     ENV_NAME,
     ENV_SAVE,
     ENV_ROOTFS,
+    ENV_GPUS,
 ];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -68,6 +72,7 @@ pub struct StepRequest {
     pub name: Option<String>,
     pub save: Option<String>,
     pub rootfs: Option<String>,
+    pub gpus: Option<String>,
 }
 
 fn flag_text(v: Option<bool>) -> Option<String> {
@@ -98,6 +103,7 @@ impl StepRequest {
             (ENV_NAME, self.name.clone()),
             (ENV_SAVE, self.save.clone()),
             (ENV_ROOTFS, self.rootfs.clone()),
+            (ENV_GPUS, self.gpus.clone()),
         ]
     }
 
@@ -120,6 +126,7 @@ impl StepRequest {
             name: text(ENV_NAME),
             save: text(ENV_SAVE),
             rootfs: text(ENV_ROOTFS),
+            gpus: text(ENV_GPUS),
         }))
     }
 }

@@ -296,3 +296,22 @@ LIST
 /// What `list.sh` prints for the image of [`MAKE_LAYERED_LAYOUT`].
 pub const LAYERED_DATA: &str =
     "./\n./a 644 a2\n./dir/\n./hard 644 a1\n./link -> a\n./mode 754 m\n./opq/\n./opq/new 644 new\n";
+
+/// The stand-in GPUs of `integration/gpu-standin` (or a machine's real ones): checks that
+/// /dev/nvidia0..3 exist and returns the directory holding the `cuda-query` probe, which
+/// tests bind into containers.
+pub fn gpu_probe_dir() -> String {
+    let dir = required_env("FERRY_GPU_PROBE_DIR");
+    for i in 0..4 {
+        let node = format!("/dev/nvidia{i}");
+        assert!(
+            Path::new(&node).exists(),
+            "{node} is missing: the GPU tests need four GPUs; `integration/gpu-standin up` makes stand-ins"
+        );
+    }
+    assert!(
+        Path::new(&dir).join("cuda-query").is_file(),
+        "{dir}/cuda-query is missing: run `integration/gpu-standin up`"
+    );
+    dir
+}
