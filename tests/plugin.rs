@@ -47,11 +47,17 @@ fn img(name: &str) -> String {
     image(name).display().to_string()
 }
 
-/// stderr without the status lines srun prints for every failed task.
+/// stderr without the status lines srun prints for every failed task, and without its
+/// notices that the job waited for the node (while a job of a concurrent test completes).
 fn own_lines(stderr: &str) -> Vec<&str> {
     stderr
         .lines()
-        .filter(|l| !l.contains("Exited with exit code") && !l.trim().is_empty())
+        .filter(|l| {
+            !l.contains("Exited with exit code")
+                && !l.contains("queued and waiting for resources")
+                && !l.contains("has been allocated resources")
+                && !l.trim().is_empty()
+        })
         .collect()
 }
 
@@ -1019,7 +1025,8 @@ fn steps_get_their_own_gpus_and_steps_without_gpus_get_none() {
         "sbatch -J ferry-gpu-hold --gres=gpu:2 -o /dev/null --wrap 'sleep 60' >/dev/null; \
          for i in $(seq 100); do squeue -h -u $USER -n ferry-gpu-hold -t R | grep -q . && break; sleep 0.1; done; \
          srun -n1 --gres=gpu:2 {mounts} --container={debian} sh -c '{STEP_GPU_REPORT}'; \
-         scancel -u $USER -n ferry-gpu-hold"
+         scancel -u $USER -n ferry-gpu-hold; \
+         for i in $(seq 200); do squeue -h -u $USER -n ferry-gpu-hold | grep -q . || break; sleep 0.1; done"
     ));
     let text = out.ok();
     let lines: Vec<&str> = text.lines().collect();

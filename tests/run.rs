@@ -859,7 +859,8 @@ fn an_image_without_ldconfig_finds_the_driver_through_ld_library_path() {
 
 #[test]
 fn a_saved_gpu_container_keeps_none_of_the_hosts_driver_files() {
-    let _m = shared_machine();
+    // Saving takes seconds, and the leftover checks of other tests would see it.
+    let _m = exclusive_machine();
     let probe = gpu_probe_dir();
     let work = UserDir::new(USER);
     let w = work.path.display();
