@@ -1106,6 +1106,21 @@ fn site_gpu_default_and_host_libraries() {
         out.stderr
     );
 
+    // nvidia_container_cli=: the driver's files are the ones it lists (the stand-in lists
+    // libcuda and nvidia-smi, not libnvidia-ml, which the loader cache also has).
+    plugstack.set_args(&format!(
+        "nvidia_container_cli={probe}/nvidia-container-cli"
+    ));
+    let out = slurm(&format!(
+        "srun -n1 --container-gpus=0 {mounts} --container={debian} sh -c 'ls /usr/lib/ferry-host; /opt/probe/cuda-query | head -n1; nvidia-smi | head -n1'"
+    ));
+    assert_eq!(
+        out.ok(),
+        "libcuda.so.1\nlibcuda: /usr/lib/ferry-host/libcuda.so.1\nstand-in nvidia-smi\n",
+        "{}",
+        out.stderr
+    );
+
     // A library the node lacks fails the step in one line naming it.
     plugstack.set_args("host_libs=libferry-nothere.so.1");
     let out = slurm(&format!("srun -n1 --container={debian} true"));
@@ -1113,4 +1128,43 @@ fn site_gpu_default_and_host_libraries() {
     let lines = own_lines(&out.stderr);
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert!(lines[0].contains("libferry-nothere.so.1"), "{}", lines[0]);
+}
+
+#[test]
+fn container_scope_global_keeps_named_containers_for_later_jobs() {
+    let _m = exclusive_machine();
+    let plugstack = Plugstack::open();
+    let busybox = img("busybox.sqsh");
+    let uid = uid_of(USER);
+    let named = tempfile::Builder::new()
+        .prefix("ferry-named-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    Command::new("chmod")
+        .arg("1777")
+        .arg(named.path())
+        .status()
+        .unwrap();
+    let n = named.path().display();
+    let two_jobs = format!(
+        "srun -n1 --container={busybox} --container-name=tools sh -c 'echo from-job-1 > /etc/tool'; \
+         srun -n1 --container={busybox} --container-name=tools sh -c 'cat /etc/tool 2>/dev/null || echo fresh'"
+    );
+    // Default scope (job): each srun is a job of its own, so the second starts fresh, and
+    // nothing stays once the jobs are gone.
+    plugstack.set_args(&format!("named_dir={n}"));
+    assert_eq!(slurm(&two_jobs).ok(), "fresh\n");
+    // global: the second job finds the first's container, which outlives both.
+    plugstack.set_args(&format!("named_dir={n} container_scope=global"));
+    let out = slurm(&two_jobs);
+    assert_eq!(out.ok(), "from-job-1\n", "{}", out.stderr);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        std::path::Path::new(&format!("{n}/ferry-{uid}/named/tools/rootfs/etc/tool")).exists(),
+        "the named container stays under named_dir"
+    );
+    let _ = Command::new("rm")
+        .arg("-rf")
+        .arg(named.path().join(format!("ferry-{uid}")))
+        .status();
 }

@@ -79,6 +79,18 @@ pub struct PluginSettings {
     /// `nvidia_container_cli=PATH|no`: list the GPU driver's files with this program
     /// (default: `nvidia-container-cli` when installed in /usr/bin or the like; `no`: never).
     pub nvidia_container_cli: ContainerCli,
+    /// `container_scope=job|global`: whether a named container (`--container-name`) lives
+    /// for its job (removed by the job epilog; the default) or for every later job of the
+    /// user on the node (pyxis' setting of the same name).
+    pub container_scope: ContainerScope,
+}
+
+/// How long named containers live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ContainerScope {
+    #[default]
+    Job,
+    Global,
 }
 
 /// The site's default for a step's GPUs.
@@ -109,6 +121,7 @@ impl Default for PluginSettings {
             gpus: GpuDefault::Auto,
             host_libs: Vec::new(),
             nvidia_container_cli: ContainerCli::Auto,
+            container_scope: ContainerScope::Job,
         }
     }
 }
@@ -137,6 +150,8 @@ pub enum SiteError {
     Rootfs(String),
     #[error("plugstack.conf argument `gpus={0}`: use auto, all or none")]
     Gpus(String),
+    #[error("plugstack.conf argument `container_scope={0}`: use job or global")]
+    Scope(String),
     #[error(
         "plugstack.conf argument `host_libs=`: `{0}` is not an absolute path or a library name"
     )]
@@ -147,7 +162,7 @@ pub enum SiteError {
 
 const KEYS: &str =
     "ferry_bin, default_mounts, squashfuse, writable_tmpfs_size, log_level, named_dir, \
-registry_ca_file, insecure_registries, rootfs, import_on_submit, gpus, host_libs, nvidia_container_cli";
+registry_ca_file, insecure_registries, rootfs, import_on_submit, gpus, host_libs, nvidia_container_cli, container_scope";
 
 /// Keys that may be repeated, their values adding up.
 const LIST_KEYS: &[&str] = &["default_mounts", "insecure_registries", "host_libs"];
@@ -236,6 +251,13 @@ impl PluginSettings {
                             return Err(SiteError::HostLib(item.to_string()));
                         }
                         s.host_libs.push(item.to_string());
+                    }
+                }
+                "container_scope" => {
+                    s.container_scope = match value {
+                        "job" => ContainerScope::Job,
+                        "global" => ContainerScope::Global,
+                        _ => return Err(SiteError::Scope(value.to_string())),
                     }
                 }
                 "nvidia_container_cli" => {
@@ -427,6 +449,14 @@ mod tests {
             Err(SiteError::RelativePath { .. })
         ));
         assert_eq!(parse(&["gpus=some"]), Err(SiteError::Gpus("some".into())));
+        assert_eq!(
+            parse(&["container_scope=node"]),
+            Err(SiteError::Scope("node".into()))
+        );
+        assert_eq!(
+            parse(&["container_scope=global"]).unwrap().container_scope,
+            ContainerScope::Global
+        );
         assert_eq!(
             parse(&["host_libs=lib/x.so"]),
             Err(SiteError::HostLib("lib/x.so".into()))

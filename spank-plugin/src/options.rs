@@ -355,7 +355,7 @@ mod tests {
 
     #[test]
     fn table_is_consistent() {
-        assert_eq!(OPTIONS.len(), 15);
+        assert_eq!(OPTIONS.len(), 16);
         for o in OPTIONS {
             assert_eq!(o.name.last(), Some(&0));
             assert_eq!(o.usage.last(), Some(&0));
@@ -369,6 +369,7 @@ mod tests {
         assert!(table.contains(&("container-name", Arg::Required)));
         assert!(table.contains(&("container-save", Arg::Required)));
         assert!(table.contains(&("container-rootfs", Arg::Required)));
+        assert!(table.contains(&("container-gpus", Arg::Required)));
     }
 
     #[test]

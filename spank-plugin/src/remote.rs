@@ -7,7 +7,7 @@ use std::time::Duration;
 use ferry::gpu::GpuRequest;
 use ferry::holder::{Credentials, PrepareOptions};
 use ferry::mounts::MountSpec;
-use ferry::site::GpuDefault;
+use ferry::site::{ContainerScope, GpuDefault};
 use ferry::spec::{ContainerSpec, RootfsProvider};
 use ferry::user::UserInfo;
 use slurm_spank::SpankHandle;
@@ -326,6 +326,10 @@ fn unpacked_dir(settings: &PluginSettings, step: &Step) -> (PathBuf, PathBuf) {
     let user_dir = settings.named_dir.join(format!("ferry-{}", step.uid));
     let job_dir = user_dir.join(format!("job{}", step.job_id));
     let dir = match &step.request.name {
+        // Outside every job's directory, so no job epilog removes it.
+        Some(name) if settings.container_scope == ContainerScope::Global => {
+            user_dir.join("named").join(name)
+        }
         Some(name) => job_dir.join(name),
         None => job_dir.join(format!(".step{}", step_name(step.step_id))),
     };
