@@ -73,7 +73,7 @@ fn diagnose_unshare(errno: nix::Error) -> String {
     }
     match errno {
         nix::Error::ENOSPC => "the limit on user namespaces is reached (sysctl user.max_user_namespaces)".into(),
-        nix::Error::EPERM => "the kernel refused (EPERM): user namespaces may be blocked by a seccomp filter, a container runtime around this process, or a security module".into(),
+        nix::Error::EPERM => "the kernel refused (EPERM): user namespaces may be blocked by a seccomp filter, a container runtime around this process, or a security module; or this process runs in a chroot (the kernel refuses them where a process's root is not its mount namespace's root: run slurmd in a container or with pivot_root, not chroot)".into(),
         other => format!("unshare failed: {other}"),
     }
 }
