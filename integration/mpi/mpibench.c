@@ -26,7 +26,7 @@ static int iterations(long size, int small, int large)
 static void latency(int rank, char *buf)
 {
     for (long size = 0; size <= MAX_SIZE; size = size ? size * 8 : 1) {
-        int iters = iterations(size, 2000, 100), warm = iters / 10;
+        int iters = iterations(size, 1000, 40), warm = iters / 10;
         double start = 0;
         MPI_Barrier(MPI_COMM_WORLD);
         for (int i = 0; i < iters + warm; i++) {
@@ -49,7 +49,7 @@ static void bandwidth(int rank, char *buf)
 {
     MPI_Request req[WINDOW];
     for (long size = 1; size <= MAX_SIZE; size *= 8) {
-        int iters = iterations(size, 200, 20), warm = iters / 10;
+        int iters = iterations(size, 100, 10), warm = iters / 10;
         double start = 0;
         MPI_Barrier(MPI_COMM_WORLD);
         for (int i = 0; i < iters + warm; i++) {
@@ -77,7 +77,7 @@ static void bandwidth(int rank, char *buf)
 static void bcast(int rank, char *buf)
 {
     for (long size = 1; size <= MAX_SIZE; size *= 8) {
-        int iters = iterations(size, 1000, 50), warm = iters / 10;
+        int iters = iterations(size, 500, 20), warm = iters / 10;
         double start = 0, mine, slowest;
         MPI_Barrier(MPI_COMM_WORLD);
         for (int i = 0; i < iters + warm; i++) {
@@ -99,6 +99,7 @@ int main(int argc, char **argv)
     MPI_Init(&argc, &argv);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &size);
+    setvbuf(stdout, NULL, _IOLBF, 0);
     buf = malloc(MAX_SIZE);
     memset(buf, rank, MAX_SIZE);
     for (int a = argc > 1 ? 1 : 0; a < (argc > 1 ? argc : 1); a++) {

@@ -1,0 +1,549 @@
+#!/usr/bin/env python3
+"""The driver of integration/bench (run it through that script, which prepares the images,
+the packages and the cluster). Runs as root; every measured command runs as the test user
+in a long-lived executor process that times it itself, so that no `runuser` start is
+counted. Root only drops the page cache before cold runs and resets caches.
+
+Workloads:
+  start     `true` in each system, for every image size; srun -n1 and -n2; warm (image in
+            the page cache, unpacked trees present) and cold (page cache dropped; for the
+            unpack provider also its tree removed: first use on the node)
+  metadata  Python importing a set of standard modules; `find / -xdev | wc -l`
+  reads     two processes reading two different 100 MiB files of the 1 GB image at once,
+            cold, per root filesystem provider
+  footprint disk a job adds on the node, and the memory (RSS) of what ferry keeps running
+            during a step
+  growth    warm start against image size (the plot)
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+USER = "ferrytest"
+PYTHON_IMPORTS = (
+    "argparse asyncio base64 collections concurrent.futures csv dataclasses datetime decimal "
+    "difflib email.mime.text fractions functools gzip hashlib http.client http.server inspect "
+    "ipaddress json logging multiprocessing pathlib pickle pprint queue random shutil socket "
+    "ssl statistics string subprocess tarfile tempfile textwrap threading typing unittest "
+    "urllib.request uuid xml.dom.minidom xml.etree.ElementTree zipfile"
+).split()
+
+EXECUTOR = r"""
+import json, os, subprocess, sys, time
+for line in sys.stdin:
+    req = json.loads(line)
+    env = dict(os.environ)
+    env.update(req.get("env", {}))
+    started = time.perf_counter()
+    try:
+        p = subprocess.run(req["cmd"], env=env, cwd=req.get("cwd", "/tmp"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           timeout=req.get("timeout", 900))
+        rc, out, err = p.returncode, p.stdout, p.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, out, err = -1, e.stdout or b"", (e.stderr or b"") + b"\ntimed out"
+    except OSError as e:
+        rc, out, err = -2, b"", str(e).encode()
+    took = time.perf_counter() - started
+    print(json.dumps({"s": took, "rc": rc, "out": out.decode(errors="replace")[-4000:],
+                      "err": err.decode(errors="replace")[-4000:]}), flush=True)
+"""
+
+
+class Executor:
+    """Commands as the test user, timed in that user's own process."""
+
+    def __init__(self, env):
+        args = ["runuser", "-u", USER, "--", "env", "-i"]
+        args += [f"{k}={v}" for k, v in env.items()]
+        args += ["/usr/bin/python3", "-u", "-c", EXECUTOR]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self, cmd, env=None, timeout=900):
+        self.proc.stdin.write(json.dumps({"cmd": cmd, "env": env or {}, "timeout": timeout}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def drop_caches():
+    subprocess.run(["sync"], check=True)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def sh(script):
+    return ["/bin/sh", "-c", script]
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.runs = args.runs
+        self.smoke = args.smoke
+        self.scratch = args.scratch
+        self.user_dir = os.path.join(args.scratch, "user")
+        self.cache = os.path.join(self.user_dir, "cache")
+        self.ferry = args.ferry
+        self.results = []
+        self.unavailable = {}
+        self.notes = []
+        uid = int(subprocess.run(["id", "-u", USER], capture_output=True, text=True).stdout)
+        self.uid = uid
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+            "HOME": f"/home/{USER}",
+            "USER": USER,
+            "SLURM_CONF": args.slurm_conf,
+            "FERRY_CACHE": self.cache,
+            "XDG_RUNTIME_DIR": os.path.join(self.user_dir, "run"),
+        }
+        os.makedirs(env["XDG_RUNTIME_DIR"], exist_ok=True)
+        os.makedirs(self.cache, exist_ok=True)
+        shutil.chown(env["XDG_RUNTIME_DIR"], USER, USER)
+        shutil.chown(self.cache, USER, USER)
+        os.chmod(env["XDG_RUNTIME_DIR"], 0o700)
+        self.ex = Executor(env)
+        self.images = self.pick_images()
+
+    # ---- images and trees -------------------------------------------------------------
+
+    def pick_images(self):
+        d = self.args.images
+        if self.smoke:
+            sizes = [("busybox", "busybox.sqsh")]
+        else:
+            sizes = [("100 MB", "big-100m.sqsh"), ("1 GB", "big-1g.sqsh"), ("4 GB", "big-4g.sqsh")]
+        images = []
+        for label, name in sizes:
+            path = os.path.join(d, name)
+            if not os.path.exists(path):
+                sys.exit(f"bench: image {path} is missing: run integration/build-images --bench")
+            images.append({"label": label, "sqsh": path, "mb": os.path.getsize(path) / 1e6,
+                           "tree": self.tree_of(path)})
+        return images
+
+    def tree_of(self, sqsh):
+        """The image unpacked once (for the systems that run directories), kept between runs."""
+        base = os.path.join(os.path.dirname(self.args.out.rstrip("/")), ".bench-trees")
+        tree = os.path.join(base, os.path.basename(sqsh) + ".d")
+        stamp = tree + ".stamp"
+        mtime = str(os.path.getmtime(sqsh))
+        if not (os.path.isdir(tree) and os.path.exists(stamp) and open(stamp).read() == mtime):
+            shutil.rmtree(tree, ignore_errors=True)
+            os.makedirs(base, exist_ok=True)
+            os.chmod(base, 0o755)
+            subprocess.run(["unsquashfs", "-q", "-n", "-d", tree, sqsh], check=True,
+                           stdout=subprocess.DEVNULL)
+            with open(stamp, "w") as f:
+                f.write(mtime)
+        return tree
+
+    # ---- measuring --------------------------------------------------------------------
+
+    def measure(self, workload, system, image, mode, cmd, reset=None, env=None, runs=None,
+                unit="ms", value=None, check=None):
+        """Run `cmd` `runs` times (cold: page cache dropped and `reset` called before each)."""
+        runs = runs or self.runs
+        samples = []
+        for _ in range(runs):
+            if reset:
+                reset()
+            if mode == "cold":
+                drop_caches()
+            r = self.ex.run(cmd, env=env)
+            if r["rc"] != 0 or (check and not check(r["out"])):
+                reason = (r["err"].strip().splitlines() or r["out"].strip().splitlines() or ["?"])[-1]
+                self.unavailable[f"{system} ({workload})"] = f"exit {r['rc']}: {reason[:200]}"
+                return None
+            samples.append(value(r) if value else r["s"] * (1000 if unit == "ms" else 1))
+        row = {"workload": workload, "system": system, "image": image, "mode": mode,
+               "n": len(samples), "median": statistics.median(samples), "min": min(samples),
+               "max": max(samples), "unit": unit}
+        self.results.append(row)
+        print(f"  {workload:9} {system:34} {image:8} {mode:5} {row['median']:10.2f} {unit}", flush=True)
+        return row
+
+    def available(self, system, probe):
+        r = self.ex.run(probe, timeout=300)
+        if r["rc"] != 0:
+            lines = (r["err"] + r["out"]).strip().splitlines() or ["?"]
+            self.unavailable[system] = f"exit {r['rc']}: {lines[-1][:200]}"
+            return False
+        return True
+
+    def reset_unpacked(self):
+        # ferry run --rootfs unpack keeps its trees in the user's cache; the plugin's in
+        # named_dir (/tmp by default).
+        for d in (os.path.join(self.cache, f"unpacked-{self.uid}"), f"/tmp/ferry-{self.uid}/unpacked"):
+            shutil.rmtree(d, ignore_errors=True)
+
+    # ---- systems ----------------------------------------------------------------------
+
+    def start_systems(self, img):
+        f, s, t = self.ferry, img["sqsh"], img["tree"]
+        systems = [
+            ("bare `true`", ["true"], None),
+            ("ferry run (squashfuse)", [f, "run", s, "true"], None),
+            ("ferry run (unpack)", [f, "run", "--rootfs", "unpack", s, "true"], self.reset_unpacked),
+            ("bubblewrap (unpacked dir)", ["bwrap", "--unshare-user", "--ro-bind", t, "/", "--proc", "/proc",
+                                           "--dev", "/dev", "true"], None),
+            ("unsquashfs per job", sh(f"d=$(mktemp -d -p {self.user_dir}) && unsquashfs -q -n -f -d $d/r {s} "
+                                     f"&& rm -rf $d"), None),
+        ]
+        if not self.smoke:
+            systems += [
+                ("ch-run (unpacked dir)", ["ch-run", t, "--", "true"], None),
+                ("ch-run (squashfs)", ["ch-run", s, "--", "true"], None),
+                ("podman run", ["podman", "--cgroup-manager=cgroupfs", "run", "--rm", "--network=host",
+                                "--cgroups=disabled", self.podman_name(img), "true"], None),
+            ]
+        return systems
+
+    def srun_systems(self, img):
+        s = img["sqsh"]
+        return [
+            ("srun -n1", ["srun", "-n1", "true"], None),
+            ("srun -n1 --container (squashfuse)", ["srun", "-n1", f"--container={s}", "true"], None),
+            ("srun -n1 --container (unpack)", ["srun", "-n1", "--container-rootfs=unpack", f"--container={s}",
+                                               "true"], self.reset_unpacked),
+            ("srun -n2", ["srun", "-O", "-n2", "true"], None),
+            ("srun -n2 --container (squashfuse)", ["srun", "-O", "-n2", f"--container={s}", "true"], None),
+        ]
+
+    def podman_name(self, img):
+        return "localhost/ferry-bench/" + os.path.basename(img["sqsh"]).replace(".", "-")
+
+    def prepare_peers(self):
+        if self.smoke:
+            for system in ("ch-run (unpacked dir)", "ch-run (squashfs)", "podman run"):
+                self.unavailable[system] = "not run in --smoke mode"
+            return
+        for img in self.images:
+            name = self.podman_name(img)
+            if self.ex.run(["podman", "image", "exists", name])["rc"] != 0:
+                r = self.ex.run(sh(f"tar -C {img['tree']} -c . | podman import -q - {name}"), timeout=1800)
+                if r["rc"] != 0:
+                    self.notes.append(f"podman import of {img['label']} failed: {r['err'].strip()[-200:]}")
+
+    # ---- workloads --------------------------------------------------------------------
+
+    def start(self):
+        print("start: `true`", flush=True)
+        self.prepare_peers()
+        for img in self.images:
+            for mode in ("warm", "cold"):
+                for system, cmd, reset in self.start_systems(img) + self.srun_systems(img):
+                    if system in self.unavailable:
+                        continue
+                    runs = self.runs
+                    # Unpacking a whole image per run is what is measured there; 4 GB of it
+                    # ten times would take most of the time budget.
+                    heavy = system == "unsquashfs per job" or (mode == "cold" and reset is not None)
+                    if heavy and img["mb"] > 2000:
+                        runs = min(runs, 3)
+                    if mode == "warm":
+                        self.ex.run(cmd)  # first use: unpack, page cache
+                    self.measure("start", system, img["label"], mode, cmd,
+                                 reset=reset if mode == "cold" else None, runs=runs)
+
+    def metadata(self):
+        print("metadata", flush=True)
+        py = os.path.join(self.args.images, "python.sqsh")
+        debian = os.path.join(self.args.images, "debian.sqsh")
+        image = py if os.path.exists(py) else debian
+        label = "python" if image == py else "debian"
+        tree = self.tree_of(image)
+        f = self.ferry
+        imports = "import " + ", ".join(PYTHON_IMPORTS)
+        find = "find / -xdev | wc -l"
+        cases = [("find", sh(find), None)]
+        if image == py:
+            cases.insert(0, ("python imports", ["python3", "-c", imports], None))
+        else:
+            self.unavailable["python imports"] = "no python.sqsh (integration/build-images --bench)"
+        for name, inner, _ in cases:
+            host = ["python3", "-c", imports] if name == "python imports" else sh(f"find {tree} -xdev | wc -l")
+            systems = [
+                ("bare (host, unpacked tree)", host),
+                ("ferry run (squashfuse)", [f, "run", image, "--"] + inner),
+                ("ferry run (unpack)", [f, "run", "--rootfs", "unpack", image, "--"] + inner),
+                ("srun --container (squashfuse)", ["srun", "-n1", f"--container={image}"] + inner),
+                ("srun --container (unpack)", ["srun", "-n1", "--container-rootfs=unpack",
+                                               f"--container={image}"] + inner),
+                ("srun bare", ["srun", "-n1"] + host),
+                ("bubblewrap (unpacked dir)", ["bwrap", "--unshare-user", "--ro-bind", tree, "/", "--proc",
+                                               "/proc", "--dev", "/dev"] + inner),
+            ]
+            if not self.smoke:
+                systems.append(("ch-run (unpacked dir)", ["ch-run", tree, "--"] + inner))
+            for system, cmd in systems:
+                if system in self.unavailable:
+                    continue
+                self.ex.run(cmd)
+                self.measure("metadata", f"{system}", f"{label}: {name}", "warm", cmd)
+
+    def reads(self):
+        print("reads", flush=True)
+        if self.smoke:
+            self.unavailable["parallel reads"] = "not run in --smoke mode (needs the 1 GB image)"
+            return
+        img = next(i for i in self.images if i["label"] == "1 GB")
+        f, s, t = self.ferry, img["sqsh"], img["tree"]
+        two = "cat {r}/data/blob1 > /dev/null & cat {r}/data/blob2 > /dev/null & wait"
+        mib = 200.0
+        systems = [
+            ("bare (host, unpacked tree)", sh(two.format(r=t))),
+            ("ferry run (squashfuse)", [f, "run", s, "--"] + sh(two.format(r=""))),
+            ("ferry run (unpack)", [f, "run", "--rootfs", "unpack", s, "--"] + sh(two.format(r=""))),
+            ("srun --container (squashfuse)", ["srun", "-n1", f"--container={s}"] + sh(two.format(r=""))),
+        ]
+        for system, cmd in systems:
+            self.ex.run(cmd)
+            self.measure("reads", system, img["label"], "cold", cmd, unit="MiB/s",
+                         value=lambda r: mib / r["s"])
+
+    def user_bytes(self):
+        total = 0
+        for d in (self.user_dir, f"/tmp/ferry-{self.uid}", f"/var/tmp/{USER}.ch",
+                  f"/home/{USER}/.local/share/containers"):
+            r = subprocess.run(["du", "-sb", d], capture_output=True, text=True)
+            if r.returncode == 0:
+                total += int(r.stdout.split()[0])
+        return total
+
+    def footprint(self):
+        print("footprint", flush=True)
+        img = self.images[0]
+        f, s = self.ferry, img["sqsh"]
+        # Disk: what one job leaves or needs on the node (first job, then a later one).
+        jobs = [
+            ("ferry run (squashfuse)", [f, "run", s, "true"], None),
+            ("srun --container (squashfuse)", ["srun", "-n1", f"--container={s}", "true"], None),
+            ("ferry run (unpack)", [f, "run", "--rootfs", "unpack", s, "true"], self.reset_unpacked),
+            ("unsquashfs per job", sh(f"d=$(mktemp -d -p {self.user_dir}) && unsquashfs -q -n -f -d $d/r {s} "
+                                     f"&& du -sb $d | cut -f1 && rm -rf $d"), None),
+        ]
+        for system, cmd, reset in jobs:
+            if reset:
+                reset()
+            before = self.user_bytes()
+            r = self.ex.run(cmd)
+            first = self.user_bytes() - before
+            r2 = self.ex.run(cmd)
+            later = self.user_bytes() - before - first
+            if system == "unsquashfs per job" and r2["rc"] == 0:
+                later = int(r2["out"].split()[-1])  # the tree each job unpacks and removes
+            self.results.append({"workload": "footprint", "system": system, "image": img["label"],
+                                 "mode": "disk", "first_job_bytes": max(first, 0),
+                                 "per_job_bytes": max(later, 0), "n": 1, "unit": "bytes",
+                                 "median": max(later, 0), "min": max(later, 0), "max": max(later, 0)})
+        # Memory: RSS of ferry's processes (holder, squashfuse) while a step runs.
+        for system, cmd in [
+            ("srun --container (squashfuse)", ["srun", "-n1", f"--container={s}", "sleep", "3"]),
+            ("ferry run (squashfuse)", [f, "run", s, "sleep", "3"]),
+        ]:
+            proc = subprocess.Popen(["runuser", "-u", USER, "--", "env", f"SLURM_CONF={self.args.slurm_conf}",
+                                     f"FERRY_CACHE={self.cache}"] + cmd,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/tmp")
+            time.sleep(1.5)
+            rss = self.ferry_rss(include_cli=system.startswith("ferry run"))
+            proc.wait()
+            self.results.append({"workload": "footprint", "system": system, "image": img["label"],
+                                 "mode": "memory", "n": 1, "unit": "KiB", "median": rss, "min": rss,
+                                 "max": rss})
+        print("  footprint done", flush=True)
+
+    def ferry_rss(self, include_cli):
+        total = 0
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                status = open(f"/proc/{pid}/status").read()
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            uid = next((l.split()[1] for l in status.splitlines() if l.startswith("Uid:")), None)
+            if uid != str(self.uid):
+                continue
+            ours = " hold" in cmd or "squashfuse" in cmd or (include_cli and cmd.startswith(self.ferry + " run"))
+            if ours:
+                rss = next((int(l.split()[1]) for l in status.splitlines() if l.startswith("VmRSS:")), 0)
+                total += rss
+        return total
+
+    # ---- report -----------------------------------------------------------------------
+
+    def row(self, workload, system, image, mode):
+        for r in self.results:
+            if (r["workload"], r["system"], r["image"], r["mode"]) == (workload, system, image, mode):
+                return r
+        return None
+
+    def bare_for(self, r):
+        if r["workload"] == "start":
+            bare = "srun -n2" if "-n2" in r["system"] else "srun -n1" if r["system"].startswith("srun") \
+                else "bare `true`"
+            return self.row("start", bare, r["image"], r["mode"])
+        if r["workload"] == "metadata":
+            bare = "srun bare" if r["system"].startswith("srun") else "bare (host, unpacked tree)"
+            return self.row("metadata", bare, r["image"], r["mode"])
+        if r["workload"] == "reads":
+            return self.row("reads", "bare (host, unpacked tree)", r["image"], r["mode"])
+        return None
+
+    def targets(self):
+        out = []
+        warm = []
+        for img in self.images:
+            c = self.row("start", "srun -n1 --container (squashfuse)", img["label"], "warm")
+            b = self.row("start", "srun -n1", img["label"], "warm")
+            if c and b:
+                warm.append((img["label"], c["median"] - b["median"]))
+        if warm:
+            worst = max(v for _, v in warm)
+            out.append(("warm start <= 20 ms over bare srun for every image size",
+                        ", ".join(f"{l}: +{v:.1f} ms" for l, v in warm), worst <= 20))
+        cold = [self.row("start", "srun -n1 --container (squashfuse)", i["label"], "cold") for i in self.images]
+        cold = [c for c in cold if c]
+        if len(cold) >= 2:
+            ratio = cold[-1]["median"] / cold[0]["median"]
+            out.append(("cold start of a squashfs image independent of its size",
+                        f"{cold[-1]['image']}/{cold[0]['image']}: {ratio:.2f}x "
+                        f"({cold[0]['median']:.1f} vs {cold[-1]['median']:.1f} ms)", ratio <= 1.2))
+        meta = []
+        for r in self.results:
+            if r["workload"] == "metadata" and r["system"] == "ferry run (unpack)":
+                b = self.bare_for(r)
+                if b:
+                    meta.append((r["image"], r["median"] / b["median"]))
+        if meta:
+            out.append(("metadata-heavy work within 10% of bare with the unpack provider",
+                        ", ".join(f"{i}: {v:.2f}x" for i, v in meta), all(v <= 1.10 for _, v in meta)))
+        disk = [r for r in self.results if r["workload"] == "footprint" and r["mode"] == "disk"
+                and "squashfuse" in r["system"]]
+        if disk:
+            out.append(("no per-job disk for read-only squashfs runs",
+                        ", ".join(f"{r['system']}: {r['per_job_bytes']} B" for r in disk),
+                        all(r["per_job_bytes"] == 0 and r["first_job_bytes"] == 0 for r in disk)))
+        return out
+
+    def write(self):
+        out = self.args.out
+        machine = {"cpus": os.cpu_count(), "kernel": platform.release(),
+                   "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "smoke": self.smoke,
+                   "runs": self.runs}
+        targets = self.targets()
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump({"machine": machine, "images": [{k: v for k, v in i.items() if k != "tree"}
+                                                      for i in self.images],
+                       "results": self.results, "unavailable": self.unavailable, "notes": self.notes,
+                       "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in targets]},
+                      f, indent=1)
+        lines = [f"# ferry benchmark, {machine['date']}", "",
+                 f"{machine['cpus']} cores, {machine['memory_gib']} GiB, kernel {machine['kernel']}; "
+                 f"median of {self.runs} runs unless n says otherwise; as the unprivileged test user."
+                 + (" **Smoke run** (tiny image, not for numbers)." if self.smoke else ""), "",
+                 "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in targets]
+        titles = {"start": "Start: `true`", "metadata": "Metadata-heavy work",
+                  "reads": "Two parallel reads of 100 MiB files (cold)"}
+        for wl in ("start", "metadata", "reads"):
+            rows = [r for r in self.results if r["workload"] == wl]
+            if not rows:
+                continue
+            lines += ["", f"## {titles[wl]}", "",
+                      "| system | image | mode | median | min | max | n | vs bare | x bare |",
+                      "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+            for r in rows:
+                b = self.bare_for(r)
+                unit = r["unit"]
+                over = f"{r['median'] - b['median']:+.1f}" if b and b is not r else ""
+                ratio = f"{r['median'] / b['median']:.2f}" if b and b is not r and b["median"] else ""
+                lines.append(f"| {r['system']} | {r['image']} | {r['mode']} | {r['median']:.2f} {unit} | "
+                             f"{r['min']:.2f} | {r['max']:.2f} | {r['n']} | {over} | {ratio} |")
+        fp = [r for r in self.results if r["workload"] == "footprint"]
+        if fp:
+            lines += ["", "## Footprint", "", "| system | what | first job | each later job |", "|---|---|---:|---:|"]
+            for r in fp:
+                if r["mode"] == "disk":
+                    lines.append(f"| {r['system']} | disk on the node | {r['first_job_bytes'] / 1e6:.1f} MB | "
+                                 f"{r['per_job_bytes'] / 1e6:.1f} MB |")
+                else:
+                    lines.append(f"| {r['system']} | RSS of ferry's processes during the step | "
+                                 f"{r['median'] / 1024:.1f} MiB | |")
+        if self.unavailable:
+            lines += ["", "## Not measured here", "", "| system | why |", "|---|---|"]
+            lines += [f"| {k} | {v.replace('|', '/')} |" for k, v in sorted(self.unavailable.items())]
+        for n in self.notes:
+            lines += ["", f"Note: {n}"]
+        lines += ["", "![start time against image size](start-vs-size.png)", ""]
+        with open(os.path.join(out, "results.md"), "w") as f:
+            f.write("\n".join(lines))
+        self.plot()
+        print("\n".join(lines))
+        print(f"\nbench: results in {out}/ (results.md, results.json, start-vs-size.png)")
+
+    def plot(self):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+        systems = []
+        for r in self.results:
+            if r["workload"] == "start" and r["mode"] == "warm" and r["system"] not in systems:
+                systems.append(r["system"])
+        for system in systems:
+            pts = []
+            for img in self.images:
+                r = self.row("start", system, img["label"], "warm")
+                if r:
+                    pts.append((img["mb"], r["median"]))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("image size (MB, squashfs)")
+        ax.set_ylabel("warm start of `true` (ms, median)")
+        ax.set_title("Start time against image size" + (" (smoke run)" if self.smoke else ""))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+        fig.tight_layout()
+        fig.savefig(os.path.join(self.args.out, "start-vs-size.png"))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--out", required=True)
+    p.add_argument("--scratch", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--ferry", required=True)
+    p.add_argument("--slurm-conf", required=True)
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args()
+    b = Bench(args)
+    started = time.time()
+    try:
+        b.start()
+        b.metadata()
+        b.reads()
+        b.footprint()
+    finally:
+        b.ex.close()
+    b.write()
+    print(f"bench: {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
