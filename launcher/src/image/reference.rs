@@ -259,7 +259,15 @@ fn classify_local(path: &Path) -> Result<ImageRef, ReferenceError> {
         path: path.into(),
         error,
     };
-    let meta = path.metadata().map_err(read_err)?;
+    let meta = match path.metadata() {
+        Ok(meta) => meta,
+        // A path through a directory the user may not enter (a link into another user's
+        // private directory): as below, the runtime names the missing permission.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Ok(ImageRef::Local(path.into()))
+        }
+        Err(e) => return Err(read_err(e)),
+    };
     if meta.is_dir() {
         if path.join("oci-layout").is_file() {
             return Ok(ImageRef::OciLayout {

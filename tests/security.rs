@@ -1,0 +1,345 @@
+//! Privilege boundaries, tried as the unprivileged test users: an image's setuid binaries
+//! and device nodes give nothing, the container's processes hold no capability of the
+//! host's user namespace and cannot gain one, another user cannot see into or join a
+//! container, and paths a user cannot read stay unreadable through symlinks and `..`.
+//!
+//! Runs `ferry run` and, on the test cluster (`SLURM_CONF`), `srun --container`.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferry_tests::*;
+
+/// A probe that prints its real and effective uid, then tries setuid(0).
+const PROBE_C: &str = r#"
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+int main(void)
+{
+    printf("uid=%d euid=%d\n", (int)getuid(), (int)geteuid());
+    if (setuid(0) != 0)
+        printf("setuid(0): %s\n", strerror(errno));
+    else
+        printf("setuid(0): ok\n");
+    return 0;
+}
+"#;
+
+/// The busybox image plus what a hostile image author would add: the probe installed
+/// setuid root (`/suid-probe`, mode 4755, owner 0) and a device node (`/devnull`, the
+/// character device 1:3, mode 0666). Built by root (the test harness), readable by all.
+struct HostileImage {
+    dir: tempfile::TempDir,
+}
+
+impl HostileImage {
+    fn build() -> HostileImage {
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-hostile-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("probe.c"), PROBE_C).unwrap();
+        let cc = Command::new("cc")
+            .args(["-static", "-O2", "-o"])
+            .arg(d.join("probe"))
+            .arg(d.join("probe.c"))
+            .status()
+            .expect("cc runs (build-essential)");
+        assert!(cc.success(), "cc -static failed (libc6-dev installed?)");
+        let sqsh = d.join("hostile.sqsh");
+        let out = Command::new("mksquashfs")
+            .arg(image("busybox"))
+            .arg(&sqsh)
+            .args(["-noappend", "-quiet", "-no-progress", "-p"])
+            .arg(format!(
+                "/suid-probe f 4755 0 0 cat {}",
+                d.join("probe").display()
+            ))
+            .args(["-p", "/devnull c 666 0 0 1 3"])
+            .output()
+            .expect("mksquashfs runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Command::new("chmod")
+            .args(["-R", "a+rX"])
+            .arg(d)
+            .status()
+            .unwrap();
+        HostileImage { dir }
+    }
+
+    fn path(&self) -> String {
+        self.dir.path().join("hostile.sqsh").display().to_string()
+    }
+}
+
+fn slurm_conf() -> String {
+    std::env::var("SLURM_CONF").unwrap_or_else(|_| {
+        panic!("SLURM_CONF is not set: run through integration/test, which starts the test cluster")
+    })
+}
+
+#[test]
+fn a_setuid_root_binary_in_the_image_gives_no_privilege() {
+    let _m = shared_machine();
+    let img = HostileImage::build();
+    let uid = uid_of(USER);
+    let expected = format!("uid={uid} euid={uid}\nsetuid(0): Invalid argument\n");
+    let out = sh(&format!("$FERRY run {} /suid-probe", img.path()));
+    assert_eq!(out.ok(), expected, "{}", out.stderr);
+    // Through Slurm the same.
+    let out = sh(&format!(
+        "SLURM_CONF={} srun -n1 --container={} /suid-probe",
+        slurm_conf(),
+        img.path()
+    ));
+    assert_eq!(out.ok(), expected, "{}", out.stderr);
+    // The mount is nosuid: the setuid bit is not even honoured for uid 0 of the
+    // container's own namespace (with --remap-root, where uid 0 is the user).
+    let out = sh(&format!(
+        "$FERRY run --remap-root {} sh -c 'awk \"\\$5 == \\\"/\\\" {{ print \\$6 }}\" /proc/self/mountinfo'",
+        img.path()
+    ));
+    let options = out.ok().trim().to_string();
+    assert!(
+        options.split(',').any(|o| o == "nosuid") && options.split(',').any(|o| o == "nodev"),
+        "the root is mounted nosuid,nodev: {options} {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn device_nodes_in_the_image_or_made_inside_are_not_usable() {
+    let _m = shared_machine();
+    let img = HostileImage::build();
+    let out = sh(&format!(
+        "$FERRY run {} sh -c 'ls -l /devnull | cut -c1; cat /devnull; echo x > /devnull; echo done'",
+        img.path()
+    ));
+    assert_eq!(out.stdout, "c\ndone\n", "{}", out.stderr);
+    assert_eq!(
+        out.stderr.matches("Permission denied").count(),
+        2,
+        "both opens of the image's device node are refused: {}",
+        out.stderr
+    );
+    // Even as uid 0 of the container in a writable one, no device node can be made.
+    let out = sh(&format!(
+        "$FERRY run --remap-root --writable {} sh -c 'mknod /newdev c 1 3 || echo refused'",
+        img.path()
+    ));
+    assert!(out.ok().contains("refused"), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("Operation not permitted"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// Fields of /proc/PID/status.
+fn status_field(pid: &str, key: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .map(|l| l[key.len()..].trim().to_string())
+}
+
+/// The test user's live processes whose command line matches one of `names`, as pids.
+fn user_pids(names: &[&str]) -> Vec<(String, String)> {
+    live_processes(USER)
+        .into_iter()
+        .filter_map(|line| {
+            let (pid, cmd) = line.split_once(' ')?;
+            names
+                .iter()
+                .any(|n| cmd.contains(n))
+                .then(|| (pid.to_string(), cmd.to_string()))
+        })
+        .collect()
+}
+
+/// Start `script` (as the test user, in the background) and wait until a process of the
+/// user whose command line contains `sleep 47` runs inside a container.
+fn with_running_container(script: &str, check: impl FnOnce()) {
+    let mut child = Command::new("runuser")
+        .args([
+            "-u",
+            USER,
+            "--",
+            "env",
+            "-i",
+            "PATH=/usr/local/bin:/usr/bin:/bin",
+        ])
+        .arg(format!("HOME=/home/{USER}"))
+        .arg(format!("SLURM_CONF={}", slurm_conf()))
+        .arg(format!("FERRY={}", ferry_bin().display()))
+        .args(["bash", "-c", script])
+        .current_dir("/")
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while user_pids(&["sleep 47"]).iter().all(|(pid, _)| {
+        std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok()
+            == std::fs::read_link("/proc/self/ns/mnt").ok()
+    }) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the container did not start: {:?}",
+            live_processes(USER)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    check();
+    for (pid, _) in user_pids(&["sleep 47"]) {
+        let _ = Command::new("kill").arg(&pid).status();
+    }
+    let _ = child.wait();
+}
+
+fn assert_no_host_capability() {
+    let host_userns = std::fs::read_link("/proc/self/ns/user").unwrap();
+    let procs = user_pids(&["ferry", "squashfuse", "sleep 47"]);
+    assert!(
+        procs.iter().any(|(_, c)| c.contains("hold")),
+        "the holder runs: {procs:?}"
+    );
+    assert!(
+        procs.iter().any(|(_, c)| c.contains("squashfuse")),
+        "squashfuse runs: {procs:?}"
+    );
+    for (pid, cmd) in &procs {
+        let Some(cap_eff) = status_field(pid, "CapEff:") else {
+            continue; // gone meanwhile
+        };
+        let userns = std::fs::read_link(format!("/proc/{pid}/ns/user")).unwrap();
+        assert!(
+            userns != host_userns || u64::from_str_radix(&cap_eff, 16) == Ok(0),
+            "{pid} ({cmd}) holds capabilities {cap_eff} in the host's user namespace"
+        );
+        // The processes ferry starts (holder, squashfuse) and the tasks it puts in the
+        // container cannot gain privileges by exec (srun itself is the user's own client).
+        let in_container = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok()
+            != std::fs::read_link("/proc/self/ns/mnt").ok();
+        if cmd.contains("hold") || cmd.contains("squashfuse") || in_container {
+            assert_eq!(
+                status_field(pid, "NoNewPrivs:").as_deref(),
+                Some("1"),
+                "{pid} ({cmd}) may gain privileges"
+            );
+        }
+    }
+}
+
+#[test]
+fn container_processes_hold_no_host_capability_and_cannot_gain_one() {
+    let _m = exclusive_machine();
+    let busybox = image("busybox.sqsh").display().to_string();
+    with_running_container(
+        &format!("$FERRY run {busybox} sleep 47"),
+        assert_no_host_capability,
+    );
+    with_running_container(
+        &format!("srun -n1 --container={busybox} sleep 47"),
+        assert_no_host_capability,
+    );
+    assert!(leftovers_after(USER, Duration::from_secs(5)).is_empty());
+}
+
+#[test]
+fn another_user_cannot_see_into_or_join_a_container() {
+    let _m = exclusive_machine();
+    let busybox = image("busybox.sqsh").display().to_string();
+    with_running_container(&format!("$FERRY run {busybox} sleep 47"), || {
+        let holder = user_pids(&["ferry hold"]);
+        let task = user_pids(&["sleep 47"]);
+        assert!(!holder.is_empty() && !task.is_empty());
+        for (pid, _) in holder.iter().chain(task.iter()) {
+            let out = sh_as(
+                OTHER_USER,
+                &format!(
+                    "nsenter -t {pid} -U -m true 2>&1 || echo refused; \
+                     ls /proc/{pid}/root/ >/dev/null 2>&1 || echo no root; \
+                     cat /proc/{pid}/environ >/dev/null 2>&1 || echo no environ"
+                ),
+            );
+            assert!(
+                out.stdout.contains("refused")
+                    && out.stdout.contains("no root")
+                    && out.stdout.contains("no environ"),
+                "{OTHER_USER} reached into {pid}: {}",
+                out.stdout
+            );
+        }
+    });
+}
+
+#[test]
+fn paths_the_user_cannot_read_stay_unreadable_through_symlinks_and_dotdot() {
+    let _m = shared_machine();
+    // The other user's private directory with an image and a data directory in it.
+    let secret = UserDir::new(OTHER_USER);
+    let s = secret.path.display().to_string();
+    std::fs::copy(image("busybox.sqsh"), secret.path.join("img.sqsh")).unwrap();
+    std::fs::create_dir(secret.path.join("data")).unwrap();
+    Command::new("chown")
+        .args(["-R", &format!("{OTHER_USER}:")])
+        .arg(&secret.path)
+        .status()
+        .unwrap();
+    Command::new("chmod")
+        .arg("0700")
+        .arg(&secret.path)
+        .status()
+        .unwrap();
+    // The test user's own links pointing there, and a `..` path through its own directory.
+    let mine = UserDir::new(USER);
+    let m = mine.path.display().to_string();
+    let link = |name: &str, target: &str| {
+        let out = sh(&format!("ln -s {target} {m}/{name}"));
+        out.ok();
+    };
+    link("img-link.sqsh", &format!("{s}/img.sqsh"));
+    link("data-link", &format!("{s}/data"));
+    sh(&format!("mkdir {m}/sub")).ok();
+    let dotdot = format!("{m}/sub/../img-link.sqsh");
+    let busybox = image("busybox.sqsh").display().to_string();
+    for (script, expected) in [
+        (
+            format!("$FERRY run {m}/img-link.sqsh true"),
+            "image not readable by user ferrytest",
+        ),
+        (
+            format!("$FERRY run {dotdot} true"),
+            "image not readable by user ferrytest",
+        ),
+        (
+            format!("$FERRY run -m {m}/data-link:/data {busybox} true"),
+            "mount source not readable by user ferrytest",
+        ),
+        (
+            format!("$FERRY run -m {m}/sub/../data-link:/data {busybox} true"),
+            "mount source not readable by user ferrytest",
+        ),
+    ] {
+        let out = sh(&script);
+        assert_eq!(out.code, 125, "`{script}`: {}", out.stderr);
+        assert!(out.stderr.contains(expected), "`{script}`: {}", out.stderr);
+    }
+    // A save target in the other user's directory, named through a link of the user's.
+    let out = sh(&format!(
+        "$FERRY run --keep {m}/keep {busybox} true && $FERRY save {m}/keep/rootfs {m}/data-link/stolen.sqsh"
+    ));
+    assert_ne!(out.code, 0, "{}", out.stdout);
+    assert!(
+        !Path::new(&format!("{s}/data/stolen.sqsh")).exists(),
+        "nothing was written into the other user's directory"
+    );
+}
