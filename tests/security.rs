@@ -343,3 +343,112 @@ fn paths_the_user_cannot_read_stay_unreadable_through_symlinks_and_dotdot() {
         "nothing was written into the other user's directory"
     );
 }
+
+/// A shared library that, when loaded into any process, appends that process's ids and
+/// program to a log everyone may write; and programs named like ferry's that leave a mark.
+const EVIL_LIB_C: &str = r#"
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+__attribute__((constructor)) static void record(void)
+{
+    char exe[512] = "?", line[700];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n > 0)
+        exe[n] = 0;
+    int fd = open(LOG, O_WRONLY | O_APPEND | O_CREAT, 0666);
+    if (fd >= 0) {
+        snprintf(line, sizeof line, "uid=%d euid=%d exe=%s\n", (int)getuid(), (int)geteuid(), exe);
+        (void)!write(fd, line, strlen(line));
+        close(fd);
+    }
+}
+"#;
+
+#[test]
+fn the_jobs_environment_cannot_change_what_slurmstepd_runs() {
+    let _m = exclusive_machine();
+    let evil = tempfile::Builder::new()
+        .prefix("ferry-evil-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let e = evil.path().display().to_string();
+    let log = format!("{e}/loaded.log");
+    std::fs::write(evil.path().join("evil.c"), EVIL_LIB_C).unwrap();
+    let cc = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2"])
+        .arg(format!("-DLOG=\"{log}\""))
+        .arg("-o")
+        .arg(evil.path().join("evil.so"))
+        .arg(evil.path().join("evil.c"))
+        .status()
+        .unwrap();
+    assert!(cc.success());
+    for name in [
+        "ferry",
+        "squashfuse_ll",
+        "squashfuse",
+        "mksquashfs",
+        "ldconfig",
+    ] {
+        let p = evil.path().join(name);
+        std::fs::write(
+            &p,
+            format!("#!/bin/sh\necho ran > {e}/ran-{name}\nexit 1\n"),
+        )
+        .unwrap();
+    }
+    Command::new("chmod")
+        .args(["-R", "a+rwX"])
+        .arg(evil.path())
+        .status()
+        .unwrap();
+    let busybox = image("busybox.sqsh").display().to_string();
+    // Everything a job's environment could try: a preload, a PATH whose first entry
+    // shadows ferry's helpers, ferry's own variables, the loader's search path.
+    let env = format!(
+        "LD_PRELOAD={e}/evil.so PATH={e}:/usr/local/bin:/usr/bin:/bin FERRY_BIN={e}/ferry \
+         FERRY_SQUASHFUSE={e}/squashfuse_ll LD_LIBRARY_PATH={e} RUST_LOG=trace FERRY_LOG=trace"
+    );
+    let out = sh(&format!(
+        "export SLURM_CONF={}; {env} srun -n1 --container={busybox} cat /etc/ferry-marker; \
+         env {env} srun -n1 --export=ALL --container={busybox} sleep 47 & \
+         holders() {{ for p in $(pgrep -u $USER -x ferry); do grep -qa hold /proc/$p/cmdline && echo $p; done; }}; \
+         for i in $(seq 300); do [ -n \"$(holders)\" ] && pgrep -u $USER -x sleep >/dev/null && break; sleep 0.05; done; \
+         for p in $(holders); do readlink /proc/$p/exe; done; \
+         pkill -u $USER -x sleep; wait",
+        slurm_conf()
+    ));
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.first(), Some(&"busybox-image"), "{}", out.stderr);
+    assert!(
+        lines[1..]
+            .iter()
+            .all(|l| *l == ferry_bin().display().to_string()),
+        "the holder is the site's ferry: {lines:?}"
+    );
+    assert!(lines.len() >= 2, "a holder was seen: {lines:?}");
+    for name in [
+        "ferry",
+        "squashfuse_ll",
+        "squashfuse",
+        "mksquashfs",
+        "ldconfig",
+    ] {
+        assert!(
+            !evil.path().join(format!("ran-{name}")).exists(),
+            "the job's PATH made something run the fake {name}"
+        );
+    }
+    // The preload reached only the user's own processes, never one running as root.
+    let loaded = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !loaded
+            .lines()
+            .any(|l| l.starts_with("uid=0") || l.contains("euid=0 ")),
+        "a root process loaded the job's LD_PRELOAD:\n{loaded}"
+    );
+    let left = leftovers_after(USER, Duration::from_secs(5));
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
