@@ -1165,3 +1165,235 @@ fn container_scope_global_keeps_named_containers_for_later_jobs() {
         .arg(named.path().join(format!("ferry-{uid}")))
         .status();
 }
+
+// ---- --container-entrypoint ---------------------------------------------------------------
+
+/// `MAKE_CONFIGURED_LAYOUT`'s image (Entrypoint `/bin/sh /opt/app/start.sh`, which prints
+/// `entry ARGS`, its directory and `$CFG_VAR`; Cmd `default`; WorkingDir `/opt/app`) as a
+/// squashfs of the test user's: `DIR/configured.sqsh`.
+fn configured_image(dir: &UserDir) -> String {
+    let d = dir.path.display();
+    sh(&format!(
+        "cd {d} && {MAKE_CONFIGURED_LAYOUT}\n $FERRY import --cache {d}/cache oci:{d}/layout:v1 -o {d}/configured.sqsh >/dev/null"
+    ))
+    .ok();
+    format!("{d}/configured.sqsh")
+}
+
+/// A squashfs made from the busybox tree by `script` (run in the tree, as the test user),
+/// at `DIR/NAME.sqsh`.
+fn busybox_variant(dir: &UserDir, name: &str, script: &str) -> String {
+    let d = dir.path.display();
+    sh(&format!(
+        "set -e; cd {d}; rm -rf {name}; cp -a \"$FERRY_IMAGES/busybox\" {name}; (cd {name}; {script})\n\
+         mksquashfs {name} {name}.sqsh -all-root -quiet -no-progress >/dev/null"
+    ))
+    .ok();
+    format!("{d}/{name}.sqsh")
+}
+
+/// `/etc/ferry/image.json` (as `ferry import` writes it) and `/entry.sh`, which prints
+/// `entry N: ARGS` and then execs its arguments, as entrypoints usually do.
+const EXEC_ENTRYPOINT: &str = r#"mkdir -p etc/ferry work
+printf '%s\n' 'echo "entry $#: $*"' 'exec "$@"' > entry.sh
+printf '{"entrypoint":["/bin/sh","/entry.sh"],"cmd":["default"],"working_dir":"/work"}' > etc/ferry/image.json"#;
+
+fn sorted_lines(text: &str) -> Vec<&str> {
+    let mut v: Vec<&str> = text.lines().collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn container_entrypoint_runs_the_images_entrypoint_with_the_tasks_command() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let image = configured_image(&dir);
+    // From /tmp, which exists inside: the entrypoint starts in the image's WorkingDir all
+    // the same, with the command as its arguments (docker's rule: it replaces Cmd).
+    let out = slurm(&format!(
+        "cd /tmp && srun -n1 --container={image} --container-entrypoint echo a b"
+    ));
+    assert_eq!(out.ok(), "entry echo a b\n/opt/app\nfrom-config\n");
+    // Every task runs it.
+    let out = slurm(&format!(
+        "cd /tmp && srun -n2 -O --container={image} --container-entrypoint echo x"
+    ));
+    assert_eq!(
+        sorted_lines(out.ok()),
+        sorted_lines(&"entry echo x\n/opt/app\nfrom-config\n".repeat(2))
+    );
+    // --container-workdir wins over WorkingDir.
+    let out = slurm(&format!(
+        "cd /tmp && srun -n1 --container={image} --container-entrypoint --container-workdir=/bin pwd"
+    ));
+    assert_eq!(out.ok(), "entry pwd\n/bin\nfrom-config\n");
+    // Without the flag (pyxis' default) and with --no-container-entrypoint the command runs
+    // directly, in srun's directory.
+    for flag in ["", "--no-container-entrypoint"] {
+        let out = slurm(&format!(
+            "cd /tmp && srun -n1 --container={image} {flag} sh -c 'pwd; echo $CFG_VAR'"
+        ));
+        assert_eq!(out.ok(), "/tmp\nfrom-config\n", "{flag}");
+    }
+}
+
+#[test]
+fn sbatch_container_entrypoint_applies_to_the_jobs_steps() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let image = configured_image(&dir);
+    let d = dir.path.display();
+    let script = format!(
+        "#!/bin/bash\n\
+         #SBATCH --container={image}\n\
+         #SBATCH --container-entrypoint\n\
+         #SBATCH --output={d}/out.txt\n\
+         srun -n1 echo step\n\
+         srun -n1 --no-container-entrypoint echo direct\n"
+    );
+    std::fs::write(dir.path.join("job.sh"), script).unwrap();
+    Command::new("chmod")
+        .arg("a+rx")
+        .arg(dir.path.join("job.sh"))
+        .status()
+        .unwrap();
+    slurm(&format!("cd {d} && sbatch --wait job.sh")).ok();
+    let log = std::fs::read_to_string(dir.path.join("out.txt")).unwrap();
+    assert_eq!(log, "entry echo step\n/opt/app\nfrom-config\ndirect\n");
+}
+
+#[test]
+fn the_entrypoint_execs_the_task_which_keeps_its_status_and_nothing_of_ferrys() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let image = busybox_variant(&dir, "exec", EXEC_ENTRYPOINT);
+    let run = |cmd: &str| {
+        slurm(&format!(
+            "cd /tmp && srun -n1 --container={image} --container-entrypoint {cmd}"
+        ))
+    };
+    let out = run("sh -c 'echo $$ $SLURM_TASK_PID; pwd; env; ls -l /proc/self/fd/'");
+    let text = out.ok();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("entry 3: sh -c "), "{text}");
+    // The command replaced the entrypoint in the task's own process, in the WorkingDir.
+    let pids: Vec<&str> = lines[1].split(' ').collect();
+    assert_eq!(pids[0], pids[1], "{text}");
+    assert_eq!(lines[2], "/work", "{text}");
+    // Neither ferry's variable nor the namespace descriptors it was handed reach the task.
+    assert!(!text.contains("FERRY_TASK"), "{text}");
+    assert!(
+        !text.contains("user:[") && !text.contains("mnt:["),
+        "{text}"
+    );
+    assert!(
+        text.contains("FERRY_IMAGE_VAR=from-busybox-image"),
+        "{text}"
+    );
+    // The command's exit status is the task's.
+    let out = run("sh -c 'exit 7'");
+    assert_eq!(out.code, 7, "{}", out.stderr);
+    assert_eq!(out.stdout, "entry 3: sh -c exit 7\n");
+    // A missing command: the entrypoint's own complaint and status.
+    let out = run("no-such-command");
+    assert_eq!(out.code, 127, "{} {}", out.stdout, out.stderr);
+}
+
+#[test]
+fn an_entrypoint_needs_no_shell_in_the_image() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    // Entrypoint by name (found in the image's PATH), and no /bin/sh at all.
+    let image = busybox_variant(
+        &dir,
+        "noshell",
+        r#"mkdir -p etc/ferry; rm bin/sh; printf '{"entrypoint":["busybox"]}' > etc/ferry/image.json"#,
+    );
+    let out = slurm(&format!(
+        "srun -n1 --container={image} --container-entrypoint echo no shell"
+    ));
+    assert_eq!(out.ok(), "no shell\n", "{}", out.stderr);
+    // An entrypoint that is not there: one line from ferry, status 127.
+    let image = busybox_variant(
+        &dir,
+        "missing",
+        r#"mkdir -p etc/ferry; printf '{"entrypoint":["/no/such/entry"]}' > etc/ferry/image.json"#,
+    );
+    let out = slurm(&format!(
+        "srun -n1 --container={image} --container-entrypoint true"
+    ));
+    assert_eq!(out.code, 127);
+    assert_eq!(
+        own_lines(&out.stderr),
+        vec!["ferry: error: command not found in the container: /no/such/entry"]
+    );
+}
+
+#[test]
+fn enroot_images_run_etc_rc_and_images_without_an_entrypoint_run_the_command() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let image = busybox_variant(
+        &dir,
+        "rc",
+        r#"printf '%s\n' 'echo "rc $#"' 'if [ $# -gt 0 ]; then exec "$@"; fi' 'echo rc-default' > etc/rc"#,
+    );
+    let out = slurm(&format!(
+        "srun -n1 --container={image} --container-entrypoint echo hi"
+    ));
+    assert_eq!(out.ok(), "rc 2\nhi\n");
+    let out = slurm(&format!("srun -n1 --container={image} echo hi"));
+    assert_eq!(out.ok(), "hi\n");
+    // Neither an Entrypoint nor /etc/rc: the command itself, as docker runs it.
+    let busybox = img("busybox.sqsh");
+    let out = slurm(&format!(
+        "srun -n1 --container={busybox} --container-entrypoint cat /etc/ferry-marker"
+    ));
+    assert_eq!(out.ok(), "busybox-image\n");
+}
+
+#[test]
+fn container_entrypoint_with_multi_prog() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let image = busybox_variant(&dir, "exec", EXEC_ENTRYPOINT);
+    let d = dir.path.display();
+    std::fs::write(dir.path.join("mp.conf"), "0 echo zero\n1 echo one\n").unwrap();
+    Command::new("chmod")
+        .arg("a+r")
+        .arg(dir.path.join("mp.conf"))
+        .status()
+        .unwrap();
+    let version = slurm("srun --version").ok().to_string();
+    let out = slurm(&format!(
+        "cd {d} && srun -n2 -O --container={image} --container-entrypoint --multi-prog mp.conf"
+    ));
+    let (major, minor) = {
+        let v: Vec<u32> = version
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("0.0")
+            .split('.')
+            .take(2)
+            .map(|n| n.parse().unwrap_or(0))
+            .collect();
+        (v[0], v[1])
+    };
+    if (major, minor) >= (23, 11) {
+        // spank_prepend_task_argv reaches each task's own argv.
+        assert_eq!(
+            sorted_lines(out.ok()),
+            sorted_lines("entry 2: echo zero\nzero\nentry 2: echo one\none\n")
+        );
+    } else {
+        // 22.05 can change only the step's argv: refused by srun, before the step starts.
+        assert_eq!(out.code, 1, "{}", out.stdout);
+        let lines = own_lines(&out.stderr);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].contains("--container-entrypoint does not work with --multi-prog"),
+            "{lines:?}"
+        );
+    }
+}

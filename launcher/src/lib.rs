@@ -22,4 +22,5 @@ pub mod site;
 pub mod spec;
 pub mod srun_args;
 pub mod sys;
+pub mod task_exec;
 pub mod user;

@@ -152,6 +152,9 @@ struct InspectArgs {
 }
 
 fn main() {
+    // A Slurm task's program (`--container-entrypoint`): before anything else, while this
+    // process has one thread.
+    ferry::task_exec::run_if_asked();
     init_logging();
     let cli = Cli::parse();
     let code = match cli.command {

@@ -163,6 +163,13 @@ fn exec_in_container(
         eprintln!("ferry: error: {e}");
         std::process::exit(EXIT_SETUP_FAILED);
     }
+    exec_searching(args, envp, search_path)
+}
+
+/// Exec `args` (its program found through `search_path` unless it names a path) with the
+/// environment `envp`; never returns: on failure, one line on stderr and the shell's exit
+/// status (126 cannot execute, 127 not found).
+pub fn exec_searching(args: &[CString], envp: &[CString], search_path: &str) -> ! {
     let program = args[0].as_bytes();
     let candidates: Vec<PathBuf> = if program.contains(&b'/') {
         vec![PathBuf::from(std::ffi::OsStr::from_bytes(program))]

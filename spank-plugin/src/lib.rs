@@ -35,6 +35,7 @@ mod log;
 mod options;
 mod remote;
 mod request;
+mod slurm;
 
 use ferry::site;
 
@@ -353,7 +354,7 @@ pub extern "C" fn slurm_spank_task_init(
             return Ok(());
         };
         let sh = handle(spank, ac, av, cache);
-        let Err(e) = remote::task_init(&sh, step) else {
+        let Err(e) = remote::task_init(&sh, spank, step) else {
             return Ok(());
         };
         // A failed callback would add Slurm's own lines ("task_init() failed", "Failed to

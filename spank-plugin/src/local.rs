@@ -71,6 +71,43 @@ fn srun_container_arg(slurm_version: u32) -> Result<Option<String>, String> {
     }
 }
 
+/// Whether srun's own options (`/proc/self/cmdline`) hold `--multi-prog`.
+fn srun_multi_prog(slurm_version: u32) -> bool {
+    let Ok(cmdline) = std::fs::read("/proc/self/cmdline") else {
+        return false;
+    };
+    let argv = srun_args::split_cmdline(&cmdline);
+    multi_prog_in(argv.get(1..).unwrap_or(&[]), slurm_version)
+}
+
+fn multi_prog_in(args: &[OsString], slurm_version: u32) -> bool {
+    let table = options::srun_table();
+    srun_args::parse(args, slurm_version, &table)
+        .options
+        .iter()
+        .any(|o| matches!(&o.name, srun_args::OptName::Long(n) if n == "multi-prog"))
+}
+
+/// `--container-entrypoint` changes the task's argv, which before Slurm 23.11 only works
+/// for the step's one argv, not for the per-task argvs of `--multi-prog` (see
+/// crate::remote::entrypoint_through_ferry): refuse that here, where it is known.
+fn check_entrypoint_multi_prog(
+    entrypoint: Option<bool>,
+    slurm_version: u32,
+    multi_prog: impl FnOnce() -> bool,
+) -> Result<(), String> {
+    if entrypoint == Some(true) && slurm_version < srun_args::version(23, 11) && multi_prog() {
+        return Err(format!(
+            "--container-entrypoint does not work with --multi-prog on Slurm {}.{:02} (it \
+             needs 23.11 or later): put the entrypoint in front of each command in the \
+             multi-prog file instead",
+            slurm_version >> 16,
+            (slurm_version >> 8) & 0xff
+        ));
+    }
+    Ok(())
+}
+
 /// Resolve the request of this srun/sbatch/salloc. `None`: no container.
 pub fn resolve(
     context: Context,
@@ -190,6 +227,11 @@ pub fn resolve(
         rootfs,
         gpus,
     };
+    if context == Context::Local {
+        check_entrypoint_multi_prog(req.entrypoint, slurm_version, || {
+            srun_multi_prog(slurm_version)
+        })?;
+    }
     info!("container image {} (from {origin})", req.image);
     debug!("request: {req:?}");
     Ok(Some(req))
@@ -297,5 +339,34 @@ pub fn pin_tag(req: &mut StepRequest, settings: &ferry::site::PluginSettings) {
         }
         Ok(None) => {}
         Err(e) => debug!("not pinning {} here: {e}; the nodes resolve it", req.image),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn multi_prog_is_read_from_sruns_options_only() {
+        let v = srun_args::version(22, 5);
+        assert!(multi_prog_in(&os(&["-n2", "--multi-prog", "mp.conf"]), v));
+        assert!(multi_prog_in(&os(&["--multi", "mp.conf"]), v));
+        assert!(!multi_prog_in(&os(&["-n2", "prog", "--multi-prog"]), v));
+    }
+
+    #[test]
+    fn entrypoint_with_multi_prog_is_refused_before_slurm_23_11_only() {
+        let old = srun_args::version(22, 5);
+        let new = srun_args::version(24, 11);
+        let e = check_entrypoint_multi_prog(Some(true), old, || true).unwrap_err();
+        assert!(e.contains("on Slurm 22.05"), "{e}");
+        assert!(check_entrypoint_multi_prog(Some(true), new, || true).is_ok());
+        assert!(check_entrypoint_multi_prog(Some(true), old, || false).is_ok());
+        assert!(check_entrypoint_multi_prog(Some(false), old, || true).is_ok());
+        assert!(check_entrypoint_multi_prog(None, old, || true).is_ok());
     }
 }

@@ -155,13 +155,15 @@ pub static OPTIONS: &[OptDef] = &[
     ),
     opt!(
         "container-entrypoint",
-        "[ferry] accepted for pyxis scripts: tasks still run their command directly \
-         (outside Slurm, `ferry run --entrypoint` runs it through the image's entrypoint)",
+        "[ferry] run each task's command through the image's entrypoint: its Entrypoint \
+         with the command as arguments (the command replaces Cmd), else enroot's /etc/rc; \
+         in the image's WorkingDir unless --container-workdir",
         Key::Entrypoint(true)
     ),
     opt!(
         "no-container-entrypoint",
-        "[ferry] do not use the image's entrypoint (default)",
+        "[ferry] run each task's command directly, not through the image's entrypoint \
+         (default)",
         Key::Entrypoint(false)
     ),
 ];

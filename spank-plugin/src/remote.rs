@@ -47,6 +47,9 @@ pub struct Step {
     pub holder: Option<ferry::holder::Holder>,
     pub namespaces: Option<ferry::join::Namespaces>,
     pub workdir: Option<PathBuf>,
+    /// The `ferry` program by absolute path, for tasks that run the image's entrypoint
+    /// (see [`task_init`]).
+    pub ferry_bin: Option<PathBuf>,
     pub tasks_exited: u32,
 }
 
@@ -239,12 +242,9 @@ fn container_spec(
     } else {
         PathBuf::from(&req.image)
     };
-    if req.entrypoint == Some(true) {
-        // Slurm execs the task's own argv after task_init; the plugin cannot put the
-        // image's entrypoint in front of it (yet). Said once per step, in Slurm's log.
-        info!("--container-entrypoint: the task's command runs directly");
-    }
     let mut spec = ContainerSpec::new(image, user);
+    // The holder then prefers the image's WorkingDir to srun's directory.
+    spec.entrypoint = req.entrypoint == Some(true);
     spec.writable = req.writable.unwrap_or(false);
     spec.remap_root = req.remap_root.unwrap_or(false);
     spec.mount_home = req.mount_home.unwrap_or(true);
@@ -472,6 +472,18 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
         step.uid,
         serde_json::to_string(&spec).unwrap_or_else(|e| format!("<{e}>"))
     );
+    if spec.entrypoint {
+        match absolute_program(&settings.ferry_bin) {
+            Some(path) => step.ferry_bin = Some(path),
+            None => {
+                step.failure = Some(format!(
+                    "--container-entrypoint: cannot find the site's ferry_bin={} (tell your admins)",
+                    settings.ferry_bin.display()
+                ));
+                return;
+            }
+        }
+    }
     match ferry::holder::prepare(&spec, &opts) {
         Ok(holder) => {
             let pid = holder.pid();
@@ -486,9 +498,28 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
     }
 }
 
+/// `program` as an absolute path: itself when it names a path, else found in slurmstepd's
+/// PATH (as the holder's `Command::new` finds it).
+fn absolute_program(program: &Path) -> Option<PathBuf> {
+    if program.components().count() > 1 || program.is_absolute() {
+        return std::fs::canonicalize(program).ok().filter(|p| p.is_file());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .and_then(|p| std::fs::canonicalize(p).ok())
+}
+
 /// task_init (each task, in the task's process, already the job user, just before exec):
-/// enter the container. An error here fails the task with one line on the user's terminal.
-pub fn task_init(spank: &SpankHandle, step: &Step) -> Result<(), String> {
+/// enter the container, or with `--container-entrypoint` have `ferry` enter it (see
+/// [`entrypoint_through_ferry`]). An error here fails the task with one line on the user's
+/// terminal.
+pub fn task_init(
+    spank: &SpankHandle,
+    raw: slurm_spank::spank_sys::spank_t,
+    step: &Step,
+) -> Result<(), String> {
     if let Some(e) = &step.failure {
         return Err(format!("cannot start the container for this step: {e}"));
     }
@@ -496,8 +527,91 @@ pub fn task_init(spank: &SpankHandle, step: &Step) -> Result<(), String> {
         return Err("the container is gone".into());
     };
     let workdir = step.workdir.clone().unwrap_or_else(|| PathBuf::from("/"));
-    ferry::join::join(ns, &workdir).map_err(|e| e.to_string())?;
-    for (name, value) in &holder.ready().env {
+    set_image_env(spank, step, &holder.ready().env)?;
+    if step.request.entrypoint == Some(true) {
+        let ferry_bin = step.ferry_bin.as_deref().ok_or("no ferry program")?;
+        let start = holder.ready().start.clone();
+        return entrypoint_through_ferry(spank, raw, ns, workdir, start, ferry_bin);
+    }
+    ferry::join::join(ns, &workdir).map_err(|e| e.to_string())
+}
+
+/// `--container-entrypoint`: make this task exec `ferry` (on the host) in place of its
+/// command, and `ferry` enter the container and exec the image's entrypoint with the
+/// task's argv (ferry::task_exec says why it cannot be done here).
+///
+/// How the argv changes (slurmstepd's exec_task, src/slurmd/slurmstepd/task.c, execs
+/// `task->argv` after task_init; argv[0] is made absolute with the PATH of the task's
+/// environment only after task_init, and is absolute here already):
+/// - Slurm >= 23.11 has `spank_prepend_task_argv`, which puts arguments in front of this
+///   task's argv (also under `--multi-prog`, where every task has its own argv).
+/// - Slurm 22.05 has no such call; `S_JOB_ARGV` gives the step's argv array itself, which
+///   is also the task's (`task->argv = job->argv` in slurmstepd_job.c, except under
+///   `--multi-prog`). Its length cannot change, so `ferry` takes argv[0]'s place (in this
+///   forked task process only) and argv[0] travels in the environment.
+fn entrypoint_through_ferry(
+    spank: &SpankHandle,
+    raw: slurm_spank::spank_sys::spank_t,
+    ns: &ferry::join::Namespaces,
+    workdir: PathBuf,
+    start: ferry::entrypoint::ImageStart,
+    ferry_bin: &Path,
+) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let program = std::ffi::CString::new(ferry_bin.as_os_str().as_bytes())
+        .map_err(|_| "the ferry program's path holds a NUL byte".to_string())?;
+    let prepend = crate::slurm::prepend_task_argv();
+    // SAFETY: in task_init, the task's argv is slurmstepd's array for this forked process.
+    let argv = unsafe { crate::slurm::job_argv(raw) }
+        .ok_or("Slurm gave no argv for this task (S_JOB_ARGV)")?;
+    let argv0 = if prepend.is_some() {
+        None
+    } else {
+        // SAFETY: job_argv returned a non-empty array of C strings.
+        Some(
+            unsafe { std::ffi::CStr::from_ptr(*argv.0) }
+                .to_bytes()
+                .to_vec(),
+        )
+    };
+    let (user_fd, mnt_fd) = ns
+        .inheritable_fds()
+        .map_err(|e| format!("cannot pass the container's namespaces on: {e}"))?;
+    let task = ferry::task_exec::TaskExec {
+        user_fd,
+        mnt_fd,
+        workdir,
+        start,
+        argv0,
+    };
+    let text = serde_json::to_string(&task).map_err(|e| e.to_string())?;
+    spank
+        .setenv(ferry::task_exec::ENV, &text, true)
+        .map_err(|e| e.to_string())?;
+    match prepend {
+        Some(prepend) => {
+            let args = [program.as_ptr()];
+            // SAFETY: the call Slurm declares in spank.h; it copies the strings.
+            let rc = unsafe { prepend(raw, 1, args.as_ptr()) };
+            if rc != slurm_spank::spank_sys::ESPANK_SUCCESS {
+                return Err(format!(
+                    "cannot run the image's entrypoint: spank_prepend_task_argv failed ({rc})"
+                ));
+            }
+        }
+        None => {
+            // SAFETY: argv.0 points to the task's argv array, whose first entry slurmstepd
+            // reads (not frees) before its execve; the leaked string lives until then.
+            unsafe { *argv.0 = program.into_raw() };
+        }
+    }
+    Ok(())
+}
+
+/// The image's environment over the task's, except where Slurm or `--container-env` set
+/// a variable for the task.
+fn set_image_env(spank: &SpankHandle, step: &Step, env: &[(String, String)]) -> Result<(), String> {
+    for (name, value) in env {
         // The image's values, except where Slurm or --container-env set one for the task.
         let keep_task_value = name.starts_with("SLURM_")
             || name.starts_with("PMI")
