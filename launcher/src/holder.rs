@@ -6,7 +6,7 @@
 //! leaves a container behind. [`hold`] is the holder side.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
@@ -97,10 +97,46 @@ pub enum PrepareError {
 }
 
 /// A running holder. Dropping it stops the holder and waits for it.
+///
+/// The holder's stdout stays open after its report: it says there why it ends when it ends
+/// on its own (its image server died), and its end of file tells the caller that it is gone,
+/// which works even where the caller cannot wait for it (slurmstepd reaps every child it
+/// has, the holder included).
 pub struct Holder {
     child: Child,
     stop: Option<ChildStdin>,
+    report: Option<ChildStdout>,
     ready: Ready,
+}
+
+/// How a holder ended.
+#[derive(Debug, Default)]
+pub struct Ended {
+    /// Why it ended on its own, for the one line the caller prints; `None`: it ended as asked.
+    pub early: Option<String>,
+    /// Its exit status, where the caller could still collect it.
+    pub status: Option<ExitStatus>,
+}
+
+/// What the holder says on its stdout when it ends on its own.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Final {
+    ImageServerEnded { status: String },
+}
+
+/// The one line for a holder that ended before it was asked to.
+fn early_text(last_words: Option<&str>) -> String {
+    match last_words.and_then(|l| serde_json::from_str::<Final>(l).ok()) {
+        Some(Final::ImageServerEnded { status }) => format!(
+            "the image server (squashfuse) ended while the container ran ({status}): the \
+             image's files became unreadable (\"Transport endpoint is not connected\", or a bus \
+             error)"
+        ),
+        None => "the container's holder was killed while the container ran, and its image \
+                 mount with it: the image's files became unreadable"
+            .into(),
+    }
 }
 
 impl Holder {
@@ -112,23 +148,85 @@ impl Holder {
         self.ready.pid
     }
 
+    /// Whether the holder has ended on its own, and why (it should live until asked to
+    /// stop); does not wait.
+    pub fn ended_early(&mut self) -> Option<String> {
+        let out = self.report.as_mut()?;
+        match read_last_words(out, Duration::ZERO) {
+            LastWords::StillRunning => None,
+            LastWords::Gone(words) => {
+                self.report = None;
+                Some(early_text(words.as_deref()))
+            }
+        }
+    }
+
     /// Ask the holder to stop and wait for it (up to `grace`, then kill it).
-    pub fn stop(mut self, grace: Duration) -> io::Result<ExitStatus> {
+    pub fn stop(mut self, grace: Duration) -> Ended {
         self.stop_inner(grace)
     }
 
-    fn stop_inner(&mut self, grace: Duration) -> io::Result<ExitStatus> {
+    fn stop_inner(&mut self, grace: Duration) -> Ended {
+        // Gone already, or going with something to say?
+        let mut early = self.ended_early();
         self.stop.take();
-        let deadline = Instant::now() + grace;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
+        if let Some(out) = self.report.take() {
+            let mut out = out;
+            match read_last_words(&mut out, grace) {
+                LastWords::Gone(Some(words)) => early = Some(early_text(Some(&words))),
+                LastWords::Gone(None) => {}
+                LastWords::StillRunning => {
+                    let _ = self.child.kill();
+                }
             }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                return self.child.wait();
+        }
+        // Collect it where this process may (not in slurmstepd, which reaps it itself).
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                _ => break None,
             }
-            std::thread::sleep(Duration::from_millis(1));
+        };
+        Ended { early, status }
+    }
+}
+
+enum LastWords {
+    StillRunning,
+    /// End of file: the holder is gone, having said this line (or nothing).
+    Gone(Option<String>),
+}
+
+/// Read what the holder still writes on its stdout until end of file, waiting at most `wait`.
+fn read_last_words(out: &mut ChildStdout, wait: Duration) -> LastWords {
+    let deadline = Instant::now() + wait;
+    let mut said = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms =
+            PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::ZERO);
+        let mut fds = [PollFd::new(out.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, ms) {
+            Ok(0) => return LastWords::StillRunning,
+            Ok(_) => {}
+            Err(nix::Error::EINTR) => continue,
+            Err(_) => return LastWords::Gone(None),
+        }
+        let mut chunk = [0u8; 4096];
+        match out.read(&mut chunk) {
+            Ok(0) | Err(_) => {
+                let text = String::from_utf8_lossy(&said);
+                let line = text
+                    .lines()
+                    .rfind(|l| !l.trim().is_empty())
+                    .map(str::to_string);
+                return LastWords::Gone(line);
+            }
+            Ok(n) => said.extend_from_slice(&chunk[..n]),
         }
     }
 }
@@ -136,7 +234,7 @@ impl Holder {
 impl Drop for Holder {
     fn drop(&mut self) {
         if self.stop.is_some() {
-            let _ = self.stop_inner(Duration::from_secs(5));
+            self.stop_inner(Duration::from_secs(5));
         }
     }
 }
@@ -190,12 +288,12 @@ pub fn prepare(spec: &ContainerSpec, opts: &PrepareOptions) -> Result<Holder, Pr
         source,
     })?;
     let mut stdin = child.stdin.take().expect("piped");
-    let stdout = child.stdout.take().expect("piped");
+    let mut stdout = child.stdout.take().expect("piped");
     let outcome = (|| {
         let mut line = serde_json::to_string(spec).map_err(io::Error::other)?;
         line.push('\n');
         stdin.write_all(line.as_bytes())?;
-        read_report(stdout, opts.timeout)
+        read_report(&mut stdout, opts.timeout)
     })();
     let finish = |mut child: Child, err: PrepareError| {
         let _ = child.kill();
@@ -211,6 +309,7 @@ pub fn prepare(spec: &ContainerSpec, opts: &PrepareOptions) -> Result<Holder, Pr
         Ok(Some(Report::Ready(ready))) => Ok(Holder {
             child,
             stop: Some(stdin),
+            report: Some(stdout),
             ready,
         }),
         Ok(Some(Report::Failed { message })) => {
@@ -239,10 +338,12 @@ fn describe(status: io::Result<ExitStatus>) -> String {
     }
 }
 
-fn read_report(stdout: ChildStdout, timeout: Duration) -> Result<Option<Report>, PrepareError> {
+fn read_report(
+    stdout: &mut ChildStdout,
+    timeout: Duration,
+) -> Result<Option<Report>, PrepareError> {
     let deadline = Instant::now() + timeout;
     let mut buf = Vec::new();
-    let mut stdout = stdout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -311,18 +412,46 @@ pub fn hold() -> i32 {
     let Some(mut container) = container else {
         return 1;
     };
-    // Nothing more goes to the caller; a holder must not keep its pipe open either.
-    if let Ok(null) = std::fs::File::open("/dev/null") {
-        let _ = sys::dup2_raw(null.as_raw_fd(), 1);
+    // stdout stays open to the caller: its end of file says the holder is gone.
+    let mut ended = wait_for_stop(&mut stdin, &mut container.squashfuse);
+    if let Some(fuse) = container.squashfuse.as_mut() {
+        // Told to stop because the tasks ended, perhaps because their image went away: say so.
+        if let Ok(Some(status)) = fuse.try_wait() {
+            container.squashfuse.take();
+            ended = Stopped::ImageServerEnded(status);
+        }
     }
-    wait_for_stop(&mut stdin);
     if let Some(mut fuse) = container.squashfuse.take() {
         // A read-only image server has nothing to flush: end it at once, so the mount (and
         // with the holder gone, the namespace) disappears without delay.
         let _ = fuse.kill();
         let _ = fuse.wait();
     }
-    0
+    match ended {
+        Stopped::Asked => 0,
+        Stopped::ImageServerEnded(status) => {
+            let last = Final::ImageServerEnded {
+                status: describe(Ok(status)),
+            };
+            let line = serde_json::to_string(&last).expect("serialises") + "\n";
+            let _ = io::stdout().lock().write_all(line.as_bytes());
+            eprintln!(
+                "ferry: error: the image server (squashfuse) ended while the container ran ({}): \
+                 the image's files are gone, so reading them fails (\"Transport endpoint is not \
+                 connected\", or a bus error); see the node's log for why it ended",
+                describe(Ok(status))
+            );
+            IMAGE_SERVER_ENDED
+        }
+    }
+}
+
+/// The holder's exit status when its squashfuse ended before the container did.
+pub const IMAGE_SERVER_ENDED: i32 = 3;
+
+enum Stopped {
+    Asked,
+    ImageServerEnded(ExitStatus),
 }
 
 fn build(spec: &ContainerSpec) -> Result<rootfs::Container, Box<dyn std::error::Error>> {
@@ -344,15 +473,17 @@ fn build(spec: &ContainerSpec) -> Result<rootfs::Container, Box<dyn std::error::
     Ok(rootfs::build(spec, inputs, inside)?)
 }
 
-/// Block until stdin reaches end of file (the caller closed it or died) or SIGTERM arrives.
-fn wait_for_stop(stdin: &mut impl BufRead) {
+/// Block until stdin reaches end of file (the caller closed it or died), SIGTERM arrives,
+/// or the image server (`squashfuse`, a child) ends.
+fn wait_for_stop(stdin: &mut impl BufRead, squashfuse: &mut Option<Child>) -> Stopped {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGTERM);
+    mask.add(Signal::SIGCHLD);
     if mask.thread_block().is_err() {
-        return;
+        return Stopped::Asked;
     }
     let Ok(sfd) = nix::sys::signalfd::SignalFd::new(&mask) else {
-        return;
+        return Stopped::Asked;
     };
     let stdin_fd = io::stdin();
     loop {
@@ -362,16 +493,25 @@ fn wait_for_stop(stdin: &mut impl BufRead) {
         ];
         match poll(&mut fds, PollTimeout::NONE) {
             Err(nix::Error::EINTR) => continue,
-            Err(_) => return,
+            Err(_) => return Stopped::Asked,
             Ok(_) => {}
         }
         if fds[1].any().unwrap_or(false) {
-            return;
+            match sfd.read_signal() {
+                Ok(Some(info)) if info.ssi_signo == libc::SIGCHLD as u32 => {
+                    if let Some(Ok(Some(status))) = squashfuse.as_mut().map(Child::try_wait) {
+                        squashfuse.take();
+                        return Stopped::ImageServerEnded(status);
+                    }
+                    continue;
+                }
+                _ => return Stopped::Asked,
+            }
         }
         if fds[0].any().unwrap_or(false) {
             let mut sink = String::new();
             match stdin.read_line(&mut sink) {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => return Stopped::Asked,
                 Ok(_) => {}
             }
         }

@@ -120,7 +120,13 @@ pub fn run(
     };
     drop(namespaces);
     let status = supervise(child, &mask);
-    let _ = holder.stop(Duration::from_secs(5));
+    let ended = holder.stop(Duration::from_secs(5));
+    if let Some(early) = ended.early {
+        // An image server's end the holder has said itself, on this stderr.
+        if !early.starts_with("the image server") {
+            eprintln!("ferry: error: {early}");
+        }
+    }
     Ok(status)
 }
 

@@ -677,9 +677,15 @@ fn save_container(step: &Step, settings: &PluginSettings) {
 fn stop_holder(step: &mut Step, why: &str) {
     step.namespaces = None;
     if let Some(holder) = step.holder.take() {
-        match holder.stop(Duration::from_secs(10)) {
-            Ok(status) => debug!("holder stopped ({why}): {status}"),
-            Err(e) => warn!("cannot stop the holder ({why}): {e}"),
+        let ended = holder.stop(Duration::from_secs(10));
+        debug!("holder stopped ({why}): {:?}", ended.status);
+        if let Some(early) = ended.early {
+            // slurmstepd forwards its errors to srun's terminal while the step lasts.
+            error!(
+                "ferry: step {}.{}: {early}",
+                step.job_id,
+                step_name(step.step_id)
+            );
         }
     }
 }
