@@ -142,12 +142,30 @@ pub fn mount_for(spec: &ContainerSpec) -> Result<Option<KernelMount>, KernelErro
     if spec.rootfs != RootfsProvider::Kernel || spec.unpacked.is_some() {
         return Ok(None);
     }
-    mount_image(&spec.image, &spec.user)
+    let owners = spec.remap_root.then_some(Owners {
+        uid: spec.user.uid,
+        gid: spec.user.gid,
+    });
+    mount_image(&spec.image, &spec.user, owners)
+}
+
+/// With `--remap-root`: the image's root-owned files appear as the user's (and so as root
+/// inside), as they do through squashfuse, whose owners the container's user namespace
+/// maps; the kernel's own mount shows the image's real ids, which that namespace lacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owners {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// Open `path` as `user` (the caller's effective uid must be theirs), then, as root, mount
-/// it with the kernel's squashfs driver through a loop device. `None` for a directory.
-pub fn mount_image(path: &Path, user: &UserInfo) -> Result<Option<KernelMount>, KernelError> {
+/// it with the kernel's squashfs driver through a loop device; with `root_owners`, an
+/// idmapped mount on which the image's uid and gid 0 are those ids. `None` for a directory.
+pub fn mount_image(
+    path: &Path,
+    user: &UserInfo,
+    root_owners: Option<Owners>,
+) -> Result<Option<KernelMount>, KernelError> {
     let euid = nix::unistd::geteuid().as_raw();
     if nix::unistd::getuid().as_raw() != 0 && euid != 0 {
         return Err(KernelError::NeedsRoot);
@@ -202,6 +220,14 @@ pub fn mount_image(path: &Path, user: &UserInfo) -> Result<Option<KernelMount>, 
     })?;
     // The superblock holds the device now; with autoclear it detaches when the mount goes.
     drop(device_fd);
+    if let Some(o) = root_owners {
+        sys::user_namespace_with_maps(&format!("0 {} 1", o.uid), &format!("0 {} 1", o.gid))
+            .and_then(|userns| sys::mount_set_idmap(mount.as_fd(), userns.as_fd()))
+            .map_err(|e| KernelError::Mount {
+                path: path.into(),
+                detail: format!("cannot map its owners for --remap-root (idmapped mount): {e}"),
+            })?;
+    }
     tracing::debug!("{} on {device}, mounted by the kernel", path.display());
     Ok(Some(KernelMount { mount, device }))
 }

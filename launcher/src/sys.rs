@@ -499,3 +499,74 @@ pub fn attach_in_private_namespace_on_exec(
         });
     }
 }
+
+/// A user namespace whose only mappings are `uid_map` and `gid_map` (`/proc/PID/uid_map`
+/// lines), for an idmapped mount: a child is cloned into a new user namespace, doing
+/// nothing but wait on a pipe; the maps are written from here, its namespace opened, and
+/// the child let go. Safe in a multi-threaded caller: the child runs no Rust code that
+/// could take a lock (`close`, `read`, then the exit system call).
+pub fn user_namespace_with_maps(uid_map: &str, gid_map: &str) -> io::Result<OwnedFd> {
+    use nix::sched::CloneFlags;
+    let (wait_r, wait_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (raw_r, raw_w) = (wait_r.as_raw_fd(), wait_w.as_raw_fd());
+    let mut stack = vec![0u8; 16 * 1024];
+    let child = Box::new(move || {
+        let mut byte = 0u8;
+        // SAFETY: close the child's copy of the write end (else the read below never ends),
+        // then read into a one-byte buffer: end of file when the parent lets go.
+        unsafe {
+            libc::close(raw_w);
+            libc::read(raw_r, (&mut byte as *mut u8).cast(), 1)
+        };
+        0
+    });
+    // SAFETY: without CLONE_VM the child has its own copy of memory; it only makes a read
+    // system call and returns, which ends it with the exit system call (no atexit handlers).
+    let pid = unsafe {
+        nix::sched::clone(
+            child,
+            &mut stack,
+            CloneFlags::CLONE_NEWUSER,
+            Some(libc::SIGCHLD),
+        )
+    }?;
+    drop(wait_r);
+    let opened = (|| {
+        let proc = format!("/proc/{pid}");
+        std::fs::write(format!("{proc}/setgroups"), "deny")?;
+        std::fs::write(format!("{proc}/uid_map"), uid_map)?;
+        std::fs::write(format!("{proc}/gid_map"), gid_map)?;
+        std::fs::File::open(format!("{proc}/ns/user")).map(OwnedFd::from)
+    })();
+    drop(wait_w);
+    let _ = nix::sys::wait::waitpid(pid, None);
+    opened
+}
+
+/// `mount_setattr(MOUNT_ATTR_IDMAP)` on a detached mount: file owners appear through the
+/// mappings of the user namespace `userns`.
+pub fn mount_set_idmap(mount: BorrowedFd<'_>, userns: BorrowedFd<'_>) -> io::Result<()> {
+    const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    // SAFETY: an empty NUL-terminated path with AT_EMPTY_PATH names `mount` itself; `attr`
+    // is a mount_attr of the size we pass, which the kernel only reads.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            mount.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
