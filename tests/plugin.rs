@@ -657,7 +657,9 @@ fn the_unpack_provider_by_option_and_as_the_site_default() {
     let lines = own_lines(&out.stderr);
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert!(
-        lines[0].contains("--container-rootfs=fancy: unknown provider (known: squashfuse, unpack)"),
+        lines[0].contains(
+            "--container-rootfs=fancy: unknown provider (known: squashfuse, unpack, kernel)"
+        ),
         "{}",
         lines[0]
     );
@@ -667,6 +669,174 @@ fn the_unpack_provider_by_option_and_as_the_site_default() {
         .args(["-R", "u+rwX"])
         .arg(named.path())
         .status();
+}
+
+/// What the `kernel` provider could leave on the host: loop devices backed by one of
+/// `images` (`losetup -a`), and squashfs mounts in the host's mount table (the provider
+/// attaches its mount only in the container's own namespace).
+fn kernel_traces(images: &[&str]) -> (Vec<String>, Vec<String>) {
+    let out = Command::new("losetup")
+        .arg("-a")
+        .output()
+        .expect("losetup runs");
+    let loops = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| images.iter().any(|i| l.contains(i)))
+        .map(str::to_string)
+        .collect();
+    let mounts = host_mounts()
+        .lines()
+        .filter(|l| l.contains(" - squashfs "))
+        .map(str::to_string)
+        .collect();
+    (loops, mounts)
+}
+
+#[test]
+fn the_kernel_provider_only_where_the_site_enables_it() {
+    let _m = exclusive_machine();
+    let plugstack = Plugstack::open();
+    let (debian, busybox) = (img("debian.sqsh"), img("busybox.sqsh"));
+    let sif = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../launcher/tests/fixtures/sif/one-group.sif"
+    );
+    let images = [debian.as_str(), busybox.as_str(), sif];
+    let (loops, host_squashfs) = kernel_traces(&images);
+    assert!(
+        loops.is_empty(),
+        "loop devices of the test images: {loops:#?}"
+    );
+    let before = node_state();
+    // The first line of the task's mountinfo is its root.
+    let root_line = "head -1 /proc/self/mountinfo";
+    let kernel_root = |line: &str| {
+        line.contains(" / / ro,nosuid,nodev") && line.contains(" - squashfs /dev/loop")
+    };
+
+    // Not enabled by the site (the default): the step is refused in one line, and a site
+    // default of rootfs=kernel without the key is a broken configuration.
+    plugstack.set_args("");
+    let out = slurm(&format!(
+        "srun -n1 --container={busybox} --container-rootfs=kernel true"
+    ));
+    assert_eq!(out.code, 125, "{}", out.stderr);
+    let lines = own_lines(&out.stderr);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains("--container-rootfs=kernel")
+            && lines[0].contains("an admin must enable it (kernel_squashfs=yes"),
+        "{}",
+        lines[0]
+    );
+    plugstack.set_args("rootfs=kernel");
+    let out = slurm(&format!("srun -n1 --container={busybox} true"));
+    assert_ne!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("`rootfs=kernel` needs `kernel_squashfs=yes`"),
+        "{}",
+        out.stderr
+    );
+
+    plugstack.set_args("kernel_squashfs=yes");
+    // The image, with the kernel's squashfs as the root (no home: every mount point is in
+    // the image, so there is no overlay over it); the site's default is still squashfuse.
+    let out = slurm(&format!(
+        "srun -n1 --container={debian} --container-rootfs=kernel --no-container-mount-home \
+         sh -c 'cat /etc/ferry-marker; {root_line}'"
+    ));
+    let text = out.ok();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "debian-image", "{text}");
+    assert!(kernel_root(lines[1]), "{text}");
+    let out = slurm(&format!(
+        "srun -n1 --container={debian} --no-container-mount-home {root_line}"
+    ));
+    assert!(out.ok().contains(" - fuse.squashfuse "), "{}", out.stdout);
+
+    // Two tasks share one container on it.
+    let out = slurm(&format!(
+        "srun -O -n2 --container={debian} --container-rootfs=kernel --no-container-mount-home \
+         sh -c 'echo $(readlink /proc/self/ns/mnt) $(head -1 /proc/self/mountinfo | cut -d\" \" -f3)'"
+    ));
+    let text = out.ok();
+    let seen: BTreeSet<&str> = text.lines().collect();
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert_eq!(seen.len(), 1, "one container, one mount: {text}");
+
+    // Even with every capability of its user namespace (remap-root), a task cannot lift
+    // the mount's nodev, nosuid or read-only flags: the kernel locked them.
+    let out = slurm(&format!(
+        "srun -n1 --container={debian} --container-rootfs=kernel --no-container-mount-home \
+         --container-remap-root sh -c 'for o in dev suid rw; do \
+         mount -o remount,bind,$o / 2>/dev/null && echo $o lifted || echo $o locked; done'"
+    ));
+    assert_eq!(
+        out.ok(),
+        "dev locked\nsuid locked\nrw locked\n",
+        "{}",
+        out.stderr
+    );
+
+    // Owners as through squashfuse: the image's root files are nobody's, or with
+    // --container-remap-root root's (an idmapped mount), and then writable on an overlay
+    // whose changes go with the step.
+    let owners = |provider: &str| {
+        slurm(&format!(
+            "for r in no-container-remap-root container-remap-root; do \
+             srun -n1 --container={debian} --container-rootfs={provider} --$r \
+             stat -c %u:%g /etc/ferry-marker; done"
+        ))
+        .ok()
+        .to_string()
+    };
+    assert_eq!(owners("kernel"), "65534:65534\n0:0\n");
+    assert_eq!(owners("kernel"), owners("squashfuse"));
+    let out = slurm(&format!(
+        "srun -n1 --container={debian} --container-rootfs=kernel --container-writable \
+         --container-remap-root sh -c 'echo changed > /etc/ferry-marker && cat /etc/ferry-marker'; \
+         srun -n1 --container={debian} --container-rootfs=kernel cat /etc/ferry-marker"
+    ));
+    assert_eq!(out.ok(), "changed\ndebian-image\n", "{}", out.stderr);
+
+    // A SIF: its squashfs partition, at its offset in the file.
+    let out = slurm(&format!(
+        "srun -n1 --container={sif} --container-rootfs=kernel \
+         --container-mounts={}/bin:/ferry-tools:ro /ferry-tools/busybox cat /hello.txt",
+        img("busybox")
+    ));
+    assert_eq!(out.ok(), "Hello from Sylabs!\n", "{}", out.stderr);
+
+    // The site's default; a step may still ask for squashfuse.
+    plugstack.set_args("kernel_squashfs=yes rootfs=kernel");
+    let out = slurm(&format!(
+        "srun -n1 --container={debian} --no-container-mount-home sh -c 'cat /etc/ferry-marker; {root_line}'; \
+         srun -n1 --container={debian} --no-container-mount-home --container-rootfs=squashfuse {root_line}"
+    ));
+    let text = out.ok();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "debian-image", "{text}");
+    assert!(kernel_root(lines[1]), "{text}");
+    assert!(lines[2].contains(" - fuse.squashfuse "), "{text}");
+    drop(plugstack);
+
+    // Nothing is left: no loop device, no squashfs mount, no process, no file.
+    let start = Instant::now();
+    let traces = loop {
+        let now = kernel_traces(&images);
+        if (now.0.is_empty() && now.1 == host_squashfs) || start.elapsed() > Duration::from_secs(5)
+        {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        traces,
+        (vec![], host_squashfs),
+        "loop devices, squashfs mounts"
+    );
+    assert_eq!(settle_to(&before, Duration::from_secs(5)), before);
 }
 
 // ---- named containers and --container-save ---------------------------------------------

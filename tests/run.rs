@@ -607,7 +607,7 @@ fn the_unpack_provider_unpacks_once_shares_read_only_and_gc_spares_trees_in_use(
     assert_eq!(bad.stderr.lines().count(), 1, "{}", bad.stderr);
     assert!(bad
         .stderr
-        .contains("--rootfs fancy: unknown provider (known: squashfuse, unpack)"));
+        .contains("--rootfs fancy: unknown provider (known: squashfuse, unpack, kernel)"));
 }
 
 #[test]
@@ -876,4 +876,100 @@ fn a_saved_gpu_container_keeps_none_of_the_hosts_driver_files() {
         "{}",
         out.stderr
     );
+}
+
+#[test]
+fn rootfs_kernel_is_for_root_and_leaves_no_loop_device() {
+    let _m = shared_machine();
+    let (debian, busybox) = (img("debian.sqsh"), img("busybox.sqsh"));
+    let sif = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../launcher/tests/fixtures/sif/one-group.sif"
+    );
+    let images = [debian.as_str(), busybox.as_str(), sif];
+    let squashfs_mounts = || -> Vec<String> {
+        host_mounts()
+            .lines()
+            .filter(|l| l.contains(" - squashfs "))
+            .map(str::to_string)
+            .collect()
+    };
+    let host_squashfs = squashfs_mounts();
+    // A user gets one line: it needs root, or the plugin where the site enables it.
+    let bad = sh(&format!("$FERRY run --rootfs kernel {busybox} true"));
+    assert_eq!(bad.code, 125, "{}", bad.stderr);
+    assert_eq!(bad.stderr.lines().count(), 1, "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("--rootfs kernel needs root")
+            && bad.stderr.contains("kernel_squashfs=yes"),
+        "{}",
+        bad.stderr
+    );
+    // An admin (root) testing it: the kernel's read-only squashfs is the root, a SIF's
+    // partition too, and --writable puts an overlay on top.
+    let as_root = |args: &[&str]| {
+        let out = Command::new(ferry_bin())
+            .arg("run")
+            .args(args)
+            .current_dir("/")
+            .output()
+            .expect("ferry runs");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let root = as_root(&[
+        "--rootfs",
+        "kernel",
+        "--no-mount-home",
+        &debian,
+        "head",
+        "-1",
+        "/proc/self/mountinfo",
+    ]);
+    assert!(
+        root.contains(" / / ro,nosuid,nodev") && root.contains(" - squashfs /dev/loop"),
+        "{root}"
+    );
+    let tools = format!("{}/bin:/ferry-tools:ro", img("busybox"));
+    let hello = as_root(&[
+        "--rootfs",
+        "kernel",
+        "-m",
+        &tools,
+        sif,
+        "/ferry-tools/busybox",
+        "cat",
+        "/hello.txt",
+    ]);
+    assert_eq!(hello, "Hello from Sylabs!\n");
+    let wrote = as_root(&[
+        "--rootfs",
+        "kernel",
+        "-w",
+        &busybox,
+        "sh",
+        "-c",
+        "echo x > /new && cat /new",
+    ]);
+    assert_eq!(wrote, "x\n");
+    // The loop devices went with their mounts; nothing was mounted in the host's namespace.
+    let start = std::time::Instant::now();
+    let left = loop {
+        let out = Command::new("losetup").arg("-a").output().expect("losetup");
+        let left: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| images.iter().any(|i| l.contains(i)))
+            .map(str::to_string)
+            .collect();
+        if left.is_empty() || start.elapsed() > Duration::from_secs(5) {
+            break left;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(left.is_empty(), "{left:#?}");
+    assert_eq!(squashfs_mounts(), host_squashfs);
 }

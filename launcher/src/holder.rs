@@ -272,6 +272,17 @@ pub fn run_as_on_exec(cmd: &mut Command, run_as: Option<Credentials>, die_with_p
 
 /// Start a holder for `spec` and wait for its report.
 pub fn prepare(spec: &ContainerSpec, opts: &PrepareOptions) -> Result<Holder, PrepareError> {
+    prepare_with(spec, opts, None)
+}
+
+/// [`prepare`], with the image already mounted by the kernel (the `kernel` provider, see
+/// [`crate::kernel`]): the holder starts in a mount namespace of its own where `kernel` is
+/// attached, and the caller's descriptor of the mount is closed once the holder runs.
+pub fn prepare_with(
+    spec: &ContainerSpec,
+    opts: &PrepareOptions,
+    kernel: Option<crate::kernel::KernelMount>,
+) -> Result<Holder, PrepareError> {
     let mut cmd = Command::new(&opts.holder_program);
     cmd.arg("hold").stdin(Stdio::piped()).stdout(Stdio::piped());
     cmd.stderr(if opts.quiet {
@@ -282,8 +293,16 @@ pub fn prepare(spec: &ContainerSpec, opts: &PrepareOptions) -> Result<Holder, Pr
     if let Some(env) = &opts.env {
         cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
     }
+    if let Some(k) = &kernel {
+        // First: it needs the root that run_as_on_exec then gives up.
+        k.attach_on_exec(&mut cmd);
+    }
     run_as_on_exec(&mut cmd, opts.run_as.clone(), opts.die_with_parent);
-    let mut child = cmd.spawn().map_err(|source| PrepareError::Spawn {
+    let spawned = cmd.spawn();
+    // The holder's namespace holds the mount now (or, on failure, nothing does, and the
+    // loop device detaches itself).
+    drop(kernel);
+    let mut child = spawned.map_err(|source| PrepareError::Spawn {
         program: opts.holder_program.clone(),
         source,
     })?;

@@ -12,6 +12,7 @@ pub mod holder;
 pub mod image;
 pub mod import;
 pub mod join;
+pub mod kernel;
 pub mod ldcache;
 pub mod mounts;
 pub mod named;

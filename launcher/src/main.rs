@@ -85,8 +85,9 @@ struct RunArgs {
     #[arg(long)]
     entrypoint: bool,
     /// How a squashfs or SIF image becomes the root filesystem: `squashfuse` (mounted,
-    /// nothing copied) or `unpack` (unpacked once into the cache and reused: no FUSE on
-    /// the read path, costs disk).
+    /// nothing copied), `unpack` (unpacked once into the cache and reused: no FUSE on
+    /// the read path, costs disk) or `kernel` (mounted by the kernel's squashfs driver;
+    /// root only: for admins testing what the plugin does where the site enables it).
     #[arg(long, value_name = "PROVIDER", default_value = "squashfuse")]
     rootfs: String,
     /// GPUs inside: `all`, `none`, or indexes (0,2: /dev/nvidia0 and /dev/nvidia2), with the
@@ -249,6 +250,13 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
                 owned_from: dir.clone(),
                 dir,
             }
+        }
+        "kernel" => {
+            // Only root may mount with the kernel's driver; users get it through the plugin.
+            if !nix::unistd::geteuid().is_root() {
+                return Err(ferry::kernel::KernelError::NeedsRoot.into());
+            }
+            RootfsProvider::Kernel
         }
         other => anyhow::bail!(
             "--rootfs {other}: unknown provider (known: {})",

@@ -42,6 +42,8 @@ pub enum RootfsError {
     Named(#[from] named::NamedError),
     #[error(transparent)]
     Gpu(#[from] gpu::GpuError),
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelError),
     #[error("cannot open the host file {path} for the container: {source}")]
     HostFile { path: PathBuf, source: io::Error },
     #[error("squashfuse not found: install it (Debian/Ubuntu: apt-get install squashfuse) or set `squashfuse=` in the plugin's plugstack.conf arguments")]
@@ -186,7 +188,8 @@ pub fn open_inputs(spec: &ContainerSpec) -> Result<Inputs, RootfsError> {
     })?;
     let kind = image::detect(&image_path, &image)?;
     // An unpacked container is a directory image from here on: the user's own copy; so is
-    // an image under the `unpack` provider, read-only and shared.
+    // an image under the `unpack` provider, read-only and shared, and the kernel's mount of
+    // it under the `kernel` provider.
     let mut hold = None;
     let (image_path, image, kind) = match (&spec.unpacked, &spec.rootfs, &kind) {
         (None, RootfsProvider::Unpack { owned_from, dir }, ImageKind::Squashfs { .. }) => {
@@ -197,6 +200,15 @@ pub fn open_inputs(spec: &ContainerSpec) -> Result<Inputs, RootfsError> {
                 source,
             })?;
             (rootfs, dir, ImageKind::Directory)
+        }
+        // Mounted by root before the holder started, in the namespace it started in.
+        (None, RootfsProvider::Kernel, ImageKind::Squashfs { .. }) => {
+            let dir = crate::kernel::open_mounted()?;
+            (
+                PathBuf::from(crate::kernel::MOUNT_DIR),
+                dir,
+                ImageKind::Directory,
+            )
         }
         (None, ..) => (image_path, image, kind),
         (Some(u), ..) => {

@@ -39,6 +39,8 @@ pub enum RunError {
     Prepare(#[from] PrepareError),
     #[error(transparent)]
     Join(#[from] JoinError),
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelError),
     #[error("{what}: {source}")]
     Os {
         what: &'static str,
@@ -60,7 +62,8 @@ pub fn run(
     argv: &[OsString],
     opts: &PrepareOptions,
 ) -> Result<i32, RunError> {
-    let holder = holder::prepare(spec, opts)?;
+    let kernel = crate::kernel::mount_for(spec)?;
+    let holder = holder::prepare_with(spec, opts, kernel)?;
     let namespaces = Namespaces::open(holder.pid())?;
     let caller = std::env::vars_os().map(|(k, v)| {
         (

@@ -61,9 +61,14 @@ pub struct PluginSettings {
     /// `insecure_registries=HOST[:PORT][,...]`: registries reached over plain http. May be
     /// given more than once; the lists add up.
     pub insecure_registries: Vec<String>,
-    /// `rootfs=squashfuse|unpack`: the root filesystem provider of steps that do not choose
-    /// one with `--container-rootfs` (default `squashfuse`).
+    /// `rootfs=squashfuse|unpack|kernel`: the root filesystem provider of steps that do not
+    /// choose one with `--container-rootfs` (default `squashfuse`; `kernel` only with
+    /// `kernel_squashfs=yes`).
     pub rootfs: String,
+    /// `kernel_squashfs=yes|no`: allow the `kernel` provider, where slurmstepd (root) mounts
+    /// the image with the kernel's squashfs driver (default `no`: the driver then never
+    /// parses a user's image).
+    pub kernel_squashfs: bool,
     /// `import_on_submit=yes|no`: srun, sbatch and salloc import registry and archive
     /// images into the user's cache before the job or step starts (default `no`). For a
     /// cache on a shared file system: one import on the submit host instead of one wait
@@ -117,6 +122,7 @@ impl Default for PluginSettings {
             registry_ca_file: None,
             insecure_registries: Vec::new(),
             rootfs: "squashfuse".to_string(),
+            kernel_squashfs: false,
             import_on_submit: false,
             gpus: GpuDefault::Auto,
             host_libs: Vec::new(),
@@ -146,8 +152,10 @@ pub enum SiteError {
     RelativeMountSource(String),
     #[error("plugstack.conf argument `insecure_registries=`: `{0}` is not HOST or HOST:PORT")]
     BadRegistry(String),
-    #[error("plugstack.conf argument `rootfs={0}`: use squashfuse or unpack")]
+    #[error("plugstack.conf argument `rootfs={0}`: use squashfuse, unpack or kernel")]
     Rootfs(String),
+    #[error("plugstack.conf argument `rootfs=kernel` needs `kernel_squashfs=yes` as well (the admin's choice to let the kernel's squashfs driver, as root, read users' images)")]
+    KernelNotEnabled,
     #[error("plugstack.conf argument `gpus={0}`: use auto, all or none")]
     Gpus(String),
     #[error("plugstack.conf argument `container_scope={0}`: use job or global")]
@@ -162,7 +170,7 @@ pub enum SiteError {
 
 const KEYS: &str =
     "ferry_bin, default_mounts, squashfuse, writable_tmpfs_size, log_level, named_dir, \
-registry_ca_file, insecure_registries, rootfs, import_on_submit, gpus, host_libs, nvidia_container_cli, container_scope";
+registry_ca_file, insecure_registries, rootfs, kernel_squashfs, import_on_submit, gpus, host_libs, nvidia_container_cli, container_scope";
 
 /// Keys that may be repeated, their values adding up.
 const LIST_KEYS: &[&str] = &["default_mounts", "insecure_registries", "host_libs"];
@@ -180,6 +188,17 @@ fn absolute(key: &str, value: &str) -> Result<PathBuf, SiteError> {
         });
     }
     Ok(PathBuf::from(value))
+}
+
+fn yes_no(key: &str, value: &str) -> Result<bool, SiteError> {
+    match value {
+        "yes" | "true" | "1" => Ok(true),
+        "no" | "false" | "0" => Ok(false),
+        _ => Err(SiteError::YesNo {
+            key: key.to_string(),
+            value: value.to_string(),
+        }),
+    }
 }
 
 impl PluginSettings {
@@ -223,18 +242,8 @@ impl PluginSettings {
                         .ok_or_else(|| SiteError::LogLevel(value.to_string()))?
                 }
                 "registry_ca_file" => s.registry_ca_file = Some(absolute(key, value)?),
-                "import_on_submit" => {
-                    s.import_on_submit = match value {
-                        "yes" | "true" | "1" => true,
-                        "no" | "false" | "0" => false,
-                        _ => {
-                            return Err(SiteError::YesNo {
-                                key: key.to_string(),
-                                value: value.to_string(),
-                            })
-                        }
-                    }
-                }
+                "import_on_submit" => s.import_on_submit = yes_no(key, value)?,
+                "kernel_squashfs" => s.kernel_squashfs = yes_no(key, value)?,
                 "gpus" => {
                     s.gpus = match value {
                         "auto" => GpuDefault::Auto,
@@ -300,6 +309,9 @@ impl PluginSettings {
                     })
                 }
             }
+        }
+        if s.rootfs == "kernel" && !s.kernel_squashfs {
+            return Err(SiteError::KernelNotEnabled);
         }
         Ok(s)
     }
@@ -463,6 +475,33 @@ mod tests {
         );
         let msg = parse(&["ferrybin=/x"]).unwrap_err().to_string();
         assert!(msg.contains("ferry_bin"), "{msg}");
+    }
+
+    #[test]
+    fn the_kernel_provider_is_the_admins_choice() {
+        assert!(!parse(&[]).unwrap().kernel_squashfs);
+        let s = parse(&["kernel_squashfs=yes"]).unwrap();
+        assert!(s.kernel_squashfs);
+        assert_eq!(s.rootfs, "squashfuse");
+        // As the site default too, in either order, but never without the key.
+        let s = parse(&["rootfs=kernel", "kernel_squashfs=yes"]).unwrap();
+        assert_eq!((s.rootfs.as_str(), s.kernel_squashfs), ("kernel", true));
+        assert_eq!(parse(&["rootfs=kernel"]), Err(SiteError::KernelNotEnabled));
+        assert_eq!(
+            parse(&["rootfs=kernel", "kernel_squashfs=no"]),
+            Err(SiteError::KernelNotEnabled)
+        );
+        assert_eq!(
+            parse(&["kernel_squashfs=maybe"]),
+            Err(SiteError::YesNo {
+                key: "kernel_squashfs".into(),
+                value: "maybe".into()
+            })
+        );
+        assert_eq!(
+            parse(&["rootfs=fancy"]),
+            Err(SiteError::Rootfs("fancy".into()))
+        );
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub struct ContainerSpec {
 }
 
 /// How a squashfs or SIF image becomes the container's root filesystem. Directory images
-/// are used as they are under either.
+/// are used as they are under each.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum RootfsProvider {
@@ -73,11 +73,15 @@ pub enum RootfsProvider {
     /// bound: no FUSE on the read path, for metadata-heavy work; costs disk and a first
     /// unpack. `owned_from` down must be the user's own directories.
     Unpack { owned_from: PathBuf, dir: PathBuf },
+    /// Mounted by the kernel's squashfs driver, read-only, nosuid, nodev, by root before the
+    /// holder starts (see [`crate::kernel`]): no FUSE, no copy. Only where the site enables
+    /// it, or for `ferry run` as root.
+    Kernel,
 }
 
 impl RootfsProvider {
     /// The names users and admins write (`--rootfs`, `--container-rootfs`, `rootfs=`).
-    pub const NAMES: &'static [&'static str] = &["squashfuse", "unpack"];
+    pub const NAMES: &'static [&'static str] = &["squashfuse", "unpack", "kernel"];
 }
 
 /// Where an unpacked container lives: `dir`, made private to the user from `owned_from` down.

@@ -234,3 +234,339 @@ pub fn signal_is_ignored(signal: nix::sys::signal::Signal) -> bool {
             && old.sa_sigaction == libc::SIG_IGN
     }
 }
+
+// ---- the `kernel` provider (see crate::kernel) -------------------------------------------
+
+/// Set only the calling thread's effective uid (the raw system call: glibc's `seteuid`
+/// changes every thread of the process). A caller whose real uid is root (slurmstepd with
+/// its effective uid dropped to the job user) takes root back for itself alone.
+pub fn set_thread_euid(uid: u32) -> io::Result<()> {
+    // SAFETY: setresuid takes integers; -1 (as u32::MAX) leaves the real and saved uid.
+    let rc = unsafe { libc::syscall(libc::SYS_setresuid, u32::MAX, uid, u32::MAX) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+const LOOP_SET_FD: libc::c_ulong = 0x4C00;
+const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+pub const LO_FLAGS_READ_ONLY: u32 = 1;
+pub const LO_FLAGS_AUTOCLEAR: u32 = 4;
+
+/// `struct loop_info64` of <linux/loop.h>.
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+/// `struct loop_config` of <linux/loop.h> (LOOP_CONFIGURE, Linux 5.8).
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+fn loop_info(offset: u64, flags: u32, name: &[u8]) -> LoopInfo64 {
+    // SAFETY: loop_info64 is plain integers and byte arrays; all-zero is "no setting".
+    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+    info.lo_offset = offset;
+    info.lo_flags = flags;
+    let n = name.len().min(info.lo_file_name.len() - 1);
+    info.lo_file_name[..n].copy_from_slice(&name[..n]);
+    info
+}
+
+/// `ioctl(LOOP_CTL_GET_FREE)` on /dev/loop-control: the number of a free loop device.
+pub fn loop_get_free(control: BorrowedFd<'_>) -> io::Result<u32> {
+    // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number or -1.
+    let rc = unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc as u32)
+}
+
+/// `ioctl(LOOP_CONFIGURE)`: back the loop device `dev` by `backing` from `offset`, with
+/// `flags` (LO_FLAGS_*), in one step; `name` is what the kernel shows as its file name.
+pub fn loop_configure(
+    dev: BorrowedFd<'_>,
+    backing: BorrowedFd<'_>,
+    offset: u64,
+    flags: u32,
+    name: &[u8],
+) -> io::Result<()> {
+    let config = LoopConfig {
+        fd: backing.as_raw_fd() as u32,
+        block_size: 0,
+        info: loop_info(offset, flags, name),
+        reserved: [0; 8],
+    };
+    // SAFETY: `config` is a fully initialised loop_config that the kernel only reads.
+    let rc = unsafe {
+        libc::ioctl(
+            dev.as_raw_fd(),
+            LOOP_CONFIGURE,
+            &config as *const LoopConfig,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The older two-step form of [`loop_configure`] (`LOOP_SET_FD`, then `LOOP_SET_STATUS64`),
+/// for kernels before 5.8. A read-only `backing` makes the device read-only. The device is
+/// released again when the second step fails.
+pub fn loop_set_fd_and_status(
+    dev: BorrowedFd<'_>,
+    backing: BorrowedFd<'_>,
+    offset: u64,
+    flags: u32,
+    name: &[u8],
+) -> io::Result<()> {
+    // SAFETY: LOOP_SET_FD takes a descriptor number.
+    let rc = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_FD, backing.as_raw_fd()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let info = loop_info(offset, flags, name);
+    // SAFETY: `info` is a fully initialised loop_info64 that the kernel only reads.
+    let rc = unsafe {
+        libc::ioctl(
+            dev.as_raw_fd(),
+            LOOP_SET_STATUS64,
+            &info as *const LoopInfo64,
+        )
+    };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        // SAFETY: LOOP_CLR_FD takes no argument.
+        unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CLR_FD, 0) };
+        return Err(err);
+    }
+    Ok(())
+}
+
+const FSOPEN_CLOEXEC: u32 = 1;
+const FSCONFIG_SET_FLAG: u32 = 0;
+const FSCONFIG_SET_STRING: u32 = 1;
+const FSCONFIG_CMD_CREATE: u32 = 6;
+const FSMOUNT_CLOEXEC: u32 = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: u32 = 4;
+
+/// `fsopen(fstype)`: a file system context, whose descriptor also carries the kernel's
+/// messages about it (see [`fs_context_messages`]).
+pub fn fsopen(fstype: &str) -> io::Result<OwnedFd> {
+    let name = CString::new(fstype).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `name` is NUL-terminated; the kernel only reads it.
+    let fd = unsafe { libc::syscall(libc::SYS_fsopen, name.as_ptr(), FSOPEN_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `fsconfig(FSCONFIG_SET_STRING, key, value)`, or `FSCONFIG_SET_FLAG` for `value: None`.
+pub fn fsconfig_set(fs: BorrowedFd<'_>, key: &str, value: Option<&str>) -> io::Result<()> {
+    let key = CString::new(key).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let value = value
+        .map(CString::new)
+        .transpose()
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let (cmd, ptr) = match &value {
+        Some(v) => (FSCONFIG_SET_STRING, v.as_ptr()),
+        None => (FSCONFIG_SET_FLAG, std::ptr::null()),
+    };
+    // SAFETY: `key` and `value` are NUL-terminated (or null for a flag); the kernel only
+    // reads them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            cmd,
+            key.as_ptr(),
+            ptr,
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `fsconfig(FSCONFIG_CMD_CREATE)` then `fsmount(attrs)`: the file system, mounted nowhere
+/// yet: a detached mount whose descriptor is returned (close-on-exec).
+pub fn fs_create_and_mount(fs: BorrowedFd<'_>, attrs: u64) -> io::Result<OwnedFd> {
+    // SAFETY: FSCONFIG_CMD_CREATE takes no key or value.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fsmount takes a descriptor and integer flags.
+    let fd = unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// The kernel's messages about a file system context (`e squashfs: ...` lines), read from
+/// its descriptor after a failed [`fsconfig_set`] or [`fs_create_and_mount`].
+pub fn fs_context_messages(fs: BorrowedFd<'_>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    for _ in 0..16 {
+        // SAFETY: `buf` is writable for its length; read fails with ENODATA when empty.
+        let n = unsafe { libc::read(fs.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        out.push(String::from_utf8_lossy(&buf[..n as usize]).into_owned());
+    }
+    out
+}
+
+/// Between fork and exec of a holder: take root back (when the real uid is root), give the
+/// child a mount namespace of its own whose mounts receive the host's changes but send none
+/// (`MS_SLAVE`), and attach the detached mount `mount_fd` at `target` there.
+pub fn attach_in_private_namespace_on_exec(
+    cmd: &mut std::process::Command,
+    mount_fd: RawFd,
+    target: CString,
+) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure makes only async-signal-safe system calls
+    // (getuid, seteuid, unshare, mount, move_mount) on data prepared before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::getuid() == 0 && libc::geteuid() != 0 && libc::seteuid(0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::unshare(libc::CLONE_NEWNS) != 0
+                || libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_SLAVE,
+                    std::ptr::null(),
+                ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            let rc = libc::syscall(
+                libc::SYS_move_mount,
+                mount_fd,
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                target.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            );
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A user namespace whose only mappings are `uid_map` and `gid_map` (`/proc/PID/uid_map`
+/// lines), for an idmapped mount: a child is cloned into a new user namespace, doing
+/// nothing but wait on a pipe; the maps are written from here, its namespace opened, and
+/// the child let go. Safe in a multi-threaded caller: the child runs no Rust code that
+/// could take a lock (`close`, `read`, then the exit system call).
+pub fn user_namespace_with_maps(uid_map: &str, gid_map: &str) -> io::Result<OwnedFd> {
+    use nix::sched::CloneFlags;
+    let (wait_r, wait_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (raw_r, raw_w) = (wait_r.as_raw_fd(), wait_w.as_raw_fd());
+    let mut stack = vec![0u8; 16 * 1024];
+    let child = Box::new(move || {
+        let mut byte = 0u8;
+        // SAFETY: close the child's copy of the write end (else the read below never ends),
+        // then read into a one-byte buffer: end of file when the parent lets go.
+        unsafe {
+            libc::close(raw_w);
+            libc::read(raw_r, (&mut byte as *mut u8).cast(), 1)
+        };
+        0
+    });
+    // SAFETY: without CLONE_VM the child has its own copy of memory; it only makes a read
+    // system call and returns, which ends it with the exit system call (no atexit handlers).
+    let pid = unsafe {
+        nix::sched::clone(
+            child,
+            &mut stack,
+            CloneFlags::CLONE_NEWUSER,
+            Some(libc::SIGCHLD),
+        )
+    }?;
+    drop(wait_r);
+    let opened = (|| {
+        let proc = format!("/proc/{pid}");
+        std::fs::write(format!("{proc}/setgroups"), "deny")?;
+        std::fs::write(format!("{proc}/uid_map"), uid_map)?;
+        std::fs::write(format!("{proc}/gid_map"), gid_map)?;
+        std::fs::File::open(format!("{proc}/ns/user")).map(OwnedFd::from)
+    })();
+    drop(wait_w);
+    let _ = nix::sys::wait::waitpid(pid, None);
+    opened
+}
+
+/// `mount_setattr(MOUNT_ATTR_IDMAP)` on a detached mount: file owners appear through the
+/// mappings of the user namespace `userns`.
+pub fn mount_set_idmap(mount: BorrowedFd<'_>, userns: BorrowedFd<'_>) -> io::Result<()> {
+    const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    // SAFETY: an empty NUL-terminated path with AT_EMPTY_PATH names `mount` itself; `attr`
+    // is a mount_attr of the size we pass, which the kernel only reads.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            mount.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

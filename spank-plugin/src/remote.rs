@@ -284,6 +284,16 @@ fn container_spec(
                 owned_from: user_dir,
             }
         }
+        // Only where the admin allows it: users cannot turn this on themselves.
+        "kernel" if settings.kernel_squashfs => RootfsProvider::Kernel,
+        "kernel" => {
+            return Err(
+                "--container-rootfs=kernel: the kernel squashfs provider is not enabled on \
+                 this cluster; an admin must enable it (kernel_squashfs=yes in plugstack.conf), \
+                 or use squashfuse or unpack"
+                    .into(),
+            )
+        }
         other => {
             return Err(format!(
                 "--container-rootfs={other}: unknown provider (known: {})",
@@ -484,7 +494,25 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
             }
         }
     }
-    match ferry::holder::prepare(&spec, &opts) {
+    // The `kernel` provider's root part: the image opened as the user (slurmstepd runs this
+    // with the user's effective uid), then loop device and mount as root (ferry::kernel).
+    let kernel = match ferry::kernel::mount_for(&spec) {
+        Ok(k) => k,
+        Err(e) => {
+            info!("step {}.{}: {e}", step.job_id, step_name(step.step_id));
+            step.failure = Some(e.to_string());
+            return;
+        }
+    };
+    if let Some(k) = &kernel {
+        debug!(
+            "step {}.{}: image on {}",
+            step.job_id,
+            step_name(step.step_id),
+            k.device()
+        );
+    }
+    match ferry::holder::prepare_with(&spec, &opts, kernel) {
         Ok(holder) => {
             let pid = holder.pid();
             match ferry::join::Namespaces::open(pid) {
