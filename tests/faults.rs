@@ -161,7 +161,7 @@ fn killing_squashfuse_or_the_holder_fails_the_task_clearly_and_ends_the_step() {
             let why = if victim.contains("squashfuse") {
                 "the image server (squashfuse) ended while the container ran"
             } else {
-                "the container's holder was killed by signal 9"
+                "the container's holder was killed while the container ran"
             };
             assert!(
                 out.stderr.contains(why),

@@ -710,7 +710,7 @@ fn stop_holder(step: &mut Step, why: &str) {
         if let Some(early) = ended.early {
             // slurmstepd forwards its errors to srun's terminal while the step lasts.
             error!(
-                "ferry: step {}.{}: {early}",
+                "step {}.{}: {early}",
                 step.job_id,
                 step_name(step.step_id)
             );
