@@ -139,6 +139,23 @@ fn assert_ring_output_over_three_nodes(run: &Run) {
     );
 }
 
+/// With the unpack provider on nodes that share `named_dir` (as this cluster's do), the
+/// first node's container, waiting in MPI_Init for the others, must not keep the other nodes
+/// from using the tree it unpacked.
+#[test]
+fn openmpi_ring_over_three_nodes_with_the_unpack_provider() {
+    // First use: the nodes find no tree and make one together.
+    let _ = std::fs::remove_dir_all(format!("/tmp/ferry-{}/unpacked", uid_of(USER)));
+    let run = srun(
+        "",
+        &format!(
+            "-N3 -n6 --ntasks-per-node=2 --mpi=pmix --container-rootfs=unpack --container={} /usr/local/bin/ring-openmpi",
+            mpi_image()
+        ),
+    );
+    assert_ring_over_three_nodes(&run);
+}
+
 #[test]
 fn openmpi_ring_over_three_nodes_with_pmix() {
     let run = srun(

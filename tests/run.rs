@@ -588,6 +588,18 @@ fn the_unpack_provider_unpacks_once_shares_read_only_and_gc_spares_trees_in_use(
     .ok();
     assert!(!std::path::Path::new(&format!("{tree}/new")).exists());
     assert!(std::path::Path::new(&format!("{tree}/bin/ls")).exists());
+    // A container using the tree does not hold up the next one: a second run starts and
+    // ends while the first is still running (they were serialised once, which deadlocked a
+    // multi-node step whose nodes share the directory).
+    let out = sh(&format!(
+        "{run} {image} sleep 4 & sleep 0.5; s=$(date +%s%N); {run} {image} true; \
+         echo $(( ($(date +%s%N) - s) / 1000000 )); wait"
+    ));
+    let ms: u64 = out.ok().trim().parse().unwrap();
+    assert!(
+        ms < 2000,
+        "the second container waited {ms} ms for the first"
+    );
     // gc leaves a tree in use alone and removes it once unused.
     let out = sh(&format!(
         "{run} {image} sleep 3 & sleep 1; $FERRY gc --cache {d}/cache; \

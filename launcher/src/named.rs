@@ -20,7 +20,12 @@ use crate::image::ImageKind;
 /// The unpacked root filesystem inside a container directory.
 pub const ROOTFS: &str = "rootfs";
 const PARTIAL: &str = "rootfs.partial";
+/// Held shared by every container that uses a tree (`unpack` provider), exclusive by gc.
 const LOCK: &str = ".lock";
+/// Held exclusive while a tree is made: a separate file, so that making one never waits for
+/// the containers that use another's (a multi-node step whose nodes share the directory
+/// would wait for itself).
+const UNPACK_LOCK: &str = ".unpack.lock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NamedError {
@@ -82,15 +87,21 @@ pub fn prepare_rootfs(
     kind: &ImageKind,
 ) -> Result<PathBuf, NamedError> {
     let rootfs = dir.join(ROOTFS);
-    let lock = File::create(dir.join(LOCK)).map_err(|source| NamedError::Create {
-        path: dir.join(LOCK),
+    // The tree appears only complete (renamed into place), so its presence needs no lock;
+    // the exclusive lock below would wait for every container that uses the tree (they hold
+    // it shared), which for a multi-node step whose nodes share this directory is forever.
+    if fs::symlink_metadata(&rootfs).is_ok_and(|m| m.is_dir()) {
+        return Ok(rootfs);
+    }
+    let lock = File::create(dir.join(UNPACK_LOCK)).map_err(|source| NamedError::Create {
+        path: dir.join(UNPACK_LOCK),
         source,
     })?;
     // Held until this function returns: the unpack is what must happen once.
     let _lock =
         nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
             NamedError::Create {
-                path: dir.join(LOCK),
+                path: dir.join(UNPACK_LOCK),
                 source: io::Error::from_raw_os_error(e as i32),
             }
         })?;
@@ -175,7 +186,15 @@ pub fn unpack_shared(
 }
 
 fn lock_file(dir: &Path, how: nix::fcntl::FlockArg) -> Result<Flock<File>, NamedError> {
-    let path = dir.join(LOCK);
+    lock_named(dir, LOCK, how)
+}
+
+fn lock_named(
+    dir: &Path,
+    name: &str,
+    how: nix::fcntl::FlockArg,
+) -> Result<Flock<File>, NamedError> {
+    let path = dir.join(name);
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -207,6 +226,13 @@ pub fn remove_unused_unpacked(root: &Path) -> io::Result<(usize, u64)> {
         }
         let Ok(_lock) = lock_file(&dir, nix::fcntl::FlockArg::LockExclusiveNonblock) else {
             continue; // in use (or not ours to lock)
+        };
+        let Ok(_making) = lock_named(
+            &dir,
+            UNPACK_LOCK,
+            nix::fcntl::FlockArg::LockExclusiveNonblock,
+        ) else {
+            continue; // being made
         };
         let bytes = tree_size(&dir);
         // Make the tree writable to us first: images hold read-only directories.

@@ -709,11 +709,7 @@ fn stop_holder(step: &mut Step, why: &str) {
         debug!("holder stopped ({why}): {:?}", ended.status);
         if let Some(early) = ended.early {
             // slurmstepd forwards its errors to srun's terminal while the step lasts.
-            error!(
-                "step {}.{}: {early}",
-                step.job_id,
-                step_name(step.step_id)
-            );
+            error!("step {}.{}: {early}", step.job_id, step_name(step.step_id));
         }
     }
 }
