@@ -217,6 +217,8 @@ class Bench:
             ("srun -n1 --container (squashfuse)", ["srun", "-n1", f"--container={s}", "true"], None),
             ("srun -n1 --container (unpack)", ["srun", "-n1", "--container-rootfs=unpack", f"--container={s}",
                                                "true"], self.reset_unpacked),
+            ("srun -n1 --container (kernel)", ["srun", "-n1", "--container-rootfs=kernel", f"--container={s}",
+                                               "true"], None),
             ("srun -n2", ["srun", "-O", "-n2", "true"], None),
             ("srun -n2 --container (squashfuse)", ["srun", "-O", "-n2", f"--container={s}", "true"], None),
         ]
@@ -281,6 +283,8 @@ class Bench:
                 ("srun --container (squashfuse)", ["srun", "-n1", f"--container={image}"] + inner),
                 ("srun --container (unpack)", ["srun", "-n1", "--container-rootfs=unpack",
                                                f"--container={image}"] + inner),
+                ("srun --container (kernel)", ["srun", "-n1", "--container-rootfs=kernel",
+                                               f"--container={image}"] + inner),
                 ("srun bare", ["srun", "-n1"] + host),
                 ("bubblewrap (unpacked dir)", ["bwrap", "--unshare-user", "--ro-bind", tree, "/", "--proc",
                                                "/proc", "--dev", "/dev"] + inner),
@@ -307,6 +311,10 @@ class Bench:
             ("ferry run (squashfuse)", [f, "run", s, "--"] + sh(two.format(r=""))),
             ("ferry run (unpack)", [f, "run", "--rootfs", "unpack", s, "--"] + sh(two.format(r=""))),
             ("srun --container (squashfuse)", ["srun", "-n1", f"--container={s}"] + sh(two.format(r=""))),
+            ("srun --container (unpack)", ["srun", "-n1", "--container-rootfs=unpack", f"--container={s}"]
+             + sh(two.format(r=""))),
+            ("srun --container (kernel)", ["srun", "-n1", "--container-rootfs=kernel", f"--container={s}"]
+             + sh(two.format(r=""))),
         ]
         for system, cmd in systems:
             self.ex.run(cmd)

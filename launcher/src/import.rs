@@ -61,6 +61,11 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> I
     }
 }
 
+/// zstd level of imported (and saved) images. mksquashfs' own default, 15, took 12.6 s for a
+/// 173 MB tree here against 0.8 s at 3, for a 13% larger image; zstd reads both equally fast,
+/// so an import should not spend its time there.
+pub const DEFAULT_ZSTD_LEVEL: u32 = 3;
+
 #[derive(Debug, Clone, Default)]
 pub struct ImportOptions {
     /// Threads for mksquashfs; default: all available.
@@ -69,6 +74,8 @@ pub struct ImportOptions {
     pub progress: bool,
     /// mksquashfs program; default: from PATH.
     pub mksquashfs: Option<PathBuf>,
+    /// zstd level of the squashfs; default [`DEFAULT_ZSTD_LEVEL`].
+    pub zstd_level: Option<u32>,
     /// How registry images are pulled.
     pub registry: crate::image::registry::ClientOptions,
 }
@@ -367,6 +374,8 @@ pub fn mksquashfs(
     cmd.arg(dir)
         .arg(out)
         .args(["-noappend", "-comp", "zstd", "-no-xattrs", "-all-root"])
+        .arg("-Xcompression-level")
+        .arg(opts.zstd_level.unwrap_or(DEFAULT_ZSTD_LEVEL).to_string())
         .arg("-processors")
         .arg(processors.to_string());
     if let Some(p) = pseudo {

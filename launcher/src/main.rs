@@ -131,6 +131,10 @@ struct ImportArgs {
     /// Also write the image as this squashfs file.
     #[arg(short = 'o', long = "output", value_name = "FILE.sqsh")]
     output: Option<PathBuf>,
+    /// zstd level of the squashfs (1-22): higher is smaller and much slower to make, no
+    /// slower to read [default: 3].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=22))]
+    zstd_level: Option<u32>,
     /// Image reference (see `ferry run --help`).
     image: String,
 }
@@ -314,6 +318,7 @@ fn import_command(args: ImportArgs) -> anyhow::Result<()> {
         tracing::warn!("--insecure only matters for registry images");
     }
     let mut opts = import_options();
+    opts.zstd_level = args.zstd_level;
     if let (true, ImageRef::Registry(r)) = (args.insecure, &image_ref) {
         opts.registry.insecure_registries.push(r.registry.clone());
     }

@@ -356,6 +356,8 @@ pub fn save(rootfs: &Path, output: &Path) -> Result<(), NamedError> {
             "-noappend",
             "-comp",
             "zstd",
+            "-Xcompression-level",
+            &crate::import::DEFAULT_ZSTD_LEVEL.to_string(),
             "-all-root",
             "-no-xattrs",
             "-quiet",
