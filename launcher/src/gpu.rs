@@ -83,10 +83,6 @@ impl GpuRequest {
             },
         }
     }
-
-    pub fn is_none(&self) -> bool {
-        matches!(self, GpuRequest::None) || matches!(self, GpuRequest::Devices(d) if d.is_empty())
-    }
 }
 
 /// Library names of the NVIDIA driver's user-space part, by prefix (as listed in the
@@ -212,7 +208,7 @@ pub fn host_files(
     let mut out = HostFiles::default();
     let (gpus, control) = nvidia_entries(host.dev);
     let shown: Vec<u32> = match request {
-        _ if request.is_none() => Vec::new(),
+        GpuRequest::None => Vec::new(),
         GpuRequest::All => {
             if gpus.is_empty() {
                 return Err(GpuError::NoGpus);
@@ -233,7 +229,6 @@ pub fn host_files(
             }
             list.clone()
         }
-        GpuRequest::None => unreachable!("handled by is_none"),
     };
     out.hidden_dev_entries = gpus
         .iter()

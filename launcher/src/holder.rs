@@ -112,8 +112,8 @@ pub struct Holder {
 /// How a holder ended.
 #[derive(Debug, Default)]
 pub struct Ended {
-    /// Why it ended on its own, for the one line the caller prints; `None`: it ended as asked.
-    pub early: Option<String>,
+    /// Why it ended on its own; `None`: it ended as asked.
+    pub early: Option<EarlyEnd>,
     /// Its exit status, where the caller could still collect it.
     pub status: Option<ExitStatus>,
 }
@@ -125,17 +125,38 @@ enum Final {
     ImageServerEnded { status: String },
 }
 
-/// The one line for a holder that ended before it was asked to.
-fn early_text(last_words: Option<&str>) -> String {
-    match last_words.and_then(|l| serde_json::from_str::<Final>(l).ok()) {
-        Some(Final::ImageServerEnded { status }) => format!(
-            "the image server (squashfuse) ended while the container ran ({status}): the \
-             image's files became unreadable (\"Transport endpoint is not connected\", or a bus \
-             error)"
-        ),
-        None => "the container's holder was killed while the container ran, and its image \
-                 mount with it: the image's files became unreadable"
-            .into(),
+/// Why a holder ended before it was asked to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EarlyEnd {
+    /// Its squashfuse ended (with this status); the holder said so on its own stderr too.
+    ImageServerEnded(String),
+    /// It went without a word: killed.
+    Killed,
+}
+
+impl EarlyEnd {
+    fn from_last_words(last_words: Option<&str>) -> EarlyEnd {
+        match last_words.and_then(|l| serde_json::from_str::<Final>(l).ok()) {
+            Some(Final::ImageServerEnded { status }) => EarlyEnd::ImageServerEnded(status),
+            None => EarlyEnd::Killed,
+        }
+    }
+}
+
+impl std::fmt::Display for EarlyEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EarlyEnd::ImageServerEnded(status) => write!(
+                f,
+                "the image server (squashfuse) ended while the container ran ({status}): the \
+                 image's files became unreadable (\"Transport endpoint is not connected\", or a \
+                 bus error)"
+            ),
+            EarlyEnd::Killed => f.write_str(
+                "the container's holder was killed while the container ran, and its image \
+                 mount with it: the image's files became unreadable",
+            ),
+        }
     }
 }
 
@@ -150,13 +171,13 @@ impl Holder {
 
     /// Whether the holder has ended on its own, and why (it should live until asked to
     /// stop); does not wait.
-    pub fn ended_early(&mut self) -> Option<String> {
+    pub fn ended_early(&mut self) -> Option<EarlyEnd> {
         let out = self.report.as_mut()?;
         match read_last_words(out, Duration::ZERO) {
             LastWords::StillRunning => None,
             LastWords::Gone(words) => {
                 self.report = None;
-                Some(early_text(words.as_deref()))
+                Some(EarlyEnd::from_last_words(words.as_deref()))
             }
         }
     }
@@ -173,7 +194,9 @@ impl Holder {
         if let Some(out) = self.report.take() {
             let mut out = out;
             match read_last_words(&mut out, grace) {
-                LastWords::Gone(Some(words)) => early = Some(early_text(Some(&words))),
+                LastWords::Gone(Some(words)) => {
+                    early = Some(EarlyEnd::from_last_words(Some(&words)))
+                }
                 LastWords::Gone(None) => {}
                 LastWords::StillRunning => {
                     let _ = self.child.kill();
@@ -449,17 +472,13 @@ pub fn hold() -> i32 {
     match ended {
         Stopped::Asked => 0,
         Stopped::ImageServerEnded(status) => {
+            let status = describe(Ok(status));
             let last = Final::ImageServerEnded {
-                status: describe(Ok(status)),
+                status: status.clone(),
             };
             let line = serde_json::to_string(&last).expect("serialises") + "\n";
             let _ = io::stdout().lock().write_all(line.as_bytes());
-            eprintln!(
-                "ferry: error: the image server (squashfuse) ended while the container ran ({}): \
-                 the image's files are gone, so reading them fails (\"Transport endpoint is not \
-                 connected\", or a bus error); see the node's log for why it ended",
-                describe(Ok(status))
-            );
+            eprintln!("ferry: error: {}", EarlyEnd::ImageServerEnded(status));
             IMAGE_SERVER_ENDED
         }
     }

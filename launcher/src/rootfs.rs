@@ -471,23 +471,7 @@ fn assemble(
     let newroot = File::open(NEW).map_err(setup("opening the new root"))?;
     write_identity_files(&newroot, spec, inside)?;
     for bind in &binds {
-        let target_fd = sys::open_in_root(newroot.as_fd(), &bind.target, libc::O_PATH, 0).map_err(
-            |source| RootfsError::Mount {
-                what: bind.what.clone(),
-                target: bind.target.clone(),
-                source,
-            },
-        )?;
-        let mounted =
-            bind_mount(&bind.source, &fd_path(&target_fd), bind.recursive).and_then(|()| {
-                if bind.flags == 0 {
-                    return Ok(());
-                }
-                // Opened again: the first descriptor names the covered directory, not the new mount.
-                let top = sys::open_in_root(newroot.as_fd(), &bind.target, libc::O_PATH, 0)?;
-                sys::mount_set_flags(&fd_path(&top), bind.flags, bind.recursive)
-            });
-        mounted.map_err(|source| RootfsError::Mount {
+        bind_into(&newroot, bind).map_err(|source| RootfsError::Mount {
             what: bind.what.clone(),
             target: bind.target.clone(),
             source,
@@ -523,6 +507,19 @@ fn assemble(
         workdir,
         start,
     })
+}
+
+/// Bind `bind.source` onto `bind.target` inside `newroot` (resolved within it), then set
+/// its mount flags.
+fn bind_into(newroot: &File, bind: &Bind) -> io::Result<()> {
+    let target_fd = sys::open_in_root(newroot.as_fd(), &bind.target, libc::O_PATH, 0)?;
+    bind_mount(&bind.source, &fd_path(&target_fd), bind.recursive)?;
+    if bind.flags == 0 {
+        return Ok(());
+    }
+    // Opened again: the first descriptor names the covered directory, not the new mount.
+    let top = sys::open_in_root(newroot.as_fd(), &bind.target, libc::O_PATH, 0)?;
+    sys::mount_set_flags(&fd_path(&top), bind.flags, bind.recursive)
 }
 
 /// Mount a tmpfs over the host's /tmp and make it the root; the host stays at /oldroot.
@@ -962,18 +959,9 @@ fn run_image_ldconfig(spec: &ContainerSpec, dirs: &[PathBuf]) -> Result<(), Stri
         .ok_or("the image has no ldconfig")?;
     let work = Path::new(FILES).join("ldconfig");
     fs::create_dir(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
-    let mut conf = String::new();
-    for d in dirs {
-        conf.push_str(&format!(
-            "{}
-",
-            d.display()
-        ));
-    }
-    conf.push_str(
-        "include /etc/ld.so.conf
-",
-    );
+    // The host's directories first, so the host's driver wins over any copy in the image.
+    let mut conf: String = dirs.iter().map(|d| format!("{}\n", d.display())).collect();
+    conf.push_str("include /etc/ld.so.conf\n");
     fs::write(work.join("ld.so.conf"), conf).map_err(|e| e.to_string())?;
     let work_dir = File::open(&work).map_err(|e| e.to_string())?;
     let log = File::create(Path::new(FILES).join("ldconfig.log")).map_err(|e| e.to_string())?;
@@ -1053,28 +1041,16 @@ fn install_loader_cache(spec: &ContainerSpec, cache: &Path) -> Result<(), String
         }
     }
     let newroot = File::open(NEW).map_err(|e| e.to_string())?;
-    let at = sys::open_in_root(
-        newroot.as_fd(),
-        Path::new("/etc/ld.so.cache"),
-        libc::O_PATH,
-        0,
-    )
-    .map_err(|e| format!("the image has no /etc/ld.so.cache to replace ({e})"))?;
-    bind_mount(cache, &fd_path(&at), false)
-        .and_then(|()| {
-            let top = sys::open_in_root(
-                newroot.as_fd(),
-                Path::new("/etc/ld.so.cache"),
-                libc::O_PATH,
-                0,
-            )?;
-            sys::mount_set_flags(
-                &fd_path(&top),
-                sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
-                false,
-            )
-        })
-        .map_err(|e| format!("cannot bind the loader cache: {e}"))
+    let bind = Bind {
+        what: "the loader cache".into(),
+        source: cache.to_path_buf(),
+        target: "/etc/ld.so.cache".into(),
+        is_dir: false,
+        recursive: false,
+        flags: sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
+    };
+    bind_into(&newroot, &bind)
+        .map_err(|e| format!("cannot bind the loader cache over /etc/ld.so.cache: {e}"))
 }
 
 fn read_from_new_root(newroot: &File, path: &str) -> String {

@@ -124,11 +124,9 @@ pub fn run(
     drop(namespaces);
     let status = supervise(child, &mask);
     let ended = holder.stop(Duration::from_secs(5));
-    if let Some(early) = ended.early {
-        // An image server's end the holder has said itself, on this stderr.
-        if !early.starts_with("the image server") {
-            eprintln!("ferry: error: {early}");
-        }
+    // An image server's end the holder has said itself, on this stderr.
+    if let Some(early @ holder::EarlyEnd::Killed) = ended.early {
+        eprintln!("ferry: error: {early}");
     }
     Ok(status)
 }

@@ -532,10 +532,7 @@ fn absolute_program(program: &Path) -> Option<PathBuf> {
     if program.components().count() > 1 || program.is_absolute() {
         return std::fs::canonicalize(program).ok().filter(|p| p.is_file());
     }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
+    ferry::image::squashfs::find_in_path(program.to_str()?)
         .and_then(|p| std::fs::canonicalize(p).ok())
 }
 
