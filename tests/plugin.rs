@@ -386,7 +386,7 @@ fn sbatch_container_applies_to_every_step_and_a_step_can_override_it() {
         dir.path.display()
     ));
     out.ok();
-    let log = std::fs::read_to_string(dir.path.join("out.txt")).unwrap();
+    let log = batch_output(&dir.path.join("out.txt"));
     assert_eq!(
         log,
         "script: on the host\ndebian-image\nbusybox-image\nbusybox-image\ndebian-image\ndebian-image\n"
@@ -397,7 +397,7 @@ fn sbatch_container_applies_to_every_step_and_a_step_can_override_it() {
         dir.path.display()
     ));
     out.ok();
-    let log = std::fs::read_to_string(dir.path.join("out2.txt")).unwrap();
+    let log = batch_output(&dir.path.join("out2.txt"));
     assert_eq!(log, "busybox-image\n");
 }
 
@@ -1429,7 +1429,7 @@ fn sbatch_container_entrypoint_applies_to_the_jobs_steps() {
         .status()
         .unwrap();
     slurm(&format!("cd {d} && sbatch --wait job.sh")).ok();
-    let log = std::fs::read_to_string(dir.path.join("out.txt")).unwrap();
+    let log = batch_output(&dir.path.join("out.txt"));
     assert_eq!(log, "entry echo step\n/opt/app\nfrom-config\ndirect\n");
 }
 

@@ -315,3 +315,19 @@ pub fn gpu_probe_dir() -> String {
     );
     dir
 }
+
+/// A batch job's output file without the notes srun prints when a step had to wait for
+/// the previous one's resources ("Job step creation temporarily disabled", "Step created
+/// for StepId=..."): those depend on timing, not on ferry.
+pub fn batch_output(path: &Path) -> String {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("batch output {}: {e}", path.display()));
+    text.lines()
+        .filter(|line| {
+            !(line.starts_with("srun: Step created for StepId=")
+                || line.starts_with("srun: Job step creation temporarily disabled")
+                || line.contains("step creation still disabled, retrying"))
+        })
+        .map(|line| format!("{line}\n"))
+        .collect()
+}
