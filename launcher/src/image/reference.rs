@@ -411,7 +411,15 @@ impl fmt::Display for RemoteRef {
         if let Some(u) = &self.user {
             write!(f, "{u}@")?;
         }
-        write!(f, "{}/{}", self.registry, self.repository)?;
+        // A registry named without a dot, a port or `localhost` (which enroot's `#` form
+        // allows) would read back as part of a Docker Hub repository after a `/`.
+        let r = &self.registry;
+        let separator = if r.contains('.') || r.contains(':') || r == "localhost" {
+            '/'
+        } else {
+            '#'
+        };
+        write!(f, "{r}{separator}{}", self.repository)?;
         if let Some(t) = &self.tag {
             write!(f, ":{t}")?;
         }
@@ -565,6 +573,25 @@ mod tests {
             ImageRef::Registry(r) => r,
             other => panic!("{s}: {other:?}"),
         }
+    }
+
+    #[test]
+    fn every_reference_prints_as_one_that_parses_back_to_it() {
+        // Found by fuzzing: enroot's `REGISTRY#IMAGE` allows a registry without a dot or
+        // port, which a `/` would turn into part of a Docker Hub repository.
+        for text in [
+            "docker://io#nvidia/pytorch:24.01",
+            "docker://user@nvcr.io#nvidia/pytorch:24.01",
+            "docker://localhost/x",
+            "ubuntu",
+        ] {
+            let r = remote(text);
+            assert_eq!(remote(&r.to_string()), r, "{text} printed as {r}");
+        }
+        assert_eq!(
+            remote("docker://io#a/b").to_string(),
+            "docker://io#a/b:latest"
+        );
     }
 
     fn err(s: &str) -> String {
