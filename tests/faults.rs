@@ -174,3 +174,277 @@ fn killing_squashfuse_or_the_holder_fails_the_task_clearly_and_ends_the_step() {
         }
     }
 }
+
+// ---- registry faults ------------------------------------------------------------------
+
+fn import_through(proxy: &FaultProxy, cache: &str, env: &str) -> (Run, Duration) {
+    let started = Instant::now();
+    let out = sh(&format!(
+        "FERRY_INSECURE_REGISTRIES=127.0.0.1:{p} {env} $FERRY import --cache {cache} \
+         docker://127.0.0.1:{p}/ferry/busybox:latest",
+        p = proxy.port
+    ));
+    (out, started.elapsed())
+}
+
+#[test]
+fn registry_faults_are_retried_with_backoff_then_reported_in_one_line() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display().to_string();
+    // Each passing fault: the import succeeds after retries and the image runs.
+    for (mode, pattern, env) in [
+        ("500", "/v2/", ""),
+        ("drop", "/blobs/", ""),
+        ("truncate", "/blobs/", ""),
+        ("stall", "/blobs/", "FERRY_REGISTRY_TIMEOUT=2"),
+    ] {
+        let cache = format!("{d}/cache-{mode}");
+        let proxy = FaultProxy::start(mode, 2, pattern);
+        let (out, took) = import_through(&proxy, &cache, env);
+        let image = out.ok().trim().to_string();
+        assert_eq!(
+            proxy.faults(),
+            2,
+            "{mode}: two requests faulted: {:?}\n{}",
+            proxy.log.lock().unwrap(),
+            out.stderr
+        );
+        // A pause before a retry (1 s; blobs are fetched in parallel, so the two faults
+        // may hit two blobs at once).
+        assert!(
+            took >= Duration::from_secs(1),
+            "{mode}: retried after {took:?}"
+        );
+        let run = sh(&format!("$FERRY run {image} cat /etc/ferry-marker"));
+        assert_eq!(run.ok(), "busybox-image\n", "{mode}");
+        assert_eq!(cache_entries(&cache), (1, 0, 0), "{mode}");
+    }
+    // A registry that keeps failing: a clear line once the retries are used up, within a
+    // bounded time, and no entry in the cache.
+    for (mode, env, words) in [
+        ("500", "FERRY_REGISTRY_RETRIES=2", "500"),
+        (
+            "stall",
+            "FERRY_REGISTRY_RETRIES=1 FERRY_REGISTRY_TIMEOUT=2",
+            "timed out",
+        ),
+    ] {
+        let cache = format!("{d}/cache-fail-{mode}");
+        let proxy = FaultProxy::start(mode, -1, "/v2/");
+        let (out, took) = import_through(&proxy, &cache, env);
+        assert_ne!(out.code, 0, "{mode}");
+        // A warning per retry, saying when the next try comes, then the error.
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        let (error, retries) = lines.split_last().unwrap();
+        assert!(
+            error.starts_with("ferry: error: ")
+                && error.contains(&format!("127.0.0.1:{}", proxy.port))
+                && error.contains(words),
+            "{mode}: {}",
+            out.stderr
+        );
+        assert!(
+            retries
+                .iter()
+                .all(|l| l.contains(" WARN ") && l.contains("trying again in")),
+            "{mode}: {}",
+            out.stderr
+        );
+        assert!(
+            !out.stderr.contains('\x1b'),
+            "{mode}: colour codes in a log"
+        );
+        assert!(
+            took < Duration::from_secs(30),
+            "{mode}: gave up after {took:?}"
+        );
+        if mode == "500" {
+            // Backoff: 1 s before the first retry, 2 s before the second.
+            assert!(
+                took >= Duration::from_secs(3),
+                "{mode}: gave up after {took:?}"
+            );
+        }
+        assert_eq!(cache_entries(&cache).0, 0, "{mode}");
+        assert!(
+            dir_entries(&format!("{cache}/images")).is_empty(),
+            "{mode}: {:?}",
+            dir_entries(&format!("{cache}/images"))
+        );
+    }
+}
+
+// ---- Slurm: scancel, time limits, slurmd restarts ------------------------------------
+
+/// The port plugstack.conf's `insecure_registries` lists for these tests.
+const PLUGIN_PROXY_PORT: u16 = 15009;
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn user_jobs(name: &str) -> String {
+    sh(&format!("squeue -h -u $USER -n {name} -o '%i %T'")).stdout
+}
+
+/// Run `script` as the test user on a thread: for commands that must be interrupted.
+fn in_background(script: String) -> std::thread::JoinHandle<(Run, Instant)> {
+    std::thread::spawn(move || {
+        let out = sh(&script);
+        (out, Instant::now())
+    })
+}
+
+#[test]
+fn scancel_and_time_limits_during_setup_and_run_leave_nothing_behind() {
+    let _m = exclusive_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display().to_string();
+    let busybox = image("busybox.sqsh").display().to_string();
+    // Setup that never ends by itself: an import whose blob downloads stall.
+    let proxy = FaultProxy::start_on("stall", -1, "/blobs/", &PLUGIN_PROXY_PORT.to_string());
+    // An image no cache holds, pushed under a name of this test's own.
+    let registry = std::env::var("FERRY_TEST_REGISTRY")
+        .expect("FERRY_TEST_REGISTRY is not set: integration/test starts the test registry");
+    let name = format!("ferry/setup-{}:v1", std::process::id());
+    sh(&format!(
+        "cd {d} && {MAKE_CONFIGURED_LAYOUT}\n skopeo --insecure-policy copy -q \
+         --dest-tls-verify=false oci:{d}/layout:v1 docker://{registry}/{name}"
+    ))
+    .ok();
+    let stalled = format!("docker://127.0.0.1:{PLUGIN_PROXY_PORT}/{name}");
+    let cache = format!("/home/{USER}/.cache/ferry");
+    let before = node_state();
+    let cache_before = tree_listing_of(&cache);
+
+    // scancel while the container is being set up.
+    let srun = in_background(format!(
+        "srun -n1 -J ferry-setup-cancel --container={stalled} true"
+    ));
+    wait_for(
+        "the import reaching a blob",
+        Duration::from_secs(60),
+        || proxy.faults() >= 1,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let cancelled = Instant::now();
+    sh("scancel -u $USER -n ferry-setup-cancel").ok();
+    let (out, ended) = srun.join().unwrap();
+    // (srun 22.05 exits 0 for a step cancelled before it completely launched.)
+    assert!(
+        out.code != 0 || out.stderr.contains("aborted"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        ended - cancelled < Duration::from_secs(20),
+        "srun ended {:?} after scancel",
+        ended - cancelled
+    );
+
+    // Time limits: one job stalls in setup, one runs a long command; a one-minute limit
+    // ends both.
+    let faults = proxy.faults();
+    for (name, command) in [
+        ("ferry-limit-setup", format!("--container={stalled} true")),
+        (
+            "ferry-limit-run",
+            format!("--container={busybox} sleep 600"),
+        ),
+    ] {
+        sh(&format!(
+            "sbatch -J {name} --time=1 -o {d}/{name}.out --wrap 'srun -n1 {command}'"
+        ))
+        .ok();
+    }
+    wait_for("both jobs running", Duration::from_secs(60), || {
+        user_jobs("ferry-limit-setup,ferry-limit-run")
+            .lines()
+            .filter(|l| l.ends_with("RUNNING"))
+            .count()
+            == 2
+    });
+    wait_for("the setup job's import", Duration::from_secs(60), || {
+        proxy.faults() > faults
+    });
+    wait_for("the time limit", Duration::from_secs(180), || {
+        user_jobs("ferry-limit-setup,ferry-limit-run")
+            .trim()
+            .is_empty()
+    });
+    for name in ["ferry-limit-setup", "ferry-limit-run"] {
+        let log = std::fs::read_to_string(format!("{d}/{name}.out")).unwrap();
+        assert!(log.contains("DUE TO TIME LIMIT"), "{name}: {log}");
+    }
+    drop(proxy);
+
+    let after = settle_to(&before, Duration::from_secs(20));
+    assert_eq!(after, before, "the node is as before");
+    let now = tree_listing_of(&cache);
+    let added: Vec<&String> = now.iter().filter(|p| !cache_before.contains(p)).collect();
+    assert!(
+        added.is_empty(),
+        "the stopped imports left files in the cache: {added:?}"
+    );
+}
+
+#[test]
+fn a_slurmd_restart_during_a_container_step_leaves_it_running_and_nothing_behind() {
+    let _m = exclusive_machine();
+    let busybox = image("busybox.sqsh").display().to_string();
+    let before = node_state();
+    let step = in_background(format!(
+        "srun -n1 -J ferry-slurmd-restart --container={busybox} \
+         sh -c 'sleep 5; cat /etc/ferry-marker'"
+    ));
+    wait_for("the step running", Duration::from_secs(30), || {
+        sh("squeue -h -s -u $USER -n ferry-slurmd-restart")
+            .stdout
+            .contains(".0")
+    });
+    let restart = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../integration/cluster"
+    ))
+    .arg("restart-slurmd")
+    .output()
+    .unwrap();
+    assert!(
+        restart.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restart.stderr)
+    );
+    let (out, _) = step.join().unwrap();
+    assert_eq!(out.ok(), "busybox-image\n", "{}", out.stderr);
+    // The restarted slurmd runs new container steps.
+    let out = sh(&format!(
+        "srun -n1 --container={busybox} cat /etc/ferry-marker"
+    ));
+    assert_eq!(out.ok(), "busybox-image\n");
+    let after = settle_to(&before, Duration::from_secs(20));
+    assert_eq!(after, before, "the node is as before");
+}
+
+fn tree_listing_of(dir: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![std::path::PathBuf::from(dir)];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() && !p.is_symlink() {
+                stack.push(p.clone());
+            }
+            // Per-digest lock files are empty and stay by design.
+            if !p.starts_with(format!("{dir}/locks")) {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}

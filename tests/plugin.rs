@@ -62,55 +62,6 @@ fn own_lines(stderr: &str) -> Vec<&str> {
         .collect()
 }
 
-/// The things a container step could leave on the node: the user's live processes, the
-/// host's mounts of FUSE/overlay file systems, entries in /tmp and /dev/shm.
-#[derive(Debug, PartialEq, Eq)]
-struct NodeState {
-    processes: Vec<String>,
-    mounts: Vec<String>,
-    tmp: Vec<String>,
-    shm: Vec<String>,
-}
-
-/// Entries of `dir` that belong to the test user.
-fn owned_entries(dir: &str) -> Vec<String> {
-    use std::os::unix::fs::MetadataExt;
-    let uid = uid_of(USER);
-    dir_entries(dir)
-        .into_iter()
-        .filter(|name| {
-            std::fs::symlink_metadata(std::path::Path::new(dir).join(name))
-                .is_ok_and(|m| m.uid() == uid)
-        })
-        .collect()
-}
-
-fn node_state() -> NodeState {
-    let mounts = host_mounts()
-        .lines()
-        .filter(|l| l.contains("fuse") || l.contains("overlay") || l.contains("ferry"))
-        .map(str::to_string)
-        .collect();
-    NodeState {
-        processes: live_processes(USER),
-        mounts,
-        tmp: owned_entries("/tmp"),
-        shm: owned_entries("/dev/shm"),
-    }
-}
-
-/// Wait up to `limit` for the node to return to `before`; return the last state seen.
-fn settle_to(before: &NodeState, limit: Duration) -> NodeState {
-    let start = Instant::now();
-    loop {
-        let now = node_state();
-        if &now == before || start.elapsed() > limit {
-            return now;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn daemon_pids() -> Vec<String> {
     let out = Command::new("pgrep")
         .args(["-x", "slurmd|slurmctld"])

@@ -105,6 +105,25 @@ impl WorkArea {
     }
 }
 
+/// This process's work areas, for [`remove_live_work_areas`] when a signal ends it.
+static LIVE_WORK_AREAS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+impl Drop for WorkArea {
+    fn drop(&mut self) {
+        let mut live = LIVE_WORK_AREAS.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|p| p != self.dir.path());
+    }
+}
+
+/// Remove the work areas this process holds: what a `scancel`, a time limit or Ctrl-C
+/// would otherwise leave until the next import or gc. Returns how many went.
+pub fn remove_live_work_areas() -> usize {
+    let live = LIVE_WORK_AREAS.lock().unwrap_or_else(|e| e.into_inner());
+    live.iter()
+        .filter(|p| fs::remove_dir_all(p).is_ok())
+        .count()
+}
+
 #[derive(Debug, Default)]
 pub struct GcReport {
     pub removed: Vec<Entry>,
@@ -292,6 +311,10 @@ impl Cache {
         let lock = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| {
             io_err("lock a work area", &tmp)(io::Error::from_raw_os_error(e as i32))
         })?;
+        LIVE_WORK_AREAS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(dir.path().to_path_buf());
         Ok(WorkArea { dir, _lock: lock })
     }
 

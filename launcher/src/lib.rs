@@ -4,6 +4,7 @@
 //! thin front ends over [`holder::prepare`] and [`join::join`].
 
 pub mod cache;
+pub mod cgroup;
 pub mod doctor;
 pub mod entrypoint;
 pub mod env;
@@ -12,6 +13,7 @@ pub mod gpu;
 pub mod holder;
 pub mod image;
 pub mod import;
+pub mod job_state;
 pub mod join;
 pub mod kernel;
 pub mod ldcache;

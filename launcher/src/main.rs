@@ -181,7 +181,10 @@ fn main() {
             }
         }
         Command::Doctor(args) => ferry::doctor::main(&args),
-        Command::Import(args) => report(import_command(args).map(|()| 0)),
+        Command::Import(args) => {
+            clean_up_on_termination();
+            report(import_command(args).map(|()| 0))
+        }
         Command::Images(args) => report(images_command(args).map(|()| 0)),
         Command::Gc(args) => report(gc_command(args).map(|()| 0)),
         Command::Inspect(args) => report(inspect_command(args).map(|()| 0)),
@@ -196,6 +199,8 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        // Batch jobs' output files get plain text, not colour codes.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -217,7 +222,41 @@ fn open_cache(args: &CacheArgs) -> anyhow::Result<Cache> {
     Ok(Cache::open(&root)?)
 }
 
-fn import_options() -> ImportOptions {
+/// On SIGTERM, SIGINT or SIGHUP (scancel, a time limit, Ctrl-C), remove this import's
+/// partial files before exiting. The signals are blocked here, before any other thread
+/// starts, and taken by one thread; the programs ferry starts get the default mask back
+/// (std resets it on spawn).
+fn clean_up_on_termination() {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(sig);
+    }
+    if set.thread_block().is_err() {
+        return;
+    }
+    std::thread::spawn(move || {
+        if let Ok(sig) = set.wait() {
+            let removed = ferry::cache::remove_live_work_areas();
+            eprintln!("ferry: error: stopped by {sig}; removed {removed} partial work area(s)");
+            std::process::exit(128 + sig as i32);
+        }
+    });
+}
+
+/// A whole number from the environment; unset or empty is None.
+fn env_number(name: &str) -> anyhow::Result<Option<u64>> {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a whole number (e.g. {name}=3)")),
+        _ => Ok(None),
+    }
+}
+
+fn import_options() -> anyhow::Result<ImportOptions> {
     let mut opts = ImportOptions {
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         ..ImportOptions::default()
@@ -225,6 +264,14 @@ fn import_options() -> ImportOptions {
     // A site registry's private CA (the plugin passes the site's registry_ca_file).
     if let Some(ca) = std::env::var_os("FERRY_REGISTRY_CA_FILE").filter(|v| !v.is_empty()) {
         opts.registry.ca_file = Some(ca.into());
+    }
+    // How hard to try a flaky registry (enroot's ENROOT_TRANSFER_RETRIES/_TIMEOUT).
+    if let Some(n) = env_number("FERRY_REGISTRY_RETRIES")? {
+        opts.registry.retries = n as u32;
+    }
+    if let Some(secs) = env_number("FERRY_REGISTRY_TIMEOUT")? {
+        opts.registry.read_timeout = std::time::Duration::from_secs(secs.max(1));
+        opts.registry.connect_timeout = opts.registry.read_timeout;
     }
     // Registries to reach over plain http (a test or site registry without TLS).
     if let Ok(list) = std::env::var("FERRY_INSECURE_REGISTRIES") {
@@ -235,7 +282,7 @@ fn import_options() -> ImportOptions {
                 .map(str::to_string),
         );
     }
-    opts
+    Ok(opts)
 }
 
 fn run_command(args: RunArgs) -> anyhow::Result<i32> {
@@ -271,7 +318,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
         (path.clone(), None)
     } else {
         let cache = open_cache(&args.cache)?;
-        let imported = import::import(&image_ref, &cache, &import_options())?;
+        let imported = import::import(&image_ref, &cache, &import_options()?)?;
         let held = match &imported.entry {
             Some(e) => Some(cache.hold(&e.digest)?),
             None => None,
@@ -317,7 +364,7 @@ fn import_command(args: ImportArgs) -> anyhow::Result<()> {
     if args.insecure && !matches!(image_ref, ImageRef::Registry(_)) {
         tracing::warn!("--insecure only matters for registry images");
     }
-    let mut opts = import_options();
+    let mut opts = import_options()?;
     opts.zstd_level = args.zstd_level;
     if let (true, ImageRef::Registry(r)) = (args.insecure, &image_ref) {
         opts.registry.insecure_registries.push(r.registry.clone());

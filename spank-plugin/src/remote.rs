@@ -79,15 +79,125 @@ fn run_ferry_as_user(
         .envs(env.iter().copied())
         .stdin(std::process::Stdio::null());
     ferry::holder::run_as_on_exec(&mut cmd, Some(step.credentials()), false);
-    let out = cmd
-        .output()
+    // Its own process group: stopping it stops what it started (mksquashfs) too.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .map_err(|e| format!("cannot run {}: {e}", settings.ferry_bin.display()))?;
+    // Killed with the step once it has started, by Slurm...
+    ferry::cgroup::join_step_freezer(child.id(), &step_name(step.step_id));
+    // ...and before that by us, when the job ends while it runs.
+    let out = wait_unless_job_ended(step, child)
+        .map_err(|e| format!("cannot run {}: {e}", settings.ferry_bin.display()))?
+        .map_err(|state| {
+            format!(
+                "the job ended ({state}) while ferry {} ran",
+                args[0].to_string_lossy()
+            )
+        })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let line = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
         return Err(line.trim_start_matches("ferry: error: ").to_string());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// How often a long-running helper checks that its job still runs.
+const JOB_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Wait for `child`, collecting its output; every [`JOB_CHECK_INTERVAL`] ask Slurm
+/// (`scontrol`, as the user) whether the job has ended, and if so kill the child and
+/// return the job's state.
+fn wait_unless_job_ended(
+    step: &Step,
+    mut child: std::process::Child,
+) -> std::io::Result<Result<std::process::Output, String>> {
+    use std::io::Read;
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let mut next_check = std::time::Instant::now() + JOB_CHECK_INTERVAL;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() >= next_check {
+            if let Some(state) = job_ended(step) {
+                stop_group(&mut child);
+                return Ok(Err(state));
+            }
+            next_check = std::time::Instant::now() + JOB_CHECK_INTERVAL;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(Ok(std::process::Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }))
+}
+
+/// How long a stopped helper gets to remove its partial files before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// SIGTERM to the child's process group (ferry import then removes its work areas), and
+/// SIGKILL to what is left after [`STOP_GRACE`].
+fn stop_group(child: &mut std::process::Child) {
+    use nix::sys::signal::{killpg, Signal};
+    let group = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = killpg(group, Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + STOP_GRACE;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            let _ = killpg(group, Signal::SIGKILL);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = killpg(group, Signal::SIGKILL);
+    let _ = child.wait();
+}
+
+/// The job's state if Slurm says it is over; `None` while it runs or when scontrol cannot
+/// tell (not installed, controller busy): then the helper is simply waited for.
+fn job_ended(step: &Step) -> Option<String> {
+    let mut cmd = std::process::Command::new("scontrol");
+    cmd.args(["-o", "show", "job", &step.job_id.to_string()])
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    if let Some(conf) = std::env::var_os("SLURM_CONF") {
+        cmd.env("SLURM_CONF", conf);
+    }
+    ferry::holder::run_as_on_exec(&mut cmd, Some(step.credentials()), false);
+    let out = cmd.output().ok()?;
+    let state = ferry::job_state::ended_state(&String::from_utf8_lossy(&out.stdout));
+    if let Some(s) = &state {
+        info!("job {} is {s}: stopping its setup", step.job_id);
+    }
+    state
 }
 
 fn step_name(step_id: u32) -> String {

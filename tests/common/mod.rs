@@ -331,3 +331,106 @@ pub fn batch_output(path: &Path) -> String {
         .map(|line| format!("{line}\n"))
         .collect()
 }
+
+/// The things a container step could leave on the node: the user's live processes, the
+/// host's mounts of FUSE/overlay file systems, entries in /tmp and /dev/shm.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NodeState {
+    pub processes: Vec<String>,
+    pub mounts: Vec<String>,
+    pub tmp: Vec<String>,
+    pub shm: Vec<String>,
+}
+
+/// Entries of `dir` that belong to the test user.
+pub fn owned_entries(dir: &str) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = uid_of(USER);
+    dir_entries(dir)
+        .into_iter()
+        .filter(|name| {
+            std::fs::symlink_metadata(std::path::Path::new(dir).join(name))
+                .is_ok_and(|m| m.uid() == uid)
+        })
+        .collect()
+}
+
+pub fn node_state() -> NodeState {
+    let mounts = host_mounts()
+        .lines()
+        .filter(|l| l.contains("fuse") || l.contains("overlay") || l.contains("ferry"))
+        .map(str::to_string)
+        .collect();
+    NodeState {
+        processes: live_processes(USER),
+        mounts,
+        tmp: owned_entries("/tmp"),
+        shm: owned_entries("/dev/shm"),
+    }
+}
+
+/// Wait up to `limit` for the node to return to `before`; return the last state seen.
+pub fn settle_to(before: &NodeState, limit: Duration) -> NodeState {
+    let start = Instant::now();
+    loop {
+        let now = node_state();
+        if &now == before || start.elapsed() > limit {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `tests/fault_proxy.py` in front of the test registry, faulting `count` requests whose
+/// path holds `pattern`; killed when dropped.
+pub struct FaultProxy {
+    child: std::process::Child,
+    pub port: u16,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FaultProxy {
+    pub fn start(mode: &str, count: i32, pattern: &str) -> FaultProxy {
+        Self::start_on(mode, count, pattern, "0")
+    }
+
+    /// On a fixed `[HOST:]PORT`: the plugin's registries must be listed in plugstack.conf,
+    /// and integration/test lists 127.0.0.1:15009 and 10.251.17.1:15009 as insecure.
+    pub fn start_on(mode: &str, count: i32, pattern: &str, listen: &str) -> FaultProxy {
+        use std::io::BufRead;
+        let upstream = std::env::var("FERRY_TEST_REGISTRY")
+            .expect("FERRY_TEST_REGISTRY is not set: `integration/registry up` and its env");
+        let mut child = Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/fault_proxy.py"))
+            .args([&upstream, mode, &count.to_string(), pattern, listen])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let port: u16 = lines.next().unwrap().unwrap().trim().parse().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        FaultProxy { child, port, log }
+    }
+
+    pub fn faults(&self) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with("FAULT"))
+            .count()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, FileTimes};
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
@@ -578,7 +578,7 @@ impl Unpacker {
         )
         .map_err(write_err(path))?;
         let mut file = File::from(fd);
-        io::copy(content, &mut file).map_err(|e| {
+        copy_keeping_holes(content, &mut file).map_err(|e| {
             // A short or corrupt stream is the layer's fault, not the disk's.
             if matches!(
                 e.kind(),
@@ -780,6 +780,36 @@ impl Unpacker {
     }
 }
 
+/// Copy a file's content, leaving runs of zeros as holes: a layer's sparse file (a tar
+/// stores only its data) must not become its full size on disk, and a hostile layer with a
+/// terabyte-sized sparse entry must not fill the cache's file system.
+fn copy_keeping_holes<R: Read>(content: &mut R, file: &mut File) -> io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 16];
+    let mut len = 0u64;
+    let mut ends_in_hole = false;
+    loop {
+        let n = match content.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let chunk = &buf[..n];
+        if chunk.iter().all(|&b| b == 0) {
+            file.seek(SeekFrom::Current(n as i64))?;
+            ends_in_hole = true;
+        } else {
+            file.write_all(chunk)?;
+            ends_in_hole = false;
+        }
+        len += n as u64;
+    }
+    if ends_in_hole {
+        file.set_len(len)?;
+    }
+    Ok(len)
+}
+
 fn parts_depth(path: &Path) -> usize {
     path.components().count()
 }
@@ -877,6 +907,24 @@ mod tests {
         let root = t.path().join("root");
         std::fs::create_dir(&root).unwrap();
         (t, root)
+    }
+
+    #[test]
+    fn runs_of_zeros_stay_holes_on_disk() {
+        let (_t, root) = tree();
+        let mut body = vec![0u8; 8 << 20];
+        body[4 << 20] = b'x';
+        let end = body.len() - 1;
+        body[end] = 0;
+        apply(&root, &[Layer::new().file("sparse", &body, 0o644).bytes()]).unwrap();
+        let m = root.join("sparse").metadata().unwrap();
+        assert_eq!(m.len(), 8 << 20);
+        assert!(
+            m.blocks() * 512 <= 1 << 20,
+            "{} bytes on disk",
+            m.blocks() * 512
+        );
+        assert_eq!(std::fs::read(root.join("sparse")).unwrap(), body);
     }
 
     #[test]

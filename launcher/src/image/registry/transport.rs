@@ -546,7 +546,10 @@ fn classify(e: ureq::Error, url: &str) -> Attempt {
             what: "a request".into(),
             detail: e.to_string(),
         }),
-        // Refused or reset connections, timeouts, garbled responses: all can pass.
+        ureq::Error::Timeout(which) => retry(format!(
+            "{host}: timed out ({which}; FERRY_REGISTRY_TIMEOUT=SECONDS allows longer)"
+        )),
+        // Refused or reset connections, garbled responses: all can pass.
         other => retry(format!("{host}: {other}")),
     }
 }
