@@ -95,7 +95,8 @@ fn make_cases(dir: &Path) -> Vec<Case> {
 
 #[test]
 fn hostile_images_are_refused_in_one_line_and_change_nothing() {
-    let _m = shared_machine();
+    // Alone: it checks the user's processes and the host's mounts.
+    let _m = exclusive_machine();
     let dir = UserDir::new(USER);
     let d = dir.path.display().to_string();
     let cases = make_cases(&dir.path);
