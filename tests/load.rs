@@ -28,7 +28,12 @@ fn pids_of(name: &str) -> Vec<u32> {
 fn daemons() -> Daemons {
     // The single-node cluster's slurmd, from its pid file beside its slurm.conf.
     let conf = std::env::var("SLURM_CONF").expect("SLURM_CONF is not set: integration/test");
-    let run = Path::new(&conf).parent().unwrap().parent().unwrap().join("run/slurmd.pid");
+    let run = Path::new(&conf)
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("run/slurmd.pid");
     let pid: u32 = std::fs::read_to_string(&run)
         .unwrap_or_else(|e| panic!("{}: {e}", run.display()))
         .trim()

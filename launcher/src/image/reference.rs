@@ -379,7 +379,11 @@ impl RemoteRef {
         };
         check_repository(repository)?;
         let repository = if registry == DOCKER_HUB && !repository.contains('/') {
-            format!("library/{repository}")
+            // Checked again as the registry sees it (found by fuzzing: a 250-character
+            // name passed, then its printed form did not parse).
+            let full = format!("library/{repository}");
+            check_repository(&full)?;
+            full
         } else {
             repository.to_string()
         };
@@ -592,6 +596,9 @@ mod tests {
             remote("docker://io#a/b").to_string(),
             "docker://io#a/b:latest"
         );
+        // Docker Hub's `library/` counts towards the 255 characters.
+        let name = "a".repeat(250);
+        assert!(ImageRef::parse(&format!("docker://{name}"), Path::new("/")).is_err());
     }
 
     fn err(s: &str) -> String {
