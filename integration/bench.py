@@ -510,27 +510,34 @@ class Bench:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), dpi=100, sharey=True)
         systems = []
         for r in self.results:
-            if r["workload"] == "start" and r["mode"] == "warm" and r["system"] not in systems:
+            if r["workload"] == "start" and r["system"] not in systems:
                 systems.append(r["system"])
-        for system in systems:
-            pts = []
-            for img in self.images:
-                r = self.row("start", system, img["label"], "warm")
-                if r:
-                    pts.append((img["mb"], r["median"]))
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("image size (MB, squashfs)")
-        ax.set_ylabel("warm start of `true` (ms, median)")
-        ax.set_title("Start time against image size" + (" (smoke run)" if self.smoke else ""))
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
-        fig.tight_layout()
+        colours = plt.get_cmap("tab20")
+        for ax, mode in zip(axes, ("warm", "cold")):
+            for i, system in enumerate(systems):
+                pts = []
+                for img in self.images:
+                    r = self.row("start", system, img["label"], mode)
+                    if r:
+                        pts.append((img["mb"], r["median"]))
+                if not pts:
+                    continue
+                ours = "ferry" in system or "--container" in system
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if ours else "s",
+                        linestyle="-" if ours else "--", linewidth=2 if ours else 1.2,
+                        color=colours(i % 20), label=system)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("image size (MB, squashfs)")
+            ax.set_title(f"{mode} start of `true`" + (" (smoke run)" if self.smoke else ""))
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0].set_ylabel("median of the runs (ms)")
+        handles, labels = axes[1].get_legend_handles_labels()
+        fig.legend(handles, labels, fontsize=8, loc="center right")
+        fig.tight_layout(rect=(0, 0, 0.75, 1))
         fig.savefig(os.path.join(self.args.out, "start-vs-size.png"))
 
 
