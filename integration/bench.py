@@ -114,6 +114,13 @@ class Bench:
         shutil.chown(self.cache, USER, USER)
         os.chmod(env["XDG_RUNTIME_DIR"], 0o700)
         self.ex = Executor(env)
+        # podman's own storage, kept between runs like the unpacked trees, with the overlay
+        # driver (its default here was vfs, which copies the whole image per container).
+        store = os.path.join(os.path.dirname(args.out.rstrip("/")), ".bench-podman")
+        os.makedirs(store, exist_ok=True)
+        shutil.chown(store, USER, USER)
+        self.podman = ["podman", "--root", store, "--runroot", os.path.join(self.user_dir, "podman-run"),
+                       "--storage-driver", "overlay", "--runtime=runc", "--cgroup-manager=cgroupfs"]
         self.images = self.pick_images()
 
     # ---- images and trees -------------------------------------------------------------
@@ -206,8 +213,8 @@ class Bench:
                 ("ch-run (unpacked dir)", ["ch-run", t, "--", "true"], None),
                 ("ch-run (squashfs)", ["ch-run", s, "--", "true"], None),
                 # crun refuses this machine's v1/v2 hybrid cgroups; Debian's runc runs.
-                ("podman run", ["podman", "--runtime=runc", "--cgroup-manager=cgroupfs", "run", "--rm",
-                                "--network=host", self.podman_name(img), "true"], None),
+                ("podman run", self.podman + ["run", "--rm", "--network=host", self.podman_name(img), "true"],
+                 None),
             ]
         return systems
 
@@ -234,9 +241,10 @@ class Bench:
             return
         for img in self.images:
             name = self.podman_name(img)
-            if self.ex.run(["podman", "image", "exists", name])["rc"] != 0:
+            if self.ex.run(self.podman + ["image", "exists", name])["rc"] != 0:
+                podman = " ".join(self.podman)
                 r = self.ex.run(["bash", "-o", "pipefail", "-c",
-                                 f"tar -C {img['tree']} -c . | podman import -q - {name}"], timeout=1800)
+                                 f"tar -C {img['tree']} -c . | {podman} import -q - {name}"], timeout=1800)
                 if r["rc"] != 0:
                     self.notes.append(f"podman import of {img['label']} failed: {r['err'].strip()[-200:]}")
 
