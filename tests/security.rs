@@ -452,3 +452,47 @@ fn the_jobs_environment_cannot_change_what_slurmstepd_runs() {
     let left = leftovers_after(USER, Duration::from_secs(5));
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+#[test]
+fn a_path_swapped_for_a_symlink_while_ferry_starts_never_reaches_the_target() {
+    let _m = shared_machine();
+    // The other user's private file, and the test user's own directory of the same shape.
+    let secret = UserDir::new(OTHER_USER);
+    let s = secret.path.display().to_string();
+    std::fs::create_dir(secret.path.join("data")).unwrap();
+    std::fs::write(secret.path.join("data/file"), "SECRET\n").unwrap();
+    Command::new("chown")
+        .args(["-R", &format!("{OTHER_USER}:")])
+        .arg(&secret.path)
+        .status()
+        .unwrap();
+    Command::new("chmod")
+        .arg("0700")
+        .arg(&secret.path)
+        .status()
+        .unwrap();
+    let mine = UserDir::new(USER);
+    let m = mine.path.display().to_string();
+    let busybox = image("busybox.sqsh").display().to_string();
+    // While ferry runs again and again with SRC as a mount source, SRC flips between the
+    // user's own directory and a symlink to the other user's: each run sees the user's
+    // file or is refused, never the other user's.
+    let out = sh(&format!(
+        "mkdir {m}/own && echo own > {m}/own/file && ln -s {s}/data {m}/theirs && \
+         (while :; do ln -sfn {m}/own {m}/src; ln -sfn {m}/theirs {m}/src; done) & flip=$!; \
+         own=0; refused=0; for i in $(seq 100); do \
+           out=$($FERRY run -m {m}/src:/data {busybox} cat /data/file 2>&1); \
+           case $out in own) own=$((own+1));; *'not readable'*) refused=$((refused+1));; *) echo \"other: $out\";; esac; \
+         done; kill $flip; echo \"own=$own refused=$refused\""
+    ));
+    let text = out.ok();
+    assert!(!text.contains("SECRET"), "{text}");
+    assert!(!text.contains("other:"), "{text}");
+    let last = text.lines().last().unwrap();
+    let counts: Vec<u32> = last
+        .split(' ')
+        .map(|kv| kv.split_once('=').unwrap().1.parse().unwrap())
+        .collect();
+    assert_eq!(counts.iter().sum::<u32>(), 100, "{text}");
+    assert!(counts[0] > 0 && counts[1] > 0, "both sides of the race were hit: {last}");
+}
