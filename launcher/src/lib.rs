@@ -4,7 +4,6 @@
 //! thin front ends over [`holder::prepare`] and [`join::join`].
 
 pub mod cache;
-pub mod cgroup;
 pub mod doctor;
 pub mod entrypoint;
 pub mod env;

@@ -86,9 +86,8 @@ fn run_ferry_as_user(
         .stderr(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", settings.ferry_bin.display()))?;
-    // Killed with the step once it has started, by Slurm...
-    ferry::cgroup::join_step_freezer(child.id(), &step_name(step.step_id));
-    // ...and before that by us, when the job ends while it runs.
+    // Slurm 22.05 holds a job's termination back until its steps have started, which
+    // they have not while user_init runs this: stop it ourselves when the job ends.
     let out = wait_unless_job_ended(step, child)
         .map_err(|e| format!("cannot run {}: {e}", settings.ferry_bin.display()))?
         .map_err(|state| {
@@ -115,28 +114,8 @@ fn wait_unless_job_ended(
     step: &Step,
     mut child: std::process::Child,
 ) -> std::io::Result<Result<std::process::Output, String>> {
-    use std::io::Read;
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_end(&mut bytes);
-            }
-            bytes
-        })
-    };
-    let stdout = drain(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let stderr = drain(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let mut next_check = std::time::Instant::now() + JOB_CHECK_INTERVAL;
     let status = loop {
         if let Some(status) = child.try_wait()? {
@@ -156,6 +135,17 @@ fn wait_unless_job_ended(
         stdout: stdout.join().unwrap_or_default(),
         stderr: stderr.join().unwrap_or_default(),
     }))
+}
+
+/// Read a child's pipe to its end on a thread of its own.
+fn drain<R: std::io::Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_end(&mut bytes);
+        }
+        bytes
+    })
 }
 
 /// How long a stopped helper gets to remove its partial files before SIGKILL.
