@@ -269,7 +269,8 @@ fn exit_status_and_signals_propagate() {
 
 #[test]
 fn kill_9_of_ferry_leaves_nothing_within_a_second() {
-    let _m = shared_machine();
+    // Checks every process of the test user: no other test may run meanwhile.
+    let _m = exclusive_machine();
     let mounts_before = host_mounts();
     let out = sh(&format!(
         "$FERRY run {} sleep 300 & pid=$!; \
@@ -322,7 +323,8 @@ fn assert_clean_failure(script: &str, code: i32, message: &str) {
 
 #[test]
 fn bad_input_fails_with_one_clear_line_and_no_leftovers() {
-    let _m = shared_machine();
+    // Checks every process of the test user: no other test may run meanwhile.
+    let _m = exclusive_machine();
     let image = img("busybox.sqsh");
     assert_clean_failure(
         "$FERRY run /nonexistent/image.sqsh true",
@@ -405,7 +407,8 @@ fn bad_input_fails_with_one_clear_line_and_no_leftovers() {
 
 #[test]
 fn unusable_dev_fuse_is_explained() {
-    let _m = shared_machine();
+    // Checks every process of the test user: no other test may run meanwhile.
+    let _m = exclusive_machine();
     // A private mount namespace where /dev/fuse is mode 0600, as on some hosts.
     let script = format!(
         "set -e; d=$(mktemp -d); mknod $d/fuse c 10 229; chmod 0600 $d/fuse; mount --bind $d/fuse /dev/fuse; \
@@ -429,7 +432,8 @@ fn unusable_dev_fuse_is_explained() {
 
 #[test]
 fn disabled_user_namespaces_are_explained() {
-    let _m = shared_machine();
+    // Checks every process of the test user: no other test may run meanwhile.
+    let _m = exclusive_machine();
     // user.max_user_namespaces is per user namespace: set it to 0 in a namespace that maps
     // every uid to itself, and run ferry as the test user in there. (The shell execs again
     // once the map is written: only then is it root, with capabilities, in there.)
