@@ -460,49 +460,10 @@ fn scancel_kills_everything_inside() {
 
 // ---- site settings ----------------------------------------------------------------------
 
-/// plugstack.conf of the test cluster, rewritten for one test and restored when dropped.
-/// srun and each slurmstepd read it afresh, so no daemon restarts.
-struct Plugstack {
-    path: std::path::PathBuf,
-    original: String,
-}
-
-impl Plugstack {
-    fn open() -> Plugstack {
-        let conf = std::path::PathBuf::from(cluster());
-        let path = conf.parent().unwrap().join("plugstack.conf");
-        let original = std::fs::read_to_string(&path).unwrap();
-        assert!(
-            original.contains("spank_ferry.so"),
-            "the test cluster runs without the plugin: {original}"
-        );
-        Plugstack { path, original }
-    }
-
-    /// The plugin line with `args` in place of the current arguments.
-    fn set_args(&self, args: &str) {
-        let line = self
-            .original
-            .lines()
-            .find(|l| l.contains("spank_ferry.so"))
-            .unwrap();
-        let mut words = line.split_whitespace();
-        let (required, so) = (words.next().unwrap(), words.next().unwrap());
-        let ferry_bin = words.find(|w| w.starts_with("ferry_bin=")).unwrap_or("");
-        std::fs::write(&self.path, format!("{required} {so} {ferry_bin} {args}\n")).unwrap();
-    }
-}
-
-impl Drop for Plugstack {
-    fn drop(&mut self) {
-        let _ = std::fs::write(&self.path, &self.original);
-    }
-}
-
 #[test]
 fn plugstack_arguments_take_effect() {
     let _m = exclusive_machine();
-    let plugstack = Plugstack::open();
+    let plugstack = Plugstack::open(&cluster());
     let busybox = img("busybox.sqsh");
     let site = UserDir::new(USER);
     std::fs::write(site.path.join("site.txt"), "site file\n").unwrap();
@@ -560,7 +521,7 @@ fn plugstack_arguments_take_effect() {
 #[test]
 fn the_unpack_provider_by_option_and_as_the_site_default() {
     let _m = exclusive_machine();
-    let plugstack = Plugstack::open();
+    let plugstack = Plugstack::open(&cluster());
     let busybox = img("busybox.sqsh");
     let uid = uid_of(USER);
     // A node-local directory for the users' unpacked trees, as an admin would give.
@@ -646,7 +607,7 @@ fn kernel_traces(images: &[&str]) -> (Vec<String>, Vec<String>) {
 #[test]
 fn the_kernel_provider_only_where_the_site_enables_it() {
     let _m = exclusive_machine();
-    let plugstack = Plugstack::open();
+    let plugstack = Plugstack::open(&cluster());
     let (debian, busybox) = (img("debian.sqsh"), img("busybox.sqsh"));
     let sif = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -1036,7 +997,7 @@ fn the_sites_registry_ca_and_the_users_credentials_reach_the_import() {
         var("FERRY_TEST_AUTH_LOGIN"),
         var("FERRY_TEST_AUTH_PASSWORD"),
     );
-    let plugstack = Plugstack::open();
+    let plugstack = Plugstack::open(&cluster());
     // The user's login, where enroot users keep theirs: a netrc-style file of their own.
     sh(&format!(
         "mkdir -p ~/.config/ferry && umask 077 && \
@@ -1194,7 +1155,7 @@ fn steps_get_their_own_gpus_and_steps_without_gpus_get_none() {
 #[test]
 fn site_gpu_default_and_host_libraries() {
     let _m = exclusive_machine();
-    let plugstack = Plugstack::open();
+    let plugstack = Plugstack::open(&cluster());
     let probe = gpu_probe_dir();
     let debian = img("debian.sqsh");
     let mounts = format!("--container-mounts={probe}:/opt/probe:ro");
@@ -1251,7 +1212,7 @@ fn site_gpu_default_and_host_libraries() {
 #[test]
 fn container_scope_global_keeps_named_containers_for_later_jobs() {
     let _m = exclusive_machine();
-    let plugstack = Plugstack::open();
+    let plugstack = Plugstack::open(&cluster());
     let busybox = img("busybox.sqsh");
     let uid = uid_of(USER);
     let named = tempfile::Builder::new()

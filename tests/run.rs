@@ -190,6 +190,22 @@ fn bind_mounts_read_write_and_read_only() {
         "$FERRY run --mount {d}:/a,{d}/in:/b.txt:ro {image} sh -c 'cat /a/in /b.txt'"
     ));
     assert_eq!(out.ok(), "host\nhost\n");
+
+    // Sources named through absolute symlinks (as a scratch or project directory often
+    // is): a linked directory, a linked file, a link in a parent; and a directory image
+    // through a link.
+    let out = sh(&format!(
+        "mkdir {d}/real && echo linked > {d}/real/in && ln -s {d}/real {d}/dirlink && \
+         ln -s {d}/real/in {d}/filelink && \
+         $FERRY run --mount {d}/dirlink:/a,{d}/filelink:/b.txt,{d}/dirlink/in:/c.txt {image} \
+           cat /a/in /b.txt /c.txt"
+    ));
+    assert_eq!(out.ok(), "linked\nlinked\nlinked\n");
+    let tree = img("busybox");
+    let out = sh(&format!(
+        "ln -s {tree} {d}/treelink && $FERRY run {d}/treelink cat /etc/ferry-marker"
+    ));
+    assert_eq!(out.ok(), "busybox-image\n");
 }
 
 #[test]

@@ -452,3 +452,188 @@ fn the_jobs_environment_cannot_change_what_slurmstepd_runs() {
     let left = leftovers_after(USER, Duration::from_secs(5));
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// A symlink of the test user's that a process of the user's own flips, as fast as it
+/// can, between two targets (atomically: a fresh link renamed over the old one). Stopped
+/// when dropped; it also gives up by itself after five minutes.
+struct FlippingLink {
+    flipper: std::process::Child,
+}
+
+const FLIPPER_PY: &str = r#"
+import os, sys, time
+link, targets = sys.argv[1], sys.argv[2:]
+spare = link + ".next"
+end = time.time() + 300
+while time.time() < end:
+    for target in targets:
+        try:
+            os.unlink(spare)
+        except FileNotFoundError:
+            pass
+        os.symlink(target, spare)
+        os.rename(spare, link)
+"#;
+
+impl FlippingLink {
+    fn start(link: &str, a: &str, b: &str) -> FlippingLink {
+        let uid = uid_of(USER).to_string();
+        // setpriv and env exec python, so the child's pid is the flipper's.
+        let flipper = Command::new("setpriv")
+            .args(["--reuid", &uid, "--regid", &uid, "--clear-groups"])
+            .args([
+                "env",
+                "-i",
+                "/usr/bin/python3",
+                "-c",
+                FLIPPER_PY,
+                link,
+                a,
+                b,
+            ])
+            .current_dir("/")
+            .spawn()
+            .expect("setpriv runs");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::symlink_metadata(link).is_err() {
+            assert!(Instant::now() < deadline, "the flipper never made {link}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        FlippingLink { flipper }
+    }
+}
+
+impl Drop for FlippingLink {
+    fn drop(&mut self) {
+        let _ = self.flipper.kill();
+        let _ = self.flipper.wait();
+    }
+}
+
+/// What one run through a flipping path showed: the user's own data, a refusal, or
+/// (the failure this test looks for) the other side's data.
+#[derive(Debug, Default)]
+struct RaceOutcomes {
+    own: u32,
+    /// Refused when ferry checked the path.
+    refused: u32,
+    /// Passed the check, then caught as replaced when used.
+    caught: u32,
+}
+
+/// A swap between ferry's check and its use of a path, as ferry words it.
+const CAUGHT: &str = "changed while the container was being set up";
+
+fn race(what: &str, runs: u32, script: &str, own: &str, secret: &str, refusal: &str) {
+    let mut seen = RaceOutcomes::default();
+    for _ in 0..runs {
+        let out = sh(script);
+        let text = format!("{}{}", out.stdout, out.stderr);
+        assert!(
+            !text.contains(secret),
+            "{what}: a run reached the other side of the link: {text}"
+        );
+        if out.code == 0 && out.stdout.trim() == own {
+            seen.own += 1;
+        } else if out.code != 0 && out.stderr.contains(refusal) {
+            seen.refused += 1;
+        } else if out.code != 0 && out.stderr.contains(CAUGHT) {
+            seen.caught += 1;
+        } else {
+            panic!(
+                "{what}: neither the user's own data nor the refusal: exit {}, {text}",
+                out.code
+            );
+        }
+    }
+    // Both sides of the race were hit, or the test proved nothing.
+    assert!(
+        seen.own > 0 && seen.refused + seen.caught > 0,
+        "{what}: {seen:?}"
+    );
+    eprintln!("{what}: {seen:?}");
+}
+
+#[test]
+fn a_path_swapped_for_a_symlink_between_check_and_use_never_reaches_the_target() {
+    // Counts every process of the test user at the end, and switches on the kernel
+    // provider in plugstack.conf.
+    let _m = exclusive_machine();
+    let conf = slurm_conf();
+    // Root's private directory: an image (busybox, whose marker is "busybox-image") and a
+    // data file. slurmstepd runs as root; the kernel provider opens the image in there.
+    let secret = tempfile::Builder::new()
+        .prefix("ferry-secret-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let s = secret.path().display().to_string();
+    std::fs::copy(image("busybox.sqsh"), secret.path().join("img.sqsh")).unwrap();
+    std::fs::create_dir(secret.path().join("data")).unwrap();
+    std::fs::write(secret.path().join("data/file"), "SECRET\n").unwrap();
+    Command::new("chmod").arg("0700").arg(&s).status().unwrap();
+    // The user's own image (the debian one, "debian-image") and data ("own").
+    let mine = UserDir::new(USER);
+    let m = mine.path.display().to_string();
+    sh(&format!("mkdir {m}/own && echo own > {m}/own/file")).ok();
+    let debian = image("debian.sqsh").display().to_string();
+    let busybox = image("busybox.sqsh").display().to_string();
+    let img_link = format!("{m}/img.sqsh");
+    let src_link = format!("{m}/src");
+    let _img = FlippingLink::start(&img_link, &debian, &format!("{s}/img.sqsh"));
+    let _src = FlippingLink::start(&src_link, &format!("{m}/own"), &format!("{s}/data"));
+
+    let marker = "cat /etc/ferry-marker";
+    let image_refused = "image not readable by user ferrytest";
+    let source_refused = "mount source not readable by user ferrytest";
+    race(
+        "ferry run IMAGE",
+        40,
+        &format!("$FERRY run {img_link} {marker}"),
+        "debian-image",
+        "busybox-image",
+        image_refused,
+    );
+    race(
+        "ferry run -m SRC",
+        40,
+        &format!("$FERRY run -m {src_link}:/data {busybox} cat /data/file"),
+        "own",
+        "SECRET",
+        source_refused,
+    );
+    let srun = format!("export SLURM_CONF={conf}; srun -n1");
+    race(
+        "srun --container=IMAGE",
+        30,
+        &format!("{srun} --container={img_link} {marker}"),
+        "debian-image",
+        "busybox-image",
+        image_refused,
+    );
+    race(
+        "srun --container-mounts=SRC",
+        30,
+        &format!("{srun} --container={busybox} --container-mounts={src_link}:/data cat /data/file"),
+        "own",
+        "SECRET",
+        source_refused,
+    );
+    // The kernel provider: slurmstepd, as root, opens the image and sets up a loop device.
+    let plugstack = Plugstack::open(&conf);
+    plugstack.set_args("kernel_squashfs=yes");
+    race(
+        "srun --container-rootfs=kernel --container=IMAGE",
+        30,
+        &format!(
+            "{srun} --container-rootfs=kernel --no-container-mount-home --container={img_link} {marker}"
+        ),
+        "debian-image",
+        "busybox-image",
+        image_refused,
+    );
+    drop(plugstack);
+    drop(_img);
+    drop(_src);
+    let left = leftovers_after(USER, Duration::from_secs(5));
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

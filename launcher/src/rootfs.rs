@@ -58,6 +58,8 @@ pub enum RootfsError {
     SourceNotReadable { path: PathBuf, user: String },
     #[error("cannot open mount source {path}: {source}")]
     SourceOpen { path: PathBuf, source: io::Error },
+    #[error("mount source {path} changed while the container was being set up ({source}); nothing was mounted, run again once it stays put")]
+    SourceReplaced { path: PathBuf, source: io::Error },
     #[error("cannot mount the image {path}: {detail}")]
     ImageMount { path: PathBuf, detail: String },
     #[error("cannot mount {what} at {target} in the container: {source}")]
@@ -97,18 +99,23 @@ struct Source {
 impl Source {
     /// The same file, opened again from inside the new mount namespace (the kernel binds
     /// only mounts of the caller's namespace). Refused if the path now names another file.
+    /// The host's root is at /oldroot by now: the path is resolved with that as `/`, so
+    /// an absolute symlink on the way (a home or scratch directory that is a link) still
+    /// means what it meant on the host.
     fn reopen(&self) -> io::Result<OwnedFd> {
         use std::os::unix::fs::MetadataExt;
-        let again: OwnedFd = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
-            .open(Path::new(OLD).join(inside_path(&self.path)))?
-            .into();
+        let host_root = File::open(OLD)?;
+        let again = sys::open_in_root(
+            host_root.as_fd(),
+            &inside_path(&self.path),
+            libc::O_PATH | libc::O_CLOEXEC,
+            0,
+        )?;
         let before = File::from(self.fd.try_clone()?).metadata()?;
         let after = File::from(again.try_clone()?).metadata()?;
         if (before.dev(), before.ino()) != (after.dev(), after.ino()) {
             return Err(io::Error::other(
-                "the path was replaced while the container was being set up",
+                "it now names another file than the one ferry checked",
             ));
         }
         Ok(again)
@@ -798,7 +805,8 @@ fn plan_binds(
 ) -> Result<(Vec<Bind>, Vec<OwnedFd>), RootfsError> {
     let mut held = Vec::new();
     let mut reopen = |s: &Source| -> Result<PathBuf, RootfsError> {
-        let fd = s.reopen().map_err(|e| RootfsError::SourceOpen {
+        // It opened a moment ago, as the user: whatever fails now means it was replaced.
+        let fd = s.reopen().map_err(|e| RootfsError::SourceReplaced {
             path: s.path.clone(),
             source: e,
         })?;

@@ -434,3 +434,42 @@ impl Drop for FaultProxy {
         let _ = self.child.wait();
     }
 }
+
+/// plugstack.conf of the test cluster, rewritten for one test and restored when dropped.
+/// srun and each slurmstepd read it afresh, so no daemon restarts.
+pub struct Plugstack {
+    path: std::path::PathBuf,
+    original: String,
+}
+
+impl Plugstack {
+    pub fn open(slurm_conf: &str) -> Plugstack {
+        let conf = std::path::PathBuf::from(slurm_conf);
+        let path = conf.parent().unwrap().join("plugstack.conf");
+        let original = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            original.contains("spank_ferry.so"),
+            "the test cluster runs without the plugin: {original}"
+        );
+        Plugstack { path, original }
+    }
+
+    /// The plugin line with `args` in place of the current arguments.
+    pub fn set_args(&self, args: &str) {
+        let line = self
+            .original
+            .lines()
+            .find(|l| l.contains("spank_ferry.so"))
+            .unwrap();
+        let mut words = line.split_whitespace();
+        let (required, so) = (words.next().unwrap(), words.next().unwrap());
+        let ferry_bin = words.find(|w| w.starts_with("ferry_bin=")).unwrap_or("");
+        std::fs::write(&self.path, format!("{required} {so} {ferry_bin} {args}\n")).unwrap();
+    }
+}
+
+impl Drop for Plugstack {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.path, &self.original);
+    }
+}
