@@ -390,42 +390,6 @@ fn openmpi_uses_shared_memory_within_a_node_and_tcp_between_nodes() {
     );
 }
 
-/// The three-node cluster's plugstack.conf, with other plugin arguments for a while.
-struct MultiPlugstack {
-    path: std::path::PathBuf,
-    original: String,
-}
-
-impl MultiPlugstack {
-    fn open(conf: &str) -> MultiPlugstack {
-        let path = std::path::Path::new(conf).with_file_name("plugstack.conf");
-        let original = std::fs::read_to_string(&path).unwrap();
-        MultiPlugstack { path, original }
-    }
-
-    /// The plugin line with `extra` added to its arguments.
-    fn add_args(&self, extra: &str) {
-        let text: String = self
-            .original
-            .lines()
-            .map(|l| {
-                if l.contains("spank_ferry.so") {
-                    format!("{l} {extra}\n")
-                } else {
-                    format!("{l}\n")
-                }
-            })
-            .collect();
-        std::fs::write(&self.path, text).unwrap();
-    }
-}
-
-impl Drop for MultiPlugstack {
-    fn drop(&mut self) {
-        let _ = std::fs::write(&self.path, &self.original);
-    }
-}
-
 #[test]
 fn import_on_submit_lets_nodes_without_registry_access_run_registry_images() {
     let _m = exclusive_machine();
@@ -443,7 +407,7 @@ fn import_on_submit_lets_nodes_without_registry_access_run_registry_images() {
          --dest-tls-verify=false oci:{d}/layout:v1 {image}"
     ))
     .ok();
-    let plugstack = MultiPlugstack::open(&conf);
+    let plugstack = Plugstack::open(&conf);
     let step = format!("-N1 -n1 --container={image} cat /opt/app/start.sh");
     // The nodes live in their own network namespaces: 127.0.0.1 is not the registry there,
     // so importing on the node fails, in one line.

@@ -579,8 +579,8 @@ fn a_path_swapped_for_a_symlink_between_check_and_use_never_reaches_the_target()
     let busybox = image("busybox.sqsh").display().to_string();
     let img_link = format!("{m}/img.sqsh");
     let src_link = format!("{m}/src");
-    let _img = FlippingLink::start(&img_link, &debian, &format!("{s}/img.sqsh"));
-    let _src = FlippingLink::start(&src_link, &format!("{m}/own"), &format!("{s}/data"));
+    let img_flip = FlippingLink::start(&img_link, &debian, &format!("{s}/img.sqsh"));
+    let src_flip = FlippingLink::start(&src_link, &format!("{m}/own"), &format!("{s}/data"));
 
     let marker = "cat /etc/ferry-marker";
     let image_refused = "image not readable by user ferrytest";
@@ -632,8 +632,8 @@ fn a_path_swapped_for_a_symlink_between_check_and_use_never_reaches_the_target()
         image_refused,
     );
     drop(plugstack);
-    drop(_img);
-    drop(_src);
+    drop(img_flip);
+    drop(src_flip);
     let left = leftovers_after(USER, Duration::from_secs(5));
     assert!(left.is_empty(), "left behind: {left:?}");
 }

@@ -102,9 +102,8 @@ impl Source {
     /// The host's root is at /oldroot by now: the path is resolved with that as `/`, so
     /// an absolute symlink on the way (a home or scratch directory that is a link) still
     /// means what it meant on the host.
-    fn reopen(&self) -> io::Result<OwnedFd> {
+    fn reopen(&self, host_root: &File) -> io::Result<OwnedFd> {
         use std::os::unix::fs::MetadataExt;
-        let host_root = File::open(OLD)?;
         let again = sys::open_in_root(
             host_root.as_fd(),
             &inside_path(&self.path),
@@ -573,8 +572,9 @@ fn mount_image(inputs: &Inputs) -> Result<Option<Child>, RootfsError> {
                     .into(),
                 is_dir: true,
             };
+            let host_root = File::open(OLD).map_err(setup("opening the host's root"))?;
             let fd = source
-                .reopen()
+                .reopen(&host_root)
                 .map_err(setup("reopening the image directory"))?;
             bind_mount(&fd_path(&fd), Path::new(LOWER), true).map_err(|source| {
                 RootfsError::Mount {
@@ -804,12 +804,15 @@ fn plan_binds(
     inputs: &Inputs,
 ) -> Result<(Vec<Bind>, Vec<OwnedFd>), RootfsError> {
     let mut held = Vec::new();
+    let host_root = File::open(OLD).map_err(setup("opening the host's root"))?;
     let mut reopen = |s: &Source| -> Result<PathBuf, RootfsError> {
         // It opened a moment ago, as the user: whatever fails now means it was replaced.
-        let fd = s.reopen().map_err(|e| RootfsError::SourceReplaced {
-            path: s.path.clone(),
-            source: e,
-        })?;
+        let fd = s
+            .reopen(&host_root)
+            .map_err(|e| RootfsError::SourceReplaced {
+                path: s.path.clone(),
+                source: e,
+            })?;
         let path = fd_path(&fd);
         held.push(fd);
         Ok(path)

@@ -466,6 +466,19 @@ impl Plugstack {
         let ferry_bin = words.find(|w| w.starts_with("ferry_bin=")).unwrap_or("");
         std::fs::write(&self.path, format!("{required} {so} {ferry_bin} {args}\n")).unwrap();
     }
+
+    /// The plugin line with `extra` added to its current arguments; other lines kept.
+    pub fn add_args(&self, extra: &str) {
+        let text: String = self
+            .original
+            .lines()
+            .map(|l| match l.contains("spank_ferry.so") {
+                true => format!("{l} {extra}\n"),
+                false => format!("{l}\n"),
+            })
+            .collect();
+        std::fs::write(&self.path, text).unwrap();
+    }
 }
 
 impl Drop for Plugstack {
