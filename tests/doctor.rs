@@ -159,8 +159,7 @@ fn dev_fuse_mode_0600_is_named_with_its_fix() {
     );
     let out = Command::new("unshare")
         .args(["-m", "--propagation", "private", "bash", "-c", &script])
-        .output()
-        .unwrap();
+        .output_within(COMMAND_LIMIT);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         !out.status.success(),
@@ -200,7 +199,11 @@ fn disabled_user_namespaces_are_named_with_the_sysctl() {
     std::fs::write(format!("/proc/{pid}/uid_map"), "0 0 65536\n").unwrap();
     std::fs::write(format!("/proc/{pid}/gid_map"), "0 0 65536\n").unwrap();
     child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = wait_within(
+        child,
+        COMMAND_LIMIT,
+        "ferry doctor with user namespaces disabled",
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -341,8 +344,7 @@ fn make(target: &str, vars: &[String]) -> String {
         .arg(format!("FERRY={}", ferry_bin().display()))
         .arg(format!("PLUGIN_SO={}", plugin_so().display()))
         .args(vars)
-        .output()
-        .expect("make runs");
+        .output_within(COMMAND_LIMIT);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -435,8 +437,7 @@ fn a_plugin_for_another_slurm_is_refused_before_install() {
         .arg("check")
         .arg(slurm.path().join("slurm_version.h"))
         .env("SLURM_CONF", slurm.path().join("slurm.conf"))
-        .output()
-        .unwrap();
+        .output_within(COMMAND_LIMIT);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -462,8 +463,7 @@ fn the_deb_installs_into_a_throwaway_root_and_its_doctor_passes() {
             .arg("-f")
             .arg(&deb)
             .arg(name)
-            .output()
-            .unwrap();
+            .output_within(COMMAND_LIMIT);
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     let series = header_major_minor();
@@ -486,8 +486,7 @@ fn the_deb_installs_into_a_throwaway_root_and_its_doctor_passes() {
         let out = Command::new("dpkg")
             .arg(format!("--root={}", root.display()))
             .args(args)
-            .output()
-            .unwrap();
+            .output_within(COMMAND_LIMIT);
         let stderr = String::from_utf8_lossy(&out.stderr)
             .lines()
             .filter(|l| !l.contains("files list file for package"))
@@ -540,8 +539,7 @@ fn the_deb_installs_into_a_throwaway_root_and_its_doctor_passes() {
     ));
     let out = Command::new("unshare")
         .args(["-m", "--propagation", "private", "bash", "-c", &script])
-        .output()
-        .unwrap();
+        .output_within(COMMAND_LIMIT);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

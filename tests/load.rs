@@ -18,7 +18,9 @@ struct Daemons {
 }
 
 fn pids_of(name: &str) -> Vec<u32> {
-    let out = Command::new("pgrep").args(["-x", name]).output().unwrap();
+    let out = Command::new("pgrep")
+        .args(["-x", name])
+        .output_within(COMMAND_LIMIT);
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.trim().parse().ok())
@@ -175,8 +177,7 @@ impl EightNodes {
         ))
         .arg(what)
         .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .unwrap()
+        .output_within(COMMAND_LIMIT)
     }
 
     fn slurm_conf(&self) -> String {

@@ -37,8 +37,7 @@ fn multi_cluster() -> String {
     let out = Command::new("sinfo")
         .args(["-h", "-N", "-o", "%N %t"])
         .env("SLURM_CONF", &conf)
-        .output()
-        .expect("sinfo runs (slurm-wlm installed?)");
+        .output_within(COMMAND_LIMIT);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && text.lines().count() == NODES,
@@ -54,8 +53,7 @@ fn node_names(conf: &str) -> BTreeSet<String> {
     let out = Command::new("sinfo")
         .args(["-h", "-N", "-o", "%N"])
         .env("SLURM_CONF", conf)
-        .output()
-        .expect("sinfo runs");
+        .output_within(COMMAND_LIMIT);
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| l.trim().to_string())

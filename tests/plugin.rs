@@ -25,8 +25,7 @@ fn cluster() -> String {
     let out = Command::new("sinfo")
         .args(["-h", "-o", "%t"])
         .env("SLURM_CONF", &conf)
-        .output()
-        .expect("sinfo runs (slurm-wlm installed?)");
+        .output_within(COMMAND_LIMIT);
     let state = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && !state.trim().is_empty(),
@@ -65,8 +64,7 @@ fn own_lines(stderr: &str) -> Vec<&str> {
 fn daemon_pids() -> Vec<String> {
     let out = Command::new("pgrep")
         .args(["-x", "slurmd|slurmctld"])
-        .output()
-        .expect("pgrep");
+        .output_within(COMMAND_LIMIT);
     let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::to_string)
@@ -124,8 +122,7 @@ fn an_image_with_only_a_static_binary_runs_as_a_step() {
     Command::new("chmod")
         .args(["-R", "a+rX"])
         .arg(&dir.path)
-        .status()
-        .unwrap();
+        .status_within(COMMAND_LIMIT);
     let out = slurm(&format!(
         "srun -n1 --container={} /bin/busybox ls /",
         root.display()
@@ -233,8 +230,7 @@ fn working_directory_and_mounts_follow_the_options() {
     Command::new("chmod")
         .args(["a+r"])
         .arg(dir.path.join("data.txt"))
-        .status()
-        .unwrap();
+        .status_within(COMMAND_LIMIT);
     let out = slurm(&format!(
         "cd {d} && srun -n1 --container={img} --container-mounts={d}:/data:ro \
          --container-workdir=/data sh -c 'pwd; cat data.txt; touch x 2>&1 | sed \"s/.*: //\"'",
@@ -330,8 +326,7 @@ fn sbatch_container_applies_to_every_step_and_a_step_can_override_it() {
     Command::new("chmod")
         .arg("a+rx")
         .arg(dir.path.join("job.sh"))
-        .status()
-        .unwrap();
+        .status_within(COMMAND_LIMIT);
     let out = slurm(&format!(
         "cd {} && sbatch --wait job.sh",
         dir.path.display()
@@ -380,8 +375,7 @@ fn bad_input_gives_one_line_and_leaves_nothing() {
     Command::new("chmod")
         .arg("0700")
         .arg(&secret.path)
-        .status()
-        .unwrap();
+        .status_within(COMMAND_LIMIT);
     let busybox = img("busybox.sqsh");
     let cases = [
         (
@@ -470,8 +464,7 @@ fn plugstack_arguments_take_effect() {
     Command::new("chmod")
         .args(["-R", "a+rX"])
         .arg(&site.path)
-        .status()
-        .unwrap();
+        .status_within(COMMAND_LIMIT);
 
     // default_mounts: every container gets them, read-only here; writable_tmpfs_size bounds
     // a writable container's changes.
@@ -532,8 +525,7 @@ fn the_unpack_provider_by_option_and_as_the_site_default() {
     Command::new("chmod")
         .arg("1777")
         .arg(named.path())
-        .status()
-        .unwrap();
+        .status_within(COMMAND_LIMIT);
     let n = named.path().display();
     let inode = "srun -n1 --container={busybox} {opt} stat -c %i /bin/busybox";
     let step_inode = |opt: &str| {
@@ -580,7 +572,7 @@ fn the_unpack_provider_by_option_and_as_the_site_default() {
     let _ = Command::new("chmod")
         .args(["-R", "u+rwX"])
         .arg(named.path())
-        .status();
+        .status_within(COMMAND_LIMIT);
 }
 
 /// What the `kernel` provider could leave on the host: loop devices backed by one of
@@ -589,8 +581,7 @@ fn the_unpack_provider_by_option_and_as_the_site_default() {
 fn kernel_traces(images: &[&str]) -> (Vec<String>, Vec<String>) {
     let out = Command::new("losetup")
         .arg("-a")
-        .output()
-        .expect("losetup runs");
+        .output_within(COMMAND_LIMIT);
     let loops = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| images.iter().any(|i| l.contains(i)))
@@ -852,21 +843,21 @@ fn a_save_that_fails_leaves_no_file_behind() {
         .args(["-t", "tmpfs", "-o", "size=1m,mode=0755"])
         .arg("tmpfs")
         .arg(&full)
-        .status()
-        .unwrap();
+        .status_within(COMMAND_LIMIT);
     assert!(mounted.success());
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
+            let _ = Command::new("umount")
+                .arg(&self.0)
+                .status_within(COMMAND_LIMIT);
         }
     }
     let _unmount = Unmount(full.clone());
     Command::new("chown")
         .arg(format!("{USER}:"))
         .arg(&full)
-        .status()
-        .unwrap();
+        .status_within(COMMAND_LIMIT);
     let f = full.display();
     let out = slurm(&format!(
         "srun -n1 --container={busybox} --container-save={f}/out.sqsh \
@@ -971,8 +962,7 @@ fn a_jobs_tag_is_resolved_once_and_bare_registry_names_work() {
     Command::new("chmod")
         .arg("a+r")
         .arg(&script)
-        .status()
-        .unwrap();
+        .status_within(COMMAND_LIMIT);
     let out = slurm(&format!(
         "cd {d} && salloc -Q --container=docker://{repo}:t bash {d}/job.sh"
     ));
@@ -1060,8 +1050,7 @@ printf 'Package: ferry-repo\nVersion: 1.0\nArchitecture: all\nMaintainer: ferry 
     Command::new("chmod")
         .args(["a+r"])
         .arg(dir.path.join("install.sh"))
-        .status()
-        .unwrap();
+        .status_within(COMMAND_LIMIT);
     let out = slurm(&format!(
         "srun -n1 --container={debian} --container-remap-root --container-writable \
          --container-mounts={d}:/pkgs:ro --container-save={d}/tools.sqsh sh /pkgs/install.sh"
@@ -1222,8 +1211,7 @@ fn container_scope_global_keeps_named_containers_for_later_jobs() {
     Command::new("chmod")
         .arg("1777")
         .arg(named.path())
-        .status()
-        .unwrap();
+        .status_within(COMMAND_LIMIT);
     let n = named.path().display();
     let two_jobs = format!(
         "srun -n1 --container={busybox} --container-name=tools sh -c 'echo from-job-1 > /etc/tool'; \
@@ -1245,7 +1233,7 @@ fn container_scope_global_keeps_named_containers_for_later_jobs() {
     let _ = Command::new("rm")
         .arg("-rf")
         .arg(named.path().join(format!("ferry-{uid}")))
-        .status();
+        .status_within(COMMAND_LIMIT);
 }
 
 // ---- --container-entrypoint ---------------------------------------------------------------
@@ -1338,8 +1326,7 @@ fn sbatch_container_entrypoint_applies_to_the_jobs_steps() {
     Command::new("chmod")
         .arg("a+rx")
         .arg(dir.path.join("job.sh"))
-        .status()
-        .unwrap();
+        .status_within(COMMAND_LIMIT);
     slurm(&format!("cd {d} && sbatch --wait job.sh")).ok();
     let log = batch_output(&dir.path.join("out.txt"));
     assert_eq!(log, "entry echo step\n/opt/app\nfrom-config\ndirect\n");
@@ -1445,8 +1432,7 @@ fn container_entrypoint_with_multi_prog() {
     Command::new("chmod")
         .arg("a+r")
         .arg(dir.path.join("mp.conf"))
-        .status()
-        .unwrap();
+        .status_within(COMMAND_LIMIT);
     let version = slurm("srun --version").ok().to_string();
     let out = slurm(&format!(
         "cd {d} && srun -n2 -O --container={image} --container-entrypoint --multi-prog mp.conf"

@@ -137,8 +137,7 @@ fn image_path_exists(rel: &str) -> bool {
 fn sha256(path: &str) -> String {
     let out = Command::new("sha256sum")
         .arg(path)
-        .output()
-        .expect("sha256sum");
+        .output_within(COMMAND_LIMIT);
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .next()
@@ -271,11 +270,12 @@ fn exit_status_and_signals_propagate() {
         text.contains("code=3") && text.contains("got-term"),
         "{text}"
     );
-    // A background job starts with SIGINT ignored; `env --default-signal` undoes that, as an
-    // interactive shell's foreground job has it.
+    // A background job starts with SIGINT ignored (and under `nohup` SIGHUP is ignored from
+    // the start); `env --default-signal` undoes that, as an interactive shell's foreground
+    // job has it.
     for (sig, want) in [("HUP", "got-hup"), ("INT", "got-int")] {
         let out = sh(&format!(
-            "env --default-signal=INT $FERRY run {image} sh -c 'trap \"echo {want}; exit 0\" {sig}; echo ready; while :; do sleep 0.05; done' > /tmp/ferry-sig-$$ & \
+            "env --default-signal $FERRY run {image} sh -c 'trap \"echo {want}; exit 0\" {sig}; echo ready; while :; do sleep 0.05; done' > /tmp/ferry-sig-$$ & \
              pid=$!; for i in $(seq 100); do grep -q ready /tmp/ferry-sig-$$ && break; sleep 0.05; done; \
              kill -{sig} $pid; wait $pid; cat /tmp/ferry-sig-$$; rm -f /tmp/ferry-sig-$$"
         ));
@@ -434,8 +434,7 @@ fn unusable_dev_fuse_is_explained() {
     );
     let out = Command::new("unshare")
         .args(["-m", "--propagation", "private", "bash", "-c", &script])
-        .output()
-        .unwrap();
+        .output_within(COMMAND_LIMIT);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -473,7 +472,11 @@ fn disabled_user_namespaces_are_explained() {
     std::fs::write(format!("/proc/{pid}/uid_map"), "0 0 65536\n").unwrap();
     std::fs::write(format!("/proc/{pid}/gid_map"), "0 0 65536\n").unwrap();
     child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = wait_within(
+        child,
+        COMMAND_LIMIT,
+        "ferry run with user namespaces disabled",
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{stderr}");
     assert!(stderr.contains("user.max_user_namespaces=0"), "{stderr}");
@@ -499,8 +502,7 @@ fn an_image_with_only_a_static_binary_runs() {
     Command::new("chmod")
         .args(["-R", "a+rX"])
         .arg(dir.path())
-        .status()
-        .unwrap();
+        .status_within(COMMAND_LIMIT);
     let out = sh(&format!(
         "$FERRY run {} /bin/busybox sh -c 'cat /etc/passwd | grep -c {USER}; /bin/busybox ls /'",
         root.display()
@@ -944,8 +946,7 @@ fn rootfs_kernel_is_for_root_and_leaves_no_loop_device() {
             .arg("run")
             .args(args)
             .current_dir("/")
-            .output()
-            .expect("ferry runs");
+            .output_within(COMMAND_LIMIT);
         assert!(
             out.status.success(),
             "{args:?}: {}",
@@ -991,7 +992,9 @@ fn rootfs_kernel_is_for_root_and_leaves_no_loop_device() {
     // The loop devices went with their mounts; nothing was mounted in the host's namespace.
     let start = std::time::Instant::now();
     let left = loop {
-        let out = Command::new("losetup").arg("-a").output().expect("losetup");
+        let out = Command::new("losetup")
+            .arg("-a")
+            .output_within(COMMAND_LIMIT);
         let left: Vec<String> = String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter(|l| images.iter().any(|i| l.contains(i)))
@@ -1004,4 +1007,33 @@ fn rootfs_kernel_is_for_root_and_leaves_no_loop_device() {
     };
     assert!(left.is_empty(), "{left:#?}");
     assert_eq!(squashfs_mounts(), host_squashfs);
+}
+
+#[test]
+fn a_test_command_that_hangs_fails_within_its_limit_in_one_line() {
+    // Checks every process of the test user: no other test may run meanwhile.
+    let _m = exclusive_machine();
+    // A command that ignores the signal it would be stopped with and waits: the harness
+    // kills it and everything it started, and fails the test with one line.
+    let hung = std::panic::catch_unwind(|| {
+        sh_as_within(
+            USER,
+            "trap '' TERM HUP INT; sleep 600 & sleep 601; wait",
+            Duration::from_secs(2),
+        )
+    });
+    let message = match hung {
+        Ok(run) => panic!("a hung command returned: exit {}", run.code),
+        Err(e) => e
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_else(|| format!("{e:?}")),
+    };
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(
+        message.starts_with("timed out after 2 s waiting for `trap '' TERM HUP INT; sleep 600"),
+        "{message}"
+    );
+    let left = leftovers_after(USER, Duration::from_secs(5));
+    assert!(left.is_empty(), "left behind: {left:?}");
 }

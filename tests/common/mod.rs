@@ -47,10 +47,12 @@ pub fn image(name: &str) -> PathBuf {
 static MACHINE: RwLock<()> = RwLock::new(());
 
 pub fn shared_machine() -> RwLockReadGuard<'static, ()> {
+    limited::run_cgroup();
     MACHINE.read().unwrap_or_else(|e| e.into_inner())
 }
 
 pub fn exclusive_machine() -> RwLockWriteGuard<'static, ()> {
+    limited::run_cgroup();
     MACHINE.write().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -85,11 +87,22 @@ impl Run {
     }
 }
 
-/// Run a shell command line as `user` (via runuser, with a login-like environment).
+/// How long one command of a test may run before the test fails (a hung command must fail
+/// its test, not hold CI until its own limit). Longer runs name their limit.
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(300);
+
+/// Run a shell command line as `user` (via runuser, with a login-like environment and
+/// default signal dispositions, whatever the test command inherited, e.g. under `nohup`),
+/// within [`COMMAND_LIMIT`].
 pub fn sh_as(user: &str, script: &str) -> Run {
+    sh_as_within(user, script, COMMAND_LIMIT)
+}
+
+/// [`sh_as`] with its own time limit.
+pub fn sh_as_within(user: &str, script: &str, limit: Duration) -> Run {
     assert_user_exists(user);
-    let out = Command::new("runuser")
-        .args(["-u", user, "--", "env", "-i"])
+    let mut cmd = Command::new("runuser");
+    cmd.args(["-u", user, "--", "env", "-i", "--default-signal"])
         .arg(format!("HOME=/home/{user}"))
         .arg(format!("USER={user}"))
         .arg(format!("LOGNAME={user}"))
@@ -98,10 +111,242 @@ pub fn sh_as(user: &str, script: &str) -> Run {
         .arg(format!("FERRY_IMAGES={}", required_env("FERRY_IMAGES")))
         .args(extra_env())
         .args(["bash", "-c", script])
-        .current_dir("/")
-        .output()
-        .expect("runuser runs");
-    Run::from(out)
+        .current_dir("/");
+    Run::from(limited::output(cmd, limit, script))
+}
+
+/// Test-side limits for commands run directly (not through [`sh_as`]).
+pub trait CommandWithin {
+    /// `output()`, failing the test after `limit`, with everything the command started
+    /// killed.
+    fn output_within(&mut self, limit: Duration) -> Output;
+    /// `status()` with the same limit (stdout and stderr are captured and dropped).
+    fn status_within(&mut self, limit: Duration) -> std::process::ExitStatus;
+}
+
+impl CommandWithin for Command {
+    fn output_within(&mut self, limit: Duration) -> Output {
+        let what = format!("{:?}", self);
+        let cmd = std::mem::replace(self, Command::new("true"));
+        limited::output(cmd, limit, &what)
+    }
+
+    fn status_within(&mut self, limit: Duration) -> std::process::ExitStatus {
+        self.output_within(limit).status
+    }
+}
+
+/// Waits for a child the test spawned itself; fails the test after `limit`.
+pub fn wait_within(child: std::process::Child, limit: Duration, what: &str) -> Output {
+    limited::wait(child, limit, what, None)
+}
+
+pub mod limited {
+    //! Commands with a time limit. Each command of a test runs in a cgroup of its own under
+    //! `ferry-tests-<pid of the test binary>` (cgroup v2), which nothing it starts can leave
+    //! unless Slurm moves it: on timeout every process in it is killed, and a leftover
+    //! check can say which command started a process it finds.
+    use std::collections::BTreeMap;
+    use std::io::Read;
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Output, Stdio};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{mpsc, Mutex, OnceLock};
+    use std::time::Duration;
+
+    /// This test binary's cgroup directory, where cgroup v2 is mounted (at
+    /// /sys/fs/cgroup/unified on a hybrid hierarchy like this machine's, or at
+    /// /sys/fs/cgroup). Directories of earlier runs that are empty are removed on the way.
+    pub fn run_cgroup() -> Option<PathBuf> {
+        static ROOT: OnceLock<Option<PathBuf>> = OnceLock::new();
+        ROOT.get_or_init(|| {
+            let base = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+                .into_iter()
+                .map(PathBuf::from)
+                .find(|p| p.join("cgroup.controllers").exists())?;
+            for old in std::fs::read_dir(&base).ok()?.flatten() {
+                let name = old.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name.strip_prefix("ferry-tests-") {
+                    if !std::path::Path::new("/proc").join(pid).exists() {
+                        let calls = std::fs::read_dir(old.path()).into_iter().flatten();
+                        for call in calls.flatten() {
+                            let _ = std::fs::remove_dir(call.path());
+                        }
+                        let _ = std::fs::remove_dir(old.path());
+                    }
+                }
+            }
+            let dir = base.join(format!("ferry-tests-{}", std::process::id()));
+            // The test binary itself moves into `main`, so that what a test spawns
+            // directly is known as the test run's too.
+            std::fs::create_dir_all(dir.join("main")).ok()?;
+            std::fs::write(
+                dir.join("main/cgroup.procs"),
+                std::process::id().to_string(),
+            )
+            .ok()?;
+            STARTED
+                .lock()
+                .unwrap()
+                .insert("main".into(), "the test binary".into());
+            Some(dir)
+        })
+        .clone()
+    }
+
+    /// Command lines by cgroup name (`c<N>`), for leftover reports.
+    static STARTED: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+
+    /// Who started the process `pid`: a command of this test run (its line), a Slurm step
+    /// of `node_prefixes`' clusters, or none of the tests.
+    pub fn origin(pid: &str, node_prefixes: &[String]) -> Origin {
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        let ours =
+            run_cgroup().and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()));
+        for line in cgroups.lines() {
+            let path = line.splitn(3, ':').nth(2).unwrap_or("");
+            if line.starts_with("0::") {
+                let mut parts = path.trim_start_matches('/').split('/');
+                if let (Some(run), Some(call)) = (parts.next(), parts.next()) {
+                    if ours.as_deref() == Some(run) {
+                        let what = STARTED.lock().unwrap().get(call).cloned();
+                        return Origin::Command(call.to_string(), what.unwrap_or_default());
+                    }
+                }
+            }
+            if let Some(rest) = path.strip_prefix("/slurm_") {
+                let node = rest.split('/').next().unwrap_or("");
+                if node_prefixes.iter().any(|p| node.starts_with(p.as_str())) {
+                    let job = rest
+                        .split('/')
+                        .find(|p| p.starts_with("job_"))
+                        .unwrap_or("");
+                    return Origin::Slurm(format!("{node} {job}"));
+                }
+            }
+        }
+        Origin::Elsewhere
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Origin {
+        /// The cgroup of one command (`cN`, or `main`: the test binary) and its line.
+        Command(String, String),
+        Slurm(String),
+        Elsewhere,
+    }
+
+    fn one_line(what: &str) -> String {
+        let line: String = what.split_whitespace().collect::<Vec<_>>().join(" ");
+        match line.char_indices().nth(160) {
+            Some((i, _)) => format!("{}…", &line[..i]),
+            None => line,
+        }
+    }
+
+    pub fn output(cmd: Command, limit: Duration, what: &str) -> Output {
+        let group = run_cgroup().map(|root| {
+            let n = CALLS.fetch_add(1, Ordering::Relaxed);
+            let dir = root.join(format!("c{n}"));
+            let _ = std::fs::create_dir(&dir);
+            STARTED
+                .lock()
+                .unwrap()
+                .insert(format!("c{n}"), one_line(what));
+            dir
+        });
+        let mut wrapped = match &group {
+            // The wrapper joins the cgroup, then becomes the command.
+            Some(dir) => {
+                let mut w = Command::new("sh");
+                w.arg("-c")
+                    .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+                    .arg(dir)
+                    .arg(cmd.get_program())
+                    .args(cmd.get_args());
+                w
+            }
+            None => {
+                let mut w = Command::new(cmd.get_program());
+                w.args(cmd.get_args());
+                w
+            }
+        };
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => wrapped.env(k, v),
+                None => wrapped.env_remove(k),
+            };
+        }
+        if let Some(dir) = cmd.get_current_dir() {
+            wrapped.current_dir(dir);
+        }
+        use std::os::unix::process::CommandExt;
+        wrapped
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = wrapped
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start `{}`: {e}", one_line(what)));
+        let out = wait(child, limit, what, group.clone());
+        if let Some(dir) = group {
+            // Left in place (with its note) while something it started still runs.
+            let _ = std::fs::remove_dir(&dir);
+        }
+        out
+    }
+
+    fn reader(mut from: impl Read + Send + 'static) -> mpsc::Receiver<Vec<u8>> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = from.read_to_end(&mut buf);
+            let _ = tx.send(buf);
+        });
+        rx
+    }
+
+    pub fn wait(mut child: Child, limit: Duration, what: &str, group: Option<PathBuf>) -> Output {
+        let stdout = child.stdout.take().map(reader);
+        let stderr = child.stderr.take().map(reader);
+        let pid = child.id() as i32;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        let status = match rx.recv_timeout(limit) {
+            Ok(status) => status.expect("wait for a test command"),
+            Err(_) => {
+                if let Some(dir) = &group {
+                    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+                }
+                for target in [format!("-{pid}"), pid.to_string()] {
+                    let _ = Command::new("kill")
+                        .args(["-KILL", "--", &target])
+                        .stderr(Stdio::null())
+                        .status();
+                }
+                panic!(
+                    "timed out after {} s waiting for `{}`; it and what it started were killed",
+                    limit.as_secs(),
+                    one_line(what)
+                );
+            }
+        };
+        // What the command left running may hold its pipes open: take what came.
+        let collect = |rx: Option<mpsc::Receiver<Vec<u8>>>| {
+            rx.and_then(|rx| rx.recv_timeout(Duration::from_secs(5)).ok())
+                .unwrap_or_default()
+        };
+        Output {
+            status,
+            stdout: collect(stdout),
+            stderr: collect(stderr),
+        }
+    }
 }
 
 fn extra_env() -> Vec<String> {
@@ -127,10 +372,16 @@ pub fn assert_user_exists(user: &str) {
     );
 }
 
-/// Live (non-zombie) processes of `user`, as "pid command" lines, ignoring `except` pids.
+/// Live (non-zombie) processes of `user` that this test run started (through a command
+/// of its own or a step of its Slurm clusters), as "pid command [who started it]" lines.
+/// Processes of that user that did not come from the tests (a developer's login, another
+/// test run) are left out, and named once on stderr.
 pub fn live_processes(user: &str) -> Vec<String> {
     let uid = uid_of(user);
+    let nodes = cluster_node_prefixes();
     let mut found = Vec::new();
+    let mut elsewhere = Vec::new();
+    let mut calls = std::collections::BTreeMap::new();
     for entry in std::fs::read_dir("/proc").expect("/proc") {
         let Ok(entry) = entry else { continue };
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -154,10 +405,46 @@ pub fn live_processes(user: &str) -> Vec<String> {
             let cmd = std::fs::read_to_string(entry.path().join("cmdline"))
                 .unwrap_or_default()
                 .replace('\0', " ");
-            found.push(format!("{name} {cmd}"));
+            match limited::origin(&name, &nodes) {
+                limited::Origin::Command(call, line) => {
+                    found.push(format!("{name} {cmd} [test {call}]"));
+                    calls.insert(call, line);
+                }
+                limited::Origin::Slurm(step) => found.push(format!("{name} {cmd} [Slurm {step}]")),
+                limited::Origin::Elsewhere => elsewhere.push(name),
+            }
         }
     }
+    // The command lines behind `[test cN]`, for a failing check's reader (kept out of the
+    // lines themselves, which tests match against command names).
+    for (call, line) in calls {
+        eprintln!("note: test {call} is `{line}`");
+    }
+    if !elsewhere.is_empty() {
+        eprintln!(
+            "note: ignoring {} process(es) of {user} that this test run did not start: {}",
+            elsewhere.len(),
+            elsewhere.join(" ")
+        );
+    }
     found
+}
+
+/// Node names (without a `[1-3]` range) of the test clusters in `SLURM_CONF` and
+/// `FERRY_MULTI_SLURM_CONF`: their cgroups are `slurm_<node>`.
+fn cluster_node_prefixes() -> Vec<String> {
+    ["SLURM_CONF", "FERRY_MULTI_SLURM_CONF"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .filter_map(|conf| std::fs::read_to_string(conf).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter_map(|l| l.trim().strip_prefix("NodeName="))
+                .map(|v| v.split([' ', '[']).next().unwrap_or("").to_string())
+                .filter(|v| !v.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 pub fn uid_of(user: &str) -> u32 {
@@ -485,4 +772,28 @@ impl Drop for Plugstack {
     fn drop(&mut self) {
         let _ = std::fs::write(&self.path, &self.original);
     }
+}
+
+/// What a cache holds that matters for leftovers: every file and link below `dir` with its
+/// size ("path size"). Directories are not listed (ferry's own empty skeleton, made on
+/// first use, is no leftover), nor the per-digest lock files under `locks/`, which are
+/// empty and stay by design (removing one would race with a process about to take it).
+pub fn cache_contents(dir: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::from(dir)];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let Ok(m) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if m.is_dir() {
+                stack.push(p);
+            } else if !(p.starts_with(format!("{dir}/locks")) && m.len() == 0) {
+                out.push(format!("{} {}", p.display(), m.len()));
+            }
+        }
+    }
+    out.sort();
+    out
 }
