@@ -123,10 +123,14 @@ fn five_hundred_sequential_container_steps() {
     sh(&format!("srun -n1 --container={busybox} true")).ok();
     let before = node_state();
     let daemons_before = daemons();
-    let out = sh(&format!(
-        "timeout 900 srun -n1 --time=15 bash -c 'n=0; for i in $(seq 500); do \
-           srun -n1 --overlap --container={busybox} true && n=$((n+1)); done; echo $n'"
-    ));
+    let out = sh_as_within(
+        USER,
+        &format!(
+            "timeout 900 srun -n1 --time=15 bash -c 'n=0; for i in $(seq 500); do \
+               srun -n1 --overlap --container={busybox} true && n=$((n+1)); done; echo $n'"
+        ),
+        Duration::from_secs(960),
+    );
     assert_eq!(out.ok(), "500\n", "{}", out.stderr);
     assert_node_unchanged(&before, &daemons_before, "500 sequential steps");
 }

@@ -89,7 +89,7 @@ impl Run {
 
 /// How long one command of a test may run before the test fails (a hung command must fail
 /// its test, not hold CI until its own limit). Longer runs name their limit.
-pub const COMMAND_LIMIT: Duration = Duration::from_secs(300);
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(360);
 
 /// Run a shell command line as `user` (via runuser, with a login-like environment and
 /// default signal dispositions, whatever the test command inherited, e.g. under `nohup`),
