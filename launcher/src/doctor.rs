@@ -1114,7 +1114,7 @@ pub fn plugin_line_check(
             return Check::fail(
                 ID,
                 format!("{place}: {e}"),
-                "fix the arguments (README, \"For admins\", lists them); until then container steps fail",
+                "fix the arguments (docs/admin-guide.md lists them); until then container steps fail",
             )
         }
     };
