@@ -1,5 +1,5 @@
 # ferry: build, install and package the launcher (`ferry`) and the Slurm plugin
-# (`spank_ferry.so`). README.md, "Installing", explains the targets.
+# (`spank_ferry.so`). docs/admin-guide.md, "Installing", explains the targets.
 #
 #   make                      build both (release)
 #   make install              ferry to $(PREFIX)/bin, the plugin into the running Slurm's

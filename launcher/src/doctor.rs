@@ -1110,13 +1110,11 @@ pub fn plugin_line_check(
     }
     let settings = match settings {
         Ok(s) => s,
-        Err(e) => {
-            return Check::fail(
-                ID,
-                format!("{place}: {e}"),
-                "fix the arguments (README, \"For admins\", lists them); until then container steps fail",
-            )
-        }
+        Err(e) => return Check::fail(
+            ID,
+            format!("{place}: {e}"),
+            "fix the arguments (docs/admin-guide.md lists them); until then container steps fail",
+        ),
     };
     let bin = &settings.ferry_bin;
     let executable = fs::metadata(bin)

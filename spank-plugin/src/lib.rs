@@ -1,5 +1,5 @@
 //! ferry's SPANK plugin: `--container` / pyxis' `--container-*` options for srun, sbatch and
-//! salloc, and the per-node container of each step (see DESIGN.md, "The step, on each node").
+//! salloc, and the per-node container of each step (see docs/design.md, "How it works").
 //!
 //! Install as `spank_ferry.so` and add to plugstack.conf:
 //!

@@ -1,5 +1,6 @@
 //! Remote context (slurmstepd, one per step per node): the step's container, following
-//! "The step, on each node" in DESIGN.md.
+//! docs/design.md, "How it works" (first intended in ../shared/DESIGN.md, "The step, on
+//! each node").
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
