@@ -486,3 +486,54 @@ impl Drop for Plugstack {
         let _ = std::fs::write(&self.path, &self.original);
     }
 }
+
+/// The debian test image as most registry images ship it: an empty `/etc/resolv.conf`, an
+/// empty `/etc/hosts`, and no `/etc/nsswitch.conf`; as a squashfs and as a directory of
+/// root in `dir` (copied by root: the image has files only root may read): (`DIR/deb.sqsh`,
+/// `DIR/deb`).
+pub fn debian_without_name_service(dir: &UserDir) -> (String, String) {
+    let d = dir.path.display();
+    let status = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -e; cd {d}; cp -a {} deb\n\
+             : > deb/etc/resolv.conf; : > deb/etc/hosts; rm -f deb/etc/nsswitch.conf\n\
+             mksquashfs deb deb.sqsh -all-root -quiet -no-progress -noI -noD -noF -noX >/dev/null",
+            image("debian").display()
+        ))
+        .status()
+        .expect("bash runs");
+    assert!(status.success(), "making the debian variant failed");
+    (format!("{d}/deb.sqsh"), format!("{d}/deb"))
+}
+
+/// A name that the host's `/etc/hosts` gives an address (other than `localhost`, which
+/// resolvers may answer without the file, when the file has another), and that address.
+pub fn host_only_name() -> (String, String) {
+    let hosts = std::fs::read_to_string("/etc/hosts").expect("the host has /etc/hosts");
+    let entries: Vec<(String, String)> = hosts
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let addr = words.next()?;
+            Some(words.map(move |n| (n.to_string(), addr.to_string())))
+        })
+        .flatten()
+        .collect();
+    entries
+        .iter()
+        .find(|(n, _)| !n.starts_with("localhost") && !n.starts_with("ip6-"))
+        .or_else(|| entries.first())
+        .cloned()
+        .expect("the host's /etc/hosts names a host")
+}
+
+/// A shell line that prints the name service as a program sees it: resolv.conf,
+/// nsswitch.conf, /etc/hosts, and the address `getent hosts NAME` finds.
+pub fn name_service_probe(name: &str) -> String {
+    format!(
+        "cat /etc/resolv.conf; echo --; cat /etc/nsswitch.conf; echo --; cat /etc/hosts; \
+         echo --; getent hosts {name} | cut -d\" \" -f1"
+    )
+}
