@@ -1499,7 +1499,9 @@ fn container_entrypoint_with_multi_prog() {
 
 #[test]
 fn names_resolve_through_the_hosts_files_with_every_provider() {
-    let _m = shared_machine();
+    let _m = exclusive_machine();
+    let plugstack = Plugstack::open(&cluster());
+    plugstack.add_args("kernel_squashfs=yes");
     let dir = UserDir::new(USER);
     // An image with an empty resolv.conf and hosts and no nsswitch.conf: a name only the
     // host's /etc/hosts knows resolves in every step, read-only or writable, named or not.
@@ -1510,6 +1512,7 @@ fn names_resolve_through_the_hosts_files_with_every_provider() {
     let variants = [
         format!("--container-image={sqsh}"),
         format!("--container-image={sqsh} --container-rootfs=unpack"),
+        format!("--container-image={sqsh} --container-rootfs=kernel"),
         format!("--container-image={sqsh} --container-writable"),
         format!("--container-image={sqsh} --container-remap-root --container-readonly"),
         format!("--container-image={sqsh} --container-name=dns"),
@@ -1628,6 +1631,15 @@ fn a_failed_save_fails_the_step_and_impossible_targets_are_refused_before_it() {
          srun -n1 --container-image={d}/two.sqsh ls /etc | grep task-"
     ));
     assert_eq!(out.ok(), "kept\ntask-0\ntask-1\n", "{}", out.stderr);
+    // A step stopped by a signal (scancel, the time limit) is not saved. (Its line saying
+    // so may not reach srun, which ends as soon as Slurm tells it of the cancellation.)
+    let out = slurm(&format!(
+        "srun -n1 -J ferry-save-stopped --container-image={busybox} --container-mounts={d} \
+         --container-save={d}/stopped.sqsh sh -c 'touch {d}/started; sleep 60' & \
+         until test -e {d}/started; do sleep 0.1; done; rm {d}/started; \
+         scancel -s TERM -n ferry-save-stopped; wait $!"
+    ));
+    assert_ne!(out.code, 0, "{}", out.stderr);
     let names = dir_entries(&d.to_string());
     assert_eq!(names, ["existing", "failed.sqsh", "two.sqsh"], "{names:?}");
 }

@@ -18,8 +18,8 @@
 //! it would have to work with whatever the image has (no shell, another C library, none):
 //! the host's `ferry` needs nothing from the image.
 //!
-//! With `--container-save` the task's `ferry` stays on the host as the command's parent,
-//! and the last of the node's tasks to end saves the container
+//! With `--container-save` the task's `ferry` stays on the host as the command's parent
+//! (passing signals on), and the last of the node's tasks to end saves the container
 //! before it exits: a failed save then fails the task, and with it the step. slurmstepd
 //! takes a task's exit status when it reaps it, before any plugin callback could change it.
 
@@ -33,6 +33,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 
 use nix::sys::signal::{SigSet, Signal};
+use nix::unistd::Pid;
 
 use crate::entrypoint::{self, ImageStart};
 use crate::join::{self, Namespaces};
@@ -64,7 +65,7 @@ pub struct TaskExec {
     #[serde(default)]
     pub save: Option<SaveAfterTasks>,
     /// Set for the command's process that a saving task's `ferry` starts: the signals that
-    /// `ferry` blocked to outlive the command are unblocked again before the exec.
+    /// `ferry` blocked to pass them on are unblocked again before the exec.
     #[serde(default)]
     pub unblock_signals: bool,
 }
@@ -163,9 +164,11 @@ fn exec_task(value: &std::ffi::OsStr) -> ! {
     exec_searching(&args, &envp, &search_path)
 }
 
-/// The signals a saving task's `ferry` must outlive (those Slurm and a terminal send a
-/// task), and SIGCHLD, which tells it the command ended. They are not passed on:
-/// slurmstepd signals the task's whole process group and cgroup, the command included.
+/// The signals a saving task's `ferry` passes on to the command (those Slurm and a
+/// terminal send a task), and SIGCHLD, which tells it the command ended. slurmstepd's
+/// proctrack/cgroup signals only the task's own process (all but SIGKILL), so they must be
+/// passed on; proctrack/pgid and linuxproc reach the command as well, which then gets them
+/// twice. The command stays in the task's process group, the terminal's with `--pty`.
 fn forwarded_signals() -> SigSet {
     let mut set = SigSet::empty();
     for sig in [
@@ -186,7 +189,7 @@ fn forwarded_signals() -> SigSet {
 }
 
 /// `--container-save`: start the command as a child (this program again, entering the
-/// container), wait for it to end, count this task as ended, save if it is the
+/// container), pass signals on until it ends, count this task as ended, save if it is the
 /// last, and end with the command's status, or 1 when the save failed.
 fn run_then_save(task: &TaskExec, save: &SaveAfterTasks) -> ! {
     let signals = forwarded_signals();
@@ -207,6 +210,8 @@ fn run_then_save(task: &TaskExec, save: &SaveAfterTasks) -> ! {
         .env(ENV, text)
         .spawn()
         .unwrap_or_else(|e| fail(&format!("cannot start the task's command: {e}")));
+    let pid = Pid::from_raw(child.id() as i32);
+    let mut stopped_by = None;
     let status = loop {
         match signals.wait() {
             Ok(Signal::SIGCHLD) => match child.try_wait() {
@@ -214,13 +219,36 @@ fn run_then_save(task: &TaskExec, save: &SaveAfterTasks) -> ! {
                 Ok(None) => {}
                 Err(e) => fail(&format!("cannot wait for the task's command: {e}")),
             },
-            Ok(_) => {}
+            // The child is ours and not reaped yet: its pid cannot name another process.
+            Ok(sig) => {
+                if matches!(
+                    sig,
+                    Signal::SIGHUP | Signal::SIGINT | Signal::SIGQUIT | Signal::SIGTERM
+                ) {
+                    stopped_by = Some(sig);
+                }
+                let _ = nix::sys::signal::kill(pid, sig);
+            }
             Err(e) => fail(&format!("cannot wait for signals: {e}")),
         }
     };
-    if let Err(e) = save_if_last(save) {
-        eprintln!("ferry: error: --container-save: {e}");
-        std::process::exit(status.code().filter(|c| *c != 0).unwrap_or(1));
+    match stopped_by {
+        // A cancelled step (scancel, the time limit, srun interrupted) is not saved: the
+        // user did not mean to keep it, and Slurm kills what is left soon after.
+        Some(sig) => {
+            if std::env::var("SLURM_LOCALID").is_ok_and(|id| id == "0") {
+                eprintln!(
+                    "ferry: error: --container-save: not saved to {}: the step was stopped ({sig})",
+                    save.output.display()
+                );
+            }
+        }
+        None => {
+            if let Err(e) = save_if_last(save) {
+                eprintln!("ferry: error: --container-save: {e}");
+                std::process::exit(status.code().filter(|c| *c != 0).unwrap_or(1));
+            }
+        }
     }
     if let Some(sig) = status.signal() {
         // End the way the command ended, so Slurm reports the signal.
