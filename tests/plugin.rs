@@ -624,7 +624,10 @@ fn the_kernel_provider_only_where_the_site_enables_it() {
         env!("CARGO_MANIFEST_DIR"),
         "/../launcher/tests/fixtures/sif/one-group.sif"
     );
-    let images = [debian.as_str(), busybox.as_str(), sif];
+    // With every mount point (the test image lacks /etc/hosts), so no overlay over it.
+    let dir = UserDir::new(USER);
+    let with_hosts = debian_with_name_service_files(&dir);
+    let images = [debian.as_str(), busybox.as_str(), sif, with_hosts.as_str()];
     let (loops, host_squashfs) = kernel_traces(&images);
     assert!(
         loops.is_empty(),
@@ -666,7 +669,7 @@ fn the_kernel_provider_only_where_the_site_enables_it() {
     // The image, with the kernel's squashfs as the root (no home: every mount point is in
     // the image, so there is no overlay over it); the site's default is still squashfuse.
     let out = slurm(&format!(
-        "srun -n1 --container={debian} --container-rootfs=kernel --no-container-mount-home \
+        "srun -n1 --container={with_hosts} --container-rootfs=kernel --no-container-mount-home \
          sh -c 'cat /etc/ferry-marker; {root_line}'"
     ));
     let text = out.ok();
@@ -674,7 +677,7 @@ fn the_kernel_provider_only_where_the_site_enables_it() {
     assert_eq!(lines[0], "debian-image", "{text}");
     assert!(kernel_root(lines[1]), "{text}");
     let out = slurm(&format!(
-        "srun -n1 --container={debian} --no-container-mount-home {root_line}"
+        "srun -n1 --container={with_hosts} --no-container-mount-home {root_line}"
     ));
     assert!(out.ok().contains(" - fuse.squashfuse "), "{}", out.stdout);
 
@@ -691,7 +694,7 @@ fn the_kernel_provider_only_where_the_site_enables_it() {
     // Even with every capability of its user namespace (remap-root), a task cannot lift
     // the mount's nodev, nosuid or read-only flags: the kernel locked them.
     let out = slurm(&format!(
-        "srun -n1 --container={debian} --container-rootfs=kernel --no-container-mount-home \
+        "srun -n1 --container={with_hosts} --container-rootfs=kernel --no-container-mount-home \
          --container-remap-root sh -c 'for o in dev suid rw; do \
          mount -o remount,bind,$o / 2>/dev/null && echo $o lifted || echo $o locked; done'"
     ));
@@ -734,8 +737,8 @@ fn the_kernel_provider_only_where_the_site_enables_it() {
     // The site's default; a step may still ask for squashfuse.
     plugstack.set_args("kernel_squashfs=yes rootfs=kernel");
     let out = slurm(&format!(
-        "srun -n1 --container={debian} --no-container-mount-home sh -c 'cat /etc/ferry-marker; {root_line}'; \
-         srun -n1 --container={debian} --no-container-mount-home --container-rootfs=squashfuse {root_line}"
+        "srun -n1 --container={with_hosts} --no-container-mount-home sh -c 'cat /etc/ferry-marker; {root_line}'; \
+         srun -n1 --container={with_hosts} --no-container-mount-home --container-rootfs=squashfuse {root_line}"
     ));
     let text = out.ok();
     let lines: Vec<&str> = text.lines().collect();

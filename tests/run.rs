@@ -953,11 +953,14 @@ fn rootfs_kernel_is_for_root_and_leaves_no_loop_device() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    // An image with every mount point (the test image lacks /etc/hosts), so no overlay.
+    let dir = UserDir::new(USER);
+    let with_hosts = debian_with_name_service_files(&dir);
     let root = as_root(&[
         "--rootfs",
         "kernel",
         "--no-mount-home",
-        &debian,
+        &with_hosts,
         "head",
         "-1",
         "/proc/self/mountinfo",

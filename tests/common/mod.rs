@@ -487,24 +487,44 @@ impl Drop for Plugstack {
     }
 }
 
-/// The debian test image as most registry images ship it: an empty `/etc/resolv.conf`, an
-/// empty `/etc/hosts`, and no `/etc/nsswitch.conf`; as a squashfs and as a directory of
-/// root in `dir` (copied by root: the image has files only root may read): (`DIR/deb.sqsh`,
-/// `DIR/deb`).
-pub fn debian_without_name_service(dir: &UserDir) -> (String, String) {
+/// A variant of the debian test image: `script` runs (as root: the image has files only
+/// root may read) in a copy of its tree at `DIR/NAME`, which is then squashed into
+/// `DIR/NAME.sqsh`. Returns (squashfs, tree).
+pub fn debian_variant(dir: &UserDir, name: &str, script: &str) -> (String, String) {
     let d = dir.path.display();
     let status = Command::new("bash")
         .arg("-c")
         .arg(format!(
-            "set -e; cd {d}; cp -a {} deb\n\
-             : > deb/etc/resolv.conf; : > deb/etc/hosts; rm -f deb/etc/nsswitch.conf\n\
-             mksquashfs deb deb.sqsh -all-root -quiet -no-progress -noI -noD -noF -noX >/dev/null",
+            "set -e; cd {d}; cp -a {} {name}; (cd {name}; {script})\n\
+             mksquashfs {name} {name}.sqsh -all-root -quiet -no-progress -noI -noD -noF -noX >/dev/null",
             image("debian").display()
         ))
         .status()
         .expect("bash runs");
-    assert!(status.success(), "making the debian variant failed");
-    (format!("{d}/deb.sqsh"), format!("{d}/deb"))
+    assert!(status.success(), "making the debian variant {name} failed");
+    (format!("{d}/{name}.sqsh"), format!("{d}/{name}"))
+}
+
+/// The debian test image as most registry images ship it: an empty `/etc/resolv.conf`, an
+/// empty `/etc/hosts`, and no `/etc/nsswitch.conf`: (`DIR/deb.sqsh`, `DIR/deb`).
+pub fn debian_without_name_service(dir: &UserDir) -> (String, String) {
+    debian_variant(
+        dir,
+        "deb",
+        ": > etc/resolv.conf; : > etc/hosts; rm -f etc/nsswitch.conf",
+    )
+}
+
+/// The debian test image with a mount point for each file of the host's name service
+/// (the test image has no `/etc/hosts`), so that a read-only container of it needs no
+/// overlay: `DIR/debian-etc.sqsh`.
+pub fn debian_with_name_service_files(dir: &UserDir) -> String {
+    debian_variant(
+        dir,
+        "debian-etc",
+        "touch etc/hosts etc/resolv.conf etc/nsswitch.conf",
+    )
+    .0
 }
 
 /// A name that the host's `/etc/hosts` gives an address (other than `localhost`, which
