@@ -88,6 +88,10 @@ pub struct PluginSettings {
     /// for its job (removed by the job epilog; the default) or for every later job of the
     /// user on the node (pyxis' setting of the same name).
     pub container_scope: ContainerScope,
+    /// `writable=yes|no`: whether containers' root filesystems are writable when a step
+    /// does not say (`--container-writable`, `--container-readonly`); default `no`. enroot
+    /// sites usually run writable containers (`ENROOT_ROOTFS_WRITABLE`).
+    pub writable: bool,
 }
 
 /// How long named containers live.
@@ -128,6 +132,7 @@ impl Default for PluginSettings {
             host_libs: Vec::new(),
             nvidia_container_cli: ContainerCli::Auto,
             container_scope: ContainerScope::Job,
+            writable: false,
         }
     }
 }
@@ -170,7 +175,7 @@ pub enum SiteError {
 
 const KEYS: &str =
     "ferry_bin, default_mounts, squashfuse, writable_tmpfs_size, log_level, named_dir, \
-registry_ca_file, insecure_registries, rootfs, kernel_squashfs, import_on_submit, gpus, host_libs, nvidia_container_cli, container_scope";
+registry_ca_file, insecure_registries, rootfs, kernel_squashfs, import_on_submit, gpus, host_libs, nvidia_container_cli, container_scope, writable";
 
 /// Keys that may be repeated, their values adding up.
 const LIST_KEYS: &[&str] = &["default_mounts", "insecure_registries", "host_libs"];
@@ -244,6 +249,7 @@ impl PluginSettings {
                 "registry_ca_file" => s.registry_ca_file = Some(absolute(key, value)?),
                 "import_on_submit" => s.import_on_submit = yes_no(key, value)?,
                 "kernel_squashfs" => s.kernel_squashfs = yes_no(key, value)?,
+                "writable" => s.writable = yes_no(key, value)?,
                 "gpus" => {
                     s.gpus = match value {
                         "auto" => GpuDefault::Auto,
@@ -491,6 +497,12 @@ mod tests {
             parse(&["rootfs=kernel", "kernel_squashfs=no"]),
             Err(SiteError::KernelNotEnabled)
         );
+        assert!(!parse(&[]).unwrap().writable);
+        assert!(parse(&["writable=yes"]).unwrap().writable);
+        assert!(matches!(
+            parse(&["writable=sometimes"]),
+            Err(SiteError::YesNo { .. })
+        ));
         assert_eq!(
             parse(&["kernel_squashfs=maybe"]),
             Err(SiteError::YesNo {

@@ -303,6 +303,8 @@ pub extern "C" fn slurm_spank_init_post_opt(
                             ))
                         }
                         Ok(settings) => {
+                            local::check_named_only(r, settings, context)?;
+                            local::note_read_only_remap_root(r, settings);
                             local::pin_tag(r, settings);
                             local::import_now(r, settings)?;
                         }
@@ -383,7 +385,7 @@ pub extern "C" fn slurm_spank_task_exit(
 ) -> c_int {
     guard("task_exit", |plugin, _| {
         if let Some(step) = plugin.step.as_mut() {
-            remote::task_exit(step, plugin.settings.as_ref().ok());
+            remote::task_exit(step);
         }
         Ok(())
     })
