@@ -1591,8 +1591,7 @@ fn a_failed_save_fails_the_step_and_impossible_targets_are_refused_before_it() {
     Command::new("chown")
         .arg(format!("{USER}:"))
         .arg(dir.path.join("gone"))
-        .status()
-        .unwrap();
+        .status_within(COMMAND_LIMIT);
     let out = slurm(&format!(
         "srun -n1 --container-image={busybox} --container-mounts={d} \
          --container-save={d}/gone/out.sqsh sh -c 'rmdir {d}/gone && echo ran'"

@@ -92,6 +92,11 @@ pub struct PluginSettings {
     /// does not say (`--container-writable`, `--container-readonly`); default `no`. enroot
     /// sites usually run writable containers (`ENROOT_ROOTFS_WRITABLE`).
     pub writable: bool,
+    /// `framework_env=yes|no`: set PyTorch's rendezvous variables (RANK, WORLD_SIZE,
+    /// MASTER_ADDR, …: [`crate::framework_env`]) in every container task; default `yes`.
+    pub framework_env: bool,
+    /// `framework_ports=LOW-HIGH`: where `MASTER_PORT` is chosen from.
+    pub framework_ports: std::ops::RangeInclusive<u16>,
 }
 
 /// How long named containers live.
@@ -133,6 +138,8 @@ impl Default for PluginSettings {
             nvidia_container_cli: ContainerCli::Auto,
             container_scope: ContainerScope::Job,
             writable: false,
+            framework_env: true,
+            framework_ports: crate::framework_env::DEFAULT_PORTS,
         }
     }
 }
@@ -169,13 +176,16 @@ pub enum SiteError {
         "plugstack.conf argument `host_libs=`: `{0}` is not an absolute path or a library name"
     )]
     HostLib(String),
+    #[error("plugstack.conf argument `framework_ports=`: {0}")]
+    Ports(String),
     #[error("plugstack.conf argument `{key}={value}`: use yes or no")]
     YesNo { key: String, value: String },
 }
 
 const KEYS: &str =
     "ferry_bin, default_mounts, squashfuse, writable_tmpfs_size, log_level, named_dir, \
-registry_ca_file, insecure_registries, rootfs, kernel_squashfs, import_on_submit, gpus, host_libs, nvidia_container_cli, container_scope, writable";
+registry_ca_file, insecure_registries, rootfs, kernel_squashfs, import_on_submit, gpus, host_libs, nvidia_container_cli, container_scope, writable, \
+framework_env, framework_ports";
 
 /// Keys that may be repeated, their values adding up.
 const LIST_KEYS: &[&str] = &["default_mounts", "insecure_registries", "host_libs"];
@@ -250,6 +260,11 @@ impl PluginSettings {
                 "import_on_submit" => s.import_on_submit = yes_no(key, value)?,
                 "kernel_squashfs" => s.kernel_squashfs = yes_no(key, value)?,
                 "writable" => s.writable = yes_no(key, value)?,
+                "framework_env" => s.framework_env = yes_no(key, value)?,
+                "framework_ports" => {
+                    s.framework_ports = crate::framework_env::parse_port_range(value)
+                        .map_err(|e| SiteError::Ports(e.to_string()))?
+                }
                 "gpus" => {
                     s.gpus = match value {
                         "auto" => GpuDefault::Auto,
@@ -339,6 +354,18 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<PluginSettings, SiteError> {
         PluginSettings::parse(args)
+    }
+
+    #[test]
+    fn framework_settings() {
+        let d = parse(&[]).unwrap();
+        assert!(d.framework_env);
+        assert_eq!(d.framework_ports, crate::framework_env::DEFAULT_PORTS);
+        let s = parse(&["framework_env=no", "framework_ports=40000-40999"]).unwrap();
+        assert!(!s.framework_env);
+        assert_eq!(s.framework_ports, 40000..=40999);
+        let e = parse(&["framework_ports=80"]).unwrap_err().to_string();
+        assert!(e.starts_with("plugstack.conf argument `framework_ports=`: port range `80`"), "{e}");
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub struct Step {
     pub tasks_exited: u32,
     /// `--container-save` on this node: what the tasks' `ferry` saves after the last task.
     pub save_after_tasks: Option<ferry::task_exec::SaveAfterTasks>,
+    /// Where MASTER_PORT comes from, when the site sets the frameworks' variables
+    /// (`framework_env=yes`, the default).
+    pub framework_ports: Option<std::ops::RangeInclusive<u16>>,
 }
 
 impl Step {
@@ -592,6 +595,9 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
     if step.failure.is_some() {
         return;
     }
+    step.framework_ports = settings
+        .framework_env
+        .then(|| settings.framework_ports.clone());
     let spec = match container_spec(spank, step, settings) {
         Ok(spec) => spec,
         Err(e) => {
@@ -706,6 +712,7 @@ pub fn task_init(
     };
     let workdir = step.workdir.clone().unwrap_or_else(|| PathBuf::from("/"));
     set_image_env(spank, step, &holder.ready().env)?;
+    set_framework_env(spank, step)?;
     let entrypoint = step.request.entrypoint == Some(true);
     let save = step.save_after_tasks.clone();
     if entrypoint || save.is_some() {
@@ -825,6 +832,31 @@ fn set_image_env(spank: &SpankHandle, step: &Step, env: &[(String, String)]) -> 
             continue;
         }
         spank.setenv(name, value, true).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// What distributed-training frameworks read to find their peers (RANK, WORLD_SIZE,
+/// MASTER_ADDR, MASTER_PORT…: [`ferry::framework_env`]), from the task's Slurm variables.
+/// A value the task already has (the user's, or the image's) wins.
+fn set_framework_env(spank: &SpankHandle, step: &Step) -> Result<(), String> {
+    let Some(ports) = &step.framework_ports else {
+        return Ok(());
+    };
+    let getenv = |name: &str| spank.getenv(name).ok().flatten();
+    let task = match ferry::framework_env::SlurmTask::from_vars(getenv) {
+        Ok(Some(task)) => task,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            // Not ferry's to fail a step over: the frameworks' variables are a convenience.
+            warn!("step {}.{}: no framework variables: {e}", step.job_id, step_name(step.step_id));
+            return Ok(());
+        }
+    };
+    for (name, value) in task.variables(ports) {
+        if getenv(name).is_none() {
+            spank.setenv(name, &value, false).map_err(|e| e.to_string())?;
+        }
     }
     Ok(())
 }
