@@ -1089,3 +1089,21 @@ fn names_resolve_through_the_hosts_files_whatever_the_image_ships() {
     ));
     assert_eq!(out.ok(), own);
 }
+
+#[test]
+fn a_saved_container_leaves_out_the_mount_point_of_the_hosts_nsswitch_conf() {
+    // Saving takes seconds, and the leftover checks of other tests would see it.
+    let _m = exclusive_machine();
+    let work = UserDir::new(USER);
+    let w = work.path.display();
+    // busybox has no nsswitch.conf: the host's is bound on an empty file made for it,
+    // which a saved image must not keep (containers of it would then miss the host's).
+    let out = sh(&format!(
+        "$FERRY run --keep {w}/c {} true && $FERRY save {w}/c/rootfs {w}/saved.sqsh && \
+         unsquashfs -l {w}/saved.sqsh etc/nsswitch.conf | grep -c nsswitch; \
+         $FERRY run {w}/saved.sqsh cat /etc/nsswitch.conf",
+        img("busybox.sqsh")
+    ));
+    let host = std::fs::read_to_string("/etc/nsswitch.conf").unwrap();
+    assert_eq!(out.ok(), format!("0\n{host}"), "{}", out.stderr);
+}

@@ -25,15 +25,13 @@
 
 use std::ffi::{CString, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::path::PathBuf;
-
-use serde::{Deserialize, Serialize};
-
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
 
 use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
 
 use crate::entrypoint::{self, ImageStart};
 use crate::join::{self, Namespaces};

@@ -465,6 +465,20 @@ mod tests {
     }
 
     #[test]
+    fn save_targets_that_name_a_directory_are_refused() {
+        let cwd = Path::new("/nonexistent-cwd");
+        for bad in ["/", "./", "/tmp/", "/tmp", "dir/", ".", "..", "x/.", ""] {
+            assert!(check_save_target(bad, cwd).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            check_save_target("out.sqsh", cwd).unwrap(),
+            "/nonexistent-cwd/out.sqsh"
+        );
+        // A directory that does not exist here may exist on the node.
+        assert!(check_save_target("/nonexistent-dir/out.sqsh", cwd).is_ok());
+    }
+
+    #[test]
     fn multi_prog_is_read_from_sruns_options_only() {
         let v = srun_args::version(22, 5);
         assert!(multi_prog_in(&os(&["-n2", "--multi-prog", "mp.conf"]), v));

@@ -696,7 +696,8 @@ fn absolute_program(program: &Path) -> Option<PathBuf> {
 }
 
 /// task_init (each task, in the task's process, already the job user, just before exec):
-/// enter the container, or with `--container-entrypoint` have `ferry` enter it (see
+/// enter the container, or with `--container-entrypoint` or (on the saving node)
+/// `--container-save` have `ferry` enter it (see
 /// [`task_through_ferry`]). An error here fails the task with one line on the user's
 /// terminal.
 pub fn task_init(

@@ -200,3 +200,34 @@ pub fn check_env_names(list: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn a_name_alone_travels_without_an_image() {
+        let req = StepRequest {
+            name: Some("work".into()),
+            ..StepRequest::default()
+        };
+        let env: HashMap<&str, String> = req
+            .to_env()
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect();
+        assert!(!env.contains_key(ENV_IMAGE));
+        let back = StepRequest::from_env(|n| env.get(n).cloned()).unwrap();
+        assert_eq!(back, Some(req));
+        assert_eq!(StepRequest::from_env(|_| None).unwrap(), None);
+    }
+
+    #[test]
+    fn empty_variable_names_are_refused() {
+        assert!(check_env_names("PATH,LD_LIBRARY_PATH").is_ok());
+        for bad in ["", "FOO,", ",FOO", "FOO,,BAR", "1X"] {
+            assert!(check_env_names(bad).is_err(), "{bad:?}");
+        }
+    }
+}
