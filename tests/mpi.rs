@@ -418,3 +418,43 @@ fn import_on_submit_lets_nodes_without_registry_access_run_registry_images() {
     let out = srun("", &step);
     assert!(out.ok().contains("entry $*"), "{}", out.stderr);
 }
+
+/// PyTorch's `env://` variables, derived from Slurm for every container task: six tasks on
+/// three nodes agree on the first node and one port, and each knows its place.
+#[test]
+fn framework_variables_describe_the_step_on_every_node() {
+    let _m = shared_machine();
+    let conf = multi_cluster();
+    let nodes: Vec<String> = node_names(&conf).into_iter().collect();
+    let out = srun(
+        "",
+        &format!(
+            "-N3 -n6 --container={} sh -c 'echo $SLURM_PROCID $RANK $WORLD_SIZE $LOCAL_RANK \
+             $LOCAL_WORLD_SIZE $NODE_RANK $GROUP_RANK $MASTER_ADDR $MASTER_PORT $(hostname)'",
+            mpi_image()
+        ),
+    );
+    let text = out.ok();
+    let mut ports = BTreeSet::new();
+    let mut ranks = BTreeSet::new();
+    for line in text.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(w.len(), 10, "{line}\n{text}");
+        let rank: usize = w[0].parse().unwrap();
+        assert_eq!(w[1], w[0], "RANK is SLURM_PROCID: {line}");
+        assert_eq!(w[2], "6", "WORLD_SIZE: {line}");
+        // Block distribution: ranks 0-1 on the first node, 2-3 on the second, ...
+        assert_eq!(w[3], (rank % 2).to_string(), "LOCAL_RANK: {line}");
+        assert_eq!(w[4], "2", "LOCAL_WORLD_SIZE: {line}");
+        assert_eq!(w[5], (rank / 2).to_string(), "NODE_RANK: {line}");
+        assert_eq!(w[6], w[5], "GROUP_RANK: {line}");
+        assert_eq!(w[7], nodes[0], "MASTER_ADDR is the first node: {line}");
+        assert_eq!(w[9], nodes[rank / 2], "the task's node: {line}");
+        let port: u16 = w[8].parse().unwrap();
+        assert!((29500..=31499).contains(&port), "MASTER_PORT in the default range: {line}");
+        ports.insert(port);
+        ranks.insert(rank);
+    }
+    assert_eq!(ranks, (0..6).collect(), "{text}");
+    assert_eq!(ports.len(), 1, "one MASTER_PORT for the step: {text}");
+}

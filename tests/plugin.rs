@@ -1718,3 +1718,37 @@ fn the_sites_writable_default_and_the_read_only_remap_root_line() {
         out.stderr
     );
 }
+
+/// The frameworks' variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, …) in a container
+/// step: derived from Slurm; a value the user exported wins; the site can turn them off.
+#[test]
+fn framework_variables_are_set_unless_the_user_or_the_site_says_otherwise() {
+    // Rewrites plugstack.conf.
+    let _m = exclusive_machine();
+    let busybox = img("busybox.sqsh");
+    let print = "sh -c 'echo $RANK/$WORLD_SIZE/$LOCAL_RANK/$LOCAL_WORLD_SIZE/$NODE_RANK/$MASTER_ADDR/$MASTER_PORT'";
+    let out = slurm(&format!("srun -n2 --container={busybox} {print} | sort"));
+    let lines: Vec<&str> = out.ok().lines().collect();
+    assert_eq!(lines.len(), 2, "{}", out.stdout);
+    let node = sh("sinfo -h -N -o %N").ok().trim().to_string();
+    let port = lines[0].rsplit('/').next().unwrap().to_string();
+    assert_eq!(lines[0], format!("0/2/0/2/0/{node}/{port}"));
+    assert_eq!(lines[1], format!("1/2/1/2/0/{node}/{port}"));
+    assert!((29500..=31499).contains(&port.parse::<u16>().unwrap()), "{port}");
+    // Without a container, nothing is added.
+    let bare = slurm(&format!("srun -n1 {print}"));
+    assert_eq!(bare.ok(), "//////\n");
+    // The user's own values win.
+    let own = slurm(&format!(
+        "MASTER_ADDR=head MASTER_PORT=12345 srun -n1 --container={busybox} {print}"
+    ));
+    assert_eq!(own.ok(), "0/1/0/1/0/head/12345\n");
+    // The site's range, then the site's no.
+    let plugstack = Plugstack::open(&cluster());
+    plugstack.add_args("framework_ports=40000-40000");
+    let ranged = slurm(&format!("srun -n1 --container={busybox} {print}"));
+    assert_eq!(ranged.ok(), format!("0/1/0/1/0/{node}/40000\n"));
+    plugstack.add_args("framework_env=no");
+    let off = slurm(&format!("srun -n1 --container={busybox} {print}"));
+    assert_eq!(off.ok(), "//////\n");
+}
