@@ -493,7 +493,9 @@ enum Stopped {
 }
 
 fn build(spec: &ContainerSpec) -> Result<rootfs::Container, Box<dyn std::error::Error>> {
-    let _ = nix::sys::prctl::set_no_new_privs();
+    // Nothing the container execs may gain privileges: without that guarantee, no container.
+    nix::sys::prctl::set_no_new_privs()
+        .map_err(|e| format!("cannot set no_new_privs for the container: {e}"))?;
     let inputs = rootfs::open_inputs(spec)?;
     let inside = if spec.remap_root {
         InsideIds { uid: 0, gid: 0 }

@@ -18,6 +18,8 @@ pub enum JoinError {
     },
     #[error("cannot enter the working directory {dir} in the container: {source}")]
     Workdir { dir: String, source: io::Error },
+    #[error("cannot set no_new_privs before entering the container: {0}")]
+    NoNewPrivs(nix::Error),
 }
 
 /// The namespaces of a holder, opened once so that they stay the same even if the holder's
@@ -81,7 +83,8 @@ impl Namespaces {
 /// namespace) and change to `workdir` inside it. The caller must be single-threaded and
 /// run as the container's user.
 pub fn join(ns: &Namespaces, workdir: &Path) -> Result<(), JoinError> {
-    let _ = nix::sys::prctl::set_no_new_privs();
+    // Nothing the task execs may gain privileges: without that guarantee, do not enter.
+    nix::sys::prctl::set_no_new_privs().map_err(JoinError::NoNewPrivs)?;
     nix::sched::setns(&ns.user, CloneFlags::CLONE_NEWUSER).map_err(|source| JoinError::Enter {
         which: "user",
         source,

@@ -288,7 +288,7 @@ fn import_options() -> anyhow::Result<ImportOptions> {
 fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     // Nothing `ferry run` starts (holder, squashfuse, the command) may gain privileges by
     // exec; the holder and the command set it again themselves.
-    let _ = nix::sys::prctl::set_no_new_privs();
+    nix::sys::prctl::set_no_new_privs().context("cannot set no_new_privs")?;
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let user = UserInfo::current()?;
     let image_ref = ImageRef::parse(&args.image, &cwd)?;
