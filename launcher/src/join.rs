@@ -31,16 +31,26 @@ pub struct Namespaces {
 }
 
 impl Namespaces {
-    pub fn open(pid: i32) -> Result<Namespaces, JoinError> {
+    /// The namespaces of `holder`: opened by its pid, then checked to still be its own
+    /// through its pidfd (had the holder ended in between, the pid might be another's).
+    pub fn of_holder(holder: &crate::holder::Holder) -> Result<Namespaces, JoinError> {
+        let pid = holder.pid();
         let open = |ns: &str| {
             File::open(format!("/proc/{pid}/ns/{ns}"))
                 .map(OwnedFd::from)
                 .map_err(|source| JoinError::Open { pid, source })
         };
-        Ok(Namespaces {
+        let namespaces = Namespaces {
             user: open("user")?,
             mnt: open("mnt")?,
-        })
+        };
+        if holder.pidfd().has_exited() {
+            return Err(JoinError::Open {
+                pid,
+                source: io::Error::new(io::ErrorKind::NotFound, "the holder has ended"),
+            });
+        }
+        Ok(namespaces)
     }
 
     /// Copies of the two descriptors that a program this process execs keeps (no
