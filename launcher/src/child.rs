@@ -41,9 +41,11 @@ impl Pidfd {
         };
         if !ended {
             let ours = rustix::fs::fstat(pipe)?;
+            // Unreadable (a child that ended meanwhile) proves nothing either way; the
+            // waitid above already says the process is a child of this one.
             let theirs = rustix::fs::stat(format!("/proc/{}/fd/{child_fd}", child.id()));
-            let same = theirs.is_ok_and(|t| (ours.st_dev, ours.st_ino) == (t.st_dev, t.st_ino));
-            if !same && !handle.has_exited() {
+            let other = theirs.is_ok_and(|t| (ours.st_dev, ours.st_ino) != (t.st_dev, t.st_ino));
+            if other && !handle.has_exited() {
                 return Err(not_ours());
             }
         }
