@@ -1007,6 +1007,13 @@ fn a_flooded_holder_pipe_is_read_only_up_to_a_cap() {
         ])
         .spawn()
         .unwrap();
+    // Flooding: cat has the pipe as its stdout.
+    let comm = format!("/proc/{}/comm", writer.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&comm).unwrap_or_default().trim() != "cat" {
+        assert!(Instant::now() < deadline, "the writer never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let (done, finished) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let ended = holder.stop(Duration::from_secs(2));

@@ -22,33 +22,22 @@ pub struct Pidfd {
 
 impl Pidfd {
     /// The pidfd of `child`, spawned just now. The process found at its pid must be a
-    /// child of this process (`waitid` on the pidfd answers only for children), and while
-    /// it runs it must hold `pipe`, this process's end of a pipe whose other end is the
-    /// child's descriptor `child_fd`: a pid reused by another process between spawn and
-    /// here is never taken for the child.
-    pub fn of_spawned(child: &Child, pipe: BorrowedFd<'_>, child_fd: i32) -> io::Result<Pidfd> {
+    /// child of this process (`waitid` on the pidfd answers only for children): had the
+    /// child been reaped by another thread meanwhile (slurmstepd's `wait3(-1)`), its pid
+    /// could only have gone to another child of this process after a full wrap of the pid
+    /// space, in the microseconds since spawn. A child that has ended but is not yet
+    /// reaped is still the child.
+    pub fn of_spawned(child: &Child) -> io::Result<Pidfd> {
         let not_ours = || io::Error::new(io::ErrorKind::NotFound, "the child was gone at once");
         let pid = Pid::from_raw(child.id() as i32).ok_or_else(not_ours)?;
         let handle = Pidfd {
             fd: rustix::process::pidfd_open(pid, PidfdFlags::empty())?,
         };
-        let ended = match rustix::process::waitid(
+        rustix::process::waitid(
             WaitId::PidFd(handle.fd.as_fd()),
             WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT,
-        ) {
-            Ok(status) => status.is_some(),
-            Err(_) => return Err(not_ours()),
-        };
-        if !ended {
-            let ours = rustix::fs::fstat(pipe)?;
-            // Unreadable (a child that ended meanwhile) proves nothing either way; the
-            // waitid above already says the process is a child of this one.
-            let theirs = rustix::fs::stat(format!("/proc/{}/fd/{child_fd}", child.id()));
-            let other = theirs.is_ok_and(|t| (ours.st_dev, ours.st_ino) != (t.st_dev, t.st_ino));
-            if other && !handle.has_exited() {
-                return Err(not_ours());
-            }
-        }
+        )
+        .map_err(|_| not_ours())?;
         Ok(handle)
     }
 
@@ -197,7 +186,7 @@ pub fn run_capped(
     let mut child = cmd.spawn()?;
     let stdout = OwnedFd::from(child.stdout.take().expect("piped"));
     let stderr = OwnedFd::from(child.stderr.take().expect("piped"));
-    let pidfd = match Pidfd::of_spawned(&child, stdout.as_fd(), 1) {
+    let pidfd = match Pidfd::of_spawned(&child) {
         Ok(p) => p,
         Err(e) => {
             // Nothing to signal safely: it is gone, or was never ours to find.

@@ -307,7 +307,7 @@ pub fn prepare_with(
     let mut stdin = child.stdin.take().expect("piped");
     let stdout = OwnedFd::from(child.stdout.take().expect("piped"));
     // Taken before anything else: from here on the holder is known by its pidfd alone.
-    let pidfd = match crate::child::Pidfd::of_spawned(&child, stdin.as_fd(), 0) {
+    let pidfd = match crate::child::Pidfd::of_spawned(&child) {
         Ok(p) => p,
         Err(_) => {
             let status = child.try_wait().ok().flatten().map(Ok);
