@@ -686,3 +686,465 @@ fn a_path_swapped_for_a_symlink_between_check_and_use_never_reaches_the_target()
     let left = leftovers_after(USER, Duration::from_secs(5));
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+// ---- what the plugin does as root (issue 17) ----------------------------------------------
+//
+// Each test plays a hostile test user against what slurmstepd or the job epilog do as
+// root: through the live cluster where the user can reach it, or by calling, as root, the
+// launcher functions the plugin calls, where the timing has to be forced.
+
+/// A sysctl set for the test's duration, restored when dropped. Take exclusive_machine().
+struct Sysctl {
+    path: String,
+    old: String,
+}
+
+impl Sysctl {
+    fn set(name: &str, value: &str) -> Sysctl {
+        let path = format!("/proc/sys/{}", name.replace('.', "/"));
+        let old = std::fs::read_to_string(&path).unwrap().trim().to_string();
+        std::fs::write(&path, value).unwrap();
+        Sysctl { path, old }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.path, &self.old);
+    }
+}
+
+fn credentials(user: &str) -> ferry::holder::Credentials {
+    let uid = uid_of(user);
+    ferry::holder::Credentials {
+        uid,
+        gid: uid,
+        groups: vec![],
+    }
+}
+
+/// A holder for the busybox image started as root for `user`, as user_init starts it.
+fn holder_as(user: &str) -> ferry::holder::Holder {
+    let c = credentials(user);
+    let info = ferry::user::UserInfo::lookup(c.uid, c.gid, &[]).unwrap();
+    let mut spec = ferry::spec::ContainerSpec::new(image("busybox.sqsh"), info);
+    spec.mount_home = false;
+    let opts = ferry::holder::PrepareOptions {
+        holder_program: ferry_bin(),
+        run_as: Some(c),
+        die_with_parent: false,
+        timeout: Duration::from_secs(60),
+        env: None,
+        quiet: true,
+    };
+    ferry::holder::prepare(&spec, &opts).expect("the holder starts")
+}
+
+fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// Run as root: start `sleep` as uid ARGV[2] at exactly pid ARGV[1] (through
+/// kernel.ns_last_pid, retried while other processes of the machine take the pid first),
+/// print the pid, and on end of stdin kill it.
+const PLACE_AT_PID_PY: &str = r#"
+import os, sys
+target, uid = int(sys.argv[1]), int(sys.argv[2])
+for _ in range(2000):
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(target - 1))
+    pid = os.fork()
+    if pid == 0:
+        if os.getpid() != target:
+            os._exit(0)
+        os.setgroups([]); os.setgid(uid); os.setuid(uid)
+        os.execv("/bin/sleep", ["sleep", "120"])
+    if pid == target:
+        print(pid, flush=True)
+        sys.stdin.read()
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        sys.exit(0)
+    os.waitpid(pid, 0)
+print("missed", flush=True)
+"#;
+
+/// Point 1. The user holds the holder's report pipe open (so its end of file never comes),
+/// kills the holder, and slurmstepd (here: this process) reaps it; a process of another
+/// user then gets the holder's pid. Stopping the holder must not signal that process.
+#[test]
+fn a_holder_whose_pid_went_to_another_process_is_never_signalled() {
+    // Sets kernel.ns_last_pid to place the victim at the freed pid.
+    let _m = exclusive_machine();
+    let holder = holder_as(USER);
+    let pid = holder.pid();
+    // The pipe is opened by root and handed to the user's process: a holder started by
+    // root is not dumpable, so its user reaches /proc/PID/fd only in some ways (from the
+    // step's tasks); how is not what this test is about.
+    let mut keeper = Command::new("/bin/sh")
+        .args([
+            "-c",
+            &format!(
+                "exec 9>/proc/{pid}/fd/1; exec setpriv --reuid {u} --regid {u} --clear-groups \
+                 /bin/sh -c 'kill -9 {pid}; exec sleep 120'",
+                u = uid_of(USER)
+            ),
+        ])
+        .spawn()
+        .unwrap();
+    // slurmstepd's wait3(-1), for the holder.
+    nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).unwrap();
+    let mut placer = Command::new("/usr/bin/python3")
+        .args(["-c", PLACE_AT_PID_PY, &pid.to_string()])
+        .arg(uid_of(OTHER_USER).to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(placer.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let placed = line.trim() == pid.to_string();
+    let ended = placed.then(|| holder.stop(Duration::from_secs(2)));
+    let alive = is_running(pid as u32);
+    drop(placer.stdin.take());
+    let _ = placer.wait();
+    let _ = keeper.kill();
+    let _ = keeper.wait();
+    assert!(placed, "no process could be placed at pid {pid}: {line}");
+    assert!(
+        alive,
+        "stopping the dead holder killed the process at its pid"
+    );
+    assert_eq!(ended.unwrap().early, Some(ferry::holder::EarlyEnd::Killed));
+}
+
+/// A user directory `ferry-UID` in a sticky `named_dir` that its owner exchanges, as fast
+/// as it can, with a symlink to a directory of root's (`renameat2(RENAME_EXCHANGE)`),
+/// refilling its own `jobN` meanwhile.
+const EXCHANGER_PY: &str = r#"
+import ctypes, os, sys, time
+named, own, decoy, job = sys.argv[1:5]
+libc = ctypes.CDLL(None, use_errno=True)
+os.mkdir(os.path.join(named, own), 0o700)
+fd = os.open(os.path.join(named, own), os.O_RDONLY | os.O_DIRECTORY)
+a, b = os.path.join(named, own).encode(), os.path.join(named, "decoy").encode()
+os.symlink(decoy, b)
+end = time.time() + 120
+while time.time() < end:
+    try:
+        os.mkdir(job, 0o700, dir_fd=fd)
+    except FileExistsError:
+        pass
+    libc.renameat2(-100, a, -100, b, 2)
+"#;
+
+/// Point 2. The epilog removes `named_dir/ferry-UID/jobN` as root while the user swaps
+/// `ferry-UID` for a symlink to root's directory: only the user's own `jobN` ever goes.
+#[test]
+fn the_epilog_never_removes_through_a_swapped_user_directory() {
+    let _m = exclusive_machine();
+    let _symlinks = Sysctl::set("fs.protected_symlinks", "0");
+    let base = tempfile::Builder::new()
+        .prefix("ferry-epilog-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let named = base.path().join("named");
+    let victim = base.path().join("victim");
+    std::fs::create_dir(&named).unwrap();
+    Command::new("chmod")
+        .arg("1777")
+        .arg(&named)
+        .status()
+        .unwrap();
+    Command::new("chmod")
+        .arg("0755")
+        .arg(base.path())
+        .status()
+        .unwrap();
+    std::fs::create_dir_all(victim.join("job4242")).unwrap();
+    std::fs::write(victim.join("job4242/precious"), "root's\n").unwrap();
+    let uid = uid_of(USER);
+    let own = ferry::user_dir::name(uid);
+    let mut exchanger = Command::new("setpriv")
+        .args([
+            "--reuid",
+            &uid.to_string(),
+            "--regid",
+            &uid.to_string(),
+            "--clear-groups",
+        ])
+        .args(["/usr/bin/python3", "-c", EXCHANGER_PY])
+        .arg(&named)
+        .arg(&own)
+        .arg(&victim)
+        .arg("job4242")
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::symlink_metadata(named.join(&own).join("job4242")).is_err()
+        || std::fs::symlink_metadata(named.join("decoy")).is_err()
+    {
+        assert!(Instant::now() < deadline, "the exchanger never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (mut removed, mut refused) = (0, 0);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) || removed == 0 || refused == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{removed} {refused}"
+        );
+        match ferry::user_dir::remove_job(&named, uid, 4242) {
+            Ok(true) => removed += 1,
+            Ok(false) => {}
+            Err(_) => refused += 1,
+        }
+        assert!(
+            victim.join("job4242/precious").exists(),
+            "the epilog removed root's directory through the swapped name"
+        );
+    }
+    let _ = exchanger.kill();
+    let _ = exchanger.wait();
+    eprintln!("removed the user's own {removed} times, refused the symlink {refused} times");
+}
+
+/// Point 3. Another user creates `named_dir/ferry-UID` (or a symlink there) before the
+/// user's first step on the node: the step still gets a directory of its own, made by root,
+/// and the squatter's entry is moved aside, untouched.
+#[test]
+fn another_user_cannot_squat_the_users_named_dir() {
+    let _m = exclusive_machine();
+    let conf = slurm_conf();
+    let named = tempfile::Builder::new()
+        .prefix("ferry-named-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let n = named.path().display().to_string();
+    Command::new("chmod").arg("1777").arg(&n).status().unwrap();
+    let plugstack = Plugstack::open(&conf);
+    plugstack.add_args(&format!("named_dir={n}"));
+    let uid = uid_of(USER);
+    let busybox = image("busybox.sqsh").display().to_string();
+    for squat in [
+        format!("mkdir -m 700 {n}/ferry-{uid} && echo mine > {n}/ferry-{uid}/f"),
+        format!("ln -s /var/tmp {n}/ferry-{uid}"),
+    ] {
+        sh_as(OTHER_USER, &squat).ok();
+        let out = sh(&format!(
+            "export SLURM_CONF={conf}; srun -n1 --container-name=sq --container={busybox} \
+             sh -c 'echo kept > /kept; cat /etc/ferry-marker'"
+        ));
+        assert_eq!(out.ok(), "busybox-image\n", "{}", out.stderr);
+        let meta = std::fs::symlink_metadata(named.path().join(format!("ferry-{uid}"))).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert!(meta.is_dir() && meta.uid() == uid, "{meta:?}");
+        let aside: Vec<String> = dir_entries(&n)
+            .into_iter()
+            .filter(|e| e.starts_with(&format!(".ferry-{uid}.taken-by-{}", uid_of(OTHER_USER))))
+            .collect();
+        assert_eq!(aside.len(), 1, "{:?}", dir_entries(&n));
+        let moved = named.path().join(&aside[0]);
+        if std::fs::symlink_metadata(&moved).unwrap().is_dir() {
+            assert_eq!(std::fs::read_to_string(moved.join("f")).unwrap(), "mine\n");
+        }
+        sh_as(OTHER_USER, &format!("rm -rf {}", moved.display())).ok();
+        std::fs::remove_dir_all(named.path().join(format!("ferry-{uid}"))).unwrap();
+    }
+}
+
+/// Point 4. A cache others can write is refused; a site cache that one account fills and
+/// users only read works, and an entry in it that belongs to neither the caller, root nor
+/// the cache's owner (planted while it was writable) is ignored and reported.
+#[test]
+fn a_cache_others_can_write_is_refused_and_foreign_entries_are_ignored() {
+    let _m = shared_machine();
+    let registry = std::env::var("FERRY_TEST_REGISTRY")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .expect("FERRY_TEST_REGISTRY is not set: integration/test starts the test registry");
+    let base = tempfile::Builder::new()
+        .prefix("ferry-sitecache-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let cache = base.path().join("cache");
+    let c = cache.display().to_string();
+    Command::new("chmod")
+        .arg("0755")
+        .arg(base.path())
+        .status()
+        .unwrap();
+    std::fs::create_dir(&cache).unwrap();
+    Command::new("chown")
+        .arg(format!("{OTHER_USER}:"))
+        .arg(&cache)
+        .status()
+        .unwrap();
+    let env = format!("FERRY_INSECURE_REGISTRIES={registry}");
+    let reference = format!("docker://{registry}/ferry/busybox:latest");
+    // The site's account (here ferrytest2) fills the cache; users only read it.
+    sh_as(
+        OTHER_USER,
+        &format!("{env} $FERRY import --cache {c} {reference} && chmod -R go-w {c}"),
+    )
+    .ok();
+    let run = format!("{env} $FERRY run --cache {c} {reference} cat /etc/ferry-marker");
+    assert_eq!(sh(&run).ok(), "busybox-image\n");
+    // Writable by others (as a 1777 "shared cache" would be): refused in one line.
+    Command::new("chmod").arg("1777").arg(&c).status().unwrap();
+    let out = sh(&run);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.contains("can be written by others (mode 1777)"),
+        "{}",
+        out.stderr
+    );
+    Command::new("chmod").arg("0755").arg(&c).status().unwrap();
+    // An image planted by a third uid under the digest's name: ignored and reported,
+    // never run.
+    let sqsh: Vec<_> = std::fs::read_dir(cache.join("images"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "sqsh"))
+        .collect();
+    assert_eq!(sqsh.len(), 1, "{sqsh:?}");
+    std::fs::copy(image("debian.sqsh"), &sqsh[0]).unwrap();
+    Command::new("chown")
+        .arg("3002:3002")
+        .arg(&sqsh[0])
+        .status()
+        .unwrap();
+    let out = sh(&run);
+    assert!(
+        !out.stdout.contains("debian-image"),
+        "the planted image ran"
+    );
+    assert!(
+        out.stderr.contains("ignoring") && out.stderr.contains("belongs to uid 3002"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// Point 5, the holder's end: the user floods the holder's stdout through
+/// /proc/PID/fd/1 and keeps it open. Stopping the holder reads a bounded amount, kills
+/// the holder, and the writer gets EPIPE once the pipe is closed.
+#[test]
+fn a_flooded_holder_pipe_is_read_only_up_to_a_cap() {
+    let _m = shared_machine();
+    let holder = holder_as(USER);
+    let pid = holder.pid();
+    // Opened by root and handed to the user's writer (see the test above).
+    let mut writer = Command::new("/bin/sh")
+        .args([
+            "-c",
+            &format!(
+                "exec >/proc/{pid}/fd/1; exec setpriv --reuid {u} --regid {u} --clear-groups \
+                 cat /dev/zero",
+                u = uid_of(USER)
+            ),
+        ])
+        .spawn()
+        .unwrap();
+    // Flooding: cat has the pipe as its stdout.
+    let comm = format!("/proc/{}/comm", writer.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&comm).unwrap_or_default().trim() != "cat" {
+        assert!(Instant::now() < deadline, "the writer never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let ended = holder.stop(Duration::from_secs(2));
+        let _ = done.send(ended.early);
+    });
+    let early = finished
+        .recv_timeout(Duration::from_secs(120))
+        .expect("stopping the holder never returned");
+    assert_eq!(early, None, "the flood is no message of the holder's");
+    assert!(!is_running(pid as u32), "the holder is gone");
+    let status = writer.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        Some(nix::sys::signal::Signal::SIGPIPE as i32),
+        "{status:?}"
+    );
+}
+
+/// Point 5, the helpers: output of `ferry import`/`ferry save` (or anything the user writes
+/// into their pipes) past the cap kills the helper, and the caller goes on.
+#[test]
+fn a_helper_flooding_its_output_is_stopped_at_the_cap() {
+    let _m = shared_machine();
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args(["-c", "cat /dev/zero & cat /dev/zero >&2"]);
+    ferry::holder::run_as_on_exec(&mut cmd, Some(credentials(USER)), false);
+    let end = ferry::child::run_capped(
+        &mut cmd,
+        std::process::Stdio::null(),
+        1 << 20,
+        Duration::from_secs(60),
+        Duration::ZERO,
+        || None,
+    )
+    .unwrap();
+    assert!(
+        matches!(end, ferry::child::HelperEnd::TooMuchOutput { cap } if cap == 1 << 20),
+        "{end:?}"
+    );
+    let left = leftovers_after(USER, Duration::from_secs(5));
+    assert!(
+        !left.iter().any(|p| p.contains("cat /dev/zero")),
+        "{left:?}"
+    );
+}
+
+/// Point 5, the image: a FIFO given as the image with the kernel provider (slurmstepd
+/// opens it) fails the step in one line instead of blocking user_init; point 6: the
+/// kernel provider's look into the image (ferry probe-image) runs as the user, so a
+/// corrupt SIF is refused in the user's process with one line.
+#[test]
+fn a_fifo_or_corrupt_image_with_the_kernel_provider_fails_in_one_line() {
+    let _m = exclusive_machine();
+    let conf = slurm_conf();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display().to_string();
+    sh(&format!(
+        "mkfifo {d}/fifo.sqsh && {{ printf '%-32s' '#!/usr/bin/env run-singularity'; \
+         printf SIF_MAGIC; head -c 4096 /dev/zero; }} > {d}/bad.sif"
+    ))
+    .ok();
+    let plugstack = Plugstack::open(&conf);
+    plugstack.set_args("kernel_squashfs=yes");
+    for (img, says) in [
+        ("fifo.sqsh", "neither a regular file nor a directory"),
+        ("bad.sif", "bad.sif"),
+    ] {
+        let out = sh(&format!(
+            "export SLURM_CONF={conf}; timeout 120 srun -n1 --container-rootfs=kernel \
+             --no-container-mount-home --container={d}/{img} true"
+        ));
+        assert_eq!(out.code, 125, "{img}: {}", out.stderr);
+        let lines: Vec<&str> = out
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("ferry: "))
+            .collect();
+        assert_eq!(lines.len(), 1, "{img}: {}", out.stderr);
+        assert!(lines[0].contains(says), "{img}: {}", lines[0]);
+    }
+    drop(plugstack);
+    let left = leftovers_after(USER, Duration::from_secs(5));
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

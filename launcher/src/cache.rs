@@ -14,6 +14,12 @@
 //! then find the entry and reuse it. Lock files are never removed: removing one while
 //! another process is about to lock it would let two processes hold "the" lock.
 //! flock works across NFS clients only where the server supports it (NFSv4 does).
+//!
+//! Entries are trusted by name, so a cache must be writable by no one but its owner: a
+//! cache directory that others can write (group-writable, or mode 1777) is refused, and
+//! entries, locks and the refs index not owned by the caller, root or the cache's owner
+//! are ignored, with a warning. A site shares a cache by having one account (or root) fill
+//! it and letting users only read it (see docs/admin-guide.md).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -46,6 +52,8 @@ pub enum CacheError {
     BadDigest(String),
     #[error("no cache directory: set XDG_CACHE_HOME or HOME, or pass --cache DIR")]
     NoRoot,
+    #[error("image cache {path} can be written by others ({detail}): they could replace the images you run; use a cache of your own (--cache or FERRY_CACHE), or have your site share one that only one account fills (see the admin guide)")]
+    WritableByOthers { path: PathBuf, detail: String },
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CacheError + 'a {
@@ -88,8 +96,9 @@ pub struct Built {
 }
 
 /// A held lock on one digest; released when dropped.
+/// `None`: the lock file belongs to someone untrusted and was ignored.
 #[derive(Debug)]
-pub struct DigestLock(#[allow(dead_code)] Flock<File>);
+pub struct DigestLock(#[allow(dead_code)] Option<Flock<File>>);
 
 /// A private directory under `tmp/`, removed when dropped.
 #[derive(Debug)]
@@ -137,6 +146,8 @@ pub struct GcReport {
 
 pub struct Cache {
     root: PathBuf,
+    /// Who may have written what the cache holds: the caller, root, the cache's owner.
+    trusted: [u32; 3],
 }
 
 pub fn now() -> u64 {
@@ -207,7 +218,34 @@ impl Cache {
                 Err(e) => return Err(io_err("create a cache directory", &p)(e)),
             }
         }
-        Ok(Cache { root: root.into() })
+        let me = nix::unistd::geteuid().as_raw();
+        let owner = check_not_writable_by_others(root, me, None)?;
+        let cache = Cache {
+            root: root.into(),
+            trusted: [me, 0, owner],
+        };
+        for sub in ["images", "locks", "tmp"] {
+            check_not_writable_by_others(&root.join(sub), me, Some(&cache.trusted))?;
+        }
+        Ok(cache)
+    }
+
+    /// Whether `path` (not followed if a symlink) may be used: owned by a trusted uid.
+    /// An entry or lock of someone else's is reported once per use and passed over.
+    fn trusted(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match fs::symlink_metadata(path) {
+            Ok(m) if self.trusted.contains(&m.uid()) => true,
+            Ok(m) => {
+                tracing::warn!(
+                    "ignoring {}: it belongs to uid {}, not to you, root or the cache's owner",
+                    path.display(),
+                    m.uid()
+                );
+                false
+            }
+            Err(_) => true,
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -244,8 +282,12 @@ impl Cache {
                     .open(&path)
             })
             .map_err(io_err("open a lock file", &path))?;
+        if !self.trusted(&path) {
+            // Someone else's lock could be held forever to stall this import.
+            return Ok(Some(DigestLock(None)));
+        }
         match Flock::lock(file, arg) {
-            Ok(l) => Ok(Some(DigestLock(l))),
+            Ok(l) => Ok(Some(DigestLock(Some(l)))),
             Err((_, Errno::EWOULDBLOCK)) => Ok(None),
             Err((_, e)) => Err(io_err("lock", &path)(io::Error::from_raw_os_error(
                 e as i32,
@@ -264,6 +306,10 @@ impl Cache {
     /// The complete entry for `digest`, if the cache has one.
     pub fn lookup(&self, digest: &str) -> Result<Option<Entry>, CacheError> {
         let path = self.entry_path(digest)?;
+        let image = self.image_path(digest)?;
+        if !self.trusted(&path) || !self.trusted(&image) {
+            return Ok(None);
+        }
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -279,7 +325,7 @@ impl Cache {
                 detail: format!("it describes {}", entry.digest),
             });
         }
-        if !self.image_path(digest)?.is_file() {
+        if !fs::symlink_metadata(&image).is_ok_and(|m| m.is_file()) {
             return Ok(None);
         }
         Ok(Some(entry))
@@ -402,6 +448,9 @@ impl Cache {
     /// Reference -> digest, as last imported.
     pub fn refs(&self) -> Result<BTreeMap<String, String>, CacheError> {
         let path = self.refs_path();
+        if !self.trusted(&path) {
+            return Ok(BTreeMap::new());
+        }
         match fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| CacheError::Corrupt {
                 path,
@@ -573,6 +622,43 @@ impl Cache {
 }
 
 /// `1048576`, `512M`, `10G`, `1.5T` (binary units; a trailing `B`/`iB` is accepted).
+/// Refuse `dir` (followed if `trusted` is `None`: the cache's own root may be a symlink)
+/// when others can write it, or when `trusted` is given and its owner is not among them;
+/// returns its owner. A missing directory passes (a read-only cache without `tmp/`).
+fn check_not_writable_by_others(
+    dir: &Path,
+    me: u32,
+    trusted: Option<&[u32; 3]>,
+) -> Result<u32, CacheError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match trusted {
+        None => fs::metadata(dir),
+        Some(_) => fs::symlink_metadata(dir),
+    };
+    let meta = match meta {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(me),
+        Err(e) => return Err(io_err("read the cache directory", dir)(e)),
+    };
+    let refuse = |detail: String| CacheError::WritableByOthers {
+        path: dir.into(),
+        detail,
+    };
+    if !meta.is_dir() {
+        return Err(refuse("it is not a directory".into()));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(refuse(format!("mode {mode:o}")));
+    }
+    if let Some(t) = trusted {
+        if !t.contains(&meta.uid()) {
+            return Err(refuse(format!("it belongs to uid {}", meta.uid())));
+        }
+    }
+    Ok(meta.uid())
+}
+
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let t = t

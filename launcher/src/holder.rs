@@ -5,11 +5,11 @@
 //! open: closing it (or the caller dying) tells the holder to stop, so a killed caller never
 //! leaves a container behind. [`hold`] is the holder side.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::AsFd;
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -94,20 +94,29 @@ pub enum PrepareError {
     Timeout(Duration),
     #[error("cannot talk to the container holder: {0}")]
     Io(#[from] io::Error),
+    #[error("the container holder's report is longer than {0} bytes: stopped it")]
+    ReportTooLong(usize),
 }
 
 /// A running holder. Dropping it stops the holder and waits for it.
 ///
 /// The holder's stdout stays open after its report: it says there why it ends when it ends
-/// on its own (its image server died), and its end of file tells the caller that it is gone,
-/// which works even where the caller cannot wait for it (slurmstepd reaps every child it
-/// has, the holder included).
+/// on its own (its image server died). Whether it is gone is read from its pidfd, not from
+/// that pipe (its user can hold the pipe open through `/proc/PID/fd/1`), and it is signalled
+/// only through the pidfd: slurmstepd reaps every child it has, the holder included, so
+/// its pid may belong to another process by then.
 pub struct Holder {
-    child: Child,
+    pidfd: crate::child::Pidfd,
     stop: Option<ChildStdin>,
-    report: Option<ChildStdout>,
+    /// The holder's stdout, non-blocking.
+    report: Option<OwnedFd>,
     ready: Ready,
 }
+
+/// The most the caller reads of the holder's report (the image's environment is in it).
+pub const MAX_REPORT: usize = 4 << 20;
+/// The most the caller reads of what the holder says when it ends.
+const MAX_LAST_WORDS: usize = 64 << 10;
 
 /// How a holder ended.
 #[derive(Debug, Default)]
@@ -165,21 +174,24 @@ impl Holder {
         &self.ready
     }
 
+    /// The holder's pid as this process spawned it (not as the holder reported it).
     pub fn pid(&self) -> i32 {
         self.ready.pid
+    }
+
+    /// The holder's pidfd: open its namespaces by pid, then check it still runs.
+    pub fn pidfd(&self) -> &crate::child::Pidfd {
+        &self.pidfd
     }
 
     /// Whether the holder has ended on its own, and why (it should live until asked to
     /// stop); does not wait.
     pub fn ended_early(&mut self) -> Option<EarlyEnd> {
-        let out = self.report.as_mut()?;
-        match read_last_words(out, Duration::ZERO) {
-            LastWords::StillRunning => None,
-            LastWords::Gone(words) => {
-                self.report = None;
-                Some(EarlyEnd::from_last_words(words.as_deref()))
-            }
+        if !self.pidfd.has_exited() {
+            return None;
         }
+        let words = self.report.take().and_then(|out| last_words(&out));
+        Some(EarlyEnd::from_last_words(words.as_deref()))
     }
 
     /// Ask the holder to stop and wait for it (up to `grace`, then kill it).
@@ -191,67 +203,30 @@ impl Holder {
         // Gone already, or going with something to say?
         let mut early = self.ended_early();
         self.stop.take();
-        if let Some(out) = self.report.take() {
-            let mut out = out;
-            match read_last_words(&mut out, grace) {
-                LastWords::Gone(Some(words)) => {
-                    early = Some(EarlyEnd::from_last_words(Some(&words)))
-                }
-                LastWords::Gone(None) => {}
-                LastWords::StillRunning => {
-                    let _ = self.child.kill();
-                }
+        if !self.pidfd.wait_exit(grace) {
+            self.pidfd.kill();
+            self.pidfd.wait_exit(Duration::from_secs(5));
+        }
+        if let Some(words) = self.report.take().and_then(|out| last_words(&out)) {
+            if serde_json::from_str::<Final>(&words).is_ok() {
+                early = Some(EarlyEnd::from_last_words(Some(&words)));
             }
         }
         // Collect it where this process may (not in slurmstepd, which reaps it itself).
-        let deadline = Instant::now() + Duration::from_millis(200);
-        let status = loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => break Some(status),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(1))
-                }
-                _ => break None,
-            }
-        };
+        let status = self.pidfd.reap(Duration::from_millis(200));
         Ended { early, status }
     }
 }
 
-enum LastWords {
-    StillRunning,
-    /// End of file: the holder is gone, having said this line (or nothing).
-    Gone(Option<String>),
-}
-
-/// Read what the holder still writes on its stdout until end of file, waiting at most `wait`.
-fn read_last_words(out: &mut ChildStdout, wait: Duration) -> LastWords {
-    let deadline = Instant::now() + wait;
-    let mut said = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ms =
-            PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::ZERO);
-        let mut fds = [PollFd::new(out.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, ms) {
-            Ok(0) => return LastWords::StillRunning,
-            Ok(_) => {}
-            Err(nix::Error::EINTR) => continue,
-            Err(_) => return LastWords::Gone(None),
-        }
-        let mut chunk = [0u8; 4096];
-        match out.read(&mut chunk) {
-            Ok(0) | Err(_) => {
-                let text = String::from_utf8_lossy(&said);
-                let line = text
-                    .lines()
-                    .rfind(|l| !l.trim().is_empty())
-                    .map(str::to_string);
-                return LastWords::Gone(line);
-            }
-            Ok(n) => said.extend_from_slice(&chunk[..n]),
-        }
-    }
+/// The last line the holder wrote on its stdout before it ended, read from what the pipe
+/// holds now (up to [`MAX_LAST_WORDS`]), without waiting for its end of file.
+fn last_words(out: &OwnedFd) -> Option<String> {
+    let mut said = crate::child::CappedBuffer::default();
+    said.read_available(out.as_fd(), MAX_LAST_WORDS);
+    let text = String::from_utf8_lossy(&said.bytes);
+    text.lines()
+        .rfind(|l| !l.trim().is_empty())
+        .map(str::to_string)
 }
 
 impl Drop for Holder {
@@ -330,42 +305,61 @@ pub fn prepare_with(
         source,
     })?;
     let mut stdin = child.stdin.take().expect("piped");
-    let mut stdout = child.stdout.take().expect("piped");
+    let stdout = OwnedFd::from(child.stdout.take().expect("piped"));
+    // Taken before anything else: from here on the holder is known by its pidfd alone.
+    let pidfd = match crate::child::Pidfd::of_spawned(&child) {
+        Ok(p) => p,
+        Err(_) => {
+            let status = child.try_wait().ok().flatten().map(Ok);
+            return Err(PrepareError::Died {
+                status: status
+                    .map(describe)
+                    .unwrap_or_else(|| "gone at once".into()),
+            });
+        }
+    };
+    // The pid this process spawned, never one the holder reports about itself.
+    let pid = child.id() as i32;
+    drop(child);
     let outcome = (|| {
+        crate::child::set_nonblocking(stdout.as_fd())?;
         let mut line = serde_json::to_string(spec).map_err(io::Error::other)?;
         line.push('\n');
         stdin.write_all(line.as_bytes())?;
-        read_report(&mut stdout, opts.timeout)
+        read_report(&stdout, &pidfd, opts.timeout)
     })();
-    let finish = |mut child: Child, err: PrepareError| {
-        let _ = child.kill();
-        let status = child.wait();
+    let finish = |pidfd: crate::child::Pidfd, err: PrepareError| {
+        pidfd.kill();
+        let status = pidfd.reap(Duration::from_secs(5));
         match err {
             PrepareError::Died { .. } => PrepareError::Died {
-                status: describe(status),
+                status: status.map(Ok).map(describe).unwrap_or_default(),
             },
             other => other,
         }
     };
     match outcome {
         Ok(Some(Report::Ready(ready))) => Ok(Holder {
-            child,
+            pidfd,
             stop: Some(stdin),
             report: Some(stdout),
-            ready,
+            ready: Ready { pid, ..ready },
         }),
         Ok(Some(Report::Failed { message })) => {
             drop(stdin);
-            let _ = child.wait();
+            if !pidfd.wait_exit(Duration::from_secs(5)) {
+                pidfd.kill();
+            }
+            pidfd.reap(Duration::from_secs(1));
             Err(PrepareError::Container(message))
         }
         Ok(None) => Err(finish(
-            child,
+            pidfd,
             PrepareError::Died {
                 status: String::new(),
             },
         )),
-        Err(e) => Err(finish(child, e)),
+        Err(e) => Err(finish(pidfd, e)),
     }
 }
 
@@ -380,12 +374,16 @@ fn describe(status: io::Result<ExitStatus>) -> String {
     }
 }
 
+/// The holder's one-line report, read from `stdout` (non-blocking) up to [`MAX_REPORT`]
+/// bytes; `None` when the holder ended without one (its end is read from `pidfd`, as its
+/// user can keep the pipe open).
 fn read_report(
-    stdout: &mut ChildStdout,
+    stdout: &OwnedFd,
+    pidfd: &crate::child::Pidfd,
     timeout: Duration,
 ) -> Result<Option<Report>, PrepareError> {
     let deadline = Instant::now() + timeout;
-    let mut buf = Vec::new();
+    let mut buf = crate::child::CappedBuffer::default();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -393,23 +391,28 @@ fn read_report(
         }
         let ms =
             PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX);
-        let mut fds = [PollFd::new(stdout.as_fd(), PollFlags::POLLIN)];
+        let mut fds = [
+            PollFd::new(stdout.as_fd(), PollFlags::POLLIN),
+            PollFd::new(pidfd.as_fd(), PollFlags::POLLIN),
+        ];
         match poll(&mut fds, ms) {
             Ok(0) => continue,
             Ok(_) => {}
             Err(nix::Error::EINTR) => continue,
             Err(e) => return Err(PrepareError::Io(e.into())),
         }
-        let mut chunk = [0u8; 8192];
-        let n = stdout.read(&mut chunk)?;
-        if n == 0 {
-            return Ok(None);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buf.iter().position(|b| *b == b'\n') {
-            let report = serde_json::from_slice(&buf[..end])
+        let exited = pidfd.has_exited();
+        buf.read_available(stdout.as_fd(), MAX_REPORT);
+        if let Some(end) = buf.bytes.iter().position(|b| *b == b'\n') {
+            let report = serde_json::from_slice(&buf.bytes[..end])
                 .map_err(|e| PrepareError::Io(io::Error::new(io::ErrorKind::InvalidData, e)))?;
             return Ok(Some(report));
+        }
+        if buf.overflowed {
+            return Err(PrepareError::ReportTooLong(MAX_REPORT));
+        }
+        if buf.eof || exited {
+            return Ok(None);
         }
     }
 }
@@ -493,7 +496,9 @@ enum Stopped {
 }
 
 fn build(spec: &ContainerSpec) -> Result<rootfs::Container, Box<dyn std::error::Error>> {
-    let _ = nix::sys::prctl::set_no_new_privs();
+    // Nothing the container execs may gain privileges: without that guarantee, no container.
+    nix::sys::prctl::set_no_new_privs()
+        .map_err(|e| format!("cannot set no_new_privs for the container: {e}"))?;
     let inputs = rootfs::open_inputs(spec)?;
     let inside = if spec.remap_root {
         InsideIds { uid: 0, gid: 0 }

@@ -18,6 +18,8 @@ pub enum JoinError {
     },
     #[error("cannot enter the working directory {dir} in the container: {source}")]
     Workdir { dir: String, source: io::Error },
+    #[error("cannot set no_new_privs before entering the container: {0}")]
+    NoNewPrivs(nix::Error),
 }
 
 /// The namespaces of a holder, opened once so that they stay the same even if the holder's
@@ -29,16 +31,26 @@ pub struct Namespaces {
 }
 
 impl Namespaces {
-    pub fn open(pid: i32) -> Result<Namespaces, JoinError> {
+    /// The namespaces of `holder`: opened by its pid, then checked to still be its own
+    /// through its pidfd (had the holder ended in between, the pid might be another's).
+    pub fn of_holder(holder: &crate::holder::Holder) -> Result<Namespaces, JoinError> {
+        let pid = holder.pid();
         let open = |ns: &str| {
             File::open(format!("/proc/{pid}/ns/{ns}"))
                 .map(OwnedFd::from)
                 .map_err(|source| JoinError::Open { pid, source })
         };
-        Ok(Namespaces {
+        let namespaces = Namespaces {
             user: open("user")?,
             mnt: open("mnt")?,
-        })
+        };
+        if holder.pidfd().has_exited() {
+            return Err(JoinError::Open {
+                pid,
+                source: io::Error::new(io::ErrorKind::NotFound, "the holder has ended"),
+            });
+        }
+        Ok(namespaces)
     }
 
     /// Copies of the two descriptors that a program this process execs keeps (no
@@ -81,7 +93,8 @@ impl Namespaces {
 /// namespace) and change to `workdir` inside it. The caller must be single-threaded and
 /// run as the container's user.
 pub fn join(ns: &Namespaces, workdir: &Path) -> Result<(), JoinError> {
-    let _ = nix::sys::prctl::set_no_new_privs();
+    // Nothing the task execs may gain privileges: without that guarantee, do not enter.
+    nix::sys::prctl::set_no_new_privs().map_err(JoinError::NoNewPrivs)?;
     nix::sched::setns(&ns.user, CloneFlags::CLONE_NEWUSER).map_err(|source| JoinError::Enter {
         which: "user",
         source,

@@ -70,6 +70,11 @@ pub enum KernelError {
     Loop { path: PathBuf, detail: String },
     #[error("the kernel cannot mount the image {path} as squashfs: {detail}")]
     Mount { path: PathBuf, detail: String },
+    #[error("cannot check the image {path} for the kernel provider: {detail}")]
+    Probe { path: PathBuf, detail: String },
+    /// The probe's own one-line error about the image.
+    #[error("{0}")]
+    Probed(String),
     #[error("the image is not mounted by the kernel at {MOUNT_DIR}: the kernel provider works through the Slurm plugin where the site enables it (kernel_squashfs=yes), or for `ferry run --rootfs kernel` as root")]
     NotMounted,
 }
@@ -100,12 +105,12 @@ impl KernelMount {
 /// Root for the calling thread alone, given back when dropped. slurmstepd runs spank
 /// callbacks with its effective uid dropped to the job user and its real uid root; the
 /// other threads keep the user's effective uid meanwhile.
-struct ThreadRoot {
+pub struct ThreadRoot {
     restore: Option<u32>,
 }
 
 impl ThreadRoot {
-    fn take() -> Result<ThreadRoot, KernelError> {
+    pub fn take() -> Result<ThreadRoot, KernelError> {
         let (uid, euid) = (
             nix::unistd::getuid().as_raw(),
             nix::unistd::geteuid().as_raw(),
@@ -138,7 +143,7 @@ impl Drop for ThreadRoot {
 /// The kernel mount for `spec`, when it asks for the kernel provider and its image is a
 /// squashfs or SIF (directories are used as they are; named containers and
 /// `--container-save` use their unpacked copy).
-pub fn mount_for(spec: &ContainerSpec) -> Result<Option<KernelMount>, KernelError> {
+pub fn mount_for(spec: &ContainerSpec, probe: &Probe) -> Result<Option<KernelMount>, KernelError> {
     if spec.rootfs != RootfsProvider::Kernel || spec.unpacked.is_some() {
         return Ok(None);
     }
@@ -146,7 +151,90 @@ pub fn mount_for(spec: &ContainerSpec) -> Result<Option<KernelMount>, KernelErro
         uid: spec.user.uid,
         gid: spec.user.gid,
     });
-    mount_image(&spec.image, &spec.user, owners)
+    mount_image(&spec.image, &spec.user, owners, probe)
+}
+
+/// Who reads the image's headers (the SIF descriptor table, the squashfs superblock) to
+/// find the squashfs in it, before root hands the file to the kernel.
+#[derive(Debug, Clone)]
+pub enum Probe {
+    /// This process: `ferry run --rootfs kernel`, which only root may run.
+    InProcess,
+    /// `PROGRAM probe-image` as the user, given the opened image as its stdin: in
+    /// slurmstepd, nothing of a user's file is parsed by root's process.
+    AsUser {
+        program: PathBuf,
+        run_as: crate::holder::Credentials,
+    },
+}
+
+/// The most the caller reads of `ferry probe-image`'s output, and how long it waits.
+const MAX_PROBE_OUTPUT: usize = 64 << 10;
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Probe {
+    fn detect(&self, path: &Path, file: &File) -> Result<ImageKind, KernelError> {
+        let (program, run_as) = match self {
+            Probe::InProcess => return Ok(image::detect(path, file)?),
+            Probe::AsUser { program, run_as } => (program, run_as),
+        };
+        let failed = |detail: String| KernelError::Probe {
+            path: path.into(),
+            detail,
+        };
+        let mut cmd = std::process::Command::new(program);
+        cmd.arg("probe-image")
+            .arg(path)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin");
+        crate::holder::run_as_on_exec(&mut cmd, Some(run_as.clone()), false);
+        let stdin = file.try_clone().map_err(|e| failed(e.to_string()))?;
+        let mut started = Some(std::time::Instant::now());
+        let end = crate::child::run_capped(
+            &mut cmd,
+            stdin.into(),
+            MAX_PROBE_OUTPUT,
+            PROBE_TIMEOUT,
+            std::time::Duration::ZERO,
+            || {
+                started
+                    .take()
+                    .map(|_| format!("took longer than {PROBE_TIMEOUT:?}"))
+            },
+        )
+        .map_err(|e| failed(format!("cannot run {} probe-image: {e}", program.display())))?;
+        match end {
+            crate::child::HelperEnd::Exited { status, stdout, .. } if status.success() => {
+                serde_json::from_slice(&stdout).map_err(|e| failed(format!("bad answer: {e}")))
+            }
+            crate::child::HelperEnd::Exited { stderr, .. } => {
+                let text = String::from_utf8_lossy(&stderr);
+                let line = text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+                Err(KernelError::Probed(
+                    line.trim_start_matches("ferry: error: ").to_string(),
+                ))
+            }
+            crate::child::HelperEnd::Stopped(why) => Err(failed(why)),
+            crate::child::HelperEnd::TooMuchOutput { cap } => {
+                Err(failed(format!("more than {cap} bytes of output")))
+            }
+        }
+    }
+}
+
+/// `ferry probe-image PATH` (as the user, for [`Probe::AsUser`]): what the image on stdin
+/// is, as one JSON line; `PATH` only names it in messages.
+pub fn probe_stdin(path: &Path) -> Result<String, ImageError> {
+    let file = io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(File::from)
+        .map_err(|source| ImageError::Open {
+            path: path.into(),
+            source,
+        })?;
+    let kind = image::detect(path, &file)?;
+    Ok(serde_json::to_string(&kind).expect("image kinds serialise"))
 }
 
 /// With `--remap-root`: the image's root-owned files appear as the user's (and so as root
@@ -165,6 +253,7 @@ pub fn mount_image(
     path: &Path,
     user: &UserInfo,
     root_owners: Option<Owners>,
+    probe: &Probe,
 ) -> Result<Option<KernelMount>, KernelError> {
     let euid = nix::unistd::geteuid().as_raw();
     if nix::unistd::getuid().as_raw() != 0 && euid != 0 {
@@ -177,18 +266,8 @@ pub fn mount_image(
             euid,
         });
     }
-    let file = File::open(path).map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound => ImageError::NotFound(path.into()),
-        io::ErrorKind::PermissionDenied => ImageError::NotReadable {
-            path: path.into(),
-            user: user.name.clone(),
-        },
-        _ => ImageError::Open {
-            path: path.into(),
-            source,
-        },
-    })?;
-    let offset = match image::detect(path, &file)? {
+    let file = image::open(path, &user.name)?;
+    let offset = match probe.detect(path, &file)? {
         ImageKind::Directory => return Ok(None),
         ImageKind::Squashfs { offset, .. } => offset,
     };
@@ -487,12 +566,12 @@ mod tests {
     fn only_the_kernel_provider_of_an_image_mounts() {
         let user = UserInfo::current().unwrap();
         let mut spec = ContainerSpec::new("/nonexistent.sqsh".into(), user);
-        assert!(mount_for(&spec).unwrap().is_none());
+        assert!(mount_for(&spec, &Probe::InProcess).unwrap().is_none());
         spec.rootfs = RootfsProvider::Kernel;
         spec.unpacked = Some(crate::spec::UnpackedDir {
             owned_from: "/x".into(),
             dir: "/x/y".into(),
         });
-        assert!(mount_for(&spec).unwrap().is_none());
+        assert!(mount_for(&spec, &Probe::InProcess).unwrap().is_none());
     }
 }

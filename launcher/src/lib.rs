@@ -4,6 +4,7 @@
 //! thin front ends over [`holder::prepare`] and [`join::join`].
 
 pub mod cache;
+pub mod child;
 pub mod doctor;
 pub mod entrypoint;
 pub mod env;
@@ -28,3 +29,4 @@ pub mod srun_args;
 pub mod sys;
 pub mod task_exec;
 pub mod user;
+pub mod user_dir;

@@ -43,6 +43,10 @@ enum Command {
     /// (internal) Hold a container's namespaces; started by `ferry run` and the Slurm plugin.
     #[command(hide = true)]
     Hold,
+    /// (internal) Say what the image on stdin is (PATH names it in messages); started by
+    /// the Slurm plugin as the user for the kernel provider.
+    #[command(hide = true)]
+    ProbeImage { path: PathBuf },
     /// Squash an unpacked container (`ferry run --keep DIR`: DIR/rootfs) into a squashfs
     /// image, atomically.
     Save(SaveArgs),
@@ -164,6 +168,7 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Hold => ferry::holder::hold(),
+        Command::ProbeImage { path } => report(probe_image(&path)),
         Command::Run(args) => report(run_command(args)),
         Command::Save(args) => {
             let saved = ferry::named::save(&args.rootfs, &args.output);
@@ -285,10 +290,16 @@ fn import_options() -> anyhow::Result<ImportOptions> {
     Ok(opts)
 }
 
+fn probe_image(path: &std::path::Path) -> anyhow::Result<i32> {
+    nix::sys::prctl::set_no_new_privs().context("cannot set no_new_privs")?;
+    println!("{}", ferry::kernel::probe_stdin(path)?);
+    Ok(0)
+}
+
 fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     // Nothing `ferry run` starts (holder, squashfuse, the command) may gain privileges by
     // exec; the holder and the command set it again themselves.
-    let _ = nix::sys::prctl::set_no_new_privs();
+    nix::sys::prctl::set_no_new_privs().context("cannot set no_new_privs")?;
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let user = UserInfo::current()?;
     let image_ref = ImageRef::parse(&args.image, &cwd)?;

@@ -181,17 +181,7 @@ fn open_source(path: &Path, user: &str) -> Result<Source, RootfsError> {
 pub fn open_inputs(spec: &ContainerSpec) -> Result<Inputs, RootfsError> {
     let user = spec.user.name.as_str();
     let image_path = spec.image.clone();
-    let image = File::open(&image_path).map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound => ImageError::NotFound(image_path.clone()),
-        io::ErrorKind::PermissionDenied => ImageError::NotReadable {
-            path: image_path.clone(),
-            user: user.into(),
-        },
-        _ => ImageError::Open {
-            path: image_path.clone(),
-            source,
-        },
-    })?;
+    let image = image::open(&image_path, user)?;
     let kind = image::detect(&image_path, &image)?;
     // An unpacked container is a directory image from here on: the user's own copy; so is
     // an image under the `unpack` provider, read-only and shared, and the kernel's mount of

@@ -62,9 +62,9 @@ pub fn run(
     argv: &[OsString],
     opts: &PrepareOptions,
 ) -> Result<i32, RunError> {
-    let kernel = crate::kernel::mount_for(spec)?;
+    let kernel = crate::kernel::mount_for(spec, &crate::kernel::Probe::InProcess)?;
     let holder = holder::prepare_with(spec, opts, kernel)?;
-    let namespaces = Namespaces::open(holder.pid())?;
+    let namespaces = Namespaces::of_holder(&holder)?;
     let caller = std::env::vars_os().map(|(k, v)| {
         (
             k.to_string_lossy().into_owned(),

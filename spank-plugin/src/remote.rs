@@ -70,6 +70,11 @@ impl Step {
     }
 }
 
+/// The most the plugin reads of each of stdout and stderr of `ferry import`/`ferry save`:
+/// its user can write into those pipes too (through /proc/PID/fd); past it, the helper
+/// is killed.
+const MAX_HELPER_OUTPUT: usize = 1 << 20;
+
 /// Run `ferry_bin ARGS` as the step's user, with `env` only, and return its stdout; on
 /// failure, its last stderr line (ferry's one-line error, without the prefix).
 fn run_ferry_as_user(
@@ -82,98 +87,49 @@ fn run_ferry_as_user(
     cmd.args(args)
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .envs(env.iter().copied())
-        .stdin(std::process::Stdio::null());
+        .envs(env.iter().copied());
     ferry::holder::run_as_on_exec(&mut cmd, Some(step.credentials()), false);
-    // Its own process group: stopping it stops what it started (mksquashfs) too.
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", settings.ferry_bin.display()))?;
+    let cannot_run =
+        |e: std::io::Error| format!("cannot run {}: {e}", settings.ferry_bin.display());
     // Slurm 22.05 holds a job's termination back until its steps have started, which
     // they have not while user_init runs this: stop it ourselves when the job ends.
-    let out = wait_unless_job_ended(step, child)
-        .map_err(|e| format!("cannot run {}: {e}", settings.ferry_bin.display()))?
-        .map_err(|state| {
-            format!(
-                "the job ended ({state}) while ferry {} ran",
-                args[0].to_string_lossy()
-            )
-        })?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let line = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
-        return Err(line.trim_start_matches("ferry: error: ").to_string());
+    let end = ferry::child::run_capped(
+        &mut cmd,
+        std::process::Stdio::null(),
+        MAX_HELPER_OUTPUT,
+        JOB_CHECK_INTERVAL,
+        STOP_GRACE,
+        || job_ended(step),
+    )
+    .map_err(cannot_run)?;
+    let what = args[0].to_string_lossy();
+    match end {
+        ferry::child::HelperEnd::Exited {
+            status,
+            stdout,
+            stderr,
+        } => {
+            if !status.success() {
+                let stderr = String::from_utf8_lossy(&stderr);
+                let line = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+                return Err(line.trim_start_matches("ferry: error: ").to_string());
+            }
+            Ok(String::from_utf8_lossy(&stdout).into_owned())
+        }
+        ferry::child::HelperEnd::Stopped(state) => {
+            Err(format!("the job ended ({state}) while ferry {what} ran"))
+        }
+        ferry::child::HelperEnd::TooMuchOutput { cap } => Err(format!(
+            "ferry {what} wrote more than {cap} bytes to its output: stopped it"
+        )),
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// How often a long-running helper checks that its job still runs.
 const JOB_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Wait for `child`, collecting its output; every [`JOB_CHECK_INTERVAL`] ask Slurm
-/// (`scontrol`, as the user) whether the job has ended, and if so kill the child and
-/// return the job's state.
-fn wait_unless_job_ended(
-    step: &Step,
-    mut child: std::process::Child,
-) -> std::io::Result<Result<std::process::Output, String>> {
-    let stdout = drain(child.stdout.take());
-    let stderr = drain(child.stderr.take());
-    let mut next_check = std::time::Instant::now() + JOB_CHECK_INTERVAL;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if std::time::Instant::now() >= next_check {
-            if let Some(state) = job_ended(step) {
-                stop_group(&mut child);
-                return Ok(Err(state));
-            }
-            next_check = std::time::Instant::now() + JOB_CHECK_INTERVAL;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Ok(Ok(std::process::Output {
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    }))
-}
-
-/// Read a child's pipe to its end on a thread of its own.
-fn drain<R: std::io::Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        if let Some(mut p) = pipe {
-            let _ = p.read_to_end(&mut bytes);
-        }
-        bytes
-    })
-}
-
 /// How long a stopped helper gets to remove its partial files before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
-
-/// SIGTERM to the child's process group (ferry import then removes its work areas), and
-/// SIGKILL to what is left after [`STOP_GRACE`].
-fn stop_group(child: &mut std::process::Child) {
-    use nix::sys::signal::{killpg, Signal};
-    let group = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _ = killpg(group, Signal::SIGTERM);
-    let deadline = std::time::Instant::now() + STOP_GRACE;
-    while std::time::Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            let _ = killpg(group, Signal::SIGKILL);
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = killpg(group, Signal::SIGKILL);
-    let _ = child.wait();
-}
 
 /// The job's state if Slurm says it is over; `None` while it runs or when scontrol cannot
 /// tell (not installed, controller busy): then the helper is simply waited for.
@@ -181,15 +137,25 @@ fn job_ended(step: &Step) -> Option<String> {
     let mut cmd = std::process::Command::new("scontrol");
     cmd.args(["-o", "show", "job", &step.job_id.to_string()])
         .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin");
     if let Some(conf) = std::env::var_os("SLURM_CONF") {
         cmd.env("SLURM_CONF", conf);
     }
     ferry::holder::run_as_on_exec(&mut cmd, Some(step.credentials()), false);
-    let out = cmd.output().ok()?;
-    let state = ferry::job_state::ended_state(&String::from_utf8_lossy(&out.stdout));
+    // As the user, so read as a helper's output is: capped, not waiting for end of file.
+    let end = ferry::child::run_capped(
+        &mut cmd,
+        std::process::Stdio::null(),
+        MAX_HELPER_OUTPUT,
+        Duration::from_secs(30),
+        Duration::ZERO,
+        || Some("timeout".into()),
+    )
+    .ok()?;
+    let ferry::child::HelperEnd::Exited { stdout, .. } = end else {
+        return None;
+    };
+    let state = ferry::job_state::ended_state(&String::from_utf8_lossy(&stdout));
     if let Some(s) = &state {
         info!("job {} is {s}: stopping its setup", step.job_id);
     }
@@ -398,7 +364,7 @@ fn container_spec(
         "squashfuse" => RootfsProvider::Squashfuse,
         // Node-local, per user, kept across jobs (the job epilog removes only jobJOB/).
         "unpack" => {
-            let user_dir = settings.named_dir.join(format!("ferry-{}", step.uid));
+            let user_dir = settings.named_dir.join(ferry::user_dir::name(step.uid));
             RootfsProvider::Unpack {
                 dir: user_dir.join("unpacked"),
                 owned_from: user_dir,
@@ -424,6 +390,12 @@ fn container_spec(
     spec.gpus = step_gpus(req.gpus.as_deref(), settings.gpus, |name| {
         spank.getenv(name).ok().flatten()
     })?;
+    let unpacks = matches!(spec.rootfs, RootfsProvider::Unpack { .. });
+    if unpacks || req.name.is_some() || req.save.is_some() {
+        // Root makes the user's directory, so no other user can have taken its name first.
+        ferry::user_dir::ensure(&settings.named_dir, step.uid, step.gid)
+            .map_err(|e| e.to_string())?;
+    }
     if req.name.is_some() || req.save.is_some() {
         let (owned_from, dir) = unpacked_dir(settings, step);
         spec.unpacked = Some(ferry::spec::UnpackedDir { owned_from, dir });
@@ -472,7 +444,7 @@ fn step_gpus(
 /// The user's directory for unpacked containers on this node, and this step's container in
 /// it: the named one, or one for this step alone when it only saves.
 fn unpacked_dir(settings: &PluginSettings, step: &Step) -> (PathBuf, PathBuf) {
-    let user_dir = settings.named_dir.join(format!("ferry-{}", step.uid));
+    let user_dir = settings.named_dir.join(ferry::user_dir::name(step.uid));
     let job_dir = user_dir.join(format!("job{}", step.job_id));
     let dir = match &step.request.name {
         // Outside every job's directory, so no job epilog removes it.
@@ -486,23 +458,12 @@ fn unpacked_dir(settings: &PluginSettings, step: &Step) -> (PathBuf, PathBuf) {
 }
 
 /// job_epilog (each node of the job, as root, at the job's end): remove the job's unpacked
-/// containers. Only inside a real directory owned by the user: a symlink planted at the
-/// user's directory must not point the removal elsewhere (remove_dir_all itself never
-/// follows symlinks inside the tree).
+/// containers, relative to a descriptor of the user's own directory (ferry::user_dir).
 pub fn remove_job_containers(settings: &PluginSettings, uid: u32, job_id: u32) {
-    use std::os::unix::fs::MetadataExt;
-    let user_dir = settings.named_dir.join(format!("ferry-{uid}"));
-    match std::fs::symlink_metadata(&user_dir) {
-        Ok(m) if m.is_dir() && m.uid() == uid => {}
-        _ => return,
-    }
-    let job_dir = user_dir.join(format!("job{job_id}"));
-    if !job_dir.exists() {
-        return;
-    }
-    match std::fs::remove_dir_all(&job_dir) {
-        Ok(()) => info!("removed the job's containers in {}", job_dir.display()),
-        Err(e) => warn!("cannot remove {}: {e}", job_dir.display()),
+    match ferry::user_dir::remove_job(&settings.named_dir, uid, job_id) {
+        Ok(true) => info!("removed job {job_id}'s containers of uid {uid}"),
+        Ok(false) => {}
+        Err(e) => warn!("job {job_id}: {e}"),
     }
 }
 
@@ -655,7 +616,12 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
     }
     // The `kernel` provider's root part: the image opened as the user (slurmstepd runs this
     // with the user's effective uid), then loop device and mount as root (ferry::kernel).
-    let kernel = match ferry::kernel::mount_for(&spec) {
+    // Its headers are read by `ferry probe-image` as the user, not by slurmstepd.
+    let probe = ferry::kernel::Probe::AsUser {
+        program: settings.ferry_bin.clone(),
+        run_as: step.credentials(),
+    };
+    let kernel = match ferry::kernel::mount_for(&spec, &probe) {
         Ok(k) => k,
         Err(e) => {
             info!("step {}.{}: {e}", step.job_id, step_name(step.step_id));
@@ -673,8 +639,7 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
     }
     match ferry::holder::prepare_with(&spec, &opts, kernel) {
         Ok(holder) => {
-            let pid = holder.pid();
-            match ferry::join::Namespaces::open(pid) {
+            match ferry::join::Namespaces::of_holder(&holder) {
                 Ok(ns) => step.namespaces = Some(ns),
                 Err(e) => step.failure = Some(e.to_string()),
             }

@@ -15,7 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// What kind of root filesystem an opened image holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ImageKind {
     /// A squashfs image starting at `offset` bytes into the file.
     Squashfs {
@@ -43,6 +43,47 @@ pub enum ImageError {
     BadSquashfs { path: PathBuf, reason: String },
     #[error("cannot use SIF image {path}: {reason}")]
     BadSif { path: PathBuf, reason: String },
+}
+
+/// Open the image at `path` for `user` (the caller), without blocking: a FIFO or a
+/// device given as the image is refused before anything reads from it (opened normally,
+/// a FIFO without a writer would block the caller, slurmstepd with the kernel provider).
+pub fn open(path: &Path, user: &str) -> Result<File, ImageError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => ImageError::NotFound(path.into()),
+            std::io::ErrorKind::PermissionDenied => ImageError::NotReadable {
+                path: path.into(),
+                user: user.into(),
+            },
+            _ => ImageError::Open {
+                path: path.into(),
+                source,
+            },
+        })?;
+    let meta = file.metadata().map_err(|source| ImageError::Open {
+        path: path.into(),
+        source,
+    })?;
+    if !meta.is_file() && !meta.is_dir() {
+        return Err(ImageError::UnknownFormat {
+            path: path.into(),
+            detail: "neither a regular file nor a directory (a FIFO, socket or device?)".into(),
+        });
+    }
+    // Ordinary reads from here on (O_NONBLOCK means nothing to regular files; cleared for
+    // the helpers that inherit the descriptor).
+    crate::child::set_blocking(std::os::fd::AsFd::as_fd(&file)).map_err(|source| {
+        ImageError::Open {
+            path: path.into(),
+            source,
+        }
+    })?;
+    Ok(file)
 }
 
 /// Look at an already-opened image and say what it is. `file` must be opened for reading.

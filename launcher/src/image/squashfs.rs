@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 pub const MAGIC: &[u8; 4] = b"hsqs";
 const SUPERBLOCK_SIZE: usize = 96;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Compression {
     Gzip,
     Lzma,
