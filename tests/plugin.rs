@@ -1465,3 +1465,125 @@ fn container_entrypoint_with_multi_prog() {
         );
     }
 }
+
+// ---- Progress of long waits ------------------------------------------------------------
+
+/// Push `MAKE_CONFIGURED_LAYOUT`'s two-layer image as `ferry/progress-PID-CASE:v1`, with
+/// a config of its own (so no cache holds it), and return its reference through a proxy
+/// that sends every blob slowly (about 6 s each): the import outlasts the progress
+/// interval. The proxy's port is the registry's + 9, which the plugin lists as insecure.
+fn slow_cold_image(dir: &UserDir, registry: &str, case: &str) -> (FaultProxy, String) {
+    let d = dir.path.join(case);
+    std::fs::create_dir(&d).unwrap();
+    Command::new("chown")
+        .arg(format!("{USER}:"))
+        .arg(&d)
+        .status_within(COMMAND_LIMIT);
+    let d = d.display();
+    let repo = format!("ferry/progress-{}-{case}", std::process::id());
+    let layout = MAKE_CONFIGURED_LAYOUT.replace("from-config", &format!("from-config-{case}"));
+    sh(&format!(
+        "cd {d} && {layout}\n skopeo --insecure-policy copy -q --dest-tls-verify=false \
+         oci:{d}/layout:v1 docker://{registry}/{repo}:v1"
+    ))
+    .ok();
+    let port: u16 = registry.rsplit(':').next().unwrap().parse().unwrap();
+    let proxy = FaultProxy::start_on("slow", -1, "/blobs/", &(port + 9).to_string());
+    let reference = format!("docker://127.0.0.1:{}/{repo}:v1", port + 9);
+    (proxy, reference)
+}
+
+/// The import's lines for `reference` in `text`, in order, checked: the first line, at
+/// least one progress line with bytes, rate and estimate, and the final line.
+fn assert_import_lines(text: &str, reference: &str) {
+    assert!(!text.contains('\r'), "carriage returns in {text:?}");
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("ferry:")).collect();
+    let first = format!("ferry: importing {reference} on ");
+    assert!(
+        lines.first().is_some_and(|l| l.starts_with(&first)
+            && l.ends_with(" to fetch)")
+            && l.contains("(2 layers, ")),
+        "no first line {first:?}: {lines:#?}"
+    );
+    let progress = format!("ferry: importing {reference}: ");
+    assert!(
+        lines.iter().any(|l| l.starts_with(&progress)
+            && l.contains(" of ")
+            && l.contains("/s, ")
+            && (l.contains(" left") || l.contains("no estimate yet"))),
+        "no progress line: {lines:#?}"
+    );
+    let last = format!("ferry: imported {reference} in ");
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.starts_with(&last) && l.ends_with(" squashfs)")),
+        "no final line {last:?}: {lines:#?}"
+    );
+}
+
+#[test]
+fn a_cold_import_shows_progress_on_the_terminal_and_in_a_batch_jobs_output() {
+    let _m = exclusive_machine();
+    let registry = std::env::var("FERRY_TEST_REGISTRY")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .expect("FERRY_TEST_REGISTRY is not set: integration/test starts the test registry");
+    let dir = UserDir::new(USER);
+    let d = dir.path.display().to_string();
+
+    // srun on a real terminal (`script`): what the user sees, stdout and stderr together.
+    let (proxy, reference) = slow_cold_image(&dir, &registry, "tty");
+    let srun = format!("srun -n1 --container={reference} echo ran");
+    let out = slurm(&format!("cd {d} && script -qec '{srun}' /dev/null"));
+    let screen = out.ok().replace("\r\n", "\n");
+    assert_import_lines(&screen, &reference);
+    assert!(screen.ends_with("ran\n"), "{screen}");
+    // Warm: nothing but the command's output.
+    let out = slurm(&format!("cd {d} && script -qec '{srun}' /dev/null"));
+    assert_eq!(out.ok().replace("\r\n", "\n"), "ran\n");
+    drop(proxy);
+
+    // A batch job: the same lines in its output file, one per update.
+    let (proxy, reference) = slow_cold_image(&dir, &registry, "batch");
+    slurm(&format!(
+        "cd {d} && sbatch --wait -o {d}/batch.out --wrap 'srun -n1 --container={reference} echo ran'"
+    ))
+    .ok();
+    let text = sh(&format!("cat {d}/batch.out")).ok().to_string();
+    assert_import_lines(&text, &reference);
+    assert!(text.ends_with("ran\n"), "{text}");
+    drop(proxy);
+}
+
+#[test]
+fn ferry_quiet_and_container_quiet_silence_progress_but_not_errors() {
+    let _m = exclusive_machine();
+    let registry = std::env::var("FERRY_TEST_REGISTRY")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .expect("FERRY_TEST_REGISTRY is not set: integration/test starts the test registry");
+    let dir = UserDir::new(USER);
+    let d = dir.path.display().to_string();
+    let (proxy, reference) = slow_cold_image(&dir, &registry, "env");
+    let out = slurm(&format!(
+        "cd {d} && FERRY_QUIET=1 script -qec 'srun -n1 --container={reference} echo ran' /dev/null"
+    ));
+    assert_eq!(out.ok().replace("\r\n", "\n"), "ran\n");
+    drop(proxy);
+    let (proxy, reference) = slow_cold_image(&dir, &registry, "option");
+    let out = slurm(&format!(
+        "cd {d} && script -qec 'srun -n1 --container-quiet --container={reference} echo ran' /dev/null"
+    ));
+    assert_eq!(out.ok().replace("\r\n", "\n"), "ran\n");
+    // Errors still show.
+    let missing = reference.replace(":v1", ":no-such-tag");
+    let out = slurm(&format!(
+        "cd {d} && FERRY_QUIET=1 srun -n1 --container-quiet --container={missing} echo ran"
+    ));
+    assert_ne!(out.code, 0);
+    let lines = own_lines(&out.stderr);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].contains("no such image or tag"), "{}", lines[0]);
+    drop(proxy);
+}

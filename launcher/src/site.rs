@@ -88,6 +88,9 @@ pub struct PluginSettings {
     /// for its job (removed by the job epilog; the default) or for every later job of the
     /// user on the node (pyxis' setting of the same name).
     pub container_scope: ContainerScope,
+    /// `quiet=yes|no`: steps show no import, unpack or save progress on the user's terminal
+    /// unless they ask (default `no`); errors always show.
+    pub quiet: bool,
 }
 
 /// How long named containers live.
@@ -128,6 +131,7 @@ impl Default for PluginSettings {
             host_libs: Vec::new(),
             nvidia_container_cli: ContainerCli::Auto,
             container_scope: ContainerScope::Job,
+            quiet: false,
         }
     }
 }
@@ -170,7 +174,7 @@ pub enum SiteError {
 
 const KEYS: &str =
     "ferry_bin, default_mounts, squashfuse, writable_tmpfs_size, log_level, named_dir, \
-registry_ca_file, insecure_registries, rootfs, kernel_squashfs, import_on_submit, gpus, host_libs, nvidia_container_cli, container_scope";
+registry_ca_file, insecure_registries, rootfs, kernel_squashfs, import_on_submit, gpus, host_libs, nvidia_container_cli, container_scope, quiet";
 
 /// Keys that may be repeated, their values adding up.
 const LIST_KEYS: &[&str] = &["default_mounts", "insecure_registries", "host_libs"];
@@ -243,6 +247,7 @@ impl PluginSettings {
                 }
                 "registry_ca_file" => s.registry_ca_file = Some(absolute(key, value)?),
                 "import_on_submit" => s.import_on_submit = yes_no(key, value)?,
+                "quiet" => s.quiet = yes_no(key, value)?,
                 "kernel_squashfs" => s.kernel_squashfs = yes_no(key, value)?,
                 "gpus" => {
                     s.gpus = match value {

@@ -21,6 +21,7 @@ pub enum Key {
     RemapRoot(bool),
     Writable(bool),
     Entrypoint(bool),
+    Quiet,
     Name,
     Save,
     Rootfs,
@@ -166,6 +167,12 @@ pub static OPTIONS: &[OptDef] = &[
          (default)",
         Key::Entrypoint(false)
     ),
+    opt!(
+        "container-quiet",
+        "[ferry] show no progress while the image is imported, unpacked or saved (errors \
+         still show); the same as FERRY_QUIET=1",
+        Key::Quiet
+    ),
 ];
 
 /// The options as [`ferry::srun_args`] needs them to read srun's command line.
@@ -264,6 +271,7 @@ pub struct OptionValues {
     pub remap_root: Option<bool>,
     pub writable: Option<bool>,
     pub entrypoint: Option<bool>,
+    pub quiet: bool,
     pub name: Option<String>,
     pub save: Option<String>,
     pub rootfs: Option<String>,
@@ -296,6 +304,7 @@ impl OptionValues {
             Key::RemapRoot(on) => self.remap_root = self.flag(self.remap_root, on, def),
             Key::Writable(on) => self.writable = self.flag(self.writable, on, def),
             Key::Entrypoint(on) => self.entrypoint = self.flag(self.entrypoint, on, def),
+            Key::Quiet => self.quiet = true,
         }
     }
 

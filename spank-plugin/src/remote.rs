@@ -51,6 +51,11 @@ pub struct Step {
     /// (see [`task_init`]).
     pub ferry_bin: Option<PathBuf>,
     pub tasks_exited: u32,
+    /// No progress lines on the user's terminal (asked for, the site's default, or not
+    /// the step's node 0: several nodes say it once).
+    pub quiet: bool,
+    /// Slurm's name of this node, for the user's lines.
+    pub node_name: Option<String>,
 }
 
 impl Step {
@@ -78,6 +83,12 @@ fn run_ferry_as_user(
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .envs(env.iter().copied())
         .stdin(std::process::Stdio::null());
+    if let Some(node) = &step.node_name {
+        cmd.env("SLURMD_NODENAME", node);
+    }
+    if step.quiet {
+        cmd.env(ferry::image::registry::progress::QUIET_ENV, "1");
+    }
     ferry::holder::run_as_on_exec(&mut cmd, Some(step.credentials()), false);
     // Its own process group: stopping it stops what it started (mksquashfs) too.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
@@ -115,7 +126,7 @@ fn wait_unless_job_ended(
     mut child: std::process::Child,
 ) -> std::io::Result<Result<std::process::Output, String>> {
     let stdout = drain(child.stdout.take());
-    let stderr = drain(child.stderr.take());
+    let stderr = crate::progress::forward_stderr(child.stderr.take(), !step.quiet);
     let mut next_check = std::time::Instant::now() + JOB_CHECK_INTERVAL;
     let status = loop {
         if let Some(status) = child.try_wait()? {
@@ -269,6 +280,13 @@ pub fn init_post_opt(
         step.failure
             .get_or_insert(format!("cannot read the step's ids from Slurm: {e}"));
     }
+    step.node_name = getenv("SLURMD_NODENAME");
+    step.quiet = opts.quiet
+        || ferry::image::registry::progress::quiet_requested(
+            getenv(ferry::image::registry::progress::QUIET_ENV).as_deref(),
+        )
+        || settings.as_ref().is_ok_and(|s| s.quiet)
+        || step.node_id != 0;
     match &step.failure {
         Some(e) => error!("step {name}: {e}"),
         None => {
@@ -612,6 +630,7 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
             k.device()
         );
     }
+    let unpacking = unpack_notice(step, &spec);
     match ferry::holder::prepare_with(&spec, &opts, kernel) {
         Ok(holder) => {
             let pid = holder.pid();
@@ -621,9 +640,37 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
             }
             step.workdir = Some(holder.ready().workdir.clone());
             step.holder = Some(holder);
+            if let Some(started) = unpacking {
+                slurm_spank::slurm_spank_log(&format!(
+                    "ferry: unpacked {} in {}",
+                    step.request.image,
+                    ferry::image::registry::progress::human_duration(
+                        started.elapsed().as_secs_f64()
+                    )
+                ));
+            }
         }
         Err(e) => step.failure = Some(e.to_string()),
     }
+}
+
+/// The `unpack` provider's first use of an image on this node takes a while: say so (and
+/// return when it began) unless the step is quiet.
+fn unpack_notice(step: &Step, spec: &ContainerSpec) -> Option<std::time::Instant> {
+    let RootfsProvider::Unpack { dir, .. } = &spec.rootfs else {
+        return None;
+    };
+    if step.quiet || spec.unpacked.is_some() || !ferry::named::needs_unpack(dir, &spec.image) {
+        return None;
+    }
+    let size = std::fs::metadata(&spec.image).map(|m| m.len()).unwrap_or(0);
+    slurm_spank::slurm_spank_log(&format!(
+        "ferry: unpacking {} on {} ({} squashfs; once per node, later steps reuse it)",
+        step.request.image,
+        step.node_name.as_deref().unwrap_or("this node"),
+        ferry::image::registry::progress::human_bytes(size)
+    ));
+    Some(std::time::Instant::now())
 }
 
 /// `program` as an absolute path: itself when it names a path, else found in slurmstepd's
@@ -787,13 +834,29 @@ fn save_container(step: &Step, settings: &PluginSettings) {
         args.extend(["--remove".as_ref(), dir.as_os_str()]);
     }
     let started = std::time::Instant::now();
+    if !step.quiet {
+        slurm_spank::slurm_spank_log(&format!(
+            "ferry: saving the container to {output} on {}",
+            step.node_name.as_deref().unwrap_or("this node")
+        ));
+    }
     match run_ferry_as_user(step, settings, &args, &[]) {
-        Ok(_) => info!(
-            "step {}.{}: saved the container to {output} in {:.1} s",
-            step.job_id,
-            step_name(step.step_id),
-            started.elapsed().as_secs_f64()
-        ),
+        Ok(_) => {
+            let took = started.elapsed().as_secs_f64();
+            info!(
+                "step {}.{}: saved the container to {output} in {took:.1} s",
+                step.job_id,
+                step_name(step.step_id),
+            );
+            if !step.quiet {
+                let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+                slurm_spank::slurm_spank_log(&format!(
+                    "ferry: saved the container to {output} in {} ({} squashfs)",
+                    ferry::image::registry::progress::human_duration(took),
+                    ferry::image::registry::progress::human_bytes(size)
+                ));
+            }
+        }
         // slurmstepd forwards its errors to srun's terminal while the step lasts.
         Err(e) => error!("--container-save: {e}"),
     }
