@@ -528,10 +528,8 @@ fn the_unpack_provider_by_option_and_as_the_site_default() {
         .status_within(COMMAND_LIMIT);
     let n = named.path().display();
     let inode = "srun -n1 --container={busybox} {opt} stat -c %i /bin/busybox";
-    let step_inode = |opt: &str| {
-        let out = slurm(&inode.replace("{busybox}", &busybox).replace("{opt}", opt));
-        out.ok().trim().parse::<u64>().unwrap()
-    };
+    let step_run = |opt: &str| slurm(&inode.replace("{busybox}", &busybox).replace("{opt}", opt));
+    let step_inode = |opt: &str| step_run(opt).ok().trim().parse::<u64>().unwrap();
     let tree_inode = || {
         let trees = dir_entries(&format!("{n}/ferry-{uid}/unpacked"));
         assert_eq!(trees.len(), 1, "{trees:?}");
@@ -544,9 +542,22 @@ fn the_unpack_provider_by_option_and_as_the_site_default() {
     };
 
     plugstack.set_args(&format!("named_dir={n}"));
-    // Asked for by the step: the task sees the unpacked tree itself.
-    let first = step_inode("--container-rootfs=unpack");
+    // Asked for by the step: the task sees the unpacked tree itself. The first use says
+    // that it unpacks and how long it took.
+    let out = step_run("--container-rootfs=unpack");
+    let first = out.ok().trim().parse::<u64>().unwrap();
     assert_eq!(first, tree_inode());
+    let lines = own_lines(&out.stderr);
+    assert!(
+        lines.len() == 2
+            && lines[0].starts_with(&format!("ferry: unpacking {busybox} on "))
+            && lines[1].starts_with(&format!("ferry: unpacked {busybox} in ")),
+        "{lines:#?}"
+    );
+    // Reused: nothing to say.
+    let out = step_run("--container-rootfs=unpack");
+    assert_eq!(out.ok().trim().parse::<u64>().unwrap(), first);
+    assert_eq!(own_lines(&out.stderr), Vec::<&str>::new());
     // The site default is squashfuse: another file system.
     assert_ne!(step_inode(""), first);
     // The site makes unpack the default; a step may still ask for squashfuse.
@@ -767,6 +778,18 @@ fn named_containers_keep_state_across_steps_and_save_makes_an_image() {
         "{}",
         out.stderr
     );
+    // A save says what it does and how long it took.
+    for saved in [format!("{d}/saved.sqsh"), format!("{d}/solo.sqsh")] {
+        let start = format!("ferry: saving the container to {saved} on ");
+        let end = format!("ferry: saved the container to {saved} in ");
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        let at = |p: &str| lines.iter().position(|l| l.starts_with(p));
+        assert!(
+            at(&start).is_some() && at(&end) > at(&start),
+            "{}",
+            out.stderr
+        );
+    }
     // The saved images hold the changes, owned by root as in any image.
     let out = slurm(&format!(
         "srun -n1 --container={d}/saved.sqsh --container-remap-root sh -c 'cat /etc/state; stat -c %u /etc/state'; \
@@ -1576,6 +1599,16 @@ fn ferry_quiet_and_container_quiet_silence_progress_but_not_errors() {
         "cd {d} && script -qec 'srun -n1 --container-quiet --container={reference} echo ran' /dev/null"
     ));
     assert_eq!(out.ok().replace("\r\n", "\n"), "ran\n");
+    drop(proxy);
+    // The site's default.
+    let plugstack = Plugstack::open(&cluster());
+    plugstack.add_args("quiet=yes");
+    let (proxy, reference) = slow_cold_image(&dir, &registry, "site");
+    let out = slurm(&format!(
+        "cd {d} && script -qec 'srun -n1 --container={reference} echo ran' /dev/null"
+    ));
+    assert_eq!(out.ok().replace("\r\n", "\n"), "ran\n");
+    drop(plugstack);
     // Errors still show.
     let missing = reference.replace(":v1", ":no-such-tag");
     let out = slurm(&format!(
@@ -1585,5 +1618,97 @@ fn ferry_quiet_and_container_quiet_silence_progress_but_not_errors() {
     let lines = own_lines(&out.stderr);
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert!(lines[0].contains("no such image or tag"), "{}", lines[0]);
+    drop(proxy);
+}
+
+#[test]
+fn a_step_waiting_for_another_steps_import_of_its_image_says_so() {
+    let _m = exclusive_machine();
+    let registry = std::env::var("FERRY_TEST_REGISTRY")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .expect("FERRY_TEST_REGISTRY is not set: integration/test starts the test registry");
+    let dir = UserDir::new(USER);
+    let d = dir.path.display().to_string();
+    let (proxy, reference) = slow_cold_image(&dir, &registry, "wait");
+    let script = format!("cd {d} && srun -n1 --container={reference} echo first");
+    let first = std::thread::spawn(move || slurm(&script));
+    // The first step holds the digest's lock before it asks for a blob.
+    let start = Instant::now();
+    while !proxy
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("/blobs/"))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no blob asked for"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let second = slurm(&format!(
+        "cd {d} && srun -n1 --container={reference} echo second"
+    ));
+    assert_eq!(second.ok(), "second\n", "{}", second.stderr);
+    let lines = own_lines(&second.stderr);
+    assert!(
+        lines.len() == 2
+            && lines[0].starts_with(&format!(
+                "ferry: waiting for another import of {reference} (sha256:"
+            ))
+            && lines[1]
+                == format!(
+                    "ferry: {reference} was imported meanwhile (by another step or node); using it"
+                ),
+        "{lines:#?}"
+    );
+    let first = first.join().unwrap();
+    assert_eq!(first.ok(), "first\n", "{}", first.stderr);
+    assert_import_lines(&first.stderr, &reference);
+    drop(proxy);
+}
+
+#[test]
+fn import_on_submit_draws_a_bar_on_a_terminal_and_writes_lines_elsewhere() {
+    let _m = exclusive_machine();
+    let registry = std::env::var("FERRY_TEST_REGISTRY")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .expect("FERRY_TEST_REGISTRY is not set: integration/test starts the test registry");
+    let dir = UserDir::new(USER);
+    let d = dir.path.display().to_string();
+    let plugstack = Plugstack::open(&cluster());
+    plugstack.add_args("import_on_submit=yes");
+
+    let (proxy, reference) = slow_cold_image(&dir, &registry, "submit-tty");
+    let out = slurm(&format!(
+        "cd {d} && TERM=xterm script -qec 'srun -n1 --container={reference} echo ran' /dev/null"
+    ));
+    let screen = out.ok().to_string();
+    assert!(
+        screen.contains(&format!("ferry: importing {reference} on ")),
+        "{screen:?}"
+    );
+    // indicatif's bar: redrawn in place.
+    assert!(
+        screen.contains(&format!("pulling {reference} [")) && screen.contains("\x1b[2K"),
+        "no bar: {screen:?}"
+    );
+    assert!(
+        screen.contains(&format!("ferry: imported {reference} in ")),
+        "{screen:?}"
+    );
+    // The step finds the image imported: it says nothing.
+    assert!(screen.ends_with("ran\r\n"), "{screen:?}");
+    drop(proxy);
+
+    let (proxy, reference) = slow_cold_image(&dir, &registry, "submit-file");
+    let out = slurm(&format!(
+        "cd {d} && srun -n1 --container={reference} echo ran"
+    ));
+    assert_eq!(out.ok(), "ran\n", "{}", out.stderr);
+    assert_import_lines(&out.stderr, &reference);
     drop(proxy);
 }

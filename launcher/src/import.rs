@@ -210,7 +210,7 @@ fn from_registry(
             registry::progress::human_bytes(entry.size)
         );
     } else if waits {
-        eprintln!("ferry: {label} was imported by another step; using it");
+        eprintln!("ferry: {label} was imported meanwhile (by another step or node); using it");
     }
     Ok(ImportedImage {
         path: cache.image_path(&entry.digest)?,

@@ -303,6 +303,9 @@ pub fn import_now(
     let status = cmd
         .status()
         .map_err(|e| format!("cannot run {}: {e}", settings.ferry_bin.display()))?;
+    if status.code().is_none() {
+        return Err(format!("ferry import {} was stopped ({status})", req.image));
+    }
     if !status.success() {
         // Its error line is on the user's terminal already.
         return Err(String::new());

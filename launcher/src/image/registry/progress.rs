@@ -28,11 +28,14 @@ pub enum Progress {
 }
 
 impl Progress {
-    /// Quiet under `FERRY_QUIET`, else a bar when stderr is a terminal, else lines.
+    /// Quiet under `FERRY_QUIET`, else a bar when stderr is a terminal that can draw one,
+    /// else lines.
     pub fn auto() -> Progress {
+        // indicatif draws nothing without TERM or with TERM=dumb: lines then.
+        let drawable = std::env::var("TERM").is_ok_and(|t| !t.is_empty() && t != "dumb");
         if quiet_requested(std::env::var(QUIET_ENV).ok().as_deref()) {
             Progress::Quiet
-        } else if std::io::stderr().is_terminal() {
+        } else if drawable && std::io::stderr().is_terminal() {
             Progress::Terminal
         } else {
             Progress::Lines
