@@ -1,17 +1,20 @@
 # ferry: build, install and package the launcher (`ferry`) and the Slurm plugin
-# (`spank_ferry.so`). README.md, "Installing", explains the targets.
+# (`spank_ferry.so`). docs/admin-guide.md, "Installing", explains the targets.
 #
 #   make                      build both (release)
 #   make install              ferry to $(PREFIX)/bin, the plugin into the running Slurm's
 #                             PluginDir, the plugstack.conf line to $(SLURM_SYSCONFDIR)
 #   make uninstall            remove what install put there
 #   make deb                  a Debian package in $(DEB_DIR)
+#   make rpm                  an RPM for RHEL-family nodes in $(RPM_DIR) (rpmbuild)
 #
 # Variables: PREFIX (/usr/local), DESTDIR (staging root), PLUGIN_DIR (the running Slurm's
 # PluginDir, else Debian's), SLURM_SYSCONFDIR (/etc/slurm), FERRY_SLURM_VERSION_H (the
 # slurm_version.h the plugin is built against), CARGO. FERRY and PLUGIN_SO name already
 # built files (default: this tree's release build), e.g. `make install CARGO=true FERRY=...`
-# installs binaries built elsewhere without building.
+# installs binaries built elsewhere without building. For `make rpm`: RPM_PLUGIN_DIR (Slurm's
+# plugin directory on the target nodes, /usr/lib64/slurm) and RPM_SLURM_PACKAGE (the package
+# name of their Slurm, slurm).
 
 PREFIX ?= /usr/local
 DESTDIR ?=
@@ -26,10 +29,13 @@ export FERRY_SLURM_VERSION_H
 # Asked of Slurm only when needed (`=`, not `:=`): scontrol may be slow or absent.
 PLUGIN_DIR ?= $(shell packaging/slurm-info plugin-dir)
 DEB_DIR ?= $(TARGET_DIR)/debian
+RPM_DIR ?= $(TARGET_DIR)/rpm
+RPM_PLUGIN_DIR ?= /usr/lib64/slurm
+RPM_SLURM_PACKAGE ?= slurm
 
 CONF = $(DESTDIR)$(SLURM_SYSCONFDIR)/plugstack.conf.d/ferry.conf
 
-.PHONY: all build check-slurm install uninstall deb
+.PHONY: all build check-slurm install uninstall deb rpm
 
 all: build
 
@@ -64,3 +70,7 @@ uninstall:
 
 deb: build
 	packaging/build-deb "$(FERRY)" "$(PLUGIN_SO)" "$(DEB_DIR)"
+
+rpm: build
+	RPM_PLUGIN_DIR="$(RPM_PLUGIN_DIR)" RPM_SLURM_PACKAGE="$(RPM_SLURM_PACKAGE)" \
+	    packaging/build-rpm "$(FERRY)" "$(PLUGIN_SO)" "$(RPM_DIR)"

@@ -61,6 +61,17 @@ fn own_lines(stderr: &str) -> Vec<&str> {
         .collect()
 }
 
+/// [`own_lines`] of several steps of one job, without srun's notes that a step waited for
+/// the one before to finish.
+fn step_lines(stderr: &str) -> Vec<&str> {
+    own_lines(stderr)
+        .into_iter()
+        .filter(|l| {
+            !l.contains("step creation temporarily disabled") && !l.contains("Step created")
+        })
+        .collect()
+}
+
 fn daemon_pids() -> Vec<String> {
     let out = Command::new("pgrep")
         .args(["-x", "slurmd|slurmctld"])
@@ -615,7 +626,10 @@ fn the_kernel_provider_only_where_the_site_enables_it() {
         env!("CARGO_MANIFEST_DIR"),
         "/../launcher/tests/fixtures/sif/one-group.sif"
     );
-    let images = [debian.as_str(), busybox.as_str(), sif];
+    // With every mount point (the test image lacks /etc/hosts), so no overlay over it.
+    let dir = UserDir::new(USER);
+    let with_hosts = debian_with_name_service_files(&dir);
+    let images = [debian.as_str(), busybox.as_str(), sif, with_hosts.as_str()];
     let (loops, host_squashfs) = kernel_traces(&images);
     assert!(
         loops.is_empty(),
@@ -657,7 +671,7 @@ fn the_kernel_provider_only_where_the_site_enables_it() {
     // The image, with the kernel's squashfs as the root (no home: every mount point is in
     // the image, so there is no overlay over it); the site's default is still squashfuse.
     let out = slurm(&format!(
-        "srun -n1 --container={debian} --container-rootfs=kernel --no-container-mount-home \
+        "srun -n1 --container={with_hosts} --container-rootfs=kernel --no-container-mount-home \
          sh -c 'cat /etc/ferry-marker; {root_line}'"
     ));
     let text = out.ok();
@@ -665,7 +679,7 @@ fn the_kernel_provider_only_where_the_site_enables_it() {
     assert_eq!(lines[0], "debian-image", "{text}");
     assert!(kernel_root(lines[1]), "{text}");
     let out = slurm(&format!(
-        "srun -n1 --container={debian} --no-container-mount-home {root_line}"
+        "srun -n1 --container={with_hosts} --no-container-mount-home {root_line}"
     ));
     assert!(out.ok().contains(" - fuse.squashfuse "), "{}", out.stdout);
 
@@ -682,7 +696,7 @@ fn the_kernel_provider_only_where_the_site_enables_it() {
     // Even with every capability of its user namespace (remap-root), a task cannot lift
     // the mount's nodev, nosuid or read-only flags: the kernel locked them.
     let out = slurm(&format!(
-        "srun -n1 --container={debian} --container-rootfs=kernel --no-container-mount-home \
+        "srun -n1 --container={with_hosts} --container-rootfs=kernel --no-container-mount-home \
          --container-remap-root sh -c 'for o in dev suid rw; do \
          mount -o remount,bind,$o / 2>/dev/null && echo $o lifted || echo $o locked; done'"
     ));
@@ -725,8 +739,8 @@ fn the_kernel_provider_only_where_the_site_enables_it() {
     // The site's default; a step may still ask for squashfuse.
     plugstack.set_args("kernel_squashfs=yes rootfs=kernel");
     let out = slurm(&format!(
-        "srun -n1 --container={debian} --no-container-mount-home sh -c 'cat /etc/ferry-marker; {root_line}'; \
-         srun -n1 --container={debian} --no-container-mount-home --container-rootfs=squashfuse {root_line}"
+        "srun -n1 --container={with_hosts} --no-container-mount-home sh -c 'cat /etc/ferry-marker; {root_line}'; \
+         srun -n1 --container={with_hosts} --no-container-mount-home --container-rootfs=squashfuse {root_line}"
     ));
     let text = out.ok();
     let lines: Vec<&str> = text.lines().collect();
@@ -823,14 +837,17 @@ fn container_name_and_save_are_checked_before_the_step_starts() {
     let lines = own_lines(&out.stderr);
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert!(lines[0].contains("--container-name=../x"), "{}", lines[0]);
-    // A save target the user cannot write: the step runs, the save fails with a line.
+    // A save target the user cannot write: refused before the step starts.
     let out = slurm(&format!(
         "srun -n1 --container={busybox} --container-save=/var/lib/x.sqsh true"
     ));
+    assert_eq!(out.code, 1);
+    let lines = own_lines(&out.stderr);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
     assert!(
-        out.stderr.contains("--container-save") && out.stderr.contains("/var/lib/x.sqsh"),
+        lines[0].contains("--container-save=/var/lib/x.sqsh"),
         "{}",
-        out.stderr
+        lines[0]
     );
     assert!(!std::path::Path::new("/var/lib/x.sqsh").exists());
 }
@@ -886,6 +903,7 @@ fn a_save_that_fails_leaves_no_file_behind() {
         "srun -n1 --container={busybox} --container-save={f}/out.sqsh \
          sh -c 'head -c 4194304 /dev/urandom > /big'"
     ));
+    assert_eq!(out.code, 1, "a failed save fails the step: {}", out.stderr);
     assert!(
         out.stderr.contains("--container-save") && out.stderr.contains(&format!("{f}/out.sqsh")),
         "{}",
@@ -1487,6 +1505,250 @@ fn container_entrypoint_with_multi_prog() {
             "{lines:?}"
         );
     }
+}
+
+// ---- what a pyxis user hits first: names, reuse by name, saves, bad arguments ------------
+
+#[test]
+fn names_resolve_through_the_hosts_files_with_every_provider() {
+    let _m = exclusive_machine();
+    let plugstack = Plugstack::open(&cluster());
+    plugstack.add_args("kernel_squashfs=yes");
+    let dir = UserDir::new(USER);
+    // An image with an empty resolv.conf and hosts and no nsswitch.conf: a name only the
+    // host's /etc/hosts knows resolves in every step, read-only or writable, named or not.
+    let (sqsh, tree) = debian_without_name_service(&dir);
+    let (name, _) = host_only_name();
+    let probe = name_service_probe(&name);
+    let expected = sh(&probe).ok().to_string();
+    let variants = [
+        format!("--container-image={sqsh}"),
+        format!("--container-image={sqsh} --container-rootfs=unpack"),
+        format!("--container-image={sqsh} --container-rootfs=kernel"),
+        format!("--container-image={sqsh} --container-writable"),
+        format!("--container-image={sqsh} --container-remap-root --container-readonly"),
+        format!("--container-image={sqsh} --container-name=dns"),
+        format!("--container-image={tree}"),
+    ];
+    let steps: String = variants
+        .iter()
+        .map(|v| format!("srun -n1 {v} sh -c '{probe}'; echo ==; "))
+        .collect();
+    let out = slurm(&format!(
+        "salloc -Q bash -c \"{}\"",
+        steps.replace('"', "\\\"")
+    ));
+    let outputs: Vec<&str> = out.ok().split("==\n").collect();
+    assert_eq!(outputs.len(), variants.len() + 1, "{}", out.stderr);
+    for (variant, got) in variants.iter().zip(outputs) {
+        assert_eq!(got, expected, "srun {variant}: {}", out.stderr);
+    }
+}
+
+#[test]
+fn a_container_name_alone_reuses_the_jobs_container_or_fails_in_one_line() {
+    let _m = shared_machine();
+    let busybox = img("busybox.sqsh");
+    // pyxis' habit: make a named container with an image, then use it by its name alone.
+    let out = slurm(&format!(
+        "salloc -Q bash -c '\
+         srun -n1 --container-name=work cat /etc/state; echo \"first: $?\"; \
+         srun -n1 --container-image={busybox} --container-name=work sh -c \"echo made > /etc/state\"; \
+         srun -n1 --container-name=work sh -c \"cat /etc/state; echo again >> /etc/state\"; \
+         srun -n1 --container-name=work cat /etc/state'"
+    ));
+    assert_eq!(
+        out.ok(),
+        "first: 125\nmade\nmade\nagain\n",
+        "{}",
+        out.stderr
+    );
+    let lines = step_lines(&out.stderr);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains("--container-name=work")
+            && lines[0].contains("no container of that name"),
+        "{}",
+        lines[0]
+    );
+    // An srun that makes its own job cannot have one: refused before the step starts.
+    let out = slurm("srun -n1 --container-name=work echo ran");
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert_eq!(out.stdout, "");
+    let lines = own_lines(&out.stderr);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].contains("--container-name=work"), "{}", lines[0]);
+}
+
+#[test]
+fn a_failed_save_fails_the_step_and_impossible_targets_are_refused_before_it() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let busybox = img("busybox.sqsh");
+    // Targets that can never work: refused by srun, the step never runs.
+    std::fs::create_dir(dir.path.join("existing")).unwrap();
+    for (target, expected) in [
+        ("/tmp/".to_string(), "directory"),
+        ("/".to_string(), "directory"),
+        ("./".to_string(), "directory"),
+        (format!("{d}/existing"), "directory"),
+        ("/var/lib/x.sqsh".to_string(), "cannot write into /var/lib"),
+    ] {
+        let out = slurm(&format!(
+            "cd {d} && srun -n1 --container-image={busybox} --container-save={target} echo ran"
+        ));
+        assert_eq!(out.code, 1, "{target}: {}", out.stderr);
+        assert_eq!(out.stdout, "", "{target}: the step must not run");
+        let lines = own_lines(&out.stderr);
+        assert_eq!(lines.len(), 1, "{target}: {lines:#?}");
+        assert!(
+            lines[0].contains(&format!("--container-save={target}")) && lines[0].contains(expected),
+            "{target}: {}",
+            lines[0]
+        );
+    }
+    // A save that fails when the step ends (its directory is gone by then): the step fails
+    // with one line, and nothing is left.
+    std::fs::create_dir(dir.path.join("gone")).unwrap();
+    Command::new("chown")
+        .arg(format!("{USER}:"))
+        .arg(dir.path.join("gone"))
+        .status_within(COMMAND_LIMIT);
+    let out = slurm(&format!(
+        "srun -n1 --container-image={busybox} --container-mounts={d} \
+         --container-save={d}/gone/out.sqsh sh -c 'rmdir {d}/gone && echo ran'"
+    ));
+    assert_eq!(out.stdout, "ran\n");
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    // The line saying the save begins, then the error.
+    let lines = own_lines(&out.stderr);
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "ferry: saving the container to {d}/gone/out.sqsh on "
+        )),
+        "{}",
+        lines[0]
+    );
+    let lines = &lines[1..];
+    assert!(
+        lines[0].contains("--container-save") && lines[0].contains(&format!("{d}/gone/out.sqsh")),
+        "{}",
+        lines[0]
+    );
+    // The command's own failure stays the step's status, and the save still happens.
+    let out = slurm(&format!(
+        "srun -n1 --container-image={busybox} --container-save={d}/failed.sqsh \
+         sh -c 'echo kept > /etc/kept; exit 3'"
+    ));
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    // Several tasks: the last to end saves, with every task's change in the image.
+    let out = slurm(&format!(
+        "srun -n2 --container-image={busybox} --container-save={d}/two.sqsh \
+         sh -c 'sleep $SLURM_PROCID; touch /etc/task-$SLURM_PROCID'; \
+         srun -n1 --container-image={d}/failed.sqsh cat /etc/kept; \
+         srun -n1 --container-image={d}/two.sqsh ls /etc | grep task-"
+    ));
+    assert_eq!(out.ok(), "kept\ntask-0\ntask-1\n", "{}", out.stderr);
+    // A step stopped by a signal (scancel, the time limit) is not saved. (Its line saying
+    // so may not reach srun, which ends as soon as Slurm tells it of the cancellation.)
+    let out = slurm(&format!(
+        "srun -n1 -J ferry-save-stopped --container-image={busybox} --container-mounts={d} \
+         --container-save={d}/stopped.sqsh sh -c 'touch {d}/started; sleep 60' & \
+         until test -e {d}/started; do sleep 0.1; done; rm {d}/started; \
+         scancel -s TERM -n ferry-save-stopped; wait $!"
+    ));
+    assert_ne!(out.code, 0, "{}", out.stderr);
+    let names = dir_entries(&d.to_string());
+    assert_eq!(names, ["existing", "failed.sqsh", "two.sqsh"], "{names:?}");
+}
+
+#[test]
+fn invalid_arguments_are_refused_in_srun_with_one_line() {
+    let _m = shared_machine();
+    let busybox = img("busybox.sqsh");
+    let cases = [
+        (
+            "--container-image=".to_string(),
+            "--container-image is empty",
+        ),
+        (
+            format!("--container-image={busybox} --container-mounts=/tmp:"),
+            "the container path after `:` is empty",
+        ),
+        (
+            format!("--container-image={busybox} --container-env="),
+            "--container-env=: a variable name is empty",
+        ),
+        (
+            format!("--container-image={busybox} --container-env FOO,"),
+            "--container-env=FOO,: a variable name is empty",
+        ),
+        (
+            "--container-mounts=/tmp:/x".to_string(),
+            "container options without an image",
+        ),
+        (
+            "--container-remap-root".to_string(),
+            "container options without an image",
+        ),
+        (
+            "--container-save=/tmp/x.sqsh".to_string(),
+            "container options without an image",
+        ),
+    ];
+    for (options, expected) in cases {
+        let out = slurm(&format!("srun -n1 {options} echo ran"));
+        assert_eq!(out.code, 1, "{options}: {}", out.stderr);
+        assert_eq!(out.stdout, "", "{options}: the step must not run");
+        let lines = own_lines(&out.stderr);
+        assert_eq!(lines.len(), 1, "{options}: {lines:#?}");
+        assert!(
+            lines[0].contains("ferry") && lines[0].contains(expected),
+            "{options}: {}",
+            lines[0]
+        );
+    }
+}
+
+#[test]
+fn the_sites_writable_default_and_the_read_only_remap_root_line() {
+    let _m = exclusive_machine();
+    let plugstack = Plugstack::open(&cluster());
+    let debian = img("debian.sqsh");
+    let apt = "rm -f /etc/apt/sources.list /etc/apt/sources.list.d/*; apt-get -qq update && echo apt works";
+    // As today: read-only, and remap-root alone says in one line what is missing.
+    let out = slurm(&format!(
+        "srun -n1 --container-image={debian} --container-remap-root sh -c '{apt}'"
+    ));
+    assert_ne!(out.code, 0);
+    let ours: Vec<&str> = out.stderr.lines().filter(|l| l.contains("ferry")).collect();
+    assert_eq!(ours.len(), 1, "{}", out.stderr);
+    assert!(ours[0].contains("--container-writable"), "{}", ours[0]);
+    // Chosen read-only: no line.
+    let out = slurm(&format!(
+        "srun -n1 --container-image={debian} --container-remap-root --container-readonly true"
+    ));
+    assert_eq!(out.code, 0);
+    assert!(!out.stderr.contains("ferry"), "{}", out.stderr);
+    // writable=yes: remap-root alone installs, and --container-readonly still wins.
+    plugstack.add_args("writable=yes");
+    let out = slurm(&format!(
+        "srun -n1 --container-image={debian} --container-remap-root sh -c '{apt}'; \
+         srun -n1 --container-image={debian} --container-readonly touch /x"
+    ));
+    assert_eq!(out.stdout, "apt works\n", "{}", out.stderr);
+    assert!(
+        out.stderr.contains("Read-only file system"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains("--container-writable"),
+        "{}",
+        out.stderr
+    );
 }
 
 // ---- Progress of long waits ------------------------------------------------------------

@@ -954,11 +954,14 @@ fn rootfs_kernel_is_for_root_and_leaves_no_loop_device() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    // An image with every mount point (the test image lacks /etc/hosts), so no overlay.
+    let dir = UserDir::new(USER);
+    let with_hosts = debian_with_name_service_files(&dir);
     let root = as_root(&[
         "--rootfs",
         "kernel",
         "--no-mount-home",
-        &debian,
+        &with_hosts,
         "head",
         "-1",
         "/proc/self/mountinfo",
@@ -1036,4 +1039,71 @@ fn a_test_command_that_hangs_fails_within_its_limit_in_one_line() {
     );
     let left = leftovers_after(USER, Duration::from_secs(5));
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn names_resolve_through_the_hosts_files_whatever_the_image_ships() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    // An image with an empty resolv.conf and hosts and no nsswitch.conf, as registry
+    // images ship them: inside, a name only the host's /etc/hosts knows resolves, and the
+    // files are the host's, for every kind of image and root filesystem.
+    let (sqsh, tree) = debian_without_name_service(&dir);
+    let (name, _) = host_only_name();
+    let probe = name_service_probe(&name);
+    let on_host = sh(&probe);
+    let expected = on_host.ok();
+    assert!(
+        expected
+            .trim_end()
+            .lines()
+            .last()
+            .is_some_and(|a| !a.is_empty()),
+        "the host resolves {name}: {expected}"
+    );
+    let unpack = format!("--cache {d}/cache --rootfs unpack");
+    let cases = [
+        ("", &sqsh),
+        ("--writable", &sqsh),
+        ("--remap-root --writable", &sqsh),
+        ("--remap-root", &sqsh),
+        (unpack.as_str(), &sqsh),
+        ("", &tree),
+        ("--writable", &tree),
+    ];
+    for (options, image) in cases {
+        let out = sh(&format!("$FERRY run {options} {image} sh -c '{probe}'"));
+        assert_eq!(
+            out.ok(),
+            expected,
+            "ferry run {options} {image}: {}",
+            out.stderr
+        );
+    }
+    // An image's own nsswitch.conf stays: it names what its C library has.
+    let own = std::fs::read_to_string(image("debian").join("etc/nsswitch.conf")).unwrap();
+    let out = sh(&format!(
+        "$FERRY run {} cat /etc/nsswitch.conf",
+        img("debian.sqsh")
+    ));
+    assert_eq!(out.ok(), own);
+}
+
+#[test]
+fn a_saved_container_leaves_out_the_mount_point_of_the_hosts_nsswitch_conf() {
+    // Saving takes seconds, and the leftover checks of other tests would see it.
+    let _m = exclusive_machine();
+    let work = UserDir::new(USER);
+    let w = work.path.display();
+    // busybox has no nsswitch.conf: the host's is bound on an empty file made for it,
+    // which a saved image must not keep (containers of it would then miss the host's).
+    let out = sh(&format!(
+        "$FERRY run --keep {w}/c {} true && $FERRY save {w}/c/rootfs {w}/saved.sqsh && \
+         unsquashfs -l {w}/saved.sqsh etc/nsswitch.conf | grep -c nsswitch; \
+         $FERRY run {w}/saved.sqsh cat /etc/nsswitch.conf",
+        img("busybox.sqsh")
+    ));
+    let host = std::fs::read_to_string("/etc/nsswitch.conf").unwrap();
+    assert_eq!(out.ok(), format!("0\n{host}"), "{}", out.stderr);
 }

@@ -32,6 +32,9 @@ pub use elf::{read_u32_symbol, ElfError};
 pub const DEBIAN_PLUGIN_DIR: &str = "/usr/lib/x86_64-linux-gnu/slurm-wlm";
 const DEFAULT_SLURM_CONF: &str = "/etc/slurm/slurm.conf";
 const DEFAULT_VERSION_HEADER: &str = "/usr/include/slurm/slurm_version.h";
+/// The Slurm major.minor releases CI runs the plugin and `ferry run` tests against
+/// (integration/test: Debian 12's 22.05, Debian 13's 24.11 and Debian unstable's 26.05).
+pub const TESTED_SLURM: [u32; 3] = [0x160500, 0x180b00, 0x1a0500];
 /// Slurm commands retry a missing configuration for a minute; a doctor must not hang.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -1110,13 +1113,11 @@ pub fn plugin_line_check(
     }
     let settings = match settings {
         Ok(s) => s,
-        Err(e) => {
-            return Check::fail(
-                ID,
-                format!("{place}: {e}"),
-                "fix the arguments (README, \"For admins\", lists them); until then container steps fail",
-            )
-        }
+        Err(e) => return Check::fail(
+            ID,
+            format!("{place}: {e}"),
+            "fix the arguments (docs/admin-guide.md lists them); until then container steps fail",
+        ),
     };
     let bin = &settings.ferry_bin;
     let executable = fs::metadata(bin)
@@ -1176,14 +1177,30 @@ pub fn version_check(
     };
     // Slurm loads a SPANK plugin only when major.minor match (plugin.c).
     if built & 0xffff00 == running & 0xffff00 {
-        Check::ok(
-            ID,
-            format!(
-                "the plugin is built for Slurm {}, this node runs {} ({source})",
-                version_text(built),
-                version_text(running)
-            ),
-        )
+        let message = format!(
+            "the plugin is built for Slurm {}, this node runs {} ({source})",
+            version_text(built),
+            version_text(running)
+        );
+        let tested = TESTED_SLURM.map(major_minor).join(", ");
+        let newest = TESTED_SLURM[TESTED_SLURM.len() - 1];
+        if TESTED_SLURM.contains(&(running & 0xffff00)) {
+            Check::ok(
+                ID,
+                format!("{message}, a release ferry is tested with ({tested})"),
+            )
+        } else if running & 0xffff00 > newest {
+            Check::warn(
+                ID,
+                format!("{message}, newer than the releases ferry is tested with ({tested})"),
+                "try `srun --container=IMAGE` on one node before all: a new Slurm may change what the plugin relies on",
+            )
+        } else {
+            Check::ok(
+                ID,
+                format!("{message}, between the releases ferry is tested with ({tested}): expected to work"),
+            )
+        }
     } else {
         Check::fail(
             ID,
@@ -1445,6 +1462,17 @@ mod tests {
         let so = Path::new("/x/spank_ferry.so");
         let c = version_check(so, Ok(0x160508), Some((0x160502, "srun --version".into())));
         assert_eq!(c.status, Status::Ok);
+        assert!(
+            c.message
+                .contains("a release ferry is tested with (22.05, 24.11, 26.05)"),
+            "{c:?}"
+        );
+        let c = version_check(so, Ok(0x170b04), Some((0x170b04, "srun --version".into())));
+        assert_eq!(c.status, Status::Ok);
+        assert!(c.message.contains("between the releases"), "{c:?}");
+        let c = version_check(so, Ok(0x1a0b00), Some((0x1a0b01, "srun --version".into())));
+        assert_eq!(c.status, Status::Warn);
+        assert!(c.message.contains("newer than the releases"), "{c:?}");
         let c = version_check(so, Ok(0x160508), Some((0x170b04, "srun --version".into())));
         assert_eq!(c.status, Status::Fail);
         assert!(

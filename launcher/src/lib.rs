@@ -7,6 +7,7 @@ pub mod cache;
 pub mod doctor;
 pub mod entrypoint;
 pub mod env;
+pub mod framework_env;
 pub mod fuzzing;
 pub mod gpu;
 pub mod holder;

@@ -27,6 +27,8 @@ pub enum MountSpecError {
     DotDotTarget { spec: String },
     #[error("mount spec `{spec}`: the source path must not be empty")]
     EmptySource { spec: String },
+    #[error("mount spec `{spec}`: the container path after `:` is empty: write SRC:DST, or SRC alone for the same path")]
+    EmptyTarget { spec: String },
 }
 
 impl MountSpec {
@@ -50,11 +52,15 @@ impl MountSpec {
                 spec: spec.to_string(),
             });
         }
-        let target = fields
-            .get(1)
-            .copied()
-            .filter(|t| !t.is_empty())
-            .unwrap_or(source);
+        let target = match fields.get(1) {
+            None => source,
+            Some(&"") => {
+                return Err(MountSpecError::EmptyTarget {
+                    spec: spec.to_string(),
+                })
+            }
+            Some(t) => t,
+        };
         let mut read_only = false;
         if let Some(flags) = fields.get(2) {
             for flag in flags.split('+').filter(|f| !f.is_empty()) {
@@ -164,6 +170,10 @@ mod tests {
             MountSpec::parse("/a:/b/../c", &cwd()),
             Err(MountSpecError::DotDotTarget { .. })
         ));
+        assert_eq!(
+            MountSpec::parse("/a:", &cwd()),
+            Err(MountSpecError::EmptyTarget { spec: "/a:".into() })
+        );
         assert!(matches!(
             MountSpec::parse(":/b", &cwd()),
             Err(MountSpecError::EmptySource { .. })

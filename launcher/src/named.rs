@@ -422,15 +422,21 @@ pub fn save(rootfs: &Path, output: &Path) -> Result<(), NamedError> {
 }
 
 /// Mount points ferry made in an unpacked container for host files (see `crate::gpu`):
-/// the host library directory, and empty files where the driver's programs were bound.
+/// the host library directory, and empty files where the driver's programs or the host's
+/// nsswitch.conf were bound.
 fn host_mount_points(rootfs: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let lib_dir = Path::new(crate::gpu::HOST_LIB_DIR.trim_start_matches('/')).to_path_buf();
     if fs::symlink_metadata(rootfs.join(&lib_dir)).is_ok_and(|m| m.is_dir()) {
         out.push(lib_dir);
     }
-    for name in crate::gpu::DRIVER_PROGRAMS {
-        let rel = Path::new("usr/bin").join(name);
+    let driver_programs = crate::gpu::DRIVER_PROGRAMS
+        .iter()
+        .map(|name| Path::new("usr/bin").join(name));
+    // The host's nsswitch.conf is bound where the image has none: an empty one saved in
+    // its place would make later containers of the image keep glibc's defaults instead.
+    let name_service = std::iter::once(PathBuf::from("etc/nsswitch.conf"));
+    for rel in driver_programs.chain(name_service) {
         if fs::symlink_metadata(rootfs.join(&rel)).is_ok_and(|m| m.is_file() && m.len() == 0) {
             out.push(rel);
         }

@@ -805,6 +805,7 @@ fn plan_binds(
 ) -> Result<(Vec<Bind>, Vec<OwnedFd>), RootfsError> {
     let mut held = Vec::new();
     let host_root = File::open(OLD).map_err(setup("opening the host's root"))?;
+    let name_service = name_service_binds(&host_root, &mut held);
     let mut reopen = |s: &Source| -> Result<PathBuf, RootfsError> {
         // It opened a moment ago, as the user: whatever fails now means it was replaced.
         let fd = s
@@ -867,18 +868,7 @@ fn plan_binds(
             flags: guard,
         });
     }
-    for file in ["/etc/resolv.conf", "/etc/hosts"] {
-        if Path::new(file).is_file() {
-            binds.push(Bind {
-                what: file.into(),
-                source: host(file),
-                target: file.into(),
-                is_dir: false,
-                recursive: false,
-                flags: guard | sys::MOUNT_ATTR_RDONLY,
-            });
-        }
-    }
+    binds.extend(name_service);
     for file in ["passwd", "group"] {
         binds.push(Bind {
             what: format!("/etc/{file}"),
@@ -915,6 +905,52 @@ fn plan_binds(
         });
     }
     Ok((binds, held))
+}
+
+/// The host's name service files, so that names resolve inside as on the host (images
+/// ship an empty resolv.conf and a minimal hosts): resolv.conf and hosts always, and
+/// nsswitch.conf where the image has none. Looked up with the host's root (at /oldroot
+/// by now) as `/`, so a symlinked /etc/resolv.conf (systemd-resolved) means what it means
+/// on the host; the descriptors go into `held`.
+fn name_service_binds(host_root: &File, held: &mut Vec<OwnedFd>) -> Vec<Bind> {
+    let mut binds = Vec::new();
+    for (file, only_if_image_lacks) in [
+        ("/etc/resolv.conf", false),
+        ("/etc/hosts", false),
+        ("/etc/nsswitch.conf", true),
+    ] {
+        let rel = inside_path(Path::new(file));
+        if only_if_image_lacks && image_has_file(&rel) {
+            continue;
+        }
+        let opened = sys::open_in_root(host_root.as_fd(), &rel, libc::O_PATH | libc::O_CLOEXEC, 0)
+            .and_then(|fd| {
+                let meta = File::from(fd.try_clone()?).metadata()?;
+                Ok((fd, meta.is_file()))
+            });
+        match opened {
+            Ok((fd, true)) => {
+                binds.push(Bind {
+                    what: format!("the host's {file}"),
+                    source: fd_path(&fd),
+                    target: file.into(),
+                    is_dir: false,
+                    recursive: false,
+                    flags: sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV | sys::MOUNT_ATTR_RDONLY,
+                });
+                held.push(fd);
+            }
+            Ok((_, false)) => tracing::debug!("the host's {file} is not a file: not bound"),
+            Err(e) => tracing::debug!("the host's {file} is not bound: {e}"),
+        }
+    }
+    binds
+}
+
+/// Whether the image (at /lower) has `rel`, following its symlinks as the container would.
+fn image_has_file(rel: &Path) -> bool {
+    let lower = Path::new(LOWER);
+    resolve_in_tree(lower, rel).is_ok_and(|r| fs::metadata(lower.join(r)).is_ok())
 }
 
 /// The container's /dev when some of the host's NVIDIA nodes must not show: a directory on

@@ -88,6 +88,15 @@ pub struct PluginSettings {
     /// for its job (removed by the job epilog; the default) or for every later job of the
     /// user on the node (pyxis' setting of the same name).
     pub container_scope: ContainerScope,
+    /// `writable=yes|no`: whether containers' root filesystems are writable when a step
+    /// does not say (`--container-writable`, `--container-readonly`); default `no`. enroot
+    /// sites usually run writable containers (`ENROOT_ROOTFS_WRITABLE`).
+    pub writable: bool,
+    /// `framework_env=yes|no`: set PyTorch's rendezvous variables (RANK, WORLD_SIZE,
+    /// MASTER_ADDR, …: [`crate::framework_env`]) in every container task; default `yes`.
+    pub framework_env: bool,
+    /// `framework_ports=LOW-HIGH`: where `MASTER_PORT` is chosen from.
+    pub framework_ports: std::ops::RangeInclusive<u16>,
     /// `quiet=yes|no`: steps show no import, unpack or save progress on the user's terminal
     /// unless they ask (default `no`); errors always show.
     pub quiet: bool,
@@ -131,6 +140,9 @@ impl Default for PluginSettings {
             host_libs: Vec::new(),
             nvidia_container_cli: ContainerCli::Auto,
             container_scope: ContainerScope::Job,
+            writable: false,
+            framework_env: true,
+            framework_ports: crate::framework_env::DEFAULT_PORTS,
             quiet: false,
         }
     }
@@ -168,13 +180,16 @@ pub enum SiteError {
         "plugstack.conf argument `host_libs=`: `{0}` is not an absolute path or a library name"
     )]
     HostLib(String),
+    #[error("plugstack.conf argument `framework_ports=`: {0}")]
+    Ports(String),
     #[error("plugstack.conf argument `{key}={value}`: use yes or no")]
     YesNo { key: String, value: String },
 }
 
 const KEYS: &str =
     "ferry_bin, default_mounts, squashfuse, writable_tmpfs_size, log_level, named_dir, \
-registry_ca_file, insecure_registries, rootfs, kernel_squashfs, import_on_submit, gpus, host_libs, nvidia_container_cli, container_scope, quiet";
+registry_ca_file, insecure_registries, rootfs, kernel_squashfs, import_on_submit, gpus, host_libs, nvidia_container_cli, container_scope, writable, \
+framework_env, framework_ports, quiet";
 
 /// Keys that may be repeated, their values adding up.
 const LIST_KEYS: &[&str] = &["default_mounts", "insecure_registries", "host_libs"];
@@ -249,6 +264,12 @@ impl PluginSettings {
                 "import_on_submit" => s.import_on_submit = yes_no(key, value)?,
                 "quiet" => s.quiet = yes_no(key, value)?,
                 "kernel_squashfs" => s.kernel_squashfs = yes_no(key, value)?,
+                "writable" => s.writable = yes_no(key, value)?,
+                "framework_env" => s.framework_env = yes_no(key, value)?,
+                "framework_ports" => {
+                    s.framework_ports = crate::framework_env::parse_port_range(value)
+                        .map_err(|e| SiteError::Ports(e.to_string()))?
+                }
                 "gpus" => {
                     s.gpus = match value {
                         "auto" => GpuDefault::Auto,
@@ -338,6 +359,21 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<PluginSettings, SiteError> {
         PluginSettings::parse(args)
+    }
+
+    #[test]
+    fn framework_settings() {
+        let d = parse(&[]).unwrap();
+        assert!(d.framework_env);
+        assert_eq!(d.framework_ports, crate::framework_env::DEFAULT_PORTS);
+        let s = parse(&["framework_env=no", "framework_ports=40000-40999"]).unwrap();
+        assert!(!s.framework_env);
+        assert_eq!(s.framework_ports, 40000..=40999);
+        let e = parse(&["framework_ports=80"]).unwrap_err().to_string();
+        assert!(
+            e.starts_with("plugstack.conf argument `framework_ports=`: port range `80`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -496,6 +532,12 @@ mod tests {
             parse(&["rootfs=kernel", "kernel_squashfs=no"]),
             Err(SiteError::KernelNotEnabled)
         );
+        assert!(!parse(&[]).unwrap().writable);
+        assert!(parse(&["writable=yes"]).unwrap().writable);
+        assert!(matches!(
+            parse(&["writable=sometimes"]),
+            Err(SiteError::YesNo { .. })
+        ));
         assert_eq!(
             parse(&["kernel_squashfs=maybe"]),
             Err(SiteError::YesNo {

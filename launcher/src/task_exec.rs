@@ -17,11 +17,20 @@
 //! `ferry` runs on the host, before entering the container, because a program run inside
 //! it would have to work with whatever the image has (no shell, another C library, none):
 //! the host's `ferry` needs nothing from the image.
+//!
+//! With `--container-save` the task's `ferry` stays on the host as the command's parent
+//! (passing signals on), and the last of the node's tasks to end saves the container
+//! before it exits: a failed save then fails the task, and with it the step. slurmstepd
+//! takes a task's exit status when it reaps it, before any plugin callback could change it.
 
 use std::ffi::{CString, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 
+use nix::sys::signal::{SigSet, Signal};
+use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use crate::entrypoint::{self, ImageStart};
@@ -46,6 +55,38 @@ pub struct TaskExec {
     /// in front of the task's whole argv.
     #[serde(default)]
     pub argv0: Option<Vec<u8>>,
+    /// Run the image's start command with the task's argv as arguments
+    /// (`--container-entrypoint`); else the task's argv as it is.
+    #[serde(default = "default_true")]
+    pub entrypoint: bool,
+    /// `--container-save`, on the node that saves.
+    #[serde(default)]
+    pub save: Option<SaveAfterTasks>,
+    /// Set for the command's process that a saving task's `ferry` starts: the signals that
+    /// `ferry` blocked to pass them on are unblocked again before the exec.
+    #[serde(default)]
+    pub unblock_signals: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The save that the last of a node's tasks does once its command has ended.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SaveAfterTasks {
+    /// The unpacked container to save, and the image to write.
+    pub rootfs: PathBuf,
+    pub output: PathBuf,
+    /// The container's directory, removed after the save (a container of the step alone).
+    pub remove: Option<PathBuf>,
+    /// A file of the user's (in the container's directory) counting the tasks that ended,
+    /// under an exclusive lock; the one that counts `tasks` saves.
+    pub counter: PathBuf,
+    pub tasks: u32,
+    /// Say on the task's stderr (srun's terminal) when the save starts and ends.
+    #[serde(default)]
+    pub speak: bool,
 }
 
 impl TaskExec {
@@ -78,6 +119,12 @@ fn fail(message: &str) -> ! {
 fn exec_task(value: &std::ffi::OsStr) -> ! {
     let task: TaskExec = serde_json::from_slice(value.as_bytes())
         .unwrap_or_else(|e| fail(&format!("bad {ENV} (set by ferry's Slurm plugin): {e}")));
+    if let Some(save) = &task.save {
+        run_then_save(&task, save)
+    }
+    if task.unblock_signals {
+        let _ = forwarded_signals().thread_unblock();
+    }
     if task.user_fd < 3 || task.mnt_fd < 3 || task.user_fd == task.mnt_fd {
         fail(&format!(
             "bad {ENV}: descriptors {} and {}",
@@ -92,7 +139,7 @@ fn exec_task(value: &std::ffi::OsStr) -> ! {
     drop(namespaces);
 
     let own: Vec<OsString> = std::env::args_os().collect();
-    let argv = entrypoint::command_line(&task.start, &task.task_argv(&own), true);
+    let argv = entrypoint::command_line(&task.start, &task.task_argv(&own), task.entrypoint);
     if argv.is_empty() {
         fail("no command to run");
     }
@@ -118,6 +165,159 @@ fn exec_task(value: &std::ffi::OsStr) -> ! {
     exec_searching(&args, &envp, &search_path)
 }
 
+/// The signals a saving task's `ferry` passes on to the command (those Slurm and a
+/// terminal send a task), and SIGCHLD, which tells it the command ended. slurmstepd's
+/// proctrack/cgroup signals only the task's own process (all but SIGKILL), so they must be
+/// passed on; proctrack/pgid and linuxproc reach the command as well, which then gets them
+/// twice. The command stays in the task's process group, the terminal's with `--pty`.
+fn forwarded_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for sig in [
+        Signal::SIGHUP,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGTERM,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGALRM,
+        Signal::SIGCONT,
+        Signal::SIGTSTP,
+        Signal::SIGCHLD,
+    ] {
+        set.add(sig);
+    }
+    set
+}
+
+/// `--container-save`: start the command as a child (this program again, entering the
+/// container), pass signals on until it ends, count this task as ended, save if it is the
+/// last, and end with the command's status, or 1 when the save failed.
+fn run_then_save(task: &TaskExec, save: &SaveAfterTasks) -> ! {
+    let signals = forwarded_signals();
+    if let Err(e) = signals.thread_block() {
+        fail(&format!("cannot block signals: {e}"));
+    }
+    let command = TaskExec {
+        save: None,
+        unblock_signals: true,
+        ..task.clone()
+    };
+    let text = serde_json::to_string(&command).unwrap_or_else(|e| fail(&e.to_string()));
+    let own: Vec<OsString> = std::env::args_os().collect();
+    // The namespaces' descriptors are inherited (not close-on-exec), as they came.
+    let mut child = std::process::Command::new("/proc/self/exe")
+        .arg0(own.first().cloned().unwrap_or_default())
+        .args(own.iter().skip(1))
+        .env(ENV, text)
+        .spawn()
+        .unwrap_or_else(|e| fail(&format!("cannot start the task's command: {e}")));
+    let pid = Pid::from_raw(child.id() as i32);
+    let mut stopped_by = None;
+    let status = loop {
+        match signals.wait() {
+            Ok(Signal::SIGCHLD) => match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) => {}
+                Err(e) => fail(&format!("cannot wait for the task's command: {e}")),
+            },
+            // The child is ours and not reaped yet: its pid cannot name another process.
+            Ok(sig) => {
+                if matches!(
+                    sig,
+                    Signal::SIGHUP | Signal::SIGINT | Signal::SIGQUIT | Signal::SIGTERM
+                ) {
+                    stopped_by = Some(sig);
+                }
+                let _ = nix::sys::signal::kill(pid, sig);
+            }
+            Err(e) => fail(&format!("cannot wait for signals: {e}")),
+        }
+    };
+    match stopped_by {
+        // A cancelled step (scancel, the time limit, srun interrupted) is not saved: the
+        // user did not mean to keep it, and Slurm kills what is left soon after.
+        Some(sig) => {
+            if std::env::var("SLURM_LOCALID").is_ok_and(|id| id == "0") {
+                eprintln!(
+                    "ferry: error: --container-save: not saved to {}: the step was stopped ({sig})",
+                    save.output.display()
+                );
+            }
+        }
+        None => {
+            if let Err(e) = save_if_last(save) {
+                eprintln!("ferry: error: --container-save: {e}");
+                std::process::exit(status.code().filter(|c| *c != 0).unwrap_or(1));
+            }
+        }
+    }
+    if let Some(sig) = status.signal() {
+        // End the way the command ended, so Slurm reports the signal.
+        let _ = forwarded_signals().thread_unblock();
+        if let Ok(sig) = Signal::try_from(sig) {
+            let _ = nix::sys::signal::raise(sig);
+        }
+        std::process::exit(128 + sig);
+    }
+    std::process::exit(status.code().unwrap_or(1))
+}
+
+/// Count this task as ended; the last one saves. Errors are for the user, one line.
+fn save_if_last(save: &SaveAfterTasks) -> Result<(), String> {
+    use std::io::{Read, Seek, Write};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&save.counter)
+        .map_err(|e| format!("cannot open {}: {e}", save.counter.display()))?;
+    let mut locked = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| format!("cannot lock {}: {e}", save.counter.display()))?;
+    let mut text = String::new();
+    let _ = locked.read_to_string(&mut text);
+    let ended = text.trim().parse::<u32>().unwrap_or(0) + 1;
+    if ended < save.tasks {
+        locked
+            .rewind()
+            .and_then(|()| locked.set_len(0))
+            .and_then(|()| write!(locked, "{ended}"))
+            .map_err(|e| format!("cannot write {}: {e}", save.counter.display()))?;
+        return Ok(());
+    }
+    use crate::image::registry::progress;
+    let started = std::time::Instant::now();
+    if save.speak {
+        eprintln!(
+            "ferry: saving the container to {} on {}",
+            save.output.display(),
+            progress::node_name()
+        );
+    }
+    let saved = crate::named::save(&save.rootfs, &save.output).map_err(|e| e.to_string());
+    if save.speak && saved.is_ok() {
+        let size = std::fs::metadata(&save.output).map_or(0, |m| m.len());
+        eprintln!(
+            "ferry: saved the container to {} in {} ({} squashfs)",
+            save.output.display(),
+            progress::human_duration(started.elapsed().as_secs_f64()),
+            progress::human_bytes(size)
+        );
+    }
+    match &save.remove {
+        Some(dir) => {
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                tracing::warn!("cannot remove {}: {e}", dir.display());
+            }
+        }
+        None => {
+            let _ = std::fs::remove_file(&save.counter);
+        }
+    }
+    saved
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,6 +333,9 @@ mod tests {
             workdir: "/w".into(),
             start: ImageStart::default(),
             argv0: argv0.map(|a| a.as_bytes().to_vec()),
+            entrypoint: true,
+            save: None,
+            unblock_signals: false,
         }
     }
 

@@ -1,5 +1,5 @@
 //! ferry's SPANK plugin: `--container` / pyxis' `--container-*` options for srun, sbatch and
-//! salloc, and the per-node container of each step (see DESIGN.md, "The step, on each node").
+//! salloc, and the per-node container of each step (see docs/design.md, "How it works").
 //!
 //! Install as `spank_ferry.so` and add to plugstack.conf:
 //!
@@ -304,6 +304,8 @@ pub extern "C" fn slurm_spank_init_post_opt(
                             ))
                         }
                         Ok(settings) => {
+                            local::check_named_only(r, settings, context)?;
+                            local::note_read_only_remap_root(r, settings);
                             local::pin_tag(r, settings);
                             let quiet = own.quiet || inherited.quiet;
                             local::import_now(r, settings, quiet)?;
@@ -385,7 +387,7 @@ pub extern "C" fn slurm_spank_task_exit(
 ) -> c_int {
     guard("task_exit", |plugin, _| {
         if let Some(step) = plugin.step.as_mut() {
-            remote::task_exit(step, plugin.settings.as_ref().ok());
+            remote::task_exit(step);
         }
         Ok(())
     })

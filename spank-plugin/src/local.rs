@@ -88,19 +88,23 @@ fn multi_prog_in(args: &[OsString], slurm_version: u32) -> bool {
         .any(|o| matches!(&o.name, srun_args::OptName::Long(n) if n == "multi-prog"))
 }
 
-/// `--container-entrypoint` changes the task's argv, which before Slurm 23.11 only works
-/// for the step's one argv, not for the per-task argvs of `--multi-prog` (see
-/// crate::remote::entrypoint_through_ferry): refuse that here, where it is known.
+/// `--container-entrypoint` and `--container-save` change the task's argv, which before
+/// Slurm 23.11 only works for the step's one argv, not for the per-task argvs of
+/// `--multi-prog` (see crate::remote::task_through_ferry): refuse that here, where it is
+/// known. `option` is the option that asks for it, if any.
 fn check_entrypoint_multi_prog(
-    entrypoint: Option<bool>,
+    option: Option<&str>,
     slurm_version: u32,
     multi_prog: impl FnOnce() -> bool,
 ) -> Result<(), String> {
-    if entrypoint == Some(true) && slurm_version < srun_args::version(23, 11) && multi_prog() {
+    let Some(option) = option else {
+        return Ok(());
+    };
+    if slurm_version < srun_args::version(23, 11) && multi_prog() {
         return Err(format!(
-            "--container-entrypoint does not work with --multi-prog on Slurm {}.{:02} (it \
-             needs 23.11 or later): put the entrypoint in front of each command in the \
-             multi-prog file instead",
+            "{option} does not work with --multi-prog on Slurm {}.{:02} (it needs 23.11 or \
+             later): run separate steps, or put the entrypoint in front of each command in \
+             the multi-prog file",
             slurm_version >> 16,
             (slurm_version >> 8) & 0xff
         ));
@@ -120,6 +124,12 @@ pub fn resolve(
         return Err(format!(
             "--{a} and --{b} contradict each other: give one of them"
         ));
+    }
+    if opts.image.as_deref() == Some("") {
+        return Err(
+            "--container-image is empty: give the image, e.g. --container-image=ubuntu:24.04"
+                .into(),
+        );
     }
     let job = inherited
         .request()
@@ -146,32 +156,26 @@ pub fn resolve(
     }
     .filter(|(i, _)| !i.is_empty())
     .or_else(|| env_nonempty(input_var).map(|i| (i, input_var)))
-    .or_else(|| job.as_ref().map(|j| (j.image.clone(), request::ENV_IMAGE)))
+    .or_else(|| {
+        job.as_ref()
+            .and_then(|j| j.image.clone())
+            .map(|i| (i, request::ENV_IMAGE))
+    })
     .or_else(|| env_nonempty("SLURM_CONTAINER").map(|i| (i, "SLURM_CONTAINER")));
 
-    let Some((image, origin)) = image else {
-        if opts.any() {
-            warn!("container options without an image have no effect: add --container=IMAGE");
+    let image = match image {
+        Some((image, origin)) => Some(image_of_request(image, origin, cwd)),
+        // pyxis' reuse of a container by its name alone: the job's named container.
+        None if opts.name.is_some() || job.as_ref().is_some_and(|j| j.name.is_some()) => None,
+        None if opts.any() => {
+            return Err(
+                "container options without an image: add --container-image=IMAGE, or \
+                 --container-name=NAME of a container an earlier step of this job made"
+                    .into(),
+            )
         }
-        return Ok(None);
+        None => return Ok(None),
     };
-    // pyxis' bare registry names (`ubuntu:24.04`, `nvcr.io#nvidia/pytorch:24.05-py3`) mean
-    // registry images, unless such a path exists; they travel in their docker:// form.
-    let image = match ferry::image::reference::ImageRef::parse(&image, cwd) {
-        Ok(ferry::image::reference::ImageRef::Registry(r)) if !request::is_reference(&image) => {
-            debug!("{image} names a registry image: {r}");
-            r.to_string()
-        }
-        _ => image,
-    };
-    // An inherited SLURM_FERRY_CONTAINER_IMAGE is absolute already, against the job's directory.
-    let image = request::absolute_image(&image, cwd);
-    if !request::is_reference(&image) && !Path::new(&image).exists() {
-        // Not an error: node-local paths (sbcast, a node's /tmp) exist only on the nodes,
-        // and the node's error is the one line the user needs when it is missing there too.
-        debug!("image {image} (from {origin}) does not exist on this host; the step will look for it on its nodes");
-    }
-
     let job = job.unwrap_or_default();
     let mounts = match opts.mounts.as_deref() {
         Some(list) => Some(
@@ -195,7 +199,8 @@ pub fn resolve(
     let save = opts
         .save
         .as_deref()
-        .map(|p| request::absolute_image(p, cwd));
+        .map(|p| check_save_target(p, cwd))
+        .transpose()?;
     let rootfs = opts.rootfs.clone().or(job.rootfs);
     if let Some(r) = &rootfs {
         if !ferry::spec::RootfsProvider::NAMES.contains(&r.as_str()) {
@@ -228,13 +233,118 @@ pub fn resolve(
         gpus,
     };
     if context == Context::Local {
-        check_entrypoint_multi_prog(req.entrypoint, slurm_version, || {
-            srun_multi_prog(slurm_version)
-        })?;
+        let option = if req.entrypoint == Some(true) {
+            Some("--container-entrypoint")
+        } else {
+            req.save.as_ref().map(|_| "--container-save")
+        };
+        check_entrypoint_multi_prog(option, slurm_version, || srun_multi_prog(slurm_version))?;
     }
-    info!("container image {} (from {origin})", req.image);
+    match (&req.image, &req.name) {
+        (Some(image), _) => info!("container image {image}"),
+        (None, name) => info!(
+            "the job's container named {}",
+            name.as_deref().unwrap_or("?")
+        ),
+    }
     debug!("request: {req:?}");
     Ok(Some(req))
+}
+
+/// The image of the request as it travels: pyxis' bare registry names (`ubuntu:24.04`,
+/// `nvcr.io#nvidia/pytorch:24.05-py3`) in their docker:// form unless such a path exists,
+/// paths made absolute.
+fn image_of_request(image: String, origin: &str, cwd: &Path) -> String {
+    let image = match ferry::image::reference::ImageRef::parse(&image, cwd) {
+        Ok(ferry::image::reference::ImageRef::Registry(r)) if !request::is_reference(&image) => {
+            debug!("{image} names a registry image: {r}");
+            r.to_string()
+        }
+        _ => image,
+    };
+    // An inherited SLURM_FERRY_CONTAINER_IMAGE is absolute already, against the job's directory.
+    let image = request::absolute_image(&image, cwd);
+    if !request::is_reference(&image) && !Path::new(&image).exists() {
+        // Not an error: node-local paths (sbcast, a node's /tmp) exist only on the nodes,
+        // and the node's error is the one line the user needs when it is missing there too.
+        debug!("image {image} (from {origin}) does not exist on this host; the step will look for it on its nodes");
+    }
+    image
+}
+
+/// `--container-save=PATH` made absolute, refused when it can never be written: a
+/// directory (`/`, `./`, `dir/`, an existing one) or a file in a directory the user cannot
+/// write. A directory that does not exist here is left to the node (a node-local path).
+fn check_save_target(path: &str, cwd: &Path) -> Result<String, String> {
+    if path.is_empty() {
+        return Err(
+            "--container-save is empty: give the image file to write, e.g. \
+                    --container-save=$HOME/NAME.sqsh"
+                .into(),
+        );
+    }
+    let absolute = request::absolute_image(path, cwd);
+    let as_path = Path::new(&absolute);
+    let names_a_directory = path.ends_with('/')
+        || path.ends_with("/.")
+        || path.ends_with("/..")
+        || matches!(path, "." | "..")
+        || as_path.is_dir();
+    if names_a_directory {
+        return Err(format!(
+            "--container-save={path}: that is a directory; give the image file to write, \
+             e.g. --container-save={}/NAME.sqsh",
+            absolute.trim_end_matches('/')
+        ));
+    }
+    if let Some(dir) = as_path.parent().filter(|d| d.is_dir()) {
+        use nix::unistd::{access, AccessFlags};
+        if let Err(e) = access(dir, AccessFlags::W_OK | AccessFlags::X_OK) {
+            return Err(format!(
+                "--container-save={path}: cannot write into {} ({}); give a path in a \
+                 directory of yours",
+                dir.display(),
+                std::io::Error::from_raw_os_error(e as i32)
+            ));
+        }
+    }
+    Ok(absolute)
+}
+
+/// A container name alone names a container an earlier step of the same job made (unless
+/// the site keeps named containers across jobs): an srun that makes its own job has none.
+pub fn check_named_only(
+    req: &StepRequest,
+    settings: &ferry::site::PluginSettings,
+    context: Context,
+) -> Result<(), String> {
+    let (None, Some(name)) = (&req.image, &req.name) else {
+        return Ok(());
+    };
+    let own_job = context == Context::Local && std::env::var_os("SLURM_JOB_ID").is_none();
+    if own_job && settings.container_scope == ferry::site::ContainerScope::Job {
+        return Err(format!(
+            "--container-name={name} without an image: this srun makes a new job, which has no \
+             container of that name yet; add --container-image=IMAGE"
+        ));
+    }
+    Ok(())
+}
+
+/// `--container-remap-root` is how users install packages, which fails on a read-only
+/// root filesystem with errors that do not say why (apt: `setgroups 65534 failed`): say so
+/// in one line, unless the step chose read-only itself (`--container-readonly`).
+pub fn note_read_only_remap_root(req: &StepRequest, settings: &ferry::site::PluginSettings) {
+    // Named and saved containers are writable unless the step says otherwise.
+    let writable = req
+        .writable
+        .unwrap_or(settings.writable || req.name.is_some() || req.save.is_some());
+    if req.remap_root == Some(true) && !writable && req.writable.is_none() {
+        warn!(
+            "--container-remap-root: the container's root filesystem is read-only, so \
+             package installs (apt, dnf, pip) fail; add --container-writable"
+        );
+    }
 }
 
 /// Put `req` (or, for `None`, its absence) into this process's environment, from where Slurm
@@ -280,14 +390,17 @@ pub fn import_now(
     settings: &ferry::site::PluginSettings,
     quiet: bool,
 ) -> Result<(), String> {
-    if !settings.import_on_submit || !request::is_reference(&req.image) {
+    let Some(image) = req.image.as_deref() else {
+        return Ok(());
+    };
+    if !settings.import_on_submit || !request::is_reference(image) {
         return Ok(());
     }
     let started = std::time::Instant::now();
     let mut cmd = std::process::Command::new(&settings.ferry_bin);
     // stderr is the user's: `ferry import` draws its bar there on a terminal, writes plain
     // lines into a file, and says its own one-line error.
-    cmd.args(["import", &req.image])
+    cmd.args(["import", image])
         .env(
             "FERRY_INSECURE_REGISTRIES",
             settings.insecure_registries.join(","),
@@ -304,15 +417,14 @@ pub fn import_now(
         .status()
         .map_err(|e| format!("cannot run {}: {e}", settings.ferry_bin.display()))?;
     if status.code().is_none() {
-        return Err(format!("ferry import {} was stopped ({status})", req.image));
+        return Err(format!("ferry import {image} was stopped ({status})"));
     }
     if !status.success() {
         // Its error line is on the user's terminal already.
         return Err(String::new());
     }
     info!(
-        "imported {} before the start in {:.1} s",
-        req.image,
+        "imported {image} before the start in {:.1} s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
@@ -323,10 +435,13 @@ pub fn import_now(
 /// a registry this host cannot reach (a login node without access) leaves the tag for the
 /// nodes to resolve.
 pub fn pin_tag(req: &mut StepRequest, settings: &ferry::site::PluginSettings) {
-    if !request::is_reference(&req.image) {
+    let Some(text) = req.image.as_deref() else {
+        return;
+    };
+    if !request::is_reference(text) {
         return;
     }
-    let Ok(image) = ferry::image::reference::ImageRef::parse(&req.image, Path::new("/")) else {
+    let Ok(image) = ferry::image::reference::ImageRef::parse(text, Path::new("/")) else {
         return;
     };
     let opts = ferry::image::registry::ClientOptions {
@@ -341,14 +456,13 @@ pub fn pin_tag(req: &mut StepRequest, settings: &ferry::site::PluginSettings) {
     match ferry::import::pin_reference(&image, &opts) {
         Ok(Some(pinned)) => {
             info!(
-                "{} is {pinned} ({:.0} ms)",
-                req.image,
+                "{text} is {pinned} ({:.0} ms)",
                 started.elapsed().as_secs_f64() * 1000.0
             );
-            req.image = pinned;
+            req.image = Some(pinned);
         }
         Ok(None) => {}
-        Err(e) => debug!("not pinning {} here: {e}; the nodes resolve it", req.image),
+        Err(e) => debug!("not pinning {text} here: {e}; the nodes resolve it"),
     }
 }
 
@@ -358,6 +472,20 @@ mod tests {
 
     fn os(v: &[&str]) -> Vec<OsString> {
         v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn save_targets_that_name_a_directory_are_refused() {
+        let cwd = Path::new("/nonexistent-cwd");
+        for bad in ["/", "./", "/tmp/", "/tmp", "dir/", ".", "..", "x/.", ""] {
+            assert!(check_save_target(bad, cwd).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            check_save_target("out.sqsh", cwd).unwrap(),
+            "/nonexistent-cwd/out.sqsh"
+        );
+        // A directory that does not exist here may exist on the node.
+        assert!(check_save_target("/nonexistent-dir/out.sqsh", cwd).is_ok());
     }
 
     #[test]
@@ -372,11 +500,13 @@ mod tests {
     fn entrypoint_with_multi_prog_is_refused_before_slurm_23_11_only() {
         let old = srun_args::version(22, 5);
         let new = srun_args::version(24, 11);
-        let e = check_entrypoint_multi_prog(Some(true), old, || true).unwrap_err();
+        let e =
+            check_entrypoint_multi_prog(Some("--container-entrypoint"), old, || true).unwrap_err();
         assert!(e.contains("on Slurm 22.05"), "{e}");
-        assert!(check_entrypoint_multi_prog(Some(true), new, || true).is_ok());
-        assert!(check_entrypoint_multi_prog(Some(true), old, || false).is_ok());
-        assert!(check_entrypoint_multi_prog(Some(false), old, || true).is_ok());
+        let opt = Some("--container-save");
+        assert!(check_entrypoint_multi_prog(opt, old, || true).is_err());
+        assert!(check_entrypoint_multi_prog(opt, new, || true).is_ok());
+        assert!(check_entrypoint_multi_prog(opt, old, || false).is_ok());
         assert!(check_entrypoint_multi_prog(None, old, || true).is_ok());
     }
 }

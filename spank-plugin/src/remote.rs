@@ -1,5 +1,6 @@
 //! Remote context (slurmstepd, one per step per node): the step's container, following
-//! "The step, on each node" in DESIGN.md.
+//! docs/design.md, "How it works" (first intended in ../shared/DESIGN.md, "The step, on
+//! each node").
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -51,6 +52,11 @@ pub struct Step {
     /// (see [`task_init`]).
     pub ferry_bin: Option<PathBuf>,
     pub tasks_exited: u32,
+    /// `--container-save` on this node: what the tasks' `ferry` saves after the last task.
+    pub save_after_tasks: Option<ferry::task_exec::SaveAfterTasks>,
+    /// Where MASTER_PORT comes from, when the site sets the frameworks' variables
+    /// (`framework_env=yes`, the default).
+    pub framework_ports: Option<std::ops::RangeInclusive<u16>>,
     /// No progress lines on the user's terminal (asked for, the site's default, or not
     /// the step's node 0: several nodes say it once).
     pub quiet: bool,
@@ -292,7 +298,15 @@ pub fn init_post_opt(
         None => {
             info!(
                 "step {name}: container {} (from {}), {} local task(s), uid {} gid {}",
-                step.request.image, step.origin, step.local_tasks, step.uid, step.gid
+                step.request
+                    .image
+                    .as_deref()
+                    .or(step.request.name.as_deref())
+                    .unwrap_or("?"),
+                step.origin,
+                step.local_tasks,
+                step.uid,
+                step.gid
             );
             debug!("step {name}: request {:?}", step.request);
         }
@@ -309,11 +323,15 @@ fn from_options(
     getenv: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Option<(StepRequest, &'static str)>, String> {
     let (image, origin) = match (&opts.image, getenv("SLURM_CONTAINER")) {
-        (Some(i), _) if !i.is_empty() => (i.clone(), "--container-image"),
-        (_, Some(i)) if !i.is_empty() => (i, "SLURM_CONTAINER"),
+        (Some(i), _) if !i.is_empty() => (Some(i.clone()), "--container-image"),
+        (_, Some(i)) if !i.is_empty() => (Some(i), "SLURM_CONTAINER"),
+        _ if opts.name.is_some() => (None, "--container-name"),
         _ => return Ok(None),
     };
-    if !request::is_reference(&image) && !image.starts_with('/') {
+    if let Some(image) = image
+        .as_deref()
+        .filter(|i| !request::is_reference(i) && !i.starts_with('/'))
+    {
         return Err(format!(
             "image `{image}` (from {origin}) is a relative path, and srun did not pass on its \
              working directory: give an absolute path"
@@ -355,15 +373,17 @@ fn container_spec(
 ) -> Result<ContainerSpec, String> {
     let req = &step.request;
     let user = UserInfo::lookup(step.uid, step.gid, &step.groups).map_err(|e| e.to_string())?;
-    let image = if request::is_reference(&req.image) {
-        import_as_user(step, settings, &user, &req.image)?
-    } else {
-        PathBuf::from(&req.image)
+    let image = match req.image.as_deref() {
+        Some(reference) if request::is_reference(reference) => {
+            import_as_user(step, settings, &user, reference)?
+        }
+        Some(path) => PathBuf::from(path),
+        None => existing_named_container(step, settings)?,
     };
     let mut spec = ContainerSpec::new(image, user);
     // The holder then prefers the image's WorkingDir to srun's directory.
     spec.entrypoint = req.entrypoint == Some(true);
-    spec.writable = req.writable.unwrap_or(false);
+    spec.writable = req.writable.unwrap_or(settings.writable);
     spec.remap_root = req.remap_root.unwrap_or(false);
     spec.mount_home = req.mount_home.unwrap_or(true);
     spec.mounts = settings.default_mounts.clone();
@@ -429,6 +449,25 @@ fn container_spec(
         spec.writable = req.writable.unwrap_or(true);
     }
     Ok(spec)
+}
+
+/// The unpacked tree of the container named in `step`'s request, for a step that gives
+/// the name alone: it must exist on this node (an earlier step of the job made it here).
+fn existing_named_container(step: &Step, settings: &PluginSettings) -> Result<PathBuf, String> {
+    let name = step.request.name.as_deref().unwrap_or_default();
+    let (_, dir) = unpacked_dir(settings, step);
+    let rootfs = dir.join(ferry::named::ROOTFS);
+    if std::fs::symlink_metadata(&rootfs).is_ok_and(|m| m.is_dir()) {
+        return Ok(rootfs);
+    }
+    let whose = match settings.container_scope {
+        ContainerScope::Job => format!("job {} has", step.job_id),
+        ContainerScope::Global => "you have".into(),
+    };
+    Err(format!(
+        "--container-name={name} without an image: {whose} no container of that name on \
+         this node; make it first with --container-image=IMAGE --container-name={name}"
+    ))
 }
 
 /// The GPUs of the step's container: `--container-gpus` when given, else the site's
@@ -574,6 +613,9 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
     if step.failure.is_some() {
         return;
     }
+    step.framework_ports = settings
+        .framework_env
+        .then(|| settings.framework_ports.clone());
     let spec = match container_spec(spank, step, settings) {
         Ok(spec) => spec,
         Err(e) => {
@@ -600,12 +642,30 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
         step.uid,
         serde_json::to_string(&spec).unwrap_or_else(|e| format!("<{e}>"))
     );
-    if spec.entrypoint {
+    if saves_here(step) {
+        let (_, dir) = unpacked_dir(settings, step);
+        step.save_after_tasks = step.request.save.as_ref().map(|output| {
+            ferry::task_exec::SaveAfterTasks {
+                rootfs: dir.join(ferry::named::ROOTFS),
+                output: PathBuf::from(output),
+                // A container of this step alone goes once saved.
+                remove: step.request.name.is_none().then(|| dir.clone()),
+                counter: dir.join(format!(
+                    ".save-tasks.{}.{}",
+                    step.job_id,
+                    step_name(step.step_id)
+                )),
+                tasks: step.local_tasks,
+                speak: !step.quiet,
+            }
+        });
+    }
+    if spec.entrypoint || saves_here(step) {
         match absolute_program(&settings.ferry_bin) {
             Some(path) => step.ferry_bin = Some(path),
             None => {
                 step.failure = Some(format!(
-                    "--container-entrypoint: cannot find the site's ferry_bin={} (tell your admins)",
+                    "cannot find the site's ferry_bin={} (tell your admins)",
                     settings.ferry_bin.display()
                 ));
                 return;
@@ -640,10 +700,9 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
             }
             step.workdir = Some(holder.ready().workdir.clone());
             step.holder = Some(holder);
-            if let Some(started) = unpacking {
+            if let Some((started, image)) = unpacking {
                 slurm_spank::slurm_spank_log(&format!(
-                    "ferry: unpacked {} in {}",
-                    step.request.image,
+                    "ferry: unpacked {image} in {}",
                     ferry::image::registry::progress::human_duration(
                         started.elapsed().as_secs_f64()
                     )
@@ -655,22 +714,22 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
 }
 
 /// The `unpack` provider's first use of an image on this node takes a while: say so (and
-/// return when it began) unless the step is quiet.
-fn unpack_notice(step: &Step, spec: &ContainerSpec) -> Option<std::time::Instant> {
+/// return when it began, and the image's name) unless the step is quiet.
+fn unpack_notice(step: &Step, spec: &ContainerSpec) -> Option<(std::time::Instant, String)> {
     let RootfsProvider::Unpack { dir, .. } = &spec.rootfs else {
         return None;
     };
     if step.quiet || spec.unpacked.is_some() || !ferry::named::needs_unpack(dir, &spec.image) {
         return None;
     }
+    let image = (step.request.image.clone()).unwrap_or_else(|| spec.image.display().to_string());
     let size = std::fs::metadata(&spec.image).map(|m| m.len()).unwrap_or(0);
     slurm_spank::slurm_spank_log(&format!(
-        "ferry: unpacking {} on {} ({} squashfs; once per node, later steps reuse it)",
-        step.request.image,
+        "ferry: unpacking {image} on {} ({} squashfs; once per node, later steps reuse it)",
         step.node_name.as_deref().unwrap_or("this node"),
         ferry::image::registry::progress::human_bytes(size)
     ));
-    Some(std::time::Instant::now())
+    Some((std::time::Instant::now(), image))
 }
 
 /// `program` as an absolute path: itself when it names a path, else found in slurmstepd's
@@ -684,8 +743,9 @@ fn absolute_program(program: &Path) -> Option<PathBuf> {
 }
 
 /// task_init (each task, in the task's process, already the job user, just before exec):
-/// enter the container, or with `--container-entrypoint` have `ferry` enter it (see
-/// [`entrypoint_through_ferry`]). An error here fails the task with one line on the user's
+/// enter the container, or with `--container-entrypoint` or (on the saving node)
+/// `--container-save` have `ferry` enter it (see
+/// [`task_through_ferry`]). An error here fails the task with one line on the user's
 /// terminal.
 pub fn task_init(
     spank: &SpankHandle,
@@ -700,17 +760,39 @@ pub fn task_init(
     };
     let workdir = step.workdir.clone().unwrap_or_else(|| PathBuf::from("/"));
     set_image_env(spank, step, &holder.ready().env)?;
-    if step.request.entrypoint == Some(true) {
+    set_framework_env(spank, step)?;
+    let entrypoint = step.request.entrypoint == Some(true);
+    let save = step.save_after_tasks.clone();
+    if entrypoint || save.is_some() {
         let ferry_bin = step.ferry_bin.as_deref().ok_or("no ferry program")?;
-        let start = holder.ready().start.clone();
-        return entrypoint_through_ferry(spank, raw, ns, workdir, start, ferry_bin);
+        let how = TaskProgram {
+            workdir,
+            start: holder.ready().start.clone(),
+            entrypoint,
+            save,
+        };
+        return task_through_ferry(spank, raw, ns, how, ferry_bin);
     }
     ferry::join::join(ns, &workdir).map_err(|e| e.to_string())
 }
 
-/// `--container-entrypoint`: make this task exec `ferry` (on the host) in place of its
-/// command, and `ferry` enter the container and exec the image's entrypoint with the
-/// task's argv (ferry::task_exec says why it cannot be done here).
+/// Whether this node saves the container when the step ends (`--container-save`: node 0).
+fn saves_here(step: &Step) -> bool {
+    step.request.save.is_some() && step.node_id == 0
+}
+
+/// What the task's `ferry` does (see [`task_through_ferry`]).
+struct TaskProgram {
+    workdir: PathBuf,
+    start: ferry::entrypoint::ImageStart,
+    entrypoint: bool,
+    save: Option<ferry::task_exec::SaveAfterTasks>,
+}
+
+/// `--container-entrypoint` and `--container-save`: make this task exec `ferry` (on the
+/// host) in place of its command, and `ferry` enter the container and exec the image's
+/// entrypoint with the task's argv, or the argv itself, and save the container after the
+/// node's last task (ferry::task_exec says why neither can be done here).
 ///
 /// How the argv changes (slurmstepd's exec_task, src/slurmd/slurmstepd/task.c, execs
 /// `task->argv` after task_init; argv[0] is made absolute with the PATH of the task's
@@ -721,12 +803,11 @@ pub fn task_init(
 ///   is also the task's (`task->argv = job->argv` in slurmstepd_job.c, except under
 ///   `--multi-prog`). Its length cannot change, so `ferry` takes argv[0]'s place (in this
 ///   forked task process only) and argv[0] travels in the environment.
-fn entrypoint_through_ferry(
+fn task_through_ferry(
     spank: &SpankHandle,
     raw: slurm_spank::spank_sys::spank_t,
     ns: &ferry::join::Namespaces,
-    workdir: PathBuf,
-    start: ferry::entrypoint::ImageStart,
+    how: TaskProgram,
     ferry_bin: &Path,
 ) -> Result<(), String> {
     use std::os::unix::ffi::OsStrExt;
@@ -752,9 +833,12 @@ fn entrypoint_through_ferry(
     let task = ferry::task_exec::TaskExec {
         user_fd,
         mnt_fd,
-        workdir,
-        start,
+        workdir: how.workdir,
+        start: how.start,
         argv0,
+        entrypoint: how.entrypoint,
+        save: how.save,
+        unblock_signals: false,
     };
     let text = serde_json::to_string(&task).map_err(|e| e.to_string())?;
     spank
@@ -767,7 +851,7 @@ fn entrypoint_through_ferry(
             let rc = unsafe { prepend(raw, 1, args.as_ptr()) };
             if rc != slurm_spank::spank_sys::ESPANK_SUCCESS {
                 return Err(format!(
-                    "cannot run the image's entrypoint: spank_prepend_task_argv failed ({rc})"
+                    "cannot run the task through ferry: spank_prepend_task_argv failed ({rc})"
                 ));
             }
         }
@@ -800,17 +884,43 @@ fn set_image_env(spank: &SpankHandle, step: &Step, env: &[(String, String)]) -> 
     Ok(())
 }
 
+/// What distributed-training frameworks read to find their peers (RANK, WORLD_SIZE,
+/// MASTER_ADDR, MASTER_PORT…: [`ferry::framework_env`]), from the task's Slurm variables.
+/// A value the task already has (the user's, or the image's) wins.
+fn set_framework_env(spank: &SpankHandle, step: &Step) -> Result<(), String> {
+    let Some(ports) = &step.framework_ports else {
+        return Ok(());
+    };
+    let getenv = |name: &str| spank.getenv(name).ok().flatten();
+    let task = match ferry::framework_env::SlurmTask::from_vars(getenv) {
+        Ok(Some(task)) => task,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            // Not ferry's to fail a step over: the frameworks' variables are a convenience.
+            warn!(
+                "step {}.{}: no framework variables: {e}",
+                step.job_id,
+                step_name(step.step_id)
+            );
+            return Ok(());
+        }
+    };
+    for (name, value) in task.variables(ports) {
+        if getenv(name).is_none() {
+            spank
+                .setenv(name, &value, false)
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
 /// task_exit (slurmstepd, once per task as it is reaped): after the last local task, stop
 /// the holder, before Slurm waits for the step's processes to go.
-pub fn task_exit(step: &mut Step, settings: Option<&PluginSettings>) {
+pub fn task_exit(step: &mut Step) {
     step.tasks_exited += 1;
     if step.tasks_exited < step.local_tasks {
         return;
-    }
-    if let Some(settings) = settings {
-        if step.node_id == 0 {
-            save_container(step, settings);
-        }
     }
     stop_holder(step, "the step's last task exited");
 }
@@ -818,48 +928,6 @@ pub fn task_exit(step: &mut Step, settings: Option<&PluginSettings>) {
 /// exit (slurmstepd, at the end): make sure nothing is left, also for failed steps.
 pub fn exit(step: &mut Step) {
     stop_holder(step, "the step ends");
-}
-
-/// `--container-save`: squash the container's root filesystem to the requested path, as
-/// the user (so the path is checked with the user's rights), before the holder stops.
-fn save_container(step: &Step, settings: &PluginSettings) {
-    let (Some(output), Some(_)) = (&step.request.save, &step.holder) else {
-        return;
-    };
-    let (_, dir) = unpacked_dir(settings, step);
-    let rootfs = dir.join(ferry::named::ROOTFS);
-    let mut args = vec!["save".as_ref(), rootfs.as_os_str(), output.as_ref()];
-    if step.request.name.is_none() {
-        // This step's own copy: gone after the save.
-        args.extend(["--remove".as_ref(), dir.as_os_str()]);
-    }
-    let started = std::time::Instant::now();
-    if !step.quiet {
-        slurm_spank::slurm_spank_log(&format!(
-            "ferry: saving the container to {output} on {}",
-            step.node_name.as_deref().unwrap_or("this node")
-        ));
-    }
-    match run_ferry_as_user(step, settings, &args, &[]) {
-        Ok(_) => {
-            let took = started.elapsed().as_secs_f64();
-            info!(
-                "step {}.{}: saved the container to {output} in {took:.1} s",
-                step.job_id,
-                step_name(step.step_id),
-            );
-            if !step.quiet {
-                let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
-                slurm_spank::slurm_spank_log(&format!(
-                    "ferry: saved the container to {output} in {} ({} squashfs)",
-                    ferry::image::registry::progress::human_duration(took),
-                    ferry::image::registry::progress::human_bytes(size)
-                ));
-            }
-        }
-        // slurmstepd forwards its errors to srun's terminal while the step lasts.
-        Err(e) => error!("--container-save: {e}"),
-    }
 }
 
 fn stop_holder(step: &mut Step, why: &str) {

@@ -61,7 +61,9 @@ pub const ALL_ENV: &[&str] = &[
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StepRequest {
-    pub image: String,
+    /// `None`: the job's container named `name`, made by an earlier step (pyxis' reuse of a
+    /// container by its name alone).
+    pub image: Option<String>,
     pub mounts: Option<String>,
     pub workdir: Option<String>,
     pub env_names: Option<String>,
@@ -92,7 +94,7 @@ impl StepRequest {
     /// The variables to set (`Some`) and to unset (`None`).
     pub fn to_env(&self) -> Vec<(&'static str, Option<String>)> {
         vec![
-            (ENV_IMAGE, Some(self.image.clone())),
+            (ENV_IMAGE, self.image.clone()),
             (ENV_MOUNTS, self.mounts.clone()),
             (ENV_WORKDIR, self.workdir.clone()),
             (ENV_ENV, self.env_names.clone()),
@@ -107,13 +109,14 @@ impl StepRequest {
         ]
     }
 
-    /// The request in an environment, read through `get`; `None` without an image.
+    /// The request in an environment, read through `get`; `None` without an image or a
+    /// container name.
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Option<StepRequest>, String> {
-        let image = match get(ENV_IMAGE) {
-            Some(i) if !i.is_empty() => i,
-            _ => return Ok(None),
-        };
-        let text = |name| get(name).filter(|v| !v.is_empty());
+        let text = |name| get(name).filter(|v: &String| !v.is_empty());
+        let image = text(ENV_IMAGE);
+        if image.is_none() && text(ENV_NAME).is_none() {
+            return Ok(None);
+        }
         Ok(Some(StepRequest {
             image,
             mounts: text(ENV_MOUNTS),
@@ -180,9 +183,15 @@ pub fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// Check a `--container-env` list of variable names.
+/// Check a `--container-env` list of variable names; an empty name (`--container-env=`,
+/// `FOO,`) is refused like pyxis does, as it is most likely a typo.
 pub fn check_env_names(list: &str) -> Result<(), String> {
-    for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    for name in list.split(',').map(str::trim) {
+        if name.is_empty() {
+            return Err(format!(
+                "--container-env={list}: a variable name is empty (write NAME[,NAME...])"
+            ));
+        }
         if !ferry::env::is_valid_name(name) {
             return Err(format!(
                 "--container-env: `{name}` is not a variable name (write NAME[,NAME...])"
@@ -190,4 +199,35 @@ pub fn check_env_names(list: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn a_name_alone_travels_without_an_image() {
+        let req = StepRequest {
+            name: Some("work".into()),
+            ..StepRequest::default()
+        };
+        let env: HashMap<&str, String> = req
+            .to_env()
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect();
+        assert!(!env.contains_key(ENV_IMAGE));
+        let back = StepRequest::from_env(|n| env.get(n).cloned()).unwrap();
+        assert_eq!(back, Some(req));
+        assert_eq!(StepRequest::from_env(|_| None).unwrap(), None);
+    }
+
+    #[test]
+    fn empty_variable_names_are_refused() {
+        assert!(check_env_names("PATH,LD_LIBRARY_PATH").is_ok());
+        for bad in ["", "FOO,", ",FOO", "FOO,,BAR", "1X"] {
+            assert!(check_env_names(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -797,3 +797,73 @@ pub fn cache_contents(dir: &str) -> Vec<String> {
     out.sort();
     out
 }
+
+/// A variant of the debian test image: `script` runs (as root: the image has files only
+/// root may read) in a copy of its tree at `DIR/NAME`, which is then squashed into
+/// `DIR/NAME.sqsh`. Returns (squashfs, tree).
+pub fn debian_variant(dir: &UserDir, name: &str, script: &str) -> (String, String) {
+    let d = dir.path.display();
+    let status = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -e; cd {d}; cp -a {} {name}; (cd {name}; {script})\n\
+             mksquashfs {name} {name}.sqsh -all-root -quiet -no-progress -noI -noD -noF -noX >/dev/null",
+            image("debian").display()
+        ))
+        .status_within(COMMAND_LIMIT);
+    assert!(status.success(), "making the debian variant {name} failed");
+    (format!("{d}/{name}.sqsh"), format!("{d}/{name}"))
+}
+
+/// The debian test image as most registry images ship it: an empty `/etc/resolv.conf`, an
+/// empty `/etc/hosts`, and no `/etc/nsswitch.conf`: (`DIR/deb.sqsh`, `DIR/deb`).
+pub fn debian_without_name_service(dir: &UserDir) -> (String, String) {
+    debian_variant(
+        dir,
+        "deb",
+        ": > etc/resolv.conf; : > etc/hosts; rm -f etc/nsswitch.conf",
+    )
+}
+
+/// The debian test image with a mount point for each file of the host's name service
+/// (the test image has no `/etc/hosts`), so that a read-only container of it needs no
+/// overlay: `DIR/debian-etc.sqsh`.
+pub fn debian_with_name_service_files(dir: &UserDir) -> String {
+    debian_variant(
+        dir,
+        "debian-etc",
+        "touch etc/hosts etc/resolv.conf etc/nsswitch.conf",
+    )
+    .0
+}
+
+/// A name that the host's `/etc/hosts` gives an address (other than `localhost`, which
+/// resolvers may answer without the file, when the file has another), and that address.
+pub fn host_only_name() -> (String, String) {
+    let hosts = std::fs::read_to_string("/etc/hosts").expect("the host has /etc/hosts");
+    let entries: Vec<(String, String)> = hosts
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let addr = words.next()?;
+            Some(words.map(move |n| (n.to_string(), addr.to_string())))
+        })
+        .flatten()
+        .collect();
+    entries
+        .iter()
+        .find(|(n, _)| !n.starts_with("localhost") && !n.starts_with("ip6-"))
+        .or_else(|| entries.first())
+        .cloned()
+        .expect("the host's /etc/hosts names a host")
+}
+
+/// A shell line that prints the name service as a program sees it: resolv.conf,
+/// nsswitch.conf, /etc/hosts, and the address `getent hosts NAME` finds.
+pub fn name_service_probe(name: &str) -> String {
+    format!(
+        "cat /etc/resolv.conf; echo --; cat /etc/nsswitch.conf; echo --; cat /etc/hosts; \
+         echo --; getent hosts {name} | cut -d\" \" -f1"
+    )
+}

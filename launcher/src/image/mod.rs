@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod layers;
+pub mod media_type;
 pub mod oci;
 pub mod reference;
 pub mod registry;

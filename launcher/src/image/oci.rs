@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::config::ConfigFile;
+use super::media_type;
 use super::reference::check_digest;
 
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -399,12 +400,7 @@ fn is_manifest(media_type: &str) -> bool {
 }
 
 fn layer_type_ok(media_type: &str) -> bool {
-    let oci = media_type.starts_with("application/vnd.oci.image.layer.v1.tar")
-        || media_type.starts_with("application/vnd.oci.image.layer.nondistributable.v1.tar");
-    let docker = media_type == "application/vnd.docker.image.rootfs.diff.tar.gzip"
-        || media_type == DOCKER_LAYER
-        || media_type == "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
-    (oci || docker) && !media_type.ends_with("+encrypted")
+    media_type::is_layer(media_type) || media_type == media_type::FOREIGN_LAYER
 }
 
 struct Reader<'s> {
@@ -1181,6 +1177,59 @@ pub(crate) mod tests {
             e.to_string().contains("no image tagged 'v2'") && e.to_string().contains("v1"),
             "{e}"
         );
+    }
+
+    /// Every layer type a registry download accepts is read by the importer too: a docker
+    /// layer compressed with zstd (the registry client took it, the importer used to refuse
+    /// it after the whole download).
+    #[test]
+    fn zstd_docker_layers_are_read() {
+        let l = make_layout(&[("hello", b"hi\n")], "v1");
+        let blobs = l.dir.path().join("blobs/sha256");
+        let zstd = ruzstd::encoding::compress_to_vec(
+            &layer_tar(&[("hello", b"zstd\n")])[..],
+            ruzstd::encoding::CompressionLevel::Fastest,
+        );
+        let layer_digest = write_blob(l.dir.path(), &zstd);
+        let manifest = std::fs::read_to_string(blobs.join(&l.manifest_digest[7..])).unwrap();
+        let old_size = std::fs::metadata(blobs.join(&l.layer_digest[7..]))
+            .unwrap()
+            .len();
+        let manifest = manifest
+            .replace(&l.layer_digest, &layer_digest)
+            .replace(
+                &format!("\"size\":{old_size}}}]"),
+                &format!("\"size\":{}}}]", zstd.len()),
+            )
+            .replace(
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+                "application/vnd.docker.image.rootfs.diff.tar.zstd",
+            );
+        let manifest_digest = write_blob(l.dir.path(), manifest.as_bytes());
+        let index = format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{manifest_digest}","size":{}}}]}}"#,
+            manifest.len()
+        );
+        std::fs::write(l.dir.path().join("index.json"), index).unwrap();
+        let img = Image::open_layout(l.dir.path(), None).unwrap();
+        assert_eq!(
+            img.layers[0].media_type,
+            "application/vnd.docker.image.rootfs.diff.tar.zstd"
+        );
+        let mut tar = Vec::new();
+        let mut r = img.layer(0).unwrap();
+        crate::image::layers::decompress(&mut r)
+            .unwrap()
+            .read_to_end(&mut tar)
+            .unwrap();
+        r.finish().unwrap();
+        assert!(
+            tar.windows(5).any(|w| w == b"zstd\n"),
+            "the layer decompressed"
+        );
+        for t in media_type::LAYERS {
+            assert!(layer_type_ok(t), "{t}");
+        }
     }
 
     #[test]

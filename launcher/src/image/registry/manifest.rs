@@ -26,19 +26,6 @@ pub const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
 /// More layers than this is hostile or broken (Docker itself stops at 127; OCI sets no limit).
 const MAX_LAYERS: usize = 1000;
 
-/// Layer media types stored as they come; the importer decompresses them.
-const LAYER_TYPES: &[&str] = &[
-    "application/vnd.oci.image.layer.v1.tar",
-    "application/vnd.oci.image.layer.v1.tar+gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
-    "application/vnd.docker.image.rootfs.diff.tar",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip",
-    "application/vnd.docker.image.rootfs.diff.tar.zstd",
-];
-
 const CONFIG_TYPES: &[&str] = &[
     "application/vnd.oci.image.config.v1+json",
     "application/vnd.docker.container.image.v1+json",
@@ -361,7 +348,7 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Parsed, Manifes
     let mut layers = Vec::with_capacity(raw_layers.len());
     for (i, l) in raw_layers.iter().enumerate() {
         let d = descriptor(l, &format!("layer {i}"))?;
-        if !LAYER_TYPES.contains(&d.media_type.as_str()) {
+        if !crate::image::media_type::is_layer(&d.media_type) {
             return Err(ManifestProblem::Unsupported(format!(
                 "layer {i} of type `{}`",
                 shorten(&d.media_type)
