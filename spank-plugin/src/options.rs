@@ -366,7 +366,7 @@ mod tests {
 
     #[test]
     fn table_is_consistent() {
-        assert_eq!(OPTIONS.len(), 16);
+        assert_eq!(OPTIONS.len(), 17);
         for o in OPTIONS {
             assert_eq!(o.name.last(), Some(&0));
             assert_eq!(o.usage.last(), Some(&0));
@@ -378,6 +378,7 @@ mod tests {
         assert!(table.contains(&("container-image", Arg::Required)));
         assert!(table.contains(&("no-container-mount-home", Arg::No)));
         assert!(table.contains(&("container-name", Arg::Required)));
+        assert!(table.contains(&("container-quiet", Arg::No)));
         assert!(table.contains(&("container-save", Arg::Required)));
         assert!(table.contains(&("container-rootfs", Arg::Required)));
         assert!(table.contains(&("container-gpus", Arg::Required)));
