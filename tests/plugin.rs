@@ -1819,14 +1819,20 @@ fn a_cold_import_shows_progress_on_the_terminal_and_in_a_batch_jobs_output() {
 
     // srun on a real terminal (`script`): what the user sees, stdout and stderr together.
     let (proxy, reference) = slow_cold_image(&dir, &registry, "tty");
-    let srun = format!("srun -n1 --container={reference} echo ran");
+    let srun = format!("srun -n1 --container={reference} sh -c \"echo \\$SLURMD_NODENAME\"");
     let out = slurm(&format!("cd {d} && script -qec '{srun}' /dev/null"));
     let screen = out.ok().replace("\r\n", "\n");
     assert_import_lines(&screen, &reference);
-    assert!(screen.ends_with("ran\n"), "{screen}");
+    // The node, by Slurm's name for it.
+    let node = screen.lines().last().unwrap_or_default();
+    assert!(
+        !node.is_empty()
+            && screen.starts_with(&format!("ferry: importing {reference} on {node} (")),
+        "{screen}"
+    );
     // Warm: nothing but the command's output.
     let out = slurm(&format!("cd {d} && script -qec '{srun}' /dev/null"));
-    assert_eq!(out.ok().replace("\r\n", "\n"), "ran\n");
+    assert_eq!(out.ok().replace("\r\n", "\n"), format!("{node}\n"));
     drop(proxy);
 
     // A batch job: the same lines in its output file, one per update.

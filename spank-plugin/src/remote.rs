@@ -286,7 +286,14 @@ pub fn init_post_opt(
         step.failure
             .get_or_insert(format!("cannot read the step's ids from Slurm: {e}"));
     }
-    step.node_name = getenv("SLURMD_NODENAME");
+    // slurmstepd sets SLURMD_NODENAME only for the tasks; node 0, the only one that speaks,
+    // is the first of the step's nodes.
+    step.node_name = getenv("SLURMD_NODENAME").or_else(|| {
+        (step.node_id == 0)
+            .then(|| getenv("SLURM_STEP_NODELIST").or_else(|| getenv("SLURM_JOB_NODELIST")))
+            .flatten()
+            .and_then(|list| ferry::framework_env::first_host(&list))
+    });
     step.quiet = opts.quiet
         || ferry::image::registry::progress::quiet_requested(
             getenv(ferry::image::registry::progress::QUIET_ENV).as_deref(),
