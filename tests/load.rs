@@ -246,4 +246,12 @@ fn eight_nodes_starting_one_cold_registry_image_fetch_each_blob_once() {
         blob_gets.values().all(|&n| n == 1),
         "each blob fetched once: {blob_gets:?}"
     );
+    // The import is announced by the step's node 0 only, not once per node (node 0 says
+    // nothing when it comes late enough to find the image cached).
+    let announced = out
+        .stderr
+        .lines()
+        .filter(|l| l.ends_with(" to fetch)") || l.contains("ferry: waiting for another import"))
+        .count();
+    assert!(announced <= 1, "{}", out.stderr);
 }

@@ -451,7 +451,10 @@ fn framework_variables_describe_the_step_on_every_node() {
         assert_eq!(w[7], nodes[0], "MASTER_ADDR is the first node: {line}");
         assert_eq!(w[9], nodes[rank / 2], "the task's node: {line}");
         let port: u16 = w[8].parse().unwrap();
-        assert!((29500..=31499).contains(&port), "MASTER_PORT in the default range: {line}");
+        assert!(
+            (29500..=31499).contains(&port),
+            "MASTER_PORT in the default range: {line}"
+        );
         ports.insert(port);
         ranks.insert(rank);
     }

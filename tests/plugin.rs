@@ -539,10 +539,8 @@ fn the_unpack_provider_by_option_and_as_the_site_default() {
         .status_within(COMMAND_LIMIT);
     let n = named.path().display();
     let inode = "srun -n1 --container={busybox} {opt} stat -c %i /bin/busybox";
-    let step_inode = |opt: &str| {
-        let out = slurm(&inode.replace("{busybox}", &busybox).replace("{opt}", opt));
-        out.ok().trim().parse::<u64>().unwrap()
-    };
+    let step_run = |opt: &str| slurm(&inode.replace("{busybox}", &busybox).replace("{opt}", opt));
+    let step_inode = |opt: &str| step_run(opt).ok().trim().parse::<u64>().unwrap();
     let tree_inode = || {
         let trees = dir_entries(&format!("{n}/ferry-{uid}/unpacked"));
         assert_eq!(trees.len(), 1, "{trees:?}");
@@ -555,9 +553,22 @@ fn the_unpack_provider_by_option_and_as_the_site_default() {
     };
 
     plugstack.set_args(&format!("named_dir={n}"));
-    // Asked for by the step: the task sees the unpacked tree itself.
-    let first = step_inode("--container-rootfs=unpack");
+    // Asked for by the step: the task sees the unpacked tree itself. The first use says
+    // that it unpacks and how long it took.
+    let out = step_run("--container-rootfs=unpack");
+    let first = out.ok().trim().parse::<u64>().unwrap();
     assert_eq!(first, tree_inode());
+    let lines = own_lines(&out.stderr);
+    assert!(
+        lines.len() == 2
+            && lines[0].starts_with(&format!("ferry: unpacking {busybox} on "))
+            && lines[1].starts_with(&format!("ferry: unpacked {busybox} in ")),
+        "{lines:#?}"
+    );
+    // Reused: nothing to say.
+    let out = step_run("--container-rootfs=unpack");
+    assert_eq!(out.ok().trim().parse::<u64>().unwrap(), first);
+    assert_eq!(own_lines(&out.stderr), Vec::<&str>::new());
     // The site default is squashfuse: another file system.
     assert_ne!(step_inode(""), first);
     // The site makes unpack the default; a step may still ask for squashfuse.
@@ -781,6 +792,18 @@ fn named_containers_keep_state_across_steps_and_save_makes_an_image() {
         "{}",
         out.stderr
     );
+    // A save says what it does and how long it took.
+    for saved in [format!("{d}/saved.sqsh"), format!("{d}/solo.sqsh")] {
+        let start = format!("ferry: saving the container to {saved} on ");
+        let end = format!("ferry: saved the container to {saved} in ");
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        let at = |p: &str| lines.iter().position(|l| l.starts_with(p));
+        assert!(
+            at(&start).is_some() && at(&end) > at(&start),
+            "{}",
+            out.stderr
+        );
+    }
     // The saved images hold the changes, owned by root as in any image.
     let out = slurm(&format!(
         "srun -n1 --container={d}/saved.sqsh --container-remap-root sh -c 'cat /etc/state; stat -c %u /etc/state'; \
@@ -1598,8 +1621,17 @@ fn a_failed_save_fails_the_step_and_impossible_targets_are_refused_before_it() {
     ));
     assert_eq!(out.stdout, "ran\n");
     assert_eq!(out.code, 1, "{}", out.stderr);
+    // The line saying the save begins, then the error.
     let lines = own_lines(&out.stderr);
-    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "ferry: saving the container to {d}/gone/out.sqsh on "
+        )),
+        "{}",
+        lines[0]
+    );
+    let lines = &lines[1..];
     assert!(
         lines[0].contains("--container-save") && lines[0].contains(&format!("{d}/gone/out.sqsh")),
         "{}",
@@ -1691,7 +1723,10 @@ fn the_sites_writable_default_and_the_read_only_remap_root_line() {
         "srun -n1 --container-image={debian} --container-remap-root sh -c '{apt}'"
     ));
     assert_ne!(out.code, 0);
-    let ours: Vec<&str> = out.stderr.lines().filter(|l| l.contains("ferry")).collect();
+    let ours: Vec<&str> = own_lines(&out.stderr)
+        .into_iter()
+        .filter(|l| l.contains("ferry: "))
+        .collect();
     assert_eq!(ours.len(), 1, "{}", out.stderr);
     assert!(ours[0].contains("--container-writable"), "{}", ours[0]);
     // Chosen read-only: no line.
@@ -1734,7 +1769,10 @@ fn framework_variables_are_set_unless_the_user_or_the_site_says_otherwise() {
     let port = lines[0].rsplit('/').next().unwrap().to_string();
     assert_eq!(lines[0], format!("0/2/0/2/0/{node}/{port}"));
     assert_eq!(lines[1], format!("1/2/1/2/0/{node}/{port}"));
-    assert!((29500..=31499).contains(&port.parse::<u16>().unwrap()), "{port}");
+    assert!(
+        (29500..=31499).contains(&port.parse::<u16>().unwrap()),
+        "{port}"
+    );
     // Without a container, nothing is added.
     let bare = slurm(&format!("srun -n1 {print}"));
     assert_eq!(bare.ok(), "//////\n");
@@ -1751,4 +1789,234 @@ fn framework_variables_are_set_unless_the_user_or_the_site_says_otherwise() {
     plugstack.add_args("framework_env=no");
     let off = slurm(&format!("srun -n1 --container={busybox} {print}"));
     assert_eq!(off.ok(), "//////\n");
+}
+
+// ---- Progress of long waits ------------------------------------------------------------
+
+/// Push `MAKE_CONFIGURED_LAYOUT`'s two-layer image as `ferry/progress-PID-CASE:v1`, with
+/// a config of its own (so no cache holds it), and return its reference through a proxy
+/// that sends every blob slowly (about 6 s each): the import outlasts the progress
+/// interval. The proxy's port is the registry's + 9, which the plugin lists as insecure.
+fn slow_cold_image(dir: &UserDir, registry: &str, case: &str) -> (FaultProxy, String) {
+    let d = dir.path.join(case);
+    std::fs::create_dir(&d).unwrap();
+    Command::new("chown")
+        .arg(format!("{USER}:"))
+        .arg(&d)
+        .status_within(COMMAND_LIMIT);
+    let d = d.display();
+    let repo = format!("ferry/progress-{}-{case}", std::process::id());
+    let layout = MAKE_CONFIGURED_LAYOUT.replace("from-config", &format!("from-config-{case}"));
+    sh(&format!(
+        "cd {d} && {layout}\n skopeo --insecure-policy copy -q --dest-tls-verify=false \
+         oci:{d}/layout:v1 docker://{registry}/{repo}:v1"
+    ))
+    .ok();
+    let port: u16 = registry.rsplit(':').next().unwrap().parse().unwrap();
+    let proxy = FaultProxy::start_on("slow", -1, "/blobs/", &(port + 9).to_string());
+    let reference = format!("docker://127.0.0.1:{}/{repo}:v1", port + 9);
+    (proxy, reference)
+}
+
+/// The import's lines for `reference` in `text`, in order, checked: the first line, at
+/// least one progress line with bytes, rate and estimate, and the final line.
+fn assert_import_lines(text: &str, reference: &str) {
+    assert!(!text.contains('\r'), "carriage returns in {text:?}");
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("ferry:")).collect();
+    let first = format!("ferry: importing {reference} on ");
+    assert!(
+        lines.first().is_some_and(|l| l.starts_with(&first)
+            && l.ends_with(" to fetch)")
+            && l.contains("(2 layers, ")),
+        "no first line {first:?}: {lines:#?}"
+    );
+    let progress = format!("ferry: importing {reference}: ");
+    assert!(
+        lines.iter().any(|l| l.starts_with(&progress)
+            && l.contains(" of ")
+            && l.contains("/s, ")
+            && (l.contains(" left") || l.contains("no estimate yet"))),
+        "no progress line: {lines:#?}"
+    );
+    let last = format!("ferry: imported {reference} in ");
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.starts_with(&last) && l.ends_with(" squashfs)")),
+        "no final line {last:?}: {lines:#?}"
+    );
+}
+
+#[test]
+fn a_cold_import_shows_progress_on_the_terminal_and_in_a_batch_jobs_output() {
+    let _m = exclusive_machine();
+    let registry = std::env::var("FERRY_TEST_REGISTRY")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .expect("FERRY_TEST_REGISTRY is not set: integration/test starts the test registry");
+    let dir = UserDir::new(USER);
+    let d = dir.path.display().to_string();
+
+    // srun on a real terminal (`script`): what the user sees, stdout and stderr together.
+    let (proxy, reference) = slow_cold_image(&dir, &registry, "tty");
+    let srun = format!("srun -n1 --container={reference} sh -c \"echo \\$SLURMD_NODENAME\"");
+    let out = slurm(&format!("cd {d} && script -qec '{srun}' /dev/null"));
+    let screen = out.ok().replace("\r\n", "\n");
+    assert_import_lines(&screen, &reference);
+    // The node, by Slurm's name for it.
+    let node = screen.lines().last().unwrap_or_default();
+    assert!(
+        !node.is_empty()
+            && screen.starts_with(&format!("ferry: importing {reference} on {node} (")),
+        "{screen}"
+    );
+    // Warm: nothing but the command's output.
+    let out = slurm(&format!("cd {d} && script -qec '{srun}' /dev/null"));
+    assert_eq!(out.ok().replace("\r\n", "\n"), format!("{node}\n"));
+    drop(proxy);
+
+    // A batch job: the same lines in its output file, one per update.
+    let (proxy, reference) = slow_cold_image(&dir, &registry, "batch");
+    slurm(&format!(
+        "cd {d} && sbatch --wait -o {d}/batch.out --wrap 'srun -n1 --container={reference} echo ran'"
+    ))
+    .ok();
+    let text = sh(&format!("cat {d}/batch.out")).ok().to_string();
+    assert_import_lines(&text, &reference);
+    assert!(text.ends_with("ran\n"), "{text}");
+    drop(proxy);
+}
+
+#[test]
+fn ferry_quiet_and_container_quiet_silence_progress_but_not_errors() {
+    let _m = exclusive_machine();
+    let registry = std::env::var("FERRY_TEST_REGISTRY")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .expect("FERRY_TEST_REGISTRY is not set: integration/test starts the test registry");
+    let dir = UserDir::new(USER);
+    let d = dir.path.display().to_string();
+    let (proxy, reference) = slow_cold_image(&dir, &registry, "env");
+    let out = slurm(&format!(
+        "cd {d} && FERRY_QUIET=1 script -qec 'srun -n1 --container={reference} echo ran' /dev/null"
+    ));
+    assert_eq!(out.ok().replace("\r\n", "\n"), "ran\n");
+    drop(proxy);
+    let (proxy, reference) = slow_cold_image(&dir, &registry, "option");
+    let out = slurm(&format!(
+        "cd {d} && script -qec 'srun -n1 --container-quiet --container={reference} echo ran' /dev/null"
+    ));
+    assert_eq!(out.ok().replace("\r\n", "\n"), "ran\n");
+    drop(proxy);
+    // The site's default.
+    let plugstack = Plugstack::open(&cluster());
+    plugstack.add_args("quiet=yes");
+    let (proxy, reference) = slow_cold_image(&dir, &registry, "site");
+    let out = slurm(&format!(
+        "cd {d} && script -qec 'srun -n1 --container={reference} echo ran' /dev/null"
+    ));
+    assert_eq!(out.ok().replace("\r\n", "\n"), "ran\n");
+    drop(plugstack);
+    // Errors still show.
+    let missing = reference.replace(":v1", ":no-such-tag");
+    let out = slurm(&format!(
+        "cd {d} && FERRY_QUIET=1 srun -n1 --container-quiet --container={missing} echo ran"
+    ));
+    assert_ne!(out.code, 0);
+    let lines = own_lines(&out.stderr);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].contains("no such image or tag"), "{}", lines[0]);
+    drop(proxy);
+}
+
+#[test]
+fn a_step_waiting_for_another_steps_import_of_its_image_says_so() {
+    let _m = exclusive_machine();
+    let registry = std::env::var("FERRY_TEST_REGISTRY")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .expect("FERRY_TEST_REGISTRY is not set: integration/test starts the test registry");
+    let dir = UserDir::new(USER);
+    let d = dir.path.display().to_string();
+    let (proxy, reference) = slow_cold_image(&dir, &registry, "wait");
+    let script = format!("cd {d} && srun -n1 --container={reference} echo first");
+    let first = std::thread::spawn(move || slurm(&script));
+    // The first step holds the digest's lock before it asks for a blob.
+    let start = Instant::now();
+    while !proxy
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("/blobs/"))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no blob asked for"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let second = slurm(&format!(
+        "cd {d} && srun -n1 --container={reference} echo second"
+    ));
+    assert_eq!(second.ok(), "second\n", "{}", second.stderr);
+    let lines = own_lines(&second.stderr);
+    assert!(
+        lines.len() == 2
+            && lines[0].starts_with(&format!(
+                "ferry: waiting for another import of {reference} (sha256:"
+            ))
+            && lines[1]
+                == format!(
+                    "ferry: {reference} was imported meanwhile (by another step or node); using it"
+                ),
+        "{lines:#?}"
+    );
+    let first = first.join().unwrap();
+    assert_eq!(first.ok(), "first\n", "{}", first.stderr);
+    assert_import_lines(&first.stderr, &reference);
+    drop(proxy);
+}
+
+#[test]
+fn import_on_submit_draws_a_bar_on_a_terminal_and_writes_lines_elsewhere() {
+    let _m = exclusive_machine();
+    let registry = std::env::var("FERRY_TEST_REGISTRY")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .expect("FERRY_TEST_REGISTRY is not set: integration/test starts the test registry");
+    let dir = UserDir::new(USER);
+    let d = dir.path.display().to_string();
+    let plugstack = Plugstack::open(&cluster());
+    plugstack.add_args("import_on_submit=yes");
+
+    let (proxy, reference) = slow_cold_image(&dir, &registry, "submit-tty");
+    let out = slurm(&format!(
+        "cd {d} && TERM=xterm script -qec 'srun -n1 --container={reference} echo ran' /dev/null"
+    ));
+    let screen = out.ok().to_string();
+    assert!(
+        screen.contains(&format!("ferry: importing {reference} on ")),
+        "{screen:?}"
+    );
+    // indicatif's bar: redrawn in place.
+    assert!(
+        screen.contains(&format!("pulling {reference} [")) && screen.contains("\x1b[2K"),
+        "no bar: {screen:?}"
+    );
+    assert!(
+        screen.contains(&format!("ferry: imported {reference} in ")),
+        "{screen:?}"
+    );
+    // The step finds the image imported: it says nothing.
+    assert!(screen.ends_with("ran\r\n"), "{screen:?}");
+    drop(proxy);
+
+    let (proxy, reference) = slow_cold_image(&dir, &registry, "submit-file");
+    let out = slurm(&format!(
+        "cd {d} && srun -n1 --container={reference} echo ran"
+    ));
+    assert_eq!(out.ok(), "ran\n", "{}", out.stderr);
+    assert_import_lines(&out.stderr, &reference);
+    drop(proxy);
 }

@@ -1097,6 +1097,7 @@ fn a_helper_flooding_its_output_is_stopped_at_the_cap() {
         Duration::from_secs(60),
         Duration::ZERO,
         || None,
+        |_| {},
     )
     .unwrap();
     assert!(

@@ -295,6 +295,11 @@ impl Cache {
         }
     }
 
+    /// Whether another process imports `digest` now (holds its lock to build it).
+    pub fn import_under_way(&self, digest: &str) -> Result<bool, CacheError> {
+        Ok(self.lock(digest, FlockArg::LockSharedNonblock)?.is_none())
+    }
+
     /// Keep `digest` from being collected while the returned lock lives (a running
     /// container). Waits while an import of it is under way.
     pub fn hold(&self, digest: &str) -> Result<DigestLock, CacheError> {

@@ -171,6 +171,7 @@ pub enum HelperEnd {
 /// its stdout and stderr up to `cap` bytes each; every `check_every`, `should_stop` may ask
 /// to stop it (SIGTERM to the group, SIGKILL after `grace`). The output is read until the
 /// helper ends, not until end of file: someone holding its pipes open delays nothing.
+/// `on_stderr` sees each piece of stderr as it comes (progress to pass on).
 pub fn run_capped(
     cmd: &mut Command,
     stdin: Stdio,
@@ -178,6 +179,7 @@ pub fn run_capped(
     check_every: Duration,
     grace: Duration,
     mut should_stop: impl FnMut() -> Option<String>,
+    mut on_stderr: impl FnMut(&[u8]),
 ) -> io::Result<HelperEnd> {
     cmd.stdin(stdin)
         .stdout(Stdio::piped())
@@ -211,7 +213,9 @@ pub fn run_capped(
             Err(e) => return Err(e.into()),
         }
         out.read_available(stdout.as_fd(), cap);
+        let seen = err.bytes.len();
         err.read_available(stderr.as_fd(), cap);
+        on_stderr(&err.bytes[seen..]);
         if out.overflowed || err.overflowed {
             stop_group(group, &pidfd, Duration::ZERO);
             return Ok(HelperEnd::TooMuchOutput { cap });
@@ -219,7 +223,9 @@ pub fn run_capped(
         if pidfd.has_exited() {
             // What it wrote before its end is in the pipes now; read it, then stop.
             out.read_available(stdout.as_fd(), cap);
+            let seen = err.bytes.len();
             err.read_available(stderr.as_fd(), cap);
+            on_stderr(&err.bytes[seen..]);
             if out.overflowed || err.overflowed {
                 stop_group(group, &pidfd, Duration::ZERO);
                 return Ok(HelperEnd::TooMuchOutput { cap });
@@ -272,6 +278,7 @@ mod tests {
             Duration::from_secs(60),
             Duration::ZERO,
             || None,
+            |_| {},
         )
         .unwrap();
         assert!(
@@ -291,6 +298,7 @@ mod tests {
             Duration::from_secs(60),
             Duration::ZERO,
             || None,
+            |_| {},
         )
         .unwrap();
         let HelperEnd::Exited {
@@ -319,6 +327,7 @@ mod tests {
             Duration::from_secs(60),
             Duration::ZERO,
             || None,
+            |_| {},
         )
         .unwrap();
         assert!(matches!(end, HelperEnd::Exited { .. }), "{end:?}");
@@ -336,6 +345,7 @@ mod tests {
             Duration::from_millis(50),
             Duration::from_secs(1),
             || Some("asked".into()),
+            |_| {},
         )
         .unwrap();
         assert!(

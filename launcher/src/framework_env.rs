@@ -147,7 +147,7 @@ fn tasks_on_node(per_node: &str, index: u32) -> Option<u32> {
 
 /// The first host of a Slurm host list: `n[01-04,07],gpu1` gives `n01`; each bracket
 /// contributes its first value, zero padding kept (`rack[2-3]-n[5-6]` gives `rack2-n5`).
-fn first_host(list: &str) -> Option<String> {
+pub fn first_host(list: &str) -> Option<String> {
     let list = list.trim();
     // The first top-level entry: commas inside brackets belong to the ranges.
     let mut depth = 0;

@@ -175,6 +175,18 @@ fn from_registry(
         digest: Some(resolved.manifest_digest.clone()),
         ..remote
     };
+    let speaks = opts.registry.progress.speaks();
+    let label = registry::user_label(&registry_ref(r));
+    let started = std::time::Instant::now();
+    // Only a hint for the user: the lock below decides who imports.
+    let waits = speaks && cache.import_under_way(&resolved.manifest_digest)?;
+    if waits {
+        eprintln!(
+            "ferry: waiting for another import of {label} ({}) on {}",
+            registry::progress::short_digest(&resolved.manifest_digest),
+            registry::progress::node_name()
+        );
+    }
     // The pull happens under the digest's lock: concurrent imports of one image (steps
     // starting together, nodes sharing the cache) download each blob once, the others
     // wait and find the result.
@@ -184,10 +196,22 @@ fn from_registry(
         |area| -> Result<Built, ImportError> {
             let layout = area.path().join("layout");
             client.pull(&pinned, &layout)?;
+            if speaks {
+                eprintln!("ferry: building the squashfs of {label}");
+            }
             let img = Image::open_layout(&layout, None)?;
             build(&img, area.path(), opts)
         },
     )?;
+    if speaks && built {
+        eprintln!(
+            "ferry: imported {label} in {} ({} squashfs)",
+            registry::progress::human_duration(started.elapsed().as_secs_f64()),
+            registry::progress::human_bytes(entry.size)
+        );
+    } else if waits {
+        eprintln!("ferry: {label} was imported meanwhile (by another step or node); using it");
+    }
     Ok(ImportedImage {
         path: cache.image_path(&entry.digest)?,
         entry: Some(entry),

@@ -201,6 +201,7 @@ impl Probe {
                     .take()
                     .map(|_| format!("took longer than {PROBE_TIMEOUT:?}"))
             },
+            |_| {},
         )
         .map_err(|e| failed(format!("cannot run {} probe-image: {e}", program.display())))?;
         match end {

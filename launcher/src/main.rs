@@ -263,7 +263,8 @@ fn env_number(name: &str) -> anyhow::Result<Option<u64>> {
 
 fn import_options() -> anyhow::Result<ImportOptions> {
     let mut opts = ImportOptions {
-        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr())
+            && ferry::image::registry::Progress::auto().speaks(),
         ..ImportOptions::default()
     };
     // A site registry's private CA (the plugin passes the site's registry_ca_file).

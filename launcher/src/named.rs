@@ -159,15 +159,7 @@ pub fn unpack_shared(
         path: image_path.into(),
         detail: e.to_string(),
     })?;
-    let key = format!(
-        "{:x}-{:x}-{:x}-{:x}.{}",
-        meta.dev(),
-        meta.ino(),
-        meta.size(),
-        meta.mtime(),
-        meta.mtime_nsec()
-    );
-    let dir = root.join(key);
+    let dir = root.join(unpack_key(&meta));
     make_private_dir(owned_from, &dir)?;
     // A tree removed by `ferry gc` between the unpack and the shared lock is unpacked again.
     for _ in 0..3 {
@@ -183,6 +175,34 @@ pub fn unpack_shared(
         path: dir,
         detail: "the unpacked tree keeps disappearing (is `ferry gc` running in a loop?)".into(),
     })
+}
+
+/// The directory name of an image's shared unpacked tree: the image file's identity.
+fn unpack_key(meta: &fs::Metadata) -> String {
+    format!(
+        "{:x}-{:x}-{:x}-{:x}.{}",
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec()
+    )
+}
+
+/// Whether [`unpack_shared`] would have to unpack `image_path` under `root` (no complete
+/// tree yet): for telling the user about the wait, not a promise.
+pub fn needs_unpack(root: &Path, image_path: &Path) -> bool {
+    let Ok(file) = File::open(image_path) else {
+        return false;
+    };
+    let squashfs = matches!(
+        crate::image::detect(image_path, &file),
+        Ok(ImageKind::Squashfs { .. })
+    );
+    let tree = file
+        .metadata()
+        .map(|m| root.join(unpack_key(&m)).join(ROOTFS));
+    squashfs && !tree.is_ok_and(|t| fs::symlink_metadata(t).is_ok_and(|m| m.is_dir()))
 }
 
 fn lock_file(dir: &Path, how: nix::fcntl::FlockArg) -> Result<Flock<File>, NamedError> {

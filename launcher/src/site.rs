@@ -97,6 +97,9 @@ pub struct PluginSettings {
     pub framework_env: bool,
     /// `framework_ports=LOW-HIGH`: where `MASTER_PORT` is chosen from.
     pub framework_ports: std::ops::RangeInclusive<u16>,
+    /// `quiet=yes|no`: steps show no import, unpack or save progress on the user's terminal
+    /// unless they ask (default `no`); errors always show.
+    pub quiet: bool,
 }
 
 /// How long named containers live.
@@ -140,6 +143,7 @@ impl Default for PluginSettings {
             writable: false,
             framework_env: true,
             framework_ports: crate::framework_env::DEFAULT_PORTS,
+            quiet: false,
         }
     }
 }
@@ -185,7 +189,7 @@ pub enum SiteError {
 const KEYS: &str =
     "ferry_bin, default_mounts, squashfuse, writable_tmpfs_size, log_level, named_dir, \
 registry_ca_file, insecure_registries, rootfs, kernel_squashfs, import_on_submit, gpus, host_libs, nvidia_container_cli, container_scope, writable, \
-framework_env, framework_ports";
+framework_env, framework_ports, quiet";
 
 /// Keys that may be repeated, their values adding up.
 const LIST_KEYS: &[&str] = &["default_mounts", "insecure_registries", "host_libs"];
@@ -258,6 +262,7 @@ impl PluginSettings {
                 }
                 "registry_ca_file" => s.registry_ca_file = Some(absolute(key, value)?),
                 "import_on_submit" => s.import_on_submit = yes_no(key, value)?,
+                "quiet" => s.quiet = yes_no(key, value)?,
                 "kernel_squashfs" => s.kernel_squashfs = yes_no(key, value)?,
                 "writable" => s.writable = yes_no(key, value)?,
                 "framework_env" => s.framework_env = yes_no(key, value)?,
@@ -365,7 +370,10 @@ mod tests {
         assert!(!s.framework_env);
         assert_eq!(s.framework_ports, 40000..=40999);
         let e = parse(&["framework_ports=80"]).unwrap_err().to_string();
-        assert!(e.starts_with("plugstack.conf argument `framework_ports=`: port range `80`"), "{e}");
+        assert!(
+            e.starts_with("plugstack.conf argument `framework_ports=`: port range `80`"),
+            "{e}"
+        );
     }
 
     #[test]

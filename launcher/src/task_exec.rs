@@ -84,6 +84,9 @@ pub struct SaveAfterTasks {
     /// under an exclusive lock; the one that counts `tasks` saves.
     pub counter: PathBuf,
     pub tasks: u32,
+    /// Say on the task's stderr (srun's terminal) when the save starts and ends.
+    #[serde(default)]
+    pub speak: bool,
 }
 
 impl TaskExec {
@@ -283,7 +286,25 @@ fn save_if_last(save: &SaveAfterTasks) -> Result<(), String> {
             .map_err(|e| format!("cannot write {}: {e}", save.counter.display()))?;
         return Ok(());
     }
+    use crate::image::registry::progress;
+    let started = std::time::Instant::now();
+    if save.speak {
+        eprintln!(
+            "ferry: saving the container to {} on {}",
+            save.output.display(),
+            progress::node_name()
+        );
+    }
     let saved = crate::named::save(&save.rootfs, &save.output).map_err(|e| e.to_string());
+    if save.speak && saved.is_ok() {
+        let size = std::fs::metadata(&save.output).map_or(0, |m| m.len());
+        eprintln!(
+            "ferry: saved the container to {} in {} ({} squashfs)",
+            save.output.display(),
+            progress::human_duration(started.elapsed().as_secs_f64()),
+            progress::human_bytes(size)
+        );
+    }
     match &save.remove {
         Some(dir) => {
             if let Err(e) = std::fs::remove_dir_all(dir) {

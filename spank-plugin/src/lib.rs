@@ -33,6 +33,7 @@ use slurm_spank::{spank_log, Context, LogLevel, OptionCache, SpankHandle};
 mod local;
 mod log;
 mod options;
+mod progress;
 mod remote;
 mod request;
 mod slurm;
@@ -306,7 +307,8 @@ pub extern "C" fn slurm_spank_init_post_opt(
                             local::check_named_only(r, settings, context)?;
                             local::note_read_only_remap_root(r, settings);
                             local::pin_tag(r, settings);
-                            local::import_now(r, settings)?;
+                            let quiet = own.quiet || inherited.quiet;
+                            local::import_now(r, settings, quiet)?;
                         }
                     }
                 }

@@ -385,7 +385,11 @@ pub fn cwd() -> Result<PathBuf, String> {
 /// `import_on_submit=yes`: import the image into the user's cache now, as the user (srun
 /// and sbatch run as the user), showing ferry's progress on the terminal. The nodes then
 /// find it in the cache, when the cache is on a file system they share.
-pub fn import_now(req: &StepRequest, settings: &ferry::site::PluginSettings) -> Result<(), String> {
+pub fn import_now(
+    req: &StepRequest,
+    settings: &ferry::site::PluginSettings,
+    quiet: bool,
+) -> Result<(), String> {
     let Some(image) = req.image.as_deref() else {
         return Ok(());
     };
@@ -394,24 +398,30 @@ pub fn import_now(req: &StepRequest, settings: &ferry::site::PluginSettings) -> 
     }
     let started = std::time::Instant::now();
     let mut cmd = std::process::Command::new(&settings.ferry_bin);
+    // stderr is the user's: `ferry import` draws its bar there on a terminal, writes plain
+    // lines into a file, and says its own one-line error.
     cmd.args(["import", image])
         .env(
             "FERRY_INSECURE_REGISTRIES",
             settings.insecure_registries.join(","),
         )
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
+        .stdout(std::process::Stdio::null());
     if let Some(ca) = &settings.registry_ca_file {
         cmd.env("FERRY_REGISTRY_CA_FILE", ca);
     }
-    let out = cmd
-        .output()
+    if quiet || settings.quiet {
+        cmd.env(ferry::image::registry::progress::QUIET_ENV, "1");
+    }
+    let status = cmd
+        .status()
         .map_err(|e| format!("cannot run {}: {e}", settings.ferry_bin.display()))?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let line = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
-        return Err(line.trim_start_matches("ferry: error: ").to_string());
+    if status.code().is_none() {
+        return Err(format!("ferry import {image} was stopped ({status})"));
+    }
+    if !status.success() {
+        // Its error line is on the user's terminal already.
+        return Err(String::new());
     }
     info!(
         "imported {image} before the start in {:.1} s",

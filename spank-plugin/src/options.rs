@@ -21,6 +21,7 @@ pub enum Key {
     RemapRoot(bool),
     Writable(bool),
     Entrypoint(bool),
+    Quiet,
     Name,
     Save,
     Rootfs,
@@ -166,6 +167,12 @@ pub static OPTIONS: &[OptDef] = &[
          (default)",
         Key::Entrypoint(false)
     ),
+    opt!(
+        "container-quiet",
+        "[ferry] show no progress while the image is imported, unpacked or saved (errors \
+         still show); the same as FERRY_QUIET=1",
+        Key::Quiet
+    ),
 ];
 
 /// The options as [`ferry::srun_args`] needs them to read srun's command line.
@@ -264,6 +271,7 @@ pub struct OptionValues {
     pub remap_root: Option<bool>,
     pub writable: Option<bool>,
     pub entrypoint: Option<bool>,
+    pub quiet: bool,
     pub name: Option<String>,
     pub save: Option<String>,
     pub rootfs: Option<String>,
@@ -296,6 +304,7 @@ impl OptionValues {
             Key::RemapRoot(on) => self.remap_root = self.flag(self.remap_root, on, def),
             Key::Writable(on) => self.writable = self.flag(self.writable, on, def),
             Key::Entrypoint(on) => self.entrypoint = self.flag(self.entrypoint, on, def),
+            Key::Quiet => self.quiet = true,
         }
     }
 
@@ -357,7 +366,7 @@ mod tests {
 
     #[test]
     fn table_is_consistent() {
-        assert_eq!(OPTIONS.len(), 16);
+        assert_eq!(OPTIONS.len(), 17);
         for o in OPTIONS {
             assert_eq!(o.name.last(), Some(&0));
             assert_eq!(o.usage.last(), Some(&0));
@@ -369,6 +378,7 @@ mod tests {
         assert!(table.contains(&("container-image", Arg::Required)));
         assert!(table.contains(&("no-container-mount-home", Arg::No)));
         assert!(table.contains(&("container-name", Arg::Required)));
+        assert!(table.contains(&("container-quiet", Arg::No)));
         assert!(table.contains(&("container-save", Arg::Required)));
         assert!(table.contains(&("container-rootfs", Arg::Required)));
         assert!(table.contains(&("container-gpus", Arg::Required)));

@@ -57,6 +57,11 @@ pub struct Step {
     /// Where MASTER_PORT comes from, when the site sets the frameworks' variables
     /// (`framework_env=yes`, the default).
     pub framework_ports: Option<std::ops::RangeInclusive<u16>>,
+    /// No progress lines on the user's terminal (asked for, the site's default, or not
+    /// the step's node 0: several nodes say it once).
+    pub quiet: bool,
+    /// Slurm's name of this node, for the user's lines.
+    pub node_name: Option<String>,
 }
 
 impl Step {
@@ -88,11 +93,19 @@ fn run_ferry_as_user(
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .envs(env.iter().copied());
+    if let Some(node) = &step.node_name {
+        cmd.env("SLURMD_NODENAME", node);
+    }
+    if step.quiet {
+        cmd.env(ferry::image::registry::progress::QUIET_ENV, "1");
+    }
     ferry::holder::run_as_on_exec(&mut cmd, Some(step.credentials()), false);
     let cannot_run =
         |e: std::io::Error| format!("cannot run {}: {e}", settings.ferry_bin.display());
     // Slurm 22.05 holds a job's termination back until its steps have started, which
     // they have not while user_init runs this: stop it ourselves when the job ends.
+    // Its progress lines go to the user's terminal as they come (node 0 only).
+    let mut progress = crate::progress::ProgressLines::new(!step.quiet);
     let end = ferry::child::run_capped(
         &mut cmd,
         std::process::Stdio::null(),
@@ -100,8 +113,10 @@ fn run_ferry_as_user(
         JOB_CHECK_INTERVAL,
         STOP_GRACE,
         || job_ended(step),
+        |bytes| progress.feed(bytes),
     )
     .map_err(cannot_run)?;
+    progress.finish();
     let what = args[0].to_string_lossy();
     match end {
         ferry::child::HelperEnd::Exited {
@@ -150,6 +165,7 @@ fn job_ended(step: &Step) -> Option<String> {
         Duration::from_secs(30),
         Duration::ZERO,
         || Some("timeout".into()),
+        |_| {},
     )
     .ok()?;
     let ferry::child::HelperEnd::Exited { stdout, .. } = end else {
@@ -241,6 +257,20 @@ pub fn init_post_opt(
         step.failure
             .get_or_insert(format!("cannot read the step's ids from Slurm: {e}"));
     }
+    // slurmstepd sets SLURMD_NODENAME only for the tasks; node 0, the only one that speaks,
+    // is the first of the step's nodes.
+    step.node_name = getenv("SLURMD_NODENAME").or_else(|| {
+        (step.node_id == 0)
+            .then(|| getenv("SLURM_STEP_NODELIST").or_else(|| getenv("SLURM_JOB_NODELIST")))
+            .flatten()
+            .and_then(|list| ferry::framework_env::first_host(&list))
+    });
+    step.quiet = opts.quiet
+        || ferry::image::registry::progress::quiet_requested(
+            getenv(ferry::image::registry::progress::QUIET_ENV).as_deref(),
+        )
+        || settings.as_ref().is_ok_and(|s| s.quiet)
+        || step.node_id != 0;
     match &step.failure {
         Some(e) => error!("step {name}: {e}"),
         None => {
@@ -599,6 +629,7 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
                     step_name(step.step_id)
                 )),
                 tasks: step.local_tasks,
+                speak: !step.quiet,
             }
         });
     }
@@ -637,6 +668,7 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
             k.device()
         );
     }
+    let unpacking = unpack_notice(step, &spec);
     match ferry::holder::prepare_with(&spec, &opts, kernel) {
         Ok(holder) => {
             match ferry::join::Namespaces::of_holder(&holder) {
@@ -645,9 +677,36 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
             }
             step.workdir = Some(holder.ready().workdir.clone());
             step.holder = Some(holder);
+            if let Some((started, image)) = unpacking {
+                slurm_spank::slurm_spank_log(&format!(
+                    "ferry: unpacked {image} in {}",
+                    ferry::image::registry::progress::human_duration(
+                        started.elapsed().as_secs_f64()
+                    )
+                ));
+            }
         }
         Err(e) => step.failure = Some(e.to_string()),
     }
+}
+
+/// The `unpack` provider's first use of an image on this node takes a while: say so (and
+/// return when it began, and the image's name) unless the step is quiet.
+fn unpack_notice(step: &Step, spec: &ContainerSpec) -> Option<(std::time::Instant, String)> {
+    let RootfsProvider::Unpack { dir, .. } = &spec.rootfs else {
+        return None;
+    };
+    if step.quiet || spec.unpacked.is_some() || !ferry::named::needs_unpack(dir, &spec.image) {
+        return None;
+    }
+    let image = (step.request.image.clone()).unwrap_or_else(|| spec.image.display().to_string());
+    let size = std::fs::metadata(&spec.image).map(|m| m.len()).unwrap_or(0);
+    slurm_spank::slurm_spank_log(&format!(
+        "ferry: unpacking {image} on {} ({} squashfs; once per node, later steps reuse it)",
+        step.node_name.as_deref().unwrap_or("this node"),
+        ferry::image::registry::progress::human_bytes(size)
+    ));
+    Some((std::time::Instant::now(), image))
 }
 
 /// `program` as an absolute path: itself when it names a path, else found in slurmstepd's
@@ -815,13 +874,19 @@ fn set_framework_env(spank: &SpankHandle, step: &Step) -> Result<(), String> {
         Ok(None) => return Ok(()),
         Err(e) => {
             // Not ferry's to fail a step over: the frameworks' variables are a convenience.
-            warn!("step {}.{}: no framework variables: {e}", step.job_id, step_name(step.step_id));
+            warn!(
+                "step {}.{}: no framework variables: {e}",
+                step.job_id,
+                step_name(step.step_id)
+            );
             return Ok(());
         }
     };
     for (name, value) in task.variables(ports) {
         if getenv(name).is_none() {
-            spank.setenv(name, &value, false).map_err(|e| e.to_string())?;
+            spank
+                .setenv(name, &value, false)
+                .map_err(|e| e.to_string())?;
         }
     }
     Ok(())

@@ -18,7 +18,7 @@
 mod auth;
 mod layout;
 pub mod manifest;
-mod progress;
+pub mod progress;
 mod tls;
 mod transport;
 
@@ -112,6 +112,16 @@ impl RemoteRef {
             manifest::check_digest(d).map_err(bad)?;
         }
         Ok(())
+    }
+}
+
+/// `docker://registry/repository:tag` as the user wrote it (a pinned digest is left out
+/// where there is a tag: it is long and the user did not write it).
+pub(crate) fn user_label(r: &RemoteRef) -> String {
+    match (&r.tag, &r.digest) {
+        (Some(t), _) => format!("docker://{}/{}:{t}", r.registry, r.repository),
+        (None, Some(d)) => format!("docker://{}/{}@{d}", r.registry, r.repository),
+        (None, None) => format!("docker://{}/{}", r.registry, r.repository),
     }
 }
 
@@ -523,8 +533,17 @@ impl Client {
             progress::human_bytes(total),
             present.len()
         );
-        let meter =
-            progress::Meter::new(self.options.progress, &target.image, total, missing.len());
+        let label = user_label(r);
+        if self.options.progress.speaks() && !missing.is_empty() {
+            eprintln!(
+                "ferry: importing {label} on {} ({} layer{}, {} to fetch)",
+                progress::node_name(),
+                layers.len(),
+                if layers.len() == 1 { "" } else { "s" },
+                progress::human_bytes(total)
+            );
+        }
+        let mut meter = progress::Meter::new(self.options.progress, &label, total, missing.len());
         let fetched_bytes = self.fetch_all(&target, &layout, &missing, &meter)?;
         let reused_blobs = present.len();
         meter.finish();
