@@ -32,7 +32,7 @@ impl ProgressLines {
     }
 
     pub fn feed(&mut self, bytes: &[u8]) {
-        self.feed_to(bytes, |line| slurm_spank::slurm_spank_log(line));
+        self.feed_to(bytes, slurm_spank::slurm_spank_log);
     }
 
     /// A last line without its newline, once the helper has ended.
