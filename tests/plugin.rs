@@ -943,10 +943,7 @@ fn a_registry_image_runs_as_a_step_and_a_missing_tag_is_one_line() {
 #[test]
 fn a_registry_image_brings_its_environment_and_working_directory() {
     let _m = shared_machine();
-    let registry = std::env::var("FERRY_TEST_REGISTRY")
-        .ok()
-        .filter(|r| !r.is_empty())
-        .expect("FERRY_TEST_REGISTRY is not set: integration/test starts the test registry");
+    let registry = test_registry();
     let dir = UserDir::new(USER);
     let d = dir.path.display();
     let repo = format!("ferry/configured-{}", std::process::id());
@@ -971,10 +968,7 @@ fn a_registry_image_brings_its_environment_and_working_directory() {
 #[test]
 fn a_jobs_tag_is_resolved_once_and_bare_registry_names_work() {
     let _m = shared_machine();
-    let registry = std::env::var("FERRY_TEST_REGISTRY")
-        .ok()
-        .filter(|r| !r.is_empty())
-        .expect("FERRY_TEST_REGISTRY is not set: integration/test starts the test registry");
+    let registry = test_registry();
     let dir = UserDir::new(USER);
     let d = dir.path.display();
     let repo = format!("{registry}/ferry/moving-{}", std::process::id());
@@ -1850,10 +1844,7 @@ fn assert_import_lines(text: &str, reference: &str) {
 #[test]
 fn a_cold_import_shows_progress_on_the_terminal_and_in_a_batch_jobs_output() {
     let _m = exclusive_machine();
-    let registry = std::env::var("FERRY_TEST_REGISTRY")
-        .ok()
-        .filter(|r| !r.is_empty())
-        .expect("FERRY_TEST_REGISTRY is not set: integration/test starts the test registry");
+    let registry = test_registry();
     let dir = UserDir::new(USER);
     let d = dir.path.display().to_string();
 
@@ -1890,10 +1881,7 @@ fn a_cold_import_shows_progress_on_the_terminal_and_in_a_batch_jobs_output() {
 #[test]
 fn ferry_quiet_and_container_quiet_silence_progress_but_not_errors() {
     let _m = exclusive_machine();
-    let registry = std::env::var("FERRY_TEST_REGISTRY")
-        .ok()
-        .filter(|r| !r.is_empty())
-        .expect("FERRY_TEST_REGISTRY is not set: integration/test starts the test registry");
+    let registry = test_registry();
     let dir = UserDir::new(USER);
     let d = dir.path.display().to_string();
     let (proxy, reference) = slow_cold_image(&dir, &registry, "env");
@@ -1932,10 +1920,7 @@ fn ferry_quiet_and_container_quiet_silence_progress_but_not_errors() {
 #[test]
 fn a_step_waiting_for_another_steps_import_of_its_image_says_so() {
     let _m = exclusive_machine();
-    let registry = std::env::var("FERRY_TEST_REGISTRY")
-        .ok()
-        .filter(|r| !r.is_empty())
-        .expect("FERRY_TEST_REGISTRY is not set: integration/test starts the test registry");
+    let registry = test_registry();
     let dir = UserDir::new(USER);
     let d = dir.path.display().to_string();
     let (proxy, reference) = slow_cold_image(&dir, &registry, "wait");
@@ -1981,10 +1966,7 @@ fn a_step_waiting_for_another_steps_import_of_its_image_says_so() {
 #[test]
 fn import_on_submit_draws_a_bar_on_a_terminal_and_writes_lines_elsewhere() {
     let _m = exclusive_machine();
-    let registry = std::env::var("FERRY_TEST_REGISTRY")
-        .ok()
-        .filter(|r| !r.is_empty())
-        .expect("FERRY_TEST_REGISTRY is not set: integration/test starts the test registry");
+    let registry = test_registry();
     let dir = UserDir::new(USER);
     let d = dir.path.display().to_string();
     let plugstack = Plugstack::open(&cluster());

@@ -584,6 +584,14 @@ LIST
 pub const LAYERED_DATA: &str =
     "./\n./a 644 a2\n./dir/\n./hard 644 a1\n./link -> a\n./mode 754 m\n./opq/\n./opq/new 644 new\n";
 
+/// The loopback test registry (`HOST:PORT`) that `integration/registry up` started.
+pub fn test_registry() -> String {
+    std::env::var("FERRY_TEST_REGISTRY")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .expect("FERRY_TEST_REGISTRY is not set: integration/test starts the test registry")
+}
+
 /// The stand-in GPUs of `integration/gpu-standin` (or a machine's real ones): checks that
 /// /dev/nvidia0..3 exist and returns the directory holding the `cuda-query` probe, which
 /// tests bind into containers.
