@@ -714,9 +714,9 @@ impl Drop for Sysctl {
     }
 }
 
-fn credentials(user: &str) -> ferry::holder::Credentials {
+fn credentials(user: &str) -> ferry::container::holder::Credentials {
     let uid = uid_of(user);
-    ferry::holder::Credentials {
+    ferry::container::holder::Credentials {
         uid,
         gid: uid,
         groups: vec![],
@@ -724,12 +724,12 @@ fn credentials(user: &str) -> ferry::holder::Credentials {
 }
 
 /// A holder for the busybox image started as root for `user`, as user_init starts it.
-fn holder_as(user: &str) -> ferry::holder::Holder {
+fn holder_as(user: &str) -> ferry::container::holder::Holder {
     let c = credentials(user);
-    let info = ferry::user::UserInfo::lookup(c.uid, c.gid, &[]).unwrap();
-    let mut spec = ferry::spec::ContainerSpec::new(image("busybox.sqsh"), info);
+    let info = ferry::container::user::UserInfo::lookup(c.uid, c.gid, &[]).unwrap();
+    let mut spec = ferry::container::spec::ContainerSpec::new(image("busybox.sqsh"), info);
     spec.mount_home = false;
-    let opts = ferry::holder::PrepareOptions {
+    let opts = ferry::container::holder::PrepareOptions {
         holder_program: ferry_bin(),
         run_as: Some(c),
         die_with_parent: false,
@@ -737,7 +737,7 @@ fn holder_as(user: &str) -> ferry::holder::Holder {
         env: None,
         quiet: true,
     };
-    ferry::holder::prepare(&spec, &opts).expect("the holder starts")
+    ferry::container::holder::prepare(&spec, &opts).expect("the holder starts")
 }
 
 fn is_running(pid: u32) -> bool {
@@ -825,7 +825,10 @@ fn a_holder_whose_pid_went_to_another_process_is_never_signalled() {
         alive,
         "stopping the dead holder killed the process at its pid"
     );
-    assert_eq!(ended.unwrap().early, Some(ferry::holder::EarlyEnd::Killed));
+    assert_eq!(
+        ended.unwrap().early,
+        Some(ferry::container::holder::EarlyEnd::Killed)
+    );
 }
 
 /// A user directory `ferry-UID` in a sticky `named_dir` that its owner exchanges, as fast
@@ -874,7 +877,7 @@ fn the_epilog_never_removes_through_a_swapped_user_directory() {
     std::fs::create_dir_all(victim.join("job4242")).unwrap();
     std::fs::write(victim.join("job4242/precious"), "root's\n").unwrap();
     let uid = uid_of(USER);
-    let own = ferry::user_dir::name(uid);
+    let own = ferry::rootfs::user_dir::name(uid);
     let mut exchanger = Command::new("setpriv")
         .args([
             "--reuid",
@@ -904,7 +907,7 @@ fn the_epilog_never_removes_through_a_swapped_user_directory() {
             started.elapsed() < Duration::from_secs(60),
             "{removed} {refused}"
         );
-        match ferry::user_dir::remove_job(&named, uid, 4242) {
+        match ferry::rootfs::user_dir::remove_job(&named, uid, 4242) {
             Ok(true) => removed += 1,
             Ok(false) => {}
             Err(_) => refused += 1,
@@ -1089,8 +1092,8 @@ fn a_helper_flooding_its_output_is_stopped_at_the_cap() {
     let _m = shared_machine();
     let mut cmd = Command::new("/bin/sh");
     cmd.args(["-c", "cat /dev/zero & cat /dev/zero >&2"]);
-    ferry::holder::run_as_on_exec(&mut cmd, Some(credentials(USER)), false);
-    let end = ferry::child::run_capped(
+    ferry::container::holder::run_as_on_exec(&mut cmd, Some(credentials(USER)), false);
+    let end = ferry::sys::child::run_capped(
         &mut cmd,
         std::process::Stdio::null(),
         1 << 20,
@@ -1101,7 +1104,7 @@ fn a_helper_flooding_its_output_is_stopped_at_the_cap() {
     )
     .unwrap();
     assert!(
-        matches!(end, ferry::child::HelperEnd::TooMuchOutput { cap } if cap == 1 << 20),
+        matches!(end, ferry::sys::child::HelperEnd::TooMuchOutput { cap } if cap == 1 << 20),
         "{end:?}"
     );
     let left = leftovers_after(USER, Duration::from_secs(5));

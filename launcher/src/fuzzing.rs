@@ -17,7 +17,7 @@ use crate::image::oci::Image;
 use crate::image::reference::{ImageRef, RemoteRef};
 use crate::image::registry::manifest;
 use crate::image::{sif, squashfs};
-use crate::mounts::MountSpec;
+use crate::rootfs::mounts::MountSpec;
 
 /// One fuzz target: its name (the corpus directory) and the function.
 pub struct Target {
@@ -107,24 +107,27 @@ pub fn options(data: &[u8]) {
     match which % 6 {
         0 => {
             let args: Vec<&str> = input.split_whitespace().collect();
-            if let Ok(settings) = crate::site::PluginSettings::parse(&args) {
+            if let Ok(settings) = crate::slurm::site::PluginSettings::parse(&args) {
                 let _ = settings.site_settings();
             }
         }
         1 => {
-            let _ = crate::gpu::GpuRequest::parse(&input);
+            let _ = crate::rootfs::gpu::GpuRequest::parse(&input);
         }
         2 => {
-            let _ = crate::cache::parse_size(&input);
+            let _ = crate::store::cache::parse_size(&input);
         }
         3 => {
-            for (name, _) in crate::env::parse_environment_file(&input) {
-                assert!(crate::env::is_valid_name(&name), "{name:?} from {input:?}");
+            for (name, _) in crate::container::env::parse_environment_file(&input) {
+                assert!(
+                    crate::container::env::is_valid_name(&name),
+                    "{name:?} from {input:?}"
+                );
             }
         }
         4 => {
-            let args = crate::srun_args::split_cmdline(rest);
-            let parsed = crate::srun_args::parse(&args, 0x16_05_00, &[]);
+            let args = crate::slurm::srun_args::split_cmdline(rest);
+            let parsed = crate::slurm::srun_args::parse(&args, 0x16_05_00, &[]);
             let _ = parsed.last_value("container");
         }
         _ => {
@@ -253,7 +256,7 @@ pub fn sif_and_squashfs(data: &[u8]) {
         );
     }
     let _ = squashfs::Superblock::parse(data, data.len() as u64, 0);
-    let _ = crate::ldcache::parse(data);
+    let _ = crate::rootfs::ldcache::parse(data);
 }
 
 /// `docker save` archives and OCI archives, and the layers they point to.

@@ -1,32 +1,19 @@
 //! ferry: rootless containers for Slurm job steps.
 //!
 //! The library holds every piece of logic; the `ferry` binary and the SPANK plugin are
-//! thin front ends over [`holder::prepare`] and [`join::join`].
+//! thin front ends over [`container::holder::prepare`] and [`container::join::join`].
+//!
+//! Folders by concept, each depending only on those listed after it:
+//! `container` (a running container's processes and namespaces), `rootfs` (the file tree a
+//! container sees), `store` (the image cache and imports into it), `image` (image formats,
+//! references and registries), `slurm` (what Slurm hands the plugin), `doctor` (node checks)
+//! and `sys` (the operating system seam: raw calls and child processes).
 
-pub mod cache;
-pub mod child;
+pub mod container;
 pub mod doctor;
-pub mod entrypoint;
-pub mod env;
-pub mod framework_env;
 pub mod fuzzing;
-pub mod gpu;
-pub mod holder;
 pub mod image;
-pub mod import;
-pub mod job_state;
-pub mod join;
-pub mod kernel;
-pub mod ldcache;
-pub mod mounts;
-pub mod named;
-pub mod namespace;
 pub mod rootfs;
-pub mod run;
-pub mod site;
-pub mod spec;
-pub mod srun_args;
+pub mod slurm;
+pub mod store;
 pub mod sys;
-pub mod task_exec;
-pub mod user;
-pub mod user_dir;

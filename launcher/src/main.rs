@@ -6,16 +6,16 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use ferry::cache::{format_size, parse_size, Cache};
-use ferry::env::parse_assignment;
-use ferry::holder::PrepareOptions;
+use ferry::container::env::parse_assignment;
+use ferry::container::holder::PrepareOptions;
+use ferry::container::run::{run, EXIT_SETUP_FAILED};
+use ferry::container::spec::{ContainerSpec, RootfsProvider};
+use ferry::container::user::UserInfo;
 use ferry::image::oci::Image;
 use ferry::image::reference::ImageRef;
-use ferry::import::{self, ImportOptions};
-use ferry::mounts::MountSpec;
-use ferry::run::{run, EXIT_SETUP_FAILED};
-use ferry::spec::{ContainerSpec, RootfsProvider};
-use ferry::user::UserInfo;
+use ferry::rootfs::mounts::MountSpec;
+use ferry::store::cache::{format_size, parse_size, Cache};
+use ferry::store::import::{self, ImportOptions};
 
 #[derive(Parser)]
 #[command(
@@ -163,15 +163,15 @@ struct InspectArgs {
 fn main() {
     // A Slurm task's program (`--container-entrypoint`): before anything else, while this
     // process has one thread.
-    ferry::task_exec::run_if_asked();
+    ferry::container::task_exec::run_if_asked();
     init_logging();
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Hold => ferry::holder::hold(),
+        Command::Hold => ferry::container::holder::hold(),
         Command::ProbeImage { path } => report(probe_image(&path)),
         Command::Run(args) => report(run_command(args)),
         Command::Save(args) => {
-            let saved = ferry::named::save(&args.rootfs, &args.output);
+            let saved = ferry::rootfs::unpacked::save(&args.rootfs, &args.output);
             if let Some(dir) = &args.remove {
                 if let Err(e) = std::fs::remove_dir_all(dir) {
                     eprintln!("ferry: warning: cannot remove {}: {e}", dir.display());
@@ -242,7 +242,7 @@ fn clean_up_on_termination() {
     }
     std::thread::spawn(move || {
         if let Ok(sig) = set.wait() {
-            let removed = ferry::cache::remove_live_work_areas();
+            let removed = ferry::store::cache::remove_live_work_areas();
             eprintln!("ferry: error: stopped by {sig}; removed {removed} partial work area(s)");
             std::process::exit(128 + sig as i32);
         }
@@ -293,7 +293,7 @@ fn import_options() -> anyhow::Result<ImportOptions> {
 
 fn probe_image(path: &std::path::Path) -> anyhow::Result<i32> {
     nix::sys::prctl::set_no_new_privs().context("cannot set no_new_privs")?;
-    println!("{}", ferry::kernel::probe_stdin(path)?);
+    println!("{}", ferry::rootfs::kernel::probe_stdin(path)?);
     Ok(0)
 }
 
@@ -317,7 +317,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
         "kernel" => {
             // Only root may mount with the kernel's driver; users get it through the plugin.
             if !nix::unistd::geteuid().is_root() {
-                return Err(ferry::kernel::KernelError::NeedsRoot.into());
+                return Err(ferry::rootfs::kernel::KernelError::NeedsRoot.into());
             }
             RootfsProvider::Kernel
         }
@@ -346,7 +346,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     spec.cwd = Some(cwd.clone());
     if let Some(dir) = &args.keep {
         let dir = cwd.join(dir);
-        spec.unpacked = Some(ferry::spec::UnpackedDir {
+        spec.unpacked = Some(ferry::container::spec::UnpackedDir {
             owned_from: dir.clone(),
             dir,
         });
@@ -362,8 +362,8 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     // No command: run the image as its author meant (Entrypoint + Cmd, in WorkingDir).
     spec.entrypoint = args.entrypoint || args.command.is_empty();
     spec.gpus = match &args.gpus {
-        Some(list) => ferry::gpu::GpuRequest::parse(list).context("--gpus")?,
-        None => ferry::gpu::GpuRequest::from_env(|n| std::env::var(n).ok()),
+        Some(list) => ferry::rootfs::gpu::GpuRequest::parse(list).context("--gpus")?,
+        None => ferry::rootfs::gpu::GpuRequest::from_env(|n| std::env::var(n).ok()),
     };
     let command = args.command;
     let program = std::env::current_exe().context("cannot find the ferry binary itself")?;
@@ -409,7 +409,7 @@ fn import_command(args: ImportArgs) -> anyhow::Result<()> {
 fn images_command(args: CacheArgs) -> anyhow::Result<()> {
     let cache = open_cache(&args)?;
     let refs = cache.refs()?;
-    let now = ferry::cache::now();
+    let now = ferry::store::cache::now();
     let mut rows = vec![[
         "REFERENCE".to_string(),
         "DIGEST".to_string(),
@@ -466,7 +466,7 @@ fn gc_command(args: GcArgs) -> anyhow::Result<()> {
     let cache = open_cache(&args.cache)?;
     let report = cache.gc(args.max_size)?;
     let unpacked = cache.unpack_root(nix::unistd::getuid().as_raw());
-    let (trees, tree_bytes) = ferry::named::remove_unused_unpacked(&unpacked)
+    let (trees, tree_bytes) = ferry::rootfs::unpacked::remove_unused_unpacked(&unpacked)
         .with_context(|| format!("cannot clean {}", unpacked.display()))?;
     if trees > 0 {
         println!(
@@ -493,7 +493,7 @@ fn gc_command(args: GcArgs) -> anyhow::Result<()> {
 fn inspect_command(args: InspectArgs) -> anyhow::Result<()> {
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let cache = open_cache(&args.cache)?;
-    let from_entry = |e: ferry::cache::Entry| {
+    let from_entry = |e: ferry::store::cache::Entry| {
         serde_json::json!({
             "digest": e.digest,
             "cached": true,

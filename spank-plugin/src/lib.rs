@@ -38,7 +38,7 @@ mod remote;
 mod request;
 mod slurm;
 
-use ferry::site;
+use ferry::slurm::site;
 
 use options::OptionCalls;
 use site::PluginSettings;
@@ -375,7 +375,7 @@ pub extern "C" fn slurm_spank_task_init(
             let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
         }
         tracing::debug!("task_init: {e}");
-        ferry::sys::exit_immediately(remote::SETUP_FAILED_EXIT_CODE)
+        ferry::sys::raw::exit_immediately(remote::SETUP_FAILED_EXIT_CODE)
     })
 }
 

@@ -5,7 +5,7 @@
 //! Where the image comes from, first match wins:
 //! 1. this command's own request: `--container-image` (a ferry option) or, in srun,
 //!    srun's own `--container` read from `/proc/self/cmdline` (Slurm owns that option, see
-//!    [`ferry::srun_args`]); giving both with different values is an error;
+//!    [`ferry::slurm::srun_args`]); giving both with different values is an error;
 //! 2. `SRUN_CONTAINER` (srun) / `SBATCH_CONTAINER` (sbatch) / `SALLOC_CONTAINER` (salloc),
 //!    Slurm's input variables for `--container`;
 //! 3. `SLURM_FERRY_CONTAINER_IMAGE` inherited from the enclosing job (set by the sbatch/salloc
@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use ferry::srun_args;
+use ferry::slurm::srun_args;
 use slurm_spank::Context;
 use tracing::{debug, info, warn};
 
@@ -203,16 +203,16 @@ pub fn resolve(
         .transpose()?;
     let rootfs = opts.rootfs.clone().or(job.rootfs);
     if let Some(r) = &rootfs {
-        if !ferry::spec::RootfsProvider::NAMES.contains(&r.as_str()) {
+        if !ferry::container::spec::RootfsProvider::NAMES.contains(&r.as_str()) {
             return Err(format!(
                 "--container-rootfs={r}: unknown provider (known: {})",
-                ferry::spec::RootfsProvider::NAMES.join(", ")
+                ferry::container::spec::RootfsProvider::NAMES.join(", ")
             ));
         }
     }
     let gpus = opts.gpus.clone().or(job.gpus);
     if let Some(g) = &gpus {
-        ferry::gpu::GpuRequest::parse(g).map_err(|e| format!("--container-gpus: {e}"))?;
+        ferry::rootfs::gpu::GpuRequest::parse(g).map_err(|e| format!("--container-gpus: {e}"))?;
     }
     let env_names = opts.env.clone().or(job.env_names);
     if let Some(list) = &env_names {
@@ -315,14 +315,14 @@ fn check_save_target(path: &str, cwd: &Path) -> Result<String, String> {
 /// the site keeps named containers across jobs): an srun that makes its own job has none.
 pub fn check_named_only(
     req: &StepRequest,
-    settings: &ferry::site::PluginSettings,
+    settings: &ferry::slurm::site::PluginSettings,
     context: Context,
 ) -> Result<(), String> {
     let (None, Some(name)) = (&req.image, &req.name) else {
         return Ok(());
     };
     let own_job = context == Context::Local && std::env::var_os("SLURM_JOB_ID").is_none();
-    if own_job && settings.container_scope == ferry::site::ContainerScope::Job {
+    if own_job && settings.container_scope == ferry::slurm::site::ContainerScope::Job {
         return Err(format!(
             "--container-name={name} without an image: this srun makes a new job, which has no \
              container of that name yet; add --container-image=IMAGE"
@@ -334,7 +334,7 @@ pub fn check_named_only(
 /// `--container-remap-root` is how users install packages, which fails on a read-only
 /// root filesystem with errors that do not say why (apt: `setgroups 65534 failed`): say so
 /// in one line, unless the step chose read-only itself (`--container-readonly`).
-pub fn note_read_only_remap_root(req: &StepRequest, settings: &ferry::site::PluginSettings) {
+pub fn note_read_only_remap_root(req: &StepRequest, settings: &ferry::slurm::site::PluginSettings) {
     // Named and saved containers are writable unless the step says otherwise.
     let writable = req
         .writable
@@ -387,7 +387,7 @@ pub fn cwd() -> Result<PathBuf, String> {
 /// find it in the cache, when the cache is on a file system they share.
 pub fn import_now(
     req: &StepRequest,
-    settings: &ferry::site::PluginSettings,
+    settings: &ferry::slurm::site::PluginSettings,
     quiet: bool,
 ) -> Result<(), String> {
     let Some(image) = req.image.as_deref() else {
@@ -434,7 +434,7 @@ pub fn import_now(
 /// and every later step of the job runs the same image even if the tag moves. Best effort:
 /// a registry this host cannot reach (a login node without access) leaves the tag for the
 /// nodes to resolve.
-pub fn pin_tag(req: &mut StepRequest, settings: &ferry::site::PluginSettings) {
+pub fn pin_tag(req: &mut StepRequest, settings: &ferry::slurm::site::PluginSettings) {
     let Some(text) = req.image.as_deref() else {
         return;
     };
@@ -453,7 +453,7 @@ pub fn pin_tag(req: &mut StepRequest, settings: &ferry::site::PluginSettings) {
         ..Default::default()
     };
     let started = std::time::Instant::now();
-    match ferry::import::pin_reference(&image, &opts) {
+    match ferry::store::import::pin_reference(&image, &opts) {
         Ok(Some(pinned)) => {
             info!(
                 "{text} is {pinned} ({:.0} ms)",

@@ -8,7 +8,7 @@
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int};
 
-use ferry::srun_args::Arg;
+use ferry::slurm::srun_args::Arg;
 
 /// What an option sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,7 +175,7 @@ pub static OPTIONS: &[OptDef] = &[
     ),
 ];
 
-/// The options as [`ferry::srun_args`] needs them to read srun's command line.
+/// The options as [`ferry::slurm::srun_args`] needs them to read srun's command line.
 pub fn srun_table() -> Vec<(&'static str, Arg)> {
     OPTIONS
         .iter()

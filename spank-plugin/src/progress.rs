@@ -8,12 +8,12 @@
 //!
 //! The helper runs as the user, who can write anything into its pipe: lines are cut at
 //! [`MAX_LINE`] bytes and control characters are dropped (the whole output, kept for the
-//! error message, is capped by `ferry::child::run_capped`).
+//! error message, is capped by `ferry::sys::child::run_capped`).
 
 /// The longest line passed on; the rest of a longer line is dropped.
 pub const MAX_LINE: usize = 512;
 /// Progress lines cut out of a helper's stderr as it arrives in pieces (from
-/// `ferry::child::run_capped`, which keeps the whole output within its cap): each whole
+/// `ferry::sys::child::run_capped`, which keeps the whole output within its cap): each whole
 /// line that is progress goes to the user's terminal when `speak`.
 pub struct ProgressLines {
     speak: bool,

@@ -5,12 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferry::gpu::GpuRequest;
-use ferry::holder::{Credentials, PrepareOptions};
-use ferry::mounts::MountSpec;
-use ferry::site::{ContainerScope, GpuDefault};
-use ferry::spec::{ContainerSpec, RootfsProvider};
-use ferry::user::UserInfo;
+use ferry::container::holder::{Credentials, PrepareOptions};
+use ferry::container::spec::{ContainerSpec, RootfsProvider};
+use ferry::container::user::UserInfo;
+use ferry::rootfs::gpu::GpuRequest;
+use ferry::rootfs::mounts::MountSpec;
+use ferry::slurm::site::{ContainerScope, GpuDefault};
 use slurm_spank::SpankHandle;
 use tracing::{debug, error, info, trace, warn};
 
@@ -45,15 +45,15 @@ pub struct Step {
     pub failure: Option<String>,
     /// The running holder and its namespaces, opened right after it reported ready (so no
     /// reused pid can stand in for it later).
-    pub holder: Option<ferry::holder::Holder>,
-    pub namespaces: Option<ferry::join::Namespaces>,
+    pub holder: Option<ferry::container::holder::Holder>,
+    pub namespaces: Option<ferry::container::join::Namespaces>,
     pub workdir: Option<PathBuf>,
     /// The `ferry` program by absolute path, for tasks that run the image's entrypoint
     /// (see [`task_init`]).
     pub ferry_bin: Option<PathBuf>,
     pub tasks_exited: u32,
     /// `--container-save` on this node: what the tasks' `ferry` saves after the last task.
-    pub save_after_tasks: Option<ferry::task_exec::SaveAfterTasks>,
+    pub save_after_tasks: Option<ferry::container::task_exec::SaveAfterTasks>,
     /// Where MASTER_PORT comes from, when the site sets the frameworks' variables
     /// (`framework_env=yes`, the default).
     pub framework_ports: Option<std::ops::RangeInclusive<u16>>,
@@ -99,14 +99,14 @@ fn run_ferry_as_user(
     if step.quiet {
         cmd.env(ferry::image::registry::progress::QUIET_ENV, "1");
     }
-    ferry::holder::run_as_on_exec(&mut cmd, Some(step.credentials()), false);
+    ferry::container::holder::run_as_on_exec(&mut cmd, Some(step.credentials()), false);
     let cannot_run =
         |e: std::io::Error| format!("cannot run {}: {e}", settings.ferry_bin.display());
     // Slurm 22.05 holds a job's termination back until its steps have started, which
     // they have not while user_init runs this: stop it ourselves when the job ends.
     // Its progress lines go to the user's terminal as they come (node 0 only).
     let mut progress = crate::progress::ProgressLines::new(!step.quiet);
-    let end = ferry::child::run_capped(
+    let end = ferry::sys::child::run_capped(
         &mut cmd,
         std::process::Stdio::null(),
         MAX_HELPER_OUTPUT,
@@ -119,7 +119,7 @@ fn run_ferry_as_user(
     progress.finish();
     let what = args[0].to_string_lossy();
     match end {
-        ferry::child::HelperEnd::Exited {
+        ferry::sys::child::HelperEnd::Exited {
             status,
             stdout,
             stderr,
@@ -131,10 +131,10 @@ fn run_ferry_as_user(
             }
             Ok(String::from_utf8_lossy(&stdout).into_owned())
         }
-        ferry::child::HelperEnd::Stopped(state) => {
+        ferry::sys::child::HelperEnd::Stopped(state) => {
             Err(format!("the job ended ({state}) while ferry {what} ran"))
         }
-        ferry::child::HelperEnd::TooMuchOutput { cap } => Err(format!(
+        ferry::sys::child::HelperEnd::TooMuchOutput { cap } => Err(format!(
             "ferry {what} wrote more than {cap} bytes to its output: stopped it"
         )),
     }
@@ -156,9 +156,9 @@ fn job_ended(step: &Step) -> Option<String> {
     if let Some(conf) = std::env::var_os("SLURM_CONF") {
         cmd.env("SLURM_CONF", conf);
     }
-    ferry::holder::run_as_on_exec(&mut cmd, Some(step.credentials()), false);
+    ferry::container::holder::run_as_on_exec(&mut cmd, Some(step.credentials()), false);
     // As the user, so read as a helper's output is: capped, not waiting for end of file.
-    let end = ferry::child::run_capped(
+    let end = ferry::sys::child::run_capped(
         &mut cmd,
         std::process::Stdio::null(),
         MAX_HELPER_OUTPUT,
@@ -168,10 +168,10 @@ fn job_ended(step: &Step) -> Option<String> {
         |_| {},
     )
     .ok()?;
-    let ferry::child::HelperEnd::Exited { stdout, .. } = end else {
+    let ferry::sys::child::HelperEnd::Exited { stdout, .. } = end else {
         return None;
     };
-    let state = ferry::job_state::ended_state(&String::from_utf8_lossy(&stdout));
+    let state = ferry::slurm::job_state::ended_state(&String::from_utf8_lossy(&stdout));
     if let Some(s) = &state {
         info!("job {} is {s}: stopping its setup", step.job_id);
     }
@@ -263,7 +263,7 @@ pub fn init_post_opt(
         (step.node_id == 0)
             .then(|| getenv("SLURM_STEP_NODELIST").or_else(|| getenv("SLURM_JOB_NODELIST")))
             .flatten()
-            .and_then(|list| ferry::framework_env::first_host(&list))
+            .and_then(|list| ferry::slurm::framework_env::first_host(&list))
     });
     step.quiet = opts.quiet
         || ferry::image::registry::progress::quiet_requested(
@@ -394,7 +394,9 @@ fn container_spec(
         "squashfuse" => RootfsProvider::Squashfuse,
         // Node-local, per user, kept across jobs (the job epilog removes only jobJOB/).
         "unpack" => {
-            let user_dir = settings.named_dir.join(ferry::user_dir::name(step.uid));
+            let user_dir = settings
+                .named_dir
+                .join(ferry::rootfs::user_dir::name(step.uid));
             RootfsProvider::Unpack {
                 dir: user_dir.join("unpacked"),
                 owned_from: user_dir,
@@ -423,12 +425,12 @@ fn container_spec(
     let unpacks = matches!(spec.rootfs, RootfsProvider::Unpack { .. });
     if unpacks || req.name.is_some() || req.save.is_some() {
         // Root makes the user's directory, so no other user can have taken its name first.
-        ferry::user_dir::ensure(&settings.named_dir, step.uid, step.gid)
+        ferry::rootfs::user_dir::ensure(&settings.named_dir, step.uid, step.gid)
             .map_err(|e| e.to_string())?;
     }
     if req.name.is_some() || req.save.is_some() {
         let (owned_from, dir) = unpacked_dir(settings, step);
-        spec.unpacked = Some(ferry::spec::UnpackedDir { owned_from, dir });
+        spec.unpacked = Some(ferry::container::spec::UnpackedDir { owned_from, dir });
         // Keeping or saving changes is the point of both; --container-readonly still wins.
         spec.writable = req.writable.unwrap_or(true);
     }
@@ -440,7 +442,7 @@ fn container_spec(
 fn existing_named_container(step: &Step, settings: &PluginSettings) -> Result<PathBuf, String> {
     let name = step.request.name.as_deref().unwrap_or_default();
     let (_, dir) = unpacked_dir(settings, step);
-    let rootfs = dir.join(ferry::named::ROOTFS);
+    let rootfs = dir.join(ferry::rootfs::unpacked::ROOTFS);
     if std::fs::symlink_metadata(&rootfs).is_ok_and(|m| m.is_dir()) {
         return Ok(rootfs);
     }
@@ -474,7 +476,9 @@ fn step_gpus(
 /// The user's directory for unpacked containers on this node, and this step's container in
 /// it: the named one, or one for this step alone when it only saves.
 fn unpacked_dir(settings: &PluginSettings, step: &Step) -> (PathBuf, PathBuf) {
-    let user_dir = settings.named_dir.join(ferry::user_dir::name(step.uid));
+    let user_dir = settings
+        .named_dir
+        .join(ferry::rootfs::user_dir::name(step.uid));
     let job_dir = user_dir.join(format!("job{}", step.job_id));
     let dir = match &step.request.name {
         // Outside every job's directory, so no job epilog removes it.
@@ -488,9 +492,9 @@ fn unpacked_dir(settings: &PluginSettings, step: &Step) -> (PathBuf, PathBuf) {
 }
 
 /// job_epilog (each node of the job, as root, at the job's end): remove the job's unpacked
-/// containers, relative to a descriptor of the user's own directory (ferry::user_dir).
+/// containers, relative to a descriptor of the user's own directory (ferry::rootfs::user_dir).
 pub fn remove_job_containers(settings: &PluginSettings, uid: u32, job_id: u32) {
-    match ferry::user_dir::remove_job(&settings.named_dir, uid, job_id) {
+    match ferry::rootfs::user_dir::remove_job(&settings.named_dir, uid, job_id) {
         Ok(true) => info!("removed job {job_id}'s containers of uid {uid}"),
         Ok(false) => {}
         Err(e) => warn!("job {job_id}: {e}"),
@@ -618,8 +622,8 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
     if saves_here(step) {
         let (_, dir) = unpacked_dir(settings, step);
         step.save_after_tasks = step.request.save.as_ref().map(|output| {
-            ferry::task_exec::SaveAfterTasks {
-                rootfs: dir.join(ferry::named::ROOTFS),
+            ferry::container::task_exec::SaveAfterTasks {
+                rootfs: dir.join(ferry::rootfs::unpacked::ROOTFS),
                 output: PathBuf::from(output),
                 // A container of this step alone goes once saved.
                 remove: step.request.name.is_none().then(|| dir.clone()),
@@ -646,13 +650,13 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
         }
     }
     // The `kernel` provider's root part: the image opened as the user (slurmstepd runs this
-    // with the user's effective uid), then loop device and mount as root (ferry::kernel).
+    // with the user's effective uid), then loop device and mount as root (ferry::rootfs::kernel).
     // Its headers are read by `ferry probe-image` as the user, not by slurmstepd.
-    let probe = ferry::kernel::Probe::AsUser {
+    let probe = ferry::rootfs::kernel::Probe::AsUser {
         program: settings.ferry_bin.clone(),
         run_as: step.credentials(),
     };
-    let kernel = match ferry::kernel::mount_for(&spec, &probe) {
+    let kernel = match ferry::rootfs::kernel::mount_for(&spec, &probe) {
         Ok(k) => k,
         Err(e) => {
             info!("step {}.{}: {e}", step.job_id, step_name(step.step_id));
@@ -669,9 +673,9 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
         );
     }
     let unpacking = unpack_notice(step, &spec);
-    match ferry::holder::prepare_with(&spec, &opts, kernel) {
+    match ferry::container::holder::prepare_with(&spec, &opts, kernel) {
         Ok(holder) => {
-            match ferry::join::Namespaces::of_holder(&holder) {
+            match ferry::container::join::Namespaces::of_holder(&holder) {
                 Ok(ns) => step.namespaces = Some(ns),
                 Err(e) => step.failure = Some(e.to_string()),
             }
@@ -696,7 +700,10 @@ fn unpack_notice(step: &Step, spec: &ContainerSpec) -> Option<(std::time::Instan
     let RootfsProvider::Unpack { dir, .. } = &spec.rootfs else {
         return None;
     };
-    if step.quiet || spec.unpacked.is_some() || !ferry::named::needs_unpack(dir, &spec.image) {
+    if step.quiet
+        || spec.unpacked.is_some()
+        || !ferry::rootfs::unpacked::needs_unpack(dir, &spec.image)
+    {
         return None;
     }
     let image = (step.request.image.clone()).unwrap_or_else(|| spec.image.display().to_string());
@@ -750,7 +757,7 @@ pub fn task_init(
         };
         return task_through_ferry(spank, raw, ns, how, ferry_bin);
     }
-    ferry::join::join(ns, &workdir).map_err(|e| e.to_string())
+    ferry::container::join::join(ns, &workdir).map_err(|e| e.to_string())
 }
 
 /// Whether this node saves the container when the step ends (`--container-save`: node 0).
@@ -761,15 +768,15 @@ fn saves_here(step: &Step) -> bool {
 /// What the task's `ferry` does (see [`task_through_ferry`]).
 struct TaskProgram {
     workdir: PathBuf,
-    start: ferry::entrypoint::ImageStart,
+    start: ferry::container::entrypoint::ImageStart,
     entrypoint: bool,
-    save: Option<ferry::task_exec::SaveAfterTasks>,
+    save: Option<ferry::container::task_exec::SaveAfterTasks>,
 }
 
 /// `--container-entrypoint` and `--container-save`: make this task exec `ferry` (on the
 /// host) in place of its command, and `ferry` enter the container and exec the image's
 /// entrypoint with the task's argv, or the argv itself, and save the container after the
-/// node's last task (ferry::task_exec says why neither can be done here).
+/// node's last task (ferry::container::task_exec says why neither can be done here).
 ///
 /// How the argv changes (slurmstepd's exec_task, src/slurmd/slurmstepd/task.c, execs
 /// `task->argv` after task_init; argv[0] is made absolute with the PATH of the task's
@@ -783,7 +790,7 @@ struct TaskProgram {
 fn task_through_ferry(
     spank: &SpankHandle,
     raw: slurm_spank::spank_sys::spank_t,
-    ns: &ferry::join::Namespaces,
+    ns: &ferry::container::join::Namespaces,
     how: TaskProgram,
     ferry_bin: &Path,
 ) -> Result<(), String> {
@@ -807,7 +814,7 @@ fn task_through_ferry(
     let (user_fd, mnt_fd) = ns
         .inheritable_fds()
         .map_err(|e| format!("cannot pass the container's namespaces on: {e}"))?;
-    let task = ferry::task_exec::TaskExec {
+    let task = ferry::container::task_exec::TaskExec {
         user_fd,
         mnt_fd,
         workdir: how.workdir,
@@ -819,7 +826,7 @@ fn task_through_ferry(
     };
     let text = serde_json::to_string(&task).map_err(|e| e.to_string())?;
     spank
-        .setenv(ferry::task_exec::ENV, &text, true)
+        .setenv(ferry::container::task_exec::ENV, &text, true)
         .map_err(|e| e.to_string())?;
     match prepend {
         Some(prepend) => {
@@ -862,14 +869,14 @@ fn set_image_env(spank: &SpankHandle, step: &Step, env: &[(String, String)]) -> 
 }
 
 /// What distributed-training frameworks read to find their peers (RANK, WORLD_SIZE,
-/// MASTER_ADDR, MASTER_PORT…: [`ferry::framework_env`]), from the task's Slurm variables.
+/// MASTER_ADDR, MASTER_PORT…: [`ferry::slurm::framework_env`]), from the task's Slurm variables.
 /// A value the task already has (the user's, or the image's) wins.
 fn set_framework_env(spank: &SpankHandle, step: &Step) -> Result<(), String> {
     let Some(ports) = &step.framework_ports else {
         return Ok(());
     };
     let getenv = |name: &str| spank.getenv(name).ok().flatten();
-    let task = match ferry::framework_env::SlurmTask::from_vars(getenv) {
+    let task = match ferry::slurm::framework_env::SlurmTask::from_vars(getenv) {
         Ok(Some(task)) => task,
         Ok(None) => return Ok(()),
         Err(e) => {

@@ -2,7 +2,7 @@
 //!
 //! Plain data with no launcher types, so that the transport between srun/sbatch and
 //! slurmstepd stays the same when the launcher's API changes; [`crate::remote`] turns it
-//! into a `ferry::spec::ContainerSpec`.
+//! into a `ferry::container::spec::ContainerSpec`.
 //!
 //! Transport: srun/sbatch/salloc (local and allocator context) put the resolved request into
 //! their own process environment with plain `setenv()` — the variables below. Slurm copies
@@ -19,7 +19,7 @@
 
 use std::path::Path;
 
-use ferry::mounts::MountSpec;
+use ferry::rootfs::mounts::MountSpec;
 
 /// The image: an absolute path, or a reference such as `docker://ubuntu:24.04`.
 pub const ENV_IMAGE: &str = "SLURM_FERRY_CONTAINER_IMAGE";
@@ -192,7 +192,7 @@ pub fn check_env_names(list: &str) -> Result<(), String> {
                 "--container-env={list}: a variable name is empty (write NAME[,NAME...])"
             ));
         }
-        if !ferry::env::is_valid_name(name) {
+        if !ferry::container::env::is_valid_name(name) {
             return Err(format!(
                 "--container-env: `{name}` is not a variable name (write NAME[,NAME...])"
             ));

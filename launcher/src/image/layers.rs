@@ -29,7 +29,7 @@ use nix::sys::stat::{fstatat, mkdirat, utimensat, Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{linkat, symlinkat, unlinkat, UnlinkatFlags};
 
-use crate::sys;
+use crate::sys::raw;
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
@@ -229,7 +229,7 @@ fn remove_tree_at(dir: BorrowedFd<'_>, name: &OsStr, depth: usize) -> io::Result
             if depth > MAX_DEPTH + 1 {
                 return Err(io::Error::other("directory tree too deep to remove"));
             }
-            let sub = sys::open_beneath_nofollow(
+            let sub = raw::open_beneath_nofollow(
                 dir,
                 Path::new(name),
                 libc::O_RDONLY | libc::O_DIRECTORY,
@@ -453,7 +453,7 @@ impl Unpacker {
     /// with the tree as root.
     fn ensure_dir(&mut self, rel: &Path) -> Result<OwnedFd, LayerError> {
         let open = |root: BorrowedFd<'_>| {
-            sys::open_in_root(
+            raw::open_in_root(
                 root,
                 Path::new(".").join(rel).as_path(),
                 libc::O_PATH | libc::O_DIRECTORY,
@@ -546,7 +546,7 @@ impl Unpacker {
             )
             .map_err(|e| write_err(path)(errno_io(e)))?,
         }
-        let fd = sys::open_beneath_nofollow(
+        let fd = raw::open_beneath_nofollow(
             parent,
             Path::new(name),
             libc::O_RDONLY | libc::O_DIRECTORY,
@@ -570,7 +570,7 @@ impl Unpacker {
         mtime: u64,
     ) -> Result<(), LayerError> {
         self.replace(parent, name, path)?;
-        let fd = sys::open_beneath_nofollow(
+        let fd = raw::open_beneath_nofollow(
             parent,
             Path::new(name),
             libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
@@ -621,7 +621,7 @@ impl Unpacker {
             path: path.display().to_string(),
             why: "a hardlink to something not unpacked before it",
         };
-        let tparent = sys::open_in_root(
+        let tparent = raw::open_in_root(
             self.root.as_fd(),
             &Path::new(".").join(join(target_parent)),
             libc::O_PATH | libc::O_DIRECTORY,
@@ -660,7 +660,7 @@ impl Unpacker {
         if self.touched.contains(&path) {
             return Ok(());
         }
-        let parent = match sys::open_in_root(
+        let parent = match raw::open_in_root(
             self.root.as_fd(),
             &Path::new(".").join(dir),
             libc::O_PATH | libc::O_DIRECTORY,
@@ -690,7 +690,7 @@ impl Unpacker {
                 remove_tree_at(dir_fd, &child, parts_depth(&path)).map_err(write_err(&path))?;
                 self.forget_tree(&path);
             } else if kind_at(dir_fd, &child).map_err(write_err(&path))? == Some(SFlag::S_IFDIR) {
-                let sub = sys::open_beneath_nofollow(
+                let sub = raw::open_beneath_nofollow(
                     dir_fd,
                     Path::new(&child),
                     libc::O_RDONLY | libc::O_DIRECTORY,
@@ -713,7 +713,7 @@ impl Unpacker {
         let path = join(&parts);
         let parent = self.ensure_dir(&join(parent_parts))?;
         self.replace(parent.as_fd(), name, &path)?;
-        let fd = sys::open_beneath_nofollow(
+        let fd = raw::open_beneath_nofollow(
             parent.as_fd(),
             Path::new(name),
             libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
@@ -732,7 +732,7 @@ impl Unpacker {
 
     /// Read a file of the tree (symlinks resolved inside it), at most `limit` bytes.
     pub fn read_file(&self, rel: &Path, limit: u64) -> Option<Vec<u8>> {
-        let fd = sys::open_in_root(
+        let fd = raw::open_in_root(
             self.root.as_fd(),
             &Path::new(".").join(rel),
             libc::O_RDONLY,
@@ -752,7 +752,7 @@ impl Unpacker {
             if on_disk(meta.mode, DIR_OWNER_BITS) != meta.mode && !path.as_os_str().is_empty() {
                 modes.push((path.clone(), meta.mode));
             }
-            let opened = sys::open_in_root(
+            let opened = raw::open_in_root(
                 self.root.as_fd(),
                 &Path::new(".").join(path),
                 libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
@@ -823,7 +823,7 @@ impl Unpacked {
             error,
         })?;
         for (path, mode) in self.modes.iter().rev() {
-            let fd = sys::open_in_root(
+            let fd = raw::open_in_root(
                 root_fd.as_fd(),
                 &Path::new(".").join(path),
                 libc::O_PATH | libc::O_NOFOLLOW,

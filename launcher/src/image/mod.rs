@@ -77,7 +77,7 @@ pub fn open(path: &Path, user: &str) -> Result<File, ImageError> {
     }
     // Ordinary reads from here on (O_NONBLOCK means nothing to regular files; cleared for
     // the helpers that inherit the descriptor).
-    crate::child::set_blocking(std::os::fd::AsFd::as_fd(&file)).map_err(|source| {
+    crate::sys::child::set_blocking(std::os::fd::AsFd::as_fd(&file)).map_err(|source| {
         ImageError::Open {
             path: path.into(),
             source,

@@ -181,7 +181,7 @@ impl Default for ClientOptions {
 
 impl ClientOptions {
     /// The defaults plus the site's registry settings from plugstack.conf.
-    pub fn with_site(settings: &crate::site::PluginSettings) -> ClientOptions {
+    pub fn with_site(settings: &crate::slurm::site::PluginSettings) -> ClientOptions {
         ClientOptions {
             insecure_registries: settings.insecure_registries.clone(),
             ca_file: settings.registry_ca_file.clone(),

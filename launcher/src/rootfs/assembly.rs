@@ -17,14 +17,14 @@ use std::time::{Duration, Instant};
 
 use nix::mount::{mount, MsFlags};
 
-use crate::entrypoint::ImageStart;
-use crate::gpu::{self, HostFiles};
+use crate::container::entrypoint::ImageStart;
+use crate::container::spec::{ContainerCli, ContainerSpec, RootfsProvider};
+use crate::container::user::{self, InsideIds};
 use crate::image::{self, ImageError, ImageKind};
-use crate::mounts::MountSpec;
-use crate::named;
-use crate::spec::{ContainerCli, ContainerSpec, RootfsProvider};
-use crate::sys;
-use crate::user::{self, InsideIds};
+use crate::rootfs::gpu::{self, HostFiles};
+use crate::rootfs::mounts::MountSpec;
+use crate::rootfs::unpacked;
+use crate::sys::raw;
 
 const OLD: &str = "/oldroot";
 const LOWER: &str = "/lower";
@@ -39,11 +39,11 @@ pub enum RootfsError {
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error(transparent)]
-    Named(#[from] named::NamedError),
+    Named(#[from] unpacked::NamedError),
     #[error(transparent)]
     Gpu(#[from] gpu::GpuError),
     #[error(transparent)]
-    Kernel(#[from] crate::kernel::KernelError),
+    Kernel(#[from] crate::rootfs::kernel::KernelError),
     #[error("cannot open the host file {path} for the container: {source}")]
     HostFile { path: PathBuf, source: io::Error },
     #[error("squashfuse not found: install it (Debian/Ubuntu: apt-get install squashfuse) or set `squashfuse=` in the plugin's plugstack.conf arguments")]
@@ -104,7 +104,7 @@ impl Source {
     /// means what it meant on the host.
     fn reopen(&self, host_root: &File) -> io::Result<OwnedFd> {
         use std::os::unix::fs::MetadataExt;
-        let again = sys::open_in_root(
+        let again = raw::open_in_root(
             host_root.as_fd(),
             &inside_path(&self.path),
             libc::O_PATH | libc::O_CLOEXEC,
@@ -166,7 +166,7 @@ fn open_source(path: &Path, user: &str) -> Result<Source, RootfsError> {
     } else {
         libc::R_OK
     };
-    sys::access_fd(file.as_fd(), mode).map_err(|_| RootfsError::SourceNotReadable {
+    raw::access_fd(file.as_fd(), mode).map_err(|_| RootfsError::SourceNotReadable {
         path: path.into(),
         user: user.into(),
     })?;
@@ -189,7 +189,8 @@ pub fn open_inputs(spec: &ContainerSpec) -> Result<Inputs, RootfsError> {
     let mut hold = None;
     let (image_path, image, kind) = match (&spec.unpacked, &spec.rootfs, &kind) {
         (None, RootfsProvider::Unpack { owned_from, dir }, ImageKind::Squashfs { .. }) => {
-            let (rootfs, lock) = named::unpack_shared(owned_from, dir, &image_path, &image, &kind)?;
+            let (rootfs, lock) =
+                unpacked::unpack_shared(owned_from, dir, &image_path, &image, &kind)?;
             hold = Some(lock);
             let dir = File::open(&rootfs).map_err(|source| ImageError::Open {
                 path: rootfs.clone(),
@@ -199,17 +200,17 @@ pub fn open_inputs(spec: &ContainerSpec) -> Result<Inputs, RootfsError> {
         }
         // Mounted by root before the holder started, in the namespace it started in.
         (None, RootfsProvider::Kernel, ImageKind::Squashfs { .. }) => {
-            let dir = crate::kernel::open_mounted()?;
+            let dir = crate::rootfs::kernel::open_mounted()?;
             (
-                PathBuf::from(crate::kernel::MOUNT_DIR),
+                PathBuf::from(crate::rootfs::kernel::MOUNT_DIR),
                 dir,
                 ImageKind::Directory,
             )
         }
         (None, ..) => (image_path, image, kind),
         (Some(u), ..) => {
-            named::make_private_dir(&u.owned_from, &u.dir)?;
-            let rootfs = named::prepare_rootfs(&u.dir, &image_path, &kind)?;
+            unpacked::make_private_dir(&u.owned_from, &u.dir)?;
+            let rootfs = unpacked::prepare_rootfs(&u.dir, &image_path, &kind)?;
             let dir = File::open(&rootfs).map_err(|source| ImageError::Open {
                 path: rootfs.clone(),
                 source,
@@ -490,14 +491,14 @@ fn assemble(
     } else {
         None
     };
-    let root_flags = sys::MOUNT_ATTR_NOSUID
-        | sys::MOUNT_ATTR_NODEV
+    let root_flags = raw::MOUNT_ATTR_NOSUID
+        | raw::MOUNT_ATTR_NODEV
         | if spec.writable {
             0
         } else {
-            sys::MOUNT_ATTR_RDONLY
+            raw::MOUNT_ATTR_RDONLY
         };
-    sys::mount_set_flags(Path::new(NEW), root_flags, false)
+    raw::mount_set_flags(Path::new(NEW), root_flags, false)
         .map_err(setup("making the root filesystem read-only"))?;
     drop(newroot);
     enter_new_root()?;
@@ -520,14 +521,14 @@ fn assemble(
 /// Bind `bind.source` onto `bind.target` inside `newroot` (resolved within it), then set
 /// its mount flags.
 fn bind_into(newroot: &File, bind: &Bind) -> io::Result<()> {
-    let target_fd = sys::open_in_root(newroot.as_fd(), &bind.target, libc::O_PATH, 0)?;
+    let target_fd = raw::open_in_root(newroot.as_fd(), &bind.target, libc::O_PATH, 0)?;
     bind_mount(&bind.source, &fd_path(&target_fd), bind.recursive)?;
     if bind.flags == 0 {
         return Ok(());
     }
     // Opened again: the first descriptor names the covered directory, not the new mount.
-    let top = sys::open_in_root(newroot.as_fd(), &bind.target, libc::O_PATH, 0)?;
-    sys::mount_set_flags(&fd_path(&top), bind.flags, bind.recursive)
+    let top = raw::open_in_root(newroot.as_fd(), &bind.target, libc::O_PATH, 0)?;
+    raw::mount_set_flags(&fd_path(&top), bind.flags, bind.recursive)
 }
 
 /// Mount a tmpfs over the host's /tmp and make it the root; the host stays at /oldroot.
@@ -635,10 +636,10 @@ fn mount_squashfs(inputs: &Inputs, offset: u64) -> Result<Child, RootfsError> {
             if image_tmp < 0 || fuse_tmp < 0 {
                 return Err(io::Error::last_os_error());
             }
-            sys::dup2_raw(image_tmp, IMAGE_FD)?;
-            sys::dup2_raw(fuse_tmp, FUSE_FD)?;
-            sys::clear_cloexec(IMAGE_FD)?;
-            sys::clear_cloexec(FUSE_FD)?;
+            raw::dup2_raw(image_tmp, IMAGE_FD)?;
+            raw::dup2_raw(fuse_tmp, FUSE_FD)?;
+            raw::clear_cloexec(IMAGE_FD)?;
+            raw::clear_cloexec(FUSE_FD)?;
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(nix_io)?;
             // squashfuse is a host program: it runs in the host tree (its libraries, its
             // loader), while the connection it serves is already mounted in the staging tree.
@@ -809,7 +810,7 @@ fn plan_binds(
         Ok(path)
     };
     let host = |p: &str| PathBuf::from(format!("{OLD}{p}"));
-    let guard = sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+    let guard = raw::MOUNT_ATTR_NOSUID | raw::MOUNT_ATTR_NODEV;
     let mut binds = vec![
         Bind {
             what: "/proc".into(),
@@ -837,7 +838,7 @@ fn plan_binds(
             target: "/dev".into(),
             is_dir: true,
             recursive: true,
-            flags: sys::MOUNT_ATTR_NOSUID,
+            flags: raw::MOUNT_ATTR_NOSUID,
         },
         Bind {
             what: "/tmp".into(),
@@ -866,7 +867,7 @@ fn plan_binds(
             target: PathBuf::from("/etc").join(file),
             is_dir: false,
             recursive: false,
-            flags: guard | sys::MOUNT_ATTR_RDONLY,
+            flags: guard | raw::MOUNT_ATTR_RDONLY,
         });
     }
     for (m, source) in &inputs.mounts {
@@ -878,7 +879,7 @@ fn plan_binds(
             recursive: true,
             flags: guard
                 | if m.read_only {
-                    sys::MOUNT_ATTR_RDONLY
+                    raw::MOUNT_ATTR_RDONLY
                 } else {
                     0
                 },
@@ -891,7 +892,7 @@ fn plan_binds(
             target: target.clone(),
             is_dir: source.is_dir,
             recursive: source.is_dir,
-            flags: guard | sys::MOUNT_ATTR_RDONLY,
+            flags: guard | raw::MOUNT_ATTR_RDONLY,
         });
     }
     Ok((binds, held))
@@ -913,7 +914,7 @@ fn name_service_binds(host_root: &File, held: &mut Vec<OwnedFd>) -> Vec<Bind> {
         if only_if_image_lacks && image_has_file(&rel) {
             continue;
         }
-        let opened = sys::open_in_root(host_root.as_fd(), &rel, libc::O_PATH | libc::O_CLOEXEC, 0)
+        let opened = raw::open_in_root(host_root.as_fd(), &rel, libc::O_PATH | libc::O_CLOEXEC, 0)
             .and_then(|fd| {
                 let meta = File::from(fd.try_clone()?).metadata()?;
                 Ok((fd, meta.is_file()))
@@ -926,7 +927,7 @@ fn name_service_binds(host_root: &File, held: &mut Vec<OwnedFd>) -> Vec<Bind> {
                     target: file.into(),
                     is_dir: false,
                     recursive: false,
-                    flags: sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV | sys::MOUNT_ATTR_RDONLY,
+                    flags: raw::MOUNT_ATTR_NOSUID | raw::MOUNT_ATTR_NODEV | raw::MOUNT_ATTR_RDONLY,
                 });
                 held.push(fd);
             }
@@ -1045,8 +1046,8 @@ fn run_image_ldconfig(spec: &ContainerSpec, dirs: &[PathBuf]) -> Result<(), Stri
             if tmp < 0 {
                 return Err(io::Error::last_os_error());
             }
-            sys::dup2_raw(tmp, WORK_FD)?;
-            sys::clear_cloexec(WORK_FD)?;
+            raw::dup2_raw(tmp, WORK_FD)?;
+            raw::clear_cloexec(WORK_FD)?;
             // The image's ldconfig, in the image's tree: it reads the image's own
             // configuration and writes its cache format for the image's loader.
             nix::unistd::chroot(NEW).map_err(nix_io)?;
@@ -1104,14 +1105,14 @@ fn install_loader_cache(spec: &ContainerSpec, cache: &Path) -> Result<(), String
         target: "/etc/ld.so.cache".into(),
         is_dir: false,
         recursive: false,
-        flags: sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
+        flags: raw::MOUNT_ATTR_RDONLY | raw::MOUNT_ATTR_NOSUID | raw::MOUNT_ATTR_NODEV,
     };
     bind_into(&newroot, &bind)
         .map_err(|e| format!("cannot bind the loader cache over /etc/ld.so.cache: {e}"))
 }
 
 fn read_from_new_root(newroot: &File, path: &str) -> String {
-    sys::open_in_root(newroot.as_fd(), Path::new(path), libc::O_RDONLY, 0)
+    raw::open_in_root(newroot.as_fd(), Path::new(path), libc::O_RDONLY, 0)
         .ok()
         .and_then(|fd| image::read_small_text(File::from(fd), SMALL_FILE_LIMIT).ok())
         .unwrap_or_default()
@@ -1122,7 +1123,7 @@ fn write_identity_files(
     spec: &ContainerSpec,
     inside: InsideIds,
 ) -> Result<(), RootfsError> {
-    let shell = if sys::open_in_root(newroot.as_fd(), &spec.user.shell, libc::O_PATH, 0).is_ok() {
+    let shell = if raw::open_in_root(newroot.as_fd(), &spec.user.shell, libc::O_PATH, 0).is_ok() {
         spec.user.shell.display().to_string()
     } else {
         "/bin/sh".to_string()
@@ -1194,7 +1195,7 @@ fn read_image_env() -> Vec<(String, String)> {
     File::open("/etc/environment")
         .ok()
         .and_then(|f| image::read_small_text(f, SMALL_FILE_LIMIT).ok())
-        .map(|t| crate::env::parse_environment_file(&t))
+        .map(|t| crate::container::env::parse_environment_file(&t))
         .unwrap_or_default()
 }
 

@@ -377,7 +377,7 @@ pub fn save(rootfs: &Path, output: &Path) -> Result<(), NamedError> {
             "-comp",
             "zstd",
             "-Xcompression-level",
-            &crate::import::DEFAULT_ZSTD_LEVEL.to_string(),
+            &crate::store::import::DEFAULT_ZSTD_LEVEL.to_string(),
             "-all-root",
             "-no-xattrs",
             "-quiet",
@@ -387,7 +387,7 @@ pub fn save(rootfs: &Path, output: &Path) -> Result<(), NamedError> {
         .arg("-e")
         .arg(format!(
             "etc/apt/apt.conf.d/{}",
-            crate::rootfs::APT_REMAP_ROOT_FILE
+            crate::rootfs::assembly::APT_REMAP_ROOT_FILE
         ))
         // Nor are the mount points of the host's GPU driver files in a named container.
         .args(
@@ -421,16 +421,16 @@ pub fn save(rootfs: &Path, output: &Path) -> Result<(), NamedError> {
     })
 }
 
-/// Mount points ferry made in an unpacked container for host files (see `crate::gpu`):
+/// Mount points ferry made in an unpacked container for host files (see `crate::rootfs::gpu`):
 /// the host library directory, and empty files where the driver's programs or the host's
 /// nsswitch.conf were bound.
 fn host_mount_points(rootfs: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let lib_dir = Path::new(crate::gpu::HOST_LIB_DIR.trim_start_matches('/')).to_path_buf();
+    let lib_dir = Path::new(crate::rootfs::gpu::HOST_LIB_DIR.trim_start_matches('/')).to_path_buf();
     if fs::symlink_metadata(rootfs.join(&lib_dir)).is_ok_and(|m| m.is_dir()) {
         out.push(lib_dir);
     }
-    let driver_programs = crate::gpu::DRIVER_PROGRAMS
+    let driver_programs = crate::rootfs::gpu::DRIVER_PROGRAMS
         .iter()
         .map(|name| Path::new("usr/bin").join(name));
     // The host's nsswitch.conf is bound where the image has none: an empty one saved in

@@ -43,10 +43,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::container::spec::{ContainerSpec, RootfsProvider};
+use crate::container::user::UserInfo;
 use crate::image::{self, ImageError, ImageKind};
-use crate::spec::{ContainerSpec, RootfsProvider};
-use crate::sys;
-use crate::user::UserInfo;
+use crate::sys::raw;
 
 /// Where the image is attached in the holder's private mount namespace (in the host's, an
 /// empty directory that only root can enter; nothing is ever mounted on it there).
@@ -98,7 +98,7 @@ impl KernelMount {
     /// caller keeps `self` until `cmd` has been spawned, then drops it.
     pub fn attach_on_exec(&self, cmd: &mut std::process::Command) {
         let target = CString::new(MOUNT_DIR).expect("no NUL");
-        sys::attach_in_private_namespace_on_exec(cmd, self.mount.as_raw_fd(), target);
+        raw::attach_in_private_namespace_on_exec(cmd, self.mount.as_raw_fd(), target);
     }
 }
 
@@ -121,7 +121,7 @@ impl ThreadRoot {
         if uid != 0 {
             return Err(KernelError::NeedsRoot);
         }
-        sys::set_thread_euid(0).map_err(|_| KernelError::NeedsRoot)?;
+        raw::set_thread_euid(0).map_err(|_| KernelError::NeedsRoot)?;
         Ok(ThreadRoot {
             restore: Some(euid),
         })
@@ -131,7 +131,7 @@ impl ThreadRoot {
 impl Drop for ThreadRoot {
     fn drop(&mut self) {
         if let Some(euid) = self.restore {
-            if let Err(e) = sys::set_thread_euid(euid) {
+            if let Err(e) = raw::set_thread_euid(euid) {
                 // Root may always set its effective uid; this cannot happen.
                 tracing::error!("cannot drop back to uid {euid}: {e}");
                 std::process::abort();
@@ -164,7 +164,7 @@ pub enum Probe {
     /// slurmstepd, nothing of a user's file is parsed by root's process.
     AsUser {
         program: PathBuf,
-        run_as: crate::holder::Credentials,
+        run_as: crate::container::holder::Credentials,
     },
 }
 
@@ -187,10 +187,10 @@ impl Probe {
             .arg(path)
             .env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin");
-        crate::holder::run_as_on_exec(&mut cmd, Some(run_as.clone()), false);
+        crate::container::holder::run_as_on_exec(&mut cmd, Some(run_as.clone()), false);
         let stdin = file.try_clone().map_err(|e| failed(e.to_string()))?;
         let mut started = Some(std::time::Instant::now());
-        let end = crate::child::run_capped(
+        let end = crate::sys::child::run_capped(
             &mut cmd,
             stdin.into(),
             MAX_PROBE_OUTPUT,
@@ -205,18 +205,18 @@ impl Probe {
         )
         .map_err(|e| failed(format!("cannot run {} probe-image: {e}", program.display())))?;
         match end {
-            crate::child::HelperEnd::Exited { status, stdout, .. } if status.success() => {
+            crate::sys::child::HelperEnd::Exited { status, stdout, .. } if status.success() => {
                 serde_json::from_slice(&stdout).map_err(|e| failed(format!("bad answer: {e}")))
             }
-            crate::child::HelperEnd::Exited { stderr, .. } => {
+            crate::sys::child::HelperEnd::Exited { stderr, .. } => {
                 let text = String::from_utf8_lossy(&stderr);
                 let line = text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
                 Err(KernelError::Probed(
                     line.trim_start_matches("ferry: error: ").to_string(),
                 ))
             }
-            crate::child::HelperEnd::Stopped(why) => Err(failed(why)),
-            crate::child::HelperEnd::TooMuchOutput { cap } => {
+            crate::sys::child::HelperEnd::Stopped(why) => Err(failed(why)),
+            crate::sys::child::HelperEnd::TooMuchOutput { cap } => {
                 Err(failed(format!("more than {cap} bytes of output")))
             }
         }
@@ -301,8 +301,8 @@ pub fn mount_image(
     // The superblock holds the device now; with autoclear it detaches when the mount goes.
     drop(device_fd);
     if let Some(o) = root_owners {
-        sys::user_namespace_with_maps(&format!("0 {} 1", o.uid), &format!("0 {} 1", o.gid))
-            .and_then(|userns| sys::mount_set_idmap(mount.as_fd(), userns.as_fd()))
+        raw::user_namespace_with_maps(&format!("0 {} 1", o.uid), &format!("0 {} 1", o.gid))
+            .and_then(|userns| raw::mount_set_idmap(mount.as_fd(), userns.as_fd()))
             .map_err(|e| KernelError::Mount {
                 path: path.into(),
                 detail: format!("cannot map its owners for --remap-root (idmapped mount): {e}"),
@@ -361,7 +361,7 @@ impl LoopDevices for SystemLoops<'_> {
     type Device = File;
 
     fn get_free(&mut self) -> io::Result<u32> {
-        sys::loop_get_free(self.control.as_fd())
+        raw::loop_get_free(self.control.as_fd())
     }
 
     fn open(&mut self, number: u32) -> io::Result<File> {
@@ -372,11 +372,11 @@ impl LoopDevices for SystemLoops<'_> {
     }
 
     fn configure(&mut self, dev: &File, offset: u64, legacy: bool) -> io::Result<()> {
-        let flags = sys::LO_FLAGS_READ_ONLY | sys::LO_FLAGS_AUTOCLEAR;
+        let flags = raw::LO_FLAGS_READ_ONLY | raw::LO_FLAGS_AUTOCLEAR;
         let f = if legacy {
-            sys::loop_set_fd_and_status
+            raw::loop_set_fd_and_status
         } else {
-            sys::loop_configure
+            raw::loop_configure
         };
         f(dev.as_fd(), self.backing.as_fd(), offset, flags, self.name)
     }
@@ -420,20 +420,20 @@ fn attach_loop<L: LoopDevices>(loops: &mut L, offset: u64) -> Result<(L::Device,
 
 /// Mount `device` as squashfs, read-only, nosuid, nodev, attached nowhere.
 fn mount_squashfs(device: &str) -> Result<OwnedFd, String> {
-    let fs = sys::fsopen("squashfs").map_err(|e| match e.raw_os_error() {
+    let fs = raw::fsopen("squashfs").map_err(|e| match e.raw_os_error() {
         Some(libc::ENODEV) => "this kernel has no squashfs driver (modprobe squashfs)".into(),
         Some(libc::ENOSYS) => "this kernel lacks the mount API (fsopen, Linux 5.2)".into(),
         _ => format!("fsopen: {e}"),
     })?;
-    let made = sys::fsconfig_set(fs.as_fd(), "source", Some(device))
-        .and_then(|()| sys::fsconfig_set(fs.as_fd(), "ro", None))
+    let made = raw::fsconfig_set(fs.as_fd(), "source", Some(device))
+        .and_then(|()| raw::fsconfig_set(fs.as_fd(), "ro", None))
         .and_then(|()| {
-            sys::fs_create_and_mount(
+            raw::fs_create_and_mount(
                 fs.as_fd(),
-                sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
+                raw::MOUNT_ATTR_RDONLY | raw::MOUNT_ATTR_NOSUID | raw::MOUNT_ATTR_NODEV,
             )
         });
-    made.map_err(|e| failure_text(&e, &sys::fs_context_messages(fs.as_fd())))
+    made.map_err(|e| failure_text(&e, &raw::fs_context_messages(fs.as_fd())))
 }
 
 /// The kernel's own messages about a failed mount (`e squashfs: ...`), else the error.
@@ -569,7 +569,7 @@ mod tests {
         let mut spec = ContainerSpec::new("/nonexistent.sqsh".into(), user);
         assert!(mount_for(&spec, &Probe::InProcess).unwrap().is_none());
         spec.rootfs = RootfsProvider::Kernel;
-        spec.unpacked = Some(crate::spec::UnpackedDir {
+        spec.unpacked = Some(crate::container::spec::UnpackedDir {
             owned_from: "/x".into(),
             dir: "/x/y".into(),
         });

@@ -10,8 +10,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::mounts::{MountSpec, MountSpecError};
-use crate::spec::{ContainerCli, SiteSettings};
+use crate::container::spec::{ContainerCli, SiteSettings};
+use crate::rootfs::mounts::{MountSpec, MountSpecError};
 
 /// Where the `ferry` program is when plugstack.conf does not say.
 pub const DEFAULT_FERRY_BIN: &str = "/usr/local/bin/ferry";
@@ -93,7 +93,7 @@ pub struct PluginSettings {
     /// sites usually run writable containers (`ENROOT_ROOTFS_WRITABLE`).
     pub writable: bool,
     /// `framework_env=yes|no`: set PyTorch's rendezvous variables (RANK, WORLD_SIZE,
-    /// MASTER_ADDR, …: [`crate::framework_env`]) in every container task; default `yes`.
+    /// MASTER_ADDR, …: [`crate::slurm::framework_env`]) in every container task; default `yes`.
     pub framework_env: bool,
     /// `framework_ports=LOW-HIGH`: where `MASTER_PORT` is chosen from.
     pub framework_ports: std::ops::RangeInclusive<u16>,
@@ -142,7 +142,7 @@ impl Default for PluginSettings {
             container_scope: ContainerScope::Job,
             writable: false,
             framework_env: true,
-            framework_ports: crate::framework_env::DEFAULT_PORTS,
+            framework_ports: crate::slurm::framework_env::DEFAULT_PORTS,
             quiet: false,
         }
     }
@@ -267,7 +267,7 @@ impl PluginSettings {
                 "writable" => s.writable = yes_no(key, value)?,
                 "framework_env" => s.framework_env = yes_no(key, value)?,
                 "framework_ports" => {
-                    s.framework_ports = crate::framework_env::parse_port_range(value)
+                    s.framework_ports = crate::slurm::framework_env::parse_port_range(value)
                         .map_err(|e| SiteError::Ports(e.to_string()))?
                 }
                 "gpus" => {
@@ -302,7 +302,7 @@ impl PluginSettings {
                     }
                 }
                 "rootfs" => {
-                    if !crate::spec::RootfsProvider::NAMES.contains(&value) {
+                    if !crate::container::spec::RootfsProvider::NAMES.contains(&value) {
                         return Err(SiteError::Rootfs(value.to_string()));
                     }
                     s.rootfs = value.to_string();
@@ -342,7 +342,7 @@ impl PluginSettings {
         Ok(s)
     }
 
-    /// The part of these settings that goes into a [`crate::spec::ContainerSpec`].
+    /// The part of these settings that goes into a [`crate::container::spec::ContainerSpec`].
     pub fn site_settings(&self) -> SiteSettings {
         SiteSettings {
             squashfuse: self.squashfuse.clone(),
@@ -365,7 +365,10 @@ mod tests {
     fn framework_settings() {
         let d = parse(&[]).unwrap();
         assert!(d.framework_env);
-        assert_eq!(d.framework_ports, crate::framework_env::DEFAULT_PORTS);
+        assert_eq!(
+            d.framework_ports,
+            crate::slurm::framework_env::DEFAULT_PORTS
+        );
         let s = parse(&["framework_env=no", "framework_ports=40000-40999"]).unwrap();
         assert!(!s.framework_env);
         assert_eq!(s.framework_ports, 40000..=40999);

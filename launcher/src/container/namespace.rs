@@ -5,7 +5,7 @@ use std::io;
 
 use nix::sched::CloneFlags;
 
-use crate::user::InsideIds;
+use crate::container::user::InsideIds;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NamespaceError {

@@ -23,7 +23,7 @@ use nix::sched::CloneFlags;
 use serde::{Deserialize, Serialize};
 
 use crate::image::squashfs::{find_in_path, find_squashfuse};
-use crate::site::PluginSettings;
+use crate::slurm::site::PluginSettings;
 
 pub use elf::{read_u32_symbol, ElfError};
 
@@ -223,14 +223,14 @@ fn probe_namespaces() -> Probe {
         Ok(p) => p,
         Err(e) => return probe_broken(format!("pipe: {e}")),
     };
-    match crate::sys::fork_single_threaded() {
+    match crate::sys::raw::fork_single_threaded() {
         Err(e) => probe_broken(format!("fork: {e}")),
         Ok(None) => {
             drop(read_end);
             let probe = probe_in_child();
             let mut out = fs::File::from(write_end);
             let ok = serde_json::to_writer(&mut out, &probe).is_ok();
-            crate::sys::exit_immediately(if ok { 0 } else { 1 })
+            crate::sys::raw::exit_immediately(if ok { 0 } else { 1 })
         }
         Ok(Some(child)) => {
             drop(write_end);
@@ -1097,7 +1097,7 @@ fn oci_check(s: &SlurmFacts) -> Check {
 /// The ferry line of plugstack.conf: its plugin file, its arguments, its ferry_bin.
 pub fn plugin_line_check(
     line: &PluginLine,
-    settings: Result<PluginSettings, crate::site::SiteError>,
+    settings: Result<PluginSettings, crate::slurm::site::SiteError>,
 ) -> Check {
     const ID: &str = "plugstack";
     let place = line.place();

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::ldcache;
+use crate::rootfs::ldcache;
 
 /// Which GPUs a container gets.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::gpu::GpuRequest;
-use crate::mounts::MountSpec;
-use crate::user::UserInfo;
+use crate::container::user::UserInfo;
+use crate::rootfs::gpu::GpuRequest;
+use crate::rootfs::mounts::MountSpec;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ContainerSpec {
@@ -74,7 +74,7 @@ pub enum RootfsProvider {
     /// unpack. `owned_from` down must be the user's own directories.
     Unpack { owned_from: PathBuf, dir: PathBuf },
     /// Mounted by the kernel's squashfs driver, read-only, nosuid, nodev, by root before the
-    /// holder starts (see [`crate::kernel`]): no FUSE, no copy. Only where the site enables
+    /// holder starts (see [`crate::rootfs::kernel`]): no FUSE, no copy. Only where the site enables
     /// it, or for `ferry run` as root.
     Kernel,
 }

@@ -33,7 +33,7 @@ pub struct Namespaces {
 impl Namespaces {
     /// The namespaces of `holder`: opened by its pid, then checked to still be its own
     /// through its pidfd (had the holder ended in between, the pid might be another's).
-    pub fn of_holder(holder: &crate::holder::Holder) -> Result<Namespaces, JoinError> {
+    pub fn of_holder(holder: &crate::container::holder::Holder) -> Result<Namespaces, JoinError> {
         let pid = holder.pid();
         let open = |ns: &str| {
             File::open(format!("/proc/{pid}/ns/{ns}"))
@@ -54,7 +54,7 @@ impl Namespaces {
     }
 
     /// Copies of the two descriptors that a program this process execs keeps (no
-    /// close-on-exec), for [`crate::task_exec`]: (user, mnt).
+    /// close-on-exec), for [`crate::container::task_exec`]: (user, mnt).
     pub fn inheritable_fds(&self) -> io::Result<(RawFd, RawFd)> {
         let dup = |fd: &OwnedFd| {
             // SAFETY: dup of a descriptor this struct owns; the copy is the caller's.

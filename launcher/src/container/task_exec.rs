@@ -11,7 +11,7 @@
 //! environment variable [`ENV`] (descriptors of its namespaces, inherited through the exec,
 //! its working directory and the image's start command). `ferry` then enters the container,
 //! removes [`ENV`] from the environment, builds the command with the same rule as
-//! `ferry run --entrypoint` ([`crate::entrypoint::command_line`]) and execs it in place: the
+//! `ferry run --entrypoint` ([`crate::container::entrypoint::command_line`]) and execs it in place: the
 //! task's pid, signals and exit status stay the command's.
 //!
 //! `ferry` runs on the host, before entering the container, because a program run inside
@@ -33,9 +33,9 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use crate::entrypoint::{self, ImageStart};
-use crate::join::{self, Namespaces};
-use crate::run::{exec_searching, EXIT_SETUP_FAILED};
+use crate::container::entrypoint::{self, ImageStart};
+use crate::container::join::{self, Namespaces};
+use crate::container::run::{exec_searching, EXIT_SETUP_FAILED};
 
 /// The variable that makes `ferry` a task's program; it holds a [`TaskExec`] as JSON.
 pub const ENV: &str = "FERRY_TASK_EXEC";
@@ -295,7 +295,8 @@ fn save_if_last(save: &SaveAfterTasks) -> Result<(), String> {
             progress::node_name()
         );
     }
-    let saved = crate::named::save(&save.rootfs, &save.output).map_err(|e| e.to_string());
+    let saved =
+        crate::rootfs::unpacked::save(&save.rootfs, &save.output).map_err(|e| e.to_string());
     if save.speak && saved.is_ok() {
         let size = std::fs::metadata(&save.output).map_or(0, |m| m.len());
         eprintln!(

@@ -16,11 +16,11 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use serde::{Deserialize, Serialize};
 
-use crate::namespace;
-use crate::rootfs;
-use crate::spec::ContainerSpec;
-use crate::sys;
-use crate::user::InsideIds;
+use crate::container::namespace;
+use crate::container::spec::ContainerSpec;
+use crate::container::user::InsideIds;
+use crate::rootfs::assembly as rootfs;
+use crate::sys::raw;
 
 /// Who the holder runs as when the caller is root (the plugin in slurmstepd).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +71,7 @@ pub struct Ready {
     pub workdir: PathBuf,
     /// The image's own start command and WorkingDir.
     #[serde(default)]
-    pub start: crate::entrypoint::ImageStart,
+    pub start: crate::container::entrypoint::ImageStart,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -106,7 +106,7 @@ pub enum PrepareError {
 /// only through the pidfd: slurmstepd reaps every child it has, the holder included, so
 /// its pid may belong to another process by then.
 pub struct Holder {
-    pidfd: crate::child::Pidfd,
+    pidfd: crate::sys::child::Pidfd,
     stop: Option<ChildStdin>,
     /// The holder's stdout, non-blocking.
     report: Option<OwnedFd>,
@@ -180,7 +180,7 @@ impl Holder {
     }
 
     /// The holder's pidfd: open its namespaces by pid, then check it still runs.
-    pub fn pidfd(&self) -> &crate::child::Pidfd {
+    pub fn pidfd(&self) -> &crate::sys::child::Pidfd {
         &self.pidfd
     }
 
@@ -221,7 +221,7 @@ impl Holder {
 /// The last line the holder wrote on its stdout before it ended, read from what the pipe
 /// holds now (up to [`MAX_LAST_WORDS`]), without waiting for its end of file.
 fn last_words(out: &OwnedFd) -> Option<String> {
-    let mut said = crate::child::CappedBuffer::default();
+    let mut said = crate::sys::child::CappedBuffer::default();
     said.read_available(out.as_fd(), MAX_LAST_WORDS);
     let text = String::from_utf8_lossy(&said.bytes);
     text.lines()
@@ -263,7 +263,7 @@ pub fn run_as_on_exec(cmd: &mut Command, run_as: Option<Credentials>, die_with_p
                 nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
                     .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
             }
-            sys::cloexec_from(3)
+            raw::cloexec_from(3)
         });
     }
 }
@@ -274,12 +274,12 @@ pub fn prepare(spec: &ContainerSpec, opts: &PrepareOptions) -> Result<Holder, Pr
 }
 
 /// [`prepare`], with the image already mounted by the kernel (the `kernel` provider, see
-/// [`crate::kernel`]): the holder starts in a mount namespace of its own where `kernel` is
+/// [`crate::rootfs::kernel`]): the holder starts in a mount namespace of its own where `kernel` is
 /// attached, and the caller's descriptor of the mount is closed once the holder runs.
 pub fn prepare_with(
     spec: &ContainerSpec,
     opts: &PrepareOptions,
-    kernel: Option<crate::kernel::KernelMount>,
+    kernel: Option<crate::rootfs::kernel::KernelMount>,
 ) -> Result<Holder, PrepareError> {
     let mut cmd = Command::new(&opts.holder_program);
     cmd.arg("hold").stdin(Stdio::piped()).stdout(Stdio::piped());
@@ -307,7 +307,7 @@ pub fn prepare_with(
     let mut stdin = child.stdin.take().expect("piped");
     let stdout = OwnedFd::from(child.stdout.take().expect("piped"));
     // Taken before anything else: from here on the holder is known by its pidfd alone.
-    let pidfd = match crate::child::Pidfd::of_spawned(&child) {
+    let pidfd = match crate::sys::child::Pidfd::of_spawned(&child) {
         Ok(p) => p,
         Err(_) => {
             let status = child.try_wait().ok().flatten().map(Ok);
@@ -322,13 +322,13 @@ pub fn prepare_with(
     let pid = child.id() as i32;
     drop(child);
     let outcome = (|| {
-        crate::child::set_nonblocking(stdout.as_fd())?;
+        crate::sys::child::set_nonblocking(stdout.as_fd())?;
         let mut line = serde_json::to_string(spec).map_err(io::Error::other)?;
         line.push('\n');
         stdin.write_all(line.as_bytes())?;
         read_report(&stdout, &pidfd, opts.timeout)
     })();
-    let finish = |pidfd: crate::child::Pidfd, err: PrepareError| {
+    let finish = |pidfd: crate::sys::child::Pidfd, err: PrepareError| {
         pidfd.kill();
         let status = pidfd.reap(Duration::from_secs(5));
         match err {
@@ -379,11 +379,11 @@ fn describe(status: io::Result<ExitStatus>) -> String {
 /// user can keep the pipe open).
 fn read_report(
     stdout: &OwnedFd,
-    pidfd: &crate::child::Pidfd,
+    pidfd: &crate::sys::child::Pidfd,
     timeout: Duration,
 ) -> Result<Option<Report>, PrepareError> {
     let deadline = Instant::now() + timeout;
-    let mut buf = crate::child::CappedBuffer::default();
+    let mut buf = crate::sys::child::CappedBuffer::default();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -427,7 +427,7 @@ pub fn hold() -> i32 {
         Signal::SIGPIPE,
     ] {
         // The command, not the holder, answers a terminal's ^C.
-        let _ = sys::ignore_signal(signal);
+        let _ = raw::ignore_signal(signal);
     }
     let mut stdin = BufReader::new(io::stdin().lock());
     let mut line = String::new();

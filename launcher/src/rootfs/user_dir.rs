@@ -32,7 +32,7 @@ pub enum UserDirError {
     #[error("cannot remove {path}: {source}")]
     Remove { path: PathBuf, source: io::Error },
     #[error("the plugin must be root here: {0}")]
-    NotRoot(#[from] crate::kernel::KernelError),
+    NotRoot(#[from] crate::rootfs::kernel::KernelError),
 }
 
 /// The name of `uid`'s directory in `named_dir`.
@@ -72,7 +72,7 @@ fn open_named_dir(named_dir: &Path) -> Result<OwnedFd, UserDirError> {
 /// effective uid); `named_dir` itself is made, owned by root and mode 0755, when missing
 /// (users need not write there: root makes their directories).
 pub fn ensure(named_dir: &Path, uid: u32, gid: u32) -> Result<(), UserDirError> {
-    let _root = crate::kernel::ThreadRoot::take()?;
+    let _root = crate::rootfs::kernel::ThreadRoot::take()?;
     if !named_dir.exists() {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()

@@ -235,7 +235,7 @@ pub fn signal_is_ignored(signal: nix::sys::signal::Signal) -> bool {
     }
 }
 
-// ---- the `kernel` provider (see crate::kernel) -------------------------------------------
+// ---- the `kernel` provider (see crate::rootfs::kernel) -------------------------------------------
 
 /// Set only the calling thread's effective uid (the raw system call: glibc's `seteuid`
 /// changes every thread of the process). A caller whose real uid is root (slurmstepd with

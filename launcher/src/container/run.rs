@@ -10,11 +10,11 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::env;
-use crate::holder::{self, PrepareError, PrepareOptions};
-use crate::join::{self, JoinError, Namespaces};
-use crate::spec::ContainerSpec;
-use crate::sys;
+use crate::container::env;
+use crate::container::holder::{self, PrepareError, PrepareOptions};
+use crate::container::join::{self, JoinError, Namespaces};
+use crate::container::spec::ContainerSpec;
+use crate::sys::raw;
 
 /// Exit status for ferry's own failures (as podman and docker use it).
 pub const EXIT_SETUP_FAILED: i32 = 125;
@@ -40,7 +40,7 @@ pub enum RunError {
     #[error(transparent)]
     Join(#[from] JoinError),
     #[error(transparent)]
-    Kernel(#[from] crate::kernel::KernelError),
+    Kernel(#[from] crate::rootfs::kernel::KernelError),
     #[error("{what}: {source}")]
     Os {
         what: &'static str,
@@ -55,14 +55,14 @@ fn cstr(bytes: Vec<u8>) -> Result<CString, RunError> {
 }
 
 /// Run `argv` in a container built from `spec` (an empty `argv`, or `spec.entrypoint`,
-/// runs the image's start command, see [`crate::entrypoint`]); returns the exit status for
+/// runs the image's start command, see [`crate::container::entrypoint`]); returns the exit status for
 /// ferry to use.
 pub fn run(
     spec: &ContainerSpec,
     argv: &[OsString],
     opts: &PrepareOptions,
 ) -> Result<i32, RunError> {
-    let kernel = crate::kernel::mount_for(spec, &crate::kernel::Probe::InProcess)?;
+    let kernel = crate::rootfs::kernel::mount_for(spec, &crate::rootfs::kernel::Probe::InProcess)?;
     let holder = holder::prepare_with(spec, opts, kernel)?;
     let namespaces = Namespaces::of_holder(&holder)?;
     let caller = std::env::vars_os().map(|(k, v)| {
@@ -81,7 +81,8 @@ pub fn run(
         .into_iter()
         .map(|(k, v)| cstr(format!("{k}={v}").into_bytes()))
         .collect::<Result<Vec<_>, _>>()?;
-    let argv = crate::entrypoint::command_line(&holder.ready().start, argv, spec.entrypoint);
+    let argv =
+        crate::container::entrypoint::command_line(&holder.ready().start, argv, spec.entrypoint);
     tracing::debug!("command: {argv:?}");
     let args = argv
         .iter()
@@ -94,7 +95,7 @@ pub fn run(
     // disposition it would have had without ferry.
     let inherited_ignored: Vec<Signal> = FORWARDED
         .into_iter()
-        .filter(|s| sys::signal_is_ignored(*s))
+        .filter(|s| raw::signal_is_ignored(*s))
         .collect();
     let mut mask = SigSet::empty();
     for s in FORWARDED {
@@ -106,16 +107,16 @@ pub fn run(
         source,
     })?;
     for s in &inherited_ignored {
-        let _ = sys::default_signal(*s);
+        let _ = raw::default_signal(*s);
     }
 
-    let child = match sys::fork_single_threaded().map_err(|source| RunError::Os {
+    let child = match raw::fork_single_threaded().map_err(|source| RunError::Os {
         what: "fork",
         source,
     })? {
         None => {
             for s in &inherited_ignored {
-                let _ = sys::ignore_signal(*s);
+                let _ = raw::ignore_signal(*s);
             }
             exec_in_container(&namespaces, &workdir, &args, &envp, &search_path, &mask)
         }
@@ -133,7 +134,7 @@ pub fn run(
 
 fn supervise(child: Pid, mask: &SigSet) -> i32 {
     loop {
-        let Ok(info) = sys::wait_signal(mask) else {
+        let Ok(info) = raw::wait_signal(mask) else {
             return EXIT_SETUP_FAILED;
         };
         if info.si_signo == libc::SIGCHLD {
@@ -147,7 +148,7 @@ fn supervise(child: Pid, mask: &SigSet) -> i32 {
                     Err(_) => return EXIT_SETUP_FAILED,
                 }
             }
-        } else if sys::sent_by_process(&info) {
+        } else if raw::sent_by_process(&info) {
             if let Ok(sig) = Signal::try_from(info.si_signo) {
                 let _ = kill(child, sig);
             }

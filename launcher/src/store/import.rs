@@ -17,12 +17,12 @@ use std::process::{Command, Stdio};
 
 use serde::Serialize;
 
-use crate::cache::{Built, Cache, CacheError, Entry};
 use crate::image::config::ImageConfig;
 use crate::image::layers::{LayerError, Unpacker};
 use crate::image::oci::{Image, OciError};
 use crate::image::reference::ImageRef;
 use crate::image::squashfs::find_in_path;
+use crate::store::cache::{Built, Cache, CacheError, Entry};
 
 /// Largest /etc/environment read from an image to merge the config's Env into.
 const ENV_FILE_LIMIT: u64 = 1 << 20;
@@ -295,7 +295,7 @@ fn build(img: &Image, area: &Path, opts: &ImportOptions) -> Result<Built, Import
                 "ferry: layer {}/{n} {} ({})",
                 i + 1,
                 layer.digest.as_deref().unwrap_or("(legacy, unchecked)"),
-                crate::cache::format_size(layer.size)
+                crate::store::cache::format_size(layer.size)
             );
         }
         let mut reader = img.layer(i)?;
@@ -316,7 +316,7 @@ fn build(img: &Image, area: &Path, opts: &ImportOptions) -> Result<Built, Import
     let config_json =
         serde_json::to_vec_pretty(&img.config.config).expect("image configs serialise");
     unpacker.write_file(
-        Path::new(crate::entrypoint::CONFIG_PATH.trim_start_matches('/')),
+        Path::new(crate::container::entrypoint::CONFIG_PATH.trim_start_matches('/')),
         &config_json,
         0o644,
     )?;
@@ -343,7 +343,7 @@ fn environment_file(existing: &str, env: &[String]) -> String {
         let Some((name, value)) = e.split_once('=') else {
             continue;
         };
-        if !crate::env::is_valid_name(name) || value.contains('\n') {
+        if !crate::container::env::is_valid_name(name) || value.contains('\n') {
             continue; // not representable in the file
         }
         let plain = value.trim() == value
@@ -614,7 +614,7 @@ mod tests {
             text,
             "PATH=/usr/bin\nPATH=/opt/bin\nSPACE=\" x \"\nQ=\"\"q\"\"\n"
         );
-        let parsed = crate::env::parse_environment_file(&text);
+        let parsed = crate::container::env::parse_environment_file(&text);
         assert_eq!(
             parsed,
             vec![

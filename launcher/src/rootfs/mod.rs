@@ -1,0 +1,11 @@
+//! The file tree a container sees: how the image is mounted (squashfuse, the kernel's
+//! driver, an unpacked directory), what is bound over it (user mounts, GPUs, host
+//! libraries) and the users' own directories for unpacked trees.
+
+pub mod assembly;
+pub mod gpu;
+pub mod kernel;
+pub mod ldcache;
+pub mod mounts;
+pub mod unpacked;
+pub mod user_dir;
