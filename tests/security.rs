@@ -714,9 +714,9 @@ impl Drop for Sysctl {
     }
 }
 
-fn credentials(user: &str) -> ferry::container::holder::Credentials {
+fn credentials(user: &str) -> ferry::sys::raw::Credentials {
     let uid = uid_of(user);
-    ferry::container::holder::Credentials {
+    ferry::sys::raw::Credentials {
         uid,
         gid: uid,
         groups: vec![],
@@ -1092,7 +1092,7 @@ fn a_helper_flooding_its_output_is_stopped_at_the_cap() {
     let _m = shared_machine();
     let mut cmd = Command::new("/bin/sh");
     cmd.args(["-c", "cat /dev/zero & cat /dev/zero >&2"]);
-    ferry::container::holder::run_as_on_exec(&mut cmd, Some(credentials(USER)), false);
+    ferry::sys::raw::run_as_on_exec(&mut cmd, Some(credentials(USER)), false);
     let end = ferry::sys::child::run_capped(
         &mut cmd,
         std::process::Stdio::null(),

@@ -5,12 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferry::container::holder::{Credentials, PrepareOptions};
+use ferry::container::holder::PrepareOptions;
 use ferry::container::spec::{ContainerSpec, RootfsProvider};
 use ferry::container::user::UserInfo;
 use ferry::rootfs::gpu::GpuRequest;
 use ferry::rootfs::mounts::MountSpec;
 use ferry::slurm::site::{ContainerScope, GpuDefault};
+use ferry::sys::raw::Credentials;
 use slurm_spank::SpankHandle;
 use tracing::{debug, error, info, trace, warn};
 
@@ -99,7 +100,7 @@ fn run_ferry_as_user(
     if step.quiet {
         cmd.env(ferry::image::registry::progress::QUIET_ENV, "1");
     }
-    ferry::container::holder::run_as_on_exec(&mut cmd, Some(step.credentials()), false);
+    ferry::sys::raw::run_as_on_exec(&mut cmd, Some(step.credentials()), false);
     let cannot_run =
         |e: std::io::Error| format!("cannot run {}: {e}", settings.ferry_bin.display());
     // Slurm 22.05 holds a job's termination back until its steps have started, which
@@ -156,7 +157,7 @@ fn job_ended(step: &Step) -> Option<String> {
     if let Some(conf) = std::env::var_os("SLURM_CONF") {
         cmd.env("SLURM_CONF", conf);
     }
-    ferry::container::holder::run_as_on_exec(&mut cmd, Some(step.credentials()), false);
+    ferry::sys::raw::run_as_on_exec(&mut cmd, Some(step.credentials()), false);
     // As the user, so read as a helper's output is: capped, not waiting for end of file.
     let end = ferry::sys::child::run_capped(
         &mut cmd,

@@ -7,7 +7,7 @@
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -20,15 +20,7 @@ use crate::container::namespace;
 use crate::container::spec::ContainerSpec;
 use crate::container::user::InsideIds;
 use crate::rootfs::assembly as rootfs;
-use crate::sys::raw;
-
-/// Who the holder runs as when the caller is root (the plugin in slurmstepd).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub uid: u32,
-    pub gid: u32,
-    pub groups: Vec<u32>,
-}
+use crate::sys::raw::{self, run_as_on_exec, Credentials};
 
 #[derive(Debug, Clone)]
 pub struct PrepareOptions {
@@ -234,37 +226,6 @@ impl Drop for Holder {
         if self.stop.is_some() {
             self.stop_inner(Duration::from_secs(5));
         }
-    }
-}
-
-/// Make `cmd` run as `run_as` (when given; the caller is root, maybe with only its
-/// effective uid dropped, as in slurmstepd), optionally dying with the thread that starts
-/// it, with no inherited descriptor beyond stdio.
-pub fn run_as_on_exec(cmd: &mut Command, run_as: Option<Credentials>, die_with_parent: bool) {
-    // SAFETY: between fork and exec the closure makes only async-signal-safe system calls
-    // (setgroups, setresgid, setresuid, prctl, close_range) on data prepared before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some(c) = &run_as {
-                // No allocation here: the caller may be multi-threaded (slurmstepd).
-                // slurmstepd runs spank callbacks with only its effective uid dropped to the
-                // user; take root back first (the real uid is root) so the drop is complete.
-                if libc::getuid() == 0 && libc::geteuid() != 0 {
-                    libc::seteuid(0);
-                }
-                if libc::setgroups(c.groups.len(), c.groups.as_ptr()) != 0
-                    || libc::setresgid(c.gid, c.gid, c.gid) != 0
-                    || libc::setresuid(c.uid, c.uid, c.uid) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if die_with_parent {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
-                    .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
-            }
-            raw::cloexec_from(3)
-        });
     }
 }
 

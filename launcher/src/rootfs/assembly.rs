@@ -1174,13 +1174,10 @@ fn let_apt_stay_root() {
     let text = "// Written by ferry for --remap-root: only one uid is mapped, so apt must not\n\
                 // switch to its _apt user. Not part of saved images.\n\
                 APT::Sandbox::User \"root\";\n";
-    if let Err(e) = fs::write(dir.join(APT_REMAP_ROOT_FILE), text) {
+    if let Err(e) = fs::write(dir.join(unpacked::APT_REMAP_ROOT_FILE), text) {
         tracing::debug!("not configuring apt for --remap-root: {e}");
     }
 }
-
-/// The apt setting [`let_apt_stay_root`] writes, under /etc/apt/apt.conf.d.
-pub const APT_REMAP_ROOT_FILE: &str = "99ferry-remap-root";
 
 /// Put `dirs` in front of the image's `LD_LIBRARY_PATH`.
 fn add_library_path(env: &mut Vec<(String, String)>, dirs: &str) {

@@ -164,7 +164,7 @@ pub enum Probe {
     /// slurmstepd, nothing of a user's file is parsed by root's process.
     AsUser {
         program: PathBuf,
-        run_as: crate::container::holder::Credentials,
+        run_as: crate::sys::raw::Credentials,
     },
 }
 
@@ -187,7 +187,7 @@ impl Probe {
             .arg(path)
             .env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin");
-        crate::container::holder::run_as_on_exec(&mut cmd, Some(run_as.clone()), false);
+        crate::sys::raw::run_as_on_exec(&mut cmd, Some(run_as.clone()), false);
         let stdin = file.try_clone().map_err(|e| failed(e.to_string()))?;
         let mut started = Some(std::time::Instant::now());
         let end = crate::sys::child::run_capped(

@@ -13,6 +13,9 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The apt setting `assembly::let_apt_stay_root` writes, under /etc/apt/apt.conf.d.
+pub const APT_REMAP_ROOT_FILE: &str = "99ferry-remap-root";
+
 use nix::fcntl::Flock;
 
 use crate::image::ImageKind;
@@ -385,10 +388,7 @@ pub fn save(rootfs: &Path, output: &Path) -> Result<(), NamedError> {
         ])
         // ferry's own apt setting for --remap-root is not part of the image.
         .arg("-e")
-        .arg(format!(
-            "etc/apt/apt.conf.d/{}",
-            crate::rootfs::assembly::APT_REMAP_ROOT_FILE
-        ))
+        .arg(format!("etc/apt/apt.conf.d/{}", APT_REMAP_ROOT_FILE))
         // Nor are the mount points of the host's GPU driver files in a named container.
         .args(
             host_mount_points(rootfs)

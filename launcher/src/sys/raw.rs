@@ -235,7 +235,7 @@ pub fn signal_is_ignored(signal: nix::sys::signal::Signal) -> bool {
     }
 }
 
-// ---- the `kernel` provider (see crate::rootfs::kernel) -------------------------------------------
+// ---- the `kernel` root filesystem provider ---------------------------------------------
 
 /// Set only the calling thread's effective uid (the raw system call: glibc's `seteuid`
 /// changes every thread of the process). A caller whose real uid is root (slurmstepd with
@@ -569,4 +569,50 @@ pub fn mount_set_idmap(mount: BorrowedFd<'_>, userns: BorrowedFd<'_>) -> io::Res
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+// ---- dropping to the user between fork and exec ---------------------------------------
+
+/// Who the holder runs as when the caller is root (the plugin in slurmstepd).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+/// Make `cmd` run as `run_as` (when given; the caller is root, maybe with only its
+/// effective uid dropped, as in slurmstepd), optionally dying with the thread that starts
+/// it, with no inherited descriptor beyond stdio.
+pub fn run_as_on_exec(
+    cmd: &mut std::process::Command,
+    run_as: Option<Credentials>,
+    die_with_parent: bool,
+) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure makes only async-signal-safe system calls
+    // (setgroups, setresgid, setresuid, prctl, close_range) on data prepared before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(c) = &run_as {
+                // No allocation here: the caller may be multi-threaded (slurmstepd).
+                // slurmstepd runs spank callbacks with only its effective uid dropped to the
+                // user; take root back first (the real uid is root) so the drop is complete.
+                if libc::getuid() == 0 && libc::geteuid() != 0 {
+                    libc::seteuid(0);
+                }
+                if libc::setgroups(c.groups.len(), c.groups.as_ptr()) != 0
+                    || libc::setresgid(c.gid, c.gid, c.gid) != 0
+                    || libc::setresuid(c.uid, c.uid, c.uid) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if die_with_parent {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+            }
+            cloexec_from(3)
+        });
+    }
 }
