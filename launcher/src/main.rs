@@ -7,8 +7,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use ferry::container::env::parse_assignment;
+use ferry::container::exit_code;
 use ferry::container::holder::PrepareOptions;
-use ferry::container::run::{run, EXIT_SETUP_FAILED};
+use ferry::container::run::run;
 use ferry::container::spec::{ContainerSpec, RootfsProvider};
 use ferry::container::user::UserInfo;
 use ferry::image::oci::Image;
@@ -214,7 +215,7 @@ fn report(outcome: anyhow::Result<i32>) -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ferry: error: {e:#}");
-            EXIT_SETUP_FAILED
+            exit_code::SETUP_FAILED
         }
     }
 }
@@ -244,7 +245,7 @@ fn clean_up_on_termination() {
         if let Ok(sig) = set.wait() {
             let removed = ferry::store::cache::remove_live_work_areas();
             eprintln!("ferry: error: stopped by {sig}; removed {removed} partial work area(s)");
-            std::process::exit(128 + sig as i32);
+            std::process::exit(exit_code::killed_by(sig as i32));
         }
     });
 }

@@ -375,7 +375,7 @@ pub extern "C" fn slurm_spank_task_init(
             let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
         }
         tracing::debug!("task_init: {e}");
-        ferry::sys::raw::exit_immediately(remote::SETUP_FAILED_EXIT_CODE)
+        ferry::sys::raw::exit_immediately(ferry::container::exit_code::SETUP_FAILED)
     })
 }
 

@@ -19,9 +19,6 @@ use crate::options::OptionValues;
 use crate::request::{self, StepRequest};
 use crate::site::PluginSettings;
 
-/// Exit status of a task whose container could not be set up (`ferry run` uses the same).
-pub const SETUP_FAILED_EXIT_CODE: i32 = 125;
-
 /// Step ids Slurm uses for things that are not `srun` steps (slurm.h).
 const SLURM_INTERACTIVE_STEP: u32 = 0xffff_fffa;
 const SLURM_BATCH_SCRIPT: u32 = 0xffff_fffb;

@@ -4,6 +4,7 @@
 
 pub mod entrypoint;
 pub mod env;
+pub mod exit_code;
 pub mod holder;
 pub mod join;
 pub mod namespace;

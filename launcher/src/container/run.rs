@@ -11,15 +11,11 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::container::env;
+use crate::container::exit_code;
 use crate::container::holder::{self, PrepareError, PrepareOptions};
 use crate::container::join::{self, JoinError, Namespaces};
 use crate::container::spec::ContainerSpec;
 use crate::sys::raw;
-
-/// Exit status for ferry's own failures (as podman and docker use it).
-pub const EXIT_SETUP_FAILED: i32 = 125;
-pub const EXIT_CANNOT_EXECUTE: i32 = 126;
-pub const EXIT_NOT_FOUND: i32 = 127;
 
 const FORWARDED: [Signal; 9] = [
     Signal::SIGTERM,
@@ -135,17 +131,17 @@ pub fn run(
 fn supervise(child: Pid, mask: &SigSet) -> i32 {
     loop {
         let Ok(info) = raw::wait_signal(mask) else {
-            return EXIT_SETUP_FAILED;
+            return exit_code::SETUP_FAILED;
         };
         if info.si_signo == libc::SIGCHLD {
             loop {
                 match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
                     Ok(WaitStatus::Exited(_, code)) => return code,
-                    Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+                    Ok(WaitStatus::Signaled(_, sig, _)) => return exit_code::killed_by(sig as i32),
                     Ok(WaitStatus::StillAlive) => break,
                     Ok(_) => continue,
                     Err(nix::Error::EINTR) => continue,
-                    Err(_) => return EXIT_SETUP_FAILED,
+                    Err(_) => return exit_code::SETUP_FAILED,
                 }
             }
         } else if raw::sent_by_process(&info) {
@@ -169,7 +165,7 @@ fn exec_in_container(
     let _ = mask.thread_unblock();
     if let Err(e) = join::join(ns, workdir) {
         eprintln!("ferry: error: {e}");
-        std::process::exit(EXIT_SETUP_FAILED);
+        std::process::exit(exit_code::SETUP_FAILED);
     }
     exec_searching(args, envp, search_path)
 }
@@ -195,7 +191,7 @@ pub fn exec_searching(args: &[CString], envp: &[CString], search_path: &str) -> 
             Err(nix::Error::EACCES) => denied = true,
             Err(nix::Error::ENOEXEC) => {
                 eprintln!("ferry: error: cannot execute {}: not an executable this system can run (wrong architecture or missing #! line)", c.to_string_lossy());
-                std::process::exit(EXIT_CANNOT_EXECUTE);
+                std::process::exit(exit_code::CANNOT_EXECUTE);
             }
             _ => {}
         }
@@ -203,12 +199,12 @@ pub fn exec_searching(args: &[CString], envp: &[CString], search_path: &str) -> 
     let name = String::from_utf8_lossy(program);
     if denied {
         eprintln!("ferry: error: permission denied executing `{name}` in the container");
-        std::process::exit(EXIT_CANNOT_EXECUTE);
+        std::process::exit(exit_code::CANNOT_EXECUTE);
     }
     if program.contains(&b'/') {
         eprintln!("ferry: error: command not found in the container: {name}");
     } else {
         eprintln!("ferry: error: command not found in the container: {name} (searched PATH={search_path})");
     }
-    std::process::exit(EXIT_NOT_FOUND);
+    std::process::exit(exit_code::NOT_FOUND);
 }

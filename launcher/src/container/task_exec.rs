@@ -34,8 +34,9 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use crate::container::entrypoint::{self, ImageStart};
+use crate::container::exit_code;
 use crate::container::join::{self, Namespaces};
-use crate::container::run::{exec_searching, EXIT_SETUP_FAILED};
+use crate::container::run::exec_searching;
 
 /// The variable that makes `ferry` a task's program; it holds a [`TaskExec`] as JSON.
 pub const ENV: &str = "FERRY_TASK_EXEC";
@@ -113,7 +114,7 @@ pub fn run_if_asked() {
 
 fn fail(message: &str) -> ! {
     eprintln!("ferry: error: {message}");
-    std::process::exit(EXIT_SETUP_FAILED)
+    std::process::exit(exit_code::SETUP_FAILED)
 }
 
 fn exec_task(value: &std::ffi::OsStr) -> ! {
@@ -257,7 +258,7 @@ fn run_then_save(task: &TaskExec, save: &SaveAfterTasks) -> ! {
         if let Ok(sig) = Signal::try_from(sig) {
             let _ = nix::sys::signal::raise(sig);
         }
-        std::process::exit(128 + sig);
+        std::process::exit(exit_code::killed_by(sig));
     }
     std::process::exit(status.code().unwrap_or(1))
 }
