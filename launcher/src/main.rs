@@ -10,7 +10,7 @@ use ferry::container::env::parse_assignment;
 use ferry::container::exit_code;
 use ferry::container::holder::PrepareOptions;
 use ferry::container::run::run;
-use ferry::container::spec::{ContainerSpec, RootfsProvider};
+use ferry::container::spec::{ContainerSpec, Provider, RootfsProvider, UnknownProvider};
 use ferry::container::user::UserInfo;
 use ferry::image::oci::Image;
 use ferry::image::reference::ImageRef;
@@ -93,8 +93,8 @@ struct RunArgs {
     /// nothing copied), `unpack` (unpacked once into the cache and reused: no FUSE on
     /// the read path, costs disk) or `kernel` (mounted by the kernel's squashfs driver;
     /// root only: for admins testing what the plugin does where the site enables it).
-    #[arg(long, value_name = "PROVIDER", default_value = "squashfuse")]
-    rootfs: String,
+    #[arg(long, value_name = "PROVIDER", value_enum, default_value_t)]
+    rootfs: Provider,
     /// GPUs inside: `all`, `none`, or indexes (0,2: /dev/nvidia0 and /dev/nvidia2), with the
     /// host's driver libraries and nvidia-smi. Default: those the scheduler gave the job
     /// (SLURM_STEP_GPUS, CUDA_VISIBLE_DEVICES), else none.
@@ -166,7 +166,7 @@ fn main() {
     // process has one thread.
     ferry::container::task_exec::run_if_asked();
     init_logging();
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| usage_error(e));
     let code = match cli.command {
         Command::Hold => ferry::container::holder::hold(),
         Command::ProbeImage { path } => report(probe_image(&path)),
@@ -196,6 +196,25 @@ fn main() {
         Command::Inspect(args) => report(inspect_command(args).map(|()| 0)),
     };
     std::process::exit(code);
+}
+
+/// clap's own usage errors, except an unknown `--rootfs` provider: that is a setup failure
+/// of `ferry run` like the others, one line and [`exit_code::SETUP_FAILED`].
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() == ErrorKind::InvalidValue {
+        if let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
+            e.get(ContextKind::InvalidArg),
+            e.get(ContextKind::InvalidValue),
+        ) {
+            if arg.starts_with("--rootfs") {
+                let unknown = UnknownProvider(value.clone());
+                eprintln!("ferry: error: --rootfs {value}: {unknown}");
+                std::process::exit(exit_code::SETUP_FAILED);
+            }
+        }
+    }
+    e.exit()
 }
 
 fn init_logging() {
@@ -306,26 +325,22 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     let user = UserInfo::current()?;
     let image_ref = ImageRef::parse(&args.image, &cwd)?;
     // Imported images stay in the cache while they run: a gc then passes them by.
-    let provider = match args.rootfs.as_str() {
-        "squashfuse" => RootfsProvider::Squashfuse,
-        "unpack" => {
+    let provider = match args.rootfs {
+        Provider::Squashfuse => RootfsProvider::Squashfuse,
+        Provider::Unpack => {
             let dir = open_cache(&args.cache)?.unpack_root(user.uid);
             RootfsProvider::Unpack {
                 owned_from: dir.clone(),
                 dir,
             }
         }
-        "kernel" => {
+        Provider::Kernel => {
             // Only root may mount with the kernel's driver; users get it through the plugin.
             if !nix::unistd::geteuid().is_root() {
                 return Err(ferry::rootfs::kernel::KernelError::NeedsRoot.into());
             }
             RootfsProvider::Kernel
         }
-        other => anyhow::bail!(
-            "--rootfs {other}: unknown provider (known: {})",
-            RootfsProvider::NAMES.join(", ")
-        ),
     };
     let (image, _in_use) = if let ImageRef::Local(path) = &image_ref {
         (path.clone(), None)

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+use ferry::container::spec::Provider;
 use ferry::slurm::srun_args;
 use slurm_spank::Context;
 use tracing::{debug, info, warn};
@@ -203,12 +204,8 @@ pub fn resolve(
         .transpose()?;
     let rootfs = opts.rootfs.clone().or(job.rootfs);
     if let Some(r) = &rootfs {
-        if !ferry::container::spec::RootfsProvider::NAMES.contains(&r.as_str()) {
-            return Err(format!(
-                "--container-rootfs={r}: unknown provider (known: {})",
-                ferry::container::spec::RootfsProvider::NAMES.join(", ")
-            ));
-        }
+        r.parse::<Provider>()
+            .map_err(|e| format!("--container-rootfs={r}: {e}"))?;
     }
     let gpus = opts.gpus.clone().or(job.gpus);
     if let Some(g) = &gpus {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry::container::holder::PrepareOptions;
-use ferry::container::spec::{ContainerSpec, RootfsProvider};
+use ferry::container::spec::{ContainerSpec, Provider, RootfsProvider};
 use ferry::container::user::UserInfo;
 use ferry::rootfs::gpu::GpuRequest;
 use ferry::rootfs::mounts::MountSpec;
@@ -387,11 +387,16 @@ fn container_spec(
         }
     }
     spec.site = settings.site_settings();
-    let provider = req.rootfs.as_deref().unwrap_or(&settings.rootfs);
+    let provider = match req.rootfs.as_deref() {
+        Some(name) => name
+            .parse()
+            .map_err(|e| format!("--container-rootfs={name}: {e}"))?,
+        None => settings.rootfs,
+    };
     spec.rootfs = match provider {
-        "squashfuse" => RootfsProvider::Squashfuse,
+        Provider::Squashfuse => RootfsProvider::Squashfuse,
         // Node-local, per user, kept across jobs (the job epilog removes only jobJOB/).
-        "unpack" => {
+        Provider::Unpack => {
             let user_dir = settings
                 .named_dir
                 .join(ferry::rootfs::user_dir::name(step.uid));
@@ -401,20 +406,14 @@ fn container_spec(
             }
         }
         // Only where the admin allows it: users cannot turn this on themselves.
-        "kernel" if settings.kernel_squashfs => RootfsProvider::Kernel,
-        "kernel" => {
+        Provider::Kernel if settings.kernel_squashfs => RootfsProvider::Kernel,
+        Provider::Kernel => {
             return Err(
                 "--container-rootfs=kernel: the kernel squashfs provider is not enabled on \
                  this cluster; an admin must enable it (kernel_squashfs=yes in plugstack.conf), \
                  or use squashfuse or unpack"
                     .into(),
             )
-        }
-        other => {
-            return Err(format!(
-                "--container-rootfs={other}: unknown provider (known: {})",
-                RootfsProvider::NAMES.join(", ")
-            ))
         }
     };
     spec.gpus = step_gpus(req.gpus.as_deref(), settings.gpus, |name| {

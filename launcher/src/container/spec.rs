@@ -79,9 +79,48 @@ pub enum RootfsProvider {
     Kernel,
 }
 
-impl RootfsProvider {
-    /// The names users and admins write (`--rootfs`, `--container-rootfs`, `rootfs=`).
-    pub const NAMES: &'static [&'static str] = &["squashfuse", "unpack", "kernel"];
+/// A root filesystem provider by the name users and admins write (`--rootfs`,
+/// `--container-rootfs`, `rootfs=`); every such name is parsed here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Provider {
+    #[default]
+    Squashfuse,
+    Unpack,
+    Kernel,
+}
+
+impl Provider {
+    pub const ALL: [Provider; 3] = [Provider::Squashfuse, Provider::Unpack, Provider::Kernel];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::Squashfuse => "squashfuse",
+            Provider::Unpack => "unpack",
+            Provider::Kernel => "kernel",
+        }
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A provider name that is none of [`Provider::ALL`]; callers put the option in front.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown provider (known: {})", Provider::ALL.map(Provider::name).join(", "))]
+pub struct UnknownProvider(pub String);
+
+impl std::str::FromStr for Provider {
+    type Err = UnknownProvider;
+
+    fn from_str(text: &str) -> Result<Provider, UnknownProvider> {
+        Provider::ALL
+            .into_iter()
+            .find(|p| p.name() == text)
+            .ok_or_else(|| UnknownProvider(text.to_string()))
+    }
 }
 
 /// Where an unpacked container lives: `dir`, made private to the user from `owned_from` down.
@@ -147,5 +186,23 @@ impl ContainerSpec {
             user,
             site: SiteSettings::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_names_parse_and_print_alike() {
+        for p in Provider::ALL {
+            assert_eq!(p.to_string().parse::<Provider>(), Ok(p));
+            let value = clap::ValueEnum::to_possible_value(&p).unwrap();
+            assert_eq!(value.get_name(), p.name());
+        }
+        assert_eq!(
+            "fancy".parse::<Provider>().unwrap_err().to_string(),
+            "unknown provider (known: squashfuse, unpack, kernel)"
+        );
     }
 }

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::container::spec::{ContainerCli, SiteSettings};
+use crate::container::spec::{ContainerCli, Provider, SiteSettings};
 use crate::rootfs::mounts::{MountSpec, MountSpecError};
 
 /// Where the `ferry` program is when plugstack.conf does not say.
@@ -64,7 +64,7 @@ pub struct PluginSettings {
     /// `rootfs=squashfuse|unpack|kernel`: the root filesystem provider of steps that do not
     /// choose one with `--container-rootfs` (default `squashfuse`; `kernel` only with
     /// `kernel_squashfs=yes`).
-    pub rootfs: String,
+    pub rootfs: Provider,
     /// `kernel_squashfs=yes|no`: allow the `kernel` provider, where slurmstepd (root) mounts
     /// the image with the kernel's squashfs driver (default `no`: the driver then never
     /// parses a user's image).
@@ -133,7 +133,7 @@ impl Default for PluginSettings {
             named_dir: PathBuf::from("/tmp"),
             registry_ca_file: None,
             insecure_registries: Vec::new(),
-            rootfs: "squashfuse".to_string(),
+            rootfs: Provider::Squashfuse,
             kernel_squashfs: false,
             import_on_submit: false,
             gpus: GpuDefault::Auto,
@@ -302,10 +302,9 @@ impl PluginSettings {
                     }
                 }
                 "rootfs" => {
-                    if !crate::container::spec::RootfsProvider::NAMES.contains(&value) {
-                        return Err(SiteError::Rootfs(value.to_string()));
-                    }
-                    s.rootfs = value.to_string();
+                    s.rootfs = value
+                        .parse()
+                        .map_err(|_| SiteError::Rootfs(value.to_string()))?
                 }
                 "insecure_registries" => {
                     for host in value.split(',').map(str::trim).filter(|v| !v.is_empty()) {
@@ -336,7 +335,7 @@ impl PluginSettings {
                 }
             }
         }
-        if s.rootfs == "kernel" && !s.kernel_squashfs {
+        if s.rootfs == Provider::Kernel && !s.kernel_squashfs {
             return Err(SiteError::KernelNotEnabled);
         }
         Ok(s)
@@ -526,10 +525,10 @@ mod tests {
         assert!(!parse(&[]).unwrap().kernel_squashfs);
         let s = parse(&["kernel_squashfs=yes"]).unwrap();
         assert!(s.kernel_squashfs);
-        assert_eq!(s.rootfs, "squashfuse");
+        assert_eq!(s.rootfs, Provider::Squashfuse);
         // As the site default too, in either order, but never without the key.
         let s = parse(&["rootfs=kernel", "kernel_squashfs=yes"]).unwrap();
-        assert_eq!((s.rootfs.as_str(), s.kernel_squashfs), ("kernel", true));
+        assert_eq!((s.rootfs, s.kernel_squashfs), (Provider::Kernel, true));
         assert_eq!(parse(&["rootfs=kernel"]), Err(SiteError::KernelNotEnabled));
         assert_eq!(
             parse(&["rootfs=kernel", "kernel_squashfs=no"]),
