@@ -15,6 +15,7 @@ use ferry::container::user::UserInfo;
 use ferry::image::oci::Image;
 use ferry::image::reference::ImageRef;
 use ferry::rootfs::mounts::MountSpec;
+use ferry::slurm::site::ImportSettings;
 use ferry::store::cache::{format_size, parse_size, Cache};
 use ferry::store::import::{self, ImportOptions};
 
@@ -269,46 +270,15 @@ fn clean_up_on_termination() {
     });
 }
 
-/// A whole number from the environment; unset or empty is None.
-fn env_number(name: &str) -> anyhow::Result<Option<u64>> {
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse::<u64>()
-            .map(Some)
-            .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a whole number (e.g. {name}=3)")),
-        _ => Ok(None),
-    }
-}
-
 fn import_options() -> anyhow::Result<ImportOptions> {
-    let mut opts = ImportOptions {
+    // A site's registry settings come this way from the plugin, a user's from their shell.
+    let settings = ImportSettings::from_env(|name| std::env::var_os(name))?;
+    Ok(ImportOptions {
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr())
             && ferry::image::registry::Progress::auto().speaks(),
+        registry: ferry::image::registry::ClientOptions::with_site(&settings),
         ..ImportOptions::default()
-    };
-    // A site registry's private CA (the plugin passes the site's registry_ca_file).
-    if let Some(ca) = std::env::var_os("FERRY_REGISTRY_CA_FILE").filter(|v| !v.is_empty()) {
-        opts.registry.ca_file = Some(ca.into());
-    }
-    // How hard to try a flaky registry (enroot's ENROOT_TRANSFER_RETRIES/_TIMEOUT).
-    if let Some(n) = env_number("FERRY_REGISTRY_RETRIES")? {
-        opts.registry.retries = n as u32;
-    }
-    if let Some(secs) = env_number("FERRY_REGISTRY_TIMEOUT")? {
-        opts.registry.read_timeout = std::time::Duration::from_secs(secs.max(1));
-        opts.registry.connect_timeout = opts.registry.read_timeout;
-    }
-    // Registries to reach over plain http (a test or site registry without TLS).
-    if let Ok(list) = std::env::var("FERRY_INSECURE_REGISTRIES") {
-        opts.registry.insecure_registries.extend(
-            list.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_string),
-        );
-    }
-    Ok(opts)
+    })
 }
 
 fn probe_image(path: &std::path::Path) -> anyhow::Result<i32> {

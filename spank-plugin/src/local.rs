@@ -398,15 +398,9 @@ pub fn import_now(
     // stderr is the user's: `ferry import` draws its bar there on a terminal, writes plain
     // lines into a file, and says its own one-line error.
     cmd.args(["import", image])
-        .env(
-            "FERRY_INSECURE_REGISTRIES",
-            settings.insecure_registries.join(","),
-        )
+        .envs(settings.import_settings().to_env())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());
-    if let Some(ca) = &settings.registry_ca_file {
-        cmd.env("FERRY_REGISTRY_CA_FILE", ca);
-    }
     if quiet || settings.quiet {
         cmd.env(ferry::image::registry::progress::QUIET_ENV, "1");
     }
@@ -442,12 +436,10 @@ pub fn pin_tag(req: &mut StepRequest, settings: &ferry::slurm::site::PluginSetti
         return;
     };
     let opts = ferry::image::registry::ClientOptions {
-        insecure_registries: settings.insecure_registries.clone(),
-        ca_file: settings.registry_ca_file.clone(),
         retries: 0,
         connect_timeout: std::time::Duration::from_secs(3),
         read_timeout: std::time::Duration::from_secs(10),
-        ..Default::default()
+        ..ferry::image::registry::ClientOptions::with_site(&settings.import_settings())
     };
     let started = std::time::Instant::now();
     match ferry::store::import::pin_reference(&image, &opts) {

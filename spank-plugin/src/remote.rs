@@ -507,15 +507,12 @@ fn import_as_user(
     user: &UserInfo,
     image: &str,
 ) -> Result<PathBuf, String> {
-    let insecure = settings.insecure_registries.join(",");
+    let site = settings.import_settings().to_env();
     let mut env = vec![
         ("HOME", user.home.as_os_str()),
         ("USER", user.name.as_ref()),
-        ("FERRY_INSECURE_REGISTRIES", insecure.as_ref()),
     ];
-    if let Some(ca) = &settings.registry_ca_file {
-        env.push(("FERRY_REGISTRY_CA_FILE", ca.as_os_str()));
-    }
+    env.extend(site.iter().map(|(name, value)| (*name, value.as_os_str())));
     let started = std::time::Instant::now();
     let stdout = run_ferry_as_user(step, settings, &["import".as_ref(), image.as_ref()], &env)
         .map_err(|e| format!("cannot import {image}: {e}"))?;

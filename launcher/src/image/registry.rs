@@ -180,13 +180,22 @@ impl Default for ClientOptions {
 }
 
 impl ClientOptions {
-    /// The defaults plus the site's registry settings from plugstack.conf.
-    pub fn with_site(settings: &crate::slurm::site::PluginSettings) -> ClientOptions {
-        ClientOptions {
+    /// The defaults with `settings` applied: the site's (plugstack.conf), or those
+    /// `ferry import` read from its environment.
+    pub fn with_site(settings: &crate::slurm::site::ImportSettings) -> ClientOptions {
+        let mut opts = ClientOptions {
             insecure_registries: settings.insecure_registries.clone(),
-            ca_file: settings.registry_ca_file.clone(),
+            ca_file: settings.ca_file.clone(),
             ..ClientOptions::default()
+        };
+        if let Some(n) = settings.retries {
+            opts.retries = n;
         }
+        if let Some(secs) = settings.timeout_secs {
+            opts.read_timeout = Duration::from_secs(secs.max(1));
+            opts.connect_timeout = opts.read_timeout;
+        }
+        opts
     }
 }
 
