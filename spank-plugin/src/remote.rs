@@ -124,7 +124,7 @@ fn run_ferry_as_user(
         } => {
             if !status.success() {
                 let stderr = String::from_utf8_lossy(&stderr);
-                let line = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+                let line = ferry::sys::child::last_line(&stderr);
                 return Err(line.trim_start_matches("ferry: error: ").to_string());
             }
             Ok(String::from_utf8_lossy(&stdout).into_owned())

@@ -216,8 +216,8 @@ fn last_words(out: &OwnedFd) -> Option<String> {
     let mut said = crate::sys::child::CappedBuffer::default();
     said.read_available(out.as_fd(), MAX_LAST_WORDS);
     let text = String::from_utf8_lossy(&said.bytes);
-    text.lines()
-        .rfind(|l| !l.trim().is_empty())
+    Some(crate::sys::child::last_line(&text))
+        .filter(|l| !l.is_empty())
         .map(str::to_string)
 }
 

@@ -16,7 +16,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::mount::MsFlags;
 use nix::sched::CloneFlags;
@@ -995,30 +995,10 @@ fn slurm_version() -> Option<(u32, String)> {
 
 /// stdout of a command that exited 0 within [`COMMAND_TIMEOUT`].
 fn run_with_timeout(cmd: &mut Command) -> Option<String> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let start = Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                let mut out = String::new();
-                child.stdout.take()?.read_to_string(&mut out).ok()?;
-                return status.success().then_some(out);
-            }
-            Ok(None) if start.elapsed() < COMMAND_TIMEOUT => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-        }
-    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+    let tool = cmd.get_program().to_string_lossy().into_owned();
+    let out = crate::sys::child::run_tool(&tool, cmd, Some(COMMAND_TIMEOUT)).ok()?;
+    String::from_utf8(out.stdout).ok()
 }
 
 /// The Slurm checks: oci.conf, the plugstack line and its arguments, the plugin's version.

@@ -1,4 +1,5 @@
-//! squashfs images: the superblock checks done before mounting, and the squashfuse program.
+//! squashfs images: the superblock checks done before mounting, the squashfuse program, and
+//! the mksquashfs command that makes images.
 
 use std::path::{Path, PathBuf};
 
@@ -82,6 +83,26 @@ impl Superblock {
             bytes_used,
         })
     }
+}
+
+/// The mksquashfs command that squashes `dir` into the image `out` as ferry makes every
+/// image (imports, `ferry save`, `--container-save`): zstd at `zstd_level`, every file owned
+/// by root (as in images built by root), no xattrs, `out` replaced. Callers add their own
+/// options (exclusions, threads, progress) and set stdout.
+pub fn mksquashfs_command(
+    program: &Path,
+    dir: &Path,
+    out: &Path,
+    zstd_level: u32,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(program);
+    cmd.arg(dir)
+        .arg(out)
+        .args(["-noappend", "-comp", "zstd", "-Xcompression-level"])
+        .arg(zstd_level.to_string())
+        .args(["-all-root", "-no-xattrs"])
+        .stdin(std::process::Stdio::null());
+    cmd
 }
 
 /// The squashfuse program to use: the site's choice, else `squashfuse_ll` (multi-threaded,

@@ -664,11 +664,9 @@ fn mount_squashfs(inputs: &Inputs, offset: u64) -> Result<Child, RootfsError> {
                     let _ = child.kill();
                     let _ = child.wait();
                     let log = fs::read_to_string(&log_path).unwrap_or_default();
-                    let detail = log
-                        .lines()
-                        .rfind(|l| !l.trim().is_empty())
-                        .map(str::to_string)
-                        .unwrap_or_else(|| e.to_string());
+                    let detail = Some(crate::sys::child::last_line(&log))
+                        .filter(|l| !l.is_empty())
+                        .map_or_else(|| e.to_string(), str::to_string);
                     return Err(RootfsError::ImageMount {
                         path: inputs.image_path.clone(),
                         detail: format!("squashfuse: {detail}"),
@@ -1022,7 +1020,6 @@ fn run_image_ldconfig(spec: &ContainerSpec, dirs: &[PathBuf]) -> Result<(), Stri
     conf.push_str("include /etc/ld.so.conf\n");
     fs::write(work.join("ld.so.conf"), conf).map_err(|e| e.to_string())?;
     let work_dir = File::open(&work).map_err(|e| e.to_string())?;
-    let log = File::create(Path::new(FILES).join("ldconfig.log")).map_err(|e| e.to_string())?;
     const WORK_FD: i32 = 3;
     let via = format!("/proc/self/fd/{WORK_FD}");
     let mut cmd = Command::new(ldconfig);
@@ -1034,8 +1031,7 @@ fn run_image_ldconfig(spec: &ContainerSpec, dirs: &[PathBuf]) -> Result<(), Stri
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .stdin(host_null().map_err(|e| e.to_string())?)
-        .stdout(host_null().map_err(|e| e.to_string())?)
-        .stderr(log);
+        .stdout(host_null().map_err(|e| e.to_string())?);
     let dir_fd = work_dir.as_raw_fd();
     // SAFETY: the closure only makes async-signal-safe system calls (dup, dup2, fcntl,
     // chroot, chdir) on values computed before fork.
@@ -1055,29 +1051,13 @@ fn run_image_ldconfig(spec: &ContainerSpec, dirs: &[PathBuf]) -> Result<(), Stri
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot run the image's {ldconfig}: {e}"))?;
     let started = Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if started.elapsed() > Duration::from_secs(60) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("the image's {ldconfig} took over 60 s"));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(1)),
-            Err(e) => return Err(e.to_string()),
-        }
-    };
+    let tool = format!("the image's {ldconfig}");
+    crate::sys::child::run_tool(&tool, &mut cmd, Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
     let cache = work.join("ld.so.cache");
-    if !status.success() || !cache.is_file() {
-        let log = fs::read_to_string(Path::new(FILES).join("ldconfig.log")).unwrap_or_default();
-        return Err(format!(
-            "the image's {ldconfig} failed ({status}): {}",
-            log.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("")
-        ));
+    if !cache.is_file() {
+        return Err(format!("{tool} wrote no loader cache"));
     }
     tracing::debug!("ldconfig took {:?}", started.elapsed());
     install_loader_cache(spec, &cache)

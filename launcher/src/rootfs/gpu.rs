@@ -301,19 +301,12 @@ pub fn host_files(
 
 /// `nvidia-container-cli list --libraries --binaries`, run as the caller.
 fn container_cli_listing(cli: &Path) -> Result<String, String> {
-    let out = std::process::Command::new(cli)
-        .args(["list", "--libraries", "--binaries"])
+    let mut cmd = std::process::Command::new(cli);
+    cmd.args(["list", "--libraries", "--binaries"])
         .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", cli.display()))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!(
-            "{} list failed: {}",
-            cli.display(),
-            err.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("")
-        ));
-    }
+        .stdout(std::process::Stdio::piped());
+    let tool = format!("{} list", cli.display());
+    let out = crate::sys::child::run_tool(&tool, &mut cmd, None).map_err(|e| e.to_string())?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 

@@ -210,7 +210,7 @@ impl Probe {
             }
             crate::sys::child::HelperEnd::Exited { stderr, .. } => {
                 let text = String::from_utf8_lossy(&stderr);
-                let line = text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+                let line = crate::sys::child::last_line(&text);
                 Err(KernelError::Probed(
                     line.trim_start_matches("ferry: error: ").to_string(),
                 ))

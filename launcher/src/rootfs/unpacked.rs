@@ -11,14 +11,16 @@ use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 /// The apt setting `assembly::let_apt_stay_root` writes, under /etc/apt/apt.conf.d.
 pub const APT_REMAP_ROOT_FILE: &str = "99ferry-remap-root";
 
 use nix::fcntl::Flock;
 
+use crate::image::squashfs::mksquashfs_command;
 use crate::image::ImageKind;
+use crate::sys::child::{run_tool, ToolError};
 
 /// The unpacked root filesystem inside a container directory.
 pub const ROOTFS: &str = "rootfs";
@@ -303,18 +305,24 @@ fn is_harmless(line: &str) -> bool {
         || line.starts_with("Exit status")
 }
 
-fn run_tolerant(cmd: &mut Command, what: &str) -> Result<(), String> {
-    let out = cmd
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {what}: {e}"))?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    match stderr.lines().find(|l| !is_harmless(l)) {
-        None => Ok(()),
-        Some(line) => Err(format!("{what}: {}", line.trim())),
+fn run_tolerant(cmd: &mut Command, what: &str) -> Result<(), ToolError> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::null());
+    match run_tool(what, cmd, None) {
+        Err(ToolError::Failed { stderr, .. }) if stderr.lines().all(is_harmless) => Ok(()),
+        Err(ToolError::Failed {
+            tool,
+            status,
+            stderr,
+        }) => {
+            // Its first real complaint, not the harmless lines before or after it.
+            let line = stderr.lines().find(|l| !is_harmless(l)).unwrap_or("");
+            Err(ToolError::Failed {
+                tool,
+                status,
+                stderr: line.to_string(),
+            })
+        }
+        other => other.map(drop),
     }
 }
 
@@ -325,13 +333,8 @@ fn unsquash(image: &Path, offset: u64, into: &Path) -> Result<(), String> {
         .arg("-o")
         .arg(offset.to_string())
         .arg(image);
-    run_tolerant(&mut cmd, "unsquashfs").map_err(|e| {
-        if e.starts_with("cannot run") {
-            format!("{e} (install squashfs-tools)")
-        } else {
-            e
-        }
-    })?;
+    run_tolerant(&mut cmd, "unsquashfs")
+        .map_err(|e| e.with_hint("install squashfs-tools").to_string())?;
     if !into.is_dir() {
         return Err("unsquashfs made no root directory".into());
     }
@@ -344,7 +347,7 @@ fn copy_tree(from: &Path, into: &Path) -> Result<(), String> {
         .arg(from.join("."))
         .arg(into);
     fs::create_dir(into).map_err(|e| e.to_string())?;
-    run_tolerant(&mut cmd, "cp")
+    run_tolerant(&mut cmd, "cp").map_err(|e| e.to_string())
 }
 
 /// Squash the root filesystem `rootfs` into the image `output`, atomically: the image
@@ -372,20 +375,9 @@ pub fn save(rootfs: &Path, output: &Path) -> Result<(), NamedError> {
     partial_name.push(name);
     partial_name.push(format!(".ferry-{}.partial", std::process::id()));
     let partial = parent.join(partial_name);
-    let out = Command::new("mksquashfs")
-        .arg(rootfs)
-        .arg(&partial)
-        .args([
-            "-noappend",
-            "-comp",
-            "zstd",
-            "-Xcompression-level",
-            &crate::store::import::DEFAULT_ZSTD_LEVEL.to_string(),
-            "-all-root",
-            "-no-xattrs",
-            "-quiet",
-            "-no-progress",
-        ])
+    let level = crate::store::import::DEFAULT_ZSTD_LEVEL;
+    let mut cmd = mksquashfs_command(Path::new("mksquashfs"), rootfs, &partial, level);
+    cmd.args(["-quiet", "-no-progress"])
         // ferry's own apt setting for --remap-root is not part of the image.
         .arg("-e")
         .arg(format!("etc/apt/apt.conf.d/{}", APT_REMAP_ROOT_FILE))
@@ -395,25 +387,10 @@ pub fn save(rootfs: &Path, output: &Path) -> Result<(), NamedError> {
                 .iter()
                 .flat_map(|p| ["-e".as_ref(), p.as_os_str()]),
         )
-        .stdin(std::process::Stdio::null())
-        .output();
-    let failed = match out {
-        Err(e) => Some(format!(
-            "cannot run mksquashfs: {e} (install squashfs-tools)"
-        )),
-        Ok(out) if !out.status.success() => Some(
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .rfind(|l| !l.trim().is_empty())
-                .unwrap_or("mksquashfs failed")
-                .trim()
-                .to_string(),
-        ),
-        Ok(_) => None,
-    };
-    if let Some(detail) = failed {
+        .stdout(Stdio::null());
+    if let Err(e) = run_tool("mksquashfs", &mut cmd, None) {
         let _ = fs::remove_file(&partial);
-        return Err(fail(detail));
+        return Err(fail(e.with_hint("install squashfs-tools").to_string()));
     }
     fs::rename(&partial, output).map_err(|e| {
         let _ = fs::remove_file(&partial);

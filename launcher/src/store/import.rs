@@ -13,7 +13,7 @@
 use std::fs;
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use serde::Serialize;
 
@@ -23,6 +23,7 @@ use crate::image::oci::{Image, OciError};
 use crate::image::reference::ImageRef;
 use crate::image::squashfs::find_in_path;
 use crate::store::cache::{Built, Cache, CacheError, Entry};
+use crate::sys::child::{run_tool, ToolError};
 
 /// Largest /etc/environment read from an image to merge the config's Env into.
 const ENV_FILE_LIMIT: u64 = 1 << 20;
@@ -41,8 +42,8 @@ pub enum ImportError {
     Registry(#[from] crate::image::registry::RegistryError),
     #[error("mksquashfs not found: install squashfs-tools (Debian/Ubuntu: apt-get install squashfs-tools)")]
     NoMksquashfs,
-    #[error("mksquashfs failed ({status}): {detail}")]
-    Mksquashfs { status: String, detail: String },
+    #[error(transparent)]
+    Mksquashfs(ToolError),
     #[error("cannot {what} {path}: {error}")]
     Io {
         what: &'static str,
@@ -394,14 +395,9 @@ pub fn mksquashfs(
         .processors
         .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
         .unwrap_or(1);
-    let mut cmd = Command::new(&program);
-    cmd.arg(dir)
-        .arg(out)
-        .args(["-noappend", "-comp", "zstd", "-no-xattrs", "-all-root"])
-        .arg("-Xcompression-level")
-        .arg(opts.zstd_level.unwrap_or(DEFAULT_ZSTD_LEVEL).to_string())
-        .arg("-processors")
-        .arg(processors.to_string());
+    let level = opts.zstd_level.unwrap_or(DEFAULT_ZSTD_LEVEL);
+    let mut cmd = crate::image::squashfs::mksquashfs_command(&program, dir, out, level);
+    cmd.arg("-processors").arg(processors.to_string());
     if let Some(p) = pseudo {
         cmd.arg("-pf").arg(p);
     }
@@ -409,34 +405,17 @@ pub fn mksquashfs(
     if !show {
         cmd.args(["-quiet", "-no-progress"]);
     }
-    cmd.stdin(Stdio::null())
-        .stdout(if show {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => ImportError::NoMksquashfs,
-        _ => ImportError::Io {
-            what: "run",
-            path: program.clone(),
-            error: e,
-        },
+    cmd.stdout(if show {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
+    });
+    let output = run_tool("mksquashfs", &mut cmd, None).map_err(|e| match e {
+        ToolError::Start { error, .. } if error.kind() == io::ErrorKind::NotFound => {
+            ImportError::NoMksquashfs
+        }
+        e => ImportError::Mksquashfs(e),
     })?;
-    let output = child.wait_with_output().map_err(io_err("run", &program))?;
-    if !output.status.success() {
-        let text = String::from_utf8_lossy(&output.stderr);
-        let detail = text
-            .lines()
-            .rfind(|l| !l.trim().is_empty())
-            .unwrap_or("no message")
-            .to_string();
-        return Err(ImportError::Mksquashfs {
-            status: output.status.to_string(),
-            detail,
-        });
-    }
     if show {
         let _ = io::stderr().write_all(&output.stderr);
     }
@@ -483,6 +462,7 @@ pub fn export(image: &ImportedImage, out: &Path, opts: &ImportOptions) -> Result
 mod tests {
     use super::*;
     use crate::image::oci::tests::{make_docker_archive, make_layout};
+    use std::process::Command;
 
     fn unsquash_cat(sqsh: &Path, file: &str) -> String {
         let out = Command::new("unsquashfs")

@@ -263,9 +263,226 @@ fn stop_group(group: i32, pidfd: &Pidfd, grace: Duration) {
     pidfd.reap(Duration::from_secs(5));
 }
 
+/// An external program (mksquashfs, unsquashfs, ldconfig, scontrol, …) that did not do its
+/// job, named as the caller named it.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    #[error("cannot run {tool}: {error}{}", hint.map(|h| format!(" ({h})")).unwrap_or_default())]
+    Start {
+        tool: String,
+        error: io::Error,
+        /// How to get the program, for a missing one.
+        hint: Option<&'static str>,
+    },
+    #[error("{tool} took over {} s", limit.as_secs())]
+    TimedOut { tool: String, limit: Duration },
+    #[error("{tool} wrote more than {cap} bytes to its output: stopped it")]
+    TooMuchOutput { tool: String, cap: usize },
+    /// It ended without success; `stderr` is the end of what it said.
+    #[error("{tool} failed ({status}){}", colon(last_line(stderr)))]
+    Failed {
+        tool: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+}
+
+fn colon(detail: &str) -> String {
+    if detail.is_empty() {
+        String::new()
+    } else {
+        format!(": {detail}")
+    }
+}
+
+impl ToolError {
+    /// Say how to install the program when it could not be started.
+    pub fn with_hint(mut self, how: &'static str) -> ToolError {
+        if let ToolError::Start { hint, .. } = &mut self {
+            *hint = Some(how);
+        }
+        self
+    }
+
+    /// The program's last line on stderr (its error, for most), when it ran and failed.
+    pub fn last_line(&self) -> &str {
+        match self {
+            ToolError::Failed { stderr, .. } => last_line(stderr),
+            _ => "",
+        }
+    }
+}
+
+/// The last non-empty line of `text`, trimmed: where programs put their error.
+pub fn last_line(text: &str) -> &str {
+    text.lines()
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+}
+
+/// How much of a tool's stderr is kept (its end), and of its stdout (more is an error).
+const TOOL_STDERR_KEPT: usize = 1 << 20;
+const TOOL_STDOUT_CAP: usize = 16 << 20;
+
+/// Run `cmd`, a program ferry waits for, and return its output; an error names it as
+/// `tool` and keeps its last stderr line. stdin and stdout are as the caller set them
+/// (stdout is returned when piped); stderr is read by this function. With `limit`, a
+/// program still running by then is killed. No threads: this also runs in the holder,
+/// which may still have to enter a user namespace.
+pub fn run_tool(
+    tool: &str,
+    cmd: &mut Command,
+    limit: Option<Duration>,
+) -> Result<std::process::Output, ToolError> {
+    let start_error = |error| ToolError::Start {
+        tool: tool.to_string(),
+        error,
+        hint: None,
+    };
+    let mut child = cmd.stderr(Stdio::piped()).spawn().map_err(start_error)?;
+    let deadline = limit.map(|l| Instant::now() + l);
+    let mut stdout = child.stdout.take().map(OwnedFd::from);
+    let mut stderr = child.stderr.take().map(OwnedFd::from);
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let ended = loop {
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if left == Some(Duration::ZERO) {
+            break Err(ToolError::TimedOut {
+                tool: tool.to_string(),
+                limit: limit.unwrap_or_default(),
+            });
+        }
+        if stdout.is_none() && stderr.is_none() {
+            // Both pipes closed: it has ended, or is about to.
+            break match left {
+                None => child.wait().map_err(start_error),
+                Some(_) => match child.try_wait() {
+                    Ok(Some(status)) => Ok(status),
+                    Ok(None) => {
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    }
+                    Err(e) => Err(start_error(e)),
+                },
+            };
+        }
+        let slice = left.map_or(Duration::from_millis(100), |l| {
+            l.min(Duration::from_millis(100))
+        });
+        let mut fds: Vec<PollFd> = [&stdout, &stderr]
+            .into_iter()
+            .flatten()
+            .map(|fd| PollFd::new(fd, PollFlags::IN))
+            .collect();
+        match rustix::event::poll(&mut fds, Some(&timespec(slice))) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => break Err(start_error(e.into())),
+        }
+        drop(fds);
+        // A program that left a child holding its pipes has ended all the same: then what
+        // it wrote is read to the end (of what is there).
+        let exited = child.try_wait().ok().flatten();
+        let reads = if exited.is_some() { 1024 } else { 1 };
+        read_ready(&mut stderr, &mut err, reads);
+        let kept_from = err.len().saturating_sub(TOOL_STDERR_KEPT);
+        err.drain(..kept_from);
+        read_ready(&mut stdout, &mut out, reads);
+        if out.len() > TOOL_STDOUT_CAP {
+            break Err(ToolError::TooMuchOutput {
+                tool: tool.to_string(),
+                cap: TOOL_STDOUT_CAP,
+            });
+        }
+        if let Some(status) = exited {
+            break Ok(status);
+        }
+    };
+    let status = match ended {
+        Ok(status) => status,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+    };
+    if !status.success() {
+        return Err(ToolError::Failed {
+            tool: tool.to_string(),
+            status,
+            stderr: String::from_utf8_lossy(&err).into_owned(),
+        });
+    }
+    Ok(std::process::Output {
+        status,
+        stdout: out,
+        stderr: err,
+    })
+}
+
+/// Read from `pipe` what is there now, at most `reads` times; close it at its end of file.
+fn read_ready(pipe: &mut Option<OwnedFd>, into: &mut Vec<u8>, reads: usize) {
+    let mut chunk = [0u8; 16384];
+    for _ in 0..reads {
+        let Some(fd) = pipe else {
+            return;
+        };
+        let mut fds = [PollFd::new(&*fd, PollFlags::IN)];
+        if !matches!(rustix::event::poll(&mut fds, Some(&timespec(Duration::ZERO))), Ok(n) if n > 0)
+        {
+            return;
+        }
+        match rustix::io::read(&*fd, &mut chunk) {
+            Ok(0) => *pipe = None,
+            Ok(n) => into.extend_from_slice(&chunk[..n]),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => *pipe = None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_tool_is_named_with_its_last_line() {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "echo first >&2; echo 'last one  ' >&2; echo >&2; exit 4",
+        ]);
+        let e = run_tool("the tool", &mut cmd, None).unwrap_err();
+        assert_eq!(e.last_line(), "last one");
+        assert_eq!(e.to_string(), "the tool failed (exit status: 4): last one");
+        let mut cmd = Command::new("/nonexistent/tool");
+        let e = run_tool("tool", &mut cmd, None).unwrap_err();
+        let e = e.with_hint("install it");
+        assert!(e.to_string().starts_with("cannot run tool: "), "{e}");
+        assert!(e.to_string().ends_with(" (install it)"), "{e}");
+    }
+
+    #[test]
+    fn a_tool_gives_its_output_and_is_stopped_at_its_limit() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo out; echo err >&2"])
+            .stdout(Stdio::piped());
+        let out = run_tool("sh", &mut cmd, Some(Duration::from_secs(60))).unwrap();
+        assert_eq!(
+            (&out.stdout[..], &out.stderr[..]),
+            (&b"out\n"[..], &b"err\n"[..])
+        );
+        let mut cmd = Command::new("sleep");
+        cmd.arg("60");
+        let e = run_tool("sleep", &mut cmd, Some(Duration::from_millis(200))).unwrap_err();
+        assert!(matches!(e, ToolError::TimedOut { .. }), "{e:?}");
+        // A child that keeps the pipe open does not hold the caller up.
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "sleep 30 & echo done >&2"]);
+        let started = Instant::now();
+        run_tool("sh", &mut cmd, None).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(20));
+    }
 
     #[test]
     fn output_past_the_cap_kills_the_helper() {
