@@ -30,6 +30,7 @@ use std::sync::{Mutex, TryLockError};
 use slurm_spank::spank_sys;
 use slurm_spank::{spank_log, Context, LogLevel, OptionCache, SpankHandle};
 
+mod error;
 mod local;
 mod log;
 mod options;
@@ -40,6 +41,7 @@ mod slurm;
 
 use ferry::slurm::site;
 
+use error::PluginError;
 use options::OptionCalls;
 use site::PluginSettings;
 
@@ -69,11 +71,11 @@ pub static spank_plugin_version: c_uint = 1;
 
 struct Plugin {
     context: Option<Context>,
-    settings: Result<PluginSettings, String>,
+    settings: Result<PluginSettings, PluginError>,
     options: OptionCalls,
     /// Option callbacks' errors, reported from init_post_opt (the callback's own return
     /// value only makes Slurm print a generic line).
-    option_errors: Vec<String>,
+    option_errors: Vec<PluginError>,
     inherited: local::Inherited,
     step: Option<remote::Step>,
 }
@@ -110,7 +112,7 @@ fn quiet_panics() {
 /// Run `f` with the plugin state, catching panics. Returns Slurm's return code.
 fn guard(
     callback: &str,
-    f: impl FnOnce(&mut Plugin, &mut OptionCache) -> Result<(), String>,
+    f: impl FnOnce(&mut Plugin, &mut OptionCache) -> Result<(), PluginError>,
 ) -> c_int {
     quiet_panics();
     let outcome = catch_unwind(AssertUnwindSafe(|| {
@@ -118,12 +120,14 @@ fn guard(
             Ok(lock) => lock,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => {
-                return Err(format!("{callback}: called while another callback runs"));
+                return Err(PluginError::Reentered {
+                    callback: callback.to_string(),
+                });
             }
         };
         let plugin = lock.get_or_insert_with(|| Plugin {
             context: None,
-            settings: Err("not read yet".into()),
+            settings: Err(PluginError::SettingsNotRead),
             options: OptionCalls::default(),
             option_errors: Vec::new(),
             inherited: local::Inherited::default(),
@@ -136,7 +140,7 @@ fn guard(
     }));
     match outcome {
         Ok(Ok(())) => 0,
-        Ok(Err(msg)) if msg.is_empty() => -1,
+        Ok(Err(PluginError::Reported)) => -1,
         Ok(Err(msg)) => {
             if tracing::dispatcher::has_been_set() {
                 tracing::error!("{msg}");
@@ -191,13 +195,13 @@ fn handle<'a>(
 extern "C" fn option_callback(val: c_int, optarg: *const c_char, _remote: c_int) -> c_int {
     let rc = guard("option", |plugin, _| {
         let Some(index) = options::index_of(val) else {
-            return Err(format!("unexpected option number {val}"));
+            return Err(PluginError::UnexpectedOption(val));
         };
         // SAFETY: Slurm passes NULL or a NUL-terminated string that outlives this call.
         let value = unsafe { options::optarg(optarg) };
         if let Err(e) = plugin.options.record(index, value) {
             plugin.option_errors.push(e);
-            return Err("bad option".into());
+            return Err(PluginError::BadOption);
         }
         Ok(())
     });
@@ -209,7 +213,7 @@ extern "C" fn option_callback(val: c_int, optarg: *const c_char, _remote: c_int)
     }
 }
 
-fn register_options(spank: spank_sys::spank_t) -> Result<(), String> {
+fn register_options(spank: spank_sys::spank_t) -> Result<(), PluginError> {
     for (index, def) in options::OPTIONS.iter().enumerate() {
         let mut opt = spank_sys::spank_option {
             name: def.name.as_ptr().cast(),
@@ -222,10 +226,10 @@ fn register_options(spank: spank_sys::spank_t) -> Result<(), String> {
         // SAFETY: `opt` points to 'static NUL-terminated strings; Slurm copies the struct.
         let rc = unsafe { spank_sys::spank_option_register(spank, &mut opt) };
         if rc != spank_sys::ESPANK_SUCCESS {
-            return Err(format!(
-                "cannot register option --{}: spank error {rc}",
-                def.name()
-            ));
+            return Err(PluginError::RegisterOption {
+                option: def.name().to_string(),
+                rc,
+            });
         }
     }
     Ok(())
@@ -242,12 +246,12 @@ pub extern "C" fn slurm_spank_init(
 ) -> c_int {
     guard("init", |plugin, cache| {
         let sh = handle(spank, ac, av, cache);
-        let context = sh.context().map_err(|e| e.to_string())?;
+        let context = sh.context()?;
         plugin.context = Some(context);
         let args = sh
             .plugin_argv()
-            .map_err(|e| format!("plugstack.conf arguments: {e}"))?;
-        plugin.settings = PluginSettings::parse(&args).map_err(|e| e.to_string());
+            .map_err(|e| PluginError::PlugstackArgs(e.to_string()))?;
+        plugin.settings = PluginSettings::parse(&args).map_err(PluginError::from);
         let level = plugin
             .settings
             .as_ref()
@@ -280,10 +284,8 @@ pub extern "C" fn slurm_spank_init_post_opt(
     av: *const *const c_char,
 ) -> c_int {
     let rc = guard("init_post_opt", |plugin, cache| {
-        if let Some(e) = plugin.option_errors.first() {
-            if plugin.context != Some(Context::Remote) {
-                return Err(e.clone());
-            }
+        if plugin.context != Some(Context::Remote) && !plugin.option_errors.is_empty() {
+            return Err(plugin.option_errors.remove(0));
         }
         let sh = handle(spank, ac, av, cache);
         match plugin.context {
@@ -298,11 +300,7 @@ pub extern "C" fn slurm_spank_init_post_opt(
                     local::resolve(context, &own, &plugin.inherited, SLURM_VERSION_NUMBER, &cwd)?;
                 if let Some(r) = req.as_mut() {
                     match &plugin.settings {
-                        Err(e) => {
-                            return Err(format!(
-                                "the site configuration of ferry is broken ({e}); tell your admins"
-                            ))
-                        }
+                        Err(e) => return Err(PluginError::BrokenSite(e.to_string())),
                         Ok(settings) => {
                             local::check_named_only(r, settings, context)?;
                             local::note_read_only_remap_root(r, settings);
@@ -418,7 +416,7 @@ pub extern "C" fn slurm_spank_job_epilog(
         // Slurm calls no slurm_spank_init before a job prolog or epilog: read the arguments here.
         if plugin.context.is_none() {
             let args = sh.plugin_argv().unwrap_or_default();
-            plugin.settings = PluginSettings::parse(&args).map_err(|e| e.to_string());
+            plugin.settings = PluginSettings::parse(&args).map_err(PluginError::from);
         }
         let Ok(settings) = plugin.settings.as_ref() else {
             return Ok(());

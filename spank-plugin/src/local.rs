@@ -26,6 +26,7 @@ use ferry::slurm::srun_args;
 use slurm_spank::Context;
 use tracing::{debug, info, warn};
 
+use crate::error::PluginError;
 use crate::options::{self, OptionValues};
 use crate::request::{self, StepRequest, ALL_ENV};
 
@@ -44,7 +45,7 @@ impl Inherited {
         Inherited { vars }
     }
 
-    fn request(&self) -> Result<Option<StepRequest>, String> {
+    fn request(&self) -> Result<Option<StepRequest>, PluginError> {
         StepRequest::from_env(|name| self.vars.get(name).cloned())
     }
 }
@@ -54,9 +55,8 @@ fn env_nonempty(name: &str) -> Option<String> {
 }
 
 /// srun's `--container` from its command line.
-fn srun_container_arg(slurm_version: u32) -> Result<Option<String>, String> {
-    let cmdline = std::fs::read("/proc/self/cmdline")
-        .map_err(|e| format!("cannot read srun's command line (/proc/self/cmdline): {e}"))?;
+fn srun_container_arg(slurm_version: u32) -> Result<Option<String>, PluginError> {
+    let cmdline = std::fs::read("/proc/self/cmdline").map_err(PluginError::SrunCmdline)?;
     let argv = srun_args::split_cmdline(&cmdline);
     let args = argv.get(1..).unwrap_or(&[]);
     let table = options::srun_table();
@@ -65,9 +65,8 @@ fn srun_container_arg(slurm_version: u32) -> Result<Option<String>, String> {
         None => Ok(None),
         Some(Ok(v)) if v.is_empty() => Ok(None),
         Some(Ok(v)) => Ok(Some(v)),
-        Some(Err(v)) => Err(format!(
-            "--container={}: the path is not valid UTF-8",
-            v.to_string_lossy()
+        Some(Err(v)) => Err(PluginError::ContainerNotUtf8(
+            v.to_string_lossy().into_owned(),
         )),
     }
 }
@@ -97,18 +96,16 @@ fn check_entrypoint_multi_prog(
     option: Option<&str>,
     slurm_version: u32,
     multi_prog: impl FnOnce() -> bool,
-) -> Result<(), String> {
+) -> Result<(), PluginError> {
     let Some(option) = option else {
         return Ok(());
     };
     if slurm_version < srun_args::version(23, 11) && multi_prog() {
-        return Err(format!(
-            "{option} does not work with --multi-prog on Slurm {}.{:02} (it needs 23.11 or \
-             later): run separate steps, or put the entrypoint in front of each command in \
-             the multi-prog file",
-            slurm_version >> 16,
-            (slurm_version >> 8) & 0xff
-        ));
+        return Err(PluginError::MultiProg {
+            option: option.to_string(),
+            major: slurm_version >> 16,
+            minor: (slurm_version >> 8) & 0xff,
+        });
     }
     Ok(())
 }
@@ -120,21 +117,16 @@ pub fn resolve(
     inherited: &Inherited,
     slurm_version: u32,
     cwd: &Path,
-) -> Result<Option<StepRequest>, String> {
+) -> Result<Option<StepRequest>, PluginError> {
     if let Some((a, b)) = opts.conflicts.first() {
-        return Err(format!(
-            "--{a} and --{b} contradict each other: give one of them"
-        ));
+        return Err(PluginError::Contradiction(a, b));
     }
     if opts.image.as_deref() == Some("") {
-        return Err(
-            "--container-image is empty: give the image, e.g. --container-image=ubuntu:24.04"
-                .into(),
-        );
+        return Err(PluginError::EmptyImage);
     }
     let job = inherited
         .request()
-        .map_err(|e| format!("inherited environment: {e}"))?;
+        .map_err(|e| PluginError::Inherited(Box::new(e)))?;
 
     let own = match context {
         Context::Local => srun_container_arg(slurm_version)?,
@@ -147,9 +139,10 @@ pub fn resolve(
     };
     let image = match (&opts.image, &own) {
         (Some(a), Some(b)) if a != b => {
-            return Err(format!(
-            "the image is given twice, as --container={b} and --container-image={a}: give it once"
-        ))
+            return Err(PluginError::ImageTwice {
+                container: b.clone(),
+                image: a.clone(),
+            })
         }
         (Some(a), _) => Some((a.clone(), "--container-image")),
         (None, Some(b)) => Some((b.clone(), "--container")),
@@ -168,28 +161,18 @@ pub fn resolve(
         Some((image, origin)) => Some(image_of_request(image, origin, cwd)),
         // pyxis' reuse of a container by its name alone: the job's named container.
         None if opts.name.is_some() || job.as_ref().is_some_and(|j| j.name.is_some()) => None,
-        None if opts.any() => {
-            return Err(
-                "container options without an image: add --container-image=IMAGE, or \
-                 --container-name=NAME of a container an earlier step of this job made"
-                    .into(),
-            )
-        }
+        None if opts.any() => return Err(PluginError::OptionsWithoutImage),
         None => return Ok(None),
     };
     let job = job.unwrap_or_default();
     let mounts = match opts.mounts.as_deref() {
-        Some(list) => Some(
-            request::absolute_mounts(list, cwd).map_err(|e| format!("--container-mounts: {e}"))?,
-        ),
+        Some(list) => Some(request::absolute_mounts(list, cwd).map_err(PluginError::Mounts)?),
         None => job.mounts,
     };
     let workdir = opts.workdir.clone().or(job.workdir);
     if let Some(w) = &workdir {
         if !w.starts_with('/') {
-            return Err(format!(
-                "--container-workdir={w}: give an absolute path inside the container"
-            ));
+            return Err(PluginError::RelativeWorkdir(w.clone()));
         }
     }
     let name = opts.name.clone().or(job.name);
@@ -204,12 +187,14 @@ pub fn resolve(
         .transpose()?;
     let rootfs = opts.rootfs.clone().or(job.rootfs);
     if let Some(r) = &rootfs {
-        r.parse::<Provider>()
-            .map_err(|e| format!("--container-rootfs={r}: {e}"))?;
+        r.parse::<Provider>().map_err(|error| PluginError::Rootfs {
+            name: r.clone(),
+            error,
+        })?;
     }
     let gpus = opts.gpus.clone().or(job.gpus);
     if let Some(g) = &gpus {
-        ferry::rootfs::gpu::GpuRequest::parse(g).map_err(|e| format!("--container-gpus: {e}"))?;
+        ferry::rootfs::gpu::GpuRequest::parse(g).map_err(PluginError::Gpus)?;
     }
     let env_names = opts.env.clone().or(job.env_names);
     if let Some(list) = &env_names {
@@ -272,13 +257,9 @@ fn image_of_request(image: String, origin: &str, cwd: &Path) -> String {
 /// `--container-save=PATH` made absolute, refused when it can never be written: a
 /// directory (`/`, `./`, `dir/`, an existing one) or a file in a directory the user cannot
 /// write. A directory that does not exist here is left to the node (a node-local path).
-fn check_save_target(path: &str, cwd: &Path) -> Result<String, String> {
+fn check_save_target(path: &str, cwd: &Path) -> Result<String, PluginError> {
     if path.is_empty() {
-        return Err(
-            "--container-save is empty: give the image file to write, e.g. \
-                    --container-save=$HOME/NAME.sqsh"
-                .into(),
-        );
+        return Err(PluginError::EmptySave);
     }
     let absolute = request::absolute_image(path, cwd);
     let as_path = Path::new(&absolute);
@@ -288,21 +269,19 @@ fn check_save_target(path: &str, cwd: &Path) -> Result<String, String> {
         || matches!(path, "." | "..")
         || as_path.is_dir();
     if names_a_directory {
-        return Err(format!(
-            "--container-save={path}: that is a directory; give the image file to write, \
-             e.g. --container-save={}/NAME.sqsh",
-            absolute.trim_end_matches('/')
-        ));
+        return Err(PluginError::SaveIsDirectory {
+            path: path.to_string(),
+            dir: absolute.trim_end_matches('/').to_string(),
+        });
     }
     if let Some(dir) = as_path.parent().filter(|d| d.is_dir()) {
         use nix::unistd::{access, AccessFlags};
         if let Err(e) = access(dir, AccessFlags::W_OK | AccessFlags::X_OK) {
-            return Err(format!(
-                "--container-save={path}: cannot write into {} ({}); give a path in a \
-                 directory of yours",
-                dir.display(),
-                std::io::Error::from_raw_os_error(e as i32)
-            ));
+            return Err(PluginError::SaveNotWritable {
+                path: path.to_string(),
+                dir: dir.to_path_buf(),
+                error: std::io::Error::from_raw_os_error(e as i32),
+            });
         }
     }
     Ok(absolute)
@@ -314,16 +293,13 @@ pub fn check_named_only(
     req: &StepRequest,
     settings: &ferry::slurm::site::PluginSettings,
     context: Context,
-) -> Result<(), String> {
+) -> Result<(), PluginError> {
     let (None, Some(name)) = (&req.image, &req.name) else {
         return Ok(());
     };
     let own_job = context == Context::Local && std::env::var_os("SLURM_JOB_ID").is_none();
     if own_job && settings.container_scope == ferry::slurm::site::ContainerScope::Job {
-        return Err(format!(
-            "--container-name={name} without an image: this srun makes a new job, which has no \
-             container of that name yet; add --container-image=IMAGE"
-        ));
+        return Err(PluginError::NamedOnlyNewJob(name.clone()));
     }
     Ok(())
 }
@@ -375,8 +351,8 @@ fn is_salloc() -> bool {
 }
 
 /// This command's working directory.
-pub fn cwd() -> Result<PathBuf, String> {
-    std::env::current_dir().map_err(|e| format!("cannot determine the current directory: {e}"))
+pub fn cwd() -> Result<PathBuf, PluginError> {
+    std::env::current_dir().map_err(PluginError::NoCwd)
 }
 
 /// `import_on_submit=yes`: import the image into the user's cache now, as the user (srun
@@ -386,7 +362,7 @@ pub fn import_now(
     req: &StepRequest,
     settings: &ferry::slurm::site::PluginSettings,
     quiet: bool,
-) -> Result<(), String> {
+) -> Result<(), PluginError> {
     let Some(image) = req.image.as_deref() else {
         return Ok(());
     };
@@ -404,15 +380,19 @@ pub fn import_now(
     if quiet || settings.quiet {
         cmd.env(ferry::image::registry::progress::QUIET_ENV, "1");
     }
-    let status = cmd
-        .status()
-        .map_err(|e| format!("cannot run {}: {e}", settings.ferry_bin.display()))?;
+    let status = cmd.status().map_err(|error| PluginError::CannotRun {
+        program: settings.ferry_bin.clone(),
+        error,
+    })?;
     if status.code().is_none() {
-        return Err(format!("ferry import {image} was stopped ({status})"));
+        return Err(PluginError::ImportStopped {
+            image: image.to_string(),
+            status,
+        });
     }
     if !status.success() {
         // Its error line is on the user's terminal already.
-        return Err(String::new());
+        return Err(PluginError::Reported);
     }
     info!(
         "imported {image} before the start in {:.1} s",
@@ -491,7 +471,7 @@ mod tests {
         let new = srun_args::version(24, 11);
         let e =
             check_entrypoint_multi_prog(Some("--container-entrypoint"), old, || true).unwrap_err();
-        assert!(e.contains("on Slurm 22.05"), "{e}");
+        assert!(e.to_string().contains("on Slurm 22.05"), "{e}");
         let opt = Some("--container-save");
         assert!(check_entrypoint_multi_prog(opt, old, || true).is_err());
         assert!(check_entrypoint_multi_prog(opt, new, || true).is_ok());

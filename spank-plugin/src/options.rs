@@ -10,6 +10,8 @@ use std::os::raw::{c_char, c_int};
 
 use ferry::slurm::srun_args::Arg;
 
+use crate::error::PluginError;
+
 /// What an option sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Key {
@@ -218,20 +220,20 @@ pub fn inherited_var(name: &str) -> String {
 
 impl OptionCalls {
     /// Record a callback's call. Errors are for the user.
-    pub fn record(&mut self, index: usize, value: Option<&CStr>) -> Result<(), String> {
+    pub fn record(&mut self, index: usize, value: Option<&CStr>) -> Result<(), PluginError> {
         let def = OPTIONS
             .get(index)
-            .ok_or_else(|| format!("unknown option number {index}"))?;
+            .ok_or(PluginError::UnknownOption(index))?;
         let value = match value {
             None => None,
             Some(v) => Some(
                 v.to_str()
-                    .map_err(|_| format!("--{}: the value is not valid UTF-8", def.name()))?
+                    .map_err(|_| PluginError::OptionNotUtf8(def.name().to_string()))?
                     .to_string(),
             ),
         };
         if def.arginfo.is_some() && value.is_none() {
-            return Err(format!("--{} needs a value", def.name()));
+            return Err(PluginError::NeedsValue(def.name().to_string()));
         }
         self.calls.push((index, value));
         Ok(())
@@ -420,6 +422,7 @@ mod tests {
         assert!(c
             .record(index("container-image"), Some(&bad))
             .unwrap_err()
+            .to_string()
             .contains("UTF-8"));
         assert!(c.record(99, None).is_err());
     }

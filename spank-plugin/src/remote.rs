@@ -15,6 +15,7 @@ use ferry::sys::raw::Credentials;
 use slurm_spank::SpankHandle;
 use tracing::{debug, error, info, trace, warn};
 
+use crate::error::PluginError;
 use crate::options::OptionValues;
 use crate::request::{self, StepRequest};
 use crate::site::PluginSettings;
@@ -40,7 +41,7 @@ pub struct Step {
     pub origin: &'static str,
     /// An error from user_init, reported by every task_init (user_init's errors do not reach
     /// the user's terminal; task_init's do).
-    pub failure: Option<String>,
+    pub failure: Option<PluginError>,
     /// The running holder and its namespaces, opened right after it reported ready (so no
     /// reused pid can stand in for it later).
     pub holder: Option<ferry::container::holder::Holder>,
@@ -85,7 +86,7 @@ fn run_ferry_as_user(
     settings: &PluginSettings,
     args: &[&std::ffi::OsStr],
     env: &[(&str, &std::ffi::OsStr)],
-) -> Result<String, String> {
+) -> Result<String, PluginError> {
     let mut cmd = std::process::Command::new(&settings.ferry_bin);
     cmd.args(args)
         .env_clear()
@@ -98,8 +99,10 @@ fn run_ferry_as_user(
         cmd.env(ferry::image::registry::progress::QUIET_ENV, "1");
     }
     ferry::sys::raw::run_as_on_exec(&mut cmd, Some(step.credentials()), false);
-    let cannot_run =
-        |e: std::io::Error| format!("cannot run {}: {e}", settings.ferry_bin.display());
+    let cannot_run = |error| PluginError::CannotRun {
+        program: settings.ferry_bin.clone(),
+        error,
+    };
     // Slurm 22.05 holds a job's termination back until its steps have started, which
     // they have not while user_init runs this: stop it ourselves when the job ends.
     // Its progress lines go to the user's terminal as they come (node 0 only).
@@ -125,16 +128,22 @@ fn run_ferry_as_user(
             if !status.success() {
                 let stderr = String::from_utf8_lossy(&stderr);
                 let line = ferry::sys::child::last_line(&stderr);
-                return Err(line.trim_start_matches("ferry: error: ").to_string());
+                return Err(PluginError::Helper(
+                    line.trim_start_matches("ferry: error: ").to_string(),
+                ));
             }
             Ok(String::from_utf8_lossy(&stdout).into_owned())
         }
-        ferry::sys::child::HelperEnd::Stopped(state) => {
-            Err(format!("the job ended ({state}) while ferry {what} ran"))
+        ferry::sys::child::HelperEnd::Stopped(state) => Err(PluginError::JobEnded {
+            state,
+            what: what.into_owned(),
+        }),
+        ferry::sys::child::HelperEnd::TooMuchOutput { cap } => {
+            Err(PluginError::HelperTooMuchOutput {
+                what: what.into_owned(),
+                cap,
+            })
         }
-        ferry::sys::child::HelperEnd::TooMuchOutput { cap } => Err(format!(
-            "ferry {what} wrote more than {cap} bytes to its output: stopped it"
-        )),
     }
 }
 
@@ -192,7 +201,7 @@ fn step_name(step_id: u32) -> String {
 pub fn init_post_opt(
     spank: &SpankHandle,
     opts: &OptionValues,
-    settings: &Result<PluginSettings, String>,
+    settings: &Result<PluginSettings, PluginError>,
 ) -> Option<Step> {
     let step_id = spank.job_stepid().unwrap_or(0);
     let job_id = spank.job_id().unwrap_or(0);
@@ -239,9 +248,7 @@ pub fn init_post_opt(
         Err(e) => step.failure = Some(e),
     }
     if let Err(e) = settings {
-        step.failure = Some(format!(
-            "the site configuration of ferry is broken ({e}); tell your admins"
-        ));
+        step.failure = Some(PluginError::BrokenSite(e.to_string()));
     }
     let ids = (|| -> Result<(), slurm_spank::SpankError> {
         step.uid = spank.job_uid()?;
@@ -253,7 +260,7 @@ pub fn init_post_opt(
     })();
     if let Err(e) = ids {
         step.failure
-            .get_or_insert(format!("cannot read the step's ids from Slurm: {e}"));
+            .get_or_insert(PluginError::StepIds(e.to_string()));
     }
     // slurmstepd sets SLURMD_NODENAME only for the tasks; node 0, the only one that speaks,
     // is the first of the step's nodes.
@@ -297,7 +304,7 @@ pub fn init_post_opt(
 fn from_options(
     opts: &OptionValues,
     getenv: &dyn Fn(&str) -> Option<String>,
-) -> Result<Option<(StepRequest, &'static str)>, String> {
+) -> Result<Option<(StepRequest, &'static str)>, PluginError> {
     let (image, origin) = match (&opts.image, getenv("SLURM_CONTAINER")) {
         (Some(i), _) if !i.is_empty() => (Some(i.clone()), "--container-image"),
         (_, Some(i)) if !i.is_empty() => (Some(i), "SLURM_CONTAINER"),
@@ -308,10 +315,10 @@ fn from_options(
         .as_deref()
         .filter(|i| !request::is_reference(i) && !i.starts_with('/'))
     {
-        return Err(format!(
-            "image `{image}` (from {origin}) is a relative path, and srun did not pass on its \
-             working directory: give an absolute path"
-        ));
+        return Err(PluginError::RelativeImage {
+            image: image.to_string(),
+            origin,
+        });
     }
     if let Some(list) = &opts.mounts {
         request::absolute_mounts(list, Path::new("/"))?;
@@ -319,7 +326,7 @@ fn from_options(
             .split(',')
             .any(|m| !m.trim().is_empty() && !m.trim().starts_with('/'))
         {
-            return Err("--container-mounts: give absolute host paths (srun did not pass on its working directory)".into());
+            return Err(PluginError::RelativeMounts);
         }
     }
     Ok(Some((
@@ -346,9 +353,9 @@ fn container_spec(
     spank: &SpankHandle,
     step: &Step,
     settings: &PluginSettings,
-) -> Result<ContainerSpec, String> {
+) -> Result<ContainerSpec, PluginError> {
     let req = &step.request;
-    let user = UserInfo::lookup(step.uid, step.gid, &step.groups).map_err(|e| e.to_string())?;
+    let user = UserInfo::lookup(step.uid, step.gid, &step.groups)?;
     let image = match req.image.as_deref() {
         Some(reference) if request::is_reference(reference) => {
             import_as_user(step, settings, &user, reference)?
@@ -364,10 +371,8 @@ fn container_spec(
     spec.mount_home = req.mount_home.unwrap_or(true);
     spec.mounts = settings.default_mounts.clone();
     if let Some(list) = &req.mounts {
-        spec.mounts.extend(
-            MountSpec::parse_list(list, Path::new("/"))
-                .map_err(|e| format!("--container-mounts: {e}"))?,
-        );
+        spec.mounts
+            .extend(MountSpec::parse_list(list, Path::new("/")).map_err(PluginError::Mounts)?);
     }
     // After the user's: these are Slurm's own and must not be covered.
     spec.mounts.extend(mpi_runtime_mounts(
@@ -388,9 +393,10 @@ fn container_spec(
     }
     spec.site = settings.site_settings();
     let provider = match req.rootfs.as_deref() {
-        Some(name) => name
-            .parse()
-            .map_err(|e| format!("--container-rootfs={name}: {e}"))?,
+        Some(name) => name.parse().map_err(|error| PluginError::Rootfs {
+            name: name.to_string(),
+            error,
+        })?,
         None => settings.rootfs,
     };
     spec.rootfs = match provider {
@@ -407,14 +413,7 @@ fn container_spec(
         }
         // Only where the admin allows it: users cannot turn this on themselves.
         Provider::Kernel if settings.kernel_squashfs => RootfsProvider::Kernel,
-        Provider::Kernel => {
-            return Err(
-                "--container-rootfs=kernel: the kernel squashfs provider is not enabled on \
-                 this cluster; an admin must enable it (kernel_squashfs=yes in plugstack.conf), \
-                 or use squashfuse or unpack"
-                    .into(),
-            )
-        }
+        Provider::Kernel => return Err(PluginError::KernelNotEnabled),
     };
     spec.gpus = step_gpus(req.gpus.as_deref(), settings.gpus, |name| {
         spank.getenv(name).ok().flatten()
@@ -422,8 +421,7 @@ fn container_spec(
     let unpacks = matches!(spec.rootfs, RootfsProvider::Unpack { .. });
     if unpacks || req.name.is_some() || req.save.is_some() {
         // Root makes the user's directory, so no other user can have taken its name first.
-        ferry::rootfs::user_dir::ensure(&settings.named_dir, step.uid, step.gid)
-            .map_err(|e| e.to_string())?;
+        ferry::rootfs::user_dir::ensure(&settings.named_dir, step.uid, step.gid)?;
     }
     if req.name.is_some() || req.save.is_some() {
         let (owned_from, dir) = unpacked_dir(settings, step);
@@ -436,7 +434,10 @@ fn container_spec(
 
 /// The unpacked tree of the container named in `step`'s request, for a step that gives
 /// the name alone: it must exist on this node (an earlier step of the job made it here).
-fn existing_named_container(step: &Step, settings: &PluginSettings) -> Result<PathBuf, String> {
+fn existing_named_container(
+    step: &Step,
+    settings: &PluginSettings,
+) -> Result<PathBuf, PluginError> {
     let name = step.request.name.as_deref().unwrap_or_default();
     let (_, dir) = unpacked_dir(settings, step);
     let rootfs = dir.join(ferry::rootfs::unpacked::ROOTFS);
@@ -447,10 +448,10 @@ fn existing_named_container(step: &Step, settings: &PluginSettings) -> Result<Pa
         ContainerScope::Job => format!("job {} has", step.job_id),
         ContainerScope::Global => "you have".into(),
     };
-    Err(format!(
-        "--container-name={name} without an image: {whose} no container of that name on \
-         this node; make it first with --container-image=IMAGE --container-name={name}"
-    ))
+    Err(PluginError::NoNamedContainer {
+        name: name.to_string(),
+        whose,
+    })
 }
 
 /// The GPUs of the step's container: `--container-gpus` when given, else the site's
@@ -459,9 +460,9 @@ fn step_gpus(
     asked: Option<&str>,
     site: GpuDefault,
     step_env: impl Fn(&str) -> Option<String>,
-) -> Result<GpuRequest, String> {
+) -> Result<GpuRequest, PluginError> {
     if let Some(text) = asked {
-        return GpuRequest::parse(text).map_err(|e| format!("--container-gpus: {e}"));
+        return GpuRequest::parse(text).map_err(PluginError::Gpus);
     }
     Ok(match site {
         GpuDefault::Auto => GpuRequest::from_env(step_env),
@@ -506,7 +507,7 @@ fn import_as_user(
     settings: &PluginSettings,
     user: &UserInfo,
     image: &str,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, PluginError> {
     let site = settings.import_settings().to_env();
     let mut env = vec![
         ("HOME", user.home.as_os_str()),
@@ -515,11 +516,14 @@ fn import_as_user(
     env.extend(site.iter().map(|(name, value)| (*name, value.as_os_str())));
     let started = std::time::Instant::now();
     let stdout = run_ferry_as_user(step, settings, &["import".as_ref(), image.as_ref()], &env)
-        .map_err(|e| format!("cannot import {image}: {e}"))?;
+        .map_err(|e| PluginError::Import {
+            image: image.to_string(),
+            error: Box::new(e),
+        })?;
     let path = stdout
         .lines()
         .rfind(|l| l.starts_with('/'))
-        .ok_or_else(|| format!("ferry import {image} named no image file"))?;
+        .ok_or_else(|| PluginError::ImportNamedNoFile(image.to_string()))?;
     info!(
         "imported {image} as {path} in {:.2} s",
         started.elapsed().as_secs_f64()
@@ -635,10 +639,7 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
         match absolute_program(&settings.ferry_bin) {
             Some(path) => step.ferry_bin = Some(path),
             None => {
-                step.failure = Some(format!(
-                    "cannot find the site's ferry_bin={} (tell your admins)",
-                    settings.ferry_bin.display()
-                ));
+                step.failure = Some(PluginError::NoFerryBin(settings.ferry_bin.clone()));
                 return;
             }
         }
@@ -654,7 +655,7 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
         Ok(k) => k,
         Err(e) => {
             info!("step {}.{}: {e}", step.job_id, step_name(step.step_id));
-            step.failure = Some(e.to_string());
+            step.failure = Some(e.into());
             return;
         }
     };
@@ -671,7 +672,7 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
         Ok(holder) => {
             match ferry::container::join::Namespaces::of_holder(&holder) {
                 Ok(ns) => step.namespaces = Some(ns),
-                Err(e) => step.failure = Some(e.to_string()),
+                Err(e) => step.failure = Some(e.into()),
             }
             step.workdir = Some(holder.ready().workdir.clone());
             step.holder = Some(holder);
@@ -684,7 +685,7 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
                 ));
             }
         }
-        Err(e) => step.failure = Some(e.to_string()),
+        Err(e) => step.failure = Some(e.into()),
     }
 }
 
@@ -729,12 +730,12 @@ pub fn task_init(
     spank: &SpankHandle,
     raw: slurm_spank::spank_sys::spank_t,
     step: &Step,
-) -> Result<(), String> {
+) -> Result<(), PluginError> {
     if let Some(e) = &step.failure {
-        return Err(format!("cannot start the container for this step: {e}"));
+        return Err(PluginError::StepFailed(e.to_string()));
     }
     let (Some(ns), Some(holder)) = (&step.namespaces, &step.holder) else {
-        return Err("the container is gone".into());
+        return Err(PluginError::ContainerGone);
     };
     let workdir = step.workdir.clone().unwrap_or_else(|| PathBuf::from("/"));
     set_image_env(spank, step, &holder.ready().env)?;
@@ -742,7 +743,10 @@ pub fn task_init(
     let entrypoint = step.request.entrypoint == Some(true);
     let save = step.save_after_tasks.clone();
     if entrypoint || save.is_some() {
-        let ferry_bin = step.ferry_bin.as_deref().ok_or("no ferry program")?;
+        let ferry_bin = step
+            .ferry_bin
+            .as_deref()
+            .ok_or(PluginError::NoFerryProgram)?;
         let how = TaskProgram {
             workdir,
             start: holder.ready().start.clone(),
@@ -751,7 +755,7 @@ pub fn task_init(
         };
         return task_through_ferry(spank, raw, ns, how, ferry_bin);
     }
-    ferry::container::join::join(ns, &workdir).map_err(|e| e.to_string())
+    Ok(ferry::container::join::join(ns, &workdir)?)
 }
 
 /// Whether this node saves the container when the step ends (`--container-save`: node 0).
@@ -787,14 +791,13 @@ fn task_through_ferry(
     ns: &ferry::container::join::Namespaces,
     how: TaskProgram,
     ferry_bin: &Path,
-) -> Result<(), String> {
+) -> Result<(), PluginError> {
     use std::os::unix::ffi::OsStrExt;
     let program = std::ffi::CString::new(ferry_bin.as_os_str().as_bytes())
-        .map_err(|_| "the ferry program's path holds a NUL byte".to_string())?;
+        .map_err(|_| PluginError::NulInFerryPath)?;
     let prepend = crate::slurm::prepend_task_argv();
     // SAFETY: in task_init, the task's argv is slurmstepd's array for this forked process.
-    let argv = unsafe { crate::slurm::job_argv(raw) }
-        .ok_or("Slurm gave no argv for this task (S_JOB_ARGV)")?;
+    let argv = unsafe { crate::slurm::job_argv(raw) }.ok_or(PluginError::NoTaskArgv)?;
     let argv0 = if prepend.is_some() {
         None
     } else {
@@ -805,9 +808,7 @@ fn task_through_ferry(
                 .to_vec(),
         )
     };
-    let (user_fd, mnt_fd) = ns
-        .inheritable_fds()
-        .map_err(|e| format!("cannot pass the container's namespaces on: {e}"))?;
+    let (user_fd, mnt_fd) = ns.inheritable_fds().map_err(PluginError::PassNamespaces)?;
     let task = ferry::container::task_exec::TaskExec {
         user_fd,
         mnt_fd,
@@ -818,19 +819,15 @@ fn task_through_ferry(
         save: how.save,
         unblock_signals: false,
     };
-    let text = serde_json::to_string(&task).map_err(|e| e.to_string())?;
-    spank
-        .setenv(ferry::container::task_exec::ENV, &text, true)
-        .map_err(|e| e.to_string())?;
+    let text = serde_json::to_string(&task)?;
+    spank.setenv(ferry::container::task_exec::ENV, &text, true)?;
     match prepend {
         Some(prepend) => {
             let args = [program.as_ptr()];
             // SAFETY: the call Slurm declares in spank.h; it copies the strings.
             let rc = unsafe { prepend(raw, 1, args.as_ptr()) };
             if rc != slurm_spank::spank_sys::ESPANK_SUCCESS {
-                return Err(format!(
-                    "cannot run the task through ferry: spank_prepend_task_argv failed ({rc})"
-                ));
+                return Err(PluginError::PrependTaskArgv(rc));
             }
         }
         None => {
@@ -844,7 +841,11 @@ fn task_through_ferry(
 
 /// The image's environment over the task's, except where Slurm or `--container-env` set
 /// a variable for the task.
-fn set_image_env(spank: &SpankHandle, step: &Step, env: &[(String, String)]) -> Result<(), String> {
+fn set_image_env(
+    spank: &SpankHandle,
+    step: &Step,
+    env: &[(String, String)],
+) -> Result<(), PluginError> {
     for (name, value) in env {
         // The image's values, except where Slurm or --container-env set one for the task.
         let keep_task_value = name.starts_with("SLURM_")
@@ -857,7 +858,7 @@ fn set_image_env(spank: &SpankHandle, step: &Step, env: &[(String, String)]) -> 
         if keep_task_value && spank.getenv(name).ok().flatten().is_some() {
             continue;
         }
-        spank.setenv(name, value, true).map_err(|e| e.to_string())?;
+        spank.setenv(name, value, true)?;
     }
     Ok(())
 }
@@ -865,7 +866,7 @@ fn set_image_env(spank: &SpankHandle, step: &Step, env: &[(String, String)]) -> 
 /// What distributed-training frameworks read to find their peers (RANK, WORLD_SIZE,
 /// MASTER_ADDR, MASTER_PORT…: [`ferry::slurm::framework_env`]), from the task's Slurm variables.
 /// A value the task already has (the user's, or the image's) wins.
-fn set_framework_env(spank: &SpankHandle, step: &Step) -> Result<(), String> {
+fn set_framework_env(spank: &SpankHandle, step: &Step) -> Result<(), PluginError> {
     let Some(ports) = &step.framework_ports else {
         return Ok(());
     };
@@ -885,9 +886,7 @@ fn set_framework_env(spank: &SpankHandle, step: &Step) -> Result<(), String> {
     };
     for (name, value) in task.variables(ports) {
         if getenv(name).is_none() {
-            spank
-                .setenv(name, &value, false)
-                .map_err(|e| e.to_string())?;
+            spank.setenv(name, &value, false)?;
         }
     }
     Ok(())

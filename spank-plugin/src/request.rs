@@ -19,7 +19,9 @@
 
 use std::path::Path;
 
-use ferry::rootfs::mounts::MountSpec;
+use ferry::rootfs::mounts::{MountSpec, MountSpecError};
+
+use crate::error::PluginError;
 
 /// The image: an absolute path, or a reference such as `docker://ubuntu:24.04`.
 pub const ENV_IMAGE: &str = "SLURM_FERRY_CONTAINER_IMAGE";
@@ -81,12 +83,15 @@ fn flag_text(v: Option<bool>) -> Option<String> {
     v.map(|b| if b { "1" } else { "0" }.to_string())
 }
 
-fn parse_flag(name: &str, v: Option<String>) -> Result<Option<bool>, String> {
+fn parse_flag(name: &str, v: Option<String>) -> Result<Option<bool>, PluginError> {
     match v.as_deref() {
         None | Some("") => Ok(None),
         Some("1") => Ok(Some(true)),
         Some("0") => Ok(Some(false)),
-        Some(other) => Err(format!("{name}={other}: expected 1 or 0")),
+        Some(other) => Err(PluginError::BadFlag {
+            name: name.to_string(),
+            value: other.to_string(),
+        }),
     }
 }
 
@@ -111,7 +116,9 @@ impl StepRequest {
 
     /// The request in an environment, read through `get`; `None` without an image or a
     /// container name.
-    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Option<StepRequest>, String> {
+    pub fn from_env(
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<StepRequest>, PluginError> {
         let text = |name| get(name).filter(|v: &String| !v.is_empty());
         let image = text(ENV_IMAGE);
         if image.is_none() && text(ENV_NAME).is_none() {
@@ -150,8 +157,8 @@ pub fn absolute_image(image: &str, cwd: &Path) -> String {
 
 /// Check a `--container-mounts` list and make its relative host paths absolute against
 /// `cwd`, keeping the `SRC:DST[:FLAGS]` text otherwise as it is.
-pub fn absolute_mounts(list: &str, cwd: &Path) -> Result<String, String> {
-    MountSpec::parse_list(list, cwd).map_err(|e| e.to_string())?;
+pub fn absolute_mounts(list: &str, cwd: &Path) -> Result<String, MountSpecError> {
+    MountSpec::parse_list(list, cwd)?;
     let items: Vec<String> = list
         .split(',')
         .map(str::trim)
@@ -167,7 +174,7 @@ pub fn absolute_mounts(list: &str, cwd: &Path) -> Result<String, String> {
 }
 
 /// Check a `--container-name`: it names a directory on each node.
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), PluginError> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && !name.starts_with('.')
@@ -177,25 +184,19 @@ pub fn check_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "--container-name={name}: use letters, digits, `.`, `_` and `-` (not first), e.g. --container-name=build"
-        ))
+        Err(PluginError::BadName(name.to_string()))
     }
 }
 
 /// Check a `--container-env` list of variable names; an empty name (`--container-env=`,
 /// `FOO,`) is refused like pyxis does, as it is most likely a typo.
-pub fn check_env_names(list: &str) -> Result<(), String> {
+pub fn check_env_names(list: &str) -> Result<(), PluginError> {
     for name in list.split(',').map(str::trim) {
         if name.is_empty() {
-            return Err(format!(
-                "--container-env={list}: a variable name is empty (write NAME[,NAME...])"
-            ));
+            return Err(PluginError::EmptyEnvName(list.to_string()));
         }
         if !ferry::container::env::is_valid_name(name) {
-            return Err(format!(
-                "--container-env: `{name}` is not a variable name (write NAME[,NAME...])"
-            ));
+            return Err(PluginError::BadEnvName(name.to_string()));
         }
     }
     Ok(())
