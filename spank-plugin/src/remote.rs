@@ -871,7 +871,8 @@ fn set_image_env(spank: &SpankHandle, step: &Step, env: &[(String, String)]) -> 
 
 /// What distributed-training frameworks read to find their peers (RANK, WORLD_SIZE,
 /// MASTER_ADDR, MASTER_PORT…: [`ferry::slurm::framework_env`]), from the task's Slurm variables.
-/// A value the task already has (the user's, or the image's) wins.
+/// A value the task already has (the user's, or the image's) wins, unless ferry set it for
+/// an enclosing container step (see [`ferry::slurm::framework_env::RECORD_VARIABLE`]).
 fn set_framework_env(spank: &SpankHandle, step: &Step) -> Result<(), String> {
     let Some(ports) = &step.framework_ports else {
         return Ok(());
@@ -890,12 +891,10 @@ fn set_framework_env(spank: &SpankHandle, step: &Step) -> Result<(), String> {
             return Ok(());
         }
     };
-    for (name, value) in task.variables(ports) {
-        if getenv(name).is_none() {
-            spank
-                .setenv(name, &value, false)
-                .map_err(|e| e.to_string())?;
-        }
+    for (name, value) in task.assignments(ports, getenv) {
+        spank
+            .setenv(name, &value, true)
+            .map_err(|e| e.to_string())?;
     }
     Ok(())
 }
