@@ -601,3 +601,33 @@ fn torchrun_launched_by_srun_from_a_containerized_batch_job() {
     let log = batch_output(&dir.path.join("out.txt"));
     assert_trained_together(&log, &nodes, &dir);
 }
+
+#[test]
+fn mpi4py_from_pypi_allreduces_over_three_nodes_with_pmix() {
+    let _m = shared_machine();
+    let conf = multi_cluster();
+    let nodes = node_names(&conf);
+    // mpi4py's binary wheel picks the image's Open MPI; Slurm's PMIx server wires it up.
+    let run = srun(
+        "",
+        &format!(
+            "-N3 -n3 --mpi=pmix --container={} python3 -c 'from mpi4py import MPI; \
+             c = MPI.COMM_WORLD; \
+             print(c.rank, c.size, MPI.Get_processor_name(), c.allreduce(c.rank + 1))'",
+            mpi_image()
+        ),
+    );
+    let text = run.ok();
+    let mut ranks = BTreeSet::new();
+    let mut hosts = BTreeSet::new();
+    for line in text.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(w.len(), 4, "{line}\n{text}");
+        assert_eq!(w[1], "3", "size: {line}");
+        assert_eq!(w[3], "6", "the sum of 1, 2 and 3 on every rank: {line}");
+        ranks.insert(w[0].to_string());
+        hosts.insert(w[2].to_string());
+    }
+    assert_eq!(ranks, ["0", "1", "2"].map(String::from).into(), "{text}");
+    assert_eq!(hosts, nodes, "one rank on each node: {text}");
+}
