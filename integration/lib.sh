@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shell helpers the integration scripts share; not a command. A script sources it first,
 # relative to its own location:  . "$(dirname "$0")/lib.sh"
 # It sets `repo` (the checkout's root) and `script_name` (the prefix of the script's error
