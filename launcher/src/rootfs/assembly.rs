@@ -25,6 +25,7 @@ use crate::rootfs::gpu::{self, HostFiles};
 use crate::rootfs::mounts::MountSpec;
 use crate::rootfs::unpacked;
 use crate::sys::raw;
+use rustix::mount::MountAttrFlags;
 
 const OLD: &str = "/oldroot";
 const LOWER: &str = "/lower";
@@ -376,7 +377,7 @@ struct Bind {
     target: PathBuf,
     is_dir: bool,
     recursive: bool,
-    flags: u64,
+    flags: MountAttrFlags,
 }
 
 fn inside_path(p: &Path) -> PathBuf {
@@ -491,12 +492,12 @@ fn assemble(
     } else {
         None
     };
-    let root_flags = raw::MOUNT_ATTR_NOSUID
-        | raw::MOUNT_ATTR_NODEV
+    let root_flags = MountAttrFlags::MOUNT_ATTR_NOSUID
+        | MountAttrFlags::MOUNT_ATTR_NODEV
         | if spec.writable {
-            0
+            MountAttrFlags::empty()
         } else {
-            raw::MOUNT_ATTR_RDONLY
+            MountAttrFlags::MOUNT_ATTR_RDONLY
         };
     raw::mount_set_flags(Path::new(NEW), root_flags, false)
         .map_err(setup("making the root filesystem read-only"))?;
@@ -523,7 +524,7 @@ fn assemble(
 fn bind_into(newroot: &File, bind: &Bind) -> io::Result<()> {
     let target_fd = raw::open_in_root(newroot.as_fd(), &bind.target, libc::O_PATH, 0)?;
     bind_mount(&bind.source, &fd_path(&target_fd), bind.recursive)?;
-    if bind.flags == 0 {
+    if bind.flags.is_empty() {
         return Ok(());
     }
     // Opened again: the first descriptor names the covered directory, not the new mount.
@@ -624,30 +625,15 @@ fn mount_squashfs(inputs: &Inputs, offset: u64) -> Result<Child, RootfsError> {
         .stdin(host_null()?)
         .stdout(host_null()?)
         .stderr(log);
-    let (image_fd, fuse_fd) = (inputs.image.as_raw_fd(), fuse.as_raw_fd());
-    // SAFETY: the closure only makes async-signal-safe system calls (dup, dup2, fcntl, prctl,
-    // chroot, chdir) on values computed before fork.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(move || {
-            // dup first so that moving one descriptor cannot overwrite the other.
-            let image_tmp = libc::dup(image_fd);
-            let fuse_tmp = libc::dup(fuse_fd);
-            if image_tmp < 0 || fuse_tmp < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            raw::dup2_raw(image_tmp, IMAGE_FD)?;
-            raw::dup2_raw(fuse_tmp, FUSE_FD)?;
-            raw::clear_cloexec(IMAGE_FD)?;
-            raw::clear_cloexec(FUSE_FD)?;
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(nix_io)?;
-            // squashfuse is a host program: it runs in the host tree (its libraries, its
-            // loader), while the connection it serves is already mounted in the staging tree.
-            nix::unistd::chroot(OLD).map_err(nix_io)?;
-            nix::unistd::chdir("/").map_err(nix_io)?;
-            Ok(())
-        });
-    }
+    // squashfuse is a host program: it runs in the host tree (its libraries, its loader),
+    // while the connection it serves is already mounted in the staging tree.
+    raw::pass_fds_and_chroot_on_exec(
+        &mut cmd,
+        &[(inputs.image.as_fd(), IMAGE_FD), (fuse.as_fd(), FUSE_FD)],
+        Path::new(OLD),
+        true,
+    )
+    .map_err(setup("preparing squashfuse"))?;
     let mut child = cmd.spawn().map_err(|e| RootfsError::ImageMount {
         path: inputs.image_path.clone(),
         detail: format!("cannot start {}: {e}", program.display()),
@@ -810,7 +796,7 @@ fn plan_binds(
         Ok(path)
     };
     let host = |p: &str| PathBuf::from(format!("{OLD}{p}"));
-    let guard = raw::MOUNT_ATTR_NOSUID | raw::MOUNT_ATTR_NODEV;
+    let guard = MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV;
     let mut binds = vec![
         Bind {
             what: "/proc".into(),
@@ -818,7 +804,7 @@ fn plan_binds(
             target: "/proc".into(),
             is_dir: true,
             recursive: true,
-            flags: 0,
+            flags: MountAttrFlags::empty(),
         },
         Bind {
             what: "/sys".into(),
@@ -826,7 +812,7 @@ fn plan_binds(
             target: "/sys".into(),
             is_dir: true,
             recursive: true,
-            flags: 0,
+            flags: MountAttrFlags::empty(),
         },
         Bind {
             what: "/dev".into(),
@@ -838,7 +824,7 @@ fn plan_binds(
             target: "/dev".into(),
             is_dir: true,
             recursive: true,
-            flags: raw::MOUNT_ATTR_NOSUID,
+            flags: MountAttrFlags::MOUNT_ATTR_NOSUID,
         },
         Bind {
             what: "/tmp".into(),
@@ -867,7 +853,7 @@ fn plan_binds(
             target: PathBuf::from("/etc").join(file),
             is_dir: false,
             recursive: false,
-            flags: guard | raw::MOUNT_ATTR_RDONLY,
+            flags: guard | MountAttrFlags::MOUNT_ATTR_RDONLY,
         });
     }
     for (m, source) in &inputs.mounts {
@@ -879,9 +865,9 @@ fn plan_binds(
             recursive: true,
             flags: guard
                 | if m.read_only {
-                    raw::MOUNT_ATTR_RDONLY
+                    MountAttrFlags::MOUNT_ATTR_RDONLY
                 } else {
-                    0
+                    MountAttrFlags::empty()
                 },
         });
     }
@@ -892,7 +878,7 @@ fn plan_binds(
             target: target.clone(),
             is_dir: source.is_dir,
             recursive: source.is_dir,
-            flags: guard | raw::MOUNT_ATTR_RDONLY,
+            flags: guard | MountAttrFlags::MOUNT_ATTR_RDONLY,
         });
     }
     Ok((binds, held))
@@ -927,7 +913,9 @@ fn name_service_binds(host_root: &File, held: &mut Vec<OwnedFd>) -> Vec<Bind> {
                     target: file.into(),
                     is_dir: false,
                     recursive: false,
-                    flags: raw::MOUNT_ATTR_NOSUID | raw::MOUNT_ATTR_NODEV | raw::MOUNT_ATTR_RDONLY,
+                    flags: MountAttrFlags::MOUNT_ATTR_NOSUID
+                        | MountAttrFlags::MOUNT_ATTR_NODEV
+                        | MountAttrFlags::MOUNT_ATTR_RDONLY,
                 });
                 held.push(fd);
             }
@@ -1036,25 +1024,15 @@ fn run_image_ldconfig(spec: &ContainerSpec, dirs: &[PathBuf]) -> Result<(), Stri
         .stdin(host_null().map_err(|e| e.to_string())?)
         .stdout(host_null().map_err(|e| e.to_string())?)
         .stderr(log);
-    let dir_fd = work_dir.as_raw_fd();
-    // SAFETY: the closure only makes async-signal-safe system calls (dup, dup2, fcntl,
-    // chroot, chdir) on values computed before fork.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(move || {
-            let tmp = libc::dup(dir_fd);
-            if tmp < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            raw::dup2_raw(tmp, WORK_FD)?;
-            raw::clear_cloexec(WORK_FD)?;
-            // The image's ldconfig, in the image's tree: it reads the image's own
-            // configuration and writes its cache format for the image's loader.
-            nix::unistd::chroot(NEW).map_err(nix_io)?;
-            nix::unistd::chdir("/").map_err(nix_io)?;
-            Ok(())
-        });
-    }
+    // The image's ldconfig, in the image's tree: it reads the image's own configuration
+    // and writes its cache format for the image's loader.
+    raw::pass_fds_and_chroot_on_exec(
+        &mut cmd,
+        &[(work_dir.as_fd(), WORK_FD)],
+        Path::new(NEW),
+        false,
+    )
+    .map_err(|e| e.to_string())?;
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot run the image's {ldconfig}: {e}"))?;
@@ -1105,7 +1083,9 @@ fn install_loader_cache(spec: &ContainerSpec, cache: &Path) -> Result<(), String
         target: "/etc/ld.so.cache".into(),
         is_dir: false,
         recursive: false,
-        flags: raw::MOUNT_ATTR_RDONLY | raw::MOUNT_ATTR_NOSUID | raw::MOUNT_ATTR_NODEV,
+        flags: MountAttrFlags::MOUNT_ATTR_RDONLY
+            | MountAttrFlags::MOUNT_ATTR_NOSUID
+            | MountAttrFlags::MOUNT_ATTR_NODEV,
     };
     bind_into(&newroot, &bind)
         .map_err(|e| format!("cannot bind the loader cache over /etc/ld.so.cache: {e}"))
