@@ -451,10 +451,11 @@ pub fn fsopen(fstype: &str) -> io::Result<OwnedFd> {
 
 /// `fsconfig(FSCONFIG_SET_STRING, key, value)`, or `FSCONFIG_SET_FLAG` for `value: None`.
 pub fn fsconfig_set(fs: BorrowedFd<'_>, key: &str, value: Option<&str>) -> io::Result<()> {
-    Ok(match value {
+    match value {
         Some(value) => mount::fsconfig_set_string(fs, key, value)?,
         None => mount::fsconfig_set_flag(fs, key)?,
-    })
+    }
+    Ok(())
 }
 
 /// `fsconfig(FSCONFIG_CMD_CREATE)` then `fsmount(attrs)`: the file system, mounted nowhere
