@@ -519,17 +519,11 @@ pub fn attach_in_private_namespace_on_exec(
 
 /// slurmstepd runs spank callbacks with only its effective uid dropped to the user: take
 /// root back (the real uid is root) before changing credentials or namespaces, so that
-/// what follows is done with root's rights or fails. For between fork and exec.
+/// what follows is done with root's rights; a failure stops the exec. For between fork and
+/// exec: the error is the bare errno (nothing may allocate there).
 fn take_root_back() -> io::Result<()> {
     if rustix::process::getuid().is_root() && !rustix::process::geteuid().is_root() {
-        rustix::thread::set_thread_res_uid(None::<Uid>, Some(Uid::ROOT), None::<Uid>).map_err(
-            |e| {
-                io::Error::new(
-                    io::Error::from(e).kind(),
-                    format!("cannot take root back before dropping to the user: {e}"),
-                )
-            },
-        )?;
+        rustix::thread::set_thread_res_uid(None::<Uid>, Some(Uid::ROOT), None::<Uid>)?;
     }
     Ok(())
 }
