@@ -798,19 +798,13 @@ fn task_through_ferry(
     use std::os::unix::ffi::OsStrExt;
     let program = std::ffi::CString::new(ferry_bin.as_os_str().as_bytes())
         .map_err(|_| "the ferry program's path holds a NUL byte".to_string())?;
-    let prepend = crate::slurm::prepend_task_argv();
-    // SAFETY: in task_init, the task's argv is slurmstepd's array for this forked process.
-    let argv = unsafe { crate::slurm::job_argv(raw) }
+    let prepend = crate::slurm::PrependTask::lookup();
+    let argv = crate::slurm::TaskArgv::of_task(raw)
         .ok_or("Slurm gave no argv for this task (S_JOB_ARGV)")?;
     let argv0 = if prepend.is_some() {
         None
     } else {
-        // SAFETY: job_argv returned a non-empty array of C strings.
-        Some(
-            unsafe { std::ffi::CStr::from_ptr(*argv.0) }
-                .to_bytes()
-                .to_vec(),
-        )
+        Some(argv.first())
     };
     let (user_fd, mnt_fd) = ns
         .inheritable_fds()
@@ -830,21 +824,10 @@ fn task_through_ferry(
         .setenv(ferry::container::task_exec::ENV, &text, true)
         .map_err(|e| e.to_string())?;
     match prepend {
-        Some(prepend) => {
-            let args = [program.as_ptr()];
-            // SAFETY: the call Slurm declares in spank.h; it copies the strings.
-            let rc = unsafe { prepend(raw, 1, args.as_ptr()) };
-            if rc != slurm_spank::spank_sys::ESPANK_SUCCESS {
-                return Err(format!(
-                    "cannot run the task through ferry: spank_prepend_task_argv failed ({rc})"
-                ));
-            }
-        }
-        None => {
-            // SAFETY: argv.0 points to the task's argv array, whose first entry slurmstepd
-            // reads (not frees) before its execve; the leaked string lives until then.
-            unsafe { *argv.0 = program.into_raw() };
-        }
+        Some(prepend) => prepend.prepend(raw, &program).map_err(|rc| {
+            format!("cannot run the task through ferry: spank_prepend_task_argv failed ({rc})")
+        })?,
+        None => argv.replace_first(program),
     }
     Ok(())
 }
