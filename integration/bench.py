@@ -17,6 +17,8 @@ Workloads of compare:
             the page cache, unpacked trees present) and cold (page cache dropped; for the
             unpack provider also its tree removed: first use on the node)
   metadata  Python importing a set of standard modules; `find /usr /etc /var` ten times
+  torch     `python3 -c 'import torch'` in the PyTorch image, warm and cold, per provider,
+            against the same tree on the host's disk and against unpacking per job
   reads     two processes reading two different 100 MiB files of the 1 GB image at once,
             cold, per root filesystem provider
   footprint disk a job adds on the node, and the memory (RSS) of what ferry keeps running
@@ -394,6 +396,43 @@ class Bench:
                 self.ex.run(cmd)
                 self.measure("metadata", f"{system}", f"{label}: {name}", "warm", cmd)
 
+    def torch(self):
+        """`python3 -c 'import torch'` in the PyTorch image: thousands of files opened, the
+        start of every PyTorch job. Bare is the same tree on the host's disk (chroot in a
+        user namespace); "unpack per job" unpacks the image into a fresh directory first, as
+        enroot does for each container."""
+        print("torch", flush=True)
+        image = os.path.join(self.args.images, "pytorch.sqsh")
+        if self.smoke or not os.path.exists(image):
+            self.unavailable["import torch"] = ("not run in --smoke mode (3 GB image)" if self.smoke
+                                                else "no pytorch.sqsh (integration/build-images --pytorch)")
+            return
+        tree = self.tree_of(image)
+        f = self.ferry
+        inner = ["python3", "-c", "import torch"]
+        bare = ["unshare", "-Ur", "chroot", tree] + inner
+        per_job = sh(f"d=$(mktemp -d /var/tmp/bench-torch.XXXXXX) && unsquashfs -q -n -d $d/r {image} "
+                     f">/dev/null; unshare -Ur chroot $d/r python3 -c 'import torch'; rc=$?; rm -rf $d; exit $rc")
+        systems = [
+            ("bare (host, unpacked tree)", bare, None),
+            ("ferry run (squashfuse)", ferry_run(f, image, "--", *inner), None),
+            ("ferry run (unpack)", ferry_run(f, image, "--", *inner, rootfs="unpack"), self.reset_unpacked),
+            ("srun bare", srun(1, *bare), None),
+            ("srun --container (squashfuse)", srun(1, *inner, image=image), None),
+            ("srun --container (unpack)", srun(1, *inner, image=image, rootfs="unpack"), self.reset_unpacked),
+            ("srun --container (kernel)", srun(1, *inner, image=image, rootfs="kernel"), None),
+            ("unpack per job (enroot's way)", per_job, None),
+        ]
+        runs = max(3, self.runs // 3)
+        for mode in ("warm", "cold"):
+            for system, cmd, reset in systems:
+                if system in self.unavailable or (mode == "warm" and "per job" in system):
+                    continue
+                if mode == "warm":
+                    self.ex.run(cmd)
+                self.measure("torch", system, "pytorch", mode, cmd,
+                             reset=reset if mode == "cold" else None, runs=runs)
+
     def reads(self):
         print("reads", flush=True)
         if self.smoke:
@@ -502,9 +541,9 @@ class Bench:
         if r["workload"] == "metadata":
             bare = "srun bare" if r["system"].startswith("srun") else "bare (host, unpacked tree)"
             return self.row("metadata", bare, r["image"], r["mode"])
-        if r["workload"] == "reads":
+        if r["workload"] in ("reads", "torch"):
             bare = "srun bare" if r["system"].startswith("srun") else "bare (host, unpacked tree)"
-            return self.row("reads", bare, r["image"], r["mode"])
+            return self.row(r["workload"], bare, r["image"], r["mode"])
         return None
 
     def targets(self):
@@ -536,6 +575,13 @@ class Bench:
         if meta:
             out.append(("metadata-heavy work within 10% of bare with the unpack provider",
                         ", ".join(f"{i}: {v:.2f}x" for i, v in meta), all(v <= 1.10 for _, v in meta)))
+        for mode, limit in (("warm", 1.10), ("cold", 1.5)):
+            rows = [r for r in self.results if r["workload"] == "torch" and r["mode"] == mode
+                    and r["system"] in ("ferry run (squashfuse)", "srun --container (squashfuse)")]
+            ratios = [(r["system"], r["median"] / b["median"]) for r in rows if (b := self.bare_for(r))]
+            if ratios:
+                out.append((f"{mode} `import torch` within {limit:.2f}x of bare with the default provider",
+                            ", ".join(f"{sy}: {v:.2f}x" for sy, v in ratios), all(v <= limit for _, v in ratios)))
         disk = [r for r in self.results if r["workload"] == "footprint" and r["mode"] == "disk"
                 and "squashfuse" in r["system"]]
         if disk:
@@ -564,8 +610,9 @@ class Bench:
                  "## Targets", "", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in targets]
         titles = {"start": "Start: `true`", "metadata": "Metadata-heavy work",
-                  "reads": "Two parallel reads of 100 MiB files (cold)"}
-        for wl in ("start", "metadata", "reads"):
+                  "reads": "Two parallel reads of 100 MiB files (cold)",
+                  "torch": "`python3 -c 'import torch'` (PyTorch 2.15 from PyPI, 3 GB squashfs)"}
+        for wl in ("start", "metadata", "torch", "reads"):
             rows = [r for r in self.results if r["workload"] == wl]
             if not rows:
                 continue
@@ -669,6 +716,7 @@ def compare(args):
     try:
         b.start()
         b.metadata()
+        b.torch()
         b.reads()
         b.footprint()
     finally:
