@@ -34,6 +34,14 @@ pub const LAYERS: &[&str] = &[
 /// from elsewhere), but an archive written by `docker save` holds their bytes.
 pub const FOREIGN_LAYER: &str = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
 
+/// The documents a registry is asked for. Schema 1 is left out on purpose: a registry
+/// that can convert then sends schema 2, and one that cannot sends schema 1 anyway, which
+/// is then named in the error.
+pub const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
 /// Image configs ferry reads.
 pub const CONFIGS: &[&str] = &[OCI_CONFIG, DOCKER_CONFIG];
 
@@ -93,5 +101,15 @@ mod tests {
         ));
         assert!(!is_layer(FOREIGN_LAYER));
         assert_eq!(bare("Application/JSON; charset=utf-8"), "application/json");
+        let accepted: Vec<&str> = ACCEPT.split(", ").collect();
+        assert_eq!(
+            accepted,
+            [
+                OCI_INDEX,
+                DOCKER_MANIFEST_LIST,
+                OCI_MANIFEST,
+                DOCKER_MANIFEST
+            ]
+        );
     }
 }

@@ -12,7 +12,7 @@ use crate::image::manifest::{self, media_type_of, Document, ManifestProblem, Sch
 use crate::image::media_type::{self as mt, CONFIGS};
 use crate::image::platform::{self, PlatformExt};
 
-const REF_NAME: &str = "org.opencontainers.image.ref.name";
+use oci_spec::image::ANNOTATION_REF_NAME as REF_NAME;
 const CONTAINERD_NAME: &str = "io.containerd.image.name";
 /// Nested indexes deeper than this are refused (a loop, or an attack).
 const MAX_NESTING: usize = 4;

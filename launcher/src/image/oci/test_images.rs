@@ -12,7 +12,7 @@ use crate::image::digest::sha256_digest;
 use crate::image::media_type::{OCI_CONFIG, OCI_MANIFEST};
 use crate::image::platform::PlatformExt;
 
-pub(crate) const REF_NAME: &str = "org.opencontainers.image.ref.name";
+pub(crate) use oci_spec::image::ANNOTATION_REF_NAME as REF_NAME;
 
 /// This machine's architecture as image configs name it.
 pub(crate) fn host_arch() -> String {

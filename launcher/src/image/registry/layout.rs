@@ -12,17 +12,17 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
-use oci_spec::image::Descriptor;
+use oci_spec::image::{Descriptor, ImageIndex, MediaType};
 use sha2::{Digest, Sha256};
 
 use super::progress::Meter;
 use super::transport::{header, retry, Attempt, Fetch, Target, Transport};
 use super::RegistryError;
 use crate::image::digest::hex;
-use crate::image::manifest::{hex as blob_hex, media_type_of};
+use crate::image::manifest::hex as blob_hex;
 
 pub const LOCK_FILE: &str = ".ferry-pull.lock";
-pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
+pub use oci_spec::image::ANNOTATION_REF_NAME as REF_NAME_ANNOTATION;
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
     move |source| RegistryError::Io {
@@ -96,19 +96,19 @@ impl Layout {
         manifest: &Descriptor,
         tag: Option<&str>,
     ) -> Result<(), RegistryError> {
-        let mut entry = serde_json::json!({
-            "mediaType": media_type_of(manifest),
-            "digest": manifest.digest().to_string(),
-            "size": manifest.size(),
-        });
-        if let Some(tag) = tag {
-            entry["annotations"] = serde_json::json!({ REF_NAME_ANNOTATION: tag });
-        }
-        let index = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": crate::image::media_type::OCI_INDEX,
-            "manifests": [entry],
-        });
+        // Only what names the blob, and the tag: no platform (the layout holds one image).
+        let mut entry = Descriptor::new(
+            manifest.media_type().clone(),
+            manifest.size(),
+            manifest.digest().clone(),
+        );
+        entry.set_annotations(
+            tag.map(|t| [(REF_NAME_ANNOTATION.to_string(), t.to_string())].into()),
+        );
+        let mut index = ImageIndex::default();
+        index.set_schema_version(2);
+        index.set_media_type(Some(MediaType::ImageIndex));
+        index.set_manifests(vec![entry]);
         let text = serde_json::to_vec_pretty(&index).unwrap_or_default();
         write_atomic(&self.root.join("index.json"), &text)
     }

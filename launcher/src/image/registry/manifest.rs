@@ -8,12 +8,7 @@ use crate::image::digest::shorten;
 use crate::image::manifest::{media_type_of, ManifestProblem};
 use crate::image::media_type::{self as mt, is_layer, CONFIGS};
 
-/// What we ask for. Schema 1 is left out on purpose: a registry that can convert then sends
-/// schema 2, and one that cannot sends schema 1 anyway, which we then name in the error.
-pub const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
-application/vnd.docker.distribution.manifest.list.v2+json, \
-application/vnd.oci.image.manifest.v1+json, \
-application/vnd.docker.distribution.manifest.v2+json";
+pub use crate::image::media_type::ACCEPT;
 
 /// The largest manifest or index we read (containerd uses the same bound): a bigger one is
 /// not an image anyone built on purpose.
