@@ -27,11 +27,6 @@ pub fn parse_digest(d: &str) -> Result<oci_spec::image::Digest, String> {
     oci_spec::image::Digest::try_from(d).map_err(|e| format!("digest '{}': {e}", shorten(d)))
 }
 
-/// The 64 hex digits of a checked sha256 digest, which name its blob's file.
-pub fn hex_part(d: &oci_spec::image::Digest) -> &str {
-    d.digest()
-}
-
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -67,7 +62,7 @@ mod tests {
         let long = format!("sha256:{}", "x".repeat(500));
         assert!(check_digest(&long).unwrap_err().len() < 200);
         let d = parse_digest(&format!("sha256:{}", "0".repeat(64))).unwrap();
-        assert_eq!(hex_part(&d), "0".repeat(64));
+        assert_eq!(d.digest(), "0".repeat(64));
     }
 
     #[test]

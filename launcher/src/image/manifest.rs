@@ -206,7 +206,7 @@ pub fn parse(
 }
 
 /// The 64 hex digits of a descriptor's (checked) digest, which name its blob's file.
-pub fn hex(d: &Descriptor) -> &str {
+pub fn blob_hex(d: &Descriptor) -> &str {
     d.digest().digest()
 }
 
@@ -255,7 +255,7 @@ mod tests {
         assert_eq!(media_type, OCI_MANIFEST);
         assert_eq!(manifest.config().digest().to_string(), D1);
         assert_eq!(manifest.layers()[0].size(), 20);
-        assert_eq!(hex(&manifest.layers()[0]), &D2[7..]);
+        assert_eq!(blob_hex(&manifest.layers()[0]), &D2[7..]);
     }
 
     #[test]

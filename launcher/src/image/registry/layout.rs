@@ -19,7 +19,7 @@ use super::progress::Meter;
 use super::transport::{header, retry, Attempt, Fetch, Target, Transport};
 use super::RegistryError;
 use crate::image::digest::hex;
-use crate::image::manifest::hex as blob_hex;
+use crate::image::manifest::blob_hex;
 
 pub const LOCK_FILE: &str = ".ferry-pull.lock";
 pub use oci_spec::image::ANNOTATION_REF_NAME as REF_NAME_ANNOTATION;
