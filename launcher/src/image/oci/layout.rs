@@ -443,6 +443,56 @@ mod tests {
         assert_eq!(img.digest, l.manifest_digest);
     }
 
+    /// The importer chooses as the registry client does: by variant too (it used to take
+    /// the first entry of this machine's architecture, whatever its variant), and an
+    /// attestation or an image of another platform is never the one.
+    #[test]
+    fn nested_index_choice_minds_variants() {
+        let l = make_layout(&[("hello", b"hi\n")], "v1");
+        let d = l.dir.path();
+        let msize = std::fs::metadata(d.join("blobs/sha256").join(&l.manifest_digest[7..]))
+            .unwrap()
+            .len();
+        let arch = host_arch();
+        let inner = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[
+                {{"mediaType":"{OCI_MANIFEST}","digest":"sha256:{}","size":1,"platform":{{"os":"linux","architecture":"{arch}","variant":"v99"}}}},
+                {{"mediaType":"{OCI_MANIFEST}","digest":"sha256:{}","size":1,"platform":{{"os":"unknown","architecture":"unknown"}},
+                  "annotations":{{"vnd.docker.reference.type":"attestation-manifest"}}}},
+                {{"mediaType":"{OCI_MANIFEST}","digest":"{}","size":{msize},"platform":{{"os":"linux","architecture":"{arch}"}}}}]}}"#,
+            "1".repeat(64),
+            "2".repeat(64),
+            l.manifest_digest,
+        );
+        let inner_digest = write_blob(d, inner.as_bytes());
+        let top = |inner_digest: &str, len: usize| {
+            format!(
+                r#"{{"manifests":[{{"mediaType":"{OCI_INDEX}","digest":"{inner_digest}","size":{len}}}]}}"#
+            )
+        };
+        std::fs::write(d.join("index.json"), top(&inner_digest, inner.len())).unwrap();
+        let img = Image::open_layout(d, None).unwrap();
+        assert_eq!(img.digest, l.manifest_digest);
+
+        // Nothing for this machine: the error lists what there is, attestations left out.
+        let other = format!(
+            r#"{{"schemaVersion":2,"manifests":[
+                {{"mediaType":"{OCI_MANIFEST}","digest":"sha256:{}","size":1,"platform":{{"os":"linux","architecture":"mips"}}}},
+                {{"mediaType":"{OCI_MANIFEST}","digest":"sha256:{}","size":1,"platform":{{"os":"unknown","architecture":"unknown"}},
+                  "annotations":{{"vnd.docker.reference.type":"attestation-manifest"}}}}]}}"#,
+            "1".repeat(64),
+            "2".repeat(64),
+        );
+        let other_digest = write_blob(d, other.as_bytes());
+        std::fs::write(d.join("index.json"), top(&other_digest, other.len())).unwrap();
+        let e = Image::open_layout(d, None).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("no image for linux/{arch}"))
+                && e.ends_with("(platforms: linux/mips)"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn a_lone_image_of_another_platform_is_still_the_one() {
         let l = make_layout(&[("hello", b"hi\n")], "v1");
