@@ -309,7 +309,8 @@ impl Client {
             index_digest.get_or_insert_with(|| current.descriptor.digest().to_string());
             platform = entry.platform().clone();
             let media_type = media_type_of(&d).to_string();
-            if !fetch && !manifest::names_index(&media_type) && !media_type.is_empty() {
+            if !fetch && !crate::image::media_type::is_index(&media_type) && !media_type.is_empty()
+            {
                 let resolved = Resolved {
                     manifest_digest: d.digest().to_string(),
                     media_type,

@@ -6,7 +6,7 @@ use oci_spec::image::ImageManifest;
 
 use crate::image::digest::shorten;
 use crate::image::manifest::{media_type_of, ManifestProblem};
-use crate::image::media_type::{self as mt, is_layer, CONFIGS};
+use crate::image::media_type::{is_layer, CONFIGS};
 
 pub use crate::image::media_type::ACCEPT;
 
@@ -45,11 +45,6 @@ pub fn check_pullable(manifest: &ImageManifest) -> Result<(), ManifestProblem> {
     Ok(())
 }
 
-/// Whether a descriptor names another index rather than an image manifest.
-pub fn names_index(media_type: &str) -> bool {
-    mt::is_index(media_type)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,7 +75,7 @@ mod tests {
         ))
         .is_ok());
         assert!(matches!(
-            check_pullable(&manifest(mt::FOREIGN_LAYER, config)),
+            check_pullable(&manifest(crate::image::media_type::FOREIGN_LAYER, config)),
             Err(ManifestProblem::Unsupported(_))
         ));
         let helm = check_pullable(&manifest(
