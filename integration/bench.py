@@ -4,11 +4,21 @@ the packages and the cluster). Runs as root; every measured command runs as the 
 in a long-lived executor process that times it itself, so that no `runuser` start is
 counted. Root only drops the page cache before cold runs and resets caches.
 
-Workloads:
+Subcommands:
+  compare   ferry against bare runs and its peers, every workload below; writes results.md,
+            results.json and start-vs-size.png (integration/bench, its --smoke in CI)
+  run       start of `ferry run IMAGE true` against bare `true` and `unshare -Ur true`, for
+            a ~200 MB and a >=2 GB image, runs interleaved (integration/bench run)
+  srun      start of `srun -n1|-n2 --container=IMAGE true` against bare srun, same images,
+            runs interleaved, on the running cluster (integration/bench srun)
+
+Workloads of compare:
   start     `true` in each system, for every image size; srun -n1 and -n2; warm (image in
             the page cache, unpacked trees present) and cold (page cache dropped; for the
             unpack provider also its tree removed: first use on the node)
   metadata  Python importing a set of standard modules; `find /usr /etc /var` ten times
+  torch     `python3 -c 'import torch'` in the PyTorch image, warm and cold, per provider,
+            against the same tree on the host's disk and against unpacking per job
   reads     two processes reading two different 100 MiB files of the 1 GB image at once,
             cold, per root filesystem provider
   footprint disk a job adds on the node, and the memory (RSS) of what ferry keeps running
@@ -74,6 +84,91 @@ class Executor:
     def close(self):
         self.proc.stdin.close()
         self.proc.wait()
+
+
+def ferry_run(ferry, image, *command, rootfs=None):
+    """`ferry run` of IMAGE (with the root filesystem provider ROOTFS, else the default)."""
+    return [ferry, "run"] + (["--rootfs", rootfs] if rootfs else []) + [image, *command]
+
+
+def srun(tasks, *command, image=None, rootfs=None, overcommit=False):
+    """`srun -nTASKS`, with the plugin's --container=IMAGE (and --container-rootfs) if given."""
+    return (["srun"] + (["-O"] if overcommit else []) + [f"-n{tasks}"]
+            + ([f"--container-rootfs={rootfs}"] if rootfs else [])
+            + ([f"--container={image}"] if image else []) + list(command))
+
+
+def interleaved(ex, cases, runs):
+    """Wall times in ms of each case's command, `runs` rounds over all cases after one
+    warm-up run each (page cache, binaries); a failing command ends the benchmark."""
+    times = {name: [] for name in cases}
+    for round_ in range(runs + 1):  # round 0: the warm-up, not counted
+        for name, cmd in cases.items():
+            r = ex.run(cmd)
+            if r["rc"] != 0:
+                reason = (r["err"].strip().splitlines() or r["out"].strip().splitlines() or ["?"])[-1]
+                sys.exit(f"bench: `{' '.join(cmd)}` failed (exit {r['rc']}): {reason[:300]}")
+            if round_ > 0:
+                times[name].append(r["s"] * 1000)
+    return times
+
+
+def start_images(images):
+    """The two images of `run` and `srun`: start cost must not grow with the image."""
+    return os.path.join(images, "big-200m.sqsh"), os.path.join(images, "big-2g.sqsh")
+
+
+def user_env(**extra):
+    """The test user's minimal environment (`env -i`) for `run` and `srun`."""
+    return {"PATH": "/usr/bin:/bin", "HOME": f"/home/{USER}", **extra}
+
+
+def run_start(args):
+    small, big = start_images(args.images)
+    cases = {
+        "true": ["true"],
+        "unshare -Ur true": ["unshare", "-Ur", "true"],
+        "ferry run 200MB true": ferry_run(args.ferry, small, "true"),
+        "ferry run 2GB true": ferry_run(args.ferry, big, "true"),
+    }
+    ex = Executor(user_env())
+    try:
+        times = interleaved(ex, cases, args.runs)
+    finally:
+        ex.close()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{'command':24} {'median ms':>10} {'min':>7} {'max':>7} {'vs unshare':>11}")
+    for name, v in times.items():
+        print(f"{name:24} {med[name]:10.2f} {min(v):7.2f} {max(v):7.2f} {med[name]-med['unshare -Ur true']:+10.2f}")
+    ratio = med["ferry run 2GB true"] / med["ferry run 200MB true"]
+    print(f"\n2GB/200MB start-time ratio: {ratio:.3f} (target <= 1.20); "
+          f"ferry 200MB over unshare: {med['ferry run 200MB true']-med['unshare -Ur true']:.2f} ms (target <= 15)")
+
+
+def srun_start(args):
+    small, big = start_images(args.images)
+    cases = {}
+    for n in (1, 2):
+        cases[f"srun -n{n} true"] = srun(n, "true", overcommit=True)
+        cases[f"srun -n{n} --container=200MB true"] = srun(n, "true", image=small, overcommit=True)
+        cases[f"srun -n{n} --container=2GB true"] = srun(n, "true", image=big, overcommit=True)
+    ex = Executor(user_env(SLURM_CONF=args.slurm_conf))
+    try:
+        times = interleaved(ex, cases, args.runs)
+    finally:
+        ex.close()
+    runs = args.runs
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{runs} interleaved runs each, ms")
+    print(f"| {'command':34} | {'median':>7} | {'min':>7} | {'max':>7} | {'over bare':>9} |")
+    print(f"|{'-'*36}|{'-'*9}|{'-'*9}|{'-'*9}|{'-'*11}|")
+    for name, v in times.items():
+        bare = med[f"srun -n{name.split('-n')[1][0]} true"]
+        print(f"| {name:34} | {med[name]:7.1f} | {min(v):7.1f} | {max(v):7.1f} | {med[name]-bare:+9.1f} |")
+    for n in (1, 2):
+        s, b = med[f"srun -n{n} --container=200MB true"], med[f"srun -n{n} --container=2GB true"]
+        print(f"-n{n}: 2GB/200MB ratio {b/s:.3f}; over bare srun: 200MB {s-med[f'srun -n{n} true']:.1f} ms, "
+              f"2GB {b-med[f'srun -n{n} true']:.1f} ms (target <= 20 ms, same for both sizes)")
 
 
 def drop_caches():
@@ -201,8 +296,8 @@ class Bench:
         f, s, t = self.ferry, img["sqsh"], img["tree"]
         systems = [
             ("bare `true`", ["true"], None),
-            ("ferry run (squashfuse)", [f, "run", s, "true"], None),
-            ("ferry run (unpack)", [f, "run", "--rootfs", "unpack", s, "true"], self.reset_unpacked),
+            ("ferry run (squashfuse)", ferry_run(f, s, "true"), None),
+            ("ferry run (unpack)", ferry_run(f, s, "true", rootfs="unpack"), self.reset_unpacked),
             ("bubblewrap (unpacked dir)", ["bwrap", "--unshare-user", "--ro-bind", t, "/", "--proc", "/proc",
                                            "--dev", "/dev", "true"], None),
             ("unsquashfs per job", sh(f"d=$(mktemp -d -p {self.user_dir}) && unsquashfs -q -n -f -d $d/r {s} "
@@ -221,14 +316,12 @@ class Bench:
     def srun_systems(self, img):
         s = img["sqsh"]
         return [
-            ("srun -n1", ["srun", "-n1", "true"], None),
-            ("srun -n1 --container (squashfuse)", ["srun", "-n1", f"--container={s}", "true"], None),
-            ("srun -n1 --container (unpack)", ["srun", "-n1", "--container-rootfs=unpack", f"--container={s}",
-                                               "true"], self.reset_unpacked),
-            ("srun -n1 --container (kernel)", ["srun", "-n1", "--container-rootfs=kernel", f"--container={s}",
-                                               "true"], None),
-            ("srun -n2", ["srun", "-O", "-n2", "true"], None),
-            ("srun -n2 --container (squashfuse)", ["srun", "-O", "-n2", f"--container={s}", "true"], None),
+            ("srun -n1", srun(1, "true"), None),
+            ("srun -n1 --container (squashfuse)", srun(1, "true", image=s), None),
+            ("srun -n1 --container (unpack)", srun(1, "true", image=s, rootfs="unpack"), self.reset_unpacked),
+            ("srun -n1 --container (kernel)", srun(1, "true", image=s, rootfs="kernel"), None),
+            ("srun -n2", srun(2, "true", overcommit=True), None),
+            ("srun -n2 --container (squashfuse)", srun(2, "true", image=s, overcommit=True), None),
         ]
 
     def podman_name(self, img):
@@ -286,14 +379,12 @@ class Bench:
             host = ["python3", "-c", imports] if name == "python imports" else sh(f"for i in 1 2 3 4 5 6 7 8 9 10; do find {tree}/usr {tree}/etc {tree}/var; done | wc -l")
             systems = [
                 ("bare (host, unpacked tree)", host),
-                ("ferry run (squashfuse)", [f, "run", image, "--"] + inner),
-                ("ferry run (unpack)", [f, "run", "--rootfs", "unpack", image, "--"] + inner),
-                ("srun --container (squashfuse)", ["srun", "-n1", f"--container={image}"] + inner),
-                ("srun --container (unpack)", ["srun", "-n1", "--container-rootfs=unpack",
-                                               f"--container={image}"] + inner),
-                ("srun --container (kernel)", ["srun", "-n1", "--container-rootfs=kernel",
-                                               f"--container={image}"] + inner),
-                ("srun bare", ["srun", "-n1"] + host),
+                ("ferry run (squashfuse)", ferry_run(f, image, "--", *inner)),
+                ("ferry run (unpack)", ferry_run(f, image, "--", *inner, rootfs="unpack")),
+                ("srun --container (squashfuse)", srun(1, *inner, image=image)),
+                ("srun --container (unpack)", srun(1, *inner, image=image, rootfs="unpack")),
+                ("srun --container (kernel)", srun(1, *inner, image=image, rootfs="kernel")),
+                ("srun bare", srun(1, *host)),
                 ("bubblewrap (unpacked dir)", ["bwrap", "--unshare-user", "--ro-bind", tree, "/", "--proc",
                                                "/proc", "--dev", "/dev"] + inner),
             ]
@@ -304,6 +395,43 @@ class Bench:
                     continue
                 self.ex.run(cmd)
                 self.measure("metadata", f"{system}", f"{label}: {name}", "warm", cmd)
+
+    def torch(self):
+        """`python3 -c 'import torch'` in the PyTorch image: thousands of files opened, the
+        start of every PyTorch job. Bare is the same tree on the host's disk (chroot in a
+        user namespace); "unpack per job" unpacks the image into a fresh directory first, as
+        enroot does for each container."""
+        print("torch", flush=True)
+        image = os.path.join(self.args.images, "pytorch.sqsh")
+        if self.smoke or not os.path.exists(image):
+            self.unavailable["import torch"] = ("not run in --smoke mode (3 GB image)" if self.smoke
+                                                else "no pytorch.sqsh (integration/build-images --pytorch)")
+            return
+        tree = self.tree_of(image)
+        f = self.ferry
+        inner = ["python3", "-c", "import torch"]
+        bare = ["unshare", "-Ur", "chroot", tree] + inner
+        per_job = sh(f"d=$(mktemp -d /var/tmp/bench-torch.XXXXXX) && unsquashfs -q -n -d $d/r {image} "
+                     f">/dev/null; unshare -Ur chroot $d/r python3 -c 'import torch'; rc=$?; rm -rf $d; exit $rc")
+        systems = [
+            ("bare (host, unpacked tree)", bare, None),
+            ("ferry run (squashfuse)", ferry_run(f, image, "--", *inner), None),
+            ("ferry run (unpack)", ferry_run(f, image, "--", *inner, rootfs="unpack"), self.reset_unpacked),
+            ("srun bare", srun(1, *bare), None),
+            ("srun --container (squashfuse)", srun(1, *inner, image=image), None),
+            ("srun --container (unpack)", srun(1, *inner, image=image, rootfs="unpack"), self.reset_unpacked),
+            ("srun --container (kernel)", srun(1, *inner, image=image, rootfs="kernel"), None),
+            ("unpack per job (enroot's way)", per_job, None),
+        ]
+        runs = max(3, self.runs // 3)
+        for mode in ("warm", "cold"):
+            for system, cmd, reset in systems:
+                if system in self.unavailable or (mode == "warm" and "per job" in system):
+                    continue
+                if mode == "warm":
+                    self.ex.run(cmd)
+                self.measure("torch", system, "pytorch", mode, cmd,
+                             reset=reset if mode == "cold" else None, runs=runs)
 
     def reads(self):
         print("reads", flush=True)
@@ -317,14 +445,12 @@ class Bench:
         mib = 200.0
         systems = [
             ("bare (host, unpacked tree)", sh(two.format(r=t))),
-            ("srun bare", ["srun", "-n1"] + sh(two.format(r=t))),
-            ("ferry run (squashfuse)", [f, "run", s, "--"] + sh(two.format(r=""))),
-            ("ferry run (unpack)", [f, "run", "--rootfs", "unpack", s, "--"] + sh(two.format(r=""))),
-            ("srun --container (squashfuse)", ["srun", "-n1", f"--container={s}"] + sh(two.format(r=""))),
-            ("srun --container (unpack)", ["srun", "-n1", "--container-rootfs=unpack", f"--container={s}"]
-             + sh(two.format(r=""))),
-            ("srun --container (kernel)", ["srun", "-n1", "--container-rootfs=kernel", f"--container={s}"]
-             + sh(two.format(r=""))),
+            ("srun bare", srun(1, *sh(two.format(r=t)))),
+            ("ferry run (squashfuse)", ferry_run(f, s, "--", *sh(two.format(r="")))),
+            ("ferry run (unpack)", ferry_run(f, s, "--", *sh(two.format(r="")), rootfs="unpack")),
+            ("srun --container (squashfuse)", srun(1, *sh(two.format(r="")), image=s)),
+            ("srun --container (unpack)", srun(1, *sh(two.format(r="")), image=s, rootfs="unpack")),
+            ("srun --container (kernel)", srun(1, *sh(two.format(r="")), image=s, rootfs="kernel")),
         ]
         for system, cmd in systems:
             self.ex.run(cmd)
@@ -346,9 +472,9 @@ class Bench:
         f, s = self.ferry, img["sqsh"]
         # Disk: what one job leaves or needs on the node (first job, then a later one).
         jobs = [
-            ("ferry run (squashfuse)", [f, "run", s, "true"], None),
-            ("srun --container (squashfuse)", ["srun", "-n1", f"--container={s}", "true"], None),
-            ("ferry run (unpack)", [f, "run", "--rootfs", "unpack", s, "true"], self.reset_unpacked),
+            ("ferry run (squashfuse)", ferry_run(f, s, "true"), None),
+            ("srun --container (squashfuse)", srun(1, "true", image=s), None),
+            ("ferry run (unpack)", ferry_run(f, s, "true", rootfs="unpack"), self.reset_unpacked),
             ("unsquashfs per job", sh(f"d=$(mktemp -d -p {self.user_dir}) && unsquashfs -q -n -f -d $d/r {s} "
                                      f"&& du -sb $d | cut -f1 && rm -rf $d"), None),
         ]
@@ -368,8 +494,8 @@ class Bench:
                                  "median": max(later, 0), "min": max(later, 0), "max": max(later, 0)})
         # Memory: RSS of ferry's processes (holder, squashfuse) while a step runs.
         for system, cmd in [
-            ("srun --container (squashfuse)", ["srun", "-n1", f"--container={s}", "sleep", "3"]),
-            ("ferry run (squashfuse)", [f, "run", s, "sleep", "3"]),
+            ("srun --container (squashfuse)", srun(1, "sleep", "3", image=s)),
+            ("ferry run (squashfuse)", ferry_run(f, s, "sleep", "3")),
         ]:
             proc = subprocess.Popen(["runuser", "-u", USER, "--", "env", f"SLURM_CONF={self.args.slurm_conf}",
                                      f"FERRY_CACHE={self.cache}"] + cmd,
@@ -415,9 +541,9 @@ class Bench:
         if r["workload"] == "metadata":
             bare = "srun bare" if r["system"].startswith("srun") else "bare (host, unpacked tree)"
             return self.row("metadata", bare, r["image"], r["mode"])
-        if r["workload"] == "reads":
+        if r["workload"] in ("reads", "torch"):
             bare = "srun bare" if r["system"].startswith("srun") else "bare (host, unpacked tree)"
-            return self.row("reads", bare, r["image"], r["mode"])
+            return self.row(r["workload"], bare, r["image"], r["mode"])
         return None
 
     def targets(self):
@@ -449,6 +575,13 @@ class Bench:
         if meta:
             out.append(("metadata-heavy work within 10% of bare with the unpack provider",
                         ", ".join(f"{i}: {v:.2f}x" for i, v in meta), all(v <= 1.10 for _, v in meta)))
+        for mode, limit in (("warm", 1.10), ("cold", 1.5)):
+            rows = [r for r in self.results if r["workload"] == "torch" and r["mode"] == mode
+                    and r["system"] in ("ferry run (squashfuse)", "srun --container (squashfuse)")]
+            ratios = [(r["system"], r["median"] / b["median"]) for r in rows if (b := self.bare_for(r))]
+            if ratios:
+                out.append((f"{mode} `import torch` within {limit:.2f}x of bare with the default provider",
+                            ", ".join(f"{sy}: {v:.2f}x" for sy, v in ratios), all(v <= limit for _, v in ratios)))
         disk = [r for r in self.results if r["workload"] == "footprint" and r["mode"] == "disk"
                 and "squashfuse" in r["system"]]
         if disk:
@@ -477,8 +610,9 @@ class Bench:
                  "## Targets", "", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in targets]
         titles = {"start": "Start: `true`", "metadata": "Metadata-heavy work",
-                  "reads": "Two parallel reads of 100 MiB files (cold)"}
-        for wl in ("start", "metadata", "reads"):
+                  "reads": "Two parallel reads of 100 MiB files (cold)",
+                  "torch": "`python3 -c 'import torch'` (PyTorch 2.15 from PyPI, 3 GB squashfs)"}
+        for wl in ("start", "metadata", "torch", "reads"):
             rows = [r for r in self.results if r["workload"] == wl]
             if not rows:
                 continue
@@ -551,19 +685,38 @@ class Bench:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--out", required=True)
-    p.add_argument("--scratch", required=True)
-    p.add_argument("--images", required=True)
-    p.add_argument("--ferry", required=True)
-    p.add_argument("--slurm-conf", required=True)
-    p.add_argument("--smoke", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compare", help="every workload, every system; results.md/.json/.png")
+    c.add_argument("--runs", type=int, default=10)
+    c.add_argument("--out", required=True)
+    c.add_argument("--scratch", required=True)
+    c.add_argument("--images", required=True)
+    c.add_argument("--ferry", required=True)
+    c.add_argument("--slurm-conf", required=True)
+    c.add_argument("--smoke", action="store_true")
+    r = sub.add_parser("run", help="start of `ferry run` against bare `true` and `unshare -Ur true`")
+    r.add_argument("--runs", type=int, default=30)
+    r.add_argument("--images", required=True)
+    r.add_argument("--ferry", required=True)
+    s = sub.add_parser("srun", help="start of `srun --container` against bare srun")
+    s.add_argument("--runs", type=int, default=25)
+    s.add_argument("--images", required=True)
+    s.add_argument("--slurm-conf", required=True)
     args = p.parse_args()
+    if args.command == "run":
+        return run_start(args)
+    if args.command == "srun":
+        return srun_start(args)
+    compare(args)
+
+
+def compare(args):
     b = Bench(args)
     started = time.time()
     try:
         b.start()
         b.metadata()
+        b.torch()
         b.reads()
         b.footprint()
     finally:

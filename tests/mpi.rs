@@ -60,6 +60,15 @@ fn node_names(conf: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// A node's address (NodeAddr), as Slurm knows it.
+fn node_address(conf: &str, node: &str) -> String {
+    let out = Command::new("sinfo")
+        .args(["-h", "-N", "-n", node, "-o", "%o"])
+        .env("SLURM_CONF", conf)
+        .output_within(COMMAND_LIMIT);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 fn mpi_image() -> String {
     image("mpi.sqsh").display().to_string()
 }
@@ -426,11 +435,13 @@ fn framework_variables_describe_the_step_on_every_node() {
     let _m = shared_machine();
     let conf = multi_cluster();
     let nodes: Vec<String> = node_names(&conf).into_iter().collect();
+    let first_address = node_address(&conf, &nodes[0]);
     let out = srun(
         "",
         &format!(
             "-N3 -n6 --container={} sh -c 'echo $SLURM_PROCID $RANK $WORLD_SIZE $LOCAL_RANK \
-             $LOCAL_WORLD_SIZE $NODE_RANK $GROUP_RANK $MASTER_ADDR $MASTER_PORT $(hostname)'",
+             $LOCAL_WORLD_SIZE $NODE_RANK $GROUP_RANK $MASTER_ADDR $MASTER_PORT $(hostname) \
+             $(getent hosts $MASTER_ADDR | cut -d\" \" -f1)'",
             mpi_image()
         ),
     );
@@ -439,7 +450,7 @@ fn framework_variables_describe_the_step_on_every_node() {
     let mut ranks = BTreeSet::new();
     for line in text.lines() {
         let w: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(w.len(), 10, "{line}\n{text}");
+        assert_eq!(w.len(), 11, "{line}\n{text}");
         let rank: usize = w[0].parse().unwrap();
         assert_eq!(w[1], w[0], "RANK is SLURM_PROCID: {line}");
         assert_eq!(w[2], "6", "WORLD_SIZE: {line}");
@@ -450,6 +461,10 @@ fn framework_variables_describe_the_step_on_every_node() {
         assert_eq!(w[6], w[5], "GROUP_RANK: {line}");
         assert_eq!(w[7], nodes[0], "MASTER_ADDR is the first node: {line}");
         assert_eq!(w[9], nodes[rank / 2], "the task's node: {line}");
+        assert_eq!(
+            w[10], first_address,
+            "MASTER_ADDR resolves to the first node's address in every container: {line}"
+        );
         let port: u16 = w[8].parse().unwrap();
         assert!(
             (29500..=31499).contains(&port),
@@ -460,4 +475,159 @@ fn framework_variables_describe_the_step_on_every_node() {
     }
     assert_eq!(ranks, (0..6).collect(), "{text}");
     assert_eq!(ports.len(), 1, "one MASTER_PORT for the step: {text}");
+}
+
+fn pytorch_image() -> String {
+    image("pytorch.sqsh").display().to_string()
+}
+
+/// What train.py printed: one line per rank, `rank R of N on HOST local L loss X params P`.
+struct Training {
+    /// rank → (world size, host, local rank, loss, params)
+    ranks: BTreeMap<u32, (u32, String, String, String, String)>,
+    saved: Vec<String>,
+}
+
+fn parse_training(stdout: &str) -> Training {
+    let mut ranks = BTreeMap::new();
+    let mut saved = Vec::new();
+    for line in stdout.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        if let ["rank", r, "of", n, "on", host, "local", local, "loss", loss, "params", params] =
+            w[..]
+        {
+            let r: u32 = r.parse().unwrap_or_else(|_| panic!("rank in {line}"));
+            let n: u32 = n.parse().unwrap_or_else(|_| panic!("size in {line}"));
+            let value = (n, host.into(), local.into(), loss.into(), params.into());
+            assert!(
+                ranks.insert(r, value).is_none(),
+                "rank {r} twice:\n{stdout}"
+            );
+        } else if let ["saved", path] = w[..] {
+            saved.push(path.to_string());
+        }
+    }
+    Training { ranks, saved }
+}
+
+/// Six ranks, two on each node, that trained one model together: every rank reports the
+/// same averaged loss and the same parameters, rank 0 saved the checkpoint into `dir`, and
+/// the file it wrote there is a real PyTorch checkpoint.
+fn assert_trained_together(stdout: &str, nodes: &[String], dir: &UserDir) {
+    let t = parse_training(stdout);
+    assert_eq!(
+        t.ranks.keys().copied().collect::<Vec<_>>(),
+        (0..6).collect::<Vec<_>>(),
+        "one line from each of six ranks:\n{stdout}"
+    );
+    let (_, _, _, loss0, params0) = &t.ranks[&0];
+    for (rank, (size, host, local, loss, params)) in &t.ranks {
+        assert_eq!(*size, 6, "world size of rank {rank}:\n{stdout}");
+        assert_eq!(
+            host,
+            &nodes[*rank as usize / 2],
+            "node of rank {rank}:\n{stdout}"
+        );
+        assert_eq!(
+            local,
+            &(rank % 2).to_string(),
+            "LOCAL_RANK of rank {rank}:\n{stdout}"
+        );
+        assert_eq!(loss, loss0, "rank {rank} trained another model:\n{stdout}");
+        assert_eq!(
+            params, params0,
+            "rank {rank} holds other parameters:\n{stdout}"
+        );
+    }
+    assert_eq!(t.saved, ["/ckpt/model.pt"], "{stdout}");
+    let checkpoint = dir.path.join("model.pt");
+    let bytes = std::fs::read(&checkpoint)
+        .unwrap_or_else(|e| panic!("rank 0's checkpoint {}: {e}", checkpoint.display()));
+    // torch.save writes a zip archive.
+    assert!(
+        bytes.starts_with(b"PK"),
+        "{} is not a torch.save archive",
+        checkpoint.display()
+    );
+}
+
+#[test]
+fn pytorch_ddp_over_three_nodes_needs_no_rendezvous_settings() {
+    let _m = shared_machine();
+    let conf = multi_cluster();
+    let nodes: Vec<String> = node_names(&conf).into_iter().collect();
+    let dir = UserDir::new(USER);
+    // train.py calls init_process_group("gloo") and nothing else: ferry's variables are all
+    // that tells six processes on three nodes how to find each other.
+    let out = sh(&format!(
+        "export SLURM_CONF={conf}; timeout 300 srun --time=5 -N3 -n6 --container={} \
+         --container-mounts={}:/ckpt python3 /opt/ferry/train.py /ckpt",
+        pytorch_image(),
+        dir.path.display()
+    ));
+    assert_trained_together(out.ok(), &nodes, &dir);
+}
+
+#[test]
+fn torchrun_launched_by_srun_from_a_containerized_batch_job() {
+    let _m = shared_machine();
+    let conf = multi_cluster();
+    let nodes: Vec<String> = node_names(&conf).into_iter().collect();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    // One torchrun per node, two workers each: torchrun takes the node's rank and the
+    // rendezvous address from ferry's variables, as job scripts written for enroot's
+    // PyTorch hook do.
+    let script = format!(
+        "#!/bin/bash\n\
+         #SBATCH -N3 --ntasks-per-node=1 --time=5\n\
+         #SBATCH --container-image={image}\n\
+         #SBATCH --container-mounts={d}:/ckpt\n\
+         #SBATCH --output={d}/out.txt\n\
+         srun sh -c 'exec torchrun --nnodes=$SLURM_NNODES --node-rank=$NODE_RANK \
+         --nproc-per-node=2 --master-addr=$MASTER_ADDR --master-port=$MASTER_PORT \
+         /opt/ferry/train.py /ckpt'\n",
+        image = pytorch_image()
+    );
+    std::fs::write(dir.path.join("job.sh"), script).unwrap();
+    Command::new("chmod")
+        .arg("a+rx")
+        .arg(dir.path.join("job.sh"))
+        .status_within(COMMAND_LIMIT);
+    sh(&format!(
+        "export SLURM_CONF={conf}; cd {d} && timeout 300 sbatch --wait job.sh"
+    ))
+    .ok();
+    let log = batch_output(&dir.path.join("out.txt"));
+    assert_trained_together(&log, &nodes, &dir);
+}
+
+#[test]
+fn mpi4py_from_pypi_allreduces_over_three_nodes_with_pmix() {
+    let _m = shared_machine();
+    let conf = multi_cluster();
+    let nodes = node_names(&conf);
+    // mpi4py's binary wheel picks the image's Open MPI; Slurm's PMIx server wires it up.
+    let run = srun(
+        "",
+        &format!(
+            "-N3 -n3 --mpi=pmix --container={} python3 -c 'from mpi4py import MPI; \
+             c = MPI.COMM_WORLD; \
+             print(c.rank, c.size, MPI.Get_processor_name(), c.allreduce(c.rank + 1))'",
+            mpi_image()
+        ),
+    );
+    let text = run.ok();
+    let mut ranks = BTreeSet::new();
+    let mut hosts = BTreeSet::new();
+    for line in text.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(w.len(), 4, "{line}\n{text}");
+        assert_eq!(w[1], "3", "size: {line}");
+        assert_eq!(w[3], "6", "the sum of 1, 2 and 3 on every rank: {line}");
+        ranks.insert(w[0].to_string());
+        hosts.insert(w[2].to_string());
+    }
+    assert_eq!(ranks, ["0", "1", "2"].map(String::from).into(), "{text}");
+    assert_eq!(hosts, nodes, "one rank on each node: {text}");
 }

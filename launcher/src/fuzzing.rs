@@ -13,9 +13,11 @@ use std::path::{Path, PathBuf};
 
 use crate::image::config::ConfigFile;
 use crate::image::layers::Unpacker;
+use crate::image::manifest::{self, Document, SchemaVersion};
+use crate::image::media_type::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
 use crate::image::oci::Image;
+use crate::image::platform::{self, PlatformExt};
 use crate::image::reference::{ImageRef, RemoteRef};
-use crate::image::registry::manifest;
 use crate::image::{sif, squashfs};
 use crate::rootfs::mounts::MountSpec;
 
@@ -131,7 +133,7 @@ pub fn options(data: &[u8]) {
             let _ = parsed.last_value("container");
         }
         _ => {
-            let _ = manifest::Platform::parse(&input);
+            let _ = oci_spec::image::Platform::parse(&input);
             let _ = crate::doctor::parse_slurm_version(&input);
             let _ = crate::doctor::parse_version_header(&input);
         }
@@ -140,15 +142,24 @@ pub fn options(data: &[u8]) {
 
 /// Registry and layout documents: manifests, indexes, image configs.
 pub fn manifest_and_config(data: &[u8]) {
+    let host = oci_spec::image::Platform::host();
     for content_type in [
         None,
-        Some(manifest::OCI_MANIFEST),
-        Some(manifest::OCI_INDEX),
-        Some(manifest::DOCKER_MANIFEST),
-        Some(manifest::DOCKER_MANIFEST_LIST),
+        Some(OCI_MANIFEST),
+        Some(OCI_INDEX),
+        Some(DOCKER_MANIFEST),
+        Some(DOCKER_MANIFEST_LIST),
     ] {
-        if let Ok(manifest::Parsed::Index { manifests, .. }) = manifest::parse(data, content_type) {
-            let _ = manifest::select(&manifests, &manifest::Platform::host());
+        for schema_version in [SchemaVersion::Required, SchemaVersion::Optional] {
+            match manifest::parse(data, content_type, schema_version) {
+                Ok(Document::Index { index, .. }) => {
+                    let _ = platform::select(index.manifests(), &host);
+                }
+                Ok(Document::Manifest { manifest: m, .. }) => {
+                    let _ = crate::image::registry::manifest::check_pullable(&m);
+                }
+                Err(_) => {}
+            }
         }
     }
     let _ = ConfigFile::parse(data);

@@ -108,7 +108,7 @@ fn save_failure(target: &str, data: &[u8]) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!(
         "{target}-{}",
-        ferry::image::oci::sha256_digest(data)
+        ferry::image::digest::sha256_digest(data)
     ));
     std::fs::write(&path, data).unwrap();
     path

@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry::image::registry::{
-    Client, ClientOptions, CredentialSources, Platform, Progress, RegistryError, RemoteRef,
+    Client, ClientOptions, CredentialSources, Platform, PlatformExt, Progress, RegistryError,
+    RemoteRef,
 };
 
 fn registry() -> Option<String> {
@@ -94,7 +95,7 @@ fn pull_busybox_and_pull_again() {
         entry["mediaType"],
         "application/vnd.oci.image.manifest.v1+json"
     );
-    let listing = layer_listing(&blob(dest.path(), &pulled.layers[0].digest));
+    let listing = layer_listing(&blob(dest.path(), pulled.layers[0].digest().as_ref()));
     assert!(listing.lines().any(|l| l == "./bin/busybox"), "{listing}");
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(blob(dest.path(), &pulled.config_digest)).unwrap())
@@ -151,7 +152,7 @@ fn docker_schema2_and_multi_platform() {
     let dest = tempfile::tempdir().unwrap();
     let arm = arm_client.pull(&multi, dest.path()).unwrap();
     assert_ne!(arm.manifest_digest, amd.manifest_digest);
-    let listing = layer_listing(&blob(dest.path(), &arm.layers[0].digest));
+    let listing = layer_listing(&blob(dest.path(), arm.layers[0].digest().as_ref()));
     assert!(listing.contains("./etc/ferry-marker"), "{listing}");
     assert!(!listing.contains("busybox"), "{listing}");
 

@@ -197,9 +197,8 @@ extern "C" fn option_callback(val: c_int, optarg: *const c_char, _remote: c_int)
         let Some(index) = options::index_of(val) else {
             return Err(PluginError::UnexpectedOption(val));
         };
-        // SAFETY: Slurm passes NULL or a NUL-terminated string that outlives this call.
-        let value = unsafe { options::optarg(optarg) };
-        if let Err(e) = plugin.options.record(index, value) {
+        let value = slurm::option_argument(optarg);
+        if let Err(e) = plugin.options.record(index, value.as_deref()) {
             plugin.option_errors.push(e);
             return Err(PluginError::BadOption);
         }
@@ -223,8 +222,7 @@ fn register_options(spank: spank_sys::spank_t) -> Result<(), PluginError> {
             val: index as c_int,
             cb: Some(option_callback),
         };
-        // SAFETY: `opt` points to 'static NUL-terminated strings; Slurm copies the struct.
-        let rc = unsafe { spank_sys::spank_option_register(spank, &mut opt) };
+        let rc = slurm::register_option(spank, &mut opt);
         if rc != spank_sys::ESPANK_SUCCESS {
             return Err(PluginError::RegisterOption {
                 option: def.name().to_string(),

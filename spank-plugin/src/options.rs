@@ -6,7 +6,7 @@
 //! on every srun). Its value is read in [`crate::local`].
 
 use std::ffi::CStr;
-use std::os::raw::{c_char, c_int};
+use std::os::raw::c_int;
 
 use ferry::slurm::srun_args::Arg;
 
@@ -337,14 +337,6 @@ fn same_pair(a: Key, b: Key) -> bool {
 /// `val` of an option callback back to an index into [`OPTIONS`].
 pub fn index_of(val: c_int) -> Option<usize> {
     usize::try_from(val).ok().filter(|i| *i < OPTIONS.len())
-}
-
-/// The optarg of an option callback.
-///
-/// # Safety
-/// `optarg` is NULL or a NUL-terminated string valid for the callback's duration.
-pub unsafe fn optarg<'a>(optarg: *const c_char) -> Option<&'a CStr> {
-    (!optarg.is_null()).then(|| CStr::from_ptr(optarg))
 }
 
 #[cfg(test)]

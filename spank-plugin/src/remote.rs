@@ -795,18 +795,12 @@ fn task_through_ferry(
     use std::os::unix::ffi::OsStrExt;
     let program = std::ffi::CString::new(ferry_bin.as_os_str().as_bytes())
         .map_err(|_| PluginError::NulInFerryPath)?;
-    let prepend = crate::slurm::prepend_task_argv();
-    // SAFETY: in task_init, the task's argv is slurmstepd's array for this forked process.
-    let argv = unsafe { crate::slurm::job_argv(raw) }.ok_or(PluginError::NoTaskArgv)?;
+    let prepend = crate::slurm::PrependTask::lookup();
+    let argv = crate::slurm::TaskArgv::of_task(raw).ok_or(PluginError::NoTaskArgv)?;
     let argv0 = if prepend.is_some() {
         None
     } else {
-        // SAFETY: job_argv returned a non-empty array of C strings.
-        Some(
-            unsafe { std::ffi::CStr::from_ptr(*argv.0) }
-                .to_bytes()
-                .to_vec(),
-        )
+        Some(argv.first())
     };
     let (user_fd, mnt_fd) = ns.inheritable_fds().map_err(PluginError::PassNamespaces)?;
     let task = ferry::container::task_exec::TaskExec {
@@ -822,19 +816,10 @@ fn task_through_ferry(
     let text = serde_json::to_string(&task)?;
     spank.setenv(ferry::container::task_exec::ENV, &text, true)?;
     match prepend {
-        Some(prepend) => {
-            let args = [program.as_ptr()];
-            // SAFETY: the call Slurm declares in spank.h; it copies the strings.
-            let rc = unsafe { prepend(raw, 1, args.as_ptr()) };
-            if rc != slurm_spank::spank_sys::ESPANK_SUCCESS {
-                return Err(PluginError::PrependTaskArgv(rc));
-            }
-        }
-        None => {
-            // SAFETY: argv.0 points to the task's argv array, whose first entry slurmstepd
-            // reads (not frees) before its execve; the leaked string lives until then.
-            unsafe { *argv.0 = program.into_raw() };
-        }
+        Some(prepend) => prepend
+            .prepend(raw, &program)
+            .map_err(PluginError::PrependTaskArgv)?,
+        None => argv.replace_first(program),
     }
     Ok(())
 }
@@ -865,7 +850,8 @@ fn set_image_env(
 
 /// What distributed-training frameworks read to find their peers (RANK, WORLD_SIZE,
 /// MASTER_ADDR, MASTER_PORT…: [`ferry::slurm::framework_env`]), from the task's Slurm variables.
-/// A value the task already has (the user's, or the image's) wins.
+/// A value the task already has (the user's, or the image's) wins, unless ferry set it for
+/// an enclosing container step (see [`ferry::slurm::framework_env::RECORD_VARIABLE`]).
 fn set_framework_env(spank: &SpankHandle, step: &Step) -> Result<(), PluginError> {
     let Some(ports) = &step.framework_ports else {
         return Ok(());
@@ -884,10 +870,8 @@ fn set_framework_env(spank: &SpankHandle, step: &Step) -> Result<(), PluginError
             return Ok(());
         }
     };
-    for (name, value) in task.variables(ports) {
-        if getenv(name).is_none() {
-            spank.setenv(name, &value, false)?;
-        }
+    for (name, value) in task.assignments(ports, getenv) {
+        spank.setenv(name, &value, true)?;
     }
     Ok(())
 }

@@ -460,7 +460,7 @@ fn build(spec: &ContainerSpec) -> Result<rootfs::Container, Box<dyn std::error::
     // Nothing the container execs may gain privileges: without that guarantee, no container.
     nix::sys::prctl::set_no_new_privs()
         .map_err(|e| format!("cannot set no_new_privs for the container: {e}"))?;
-    let inputs = rootfs::open_inputs(spec)?;
+    let inputs = crate::rootfs::inputs::open_inputs(spec)?;
     let inside = if spec.remap_root {
         InsideIds { uid: 0, gid: 0 }
     } else {

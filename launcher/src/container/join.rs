@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{IntoRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use nix::sched::CloneFlags;
@@ -56,36 +56,18 @@ impl Namespaces {
     /// Copies of the two descriptors that a program this process execs keeps (no
     /// close-on-exec), for [`crate::container::task_exec`]: (user, mnt).
     pub fn inheritable_fds(&self) -> io::Result<(RawFd, RawFd)> {
-        let dup = |fd: &OwnedFd| {
-            // SAFETY: dup of a descriptor this struct owns; the copy is the caller's.
-            let copy = unsafe { libc::dup(fd.as_raw_fd()) };
-            if copy < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(copy)
-            }
-        };
-        let user = dup(&self.user)?;
-        match dup(&self.mnt) {
-            Ok(mnt) => Ok((user, mnt)),
-            Err(e) => {
-                // SAFETY: `user` is the copy made above, not used elsewhere.
-                unsafe { libc::close(user) };
-                Err(e)
-            }
-        }
+        // dup(2) leaves close-on-exec off; the copies are the exec'd program's.
+        let user = rustix::io::dup(&self.user)?;
+        let mnt = rustix::io::dup(&self.mnt)?;
+        Ok((user.into_raw_fd(), mnt.into_raw_fd()))
     }
 
-    /// Take ownership of inherited namespace descriptors (see [`Self::inheritable_fds`]).
-    /// Whether they are a user and a mount namespace is checked by [`join`].
-    ///
-    /// # Safety
-    /// The descriptors must be open and owned by nothing else in this process.
-    pub unsafe fn from_raw_fds(user: RawFd, mnt: RawFd) -> Namespaces {
-        Namespaces {
-            user: OwnedFd::from_raw_fd(user),
-            mnt: OwnedFd::from_raw_fd(mnt),
-        }
+    /// Take ownership of namespace descriptors inherited across exec (see
+    /// [`Self::inheritable_fds`]); once per process. Whether they are a user and a mount
+    /// namespace is checked by [`join`].
+    pub fn from_inherited(user: RawFd, mnt: RawFd) -> io::Result<Namespaces> {
+        let [user, mnt] = crate::sys::raw::adopt_inherited_fds([user, mnt])?;
+        Ok(Namespaces { user, mnt })
     }
 }
 

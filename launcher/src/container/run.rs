@@ -161,7 +161,11 @@ fn exec_in_container(
     search_path: &str,
     mask: &SigSet,
 ) -> ! {
-    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    // The command must not outlive ferry: without that guarantee, do not start it.
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
+        eprintln!("ferry: error: cannot make the command end with ferry (PR_SET_PDEATHSIG): {e}");
+        std::process::exit(exit_code::SETUP_FAILED);
+    }
     let _ = mask.thread_unblock();
     if let Err(e) = join::join(ns, workdir) {
         eprintln!("ferry: error: {e}");

@@ -132,8 +132,12 @@ fn exec_task(value: &std::ffi::OsStr) -> ! {
             task.user_fd, task.mnt_fd
         ));
     }
-    // SAFETY: nothing else in this fresh process owns these inherited descriptors.
-    let namespaces = unsafe { Namespaces::from_raw_fds(task.user_fd, task.mnt_fd) };
+    let namespaces = Namespaces::from_inherited(task.user_fd, task.mnt_fd).unwrap_or_else(|e| {
+        fail(&format!(
+            "bad {ENV}: descriptors {} and {}: {e}",
+            task.user_fd, task.mnt_fd
+        ))
+    });
     if let Err(e) = join::join(&namespaces, &task.workdir) {
         fail(&e.to_string());
     }

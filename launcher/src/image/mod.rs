@@ -1,9 +1,13 @@
 //! Images: what a path given as IMAGE holds, checked before anything is mounted.
 
+pub mod archive;
 pub mod config;
+pub mod digest;
 pub mod layers;
+pub mod manifest;
 pub mod media_type;
 pub mod oci;
+pub mod platform;
 pub mod reference;
 pub mod registry;
 pub mod sif;

@@ -22,6 +22,9 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use super::archive::{archive_kind, ArchiveKind};
+use super::digest::check_digest;
+
 pub const DOCKER_HUB: &str = "registry-1.docker.io";
 const DOCKER_HUB_ALIASES: [&str; 3] = ["docker.io", "index.docker.io", "registry-1.docker.io"];
 const DEFAULT_TAG: &str = "latest";
@@ -295,8 +298,8 @@ fn classify_local(path: &Path) -> Result<ImageRef, ReferenceError> {
             }
         }
         if n == 512 && &head[257..262] == b"ustar" {
-            return Ok(match crate::image::oci::archive_kind(path) {
-                Some(crate::image::oci::ArchiveKind::Docker) => ImageRef::DockerArchive {
+            return Ok(match archive_kind(path) {
+                Some(ArchiveKind::Docker) => ImageRef::DockerArchive {
                     file: path.into(),
                     reference: None,
                 },
@@ -325,13 +328,7 @@ impl RemoteRef {
         if let Some((before, after)) = rest.split_once('@') {
             // `NAME@sha256:…` is a digest; an `@` before anything else is enroot's user.
             if !before.contains('/') && !before.contains('#') && !is_digest_like(after) {
-                if before.is_empty()
-                    || !before
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "._-$".contains(c))
-                {
-                    return Err(format!("user name '{before}' before '@' is not valid"));
-                }
+                check_user(before)?;
                 user = Some(before.to_string());
                 rest = after;
             }
@@ -407,6 +404,50 @@ impl RemoteRef {
             .or(self.tag.as_deref())
             .unwrap_or(DEFAULT_TAG)
     }
+
+    /// Check every part as [`RemoteRef::parse_docker`] does, for references built field by
+    /// field (the registry client checks each one before it sends a request, so nothing
+    /// odd ends up in a URL). The error is the problem only.
+    pub fn validate(&self) -> Result<(), String> {
+        check_registry(&self.registry)?;
+        check_repository(&self.repository)?;
+        if let Some(tag) = &self.tag {
+            check_tag(tag)?;
+        }
+        if let Some(digest) = &self.digest {
+            check_digest(digest)?;
+        }
+        if let Some(user) = &self.user {
+            check_user(user)?;
+        }
+        Ok(())
+    }
+
+    /// `registry/repository[:tag][@digest]`, as registry messages name the image.
+    pub fn short_name(&self) -> String {
+        let mut s = format!("{}/{}", self.registry, self.repository);
+        if let Some(t) = &self.tag {
+            s.push(':');
+            s.push_str(t);
+        }
+        if let Some(d) = &self.digest {
+            s.push('@');
+            s.push_str(d);
+        }
+        s
+    }
+}
+
+/// enroot's `USER@`: a login name, nothing that could reach a URL or a file name.
+fn check_user(user: &str) -> Result<(), String> {
+    if user.is_empty()
+        || !user
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-$".contains(c))
+    {
+        return Err(format!("user name '{user}' before '@' is not valid"));
+    }
+    Ok(())
 }
 
 impl fmt::Display for RemoteRef {
@@ -446,21 +487,6 @@ fn is_digest_like(s: &str) -> bool {
 
 fn is_digest_syntax(s: &str) -> bool {
     check_digest(s).is_ok()
-}
-
-/// `sha256:` and 64 lowercase hex digits: the only algorithm registries and layouts use.
-pub fn check_digest(d: &str) -> Result<(), String> {
-    let Some(hex) = d.strip_prefix("sha256:") else {
-        return Err(format!(
-            "digest '{d}' is not supported: only sha256:<64 hex digits> is"
-        ));
-    };
-    if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return Err(format!(
-            "digest '{d}' must be sha256: followed by 64 lowercase hex digits"
-        ));
-    }
-    Ok(())
 }
 
 /// Tags: `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}` (distribution spec).
@@ -691,6 +717,44 @@ mod tests {
         let long = format!("docker://{}", "a".repeat(300));
         assert!(err(&long).contains("at most 255"));
         assert!(err("").contains("empty"));
+    }
+
+    /// References built field by field (the registry client's callers) get the parser's
+    /// checks, not looser ones.
+    #[test]
+    fn validate_is_the_parsers_check() {
+        let good = remote("docker://localhost:5000/a/b:c");
+        assert_eq!(good.validate(), Ok(()));
+        assert_eq!(good.short_name(), "localhost:5000/a/b:c");
+        for (registry, repository, tag) in [
+            ("evil/host", "a", "v1"),
+            ("bad_host", "a", "v1"),
+            ("h:99999", "a", "v1"),
+            ("h", "a__-b", "v1"),
+            ("h", "ferry/../x", "v1"),
+            ("h", "Ferry/x", "v1"),
+            ("h", "", "v1"),
+            ("h", "a", "a/b"),
+            ("h", "a", "-x"),
+        ] {
+            let r = RemoteRef {
+                registry: registry.into(),
+                repository: repository.into(),
+                tag: Some(tag.into()),
+                ..good.clone()
+            };
+            assert!(r.validate().is_err(), "{registry} {repository} {tag}");
+        }
+        let r = RemoteRef {
+            digest: Some("md5:abc".into()),
+            ..good.clone()
+        };
+        assert!(r.validate().unwrap_err().contains("only sha256"));
+        let r = RemoteRef {
+            user: Some("a/b".into()),
+            ..good
+        };
+        assert!(r.validate().is_err());
     }
 
     #[test]

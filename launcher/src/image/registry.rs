@@ -27,93 +27,23 @@ mod test_server;
 #[cfg(test)]
 mod tests;
 
-use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+pub use crate::image::platform::PlatformExt;
+pub use crate::image::reference::RemoteRef;
 pub use auth::{CredentialError, CredentialSources, Credentials};
 pub use layout::{LOCK_FILE, REF_NAME_ANNOTATION};
-pub use manifest::{Descriptor, Platform};
+pub use oci_spec::image::{Descriptor, Platform};
 pub use progress::Progress;
 
-use layout::{sha256_digest, Layout};
-use manifest::{ManifestProblem, Parsed};
+use crate::image::digest::sha256_digest;
+use crate::image::manifest::{media_type_of, Document, ManifestProblem, SchemaVersion};
+use layout::Layout;
 use transport::{header, Fetch, Target, Transport};
-
-/// A remote image: `registry/repository` with a tag and/or a digest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RemoteRef {
-    /// Host and optional port, as in the reference (`docker.io`, `nvcr.io`, `127.0.0.1:5000`).
-    pub registry: String,
-    /// `library/busybox`, `nvidia/pytorch`.
-    pub repository: String,
-    pub tag: Option<String>,
-    /// `sha256:…`; when given, it is what is pulled, and the tag is only a name.
-    pub digest: Option<String>,
-    /// enroot's `user@registry`: which of several stored logins to use.
-    pub user: Option<String>,
-}
-
-impl RemoteRef {
-    /// What goes into the manifest URL: the digest if there is one, else the tag, else
-    /// `latest`.
-    pub fn reference(&self) -> &str {
-        self.digest
-            .as_deref()
-            .or(self.tag.as_deref())
-            .unwrap_or("latest")
-    }
-
-    /// Refuse names that could not be a registry, repository, tag or digest, so nothing
-    /// odd ends up in a URL.
-    fn check(&self) -> Result<(), RegistryError> {
-        let bad = |reason: String| RegistryError::BadReference {
-            image: transport::printable(&self.to_string(), 200),
-            reason,
-        };
-        let host_ok = !self.registry.is_empty()
-            && self
-                .registry
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || ".-:[]_".contains(c));
-        if !host_ok {
-            return Err(bad(
-                "the registry must be a host name with an optional port".into(),
-            ));
-        }
-        let component_ok = |c: &str| {
-            !c.is_empty()
-                && c.chars()
-                    .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || "._-".contains(ch))
-                && c.starts_with(|ch: char| ch.is_ascii_alphanumeric())
-        };
-        if !self.repository.split('/').all(component_ok) {
-            return Err(bad(
-                "the repository must be lower-case letters, digits and . _ - separated by /".into(),
-            ));
-        }
-        if let Some(tag) = &self.tag {
-            let ok = tag.len() <= 128
-                && tag.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
-                && tag
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-            if !ok {
-                return Err(bad(format!(
-                    "`{}` is not a valid tag",
-                    transport::printable(tag, 130)
-                )));
-            }
-        }
-        if let Some(d) = &self.digest {
-            manifest::check_digest(d).map_err(bad)?;
-        }
-        Ok(())
-    }
-}
 
 /// `docker://registry/repository:tag` as the user wrote it (a pinned digest is left out
 /// where there is a tag: it is long and the user did not write it).
@@ -122,19 +52,6 @@ pub(crate) fn user_label(r: &RemoteRef) -> String {
         (Some(t), _) => format!("docker://{}/{}:{t}", r.registry, r.repository),
         (None, Some(d)) => format!("docker://{}/{}@{d}", r.registry, r.repository),
         (None, None) => format!("docker://{}/{}", r.registry, r.repository),
-    }
-}
-
-impl fmt::Display for RemoteRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.registry, self.repository)?;
-        if let Some(t) = &self.tag {
-            write!(f, ":{t}")?;
-        }
-        if let Some(d) = &self.digest {
-            write!(f, "@{d}")?;
-        }
-        Ok(())
     }
 }
 
@@ -320,7 +237,7 @@ pub struct Client {
 struct Fetched {
     descriptor: Descriptor,
     bytes: Vec<u8>,
-    parsed: Parsed,
+    parsed: Document,
 }
 
 impl Client {
@@ -334,7 +251,10 @@ impl Client {
     }
 
     fn target<'a>(&self, r: &'a RemoteRef) -> Result<Target<'a>, RegistryError> {
-        r.check()?;
+        r.validate().map_err(|reason| RegistryError::BadReference {
+            image: transport::printable(&r.short_name(), 200),
+            reason,
+        })?;
         let host = r
             .registry
             .rsplit_once(':')
@@ -369,48 +289,48 @@ impl Client {
         // An index may (rarely) point at another index; two levels is all anyone builds.
         for _ in 0..3 {
             let manifests = match &current.parsed {
-                Parsed::Manifest { .. } => {
+                Document::Manifest { .. } => {
                     let resolved = Resolved {
-                        manifest_digest: current.descriptor.digest.clone(),
-                        media_type: current.descriptor.media_type.clone(),
-                        size: current.descriptor.size,
+                        manifest_digest: current.descriptor.digest().to_string(),
+                        media_type: media_type_of(&current.descriptor).to_string(),
+                        size: current.descriptor.size(),
                         index_digest,
                         platform,
                     };
                     return Ok((resolved, Some(current)));
                 }
-                Parsed::Index { manifests, .. } => manifests,
+                Document::Index { index, .. } => index.manifests(),
             };
-            let entry =
-                manifest::select(manifests, &self.options.platform).map_err(|available| {
-                    RegistryError::NoPlatform {
-                        image: target.image.clone(),
-                        wanted: self.options.platform.to_string(),
-                        available,
-                    }
-                })?;
-            let d = entry.descriptor.clone();
+            let entry = crate::image::platform::select(manifests, &self.options.platform).map_err(
+                |available| RegistryError::NoPlatform {
+                    image: target.image.clone(),
+                    wanted: self.options.platform.name(),
+                    available,
+                },
+            )?;
+            let d = entry.clone();
             tracing::debug!(
                 "{}: {} is {}",
                 target.image,
-                self.options.platform,
-                d.digest
+                self.options.platform.name(),
+                d.digest()
             );
-            index_digest.get_or_insert_with(|| current.descriptor.digest.clone());
-            platform = entry.platform.clone();
-            let is_index = d.media_type == manifest::OCI_INDEX
-                || d.media_type == manifest::DOCKER_MANIFEST_LIST;
-            if !fetch && !is_index && !d.media_type.is_empty() {
+            index_digest.get_or_insert_with(|| current.descriptor.digest().to_string());
+            platform = entry.platform().clone();
+            let media_type = media_type_of(&d).to_string();
+            if !fetch && !crate::image::media_type::is_index(&media_type) && !media_type.is_empty()
+            {
                 let resolved = Resolved {
-                    manifest_digest: d.digest,
-                    media_type: d.media_type,
-                    size: d.size,
+                    manifest_digest: d.digest().to_string(),
+                    media_type,
+                    size: d.size(),
                     index_digest,
                     platform,
                 };
                 return Ok((resolved, None));
             }
-            current = self.fetch_manifest(target, &d.digest, Some(&d.digest), Some(d.size))?;
+            let digest = d.digest().to_string();
+            current = self.fetch_manifest(target, &digest, Some(&digest), Some(d.size()))?;
         }
         Err(RegistryError::BadManifest {
             image: target.image.clone(),
@@ -473,7 +393,7 @@ impl Client {
                 });
             }
         }
-        let parsed = manifest::parse(&bytes, content_type.as_deref()).map_err(|p| match p {
+        let problem = |p| match p {
             ManifestProblem::Schema1 => RegistryError::Schema1 {
                 image: target.image.clone(),
             },
@@ -485,18 +405,25 @@ impl Client {
                 image: target.image.clone(),
                 reason,
             },
-        })?;
-        let media_type = match &parsed {
-            Parsed::Manifest { media_type, .. } | Parsed::Index { media_type, .. } => {
-                media_type.clone()
-            }
         };
+        let parsed =
+            crate::image::manifest::parse(&bytes, content_type.as_deref(), SchemaVersion::Required)
+                .map_err(problem)?;
+        if let Document::Manifest { manifest, .. } = &parsed {
+            manifest::check_pullable(manifest).map_err(problem)?;
+        }
+        let digest = crate::image::digest::parse_digest(&actual).map_err(|reason| {
+            RegistryError::BadManifest {
+                image: target.image.clone(),
+                reason,
+            }
+        })?;
         Ok(Fetched {
-            descriptor: Descriptor {
-                media_type,
-                digest: actual,
-                size: bytes.len() as u64,
-            },
+            descriptor: Descriptor::new(
+                crate::image::media_type::model(parsed.media_type()),
+                bytes.len() as u64,
+                digest,
+            ),
             bytes,
             parsed,
         })
@@ -512,7 +439,7 @@ impl Client {
         let Some(Fetched {
             descriptor: manifest_desc,
             bytes,
-            parsed: Parsed::Manifest { config, layers, .. },
+            parsed: Document::Manifest { manifest, .. },
         }) = fetched
         else {
             return Err(RegistryError::BadManifest {
@@ -522,22 +449,24 @@ impl Client {
         };
         let layout = Layout::open(dest)?;
         layout.put_blob(&manifest_desc, &bytes)?;
+        let config = manifest.config().clone();
+        let layers = manifest.layers().clone();
 
         // The config first: it is small, and a broken one fails the pull before gigabytes
         // of layers are fetched. Identical layers (it happens) are fetched once.
         let mut blobs: Vec<&Descriptor> = Vec::with_capacity(layers.len() + 1);
         for d in std::iter::once(&config).chain(layers.iter()) {
-            if !blobs.iter().any(|b| b.digest == d.digest) {
+            if !blobs.iter().any(|b| b.digest() == d.digest()) {
                 blobs.push(d);
             }
         }
         let (present, missing): (Vec<&Descriptor>, Vec<&Descriptor>) =
             blobs.iter().partition(|d| layout.has_blob(d));
-        let total: u64 = missing.iter().map(|d| d.size).sum();
+        let total: u64 = missing.iter().map(|d| d.size()).sum();
         tracing::info!(
             "pulling {} ({}): {} blobs to fetch ({}), {} already here",
             target.image,
-            manifest_desc.digest,
+            manifest_desc.digest(),
             missing.len(),
             progress::human_bytes(total),
             present.len()
@@ -564,9 +493,9 @@ impl Client {
             progress::human_bytes(fetched_bytes)
         );
         Ok(Pulled {
-            manifest_digest: manifest_desc.digest,
-            manifest_media_type: manifest_desc.media_type,
-            config_digest: config.digest,
+            manifest_digest: manifest_desc.digest().to_string(),
+            manifest_media_type: media_type_of(&manifest_desc).to_string(),
+            config_digest: config.digest().to_string(),
             layers,
             fetched_bytes,
             reused_blobs,
@@ -598,7 +527,7 @@ impl Client {
                     match layout.fetch_blob(&self.transport, target, d, meter) {
                         Ok(n) => {
                             fetched.fetch_add(n, Ordering::Relaxed);
-                            meter.blob_done(&d.digest, d.size);
+                            meter.blob_done(d.digest().as_ref(), d.size());
                         }
                         Err(e) => {
                             failed.store(true, Ordering::Relaxed);

@@ -47,6 +47,7 @@ use crate::container::spec::{ContainerSpec, RootfsProvider};
 use crate::container::user::UserInfo;
 use crate::image::{self, ImageError, ImageKind};
 use crate::sys::raw;
+use rustix::mount::MountAttrFlags;
 
 /// Where the image is attached in the holder's private mount namespace (in the host's, an
 /// empty directory that only root can enter; nothing is ever mounted on it there).
@@ -430,7 +431,9 @@ fn mount_squashfs(device: &str) -> Result<OwnedFd, String> {
         .and_then(|()| {
             raw::fs_create_and_mount(
                 fs.as_fd(),
-                raw::MOUNT_ATTR_RDONLY | raw::MOUNT_ATTR_NOSUID | raw::MOUNT_ATTR_NODEV,
+                MountAttrFlags::MOUNT_ATTR_RDONLY
+                    | MountAttrFlags::MOUNT_ATTR_NOSUID
+                    | MountAttrFlags::MOUNT_ATTR_NODEV,
             )
         });
     made.map_err(|e| failure_text(&e, &raw::fs_context_messages(fs.as_fd())))

@@ -3,9 +3,15 @@
 //! libraries) and the users' own directories for unpacked trees.
 
 pub mod assembly;
+mod binds;
+pub mod error;
 pub mod gpu;
+pub mod inputs;
 pub mod kernel;
 pub mod ldcache;
+mod loader;
 pub mod mounts;
+mod squashfuse;
+mod staging;
 pub mod unpacked;
 pub mod user_dir;

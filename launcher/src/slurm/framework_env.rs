@@ -115,6 +115,44 @@ impl SlurmTask {
     }
 }
 
+/// Where ferry records the values it set (`NAME=VALUE` words). A step started from inside
+/// another container step (`srun` in a batch script that runs in an image) inherits that
+/// step's RANK, WORLD_SIZE…: those describe the outer step and must be replaced, while a
+/// value the user set, or changed since, must be kept. The record tells them apart.
+pub const RECORD_VARIABLE: &str = "FERRY_FRAMEWORK_ENV";
+
+impl SlurmTask {
+    /// What to set in the task, given its environment `var`: every variable it lacks or
+    /// holds with the value ferry recorded for an enclosing step, then the new record.
+    pub fn assignments(
+        &self,
+        ports: &RangeInclusive<u16>,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Vec<(&'static str, String)> {
+        let inherited = var(RECORD_VARIABLE).unwrap_or_default();
+        let set_by_ferry = |name: &str, value: &str| {
+            inherited
+                .split(' ')
+                .any(|word| word.split_once('=') == Some((name, value)))
+        };
+        let mut set: Vec<(&'static str, String)> = self
+            .variables(ports)
+            .into_iter()
+            .filter(|(name, _)| match var(name) {
+                Some(current) => set_by_ferry(name, &current),
+                None => true,
+            })
+            .collect();
+        let record = set
+            .iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        set.push((RECORD_VARIABLE, record));
+        set
+    }
+}
+
 /// `LOW-HIGH`, as a site writes it.
 pub fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, FrameworkEnvError> {
     let bad = || FrameworkEnvError::PortRange(text.to_string());
@@ -183,6 +221,78 @@ pub fn first_host(list: &str) -> Option<String> {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    fn step_task(rank: u32, world_size: u32) -> SlurmTask {
+        SlurmTask {
+            job_id: 7,
+            step_id: 1,
+            rank,
+            world_size,
+            local_rank: rank,
+            local_world_size: world_size,
+            node_rank: 0,
+            first_node: "n1".into(),
+        }
+    }
+
+    fn lookup<'a>(vars: &'a [(&'static str, String)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.clone())
+        }
+    }
+
+    #[test]
+    fn a_fresh_task_gets_every_variable_and_the_record() {
+        let set = step_task(1, 4).assignments(&DEFAULT_PORTS, |_| None);
+        let names: Vec<&str> = set.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            [
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE",
+                "NODE_RANK",
+                "GROUP_RANK",
+                "MASTER_ADDR",
+                "MASTER_PORT",
+                RECORD_VARIABLE
+            ]
+        );
+        let record = &set.last().unwrap().1;
+        assert!(record.starts_with("RANK=1 WORLD_SIZE=4 "), "{record}");
+    }
+
+    #[test]
+    fn a_step_inside_a_container_step_replaces_what_ferry_set_for_the_outer_one() {
+        // The batch step (one task) ran in an image; its script starts a four-task step.
+        let outer = step_task(0, 1).assignments(&DEFAULT_PORTS, |_| None);
+        let set = step_task(3, 4).assignments(&DEFAULT_PORTS, lookup(&outer));
+        assert!(set.contains(&("RANK", "3".into())), "{set:?}");
+        assert!(set.contains(&("WORLD_SIZE", "4".into())), "{set:?}");
+    }
+
+    #[test]
+    fn the_users_values_are_kept_even_inside_a_container_step() {
+        let mut env = step_task(0, 1).assignments(&DEFAULT_PORTS, |_| None);
+        // The user changed one of ferry's values and set another variable of their own.
+        env.retain(|(n, _)| *n != "MASTER_PORT");
+        env.push(("MASTER_PORT", "12345".into()));
+        let set = step_task(2, 4).assignments(&DEFAULT_PORTS, lookup(&env));
+        assert!(!set.iter().any(|(n, _)| *n == "MASTER_PORT"), "{set:?}");
+        assert!(set.contains(&("RANK", "2".into())), "{set:?}");
+        let fresh = step_task(2, 4).assignments(&DEFAULT_PORTS, |n| {
+            (n == "WORLD_SIZE").then(|| "16".to_string())
+        });
+        assert!(!fresh.iter().any(|(n, _)| *n == "WORLD_SIZE"), "{fresh:?}");
+        let record = &fresh.last().unwrap().1;
+        assert!(
+            !record.split(' ').any(|w| w.starts_with("WORLD_SIZE=")),
+            "{record}"
+        );
+    }
 
     fn task(vars: &[(&str, &str)]) -> Result<Option<SlurmTask>, FrameworkEnvError> {
         let map: HashMap<String, String> = vars

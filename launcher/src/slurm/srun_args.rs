@@ -782,12 +782,7 @@ mod tests {
     /// many generated command lines. Cases glibc rejects (srun then exits) are skipped.
     #[test]
     fn agrees_with_glibc_getopt_long() {
-        use std::ffi::{c_char, c_int, CString};
-        extern "C" {
-            static mut optind: c_int;
-            static mut opterr: c_int;
-            static mut optarg: *mut c_char;
-        }
+        use std::ffi::{c_int, CString};
         let has_arg = |a: Arg| match a {
             Arg::No => 0,
             Arg::Required => 1,
@@ -810,26 +805,10 @@ mod tests {
             };
             1000 + longs.iter().position(|(n, _)| *n == canonical).unwrap() as c_int
         };
-        let names: Vec<CString> = longs
+        let table: Vec<(CString, c_int, c_int)> = longs
             .iter()
-            .map(|(n, _)| CString::new(*n).unwrap())
+            .map(|(n, a)| (CString::new(*n).unwrap(), has_arg(*a), val_of(n)))
             .collect();
-        let mut table: Vec<libc::option> = longs
-            .iter()
-            .zip(&names)
-            .map(|((n, a), c)| libc::option {
-                name: c.as_ptr(),
-                has_arg: has_arg(*a),
-                flag: std::ptr::null_mut(),
-                val: val_of(n),
-            })
-            .collect();
-        table.push(libc::option {
-            name: std::ptr::null(),
-            has_arg: 0,
-            flag: std::ptr::null_mut(),
-            val: 0,
-        });
         let mut optstring = String::from("+");
         for c in SRUN_SHORT_REQUIRED.chars() {
             optstring.push(c);
@@ -905,44 +884,12 @@ mod tests {
                 .chain(args.iter().map(String::as_str))
                 .map(|a| CString::new(a).unwrap())
                 .collect();
-            let mut argv: Vec<*mut c_char> =
-                cargs.iter().map(|c| c.as_ptr() as *mut c_char).collect();
-            argv.push(std::ptr::null_mut());
-            let mut failed = false;
-            let mut container: Option<String> = None;
-            // SAFETY: single-threaded use of getopt's globals within this one test; argv and
-            // the tables outlive the calls.
-            let end = unsafe {
-                optind = 0;
-                opterr = 0;
-                loop {
-                    let r = libc::getopt_long(
-                        cargs.len() as c_int,
-                        argv.as_ptr(),
-                        optstring.as_ptr(),
-                        table.as_ptr(),
-                        std::ptr::null_mut(),
-                    );
-                    if r == -1 {
-                        break optind as usize;
-                    }
-                    if r == '?' as c_int || r == ':' as c_int {
-                        failed = true;
-                        break 0;
-                    }
-                    if r == container_val {
-                        container = Some(
-                            std::ffi::CStr::from_ptr(optarg)
-                                .to_string_lossy()
-                                .into_owned(),
-                        );
-                    }
-                }
-            };
-            if failed {
+            let Some((end, container)) =
+                crate::sys::raw::glibc_getopt_long(&cargs, &optstring, &table, container_val)
+            else {
                 skipped += 1;
                 continue;
-            }
+            };
             compared += 1;
             let ours = parse(&args, V2205, FERRY);
             assert_eq!(ours.command + 1, end, "command position for {args:?}");

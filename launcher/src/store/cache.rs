@@ -33,7 +33,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use crate::image::config::ImageConfig;
-use crate::image::reference::check_digest;
+use crate::image::digest::check_digest;
 
 /// Work areas untouched this long and unlocked are leftovers of a killed import.
 const STALE_TMP: Duration = Duration::from_secs(60);

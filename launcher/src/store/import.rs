@@ -20,7 +20,7 @@ use serde::Serialize;
 use crate::image::config::ImageConfig;
 use crate::image::layers::{LayerError, Unpacker};
 use crate::image::oci::{Image, OciError};
-use crate::image::reference::ImageRef;
+use crate::image::reference::{ImageRef, RemoteRef};
 use crate::image::squashfs::find_in_path;
 use crate::store::cache::{Built, Cache, CacheError, Entry};
 use crate::sys::child::{run_tool, ToolError};
@@ -140,7 +140,7 @@ pub fn import(
 /// request), so an image already in the cache is not downloaded again; otherwise it is
 /// pulled into a work area of the cache as an OCI layout and imported from there.
 fn from_registry(
-    r: &crate::image::reference::RemoteRef,
+    r: &RemoteRef,
     cache: &Cache,
     opts: &ImportOptions,
 ) -> Result<ImportedImage, ImportError> {
@@ -159,9 +159,8 @@ fn from_registry(
             });
         }
     }
-    let remote = registry_ref(r);
     let client = registry::Client::new(opts.registry.clone())?;
-    let resolved = client.resolve(&remote)?;
+    let resolved = client.resolve(r)?;
     if let Some(entry) = cache.lookup(&resolved.manifest_digest)? {
         tracing::debug!("{r}: {} is cached", resolved.manifest_digest);
         let entry = cache.reuse(entry, Some(&r.to_string()))?;
@@ -172,12 +171,12 @@ fn from_registry(
         });
     }
     // Pull exactly what was resolved, so a tag moved meanwhile cannot mix two images.
-    let pinned = registry::RemoteRef {
+    let pinned = RemoteRef {
         digest: Some(resolved.manifest_digest.clone()),
-        ..remote
+        ..r.clone()
     };
     let speaks = opts.registry.progress.speaks();
-    let label = registry::user_label(&registry_ref(r));
+    let label = registry::user_label(r);
     let started = std::time::Instant::now();
     // Only a hint for the user: the lock below decides who imports.
     let waits = speaks && cache.import_under_way(&resolved.manifest_digest)?;
@@ -220,16 +219,6 @@ fn from_registry(
     })
 }
 
-fn registry_ref(r: &crate::image::reference::RemoteRef) -> crate::image::registry::RemoteRef {
-    crate::image::registry::RemoteRef {
-        registry: r.registry.clone(),
-        repository: r.repository.clone(),
-        tag: r.tag.clone(),
-        digest: r.digest.clone(),
-        user: r.user.clone(),
-    }
-}
-
 /// A registry reference by tag, pinned to the digest the tag names now: the same text
 /// with `@sha256:…` added (the multi-platform index's digest when there is one, so that
 /// each node still picks its own platform). A job resolves its tag once this way, and all
@@ -246,9 +235,9 @@ pub fn pin_reference(
         return Ok(None);
     }
     let client = crate::image::registry::Client::new(opts.clone())?;
-    let resolved = client.resolve(&registry_ref(r))?;
+    let resolved = client.resolve(r)?;
     let digest = resolved.index_digest.unwrap_or(resolved.manifest_digest);
-    let pinned = crate::image::reference::RemoteRef {
+    let pinned = RemoteRef {
         digest: Some(digest),
         ..r.clone()
     };
@@ -461,7 +450,7 @@ pub fn export(image: &ImportedImage, out: &Path, opts: &ImportOptions) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::oci::tests::{make_docker_archive, make_layout};
+    use crate::image::oci::test_images::{make_docker_archive, make_layout};
     use std::process::Command;
 
     fn unsquash_cat(sqsh: &Path, file: &str) -> String {

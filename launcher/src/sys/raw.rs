@@ -1,19 +1,19 @@
-//! The few raw system calls ferry needs that `nix` does not wrap safely.
+//! The system calls ferry needs with the kernel flags it uses: through `rustix` where it
+//! has them, raw where neither it nor `nix` does (mount_setattr, close_range, loop devices,
+//! and what runs between fork and exec).
 //!
-//! Every `unsafe` block of the launcher lives here, each with the reason it is sound.
+//! Every `unsafe` block of the launcher lives here, each with a `// SAFETY:` line.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use nix::unistd::{ForkResult, Pid};
-
-fn cstring(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))
-}
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::mount::{self, MountAttrFlags};
+use rustix::process::{Gid, Uid};
 
 /// `openat2(dirfd, path, flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`: resolve `path`
 /// as if `dirfd` were `/`, so `..` and absolute symlinks in an image cannot lead outside it.
@@ -28,7 +28,7 @@ pub fn open_in_root(
         path,
         flags,
         mode,
-        libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
     )
 }
 
@@ -45,7 +45,7 @@ pub fn open_beneath_nofollow(
         name,
         flags | libc::O_NOFOLLOW,
         mode,
-        libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
     )
 }
 
@@ -54,66 +54,63 @@ fn openat2(
     path: &Path,
     flags: i32,
     mode: u32,
-    resolve: u64,
+    resolve: ResolveFlags,
 ) -> io::Result<OwnedFd> {
-    let path = cstring(path)?;
-    // SAFETY: open_how is plain integers; all-zero is its documented default.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (flags | libc::O_CLOEXEC) as u64;
-    how.mode = mode as u64;
-    how.resolve = resolve;
-    // SAFETY: `path` is a valid NUL-terminated string and `how` a fully initialised
-    // open_how whose size we pass; the kernel only reads both.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dirfd.as_raw_fd(),
-            path.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    let flags = OFlags::from_bits_retain(flags as u32) | OFlags::CLOEXEC;
+    Ok(rustix::fs::openat2(
+        dirfd,
+        path,
+        flags,
+        Mode::from_raw_mode(mode),
+        resolve,
+    )?)
 }
-
-#[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
-}
-
-pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
-pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
-pub const MOUNT_ATTR_NODEV: u64 = 0x4;
-const AT_RECURSIVE: u32 = 0x8000;
 
 /// `mount_setattr(2)`: add mount flags to the mount at `path` (and, with `recursive`, to
 /// every mount below it) without restating flags the kernel has locked.
-pub fn mount_set_flags(path: &Path, set: u64, recursive: bool) -> io::Result<()> {
-    let path = cstring(path)?;
-    let attr = MountAttr {
-        attr_set: set,
+pub fn mount_set_flags(path: &Path, set: MountAttrFlags, recursive: bool) -> io::Result<()> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
+    let flags = if recursive { libc::AT_RECURSIVE } else { 0 };
+    mount_setattr(libc::AT_FDCWD, &path, flags as u32, set, None)
+}
+
+/// `mount_setattr(MOUNT_ATTR_IDMAP)` on a detached mount: file owners appear through the
+/// mappings of the user namespace `userns`.
+pub fn mount_set_idmap(mount: BorrowedFd<'_>, userns: BorrowedFd<'_>) -> io::Result<()> {
+    mount_setattr(
+        mount.as_raw_fd(),
+        c"",
+        libc::AT_EMPTY_PATH as u32,
+        MountAttrFlags::MOUNT_ATTR_IDMAP,
+        Some(userns),
+    )
+}
+
+/// `mount_setattr(2)` (neither rustix nor nix has it), with the kernel's own `mount_attr`.
+fn mount_setattr(
+    dirfd: RawFd,
+    path: &CStr,
+    flags: u32,
+    set: MountAttrFlags,
+    userns: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
+    let attr = linux_raw_sys::general::mount_attr {
+        attr_set: u64::from(set.bits()),
         attr_clr: 0,
         propagation: 0,
-        userns_fd: 0,
+        userns_fd: userns.map_or(0, |fd| fd.as_raw_fd() as u64),
     };
-    let flags = if recursive { AT_RECURSIVE } else { 0 };
-    // SAFETY: `path` is NUL-terminated, `attr` is a mount_attr of the size we pass, and
-    // the kernel only reads them.
+    // SAFETY: `path` is NUL-terminated and `attr` a mount_attr of the size passed; the
+    // kernel only reads both.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
+            dirfd,
             path.as_ptr(),
             flags,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
+            &attr as *const linux_raw_sys::general::mount_attr,
+            std::mem::size_of_val(&attr),
         )
     };
     if rc < 0 {
@@ -125,9 +122,16 @@ pub fn mount_set_flags(path: &Path, set: u64, recursive: bool) -> io::Result<()>
 /// Mark every descriptor from `first` up as close-on-exec, so a program we exec keeps
 /// nothing it inherited from its parent (slurmstepd waits for holders of its fds).
 pub fn cloexec_from(first: u32) -> io::Result<()> {
-    const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+    // The system call, not glibc's close_range (2.34): the plugin loads into older glibcs.
     // SAFETY: close_range with CLOSE_RANGE_CLOEXEC changes only descriptor flags.
-    let rc = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, CLOSE_RANGE_CLOEXEC) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -135,7 +139,7 @@ pub fn cloexec_from(first: u32) -> io::Result<()> {
 }
 
 /// Clear close-on-exec on `fd` so an exec'd helper inherits it.
-pub fn clear_cloexec(fd: RawFd) -> io::Result<()> {
+fn clear_cloexec(fd: RawFd) -> io::Result<()> {
     // SAFETY: F_SETFD on a descriptor number only changes its flags; a bad number fails.
     let rc = unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
     if rc < 0 {
@@ -145,13 +149,41 @@ pub fn clear_cloexec(fd: RawFd) -> io::Result<()> {
 }
 
 /// `dup2` for use between fork and exec (async-signal-safe).
-pub fn dup2_raw(from: RawFd, to: RawFd) -> io::Result<()> {
+fn dup2_raw(from: RawFd, to: RawFd) -> io::Result<()> {
     // SAFETY: dup2 on integer descriptors; failure is reported through errno.
     let rc = unsafe { libc::dup2(from, to) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Take ownership of descriptors this process inherited across exec under numbers its
+/// parent chose (and passed on in the environment). Once per process, before it opens
+/// anything else (`ferry`'s main does this first); refused for stdio, for repeated
+/// numbers and for numbers not open.
+pub fn adopt_inherited_fds<const N: usize>(fds: [RawFd; N]) -> io::Result<[OwnedFd; N]> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static ADOPTED: AtomicBool = AtomicBool::new(false);
+    let invalid = |why: &str| Err(io::Error::new(io::ErrorKind::InvalidInput, why.to_string()));
+    if fds.iter().any(|fd| *fd < 3) {
+        return invalid("not an inherited descriptor (0, 1 and 2 are stdio)");
+    }
+    if (1..N).any(|i| fds[..i].contains(&fds[i])) {
+        return invalid("the same descriptor twice");
+    }
+    for fd in fds {
+        // SAFETY: F_GETFD only reads the flags of a descriptor number; a closed one fails.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    if ADOPTED.swap(true, Ordering::SeqCst) {
+        return invalid("inherited descriptors were taken already");
+    }
+    // SAFETY: the numbers are open and distinct, and taken once per process at its start,
+    // when only what was inherited across exec is open: nothing else owns them.
+    Ok(fds.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
 /// End the calling process at once with `code`, running no exit handlers and flushing no
@@ -215,13 +247,11 @@ pub fn wait_signal(set: &nix::sys::signal::SigSet) -> io::Result<libc::siginfo_t
 
 /// `faccessat(fd, "", mode, AT_EMPTY_PATH)`-style check through /proc, for an O_PATH fd.
 pub fn access_fd(fd: BorrowedFd<'_>, mode: i32) -> io::Result<()> {
-    let path = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL");
-    // SAFETY: `path` is a valid C string; access only reads it.
-    let rc = unsafe { libc::access(path.as_ptr(), mode) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    Ok(rustix::fs::access(
+        path.as_str(),
+        rustix::fs::Access::from_bits_retain(mode as u32),
+    )?)
 }
 
 /// Whether `signal` is ignored (SIG_IGN) in this process, as a shell leaves SIGINT for a
@@ -235,60 +265,107 @@ pub fn signal_is_ignored(signal: nix::sys::signal::Signal) -> bool {
     }
 }
 
+/// glibc's `getopt_long` over `argv` (the program's name first) with `optstring` and the
+/// long options `longs` (name, has_arg, val): where the operands start and the last
+/// argument of the option whose val is `wanted`, or `None` when getopt reports an error.
+/// For the test that compares ferry's reading of srun's command line with srun's own.
+#[cfg(test)]
+pub fn glibc_getopt_long(
+    argv: &[CString],
+    optstring: &CStr,
+    longs: &[(CString, libc::c_int, libc::c_int)],
+    wanted: libc::c_int,
+) -> Option<(usize, Option<String>)> {
+    use libc::{c_char, c_int};
+    extern "C" {
+        static mut optind: c_int;
+        static mut opterr: c_int;
+        static mut optarg: *mut c_char;
+    }
+    // getopt keeps its state in globals: one caller at a time.
+    static GETOPT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = GETOPT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut table: Vec<libc::option> = longs
+        .iter()
+        .map(|(name, has_arg, val)| libc::option {
+            name: name.as_ptr(),
+            has_arg: *has_arg,
+            flag: std::ptr::null_mut(),
+            val: *val,
+        })
+        .collect();
+    table.push(libc::option {
+        name: std::ptr::null(),
+        has_arg: 0,
+        flag: std::ptr::null_mut(),
+        val: 0,
+    });
+    let mut ptrs: Vec<*mut c_char> = argv.iter().map(|c| c.as_ptr() as *mut c_char).collect();
+    ptrs.push(std::ptr::null_mut());
+    let mut value = None;
+    // SAFETY: getopt's globals are used under the lock above; `ptrs`, `optstring` and
+    // `table` (NUL-terminated strings, a null-terminated array and option table) outlive
+    // the calls, and optarg points into `argv` when set.
+    unsafe {
+        optind = 0;
+        opterr = 0;
+        loop {
+            let r = libc::getopt_long(
+                argv.len() as c_int,
+                ptrs.as_ptr(),
+                optstring.as_ptr(),
+                table.as_ptr(),
+                std::ptr::null_mut(),
+            );
+            if r == -1 {
+                return Some((optind as usize, value));
+            }
+            if r == '?' as c_int || r == ':' as c_int {
+                return None;
+            }
+            if r == wanted {
+                value = Some(CStr::from_ptr(optarg).to_string_lossy().into_owned());
+            }
+        }
+    }
+}
+
 // ---- the `kernel` root filesystem provider ---------------------------------------------
 
 /// Set only the calling thread's effective uid (the raw system call: glibc's `seteuid`
 /// changes every thread of the process). A caller whose real uid is root (slurmstepd with
 /// its effective uid dropped to the job user) takes root back for itself alone.
 pub fn set_thread_euid(uid: u32) -> io::Result<()> {
-    // SAFETY: setresuid takes integers; -1 (as u32::MAX) leaves the real and saved uid.
-    let rc = unsafe { libc::syscall(libc::SYS_setresuid, u32::MAX, uid, u32::MAX) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    Ok(rustix::thread::set_thread_res_uid(
+        None::<Uid>,
+        Some(Uid::from_raw(uid)),
+        None::<Uid>,
+    )?)
 }
 
-const LOOP_SET_FD: libc::c_ulong = 0x4C00;
-const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
-const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
-const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
-const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
-pub const LO_FLAGS_READ_ONLY: u32 = 1;
-pub const LO_FLAGS_AUTOCLEAR: u32 = 4;
+use linux_raw_sys::loop_device::{
+    loop_config, loop_info64, LOOP_CLR_FD, LOOP_CONFIGURE, LOOP_CTL_GET_FREE, LOOP_SET_FD,
+    LOOP_SET_STATUS64,
+};
+pub const LO_FLAGS_READ_ONLY: u32 = linux_raw_sys::loop_device::LO_FLAGS_READ_ONLY as u32;
+pub const LO_FLAGS_AUTOCLEAR: u32 = linux_raw_sys::loop_device::LO_FLAGS_AUTOCLEAR as u32;
 
-/// `struct loop_info64` of <linux/loop.h>.
-#[repr(C)]
-struct LoopInfo64 {
-    lo_device: u64,
-    lo_inode: u64,
-    lo_rdevice: u64,
-    lo_offset: u64,
-    lo_sizelimit: u64,
-    lo_number: u32,
-    lo_encrypt_type: u32,
-    lo_encrypt_key_size: u32,
-    lo_flags: u32,
-    lo_file_name: [u8; 64],
-    lo_crypt_name: [u8; 64],
-    lo_encrypt_key: [u8; 32],
-    lo_init: [u64; 2],
-}
-
-/// `struct loop_config` of <linux/loop.h> (LOOP_CONFIGURE, Linux 5.8).
-#[repr(C)]
-struct LoopConfig {
-    fd: u32,
-    block_size: u32,
-    info: LoopInfo64,
-    reserved: [u64; 8],
-}
-
-fn loop_info(offset: u64, flags: u32, name: &[u8]) -> LoopInfo64 {
-    // SAFETY: loop_info64 is plain integers and byte arrays; all-zero is "no setting".
-    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
-    info.lo_offset = offset;
-    info.lo_flags = flags;
+fn loop_info(offset: u64, flags: u32, name: &[u8]) -> loop_info64 {
+    let mut info = loop_info64 {
+        lo_device: 0,
+        lo_inode: 0,
+        lo_rdevice: 0,
+        lo_offset: offset,
+        lo_sizelimit: 0,
+        lo_number: 0,
+        lo_encrypt_type: 0,
+        lo_encrypt_key_size: 0,
+        lo_flags: flags,
+        lo_file_name: [0; 64],
+        lo_crypt_name: [0; 64],
+        lo_encrypt_key: [0; 32],
+        lo_init: [0; 2],
+    };
     let n = name.len().min(info.lo_file_name.len() - 1);
     info.lo_file_name[..n].copy_from_slice(&name[..n]);
     info
@@ -297,7 +374,7 @@ fn loop_info(offset: u64, flags: u32, name: &[u8]) -> LoopInfo64 {
 /// `ioctl(LOOP_CTL_GET_FREE)` on /dev/loop-control: the number of a free loop device.
 pub fn loop_get_free(control: BorrowedFd<'_>) -> io::Result<u32> {
     // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number or -1.
-    let rc = unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE) };
+    let rc = unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE.into()) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -313,18 +390,18 @@ pub fn loop_configure(
     flags: u32,
     name: &[u8],
 ) -> io::Result<()> {
-    let config = LoopConfig {
+    let config = loop_config {
         fd: backing.as_raw_fd() as u32,
         block_size: 0,
         info: loop_info(offset, flags, name),
-        reserved: [0; 8],
+        __reserved: [0; 8],
     };
     // SAFETY: `config` is a fully initialised loop_config that the kernel only reads.
     let rc = unsafe {
         libc::ioctl(
             dev.as_raw_fd(),
-            LOOP_CONFIGURE,
-            &config as *const LoopConfig,
+            LOOP_CONFIGURE.into(),
+            &config as *const loop_config,
         )
     };
     if rc < 0 {
@@ -344,7 +421,7 @@ pub fn loop_set_fd_and_status(
     name: &[u8],
 ) -> io::Result<()> {
     // SAFETY: LOOP_SET_FD takes a descriptor number.
-    let rc = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_FD, backing.as_raw_fd()) };
+    let rc = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_FD.into(), backing.as_raw_fd()) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -353,92 +430,43 @@ pub fn loop_set_fd_and_status(
     let rc = unsafe {
         libc::ioctl(
             dev.as_raw_fd(),
-            LOOP_SET_STATUS64,
-            &info as *const LoopInfo64,
+            LOOP_SET_STATUS64.into(),
+            &info as *const loop_info64,
         )
     };
     if rc < 0 {
         let err = io::Error::last_os_error();
         // SAFETY: LOOP_CLR_FD takes no argument.
-        unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CLR_FD, 0) };
+        unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CLR_FD.into(), 0) };
         return Err(err);
     }
     Ok(())
 }
 
-const FSOPEN_CLOEXEC: u32 = 1;
-const FSCONFIG_SET_FLAG: u32 = 0;
-const FSCONFIG_SET_STRING: u32 = 1;
-const FSCONFIG_CMD_CREATE: u32 = 6;
-const FSMOUNT_CLOEXEC: u32 = 1;
-const MOVE_MOUNT_F_EMPTY_PATH: u32 = 4;
-
 /// `fsopen(fstype)`: a file system context, whose descriptor also carries the kernel's
 /// messages about it (see [`fs_context_messages`]).
 pub fn fsopen(fstype: &str) -> io::Result<OwnedFd> {
-    let name = CString::new(fstype).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: `name` is NUL-terminated; the kernel only reads it.
-    let fd = unsafe { libc::syscall(libc::SYS_fsopen, name.as_ptr(), FSOPEN_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    Ok(mount::fsopen(fstype, mount::FsOpenFlags::FSOPEN_CLOEXEC)?)
 }
 
 /// `fsconfig(FSCONFIG_SET_STRING, key, value)`, or `FSCONFIG_SET_FLAG` for `value: None`.
 pub fn fsconfig_set(fs: BorrowedFd<'_>, key: &str, value: Option<&str>) -> io::Result<()> {
-    let key = CString::new(key).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let value = value
-        .map(CString::new)
-        .transpose()
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let (cmd, ptr) = match &value {
-        Some(v) => (FSCONFIG_SET_STRING, v.as_ptr()),
-        None => (FSCONFIG_SET_FLAG, std::ptr::null()),
-    };
-    // SAFETY: `key` and `value` are NUL-terminated (or null for a flag); the kernel only
-    // reads them.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_fsconfig,
-            fs.as_raw_fd(),
-            cmd,
-            key.as_ptr(),
-            ptr,
-            0,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
+    match value {
+        Some(value) => mount::fsconfig_set_string(fs, key, value)?,
+        None => mount::fsconfig_set_flag(fs, key)?,
     }
     Ok(())
 }
 
 /// `fsconfig(FSCONFIG_CMD_CREATE)` then `fsmount(attrs)`: the file system, mounted nowhere
 /// yet: a detached mount whose descriptor is returned (close-on-exec).
-pub fn fs_create_and_mount(fs: BorrowedFd<'_>, attrs: u64) -> io::Result<OwnedFd> {
-    // SAFETY: FSCONFIG_CMD_CREATE takes no key or value.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_fsconfig,
-            fs.as_raw_fd(),
-            FSCONFIG_CMD_CREATE,
-            std::ptr::null::<libc::c_char>(),
-            std::ptr::null::<libc::c_void>(),
-            0,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fsmount takes a descriptor and integer flags.
-    let fd = unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+pub fn fs_create_and_mount(fs: BorrowedFd<'_>, attrs: MountAttrFlags) -> io::Result<OwnedFd> {
+    mount::fsconfig_create(fs)?;
+    Ok(mount::fsmount(
+        fs,
+        mount::FsMountFlags::FSMOUNT_CLOEXEC,
+        attrs,
+    )?)
 }
 
 /// The kernel's messages about a file system context (`e squashfs: ...` lines), read from
@@ -447,12 +475,11 @@ pub fn fs_context_messages(fs: BorrowedFd<'_>) -> Vec<String> {
     let mut out = Vec::new();
     let mut buf = [0u8; 1024];
     for _ in 0..16 {
-        // SAFETY: `buf` is writable for its length; read fails with ENODATA when empty.
-        let n = unsafe { libc::read(fs.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            break;
+        // Fails with ENODATA once no message is left.
+        match rustix::io::read(fs, &mut buf) {
+            Ok(n) if n > 0 => out.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            _ => break,
         }
-        out.push(String::from_utf8_lossy(&buf[..n as usize]).into_owned());
     }
     out
 }
@@ -466,38 +493,39 @@ pub fn attach_in_private_namespace_on_exec(
     target: CString,
 ) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: between fork and exec the closure makes only async-signal-safe system calls
-    // (getuid, seteuid, unshare, mount, move_mount) on data prepared before fork.
+    // SAFETY: between fork and exec the closure makes only system calls (rustix's, which
+    // neither allocate nor lock) on data prepared before fork; `mount_fd` stays open in the
+    // parent until the child has exec'd, so borrowing it is sound, and unshare(CLONE_NEWNS)
+    // touches no descriptor table.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::getuid() == 0 && libc::geteuid() != 0 && libc::seteuid(0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::unshare(libc::CLONE_NEWNS) != 0
-                || libc::mount(
-                    std::ptr::null(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_SLAVE,
-                    std::ptr::null(),
-                ) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            let rc = libc::syscall(
-                libc::SYS_move_mount,
-                mount_fd,
-                c"".as_ptr(),
-                libc::AT_FDCWD,
-                target.as_ptr(),
-                MOVE_MOUNT_F_EMPTY_PATH,
-            );
-            if rc < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            take_root_back()?;
+            rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS)?;
+            mount::mount_change(
+                c"/",
+                mount::MountPropagationFlags::DOWNSTREAM | mount::MountPropagationFlags::REC,
+            )?;
+            mount::move_mount(
+                BorrowedFd::borrow_raw(mount_fd),
+                c"",
+                rustix::fs::CWD,
+                target.as_c_str(),
+                mount::MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+            )?;
             Ok(())
         });
     }
+}
+
+/// slurmstepd runs spank callbacks with only its effective uid dropped to the user: take
+/// root back (the real uid is root) before changing credentials or namespaces, so that
+/// what follows is done with root's rights; a failure stops the exec. For between fork and
+/// exec: the error is the bare errno (nothing may allocate there).
+fn take_root_back() -> io::Result<()> {
+    if rustix::process::getuid().is_root() && !rustix::process::geteuid().is_root() {
+        rustix::thread::set_thread_res_uid(None::<Uid>, Some(Uid::ROOT), None::<Uid>)?;
+    }
+    Ok(())
 }
 
 /// A user namespace whose only mappings are `uid_map` and `gid_map` (`/proc/PID/uid_map`
@@ -543,34 +571,6 @@ pub fn user_namespace_with_maps(uid_map: &str, gid_map: &str) -> io::Result<Owne
     opened
 }
 
-/// `mount_setattr(MOUNT_ATTR_IDMAP)` on a detached mount: file owners appear through the
-/// mappings of the user namespace `userns`.
-pub fn mount_set_idmap(mount: BorrowedFd<'_>, userns: BorrowedFd<'_>) -> io::Result<()> {
-    const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
-    let attr = MountAttr {
-        attr_set: MOUNT_ATTR_IDMAP,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: userns.as_raw_fd() as u64,
-    };
-    // SAFETY: an empty NUL-terminated path with AT_EMPTY_PATH names `mount` itself; `attr`
-    // is a mount_attr of the size we pass, which the kernel only reads.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            mount.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 // ---- dropping to the user between fork and exec ---------------------------------------
 
 /// Who the holder runs as when the caller is root (the plugin in slurmstepd).
@@ -590,23 +590,21 @@ pub fn run_as_on_exec(
     die_with_parent: bool,
 ) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: between fork and exec the closure makes only async-signal-safe system calls
-    // (setgroups, setresgid, setresuid, prctl, close_range) on data prepared before fork.
+    // Converted before fork: the caller may be multi-threaded (slurmstepd), so nothing
+    // between fork and exec may allocate.
+    let run_as = run_as.map(|c| {
+        let groups: Vec<Gid> = c.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+        (Uid::from_raw(c.uid), Gid::from_raw(c.gid), groups)
+    });
+    // SAFETY: between fork and exec the closure makes only system calls (rustix's, which
+    // neither allocate nor lock, prctl and close_range) on data prepared before fork.
     unsafe {
         cmd.pre_exec(move || {
-            if let Some(c) = &run_as {
-                // No allocation here: the caller may be multi-threaded (slurmstepd).
-                // slurmstepd runs spank callbacks with only its effective uid dropped to the
-                // user; take root back first (the real uid is root) so the drop is complete.
-                if libc::getuid() == 0 && libc::geteuid() != 0 {
-                    libc::seteuid(0);
-                }
-                if libc::setgroups(c.groups.len(), c.groups.as_ptr()) != 0
-                    || libc::setresgid(c.gid, c.gid, c.gid) != 0
-                    || libc::setresuid(c.uid, c.uid, c.uid) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
+            if let Some((uid, gid, groups)) = &run_as {
+                take_root_back()?;
+                rustix::thread::set_thread_groups(groups)?;
+                rustix::thread::set_thread_res_gid(*gid, *gid, *gid)?;
+                rustix::thread::set_thread_res_uid(*uid, *uid, *uid)?;
             }
             if die_with_parent {
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
@@ -614,5 +612,84 @@ pub fn run_as_on_exec(
             }
             cloexec_from(3)
         });
+    }
+}
+
+/// Make `cmd`, between fork and exec, find each descriptor of `pass` at its number
+/// (no close-on-exec), optionally die with the thread that starts it, and run with `root`
+/// as its root directory (and working directory).
+pub fn pass_fds_and_chroot_on_exec(
+    cmd: &mut std::process::Command,
+    pass: &[(BorrowedFd<'_>, RawFd)],
+    root: &Path,
+    die_with_parent: bool,
+) -> io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    const MAX: usize = 4;
+    if pass.len() > MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many descriptors to pass",
+        ));
+    }
+    let mut moves = [(-1, -1); MAX];
+    for (slot, (from, to)) in moves.iter_mut().zip(pass) {
+        *slot = (from.as_raw_fd(), *to);
+    }
+    let count = pass.len();
+    let root = CString::new(root.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
+    // SAFETY: between fork and exec the closure makes only async-signal-safe system calls
+    // (dup, dup2, fcntl, prctl, chroot, chdir) on data prepared before fork, into a fixed
+    // array; the descriptors passed are open in the parent until the child has exec'd.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Copies first, so that moving one descriptor cannot overwrite another.
+            let mut copies = [-1; MAX];
+            for (copy, (from, _)) in copies.iter_mut().zip(&moves[..count]) {
+                *copy = libc::dup(*from);
+                if *copy < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            for (copy, (_, to)) in copies.iter().zip(&moves[..count]) {
+                dup2_raw(*copy, *to)?;
+                clear_cloexec(*to)?;
+            }
+            if die_with_parent {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+            }
+            rustix::process::chroot(root.as_c_str())?;
+            rustix::process::chdir(c"/")?;
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_credential_drop_stops_the_program() {
+        // More supplementary groups than the kernel takes (NGROUPS_MAX is 65536): setgroups
+        // fails, for root too, and the program must not run with the caller's credentials.
+        let mut cmd = std::process::Command::new("true");
+        let run_as = Credentials {
+            uid: 65534,
+            gid: 65534,
+            groups: vec![65534; 65537],
+        };
+        run_as_on_exec(&mut cmd, Some(run_as), false);
+        assert!(cmd.status().is_err(), "the program ran");
+    }
+
+    #[test]
+    fn inherited_descriptors_must_be_open_distinct_and_not_stdio() {
+        for fds in [[1, 7], [7, 7], [1 << 20, (1 << 20) + 1]] {
+            assert!(adopt_inherited_fds(fds).is_err(), "{fds:?} taken");
+        }
     }
 }

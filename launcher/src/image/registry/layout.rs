@@ -12,15 +12,17 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
+use oci_spec::image::{Descriptor, ImageIndex, MediaType};
 use sha2::{Digest, Sha256};
 
-use super::manifest::Descriptor;
 use super::progress::Meter;
 use super::transport::{header, retry, Attempt, Fetch, Target, Transport};
 use super::RegistryError;
+use crate::image::digest::hex;
+use crate::image::manifest::blob_hex;
 
 pub const LOCK_FILE: &str = ".ferry-pull.lock";
-pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
+pub use oci_spec::image::ANNOTATION_REF_NAME as REF_NAME_ANNOTATION;
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
     move |source| RegistryError::Io {
@@ -66,17 +68,18 @@ impl Layout {
     }
 
     pub fn blob_path(&self, d: &Descriptor) -> PathBuf {
-        self.blobs.join(d.hex())
+        self.blobs.join(blob_hex(d))
     }
 
     fn partial_path(&self, d: &Descriptor) -> PathBuf {
-        self.blobs.join(format!(".{}.partial", d.hex()))
+        self.blobs.join(format!(".{}.partial", blob_hex(d)))
     }
 
     /// A finished blob of the right size is there. Its content was checked before it got
     /// its name; hashing gigabytes again on every resumed pull would cost more than it buys.
     pub fn has_blob(&self, d: &Descriptor) -> bool {
-        std::fs::symlink_metadata(self.blob_path(d)).is_ok_and(|m| m.is_file() && m.len() == d.size)
+        std::fs::symlink_metadata(self.blob_path(d))
+            .is_ok_and(|m| m.is_file() && m.len() == d.size())
     }
 
     /// Store bytes already in memory (the manifest) under their digest.
@@ -93,19 +96,19 @@ impl Layout {
         manifest: &Descriptor,
         tag: Option<&str>,
     ) -> Result<(), RegistryError> {
-        let mut entry = serde_json::json!({
-            "mediaType": manifest.media_type,
-            "digest": manifest.digest,
-            "size": manifest.size,
-        });
-        if let Some(tag) = tag {
-            entry["annotations"] = serde_json::json!({ REF_NAME_ANNOTATION: tag });
-        }
-        let index = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": super::manifest::OCI_INDEX,
-            "manifests": [entry],
-        });
+        // Only what names the blob, and the tag: no platform (the layout holds one image).
+        let mut entry = Descriptor::new(
+            manifest.media_type().clone(),
+            manifest.size(),
+            manifest.digest().clone(),
+        );
+        entry.set_annotations(
+            tag.map(|t| [(REF_NAME_ANNOTATION.to_string(), t.to_string())].into()),
+        );
+        let mut index = ImageIndex::default();
+        index.set_schema_version(2);
+        index.set_media_type(Some(MediaType::ImageIndex));
+        index.set_manifests(vec![entry]);
         let text = serde_json::to_vec_pretty(&index).unwrap_or_default();
         write_atomic(&self.root.join("index.json"), &text)
     }
@@ -121,7 +124,7 @@ impl Layout {
     ) -> Result<u64, RegistryError> {
         let final_path = self.blob_path(d);
         let partial_path = self.partial_path(d);
-        let what = format!("blob {}", d.digest);
+        let what = format!("blob {}", d.digest());
         let mut file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -129,9 +132,9 @@ impl Layout {
             .write(true)
             .open(&partial_path)
             .map_err(io_error(&partial_path))?;
-        let mut state = Partial::resume(&mut file, d.size).map_err(io_error(&partial_path))?;
+        let mut state = Partial::resume(&mut file, d.size()).map_err(io_error(&partial_path))?;
         if state.have > 0 {
-            tracing::info!("continuing {what} at byte {} of {}", state.have, d.size);
+            tracing::info!("continuing {what} at byte {} of {}", state.have, d.size());
         }
         meter.add(state.have);
         let mut fetched = 0u64;
@@ -153,7 +156,7 @@ impl Layout {
                 })
             })?;
             let actual = format!("sha256:{}", hex(&state.hasher.clone().finalize()));
-            if actual == d.digest {
+            if actual == d.digest().as_ref() {
                 break;
             }
             // A partial file left by an earlier run may have been damaged on disk; only a
@@ -169,7 +172,7 @@ impl Layout {
             return Err(RegistryError::DigestMismatch {
                 registry: target.reference.registry.clone(),
                 what,
-                expected: d.digest.clone(),
+                expected: d.digest().to_string(),
                 actual,
             });
         }
@@ -252,11 +255,17 @@ fn download(
     meter: &Meter,
     fetched: &mut u64,
 ) -> Result<(), Step> {
-    if state.have == d.size {
+    if state.have == d.size() {
         return Ok(());
     }
-    let path = format!("blobs/{}", d.digest);
-    let response = transport.get(target, &path, None, state.have, Fetch::Blob(&d.digest))?;
+    let path = format!("blobs/{}", d.digest());
+    let response = transport.get(
+        target,
+        &path,
+        None,
+        state.have,
+        Fetch::Blob(d.digest().as_ref()),
+    )?;
     let status = response.status().as_u16();
     if status == 416 {
         meter.rewind(state.have);
@@ -271,7 +280,7 @@ fn download(
             // No range support (200), or a range we did not ask for: start over.
             tracing::debug!(
                 "{}: server sent the whole blob again; starting over",
-                d.digest
+                d.digest()
             );
             meter.rewind(state.have);
             state.reset(file).map_err(Step::Io)?;
@@ -293,16 +302,17 @@ fn download(
             Err(e) => {
                 return Err(retry(format!(
                     "download broke off after {} of {} bytes ({e})",
-                    state.have, d.size
+                    state.have,
+                    d.size()
                 ))
                 .into())
             }
         };
-        if state.have + n as u64 > d.size {
+        if state.have + n as u64 > d.size() {
             return Err(Attempt::Fatal(RegistryError::SizeMismatch {
                 registry: target.reference.registry.clone(),
-                what: format!("blob {}", d.digest),
-                expected: d.size,
+                what: format!("blob {}", d.digest()),
+                expected: d.size(),
             })
             .into());
         }
@@ -312,10 +322,11 @@ fn download(
         *fetched += n as u64;
         meter.add(n as u64);
     }
-    if state.have < d.size {
+    if state.have < d.size() {
         return Err(retry(format!(
             "download ended after {} of {} bytes",
-            state.have, d.size
+            state.have,
+            d.size()
         ))
         .into());
     }
@@ -326,14 +337,6 @@ fn download(
 fn range_start(value: &str) -> Option<u64> {
     let rest = value.trim().strip_prefix("bytes")?.trim_start();
     rest.split('-').next()?.trim().parse().ok()
-}
-
-pub(super) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub(super) fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex(&Sha256::digest(bytes)))
 }
 
 /// Write a small file under a temporary name and rename it into place.
@@ -365,14 +368,6 @@ mod tests {
         assert_eq!(range_start("bytes 0-0/*"), Some(0));
         assert_eq!(range_start("items 1-2/3"), None);
         assert_eq!(range_start("bytes x-1/2"), None);
-    }
-
-    #[test]
-    fn digests() {
-        assert_eq!(
-            sha256_digest(b""),
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
     }
 
     #[test]

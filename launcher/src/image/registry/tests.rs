@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use base64::Engine;
 
-use super::layout::sha256_digest;
-use super::manifest::{DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
 use super::test_server::{Reply, Request, Server};
 use super::*;
+use crate::image::digest::sha256_digest;
+use crate::image::media_type::{DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
 
 const REPO: &str = "ferry/test";
 
@@ -234,7 +234,7 @@ fn anonymous_pull_writes_an_oci_layout() {
         pulled
             .layers
             .iter()
-            .map(|l| l.digest.clone())
+            .map(|l| l.digest().to_string())
             .collect::<Vec<_>>(),
         image.layers
     );
@@ -444,7 +444,7 @@ fn index_picks_this_platform_and_lists_the_others() {
         resolved.index_digest.as_deref(),
         Some(index_digest.as_str())
     );
-    assert_eq!(resolved.platform.unwrap().to_string(), "linux/arm64/v8");
+    assert_eq!(resolved.platform.unwrap().name(), "linux/arm64/v8");
     // resolve reads the index only, not the platform manifest.
     assert_eq!(server.count(&format!("/v2/{REPO}/manifests/sha256:")), 0);
     let dest = tempfile::tempdir().unwrap();

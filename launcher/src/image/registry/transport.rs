@@ -59,9 +59,9 @@ impl<'a> Target<'a> {
             origin: format!("{scheme}://{}", api_host(&reference.registry)).to_ascii_lowercase(),
             insecure,
             image: if reference.tag.is_none() && reference.digest.is_none() {
-                format!("{reference}:latest")
+                format!("{}:latest", reference.short_name())
             } else {
-                reference.to_string()
+                reference.short_name()
             },
         }
     }

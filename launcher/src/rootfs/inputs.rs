@@ -1,0 +1,241 @@
+//! What a container takes from the host (the image, mount sources, host files, /dev/fuse),
+//! opened and checked as the user before any namespace changes.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::container::spec::{ContainerCli, ContainerSpec, RootfsProvider};
+use crate::image::{self, ImageError, ImageKind};
+use crate::rootfs::error::RootfsError;
+use crate::rootfs::gpu::{self, HostFiles};
+use crate::rootfs::mounts::MountSpec;
+use crate::rootfs::staging::inside_path;
+use crate::rootfs::unpacked;
+use crate::sys::raw;
+
+/// A host path the container binds, opened by the user before any namespace changes so
+/// that permissions are the user's and a later swap of the path cannot redirect the mount.
+#[derive(Debug)]
+pub(super) struct Source {
+    pub(super) path: PathBuf,
+    pub(super) fd: OwnedFd,
+    pub(super) is_dir: bool,
+}
+
+impl Source {
+    /// The same file, opened again from inside the new mount namespace (the kernel binds
+    /// only mounts of the caller's namespace). Refused if the path now names another file.
+    /// The host's root is at /oldroot by now: the path is resolved with that as `/`, so
+    /// an absolute symlink on the way (a home or scratch directory that is a link) still
+    /// means what it meant on the host.
+    pub(super) fn reopen(&self, host_root: &File) -> io::Result<OwnedFd> {
+        use std::os::unix::fs::MetadataExt;
+        let again = raw::open_in_root(
+            host_root.as_fd(),
+            &inside_path(&self.path),
+            libc::O_PATH | libc::O_CLOEXEC,
+            0,
+        )?;
+        let before = File::from(self.fd.try_clone()?).metadata()?;
+        let after = File::from(again.try_clone()?).metadata()?;
+        if (before.dev(), before.ino()) != (after.dev(), after.ino()) {
+            return Err(io::Error::other(
+                "it now names another file than the one ferry checked",
+            ));
+        }
+        Ok(again)
+    }
+}
+
+/// Everything taken from the host, opened with the user's credentials.
+pub struct Inputs {
+    pub(super) image_path: PathBuf,
+    pub(super) image: File,
+    pub(super) kind: ImageKind,
+    pub(super) squashfuse: Option<PathBuf>,
+    pub(super) home: Option<Source>,
+    pub(super) mounts: Vec<(MountSpec, Source)>,
+    /// What the container gets from the host (GPU nodes shown or hidden, driver and site
+    /// libraries and tools), with the host files opened, and where each goes inside.
+    pub(super) host: HostFiles,
+    pub(super) host_binds: Vec<(PathBuf, Source)>,
+    /// The shared lock on an unpacked tree (`unpack` provider), kept while the container
+    /// lives so that `ferry gc` leaves the tree alone.
+    pub(super) hold: Option<nix::fcntl::Flock<File>>,
+}
+
+fn open_source(path: &Path, user: &str) -> Result<Source, RootfsError> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => RootfsError::SourceMissing(path.into()),
+            io::ErrorKind::PermissionDenied => RootfsError::SourceNotReadable {
+                path: path.into(),
+                user: user.into(),
+            },
+            _ => RootfsError::SourceOpen {
+                path: path.into(),
+                source,
+            },
+        })?;
+    let is_dir = file
+        .metadata()
+        .map_err(|source| RootfsError::SourceOpen {
+            path: path.into(),
+            source,
+        })?
+        .is_dir();
+    let mode = if is_dir {
+        libc::R_OK | libc::X_OK
+    } else {
+        libc::R_OK
+    };
+    raw::access_fd(file.as_fd(), mode).map_err(|_| RootfsError::SourceNotReadable {
+        path: path.into(),
+        user: user.into(),
+    })?;
+    Ok(Source {
+        path: path.to_path_buf(),
+        fd: file.into(),
+        is_dir,
+    })
+}
+
+/// Open and check every input of `spec` as the calling user.
+pub fn open_inputs(spec: &ContainerSpec) -> Result<Inputs, RootfsError> {
+    let user = spec.user.name.as_str();
+    let image_path = spec.image.clone();
+    let image = image::open(&image_path, user)?;
+    let kind = image::detect(&image_path, &image)?;
+    // An unpacked container is a directory image from here on: the user's own copy; so is
+    // an image under the `unpack` provider, read-only and shared, and the kernel's mount of
+    // it under the `kernel` provider.
+    let mut hold = None;
+    let (image_path, image, kind) = match (&spec.unpacked, &spec.rootfs, &kind) {
+        (None, RootfsProvider::Unpack { owned_from, dir }, ImageKind::Squashfs { .. }) => {
+            let (rootfs, lock) =
+                unpacked::unpack_shared(owned_from, dir, &image_path, &image, &kind)?;
+            hold = Some(lock);
+            let dir = File::open(&rootfs).map_err(|source| ImageError::Open {
+                path: rootfs.clone(),
+                source,
+            })?;
+            (rootfs, dir, ImageKind::Directory)
+        }
+        // Mounted by root before the holder started, in the namespace it started in.
+        (None, RootfsProvider::Kernel, ImageKind::Squashfs { .. }) => {
+            let dir = crate::rootfs::kernel::open_mounted()?;
+            (
+                PathBuf::from(crate::rootfs::kernel::MOUNT_DIR),
+                dir,
+                ImageKind::Directory,
+            )
+        }
+        (None, ..) => (image_path, image, kind),
+        (Some(u), ..) => {
+            unpacked::make_private_dir(&u.owned_from, &u.dir)?;
+            let rootfs = unpacked::prepare_rootfs(&u.dir, &image_path, &kind)?;
+            let dir = File::open(&rootfs).map_err(|source| ImageError::Open {
+                path: rootfs.clone(),
+                source,
+            })?;
+            (rootfs, dir, ImageKind::Directory)
+        }
+    };
+    let squashfuse = match kind {
+        ImageKind::Squashfs { .. } => {
+            let program = image::squashfs::find_squashfuse(spec.site.squashfuse.as_deref())
+                .ok_or_else(|| match &spec.site.squashfuse {
+                    Some(p) => RootfsError::SiteSquashfuseMissing(p.clone()),
+                    None => RootfsError::NoSquashfuse,
+                })?;
+            // Only a check here: the kernel accepts a FUSE connection only from a /dev/fuse
+            // opened inside the user namespace that mounts it, so it is opened again there.
+            open_fuse(user, Path::new("/dev/fuse"))?;
+            Some(program)
+        }
+        ImageKind::Directory => None,
+    };
+    let home =
+        if spec.mount_home && spec.user.home.is_absolute() && spec.user.home != Path::new("/") {
+            // A missing or unreadable home is not worth failing a job for: run without it.
+            open_source(&spec.user.home, user)
+                .map_err(|e| tracing::info!("not mounting home: {e}"))
+                .ok()
+        } else {
+            None
+        };
+    let mounts = spec
+        .mounts
+        .iter()
+        .map(|m| open_source(&m.source, user).map(|s| (m.clone(), s)))
+        .collect::<Result<_, _>>()?;
+    let cli = match &spec.site.nvidia_container_cli {
+        ContainerCli::Auto => gpu::find_container_cli(),
+        ContainerCli::Off => None,
+        ContainerCli::Path(p) => Some(p.clone()),
+    };
+    let host = gpu::host_files(
+        &gpu::Host::system(),
+        &spec.gpus,
+        &spec.site.host_libs,
+        cli.as_deref(),
+    )?;
+    let host_binds = open_host_files(&host, user)?;
+    Ok(Inputs {
+        image_path,
+        image,
+        kind,
+        squashfuse,
+        home,
+        mounts,
+        host,
+        host_binds,
+        hold,
+    })
+}
+
+/// The host's files for the container (see [`gpu::host_files`]), opened as the user, with
+/// their places inside: libraries in [`gpu::HOST_LIB_DIR`], library directories at their
+/// own path, programs in /usr/bin.
+fn open_host_files(host: &HostFiles, user: &str) -> Result<Vec<(PathBuf, Source)>, RootfsError> {
+    let lib_dir = Path::new(gpu::HOST_LIB_DIR);
+    let wanted = host
+        .libraries
+        .iter()
+        .map(|(name, path)| (lib_dir.join(name), path))
+        .chain(host.library_dirs.iter().map(|d| (d.clone(), d)))
+        .chain(
+            host.programs
+                .iter()
+                .map(|(name, path)| (Path::new("/usr/bin").join(name), path)),
+        );
+    wanted
+        .map(|(target, path)| {
+            open_source(path, user)
+                .map(|source| (target, source))
+                .map_err(|e| RootfsError::HostFile {
+                    path: path.clone(),
+                    source: io::Error::other(e.to_string()),
+                })
+        })
+        .collect()
+}
+
+pub(super) fn open_fuse(user: &str, path: &Path) -> Result<File, RootfsError> {
+    fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open(path).map_err(|e| {
+        let reason = match e.kind() {
+            io::ErrorKind::NotFound => "it does not exist; an admin must load the fuse module (modprobe fuse)".to_string(),
+            io::ErrorKind::PermissionDenied => {
+                "permission denied; an admin must make it usable by users (chmod 0666 /dev/fuse, as distributions ship it)".to_string()
+            }
+            _ => e.to_string(),
+        };
+        RootfsError::Fuse { user: user.into(), reason }
+    })
+}
