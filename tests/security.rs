@@ -726,8 +726,8 @@ fn credentials(user: &str) -> ferry::sys::raw::Credentials {
 /// A holder for the busybox image started as root for `user`, as user_init starts it.
 fn holder_as(user: &str) -> ferry::container::holder::Holder {
     let c = credentials(user);
-    let info = ferry::container::user::UserInfo::lookup(c.uid, c.gid, &[]).unwrap();
-    let mut spec = ferry::container::spec::ContainerSpec::new(image("busybox.sqsh"), info);
+    let info = ferry::spec::user::UserInfo::lookup(c.uid, c.gid, &[]).unwrap();
+    let mut spec = ferry::spec::ContainerSpec::new(image("busybox.sqsh"), info);
     spec.mount_home = false;
     let opts = ferry::container::holder::PrepareOptions {
         holder_program: ferry_bin(),

@@ -19,7 +19,7 @@ use crate::image::oci::Image;
 use crate::image::platform::{self, PlatformExt};
 use crate::image::reference::{ImageRef, RemoteRef};
 use crate::image::{sif, squashfs};
-use crate::rootfs::mounts::MountSpec;
+use crate::spec::mounts::MountSpec;
 
 /// One fuzz target: its name (the corpus directory) and the function.
 pub struct Target {
@@ -114,15 +114,15 @@ pub fn options(data: &[u8]) {
             }
         }
         1 => {
-            let _ = crate::rootfs::gpu::GpuRequest::parse(&input);
+            let _ = crate::spec::gpus::GpuRequest::parse(&input);
         }
         2 => {
             let _ = crate::store::cache::parse_size(&input);
         }
         3 => {
-            for (name, _) in crate::container::env::parse_environment_file(&input) {
+            for (name, _) in crate::spec::env::parse_environment_file(&input) {
                 assert!(
-                    crate::container::env::is_valid_name(&name),
+                    crate::spec::env::is_valid_name(&name),
                     "{name:?} from {input:?}"
                 );
             }

@@ -15,5 +15,6 @@ pub mod fuzzing;
 pub mod image;
 pub mod rootfs;
 pub mod slurm;
+pub mod spec;
 pub mod store;
 pub mod sys;

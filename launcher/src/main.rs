@@ -6,16 +6,16 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use ferry::container::env::parse_assignment;
 use ferry::container::exit_code;
 use ferry::container::holder::PrepareOptions;
 use ferry::container::run::run;
-use ferry::container::spec::{ContainerSpec, Provider, RootfsProvider, UnknownProvider};
-use ferry::container::user::UserInfo;
 use ferry::image::oci::Image;
 use ferry::image::reference::ImageRef;
-use ferry::rootfs::mounts::MountSpec;
-use ferry::slurm::site::ImportSettings;
+use ferry::image::registry::settings::ImportSettings;
+use ferry::spec::env::parse_assignment;
+use ferry::spec::mounts::MountSpec;
+use ferry::spec::user::UserInfo;
+use ferry::spec::{ContainerSpec, Provider, RootfsProvider, UnknownProvider};
 use ferry::store::cache::{format_size, parse_size, Cache};
 use ferry::store::import::{self, ImportOptions};
 
@@ -332,7 +332,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     spec.cwd = Some(cwd.clone());
     if let Some(dir) = &args.keep {
         let dir = cwd.join(dir);
-        spec.unpacked = Some(ferry::container::spec::UnpackedDir {
+        spec.unpacked = Some(ferry::spec::UnpackedDir {
             owned_from: dir.clone(),
             dir,
         });
@@ -348,8 +348,8 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     // No command: run the image as its author meant (Entrypoint + Cmd, in WorkingDir).
     spec.entrypoint = args.entrypoint || args.command.is_empty();
     spec.gpus = match &args.gpus {
-        Some(list) => ferry::rootfs::gpu::GpuRequest::parse(list).context("--gpus")?,
-        None => ferry::rootfs::gpu::GpuRequest::from_env(|n| std::env::var(n).ok()),
+        Some(list) => ferry::spec::gpus::GpuRequest::parse(list).context("--gpus")?,
+        None => ferry::spec::gpus::GpuRequest::from_env(|n| std::env::var(n).ok()),
     };
     let command = args.command;
     let program = std::env::current_exe().context("cannot find the ferry binary itself")?;

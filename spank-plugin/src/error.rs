@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 
-use ferry::container::spec::UnknownProvider;
-use ferry::rootfs::gpu::GpuError;
-use ferry::rootfs::mounts::MountSpecError;
+use ferry::spec::gpus::BadGpuList;
+use ferry::spec::mounts::MountSpecError;
+use ferry::spec::UnknownProvider;
 use slurm_spank::SpankError;
 
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +98,7 @@ pub enum PluginError {
         error: UnknownProvider,
     },
     #[error("--container-gpus: {0}")]
-    Gpus(GpuError),
+    Gpus(BadGpuList),
     #[error("--container-env={0}: a variable name is empty (write NAME[,NAME...])")]
     EmptyEnvName(String),
     #[error("--container-env: `{0}` is not a variable name (write NAME[,NAME...])")]
@@ -150,7 +150,7 @@ pub enum PluginError {
     #[error("cannot find the site's ferry_bin={} (tell your admins)", .0.display())]
     NoFerryBin(PathBuf),
     #[error(transparent)]
-    User(#[from] ferry::container::user::UserError),
+    User(#[from] ferry::spec::user::UserError),
     #[error(transparent)]
     UserDir(#[from] ferry::rootfs::user_dir::UserDirError),
     #[error(transparent)]

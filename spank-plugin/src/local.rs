@@ -21,8 +21,8 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use ferry::container::spec::Provider;
 use ferry::slurm::srun_args;
+use ferry::spec::Provider;
 use slurm_spank::Context;
 use tracing::{debug, info, warn};
 
@@ -194,7 +194,7 @@ pub fn resolve(
     }
     let gpus = opts.gpus.clone().or(job.gpus);
     if let Some(g) = &gpus {
-        ferry::rootfs::gpu::GpuRequest::parse(g).map_err(PluginError::Gpus)?;
+        ferry::spec::gpus::GpuRequest::parse(g).map_err(PluginError::Gpus)?;
     }
     let env_names = opts.env.clone().or(job.env_names);
     if let Some(list) = &env_names {

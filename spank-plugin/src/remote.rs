@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry::container::holder::PrepareOptions;
-use ferry::container::spec::{ContainerSpec, Provider, RootfsProvider};
-use ferry::container::user::UserInfo;
-use ferry::rootfs::gpu::GpuRequest;
-use ferry::rootfs::mounts::MountSpec;
 use ferry::slurm::site::{ContainerScope, GpuDefault};
+use ferry::spec::gpus::GpuRequest;
+use ferry::spec::mounts::MountSpec;
+use ferry::spec::user::UserInfo;
+use ferry::spec::{ContainerSpec, Provider, RootfsProvider};
 use ferry::sys::raw::Credentials;
 use slurm_spank::SpankHandle;
 use tracing::{debug, error, info, trace, warn};
@@ -425,7 +425,7 @@ fn container_spec(
     }
     if req.name.is_some() || req.save.is_some() {
         let (owned_from, dir) = unpacked_dir(settings, step);
-        spec.unpacked = Some(ferry::container::spec::UnpackedDir { owned_from, dir });
+        spec.unpacked = Some(ferry::spec::UnpackedDir { owned_from, dir });
         // Keeping or saving changes is the point of both; --container-readonly still wins.
         spec.writable = req.writable.unwrap_or(true);
     }
@@ -766,7 +766,7 @@ fn saves_here(step: &Step) -> bool {
 /// What the task's `ferry` does (see [`task_through_ferry`]).
 struct TaskProgram {
     workdir: PathBuf,
-    start: ferry::container::entrypoint::ImageStart,
+    start: ferry::spec::entrypoint::ImageStart,
     entrypoint: bool,
     save: Option<ferry::container::task_exec::SaveAfterTasks>,
 }

@@ -2,7 +2,7 @@
 //!
 //! Plain data with no launcher types, so that the transport between srun/sbatch and
 //! slurmstepd stays the same when the launcher's API changes; [`crate::remote`] turns it
-//! into a `ferry::container::spec::ContainerSpec`.
+//! into a `ferry::spec::ContainerSpec`.
 //!
 //! Transport: srun/sbatch/salloc (local and allocator context) put the resolved request into
 //! their own process environment with plain `setenv()` — the variables below. Slurm copies
@@ -19,7 +19,7 @@
 
 use std::path::Path;
 
-use ferry::rootfs::mounts::{MountSpec, MountSpecError};
+use ferry::spec::mounts::{MountSpec, MountSpecError};
 
 use crate::error::PluginError;
 
@@ -195,7 +195,7 @@ pub fn check_env_names(list: &str) -> Result<(), PluginError> {
         if name.is_empty() {
             return Err(PluginError::EmptyEnvName(list.to_string()));
         }
-        if !ferry::container::env::is_valid_name(name) {
+        if !ferry::spec::env::is_valid_name(name) {
             return Err(PluginError::BadEnvName(name.to_string()));
         }
     }

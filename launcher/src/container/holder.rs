@@ -17,9 +17,9 @@ use nix::sys::signal::{SigSet, Signal};
 use serde::{Deserialize, Serialize};
 
 use crate::container::namespace;
-use crate::container::spec::ContainerSpec;
-use crate::container::user::InsideIds;
 use crate::rootfs::assembly as rootfs;
+use crate::spec::user::InsideIds;
+use crate::spec::ContainerSpec;
 use crate::sys::raw::{self, run_as_on_exec, Credentials};
 
 #[derive(Debug, Clone)]
@@ -63,7 +63,7 @@ pub struct Ready {
     pub workdir: PathBuf,
     /// The image's own start command and WorkingDir.
     #[serde(default)]
-    pub start: crate::container::entrypoint::ImageStart,
+    pub start: crate::spec::entrypoint::ImageStart,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -5,7 +5,7 @@ use std::io;
 
 use nix::sched::CloneFlags;
 
-use crate::container::user::InsideIds;
+use crate::spec::user::InsideIds;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NamespaceError {

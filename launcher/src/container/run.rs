@@ -10,11 +10,11 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::container::env;
 use crate::container::exit_code;
 use crate::container::holder::{self, PrepareError, PrepareOptions};
 use crate::container::join::{self, JoinError, Namespaces};
-use crate::container::spec::ContainerSpec;
+use crate::spec::env;
+use crate::spec::ContainerSpec;
 use crate::sys::raw;
 
 const FORWARDED: [Signal; 9] = [
@@ -51,7 +51,7 @@ fn cstr(bytes: Vec<u8>) -> Result<CString, RunError> {
 }
 
 /// Run `argv` in a container built from `spec` (an empty `argv`, or `spec.entrypoint`,
-/// runs the image's start command, see [`crate::container::entrypoint`]); returns the exit status for
+/// runs the image's start command, see [`crate::spec::entrypoint`]); returns the exit status for
 /// ferry to use.
 pub fn run(
     spec: &ContainerSpec,
@@ -77,8 +77,7 @@ pub fn run(
         .into_iter()
         .map(|(k, v)| cstr(format!("{k}={v}").into_bytes()))
         .collect::<Result<Vec<_>, _>>()?;
-    let argv =
-        crate::container::entrypoint::command_line(&holder.ready().start, argv, spec.entrypoint);
+    let argv = crate::spec::entrypoint::command_line(&holder.ready().start, argv, spec.entrypoint);
     tracing::debug!("command: {argv:?}");
     let args = argv
         .iter()

@@ -11,7 +11,7 @@
 //! environment variable [`ENV`] (descriptors of its namespaces, inherited through the exec,
 //! its working directory and the image's start command). `ferry` then enters the container,
 //! removes [`ENV`] from the environment, builds the command with the same rule as
-//! `ferry run --entrypoint` ([`crate::container::entrypoint::command_line`]) and execs it in place: the
+//! `ferry run --entrypoint` ([`crate::spec::entrypoint::command_line`]) and execs it in place: the
 //! task's pid, signals and exit status stay the command's.
 //!
 //! `ferry` runs on the host, before entering the container, because a program run inside
@@ -33,10 +33,10 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use crate::container::entrypoint::{self, ImageStart};
 use crate::container::exit_code;
 use crate::container::join::{self, Namespaces};
 use crate::container::run::exec_searching;
+use crate::spec::entrypoint::{self, ImageStart};
 
 /// The variable that makes `ferry` a task's program; it holds a [`TaskExec`] as JSON.
 pub const ENV: &str = "FERRY_TASK_EXEC";

@@ -19,6 +19,7 @@ mod auth;
 mod layout;
 pub mod manifest;
 pub mod progress;
+pub mod settings;
 mod tls;
 mod transport;
 
@@ -99,7 +100,7 @@ impl Default for ClientOptions {
 impl ClientOptions {
     /// The defaults with `settings` applied: the site's (plugstack.conf), or those
     /// `ferry import` read from its environment.
-    pub fn with_site(settings: &crate::slurm::site::ImportSettings) -> ClientOptions {
+    pub fn with_site(settings: &settings::ImportSettings) -> ClientOptions {
         let mut opts = ClientOptions {
             insecure_registries: settings.insecure_registries.clone(),
             ca_file: settings.ca_file.clone(),

@@ -3,6 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
+/// zstd level of imported (and saved) images. mksquashfs' own default, 15, took 12.6 s for a
+/// 173 MB tree here against 0.8 s at 3, for a 13% larger image; zstd reads both equally fast,
+/// so an import should not spend its time there.
+pub const DEFAULT_ZSTD_LEVEL: u32 = 3;
+
 pub const MAGIC: &[u8; 4] = b"hsqs";
 const SUPERBLOCK_SIZE: usize = 96;
 

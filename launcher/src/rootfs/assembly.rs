@@ -13,9 +13,6 @@ use std::process::Child;
 use nix::mount::{mount, MsFlags};
 use rustix::mount::MountAttrFlags;
 
-use crate::container::entrypoint::ImageStart;
-use crate::container::spec::ContainerSpec;
-use crate::container::user::{self, InsideIds};
 use crate::image;
 use crate::rootfs::error::{nix_io, setup, RootfsError};
 use crate::rootfs::inputs::Inputs;
@@ -23,6 +20,9 @@ use crate::rootfs::staging::{
     bind_mount, enter_new_root, inside_path, resolve_in_tree, stage, FILES, LOWER, NEW, RW,
 };
 use crate::rootfs::{binds, loader, squashfuse, unpacked};
+use crate::spec::entrypoint::ImageStart;
+use crate::spec::user::{self, InsideIds};
+use crate::spec::ContainerSpec;
 use crate::sys::raw;
 
 /// Largest text file read from an image (passwd, group, environment).
@@ -320,7 +320,7 @@ fn read_image_env() -> Vec<(String, String)> {
     File::open("/etc/environment")
         .ok()
         .and_then(|f| image::read_small_text(f, SMALL_FILE_LIMIT).ok())
-        .map(|t| crate::container::env::parse_environment_file(&t))
+        .map(|t| crate::spec::env::parse_environment_file(&t))
         .unwrap_or_default()
 }
 

@@ -11,10 +11,10 @@ use rustix::mount::MountAttrFlags;
 
 use crate::rootfs::error::{setup, RootfsError};
 use crate::rootfs::inputs::{Inputs, Source};
-use crate::rootfs::mounts::MountSpec;
 use crate::rootfs::staging::{
     bind_mount, fd_path, inside_path, resolve_in_tree, FILES, LOWER, OLD,
 };
+use crate::spec::mounts::MountSpec;
 use crate::sys::raw;
 
 /// One bind into the container tree.

@@ -7,13 +7,13 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::container::spec::{ContainerCli, ContainerSpec, RootfsProvider};
 use crate::image::{self, ImageError, ImageKind};
 use crate::rootfs::error::RootfsError;
 use crate::rootfs::gpu::{self, HostFiles};
-use crate::rootfs::mounts::MountSpec;
 use crate::rootfs::staging::inside_path;
 use crate::rootfs::unpacked;
+use crate::spec::mounts::MountSpec;
+use crate::spec::{ContainerCli, ContainerSpec, RootfsProvider};
 use crate::sys::raw;
 
 /// A host path the container binds, opened by the user before any namespace changes so

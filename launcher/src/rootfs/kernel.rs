@@ -43,9 +43,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::container::spec::{ContainerSpec, RootfsProvider};
-use crate::container::user::UserInfo;
 use crate::image::{self, ImageError, ImageKind};
+use crate::spec::user::UserInfo;
+use crate::spec::{ContainerSpec, RootfsProvider};
 use crate::sys::raw;
 use rustix::mount::MountAttrFlags;
 
@@ -572,7 +572,7 @@ mod tests {
         let mut spec = ContainerSpec::new("/nonexistent.sqsh".into(), user);
         assert!(mount_for(&spec, &Probe::InProcess).unwrap().is_none());
         spec.rootfs = RootfsProvider::Kernel;
-        spec.unpacked = Some(crate::container::spec::UnpackedDir {
+        spec.unpacked = Some(crate::spec::UnpackedDir {
             owned_from: "/x".into(),
             dir: "/x/y".into(),
         });

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use rustix::mount::MountAttrFlags;
 
-use crate::container::spec::ContainerSpec;
 use crate::rootfs::binds::{bind_into, Bind};
 use crate::rootfs::gpu::{self, HostFiles};
 use crate::rootfs::staging::{host_null, inside_path, resolve_in_tree, FILES, NEW};
+use crate::spec::ContainerSpec;
 use crate::sys::child::{run_tool, ToolError};
 use crate::sys::raw;
 

@@ -10,7 +10,6 @@ pub mod inputs;
 pub mod kernel;
 pub mod ldcache;
 mod loader;
-pub mod mounts;
 mod squashfuse;
 mod staging;
 pub mod unpacked;

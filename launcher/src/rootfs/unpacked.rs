@@ -375,7 +375,7 @@ pub fn save(rootfs: &Path, output: &Path) -> Result<(), NamedError> {
     partial_name.push(name);
     partial_name.push(format!(".ferry-{}.partial", std::process::id()));
     let partial = parent.join(partial_name);
-    let level = crate::store::import::DEFAULT_ZSTD_LEVEL;
+    let level = crate::image::squashfs::DEFAULT_ZSTD_LEVEL;
     let mut cmd = mksquashfs_command(Path::new("mksquashfs"), rootfs, &partial, level);
     cmd.args(["-quiet", "-no-progress"])
         // ferry's own apt setting for --remap-root is not part of the image.

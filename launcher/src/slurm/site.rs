@@ -8,11 +8,11 @@
 //! Only an admin controls these: the plugin never takes them from the job's environment or
 //! options.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use crate::container::spec::{ContainerCli, Provider, SiteSettings};
-use crate::rootfs::mounts::{MountSpec, MountSpecError};
+use crate::image::registry::settings::ImportSettings;
+use crate::spec::mounts::{MountSpec, MountSpecError};
+use crate::spec::{ContainerCli, Provider, SiteSettings};
 
 /// Where the `ferry` program is when plugstack.conf does not say.
 pub const DEFAULT_FERRY_BIN: &str = "/usr/local/bin/ferry";
@@ -351,7 +351,7 @@ impl PluginSettings {
         }
     }
 
-    /// The part of these settings that goes into a [`crate::container::spec::ContainerSpec`].
+    /// The part of these settings that goes into a [`crate::spec::ContainerSpec`].
     pub fn site_settings(&self) -> SiteSettings {
         SiteSettings {
             squashfuse: self.squashfuse.clone(),
@@ -359,93 +359,6 @@ impl PluginSettings {
             host_libs: self.host_libs.clone(),
             nvidia_container_cli: self.nvidia_container_cli.clone(),
         }
-    }
-}
-
-/// The registry settings `ferry import` takes from its environment: the user's own, or those
-/// the plugin passes on from plugstack.conf (`insecure_registries=`, `registry_ca_file=`),
-/// written with [`ImportSettings::to_env`] and read with [`ImportSettings::from_env`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ImportSettings {
-    /// Registries reached over plain http.
-    pub insecure_registries: Vec<String>,
-    /// PEM CA certificates trusted besides the system's.
-    pub ca_file: Option<PathBuf>,
-    /// Further tries after a failed one (enroot's ENROOT_TRANSFER_RETRIES).
-    pub retries: Option<u32>,
-    /// Seconds a connection may stay silent, and to connect (ENROOT_TRANSFER_TIMEOUT).
-    pub timeout_secs: Option<u64>,
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ImportSettingsError {
-    #[error("{name}={value:?} is not a whole number (e.g. {name}=3)")]
-    NotANumber { name: &'static str, value: String },
-}
-
-impl ImportSettings {
-    pub const INSECURE_REGISTRIES: &'static str = "FERRY_INSECURE_REGISTRIES";
-    pub const CA_FILE: &'static str = "FERRY_REGISTRY_CA_FILE";
-    pub const RETRIES: &'static str = "FERRY_REGISTRY_RETRIES";
-    pub const TIMEOUT: &'static str = "FERRY_REGISTRY_TIMEOUT";
-
-    /// The variables that carry these settings. The list of insecure registries is always
-    /// set (empty for none), so that it replaces any the user's environment has.
-    pub fn to_env(&self) -> Vec<(&'static str, OsString)> {
-        let mut env = vec![(
-            Self::INSECURE_REGISTRIES,
-            self.insecure_registries.join(",").into(),
-        )];
-        if let Some(ca) = &self.ca_file {
-            env.push((Self::CA_FILE, ca.into()));
-        }
-        if let Some(n) = self.retries {
-            env.push((Self::RETRIES, n.to_string().into()));
-        }
-        if let Some(secs) = self.timeout_secs {
-            env.push((Self::TIMEOUT, secs.to_string().into()));
-        }
-        env
-    }
-
-    /// The settings in an environment read through `get`; unset or empty variables are
-    /// no setting.
-    pub fn from_env(
-        get: impl Fn(&str) -> Option<OsString>,
-    ) -> Result<ImportSettings, ImportSettingsError> {
-        let text = |name| get(name).filter(|v: &OsString| !v.is_empty());
-        let number = |name: &'static str| -> Result<Option<u64>, ImportSettingsError> {
-            let Some(value) = text(name) else {
-                return Ok(None);
-            };
-            let value = value.to_string_lossy();
-            if value.trim().is_empty() {
-                return Ok(None);
-            }
-            value
-                .trim()
-                .parse()
-                .map(Some)
-                .map_err(|_| ImportSettingsError::NotANumber {
-                    name,
-                    value: value.into_owned(),
-                })
-        };
-        Ok(ImportSettings {
-            insecure_registries: text(Self::INSECURE_REGISTRIES)
-                .map(|list| {
-                    list.to_string_lossy()
-                        .split(',')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_string)
-                        .collect()
-                })
-                .unwrap_or_default(),
-            ca_file: text(Self::CA_FILE).map(PathBuf::from),
-            retries: number(Self::RETRIES)?.map(|n| n.min(u32::MAX.into()) as u32),
-            timeout_secs: number(Self::TIMEOUT)?,
-        })
     }
 }
 
@@ -647,34 +560,6 @@ mod tests {
         assert_eq!(
             parse(&["rootfs=fancy"]),
             Err(SiteError::Rootfs("fancy".into()))
-        );
-    }
-
-    #[test]
-    fn import_settings_travel_through_the_environment() {
-        let site = parse(&[
-            "insecure_registries=registry.site:5000,10.0.0.1",
-            "registry_ca_file=/etc/ssl/site-ca.pem",
-        ])
-        .unwrap()
-        .import_settings();
-        let env: std::collections::HashMap<_, _> = site.to_env().into_iter().collect();
-        assert_eq!(ImportSettings::from_env(|n| env.get(n).cloned()), Ok(site));
-        // No registries: the variable is set empty, replacing the user's.
-        let none = ImportSettings::default().to_env();
-        assert_eq!(none, [(ImportSettings::INSECURE_REGISTRIES, "".into())]);
-        let user = |n: &str| match n {
-            ImportSettings::RETRIES => Some("2".into()),
-            ImportSettings::TIMEOUT => Some(" 90 ".into()),
-            ImportSettings::CA_FILE => Some("".into()),
-            _ => None,
-        };
-        let read = ImportSettings::from_env(user).unwrap();
-        assert_eq!((read.retries, read.timeout_secs), (Some(2), Some(90)));
-        let bad = |n: &str| (n == ImportSettings::RETRIES).then(|| "many".into());
-        assert_eq!(
-            ImportSettings::from_env(bad).unwrap_err().to_string(),
-            "FERRY_REGISTRY_RETRIES=\"many\" is not a whole number (e.g. FERRY_REGISTRY_RETRIES=3)"
         );
     }
 

@@ -21,6 +21,7 @@ use crate::image::config::ImageConfig;
 use crate::image::layers::{LayerError, Unpacker};
 use crate::image::oci::{Image, OciError};
 use crate::image::reference::{ImageRef, RemoteRef};
+use crate::image::squashfs;
 use crate::image::squashfs::find_in_path;
 use crate::store::cache::{Built, Cache, CacheError, Entry};
 use crate::sys::child::{run_tool, ToolError};
@@ -62,11 +63,6 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> I
     }
 }
 
-/// zstd level of imported (and saved) images. mksquashfs' own default, 15, took 12.6 s for a
-/// 173 MB tree here against 0.8 s at 3, for a 13% larger image; zstd reads both equally fast,
-/// so an import should not spend its time there.
-pub const DEFAULT_ZSTD_LEVEL: u32 = 3;
-
 #[derive(Debug, Clone, Default)]
 pub struct ImportOptions {
     /// Threads for mksquashfs; default: all available.
@@ -75,7 +71,7 @@ pub struct ImportOptions {
     pub progress: bool,
     /// mksquashfs program; default: from PATH.
     pub mksquashfs: Option<PathBuf>,
-    /// zstd level of the squashfs; default [`DEFAULT_ZSTD_LEVEL`].
+    /// zstd level of the squashfs; default [`squashfs::DEFAULT_ZSTD_LEVEL`].
     pub zstd_level: Option<u32>,
     /// How registry images are pulled.
     pub registry: crate::image::registry::ClientOptions,
@@ -306,7 +302,7 @@ fn build(img: &Image, area: &Path, opts: &ImportOptions) -> Result<Built, Import
     let config_json =
         serde_json::to_vec_pretty(&img.config.config).expect("image configs serialise");
     unpacker.write_file(
-        Path::new(crate::container::entrypoint::CONFIG_PATH.trim_start_matches('/')),
+        Path::new(crate::spec::entrypoint::CONFIG_PATH.trim_start_matches('/')),
         &config_json,
         0o644,
     )?;
@@ -333,7 +329,7 @@ fn environment_file(existing: &str, env: &[String]) -> String {
         let Some((name, value)) = e.split_once('=') else {
             continue;
         };
-        if !crate::container::env::is_valid_name(name) || value.contains('\n') {
+        if !crate::spec::env::is_valid_name(name) || value.contains('\n') {
             continue; // not representable in the file
         }
         let plain = value.trim() == value
@@ -384,7 +380,7 @@ pub fn mksquashfs(
         .processors
         .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
         .unwrap_or(1);
-    let level = opts.zstd_level.unwrap_or(DEFAULT_ZSTD_LEVEL);
+    let level = opts.zstd_level.unwrap_or(squashfs::DEFAULT_ZSTD_LEVEL);
     let mut cmd = crate::image::squashfs::mksquashfs_command(&program, dir, out, level);
     cmd.arg("-processors").arg(processors.to_string());
     if let Some(p) = pseudo {
@@ -583,7 +579,7 @@ mod tests {
             text,
             "PATH=/usr/bin\nPATH=/opt/bin\nSPACE=\" x \"\nQ=\"\"q\"\"\n"
         );
-        let parsed = crate::container::env::parse_environment_file(&text);
+        let parsed = crate::spec::env::parse_environment_file(&text);
         assert_eq!(
             parsed,
             vec![

@@ -1,15 +1,21 @@
-//! The container spec: everything the holder needs to build one container, as plain data.
-//!
-//! The CLI and the SPANK plugin both fill one of these and hand it, as JSON, to
-//! `ferry hold`; nothing else crosses from the caller to the holder.
+//! What a container is, as plain data: the spec the holder builds one from (the CLI and the
+//! SPANK plugin both fill one and hand it, as JSON, to `ferry hold`; nothing else crosses
+//! from the caller to the holder), and its parts: the user it is for, bind mounts, GPUs,
+//! the environment and the start command.
+
+pub mod entrypoint;
+pub mod env;
+pub mod gpus;
+pub mod mounts;
+pub mod user;
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::container::user::UserInfo;
-use crate::rootfs::gpu::GpuRequest;
-use crate::rootfs::mounts::MountSpec;
+use crate::spec::gpus::GpuRequest;
+use crate::spec::mounts::MountSpec;
+use crate::spec::user::UserInfo;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ContainerSpec {
@@ -74,7 +80,7 @@ pub enum RootfsProvider {
     /// unpack. `owned_from` down must be the user's own directories.
     Unpack { owned_from: PathBuf, dir: PathBuf },
     /// Mounted by the kernel's squashfs driver, read-only, nosuid, nodev, by root before the
-    /// holder starts (see [`crate::rootfs::kernel`]): no FUSE, no copy. Only where the site enables
+    /// holder starts (the `kernel` provider): no FUSE, no copy. Only where the site enables
     /// it, or for `ferry run` as root.
     Kernel,
 }
