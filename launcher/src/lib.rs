@@ -3,11 +3,12 @@
 //! The library holds every piece of logic; the `ferry` binary and the SPANK plugin are
 //! thin front ends over [`container::holder::prepare`] and [`container::join::join`].
 //!
-//! Folders by concept, each depending only on those listed after it:
-//! `container` (a running container's processes and namespaces), `rootfs` (the file tree a
-//! container sees), `store` (the image cache and imports into it), `image` (image formats,
-//! references and registries), `slurm` (what Slurm hands the plugin), `doctor` (node checks)
-//! and `sys` (the operating system seam: raw calls and child processes).
+//! Folders by concept, each using only those before it: `sys` (the operating system seam:
+//! raw calls and child processes), `image` (image formats, references and registries),
+//! `spec` (what a container is, as data), then `store` (the image cache and imports into
+//! it), `rootfs` (the file tree a container sees) and `slurm` (what Slurm hands the
+//! plugin), and on top `container` (a running container's processes and namespaces) and
+//! `doctor` (node checks).
 
 pub mod container;
 pub mod doctor;
