@@ -204,8 +204,8 @@ pub fn slurm_checks(s: &SlurmFacts) -> Vec<Check> {
     };
     checks.push(plugin_line_check(line, PluginSettings::parse(&line.args)));
     let plugin_version = fs::read(&line.plugin)
-        .map_err(|e| e.to_string())
-        .and_then(|bytes| read_u32_symbol(&bytes, "plugin_version").map_err(|e| e.to_string()));
+        .map_err(PluginVersionError::Read)
+        .and_then(|bytes| Ok(read_u32_symbol(&bytes, "plugin_version")?));
     checks.push(version_check(
         &line.plugin,
         plugin_version,
@@ -288,9 +288,18 @@ pub fn plugin_line_check(
     }
 }
 
+/// Why the plugin's `plugin_version` could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginVersionError {
+    #[error("{0}")]
+    Read(std::io::Error),
+    #[error(transparent)]
+    Elf(#[from] super::elf::ElfError),
+}
+
 pub fn version_check(
     plugin: &Path,
-    plugin_version: Result<u32, String>,
+    plugin_version: Result<u32, PluginVersionError>,
     slurm: Option<(u32, String)>,
 ) -> Check {
     const ID: &str = "plugin-version";
@@ -408,7 +417,7 @@ mod tests {
         assert!(c.fix.unwrap().contains("23.11"));
         assert_eq!(version_check(so, Ok(0x160508), None).status, Status::Warn);
         assert_eq!(
-            version_check(so, Err("not ELF".into()), None).status,
+            version_check(so, Err(elf::ElfError::NotElf.into()), None).status,
             Status::Fail
         );
         let elf = elf::tests::tiny_elf(&[("plugin_version", 0x160508)]);
