@@ -352,6 +352,25 @@ mod tests {
     }
 
     #[test]
+    fn step_errors_cross_the_pipe_and_read_as_before() {
+        let e = StepError::While {
+            what: "writing /proc/self/uid_map".into(),
+            error: "Permission denied (os error 13)".into(),
+        };
+        let json = serde_json::to_string(&Some(Err::<(), _>(e.clone()))).unwrap();
+        let back: Option<Result<(), StepError>> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, Some(Err(e.clone())));
+        assert_eq!(
+            e.to_string(),
+            "writing /proc/self/uid_map: Permission denied (os error 13)"
+        );
+        assert_eq!(
+            StepError::NoReport.to_string(),
+            "the probe process died without a report"
+        );
+    }
+
+    #[test]
     fn overlay_and_fuse_mount_verdicts() {
         let mut p = probe(Ok(()));
         p.mountns = Some(Ok(()));
