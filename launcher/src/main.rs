@@ -343,7 +343,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     }
     for e in &args.env {
         spec.env
-            .push(parse_assignment(e, |n| std::env::var(n).ok()).map_err(anyhow::Error::msg)?);
+            .push(parse_assignment(e, |n| std::env::var(n).ok())?);
     }
     // No command: run the image as its author meant (Entrypoint + Cmd, in WorkingDir).
     spec.entrypoint = args.entrypoint || args.command.is_empty();

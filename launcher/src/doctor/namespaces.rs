@@ -11,14 +11,33 @@ use serde::{Deserialize, Serialize};
 
 use super::Check;
 
-/// What the child managed to do, step by step; `Err` holds the errno's name or a reason.
+/// What the child managed to do, step by step.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Probe {
-    pub userns: Option<Result<(), String>>,
-    pub mountns: Option<Result<(), String>>,
-    pub overlay: Option<Result<(), String>>,
+    pub userns: Option<Result<(), StepError>>,
+    pub mountns: Option<Result<(), StepError>>,
+    pub overlay: Option<Result<(), StepError>>,
     /// `None`: not tried (no usable /dev/fuse, or an earlier step failed).
-    pub fuse_mount: Option<Result<(), String>>,
+    pub fuse_mount: Option<Result<(), StepError>>,
+}
+
+/// Why a step of the probe failed. It comes from the child over a pipe as JSON, so it
+/// holds the errors as text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum StepError {
+    /// A system call refused, as nix names its errno (`EPERM: Operation not permitted`).
+    #[error("{0}")]
+    Errno(String),
+    /// A part of the step (`what`) failed.
+    #[error("{what}: {error}")]
+    While { what: String, error: String },
+    #[error("the probe process died without a report")]
+    NoReport,
+}
+
+fn failed_while(what: impl Into<String>) -> impl FnOnce(String) -> StepError {
+    let what = what.into();
+    move |error| StepError::While { what, error }
 }
 
 /// Fork a child that creates a user namespace mapping only the caller's ids (as `ferry
@@ -28,10 +47,10 @@ pub struct Probe {
 pub(super) fn probe_namespaces() -> Probe {
     let (read_end, write_end) = match nix::unistd::pipe() {
         Ok(p) => p,
-        Err(e) => return probe_broken(format!("pipe: {e}")),
+        Err(e) => return probe_broken(failed_while("pipe")(e.to_string())),
     };
     match crate::sys::raw::fork_single_threaded() {
-        Err(e) => probe_broken(format!("fork: {e}")),
+        Err(e) => probe_broken(failed_while("fork")(e.to_string())),
         Ok(None) => {
             drop(read_end);
             let probe = probe_in_child();
@@ -49,21 +68,21 @@ pub(super) fn probe_namespaces() -> Probe {
                 .and_then(|_| serde_json::from_str::<Probe>(&text).ok())
             {
                 Some(p) => p,
-                None => probe_broken("the probe process died without a report".into()),
+                None => probe_broken(StepError::NoReport),
             }
         }
     }
 }
 
-fn probe_broken(reason: String) -> Probe {
+fn probe_broken(reason: StepError) -> Probe {
     Probe {
         userns: Some(Err(reason)),
         ..Probe::default()
     }
 }
 
-fn errno_text(e: nix::Error) -> String {
-    format!("{e}")
+fn errno_text(e: nix::Error) -> StepError {
+    StepError::Errno(e.to_string())
 }
 
 fn probe_in_child() -> Probe {
@@ -74,7 +93,8 @@ fn probe_in_child() -> Probe {
         .map_err(errno_text)
         .and_then(|()| {
             let write = |path: &str, text: String| {
-                fs::write(path, text).map_err(|e| format!("writing {path}: {e}"))
+                fs::write(path, text)
+                    .map_err(|e| failed_while(format!("writing {path}"))(e.to_string()))
             };
             write("/proc/self/setgroups", "deny".into())?;
             write("/proc/self/uid_map", format!("{uid} {uid} 1\n"))?;
@@ -89,7 +109,7 @@ fn probe_in_child() -> Probe {
         .map_err(errno_text)
         .and_then(|()| {
             mount(None, "/", None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)
-                .map_err(|e| format!("making / private: {e}"))
+                .map_err(|e| failed_while("making / private")(e.to_string()))
         })
         .and_then(|()| {
             mount(
@@ -99,7 +119,7 @@ fn probe_in_child() -> Probe {
                 MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
                 None,
             )
-            .map_err(|e| format!("mounting a tmpfs: {e}"))
+            .map_err(|e| failed_while("mounting a tmpfs")(e.to_string()))
         });
     let failed = mountns.is_err();
     p.mountns = Some(mountns);
@@ -109,7 +129,7 @@ fn probe_in_child() -> Probe {
     let overlay = ["lower", "upper", "work", "merged", "fuse"]
         .iter()
         .try_for_each(|d| fs::create_dir(Path::new("/tmp").join(d)))
-        .map_err(|e| format!("creating directories on the tmpfs: {e}"))
+        .map_err(|e| failed_while("creating directories on the tmpfs")(e.to_string()))
         .and_then(|()| {
             mount(
                 Some("overlay"),
@@ -121,7 +141,8 @@ fn probe_in_child() -> Probe {
             .map_err(errno_text)
         })
         .and_then(|()| {
-            fs::write("/tmp/merged/written", b"x").map_err(|e| format!("writing on it: {e}"))
+            fs::write("/tmp/merged/written", b"x")
+                .map_err(|e| failed_while("writing on it")(e.to_string()))
         });
     p.overlay = Some(overlay);
     // Opened inside the user namespace, as the holder does: the kernel accepts a FUSE
@@ -225,7 +246,7 @@ pub fn userns_check(probe: &Probe, sysctls: &Sysctls, euid: u32) -> Check {
             format!("user namespaces work here although {what}"),
         ),
         (_, Some((what, fix))) => Check::fail(ID, format!("cannot create a user namespace: {what}"), fix),
-        (Some(Err(e)), None) if e.contains("ENOSPC") => Check::fail(
+        (Some(Err(e)), None) if e.to_string().contains("ENOSPC") => Check::fail(
             ID,
             format!("cannot create a user namespace ({e}): the limit user.max_user_namespaces is reached"),
             "raise it: `sysctl -w user.max_user_namespaces=65536`",
@@ -271,7 +292,7 @@ mod tests {
 
     fn probe(userns: Result<(), &str>) -> Probe {
         Probe {
-            userns: Some(userns.map_err(String::from)),
+            userns: Some(userns.map_err(|e| StepError::Errno(e.into()))),
             ..Probe::default()
         }
     }
@@ -331,12 +352,31 @@ mod tests {
     }
 
     #[test]
+    fn step_errors_cross_the_pipe_and_read_as_before() {
+        let e = StepError::While {
+            what: "writing /proc/self/uid_map".into(),
+            error: "Permission denied (os error 13)".into(),
+        };
+        let json = serde_json::to_string(&Some(Err::<(), _>(e.clone()))).unwrap();
+        let back: Option<Result<(), StepError>> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, Some(Err(e.clone())));
+        assert_eq!(
+            e.to_string(),
+            "writing /proc/self/uid_map: Permission denied (os error 13)"
+        );
+        assert_eq!(
+            StepError::NoReport.to_string(),
+            "the probe process died without a report"
+        );
+    }
+
+    #[test]
     fn overlay_and_fuse_mount_verdicts() {
         let mut p = probe(Ok(()));
         p.mountns = Some(Ok(()));
         p.overlay = Some(Ok(()));
         assert_eq!(overlay_check(&p).status, Status::Ok);
-        p.overlay = Some(Err("EINVAL".into()));
+        p.overlay = Some(Err(StepError::Errno("EINVAL".into())));
         let c = overlay_check(&p);
         assert_eq!(c.status, Status::Fail);
         assert!(c.message.contains("overlay") && c.message.contains("EINVAL"));

@@ -19,7 +19,7 @@ impl PluginLine {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum PlugstackError {
     #[error("{file}:{line}: cannot read it: {reason}")]
     Unreadable {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::plugstack::{ferry_lines, read_plugstack, PluginLine};
+use super::plugstack::{ferry_lines, read_plugstack, PluginLine, PlugstackError};
 use super::{read_u32_symbol, Check};
 use crate::slurm::site::PluginSettings;
 
@@ -71,7 +71,7 @@ pub struct SlurmFacts {
     pub plugin_dirs: Vec<PathBuf>,
     pub oci_conf_present: bool,
     /// The plugin lines, or why plugstack.conf could not be read.
-    pub lines: Result<Vec<PluginLine>, String>,
+    pub lines: Result<Vec<PluginLine>, PlugstackError>,
     pub ferry_line: Option<PluginLine>,
     /// The running Slurm's version and where it was learnt.
     pub slurm_version: Option<(u32, String)>,
@@ -113,7 +113,7 @@ impl SlurmFacts {
         let plugin_dirs: Vec<PathBuf> = slurm_conf_value(&text, "PluginDir")
             .map(|v| v.split(':').map(PathBuf::from).collect())
             .unwrap_or_else(|| vec![PathBuf::from(DEBIAN_PLUGIN_DIR)]);
-        let lines = read_plugstack(&plugstack, &plugin_dirs).map_err(|e| e.to_string());
+        let lines = read_plugstack(&plugstack, &plugin_dirs);
         let ferry_line = lines
             .as_ref()
             .ok()
@@ -168,7 +168,7 @@ pub fn slurm_checks(s: &SlurmFacts) -> Vec<Check> {
         Err(e) => {
             checks.push(Check::fail(
                 "plugstack",
-                e.clone(),
+                e.to_string(),
                 format!(
                     "create {} with the line from /etc/slurm/plugstack.conf.d/ferry.conf (`required {DEBIAN_PLUGIN_DIR}/spank_ferry.so ferry_bin=/usr/local/bin/ferry`)",
                     s.plugstack.display()
@@ -204,8 +204,8 @@ pub fn slurm_checks(s: &SlurmFacts) -> Vec<Check> {
     };
     checks.push(plugin_line_check(line, PluginSettings::parse(&line.args)));
     let plugin_version = fs::read(&line.plugin)
-        .map_err(|e| e.to_string())
-        .and_then(|bytes| read_u32_symbol(&bytes, "plugin_version").map_err(|e| e.to_string()));
+        .map_err(PluginVersionError::Read)
+        .and_then(|bytes| Ok(read_u32_symbol(&bytes, "plugin_version")?));
     checks.push(version_check(
         &line.plugin,
         plugin_version,
@@ -288,9 +288,18 @@ pub fn plugin_line_check(
     }
 }
 
+/// Why the plugin's `plugin_version` could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginVersionError {
+    #[error("{0}")]
+    Read(std::io::Error),
+    #[error(transparent)]
+    Elf(#[from] super::elf::ElfError),
+}
+
 pub fn version_check(
     plugin: &Path,
-    plugin_version: Result<u32, String>,
+    plugin_version: Result<u32, PluginVersionError>,
     slurm: Option<(u32, String)>,
 ) -> Check {
     const ID: &str = "plugin-version";
@@ -408,7 +417,7 @@ mod tests {
         assert!(c.fix.unwrap().contains("23.11"));
         assert_eq!(version_check(so, Ok(0x160508), None).status, Status::Warn);
         assert_eq!(
-            version_check(so, Err("not ELF".into()), None).status,
+            version_check(so, Err(elf::ElfError::NotElf.into()), None).status,
             Status::Fail
         );
         let elf = elf::tests::tiny_elf(&[("plugin_version", 0x160508)]);

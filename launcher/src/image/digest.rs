@@ -3,28 +3,39 @@
 
 use sha2::{Digest as _, Sha256};
 
+/// Why a digest was refused; the message names the digest (shortened) and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum DigestError {
+    #[error("digest '{0}' is not supported: only sha256:<64 hex digits> is")]
+    Unsupported(String),
+    #[error("digest '{0}' must be sha256: followed by 64 lowercase hex digits")]
+    BadHex(String),
+    #[error("digest '{digest}': {error}")]
+    Model {
+        digest: String,
+        error: oci_spec::OciSpecError,
+    },
+}
+
 /// `sha256:` and 64 lowercase hex digits: the only algorithm registries and layouts use.
 /// The hex part names a blob's file, so nothing else may pass.
-pub fn check_digest(d: &str) -> Result<(), String> {
+pub fn check_digest(d: &str) -> Result<(), DigestError> {
     let Some(hex) = d.strip_prefix("sha256:") else {
-        return Err(format!(
-            "digest '{}' is not supported: only sha256:<64 hex digits> is",
-            shorten(d)
-        ));
+        return Err(DigestError::Unsupported(shorten(d)));
     };
     if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return Err(format!(
-            "digest '{}' must be sha256: followed by 64 lowercase hex digits",
-            shorten(d)
-        ));
+        return Err(DigestError::BadHex(shorten(d)));
     }
     Ok(())
 }
 
 /// A checked digest as the OCI model holds it.
-pub fn parse_digest(d: &str) -> Result<oci_spec::image::Digest, String> {
+pub fn parse_digest(d: &str) -> Result<oci_spec::image::Digest, DigestError> {
     check_digest(d)?;
-    oci_spec::image::Digest::try_from(d).map_err(|e| format!("digest '{}': {e}", shorten(d)))
+    oci_spec::image::Digest::try_from(d).map_err(|error| DigestError::Model {
+        digest: shorten(d),
+        error,
+    })
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -51,16 +62,19 @@ mod tests {
     #[test]
     fn only_sha256_with_64_lowercase_hex_digits() {
         assert!(check_digest(&format!("sha256:{}", "ab".repeat(32))).is_ok());
-        assert!(check_digest(&format!("sha256:{}", "AB".repeat(32)))
-            .unwrap_err()
-            .contains("64 lowercase hex"));
-        assert!(check_digest("sha512:abcd").unwrap_err().contains("sha512"));
-        assert!(check_digest("md5:abc").unwrap_err().contains("only sha256"));
-        assert!(check_digest("sha256:../../etc/passwd")
-            .unwrap_err()
-            .contains("64 lowercase hex"));
+        let refused = |d: &str| check_digest(d).unwrap_err().to_string();
+        assert!(refused(&format!("sha256:{}", "AB".repeat(32))).contains("64 lowercase hex"));
+        assert_eq!(
+            refused("sha512:abcd"),
+            "digest 'sha512:abcd' is not supported: only sha256:<64 hex digits> is"
+        );
+        assert!(refused("md5:abc").contains("only sha256"));
+        assert_eq!(
+            refused("sha256:../../etc/passwd"),
+            "digest 'sha256:../../etc/passwd' must be sha256: followed by 64 lowercase hex digits"
+        );
         let long = format!("sha256:{}", "x".repeat(500));
-        assert!(check_digest(&long).unwrap_err().len() < 200);
+        assert!(refused(&long).len() < 200);
         let d = parse_digest(&format!("sha256:{}", "0".repeat(64))).unwrap();
         assert_eq!(d.digest(), "0".repeat(64));
     }

@@ -44,9 +44,15 @@ pub enum ImageError {
     #[error("not a squashfs image or root filesystem directory: {path} ({detail})")]
     UnknownFormat { path: PathBuf, detail: String },
     #[error("bad squashfs image {path}: {reason}")]
-    BadSquashfs { path: PathBuf, reason: String },
+    BadSquashfs {
+        path: PathBuf,
+        reason: squashfs::SuperblockError,
+    },
     #[error("cannot use SIF image {path}: {reason}")]
-    BadSif { path: PathBuf, reason: String },
+    BadSif {
+        path: PathBuf,
+        reason: sif::SifError,
+    },
 }
 
 /// Open the image at `path` for `user` (the caller), without blocking: a FIFO or a
@@ -135,11 +141,7 @@ pub fn detect(path: &Path, file: &File) -> Result<ImageKind, ImageError> {
         })?;
         // The squashfs must fit in its partition, not merely in the file.
         let sb = squashfs::Superblock::parse(&sb[..got], part.offset + part.size, part.offset)
-            .map_err(|reason| {
-                bad(format!(
-                    "its primary partition is not a usable squashfs: {reason}"
-                ))
-            })?;
+            .map_err(|reason| bad(sif::SifError::BadSquashfs(reason)))?;
         return Ok(ImageKind::Squashfs {
             offset: part.offset,
             compression: sb.compression,

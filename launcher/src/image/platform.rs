@@ -123,11 +123,20 @@ pub fn is_attestation(d: &Descriptor) -> bool {
         .is_some_and(|t| t == "attestation-manifest")
 }
 
+/// No entry of an index runs on the wanted platform.
+#[derive(Debug, thiserror::Error)]
+#[error("no image for {wanted} (platforms: {})", available.join(", "))]
+pub struct NoPlatform {
+    pub wanted: String,
+    /// The platforms the index offers, in its order.
+    pub available: Vec<String>,
+}
+
 /// The index entry to run on `want`, or the platforms the index offers.
 pub fn select<'a>(
     entries: &'a [Descriptor],
     want: &Platform,
-) -> Result<&'a Descriptor, Vec<String>> {
+) -> Result<&'a Descriptor, NoPlatform> {
     let mut best: Option<(usize, &Descriptor)> = None;
     for entry in entries.iter().filter(|e| !is_attestation(e)) {
         let Some(r) = rank(entry.platform().as_ref(), want) else {
@@ -147,7 +156,10 @@ pub fn select<'a>(
             })
             .collect();
         available.dedup();
-        available
+        NoPlatform {
+            wanted: want.name(),
+            available,
+        }
     })
 }
 
@@ -168,7 +180,7 @@ mod tests {
         d
     }
 
-    fn pick(entries: &[Descriptor], p: &str) -> Result<String, Vec<String>> {
+    fn pick(entries: &[Descriptor], p: &str) -> Result<String, NoPlatform> {
         select(entries, &Platform::parse(p).unwrap()).map(|e| e.platform().clone().unwrap().name())
     }
 
@@ -189,7 +201,12 @@ mod tests {
         assert_eq!(pick(&entries, "linux/arm/v6").unwrap(), "linux/arm/v6");
         let missing = pick(&entries, "linux/s390x").unwrap_err();
         assert_eq!(
-            missing,
+            missing.to_string(),
+            "no image for linux/s390x (platforms: linux/amd64, linux/arm/v6, linux/arm/v7, \
+             linux/arm64/v8, windows/amd64)"
+        );
+        assert_eq!(
+            missing.available,
             [
                 "linux/amd64",
                 "linux/arm/v6",
@@ -233,7 +250,7 @@ mod tests {
         ));
         assert!(is_attestation(&attestation));
         let e = pick(&[entry("linux/arm64"), attestation], "linux/amd64").unwrap_err();
-        assert_eq!(e, ["linux/arm64"]);
+        assert_eq!(e.available, ["linux/arm64"]);
     }
 
     #[test]

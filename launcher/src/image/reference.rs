@@ -23,7 +23,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use super::archive::{archive_kind, ArchiveKind};
-use super::digest::check_digest;
+use super::digest::{check_digest, DigestError};
 
 pub const DOCKER_HUB: &str = "registry-1.docker.io";
 const DOCKER_HUB_ALIASES: [&str; 3] = ["docker.io", "index.docker.io", "registry-1.docker.io"];
@@ -87,13 +87,45 @@ pub enum ReferenceError {
     },
 }
 
+/// What is wrong with a registry image name or one of its parts: the problem only, which
+/// [`ReferenceError::Invalid`] and the registry client put into context.
+#[derive(Debug, thiserror::Error)]
+pub enum NameError {
+    #[error("no image name")]
+    Empty,
+    #[error("it holds white space or control characters")]
+    WhiteSpace,
+    #[error("empty registry before '#'")]
+    EmptyRegistry,
+    #[error("user name '{0}' before '@' is not valid")]
+    User(String),
+    #[error(transparent)]
+    Digest(#[from] DigestError),
+    #[error("tag '{0}' is not valid: up to 128 letters, digits, '_', '.', '-', not starting with '.' or '-'")]
+    Tag(String),
+    #[error("no repository name")]
+    NoRepository,
+    #[error("repository name is {0} characters long; at most {MAX_REPOSITORY_LEN} are allowed")]
+    RepositoryTooLong(usize),
+    #[error("repository '{repository}' is not valid: component '{component}' {why}")]
+    Repository {
+        repository: String,
+        component: String,
+        why: &'static str,
+    },
+    #[error("registry '{0}' is not a valid host name")]
+    Host(String),
+    #[error("registry '{0}' has an invalid port")]
+    Port(String),
+}
+
 const DOCKER_EXAMPLE: &str = "docker://ubuntu:22.04 or docker://nvcr.io#nvidia/pytorch:24.05-py3";
 const OCI_EXAMPLE: &str = "oci:./layout:latest";
 
-fn invalid(input: &str, problem: impl Into<String>, example: &'static str) -> ReferenceError {
+fn invalid(input: &str, problem: impl fmt::Display, example: &'static str) -> ReferenceError {
     ReferenceError::Invalid {
         input: input.into(),
-        problem: problem.into(),
+        problem: problem.to_string(),
         example,
     }
 }
@@ -316,12 +348,12 @@ fn classify_local(path: &Path) -> Result<ImageRef, ReferenceError> {
 
 impl RemoteRef {
     /// Parse the part after `docker://` (or a bare name); the error is the problem only.
-    pub fn parse_docker(text: &str) -> Result<RemoteRef, String> {
+    pub fn parse_docker(text: &str) -> Result<RemoteRef, NameError> {
         if text.is_empty() {
-            return Err("no image name".into());
+            return Err(NameError::Empty);
         }
         if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err("it holds white space or control characters".into());
+            return Err(NameError::WhiteSpace);
         }
         let mut rest = text;
         let mut user = None;
@@ -336,7 +368,7 @@ impl RemoteRef {
         let (registry, path) = match rest.split_once('#') {
             Some((registry, path)) => {
                 if registry.is_empty() {
-                    return Err("empty registry before '#'".into());
+                    return Err(NameError::EmptyRegistry);
                 }
                 (Some(registry), path)
             }
@@ -408,7 +440,7 @@ impl RemoteRef {
     /// Check every part as [`RemoteRef::parse_docker`] does, for references built field by
     /// field (the registry client checks each one before it sends a request, so nothing
     /// odd ends up in a URL). The error is the problem only.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), NameError> {
         check_registry(&self.registry)?;
         check_repository(&self.repository)?;
         if let Some(tag) = &self.tag {
@@ -439,13 +471,13 @@ impl RemoteRef {
 }
 
 /// enroot's `USER@`: a login name, nothing that could reach a URL or a file name.
-fn check_user(user: &str) -> Result<(), String> {
+fn check_user(user: &str) -> Result<(), NameError> {
     if user.is_empty()
         || !user
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "._-$".contains(c))
     {
-        return Err(format!("user name '{user}' before '@' is not valid"));
+        return Err(NameError::User(user.to_string()));
     }
     Ok(())
 }
@@ -490,30 +522,25 @@ fn is_digest_syntax(s: &str) -> bool {
 }
 
 /// Tags: `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}` (distribution spec).
-pub fn check_tag(t: &str) -> Result<(), String> {
+pub fn check_tag(t: &str) -> Result<(), NameError> {
     let mut chars = t.chars();
     let first_ok = chars
         .next()
         .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
     if !first_ok || t.len() > 128 || !chars.all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
     {
-        return Err(format!(
-            "tag '{t}' is not valid: up to 128 letters, digits, '_', '.', '-', not starting with '.' or '-'"
-        ));
+        return Err(NameError::Tag(t.to_string()));
     }
     Ok(())
 }
 
 /// Repository: `/`-separated components of `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`.
-pub fn check_repository(r: &str) -> Result<(), String> {
+pub fn check_repository(r: &str) -> Result<(), NameError> {
     if r.is_empty() {
-        return Err("no repository name".into());
+        return Err(NameError::NoRepository);
     }
     if r.len() > MAX_REPOSITORY_LEN {
-        return Err(format!(
-            "repository name is {} characters long; at most {MAX_REPOSITORY_LEN} are allowed",
-            r.len()
-        ));
+        return Err(NameError::RepositoryTooLong(r.len()));
     }
     for component in r.split('/') {
         if !valid_component(component) {
@@ -522,9 +549,11 @@ pub fn check_repository(r: &str) -> Result<(), String> {
             } else {
                 "may hold only a-z, 0-9 and single '.', '_', '__' or '-' runs between them"
             };
-            return Err(format!(
-                "repository '{r}' is not valid: component '{component}' {why}"
-            ));
+            return Err(NameError::Repository {
+                repository: r.to_string(),
+                component: component.to_string(),
+                why,
+            });
         }
     }
     Ok(())
@@ -557,8 +586,8 @@ fn valid_component(c: &str) -> bool {
 }
 
 /// Registry host: letters, digits, '.', '-', an optional `:port`, or a bracketed IPv6.
-fn check_registry(r: &str) -> Result<(), String> {
-    let bad_host = || format!("registry '{r}' is not a valid host name");
+fn check_registry(r: &str) -> Result<(), NameError> {
+    let bad_host = || NameError::Host(r.to_string());
     let (host_ok, port) = if let Some(v6) = r.strip_prefix('[') {
         let (addr, rest) = v6.split_once(']').ok_or_else(bad_host)?;
         let ok = !addr.is_empty() && addr.chars().all(|c| c.is_ascii_hexdigit() || c == ':');
@@ -578,7 +607,7 @@ fn check_registry(r: &str) -> Result<(), String> {
     }
     if let Some(p) = port {
         if !p.bytes().all(|b| b.is_ascii_digit()) || p.parse::<u16>().map_or(true, |n| n == 0) {
-            return Err(format!("registry '{r}' has an invalid port"));
+            return Err(NameError::Port(r.to_string()));
         }
     }
     Ok(())
@@ -724,7 +753,7 @@ mod tests {
     #[test]
     fn validate_is_the_parsers_check() {
         let good = remote("docker://localhost:5000/a/b:c");
-        assert_eq!(good.validate(), Ok(()));
+        assert!(good.validate().is_ok());
         assert_eq!(good.short_name(), "localhost:5000/a/b:c");
         for (registry, repository, tag) in [
             ("evil/host", "a", "v1"),
@@ -749,7 +778,11 @@ mod tests {
             digest: Some("md5:abc".into()),
             ..good.clone()
         };
-        assert!(r.validate().unwrap_err().contains("only sha256"));
+        assert!(r
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("only sha256"));
         let r = RemoteRef {
             user: Some("a/b".into()),
             ..good

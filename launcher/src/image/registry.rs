@@ -147,7 +147,10 @@ pub struct Pulled {
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("bad image reference {image}: {reason}")]
-    BadReference { image: String, reason: String },
+    BadReference {
+        image: String,
+        reason: crate::image::reference::NameError,
+    },
     #[error("unknown registry host {host}: the name does not resolve (check the image reference)")]
     UnknownHost { host: String },
     #[error("TLS connection to {host} failed: {reason} (a registry with a private CA needs the site's registry CA file; a plain-http registry must be marked insecure)")]
@@ -303,10 +306,10 @@ impl Client {
                 Document::Index { index, .. } => index.manifests(),
             };
             let entry = crate::image::platform::select(manifests, &self.options.platform).map_err(
-                |available| RegistryError::NoPlatform {
+                |missing| RegistryError::NoPlatform {
                     image: target.image.clone(),
-                    wanted: self.options.platform.name(),
-                    available,
+                    wanted: missing.wanted,
+                    available: missing.available,
                 },
             )?;
             let d = entry.clone();
@@ -416,7 +419,7 @@ impl Client {
         let digest = crate::image::digest::parse_digest(&actual).map_err(|reason| {
             RegistryError::BadManifest {
                 image: target.image.clone(),
-                reason,
+                reason: reason.to_string(),
             }
         })?;
         Ok(Fetched {

@@ -21,6 +21,23 @@ pub enum Compression {
     Zstd,
 }
 
+/// Why a squashfs superblock was refused: the problem only, the caller names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum SuperblockError {
+    #[error("truncated: {0} bytes, a superblock needs {SUPERBLOCK_SIZE}")]
+    ShortHeader(usize),
+    #[error("no squashfs magic")]
+    NoMagic,
+    #[error("squashfs version {major}.{minor}; only 4.0 is supported")]
+    Version { major: u16, minor: u16 },
+    #[error("unknown compression id {0}")]
+    Compression(u16),
+    #[error("inconsistent block size {block_size} (log {block_log})")]
+    BlockSize { block_size: u32, block_log: u16 },
+    #[error("truncated: the superblock says {bytes_used} bytes, the file holds {available}")]
+    Truncated { bytes_used: u64, available: u64 },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Superblock {
     pub inodes: u32,
@@ -42,21 +59,16 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 impl Superblock {
     /// Check the superblock at the start of `bytes`; `file_len` and `offset` say where the
     /// image lies in its file, so a truncated image is refused before it is mounted.
-    pub fn parse(bytes: &[u8], file_len: u64, offset: u64) -> Result<Superblock, String> {
+    pub fn parse(bytes: &[u8], file_len: u64, offset: u64) -> Result<Superblock, SuperblockError> {
         if bytes.len() < SUPERBLOCK_SIZE {
-            return Err(format!(
-                "truncated: {} bytes, a superblock needs {SUPERBLOCK_SIZE}",
-                bytes.len()
-            ));
+            return Err(SuperblockError::ShortHeader(bytes.len()));
         }
         if &bytes[..4] != MAGIC {
-            return Err("no squashfs magic".into());
+            return Err(SuperblockError::NoMagic);
         }
         let (major, minor) = (u16_at(bytes, 28), u16_at(bytes, 30));
         if (major, minor) != (4, 0) {
-            return Err(format!(
-                "squashfs version {major}.{minor}; only 4.0 is supported"
-            ));
+            return Err(SuperblockError::Version { major, minor });
         }
         let compression = match u16_at(bytes, 20) {
             1 => Compression::Gzip,
@@ -65,21 +77,23 @@ impl Superblock {
             4 => Compression::Xz,
             5 => Compression::Lz4,
             6 => Compression::Zstd,
-            other => return Err(format!("unknown compression id {other}")),
+            other => return Err(SuperblockError::Compression(other)),
         };
         let block_size = u32_at(bytes, 12);
         let block_log = u16_at(bytes, 22);
         if !(12..=20).contains(&block_log) || block_size != 1 << block_log {
-            return Err(format!(
-                "inconsistent block size {block_size} (log {block_log})"
-            ));
+            return Err(SuperblockError::BlockSize {
+                block_size,
+                block_log,
+            });
         }
         let bytes_used = u64_at(bytes, 40);
         let available = file_len.saturating_sub(offset);
         if bytes_used > available {
-            return Err(format!(
-                "truncated: the superblock says {bytes_used} bytes, the file holds {available}"
-            ));
+            return Err(SuperblockError::Truncated {
+                bytes_used,
+                available,
+            });
         }
         Ok(Superblock {
             inodes: u32_at(bytes, 4),
@@ -164,20 +178,25 @@ mod tests {
     fn refuses_truncated_and_odd_images() {
         assert!(Superblock::parse(&superblock(1, 8192), 4096, 0)
             .unwrap_err()
+            .to_string()
             .contains("truncated"));
         assert!(Superblock::parse(&superblock(1, 4096), 8192, 8000)
             .unwrap_err()
+            .to_string()
             .contains("truncated"));
         assert!(Superblock::parse(&superblock(9, 10), 4096, 0)
             .unwrap_err()
+            .to_string()
             .contains("compression"));
         assert!(Superblock::parse(&superblock(1, 10)[..50], 4096, 0)
             .unwrap_err()
+            .to_string()
             .contains("truncated"));
         let mut v3 = superblock(1, 10);
         v3[28] = 3;
         assert!(Superblock::parse(&v3, 4096, 0)
             .unwrap_err()
+            .to_string()
             .contains("version"));
     }
 }

@@ -239,13 +239,13 @@ pub fn host_files(
 }
 
 /// `nvidia-container-cli list --libraries --binaries`, run as the caller.
-fn container_cli_listing(cli: &Path) -> Result<String, String> {
+fn container_cli_listing(cli: &Path) -> Result<String, crate::sys::child::ToolError> {
     let mut cmd = std::process::Command::new(cli);
     cmd.args(["list", "--libraries", "--binaries"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped());
     let tool = format!("{} list", cli.display());
-    let out = crate::sys::child::run_tool(&tool, &mut cmd, None).map_err(|e| e.to_string())?;
+    let out = crate::sys::child::run_tool(&tool, &mut cmd, None)?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 

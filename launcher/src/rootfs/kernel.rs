@@ -66,11 +66,14 @@ pub enum KernelError {
     #[error("the kernel provider must open the image as user {user} (uid {uid}), but runs as uid {euid}")]
     NotTheUser { user: String, uid: u32, euid: u32 },
     #[error("cannot prepare {dir} for the kernel provider: {detail}")]
-    MountDir { dir: PathBuf, detail: String },
+    MountDir {
+        dir: PathBuf,
+        detail: MountDirProblem,
+    },
     #[error("cannot attach the image {path} to a loop device: {detail}")]
-    Loop { path: PathBuf, detail: String },
+    Loop { path: PathBuf, detail: LoopProblem },
     #[error("the kernel cannot mount the image {path} as squashfs: {detail}")]
-    Mount { path: PathBuf, detail: String },
+    Mount { path: PathBuf, detail: MountProblem },
     #[error("cannot check the image {path} for the kernel provider: {detail}")]
     Probe { path: PathBuf, detail: String },
     /// The probe's own one-line error about the image.
@@ -78,6 +81,47 @@ pub enum KernelError {
     Probed(String),
     #[error("the image is not mounted by the kernel at {MOUNT_DIR}: the kernel provider works through the Slurm plugin where the site enables it (kernel_squashfs=yes), or for `ferry run --rootfs kernel` as root")]
     NotMounted,
+}
+
+/// Why the directory the kernel's mounts are attached at cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum MountDirProblem {
+    #[error("{0}")]
+    Io(io::Error),
+    #[error("it is not a directory owned by uid {owner} that only its owner can write; remove it (ferry makes it again)")]
+    NotPrivate { owner: u32 },
+}
+
+/// Why no loop device could be backed by the image.
+#[derive(Debug, thiserror::Error)]
+pub enum LoopProblem {
+    #[error("/dev/loop-control: {0} (modprobe loop)")]
+    Control(io::Error),
+    #[error("no free loop device ({0}); an admin can allow more (the loop module's max_loop)")]
+    NoneFree(io::Error),
+    #[error("/dev/loop{number}: {error}")]
+    Device { number: u32, error: io::Error },
+    #[error("every free loop device was taken by others first ({LOOP_ATTEMPTS} tries)")]
+    AllTaken,
+}
+
+/// Why the kernel did not mount the loop device as squashfs.
+#[derive(Debug, thiserror::Error)]
+pub enum MountProblem {
+    #[error("this kernel has no squashfs driver (modprobe squashfs)")]
+    NoDriver,
+    #[error("this kernel lacks the mount API (fsopen, Linux 5.2)")]
+    NoMountApi,
+    #[error("fsopen: {0}")]
+    Open(io::Error),
+    #[error("cannot map its owners for --remap-root (idmapped mount): {0}")]
+    Idmap(io::Error),
+    /// `messages`: what the file system context said (`e ...`, `w ...` lines).
+    #[error("{}", failure_text(.error, .messages))]
+    Refused {
+        error: io::Error,
+        messages: Vec<String>,
+    },
 }
 
 /// A squashfs image mounted by the kernel and attached nowhere yet. Dropping it unmounts
@@ -278,7 +322,7 @@ pub fn mount_image(
         dir: MOUNT_DIR.into(),
         detail,
     })?;
-    let loop_error = |detail: String| KernelError::Loop {
+    let loop_error = |detail: LoopProblem| KernelError::Loop {
         path: path.into(),
         detail,
     };
@@ -287,7 +331,7 @@ pub fn mount_image(
         .write(true)
         .custom_flags(libc::O_CLOEXEC)
         .open("/dev/loop-control")
-        .map_err(|e| loop_error(format!("/dev/loop-control: {e} (modprobe loop)")))?;
+        .map_err(|e| loop_error(LoopProblem::Control(e)))?;
     let mut loops = SystemLoops {
         control,
         backing: &file,
@@ -306,7 +350,7 @@ pub fn mount_image(
             .and_then(|userns| raw::mount_set_idmap(mount.as_fd(), userns.as_fd()))
             .map_err(|e| KernelError::Mount {
                 path: path.into(),
-                detail: format!("cannot map its owners for --remap-root (idmapped mount): {e}"),
+                detail: MountProblem::Idmap(e),
             })?;
     }
     tracing::debug!("{} on {device}, mounted by the kernel", path.display());
@@ -327,17 +371,15 @@ pub fn open_mounted() -> Result<File, KernelError> {
 
 /// Make `dir` an empty directory that only `owner` can enter and write, or check that it is
 /// one: a real directory (not a symlink), owned by `owner`, writable by no one else.
-fn ensure_mount_dir(dir: &Path, owner: u32) -> Result<(), String> {
+fn ensure_mount_dir(dir: &Path, owner: u32) -> Result<(), MountDirProblem> {
     match fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(MountDirProblem::Io(e)),
     }
-    let meta = fs::symlink_metadata(dir).map_err(|e| e.to_string())?;
+    let meta = fs::symlink_metadata(dir).map_err(MountDirProblem::Io)?;
     if !meta.file_type().is_dir() || meta.uid() != owner || meta.mode() & 0o022 != 0 {
-        return Err(format!(
-            "it is not a directory owned by uid {owner} that only its owner can write; remove it (ferry makes it again)"
-        ));
+        return Err(MountDirProblem::NotPrivate { owner });
     }
     Ok(())
 }
@@ -386,19 +428,18 @@ impl LoopDevices for SystemLoops<'_> {
 /// A free loop device backed by the image: the device (its last close detaches it while
 /// nothing mounts it) and its number. Devices that others take between LOOP_CTL_GET_FREE
 /// and the configuration (EBUSY) are passed over.
-fn attach_loop<L: LoopDevices>(loops: &mut L, offset: u64) -> Result<(L::Device, u32), String> {
+fn attach_loop<L: LoopDevices>(
+    loops: &mut L,
+    offset: u64,
+) -> Result<(L::Device, u32), LoopProblem> {
     let mut legacy = false;
     for _ in 0..LOOP_ATTEMPTS {
-        let number = loops.get_free().map_err(|e| {
-            format!(
-                "no free loop device ({e}); an admin can allow more (the loop module's max_loop)"
-            )
-        })?;
+        let number = loops.get_free().map_err(LoopProblem::NoneFree)?;
         let dev = match loops.open(number) {
             Ok(dev) => dev,
             // Made by LOOP_CTL_GET_FREE, its node not yet there: try again.
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(format!("/dev/loop{number}: {e}")),
+            Err(error) => return Err(LoopProblem::Device { number, error }),
         };
         loop {
             match loops.configure(&dev, offset, legacy) {
@@ -410,21 +451,19 @@ fn attach_loop<L: LoopDevices>(loops: &mut L, offset: u64) -> Result<(L::Device,
                 {
                     legacy = true
                 }
-                Err(e) => return Err(format!("/dev/loop{number}: {e}")),
+                Err(error) => return Err(LoopProblem::Device { number, error }),
             }
         }
     }
-    Err(format!(
-        "every free loop device was taken by others first ({LOOP_ATTEMPTS} tries)"
-    ))
+    Err(LoopProblem::AllTaken)
 }
 
 /// Mount `device` as squashfs, read-only, nosuid, nodev, attached nowhere.
-fn mount_squashfs(device: &str) -> Result<OwnedFd, String> {
+fn mount_squashfs(device: &str) -> Result<OwnedFd, MountProblem> {
     let fs = raw::fsopen("squashfs").map_err(|e| match e.raw_os_error() {
-        Some(libc::ENODEV) => "this kernel has no squashfs driver (modprobe squashfs)".into(),
-        Some(libc::ENOSYS) => "this kernel lacks the mount API (fsopen, Linux 5.2)".into(),
-        _ => format!("fsopen: {e}"),
+        Some(libc::ENODEV) => MountProblem::NoDriver,
+        Some(libc::ENOSYS) => MountProblem::NoMountApi,
+        _ => MountProblem::Open(e),
     })?;
     let made = raw::fsconfig_set(fs.as_fd(), "source", Some(device))
         .and_then(|()| raw::fsconfig_set(fs.as_fd(), "ro", None))
@@ -436,7 +475,10 @@ fn mount_squashfs(device: &str) -> Result<OwnedFd, String> {
                     | MountAttrFlags::MOUNT_ATTR_NODEV,
             )
         });
-    made.map_err(|e| failure_text(&e, &raw::fs_context_messages(fs.as_fd())))
+    made.map_err(|error| MountProblem::Refused {
+        error,
+        messages: raw::fs_context_messages(fs.as_fd()),
+    })
 }
 
 /// The kernel's own messages about a failed mount (`e squashfs: ...`), else the error.
@@ -512,7 +554,7 @@ mod tests {
             answers: vec![],
             configured: vec![],
         };
-        let e = attach_loop(&mut fake, 0).unwrap_err();
+        let e = attach_loop(&mut fake, 0).unwrap_err().to_string();
         assert!(
             e.contains("no free loop device") && e.contains("max_loop"),
             "{e}"
@@ -522,7 +564,7 @@ mod tests {
             answers: vec![Err(errno(libc::EINVAL)), Err(errno(libc::EINVAL))],
             configured: vec![],
         };
-        let e = attach_loop(&mut fake, 0).unwrap_err();
+        let e = attach_loop(&mut fake, 0).unwrap_err().to_string();
         assert!(e.starts_with("/dev/loop7: "), "{e}");
         let mut fake = Fake {
             free: (0..LOOP_ATTEMPTS as u32).map(Ok).collect(),
@@ -531,7 +573,7 @@ mod tests {
                 .collect(),
             configured: vec![],
         };
-        let e = attach_loop(&mut fake, 0).unwrap_err();
+        let e = attach_loop(&mut fake, 0).unwrap_err().to_string();
         assert!(e.contains("taken by others"), "{e}");
     }
 
@@ -543,6 +585,14 @@ mod tests {
             format!("squashfs: Unsupported filesystem ({err})")
         );
         assert_eq!(failure_text(&err, &[]), err.to_string());
+        let refused = MountProblem::Refused {
+            error: errno(libc::EINVAL),
+            messages: vec!["w squashfs: odd\n".into(), "e squashfs: bad\n".into()],
+        };
+        assert_eq!(
+            refused.to_string(),
+            format!("squashfs: odd; squashfs: bad ({err})")
+        );
     }
 
     #[test]

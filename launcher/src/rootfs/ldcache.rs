@@ -31,6 +31,18 @@ pub enum LdCacheError {
     Truncated(&'static str),
 }
 
+/// Why the cache file could not be used; names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{path}: {error}")]
+    Parse { path: PathBuf, error: LdCacheError },
+}
+
 /// One library the cache knows: the name programs ask for (usually the soname) and the
 /// host path the loader would open.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,14 +147,21 @@ pub fn parse(data: &[u8]) -> Result<Vec<Entry>, LdCacheError> {
 }
 
 /// Read and parse the cache at `path`.
-pub fn read(path: &Path) -> Result<Vec<Entry>, String> {
+pub fn read(path: &Path) -> Result<Vec<Entry>, ReadError> {
     use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let io_error = |error| ReadError::Io {
+        path: path.into(),
+        error,
+    };
+    let file = std::fs::File::open(path).map_err(io_error)?;
     let mut data = Vec::new();
     file.take(MAX_CACHE_LEN)
         .read_to_end(&mut data)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    parse(&data).map_err(|e| format!("{}: {e}", path.display()))
+        .map_err(io_error)?;
+    parse(&data).map_err(|error| ReadError::Parse {
+        path: path.into(),
+        error,
+    })
 }
 
 #[cfg(test)]

@@ -64,25 +64,33 @@ pub fn compose(
     vars
 }
 
+/// An `--env` argument that sets nothing.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EnvError {
+    #[error("invalid environment variable name `{name}` in `{arg}`: use NAME=VALUE")]
+    InvalidName { name: String, arg: String },
+    #[error("`--env {0}` names a variable that is not set: use NAME=VALUE")]
+    NotSet(String),
+}
+
 /// Parse `NAME=VALUE` as given to `--env`; a bare `NAME` takes the caller's value.
 pub fn parse_assignment(
     arg: &str,
     lookup: impl Fn(&str) -> Option<String>,
-) -> Result<(String, String), String> {
+) -> Result<(String, String), EnvError> {
     let (name, value) = match arg.split_once('=') {
         Some((n, v)) => (n, Some(v.to_string())),
         None => (arg, None),
     };
     if !is_valid_name(name) {
-        return Err(format!(
-            "invalid environment variable name `{name}` in `{arg}`: use NAME=VALUE"
-        ));
+        return Err(EnvError::InvalidName {
+            name: name.to_string(),
+            arg: arg.to_string(),
+        });
     }
     let value = match value {
         Some(v) => v,
-        None => lookup(name).ok_or_else(|| {
-            format!("`--env {name}` names a variable that is not set: use NAME=VALUE")
-        })?,
+        None => lookup(name).ok_or_else(|| EnvError::NotSet(name.to_string()))?,
     };
     Ok((name.to_string(), value))
 }
@@ -132,7 +140,13 @@ mod tests {
             parse_assignment("A", |_| Some("h".into())),
             Ok(("A".into(), "h".into()))
         );
-        assert!(parse_assignment("A", |_| None).is_err());
-        assert!(parse_assignment("1A=2", |_| None).is_err());
+        assert_eq!(
+            parse_assignment("A", |_| None).unwrap_err().to_string(),
+            "`--env A` names a variable that is not set: use NAME=VALUE"
+        );
+        assert_eq!(
+            parse_assignment("1A=2", |_| None).unwrap_err().to_string(),
+            "invalid environment variable name `1A` in `1A=2`: use NAME=VALUE"
+        );
     }
 }

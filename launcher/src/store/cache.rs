@@ -664,7 +664,16 @@ fn check_not_writable_by_others(
     Ok(meta.uid())
 }
 
-pub fn parse_size(text: &str) -> Result<u64, String> {
+/// A size the user wrote (`--max-size`) that is not one.
+#[derive(Debug, thiserror::Error)]
+pub enum SizeError {
+    #[error("bad size '{0}': use a number with K, M, G or T (e.g. 50G)")]
+    Syntax(String),
+    #[error("bad size '{0}': must be zero or more")]
+    Negative(String),
+}
+
+pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     let t = text.trim();
     let t = t
         .strip_suffix("iB")
@@ -677,11 +686,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
                 'M' => 20,
                 'G' => 30,
                 'T' => 40,
-                _ => {
-                    return Err(format!(
-                        "bad size '{text}': use a number with K, M, G or T (e.g. 50G)"
-                    ))
-                }
+                _ => return Err(SizeError::Syntax(text.to_string())),
             };
             (&t[..t.len() - 1], (1u64 << shift) as f64)
         }
@@ -690,9 +695,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let n: f64 = num
         .trim()
         .parse()
-        .map_err(|_| format!("bad size '{text}': use a number with K, M, G or T (e.g. 50G)"))?;
+        .map_err(|_| SizeError::Syntax(text.to_string()))?;
     if !(n >= 0.0 && n.is_finite()) {
-        return Err(format!("bad size '{text}': must be zero or more"));
+        return Err(SizeError::Negative(text.to_string()));
     }
     Ok((n * mult) as u64)
 }
@@ -838,7 +843,14 @@ mod tests {
         assert_eq!(parse_size("2K").unwrap(), 2048);
         assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
         assert_eq!(parse_size("10GiB").unwrap(), 10 << 30);
-        assert!(parse_size("ten").unwrap_err().contains("e.g. 50G"));
+        assert!(parse_size("ten")
+            .unwrap_err()
+            .to_string()
+            .contains("e.g. 50G"));
+        assert_eq!(
+            parse_size("-1G").unwrap_err().to_string(),
+            "bad size '-1G': must be zero or more"
+        );
         assert!(parse_size("5X").is_err());
         assert_eq!(format_size(1536), "1.5K");
         assert_eq!(format_size(12), "12B");

@@ -53,6 +53,11 @@ pub enum ImportError {
     },
     #[error("cannot export {path}: {detail}")]
     Export { path: PathBuf, detail: String },
+    #[error("cannot export {path}: {detail}")]
+    ExportSif {
+        path: PathBuf,
+        detail: crate::image::sif::SifError,
+    },
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ImportError + 'a {
@@ -431,7 +436,12 @@ pub fn export(image: &ImportedImage, out: &Path, opts: &ImportOptions) -> Result
         return Ok(());
     }
     // A SIF's partition: copy just its bytes.
-    let part = crate::image::sif::primary_partition(&file, meta.len()).map_err(export_err)?;
+    let part = crate::image::sif::primary_partition(&file, meta.len()).map_err(|detail| {
+        ImportError::ExportSif {
+            path: src.clone(),
+            detail,
+        }
+    })?;
     let mut reader = io::Read::take(io::BufReader::new(&file), part.offset + part.size);
     io::copy(
         &mut io::Read::take(&mut reader, part.offset),

@@ -197,16 +197,11 @@ fn resolve_manifest(
         Document::Manifest { manifest, .. } => Ok((d.digest().to_string(), *manifest)),
         Document::Index { index, .. } => {
             let host = Platform::host();
-            let pick = platform::select(index.manifests(), &host).map_err(|available| {
-                OciError::Select {
+            let pick =
+                platform::select(index.manifests(), &host).map_err(|missing| OciError::Select {
                     origin: r.origin.clone(),
-                    detail: format!(
-                        "no image for {} (platforms: {})",
-                        host.name(),
-                        available.join(", ")
-                    ),
-                }
-            })?;
+                    detail: missing.to_string(),
+                })?;
             resolve_manifest(r, pick.clone(), depth + 1)
         }
     }

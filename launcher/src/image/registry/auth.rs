@@ -127,12 +127,34 @@ impl CredentialSources {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
     #[error("cannot read credentials file {path}: {reason}")]
     Read { path: PathBuf, reason: String },
     #[error("bad credentials file {path}: {reason}")]
-    Parse { path: PathBuf, reason: String },
+    Parse {
+        path: PathBuf,
+        reason: CredentialsFileProblem,
+    },
+}
+
+/// What is wrong in the text of a netrc or Docker config file. Never holds a password.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsFileProblem {
+    #[error("not UTF-8 text")]
+    NotUtf8,
+    #[error("machine {0}: needs both `login` and `password`")]
+    NetrcIncomplete(String),
+    #[error("`{0}` without a value")]
+    NetrcNoValue(String),
+    #[error("`{0}` before any `machine`")]
+    NetrcNoMachine(String),
+    #[error("unexpected word `{0}` (expected `machine HOST login USER password PASS`)")]
+    NetrcUnexpected(String),
+    #[error("not JSON ({0})")]
+    NotJson(serde_json::Error),
+    #[error("auths.{0}.auth is not base64 of USER:PASSWORD")]
+    BadAuth(String),
 }
 
 fn read_if_exists(path: &Path) -> Result<Option<String>, CredentialError> {
@@ -143,7 +165,7 @@ fn read_if_exists(path: &Path) -> Result<Option<String>, CredentialError> {
                 .map(Some)
                 .map_err(|_| CredentialError::Parse {
                     path: path.into(),
-                    reason: "not UTF-8 text".into(),
+                    reason: CredentialsFileProblem::NotUtf8,
                 })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -209,13 +231,13 @@ fn pick(
 
 /// netrc: a stream of whitespace-separated words; `machine` starts an entry, `login` and
 /// `password` fill it; `default` and `macdef` are not meaningful for registries.
-fn parse_netrc(text: &str) -> Result<Vec<Entry>, String> {
+fn parse_netrc(text: &str) -> Result<Vec<Entry>, CredentialsFileProblem> {
     let mut entries = Vec::new();
     let mut words = text.split_whitespace();
     let mut current: Option<(String, Option<String>, Option<String>)> = None;
     let finish = |c: Option<(String, Option<String>, Option<String>)>,
                   entries: &mut Vec<Entry>|
-     -> Result<(), String> {
+     -> Result<(), CredentialsFileProblem> {
         if let Some((machine, login, password)) = c {
             match (login, password) {
                 (Some(login), Some(password)) => entries.push(Entry {
@@ -223,11 +245,7 @@ fn parse_netrc(text: &str) -> Result<Vec<Entry>, String> {
                     login,
                     password,
                 }),
-                _ => {
-                    return Err(format!(
-                        "machine {machine}: needs both `login` and `password`"
-                    ))
-                }
+                _ => return Err(CredentialsFileProblem::NetrcIncomplete(machine)),
             }
         }
         Ok(())
@@ -237,7 +255,7 @@ fn parse_netrc(text: &str) -> Result<Vec<Entry>, String> {
             words
                 .next()
                 .map(str::to_string)
-                .ok_or_else(|| format!("`{key}` without a value"))
+                .ok_or_else(|| CredentialsFileProblem::NetrcNoValue(key.to_string()))
         };
         match word {
             "machine" => {
@@ -248,7 +266,7 @@ fn parse_netrc(text: &str) -> Result<Vec<Entry>, String> {
             "login" | "password" => {
                 let v = value(word)?;
                 let Some(c) = current.as_mut() else {
-                    return Err(format!("`{word}` before any `machine`"));
+                    return Err(CredentialsFileProblem::NetrcNoMachine(word.to_string()));
                 };
                 if word == "login" {
                     c.1 = Some(v);
@@ -258,9 +276,7 @@ fn parse_netrc(text: &str) -> Result<Vec<Entry>, String> {
             }
             other => {
                 let shown: String = other.chars().take(20).collect();
-                return Err(format!(
-                    "unexpected word `{shown}` (expected `machine HOST login USER password PASS`)"
-                ));
+                return Err(CredentialsFileProblem::NetrcUnexpected(shown));
             }
         }
     }
@@ -277,7 +293,7 @@ fn normalize_host(key: &str) -> String {
     rest.split('/').next().unwrap_or("").to_ascii_lowercase()
 }
 
-fn parse_docker_config(text: &str) -> Result<Vec<Entry>, String> {
+fn parse_docker_config(text: &str) -> Result<Vec<Entry>, CredentialsFileProblem> {
     #[derive(serde::Deserialize)]
     struct Config {
         #[serde(default)]
@@ -289,7 +305,7 @@ fn parse_docker_config(text: &str) -> Result<Vec<Entry>, String> {
         username: Option<String>,
         password: Option<String>,
     }
-    let config: Config = serde_json::from_str(text).map_err(|e| format!("not JSON ({e})"))?;
+    let config: Config = serde_json::from_str(text).map_err(CredentialsFileProblem::NotJson)?;
     let mut entries = Vec::new();
     for (key, auth) in config.auths {
         let machine = normalize_host(&key);
@@ -298,10 +314,10 @@ fn parse_docker_config(text: &str) -> Result<Vec<Entry>, String> {
                 .decode(encoded.trim())
                 .ok()
                 .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| format!("auths.{machine}.auth is not base64 of USER:PASSWORD"))?;
+                .ok_or_else(|| CredentialsFileProblem::BadAuth(machine.clone()))?;
             let (login, password) = decoded
                 .split_once(':')
-                .ok_or_else(|| format!("auths.{machine}.auth is not base64 of USER:PASSWORD"))?;
+                .ok_or_else(|| CredentialsFileProblem::BadAuth(machine.clone()))?;
             entries.push(Entry {
                 machine,
                 login: login.to_string(),
