@@ -2002,3 +2002,69 @@ fn import_on_submit_draws_a_bar_on_a_terminal_and_writes_lines_elsewhere() {
     assert_import_lines(&out.stderr, &reference);
     drop(proxy);
 }
+
+#[test]
+fn pyxis_variables_set_the_options_and_the_command_line_wins() {
+    let _m = shared_machine();
+    let debian = img("debian.sqsh");
+    let busybox = img("busybox.sqsh");
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    sh_as(USER, &format!("echo from-the-host > {d}/note")).ok();
+    let marker = |env: &str, options: &str| {
+        slurm(&format!("{env} srun -n1 {options} cat /etc/ferry-marker"))
+            .ok()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(
+        marker(&format!("PYXIS_CONTAINER_IMAGE={debian}"), ""),
+        "debian-image"
+    );
+    assert_eq!(
+        marker(
+            &format!("PYXIS_CONTAINER_IMAGE={debian}"),
+            &format!("--container-image={busybox}")
+        ),
+        "busybox-image",
+        "the command line wins"
+    );
+    assert_eq!(
+        marker(
+            &format!("PYXIS_CONTAINER_IMAGE={debian} FERRY_CONTAINER_IMAGE={busybox}"),
+            ""
+        ),
+        "busybox-image",
+        "ferry's variable wins over pyxis'"
+    );
+    // Values and flags (1/0), as pyxis users export them.
+    let out = slurm(&format!(
+        "PYXIS_CONTAINER_IMAGE={busybox} PYXIS_CONTAINER_MOUNTS={d}:/data \
+         PYXIS_CONTAINER_WORKDIR=/data PYXIS_CONTAINER_REMAP_ROOT=1 \
+         srun -n1 sh -c 'id -u; pwd; cat note'"
+    ));
+    assert_eq!(out.ok(), "0\n/data\nfrom-the-host\n");
+    let out = slurm(&format!(
+        "PYXIS_CONTAINER_IMAGE={busybox} PYXIS_CONTAINER_REMAP_ROOT=1 \
+         srun -n1 --no-container-remap-root id -u"
+    ));
+    assert_eq!(out.ok().trim(), uid_of(USER).to_string());
+    // Variables alone ask for nothing: a plain srun stays on the host.
+    let out = slurm(&format!(
+        "PYXIS_CONTAINER_MOUNTS={d}:/data PYXIS_CONTAINER_REMAP_ROOT=1 srun -n1 id -u"
+    ));
+    assert_eq!(out.ok().trim(), uid_of(USER).to_string());
+    // A bad flag value is one line, and the step does not run.
+    let out = slurm(&format!(
+        "PYXIS_CONTAINER_IMAGE={busybox} PYXIS_CONTAINER_WRITABLE=maybe srun -n1 echo ran"
+    ));
+    assert_ne!(out.code, 0);
+    assert_eq!(out.stdout, "");
+    let lines = own_lines(&out.stderr);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains("PYXIS_CONTAINER_WRITABLE=\"maybe\": write 1 or 0"),
+        "{}",
+        lines[0]
+    );
+}

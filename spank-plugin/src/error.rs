@@ -63,6 +63,8 @@ pub enum PluginError {
     },
     #[error("--{0} and --{1} contradict each other: give one of them")]
     Contradiction(&'static str, &'static str),
+    #[error("{variable}={value:?}: write 1 or 0")]
+    FlagVariable { variable: String, value: String },
     #[error("--container-image is empty: give the image, e.g. --container-image=ubuntu:24.04")]
     EmptyImage,
     #[error("inherited environment: {0}")]

@@ -294,8 +294,15 @@ pub extern "C" fn slurm_spank_init_post_opt(
                     // The job's options; its resolved request is in SLURM_FERRY_CONTAINER_*.
                     tracing::debug!("options inherited from the job: {inherited:?}");
                 }
-                let mut req =
-                    local::resolve(context, &own, &plugin.inherited, SLURM_VERSION_NUMBER, &cwd)?;
+                let variables = options::from_variables(|name| std::env::var(name).ok())?;
+                let mut req = local::resolve(
+                    context,
+                    &own,
+                    &variables,
+                    &plugin.inherited,
+                    SLURM_VERSION_NUMBER,
+                    &cwd,
+                )?;
                 if let Some(r) = req.as_mut() {
                     match &plugin.settings {
                         Err(e) => return Err(PluginError::BrokenSite(e.to_string())),
@@ -303,7 +310,7 @@ pub extern "C" fn slurm_spank_init_post_opt(
                             local::check_named_only(r, settings, context)?;
                             local::note_read_only_remap_root(r, settings);
                             local::pin_tag(r, settings);
-                            let quiet = own.quiet || inherited.quiet;
+                            let quiet = own.quiet || inherited.quiet || variables.quiet;
                             local::import_now(r, settings, quiet)?;
                         }
                     }

@@ -111,13 +111,20 @@ fn check_entrypoint_multi_prog(
 }
 
 /// Resolve the request of this srun/sbatch/salloc. `None`: no container.
+/// `opts` are the command line's options, `variables` those set by `PYXIS_CONTAINER_*` /
+/// `FERRY_CONTAINER_*` ([`options::from_variables`]), which fill what the command line
+/// leaves unset; variables alone, without an image, ask for nothing (a user may keep them
+/// in the environment of every srun).
 pub fn resolve(
     context: Context,
     opts: &OptionValues,
+    variables: &OptionValues,
     inherited: &Inherited,
     slurm_version: u32,
     cwd: &Path,
 ) -> Result<Option<StepRequest>, PluginError> {
+    let options_given = opts.any();
+    let opts = &opts.or(variables);
     if let Some((a, b)) = opts.conflicts.first() {
         return Err(PluginError::Contradiction(a, b));
     }
@@ -161,7 +168,7 @@ pub fn resolve(
         Some((image, origin)) => Some(image_of_request(image, origin, cwd)),
         // pyxis' reuse of a container by its name alone: the job's named container.
         None if opts.name.is_some() || job.as_ref().is_some_and(|j| j.name.is_some()) => None,
-        None if opts.any() => return Err(PluginError::OptionsWithoutImage),
+        None if options_given => return Err(PluginError::OptionsWithoutImage),
         None => return Ok(None),
     };
     let job = job.unwrap_or_default();

@@ -324,6 +324,75 @@ impl OptionValues {
     }
 }
 
+/// The prefixes of the variables that set options: ferry's own wins over pyxis'.
+pub const VARIABLE_PREFIXES: [&str; 2] = ["FERRY_CONTAINER_", "PYXIS_CONTAINER_"];
+
+/// The options set by variables, as pyxis reads them: `PYXIS_CONTAINER_IMAGE`, `_MOUNTS`,
+/// `_WORKDIR`, `_ENV`, `_NAME`, `_SAVE`, and the flags `_MOUNT_HOME`, `_REMAP_ROOT`,
+/// `_WRITABLE`, `_READONLY`, `_ENTRYPOINT` as 1 or 0 (`MOUNT_HOME=0` is
+/// `--no-container-mount-home`); each also as `FERRY_CONTAINER_*`, which covers ferry's own
+/// options too (`_ROOTFS`, `_GPUS`, `_QUIET`). Empty variables are unset.
+pub fn from_variables(env: impl Fn(&str) -> Option<String>) -> Result<OptionValues, PluginError> {
+    let mut values = OptionValues::default();
+    for (index, def) in OPTIONS.iter().enumerate() {
+        // `no-container-*` options are the 0 of a flag's variable.
+        let Some(suffix) = def.name().strip_prefix("container-") else {
+            continue;
+        };
+        let suffix = suffix.to_ascii_uppercase().replace('-', "_");
+        let Some((variable, value)) = VARIABLE_PREFIXES.iter().find_map(|prefix| {
+            let variable = format!("{prefix}{suffix}");
+            env(&variable)
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| (variable, v))
+        }) else {
+            continue;
+        };
+        if def.arginfo.is_some() {
+            values.set(index, Some(&value));
+            continue;
+        }
+        let on = match value.trim() {
+            "1" | "true" | "yes" => true,
+            "0" | "false" | "no" => false,
+            _ => return Err(PluginError::FlagVariable { variable, value }),
+        };
+        if on {
+            values.set(index, None);
+        } else if let Some(opposite) = OPTIONS
+            .iter()
+            .position(|o| o.key != def.key && same_pair(o.key, def.key))
+        {
+            values.set(opposite, None);
+        }
+    }
+    Ok(values)
+}
+
+impl OptionValues {
+    /// These values, with `defaults` for what they leave unset (the command line over the
+    /// variables).
+    pub fn or(&self, defaults: &OptionValues) -> OptionValues {
+        let d = defaults.clone();
+        OptionValues {
+            image: self.image.clone().or(d.image),
+            mounts: self.mounts.clone().or(d.mounts),
+            workdir: self.workdir.clone().or(d.workdir),
+            env: self.env.clone().or(d.env),
+            mount_home: self.mount_home.or(d.mount_home),
+            remap_root: self.remap_root.or(d.remap_root),
+            writable: self.writable.or(d.writable),
+            entrypoint: self.entrypoint.or(d.entrypoint),
+            quiet: self.quiet || d.quiet,
+            name: self.name.clone().or(d.name),
+            save: self.save.clone().or(d.save),
+            rootfs: self.rootfs.clone().or(d.rootfs),
+            gpus: self.gpus.clone().or(d.gpus),
+            conflicts: [self.conflicts.clone(), d.conflicts].concat(),
+        }
+    }
+}
+
 fn same_pair(a: Key, b: Key) -> bool {
     matches!(
         (a, b),
@@ -417,6 +486,61 @@ mod tests {
             .to_string()
             .contains("UTF-8"));
         assert!(c.record(99, None).is_err());
+    }
+
+    #[test]
+    fn variables_set_options_as_pyxis_reads_them() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |n: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == n)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let v = from_variables(vars(&[
+            ("PYXIS_CONTAINER_IMAGE", "ubuntu:24.04"),
+            ("FERRY_CONTAINER_IMAGE", "debian:12"),
+            ("PYXIS_CONTAINER_MOUNTS", "/data:/data"),
+            ("PYXIS_CONTAINER_MOUNT_HOME", "0"),
+            ("PYXIS_CONTAINER_REMAP_ROOT", "1"),
+            ("PYXIS_CONTAINER_READONLY", "1"),
+            ("PYXIS_CONTAINER_WORKDIR", ""),
+            ("FERRY_CONTAINER_QUIET", "1"),
+        ]))
+        .unwrap();
+        assert_eq!(v.image.as_deref(), Some("debian:12"), "FERRY_ wins");
+        assert_eq!(v.mounts.as_deref(), Some("/data:/data"));
+        assert_eq!(v.mount_home, Some(false));
+        assert_eq!(v.remap_root, Some(true));
+        assert_eq!(v.writable, Some(false));
+        assert_eq!(v.workdir, None, "empty is unset");
+        assert!(v.quiet);
+        let both = from_variables(vars(&[
+            ("PYXIS_CONTAINER_WRITABLE", "1"),
+            ("PYXIS_CONTAINER_READONLY", "1"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            both.conflicts,
+            [("container-writable", "container-readonly")]
+        );
+        let bad = from_variables(vars(&[("PYXIS_CONTAINER_WRITABLE", "maybe")])).unwrap_err();
+        assert_eq!(
+            bad.to_string(),
+            "PYXIS_CONTAINER_WRITABLE=\"maybe\": write 1 or 0"
+        );
+        // The command line wins over the variables.
+        let given = calls(&[("container-writable", None), ("container-image", Some("a"))]).all();
+        let merged = given.or(&from_variables(vars(&[
+            ("PYXIS_CONTAINER_READONLY", "1"),
+            ("PYXIS_CONTAINER_IMAGE", "b"),
+            ("PYXIS_CONTAINER_NAME", "n"),
+        ]))
+        .unwrap());
+        assert_eq!(merged.writable, Some(true));
+        assert_eq!(merged.image.as_deref(), Some("a"));
+        assert_eq!(merged.name.as_deref(), Some("n"));
     }
 
     #[test]
