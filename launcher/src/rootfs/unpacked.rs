@@ -392,7 +392,7 @@ pub struct SaveProgress {
     /// Bytes of the image written so far.
     pub written: u64,
     /// The share of the container's file data that mksquashfs has read, 0 to 1; `None`
-    /// when it cannot be told. An estimate: mksquashfs 4.5's own bar is drawn only on a
+    /// when it cannot be told. An estimate: mksquashfs 4.5 redraws its own bar only on a
     /// terminal, so its reads (`/proc/PID/io`) are counted against the files' sizes.
     pub fraction: Option<f64>,
 }
@@ -435,7 +435,14 @@ fn save_inner(
     let partial = parent.join(partial_name);
     let level = crate::store::import::DEFAULT_ZSTD_LEVEL;
     let mut cmd = mksquashfs_command(Path::new("mksquashfs"), rootfs, &partial, level);
-    cmd.args(["-quiet", "-no-progress"])
+    cmd.args(["-quiet", "-no-progress"]);
+    if on_progress.is_some() {
+        // By default mksquashfs 4.5 may buffer a quarter of the memory ahead of what it
+        // has squashed; with less, what it has read tells how far it is.
+        cmd.args(["-mem", "128M"]);
+    }
+    // `-e` comes last: mksquashfs takes every argument after it as a path to leave out.
+    cmd
         // ferry's own apt setting for --remap-root is not part of the image.
         .arg("-e")
         .arg(format!("etc/apt/apt.conf.d/{}", APT_REMAP_ROOT_FILE))
