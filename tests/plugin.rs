@@ -1878,6 +1878,88 @@ fn a_cold_import_shows_progress_on_the_terminal_and_in_a_batch_jobs_output() {
     drop(proxy);
 }
 
+/// The seconds of a `ferry: saved … in N s (…)` or `… in M min N s (…)` line.
+fn seconds_in(line: &str) -> u64 {
+    let after = line.rsplit_once(" in ").map_or("", |(_, t)| t);
+    let words: Vec<&str> = after.split_whitespace().collect();
+    match words[..] {
+        [m, "min", s, "s", ..] => m.parse::<u64>().unwrap() * 60 + s.parse::<u64>().unwrap(),
+        [s, "s", ..] => s.parse().unwrap(),
+        _ => panic!("no time in {line:?}"),
+    }
+}
+
+#[test]
+fn a_save_shows_progress_lines_and_ferry_quiet_only_its_errors() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let busybox = img("busybox.sqsh");
+    // About 380 MB of text that compresses slowly: a save that takes a few seconds.
+    let out = slurm(&format!(
+        "cd {d} && srun -n1 --container={busybox} --container-save={d}/big.sqsh \
+         sh -c 'head -c 120000000 /dev/urandom | od -x > /big && echo ran'"
+    ));
+    assert_eq!(out.ok(), "ran\n", "{}", out.stderr);
+    let saved = format!("{d}/big.sqsh");
+    assert!(!out.stderr.contains('\r'), "{:?}", out.stderr);
+    let lines = own_lines(&out.stderr);
+    assert!(
+        lines
+            .first()
+            .is_some_and(|l| l.starts_with(&format!("ferry: saving the container to {saved} on "))),
+        "{lines:#?}"
+    );
+    let end = format!("ferry: saved the container to {saved} in ");
+    let last = lines.last().copied().unwrap_or_default();
+    assert!(
+        last.starts_with(&end) && last.ends_with(" squashfs)"),
+        "{lines:#?}"
+    );
+    let progress: Vec<&&str> = lines[1..lines.len() - 1].iter().collect();
+    // Each line in between is progress: share, bytes written, rate, estimate.
+    let prefix = format!("ferry: saving the container to {saved}: ");
+    for l in &progress {
+        assert!(
+            l.starts_with(&prefix) && l.contains(" written, ") && l.contains("/s"),
+            "{lines:#?}"
+        );
+    }
+    // A save that outlasted the line interval (2 s) said how far it was at least once.
+    if seconds_in(last) > 2 {
+        assert!(
+            progress
+                .iter()
+                .any(|l| l.contains("% (") && l.ends_with(" left)")),
+            "{lines:#?}"
+        );
+    }
+
+    // Quiet: no lines at all, but a failed save still says why.
+    std::fs::create_dir(dir.path.join("gone")).unwrap();
+    Command::new("chown")
+        .arg(format!("{USER}:"))
+        .arg(dir.path.join("gone"))
+        .status_within(COMMAND_LIMIT);
+    let out = slurm(&format!(
+        "cd {d} && FERRY_QUIET=1 srun -n1 --container={busybox} --container-save={d}/quiet.sqsh \
+         sh -c 'head -c 100000000 /dev/urandom > /big && echo ran'"
+    ));
+    assert_eq!(out.ok(), "ran\n");
+    assert_eq!(own_lines(&out.stderr), Vec::<&str>::new(), "{}", out.stderr);
+    let out = slurm(&format!(
+        "FERRY_QUIET=1 srun -n1 --container-image={busybox} --container-mounts={d} \
+         --container-save={d}/gone/out.sqsh sh -c 'rmdir {d}/gone && echo ran'"
+    ));
+    assert_eq!(out.stdout, "ran\n");
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    let lines = own_lines(&out.stderr);
+    assert!(
+        lines.len() == 1 && lines[0].contains(&format!("{d}/gone/out.sqsh")),
+        "{lines:#?}"
+    );
+}
+
 #[test]
 fn ferry_quiet_and_container_quiet_silence_progress_but_not_errors() {
     let _m = exclusive_machine();

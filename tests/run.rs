@@ -1107,3 +1107,52 @@ fn a_saved_container_leaves_out_the_mount_point_of_the_hosts_nsswitch_conf() {
     let host = std::fs::read_to_string("/etc/nsswitch.conf").unwrap();
     assert_eq!(out.ok(), format!("0\n{host}"), "{}", out.stderr);
 }
+
+#[test]
+fn archive_and_layout_imports_say_when_they_start_and_end() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    sh(&format!(
+        "cd {d} && {MAKE_CONFIGURED_LAYOUT}\n skopeo --insecure-policy copy -q oci:{d}/layout:v1 \
+         oci-archive:{d}/image.tar:v1 && skopeo --insecure-policy copy -q oci:{d}/layout:v1 \
+         docker-archive:{d}/docker.tar:ferry/app:v1"
+    ))
+    .ok();
+    for (n, image) in [
+        format!("oci:{d}/layout:v1"),
+        format!("oci-archive:{d}/image.tar:v1"),
+        format!("docker-archive:{d}/docker.tar"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        // A cache of its own: each import builds.
+        let cache = format!("{d}/cache{n}");
+        let out = sh(&format!("$FERRY import --cache {cache} {image}"));
+        out.ok();
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        let scheme = image.split(':').next().unwrap();
+        assert!(
+            lines.len() == 2
+                && lines[0].starts_with(&format!("ferry: importing {scheme}:{d}/"))
+                && lines[0].contains(" on ")
+                && lines[0].contains("(2 layers, ")
+                && lines[0].ends_with(" to read)")
+                && lines[1].starts_with(&format!("ferry: imported {scheme}:{d}/"))
+                && lines[1].contains(" in ")
+                && lines[1].ends_with(" squashfs)"),
+            "{image}: {lines:#?}"
+        );
+        // Found in the cache the second time: nothing to say.
+        let again = sh(&format!("$FERRY import --cache {cache} {image}"));
+        again.ok();
+        assert_eq!(again.stderr, "", "{image}");
+        // Quiet: nothing either.
+        let quiet = sh(&format!(
+            "FERRY_QUIET=1 $FERRY import --cache {d}/quiet{n} {image}"
+        ));
+        quiet.ok();
+        assert_eq!(quiet.stderr, "", "{image}");
+    }
+}

@@ -27,7 +27,8 @@ use std::ffi::{CString, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::Pid;
@@ -300,8 +301,13 @@ fn save_if_last(save: &SaveAfterTasks) -> Result<(), String> {
             progress::node_name()
         );
     }
-    let saved =
-        crate::rootfs::unpacked::save(&save.rootfs, &save.output).map_err(|e| e.to_string());
+    let saved = if save.speak {
+        let mut lines = SaveLines::new(&save.output, started);
+        crate::rootfs::unpacked::save_watched(&save.rootfs, &save.output, &mut |p| lines.update(p))
+    } else {
+        crate::rootfs::unpacked::save(&save.rootfs, &save.output)
+    }
+    .map_err(|e| e.to_string());
     if save.speak && saved.is_ok() {
         let size = std::fs::metadata(&save.output).map_or(0, |m| m.len());
         eprintln!(
@@ -324,9 +330,89 @@ fn save_if_last(save: &SaveAfterTasks) -> Result<(), String> {
     saved
 }
 
+/// A save's progress as lines on the task's stderr, one every
+/// [`crate::image::registry::progress::LINE_INTERVAL`] at most: stderr is a file or pipe
+/// (srun's, a batch job's output), where a redrawn bar would pile up.
+struct SaveLines<'a> {
+    output: &'a Path,
+    started: Instant,
+    last: Instant,
+}
+
+impl SaveLines<'_> {
+    fn new(output: &Path, started: Instant) -> SaveLines<'_> {
+        SaveLines {
+            output,
+            started,
+            last: started,
+        }
+    }
+
+    fn update(&mut self, progress: crate::rootfs::unpacked::SaveProgress) {
+        use crate::image::registry::progress::LINE_INTERVAL;
+        if self.last.elapsed() < LINE_INTERVAL {
+            return;
+        }
+        self.last = Instant::now();
+        eprintln!(
+            "ferry: saving the container to {}: {}",
+            self.output.display(),
+            save_progress_text(progress, self.started.elapsed())
+        );
+    }
+}
+
+/// `40% (120.0 MiB written, 35.0 MiB/s, about 6 s left)`.
+fn save_progress_text(
+    progress: crate::rootfs::unpacked::SaveProgress,
+    elapsed: Duration,
+) -> String {
+    use crate::image::registry::progress::{human_bytes, human_duration};
+    let secs = elapsed.as_secs_f64();
+    let rate = if secs > 0.0 {
+        progress.written as f64 / secs
+    } else {
+        0.0
+    };
+    let done = format!(
+        "{} written, {}/s",
+        human_bytes(progress.written),
+        human_bytes(rate as u64)
+    );
+    match progress.fraction {
+        Some(f) if f > 0.0 => format!(
+            "{:.0}% ({done}, about {} left)",
+            f * 100.0,
+            human_duration(secs * (1.0 - f) / f)
+        ),
+        _ => done,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_save_line_gives_the_share_rate_and_estimate() {
+        use crate::rootfs::unpacked::SaveProgress;
+        let p = SaveProgress {
+            written: 120 << 20,
+            fraction: Some(0.4),
+        };
+        assert_eq!(
+            save_progress_text(p, Duration::from_secs(4)),
+            "40% (120.0 MiB written, 30.0 MiB/s, about 6 s left)"
+        );
+        let unknown = SaveProgress {
+            fraction: None,
+            ..p
+        };
+        assert_eq!(
+            save_progress_text(unknown, Duration::from_secs(4)),
+            "120.0 MiB written, 30.0 MiB/s"
+        );
+    }
 
     fn os(v: &[&str]) -> Vec<OsString> {
         v.iter().map(OsString::from).collect()

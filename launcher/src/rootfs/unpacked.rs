@@ -20,7 +20,7 @@ use nix::fcntl::Flock;
 
 use crate::image::squashfs::mksquashfs_command;
 use crate::image::ImageKind;
-use crate::sys::child::{run_tool, ToolError};
+use crate::sys::child::{run_tool, run_tool_watched, ToolError};
 
 /// The unpacked root filesystem inside a container directory.
 pub const ROOTFS: &str = "rootfs";
@@ -276,6 +276,35 @@ pub fn remove_unused_unpacked(root: &Path) -> io::Result<(usize, u64)> {
     Ok(removed)
 }
 
+/// The bytes the regular files under `dir` hold (their length, not their blocks): what
+/// mksquashfs reads to squash them.
+fn file_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+/// What process `pid` has read so far (`rchar` of `/proc/PID/io`, all its threads).
+fn bytes_read_by(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("rchar:"))
+        .and_then(|n| n.trim().parse().ok())
+}
+
 fn tree_size(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
@@ -354,6 +383,35 @@ fn copy_tree(from: &Path, into: &Path) -> Result<(), String> {
 /// appears complete under its name or not at all. Files are owned by root in the image, as
 /// in images built by root, so a later `--container-remap-root` sees them as its own.
 pub fn save(rootfs: &Path, output: &Path) -> Result<(), NamedError> {
+    save_inner(rootfs, output, None)
+}
+
+/// How far a save is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SaveProgress {
+    /// Bytes of the image written so far.
+    pub written: u64,
+    /// The share of the container's file data that mksquashfs has read, 0 to 1; `None`
+    /// when it cannot be told. An estimate: mksquashfs 4.5 redraws its own bar only on a
+    /// terminal, so its reads (`/proc/PID/io`) are counted against the files' sizes.
+    pub fraction: Option<f64>,
+}
+
+/// [`save`], calling `on_progress` about every [`crate::sys::child::TOOL_TICK`] while
+/// mksquashfs runs.
+pub fn save_watched(
+    rootfs: &Path,
+    output: &Path,
+    on_progress: &mut dyn FnMut(SaveProgress),
+) -> Result<(), NamedError> {
+    save_inner(rootfs, output, Some(on_progress))
+}
+
+fn save_inner(
+    rootfs: &Path,
+    output: &Path,
+    mut on_progress: Option<&mut dyn FnMut(SaveProgress)>,
+) -> Result<(), NamedError> {
     let fail = |detail: String| NamedError::Save {
         path: output.into(),
         detail,
@@ -377,7 +435,14 @@ pub fn save(rootfs: &Path, output: &Path) -> Result<(), NamedError> {
     let partial = parent.join(partial_name);
     let level = crate::image::squashfs::DEFAULT_ZSTD_LEVEL;
     let mut cmd = mksquashfs_command(Path::new("mksquashfs"), rootfs, &partial, level);
-    cmd.args(["-quiet", "-no-progress"])
+    cmd.args(["-quiet", "-no-progress"]);
+    if on_progress.is_some() {
+        // By default mksquashfs 4.5 may buffer a quarter of the memory ahead of what it
+        // has squashed; with less, what it has read tells how far it is.
+        cmd.args(["-mem", "128M"]);
+    }
+    // `-e` comes last: mksquashfs takes every argument after it as a path to leave out.
+    cmd
         // ferry's own apt setting for --remap-root is not part of the image.
         .arg("-e")
         .arg(format!("etc/apt/apt.conf.d/{}", APT_REMAP_ROOT_FILE))
@@ -388,7 +453,20 @@ pub fn save(rootfs: &Path, output: &Path) -> Result<(), NamedError> {
                 .flat_map(|p| ["-e".as_ref(), p.as_os_str()]),
         )
         .stdout(Stdio::null());
-    if let Err(e) = run_tool("mksquashfs", &mut cmd, None) {
+    // Only worth a walk of the tree when someone is told.
+    let to_read = on_progress.as_ref().map_or(0, |_| file_bytes(rootfs));
+    let tick = |pid: u32| {
+        if let Some(report) = on_progress.as_mut() {
+            let read = bytes_read_by(pid);
+            report(SaveProgress {
+                written: fs::metadata(&partial).map_or(0, |m| m.len()),
+                fraction: read
+                    .filter(|_| to_read > 0)
+                    .map(|r| (r as f64 / to_read as f64).min(0.99)),
+            });
+        }
+    };
+    if let Err(e) = run_tool_watched("mksquashfs", &mut cmd, None, tick) {
         let _ = fs::remove_file(&partial);
         return Err(fail(e.with_hint("install squashfs-tools").to_string()));
     }

@@ -321,6 +321,9 @@ pub fn last_line(text: &str) -> &str {
         .trim()
 }
 
+/// How often [`run_tool_watched`] calls back while the program runs.
+pub const TOOL_TICK: Duration = Duration::from_millis(100);
+
 /// How much of a tool's stderr is kept (its end), and of its stdout (more is an error).
 const TOOL_STDERR_KEPT: usize = 1 << 20;
 const TOOL_STDOUT_CAP: usize = 16 << 20;
@@ -334,6 +337,19 @@ pub fn run_tool(
     tool: &str,
     cmd: &mut Command,
     limit: Option<Duration>,
+) -> Result<std::process::Output, ToolError> {
+    run_tool_watched(tool, cmd, limit, |_| {})
+}
+
+/// [`run_tool`], calling `on_tick` with the program's pid about every
+/// [`TOOL_TICK`] while it runs: a caller that shows progress reads the program's state
+/// (`/proc/PID/io`, the file it writes) then. The pid is the running child's, not yet
+/// collected, so it names no other process.
+pub fn run_tool_watched(
+    tool: &str,
+    cmd: &mut Command,
+    limit: Option<Duration>,
+    mut on_tick: impl FnMut(u32),
 ) -> Result<std::process::Output, ToolError> {
     let start_error = |error| ToolError::Start {
         tool: tool.to_string(),
@@ -367,9 +383,7 @@ pub fn run_tool(
                 },
             };
         }
-        let slice = left.map_or(Duration::from_millis(100), |l| {
-            l.min(Duration::from_millis(100))
-        });
+        let slice = left.map_or(TOOL_TICK, |l| l.min(TOOL_TICK));
         let mut fds: Vec<PollFd> = [&stdout, &stderr]
             .into_iter()
             .flatten()
@@ -397,6 +411,7 @@ pub fn run_tool(
         if let Some(status) = exited {
             break Ok(status);
         }
+        on_tick(child.id());
     };
     let status = match ended {
         Ok(status) => status,
@@ -482,6 +497,17 @@ mod tests {
         let started = Instant::now();
         run_tool("sh", &mut cmd, None).unwrap();
         assert!(started.elapsed() < Duration::from_secs(20));
+    }
+
+    #[test]
+    fn a_watched_tool_is_called_back_with_its_pid_while_it_runs() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "sleep 0.5; echo bad >&2; exit 3"]);
+        let mut pids = Vec::new();
+        let e = run_tool_watched("sh", &mut cmd, None, |pid| pids.push(pid)).unwrap_err();
+        assert_eq!(e.to_string(), "sh failed (exit status: 3): bad");
+        assert!(!pids.is_empty());
+        assert!(pids.iter().all(|&p| p == pids[0]));
     }
 
     #[test]
