@@ -268,8 +268,21 @@ fn run_then_save(task: &TaskExec, save: &SaveAfterTasks) -> ! {
     std::process::exit(status.code().unwrap_or(1))
 }
 
+/// Why the last task's save failed.
+#[derive(Debug, thiserror::Error)]
+enum SaveError {
+    #[error("cannot {what} {path}: {source}")]
+    Counter {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Save(#[from] crate::rootfs::unpacked::NamedError),
+}
+
 /// Count this task as ended; the last one saves. Errors are for the user, one line.
-fn save_if_last(save: &SaveAfterTasks) -> Result<(), String> {
+fn save_if_last(save: &SaveAfterTasks) -> Result<(), SaveError> {
     use std::io::{Read, Seek, Write};
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -278,9 +291,9 @@ fn save_if_last(save: &SaveAfterTasks) -> Result<(), String> {
         .truncate(false)
         .mode(0o600)
         .open(&save.counter)
-        .map_err(|e| format!("cannot open {}: {e}", save.counter.display()))?;
+        .map_err(|source| counter_error("open", save, source))?;
     let mut locked = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| format!("cannot lock {}: {e}", save.counter.display()))?;
+        .map_err(|(_, e)| counter_error("lock", save, e.into()))?;
     let mut text = String::new();
     let _ = locked.read_to_string(&mut text);
     let ended = text.trim().parse::<u32>().unwrap_or(0) + 1;
@@ -289,7 +302,7 @@ fn save_if_last(save: &SaveAfterTasks) -> Result<(), String> {
             .rewind()
             .and_then(|()| locked.set_len(0))
             .and_then(|()| write!(locked, "{ended}"))
-            .map_err(|e| format!("cannot write {}: {e}", save.counter.display()))?;
+            .map_err(|source| counter_error("write", save, source))?;
         return Ok(());
     }
     use crate::image::registry::progress;
@@ -307,7 +320,7 @@ fn save_if_last(save: &SaveAfterTasks) -> Result<(), String> {
     } else {
         crate::rootfs::unpacked::save(&save.rootfs, &save.output)
     }
-    .map_err(|e| e.to_string());
+    .map_err(SaveError::from);
     if save.speak && saved.is_ok() {
         let size = std::fs::metadata(&save.output).map_or(0, |m| m.len());
         eprintln!(
@@ -328,6 +341,14 @@ fn save_if_last(save: &SaveAfterTasks) -> Result<(), String> {
         }
     }
     saved
+}
+
+fn counter_error(what: &'static str, save: &SaveAfterTasks, source: std::io::Error) -> SaveError {
+    SaveError::Counter {
+        what,
+        path: save.counter.clone(),
+        source,
+    }
 }
 
 /// A save's progress as lines on the task's stderr, one every

@@ -48,6 +48,17 @@ pub enum NamedError {
     Save { path: PathBuf, detail: String },
 }
 
+/// Why copying an image into a directory failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    #[error("unsquashfs made no root directory")]
+    NoRoot,
+    #[error("{0}")]
+    Create(io::Error),
+}
+
 /// Make `dir` (and missing parents) as the calling user, mode 0700, and check that every
 /// component from `owned_from` down is a real directory of the user's: a directory planted by
 /// someone else in a shared place like /tmp must not receive the user's files.
@@ -126,11 +137,11 @@ pub fn prepare_rootfs(
         ImageKind::Squashfs { offset, .. } => unsquash(image_path, *offset, &partial),
         ImageKind::Directory => copy_tree(image_path, &partial),
     };
-    if let Err(detail) = result {
+    if let Err(e) = result {
         let _ = fs::remove_dir_all(&partial);
         return Err(NamedError::Unpack {
             path: dir.into(),
-            detail,
+            detail: e.to_string(),
         });
     }
     fs::rename(&partial, &rootfs).map_err(|e| NamedError::Unpack {
@@ -355,28 +366,27 @@ fn run_tolerant(cmd: &mut Command, what: &str) -> Result<(), ToolError> {
     }
 }
 
-fn unsquash(image: &Path, offset: u64, into: &Path) -> Result<(), String> {
+fn unsquash(image: &Path, offset: u64, into: &Path) -> Result<(), CopyError> {
     let mut cmd = Command::new("unsquashfs");
     cmd.args(["-q", "-n", "-no-xattrs", "-ignore-errors", "-d"])
         .arg(into)
         .arg("-o")
         .arg(offset.to_string())
         .arg(image);
-    run_tolerant(&mut cmd, "unsquashfs")
-        .map_err(|e| e.with_hint("install squashfs-tools").to_string())?;
+    run_tolerant(&mut cmd, "unsquashfs").map_err(|e| e.with_hint("install squashfs-tools"))?;
     if !into.is_dir() {
-        return Err("unsquashfs made no root directory".into());
+        return Err(CopyError::NoRoot);
     }
     Ok(())
 }
 
-fn copy_tree(from: &Path, into: &Path) -> Result<(), String> {
+fn copy_tree(from: &Path, into: &Path) -> Result<(), CopyError> {
     let mut cmd = Command::new("cp");
     cmd.args(["-a", "--no-preserve=ownership"])
         .arg(from.join("."))
         .arg(into);
-    fs::create_dir(into).map_err(|e| e.to_string())?;
-    run_tolerant(&mut cmd, "cp").map_err(|e| e.to_string())
+    fs::create_dir(into).map_err(CopyError::Create)?;
+    Ok(run_tolerant(&mut cmd, "cp")?)
 }
 
 /// Squash the root filesystem `rootfs` into the image `output`, atomically: the image
