@@ -266,30 +266,8 @@ pub fn from_image(
     record_as: Option<&str>,
     opts: &ImportOptions,
 ) -> Result<ImportedImage, ImportError> {
-    use crate::image::registry::progress;
-    // The same start and end lines as a registry import, for the user waiting on a step.
-    let speaks = opts.registry.progress.speaks();
-    let label = record_as.unwrap_or("the image");
-    let started = std::time::Instant::now();
-    let (entry, built) = cache.get_or_build(&img.digest, record_as, |area| {
-        if speaks {
-            let n = img.layers.len();
-            eprintln!(
-                "ferry: importing {label} on {} ({n} layer{}, {} to read)",
-                progress::node_name(),
-                if n == 1 { "" } else { "s" },
-                progress::human_bytes(img.layers.iter().map(|l| l.size).sum())
-            );
-        }
-        build(img, area.path(), opts)
-    })?;
-    if speaks && built {
-        eprintln!(
-            "ferry: imported {label} in {} ({} squashfs)",
-            progress::human_duration(started.elapsed().as_secs_f64()),
-            progress::human_bytes(entry.size)
-        );
-    }
+    let (entry, built) =
+        cache.get_or_build(&img.digest, record_as, |area| build(img, area.path(), opts))?;
     Ok(ImportedImage {
         path: cache.image_path(&entry.digest)?,
         entry: Some(entry),
