@@ -78,6 +78,11 @@ pub enum PluginError {
     OptionsWithoutImage,
     #[error("--container-mounts: {0}")]
     Mounts(MountSpecError),
+    #[error("--container-unshare={list}: {error}")]
+    Unshare {
+        list: String,
+        error: ferry::spec::unshare::UnknownNamespace,
+    },
     #[error(transparent)]
     MountList(#[from] MountSpecError),
     #[error("--container-workdir={0}: give an absolute path inside the container")]
