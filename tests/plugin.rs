@@ -1051,6 +1051,26 @@ fn the_sites_registry_ca_and_the_users_credentials_reach_the_import() {
     assert_eq!(out.ok(), "busybox-image\n", "{}", out.stderr);
 }
 
+/// Package managers' chown to system users succeeds as a no-op under remap-root (its
+/// seccomp filter), in a plain task and in one that ferry starts (--container-entrypoint).
+#[test]
+fn remap_root_tasks_may_chown_to_system_users() {
+    let _m = shared_machine();
+    let debian = img("debian.sqsh");
+    for how in ["", "--container-entrypoint"] {
+        let out = slurm(&format!(
+            "srun -n1 --container={debian} --container-remap-root --container-writable {how} \
+             sh -c 'touch /f && chown man:man /f && chown 123 /f && stat -c %u:%g /f'"
+        ));
+        assert_eq!(out.ok(), "0:0\n", "{how}: {}", out.stderr);
+    }
+    let out = slurm(&format!(
+        "srun -n1 --container={debian} --container-writable sh -c 'touch /f && chown 123 /f'"
+    ));
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("Invalid argument"), "{}", out.stderr);
+}
+
 #[test]
 fn packages_install_with_remap_root_and_writable_then_save_into_an_image() {
     let _m = shared_machine();

@@ -94,6 +94,49 @@ fn remap_root_is_uid_0_inside_and_the_user_outside() {
     );
 }
 
+/// Package managers hand files to system users and drop to them; with one id mapped the
+/// kernel refuses, so remap-root's seccomp filter makes those calls succeed as no-ops.
+#[test]
+fn remap_root_chown_and_setuid_to_unmapped_ids_succeed_and_change_nothing() {
+    let _m = shared_machine();
+    let image = img("debian.sqsh");
+    let out = sh(&format!(
+        "$FERRY run --remap-root --writable {image} sh -c 'touch /f && chown 123:456 /f && \
+         chown man /f && chown -h man:man /f && echo chowned; stat -c %u:%g /f; \
+         setpriv --reuid=6 --regid=12 --clear-groups id -u; su -s /bin/sh man -c \"id -u\"'"
+    ));
+    assert_eq!(out.ok(), "chowned\n0:0\n0\n0\n", "{}", out.stderr);
+    // Without remap-root nothing changes: the kernel's answer, as before.
+    let out = sh(&format!(
+        "$FERRY run --writable {image} sh -c 'touch /f && chown 123:456 /f'"
+    ));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("changing ownership of '/f': Invalid argument"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// The Debian image's apt sources (deb.debian.org), reached over the host's network.
+#[test]
+fn apt_get_installs_a_package_with_chowning_scripts_in_a_writable_remap_root_container() {
+    let _m = shared_machine();
+    let out = sh(&format!(
+        "$FERRY run --remap-root --writable {} sh -c 'apt-get -qq update && \
+         apt-get -qq install -y --no-install-recommends man-db >/dev/null && \
+         stat -c %U /var/cache/man && dpkg -s man-db | grep Status'",
+        img("debian.sqsh")
+    ));
+    assert_eq!(
+        out.ok(),
+        "root\nStatus: install ok installed\n",
+        "{}",
+        out.stderr
+    );
+}
+
 #[test]
 fn root_filesystem_is_read_only_unless_writable() {
     let _m = shared_machine();
