@@ -940,6 +940,76 @@ fn a_registry_image_runs_as_a_step_and_a_missing_tag_is_one_line() {
     assert!(lines[0].contains("no such image or tag"), "{}", lines[0]);
 }
 
+/// The site's registries file (plugstack.conf `registries_conf=`): `--container-image=NAME:TAG`,
+/// a Docker Hub name, is imported from the loopback registry standing in for the site's
+/// Docker Hub mirror, after a first mirror that is down; a mirror whose blobs do not match
+/// their digests is refused, naming it.
+#[test]
+fn docker_hub_names_come_from_the_sites_mirrors_and_digests_still_count() {
+    let _m = exclusive_machine();
+    let registry = test_registry();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let pid = std::process::id();
+    let (good, bad) = (
+        format!("ferry-mirrored-{pid}"),
+        format!("ferry-corrupted-{pid}"),
+    );
+    // Two images no cache holds (the layout's files carry the time they were made).
+    for name in [&good, &bad] {
+        sh(&format!(
+            "cd {d} && rm -rf layout app l1.tar.gz && {MAKE_CONFIGURED_LAYOUT}\n skopeo --insecure-policy copy -q \
+             --dest-tls-verify=false oci:{d}/layout:v1 docker://{registry}/library/{name}:24.04"
+        ))
+        .ok();
+    }
+    let corrupting = FaultProxy::start("corrupt", -1, "/blobs/");
+    let conf = dir.path.join("registries.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[registry]]\nprefix = \"docker.io\"\n\
+             [[registry.mirror]]\nlocation = \"127.0.0.1:9\"\ninsecure = true\n\
+             [[registry.mirror]]\nlocation = \"{registry}\"\ninsecure = true\n\
+             [[registry]]\nprefix = \"docker.io/library/{bad}\"\n\
+             [[registry.mirror]]\nlocation = \"127.0.0.1:{}/library/{bad}\"\ninsecure = true\n",
+            corrupting.port
+        ),
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("a+r")
+        .arg(&conf)
+        .status_within(COMMAND_LIMIT);
+    let plugstack = Plugstack::open(&cluster());
+    plugstack.add_args(&format!("registries_conf={}", conf.display()));
+
+    let out = slurm(&format!(
+        "cd {d} && srun -n1 --container-image={good}:24.04 sh -c 'cat /etc/ferry-marker; echo $CFG_VAR'"
+    ));
+    assert_eq!(out.ok(), "busybox-image\nfrom-config\n", "{}", out.stderr);
+
+    let out = slurm(&format!(
+        "cd {d} && srun -n1 --container-image={bad}:24.04 true"
+    ));
+    assert_eq!(out.code, 125, "{}", out.stderr);
+    // Besides the import's start line, one error line.
+    let lines: Vec<&str> = own_lines(&out.stderr)
+        .into_iter()
+        .filter(|l| !l.starts_with("ferry: importing "))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains(&format!(
+            "from registry 127.0.0.1:{} is corrupt: expected digest sha256:",
+            corrupting.port
+        )),
+        "{}",
+        lines[0]
+    );
+    assert!(corrupting.faults() >= 1);
+}
+
 #[test]
 fn a_registry_image_brings_its_environment_and_working_directory() {
     let _m = shared_machine();

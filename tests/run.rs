@@ -137,6 +137,51 @@ fn apt_get_installs_a_package_with_chowning_scripts_in_a_writable_remap_root_con
     );
 }
 
+/// A user's registries file (~/.config/ferry/registries.conf) puts mirrors before the
+/// registry itself: a Docker Hub name (`NAME:TAG`, docker.io/library/NAME) comes from the
+/// loopback registry standing in for a Docker Hub mirror, after a mirror that is down. When
+/// no source has the image, the one error line names each source and its answer.
+#[test]
+fn a_users_registries_file_puts_mirrors_before_docker_hub() {
+    let _m = shared_machine();
+    let registry = test_registry();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let name = format!("ferry-mirrored-{}", std::process::id());
+    sh(&format!(
+        "cd {d} && {MAKE_CONFIGURED_LAYOUT}\n skopeo --insecure-policy copy -q \
+         --dest-tls-verify=false oci:{d}/layout:v1 docker://{registry}/library/{name}:24.04\n\
+         mkdir -p .config/ferry && cat > .config/ferry/registries.conf <<'EOF'\n\
+[[registry]]\nprefix = \"docker.io\"\n\
+[[registry.mirror]]\nlocation = \"127.0.0.1:9\"\ninsecure = true\n\
+[[registry.mirror]]\nlocation = \"{registry}\"\ninsecure = true\nEOF"
+    ))
+    .ok();
+    let out = sh(&format!(
+        "cd {d} && HOME={d} $FERRY run {name}:24.04 sh -c 'cat /etc/ferry-marker; echo $CFG_VAR'"
+    ));
+    assert_eq!(out.ok(), "busybox-image\nfrom-config\n", "{}", out.stderr);
+
+    let absent = format!("ferry-absent-{}", std::process::id());
+    let out = sh(&format!(
+        "cd {d} && HOME={d} FERRY_REGISTRY_RETRIES=0 $FERRY import {absent}:1"
+    ));
+    assert_ne!(out.code, 0);
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{}", out.stderr);
+    let line = lines[0];
+    for part in [
+        &format!(
+            "cannot get docker://registry-1.docker.io/library/{absent}:1 from any of its sources: "
+        ),
+        "mirror 127.0.0.1:9: cannot get manifest 1 from registry 127.0.0.1:9: ",
+        &format!("; mirror {registry}: no such image or tag: {registry}/library/{absent}:1"),
+        "; registry-1.docker.io: ",
+    ] {
+        assert!(line.contains(part), "{part:?} in {line}");
+    }
+}
+
 #[test]
 fn root_filesystem_is_read_only_unless_writable() {
     let _m = shared_machine();
