@@ -955,10 +955,11 @@ fn docker_hub_names_come_from_the_sites_mirrors_and_digests_still_count() {
         format!("ferry-mirrored-{pid}"),
         format!("ferry-corrupted-{pid}"),
     );
-    // Two images no cache holds (the layout's files carry the time they were made).
+    // Two images no cache holds: a file named after each goes into its second layer.
     for name in [&good, &bad] {
         sh(&format!(
-            "cd {d} && rm -rf layout app l1.tar.gz && {MAKE_CONFIGURED_LAYOUT}\n skopeo --insecure-policy copy -q \
+            "cd {d} && rm -rf layout app l1.tar.gz && mkdir -p app && echo > app/{name} && \
+             {MAKE_CONFIGURED_LAYOUT}\n skopeo --insecure-policy copy -q \
              --dest-tls-verify=false oci:{d}/layout:v1 docker://{registry}/library/{name}:24.04"
         ))
         .ok();
@@ -988,6 +989,14 @@ fn docker_hub_names_come_from_the_sites_mirrors_and_digests_still_count() {
         "cd {d} && srun -n1 --container-image={good}:24.04 sh -c 'cat /etc/ferry-marker; echo $CFG_VAR'"
     ));
     assert_eq!(out.ok(), "busybox-image\nfrom-config\n", "{}", out.stderr);
+    // The import names where it fetches from.
+    assert!(
+        out.stderr.contains(&format!(
+            "ferry: importing docker://registry-1.docker.io/library/{good}:24.04 from {registry} on "
+        )),
+        "{}",
+        out.stderr
+    );
 
     let out = slurm(&format!(
         "cd {d} && srun -n1 --container-image={bad}:24.04 true"

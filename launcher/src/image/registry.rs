@@ -567,9 +567,14 @@ impl Client {
             present.len()
         );
         let label = user_label(r);
+        // A mirror (or a moved registry) is named: it is where a failure would come from.
+        let via = match target.reference.registry != r.registry {
+            true => format!(" from {}", target.reference.registry),
+            false => String::new(),
+        };
         if self.options.progress.speaks() && !missing.is_empty() {
             eprintln!(
-                "ferry: importing {label} on {} ({} layer{}, {} to fetch)",
+                "ferry: importing {label}{via} on {} ({} layer{}, {} to fetch)",
                 progress::node_name(),
                 layers.len(),
                 if layers.len() == 1 { "" } else { "s" },
