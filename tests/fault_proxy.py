@@ -4,7 +4,8 @@
 Usage: fault_proxy.py UPSTREAM_HOST:PORT MODE COUNT [PATTERN [[HOST:]PORT]]
   MODE: drop (close without answering), stall (answer nothing, keep the connection),
         500 (answer 500), truncate (send half of the body, then close),
-        slow (send the whole answer in 20 pieces over 6 seconds), pass
+        slow (send the whole answer in 20 pieces over 6 seconds),
+        corrupt (change the body's last byte, same length: a mirror serving bad content), pass
   COUNT: how many matching requests get the fault (-1: all); later ones pass through
   PATTERN: a substring of the request path that selects requests [/blobs/]
   [HOST:]PORT: where to listen [127.0.0.1, any free port]
@@ -101,6 +102,9 @@ def serve(conn):
                 body_len = len(response) - head_end
                 conn.sendall(response[: head_end + body_len // 2])
                 return
+            head_end = response.find(b"\r\n\r\n") + 4
+            if fault and mode == "corrupt" and len(response) > head_end:
+                response = response[:-1] + bytes([response[-1] ^ 1])
             if fault and mode == "slow":
                 piece = len(response) // 20 + 1
                 for start in range(0, len(response), piece):

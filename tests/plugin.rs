@@ -940,6 +940,85 @@ fn a_registry_image_runs_as_a_step_and_a_missing_tag_is_one_line() {
     assert!(lines[0].contains("no such image or tag"), "{}", lines[0]);
 }
 
+/// The site's registries file (plugstack.conf `registries_conf=`): `--container-image=NAME:TAG`,
+/// a Docker Hub name, is imported from the loopback registry standing in for the site's
+/// Docker Hub mirror, after a first mirror that is down; a mirror whose blobs do not match
+/// their digests is refused, naming it.
+#[test]
+fn docker_hub_names_come_from_the_sites_mirrors_and_digests_still_count() {
+    let _m = exclusive_machine();
+    let registry = test_registry();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let pid = std::process::id();
+    let (good, bad) = (
+        format!("ferry-mirrored-{pid}"),
+        format!("ferry-corrupted-{pid}"),
+    );
+    // Two images no cache holds: a file named after each goes into its second layer.
+    for name in [&good, &bad] {
+        sh(&format!(
+            "cd {d} && rm -rf layout app l1.tar.gz && mkdir -p app && echo > app/{name} && \
+             {MAKE_CONFIGURED_LAYOUT}\n skopeo --insecure-policy copy -q \
+             --dest-tls-verify=false oci:{d}/layout:v1 docker://{registry}/library/{name}:24.04"
+        ))
+        .ok();
+    }
+    let corrupting = FaultProxy::start("corrupt", -1, "/blobs/");
+    let conf = dir.path.join("registries.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[registry]]\nprefix = \"docker.io\"\n\
+             [[registry.mirror]]\nlocation = \"127.0.0.1:9\"\ninsecure = true\n\
+             [[registry.mirror]]\nlocation = \"{registry}\"\ninsecure = true\n\
+             [[registry]]\nprefix = \"docker.io/library/{bad}\"\n\
+             [[registry.mirror]]\nlocation = \"127.0.0.1:{}/library/{bad}\"\ninsecure = true\n",
+            corrupting.port
+        ),
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("a+r")
+        .arg(&conf)
+        .status_within(COMMAND_LIMIT);
+    let plugstack = Plugstack::open(&cluster());
+    plugstack.add_args(&format!("registries_conf={}", conf.display()));
+
+    let out = slurm(&format!(
+        "cd {d} && srun -n1 --container-image={good}:24.04 sh -c 'cat /etc/ferry-marker; echo $CFG_VAR'"
+    ));
+    assert_eq!(out.ok(), "busybox-image\nfrom-config\n", "{}", out.stderr);
+    // The import names where it fetches from.
+    assert!(
+        out.stderr.contains(&format!(
+            "ferry: importing docker://registry-1.docker.io/library/{good}:24.04 from {registry} on "
+        )),
+        "{}",
+        out.stderr
+    );
+
+    let out = slurm(&format!(
+        "cd {d} && srun -n1 --container-image={bad}:24.04 true"
+    ));
+    assert_eq!(out.code, 125, "{}", out.stderr);
+    // Besides the import's start line, one error line.
+    let lines: Vec<&str> = own_lines(&out.stderr)
+        .into_iter()
+        .filter(|l| !l.starts_with("ferry: importing "))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains(&format!(
+            "from registry 127.0.0.1:{} is corrupt: expected digest sha256:",
+            corrupting.port
+        )),
+        "{}",
+        lines[0]
+    );
+    assert!(corrupting.faults() >= 1);
+}
+
 #[test]
 fn a_registry_image_brings_its_environment_and_working_directory() {
     let _m = shared_machine();
@@ -1049,6 +1128,26 @@ fn the_sites_registry_ca_and_the_users_credentials_reach_the_import() {
     plugstack.set_args(&format!("registry_ca_file={ca}"));
     let out = slurm(&step);
     assert_eq!(out.ok(), "busybox-image\n", "{}", out.stderr);
+}
+
+/// Package managers' chown to system users succeeds as a no-op under remap-root (its
+/// seccomp filter), in a plain task and in one that ferry starts (--container-entrypoint).
+#[test]
+fn remap_root_tasks_may_chown_to_system_users() {
+    let _m = shared_machine();
+    let debian = img("debian.sqsh");
+    for how in ["", "--container-entrypoint"] {
+        let out = slurm(&format!(
+            "srun -n1 --container={debian} --container-remap-root --container-writable {how} \
+             sh -c 'touch /f && chown man:man /f && chown 123 /f && stat -c %u:%g /f'"
+        ));
+        assert_eq!(out.ok(), "0:0\n", "{how}: {}", out.stderr);
+    }
+    let out = slurm(&format!(
+        "srun -n1 --container={debian} --container-writable sh -c 'touch /f && chown 123 /f'"
+    ));
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("Invalid argument"), "{}", out.stderr);
 }
 
 #[test]

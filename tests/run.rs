@@ -122,6 +122,94 @@ fn remap_root_is_uid_0_inside_and_the_user_outside() {
     );
 }
 
+/// Package managers hand files to system users and drop to them; with one id mapped the
+/// kernel refuses, so remap-root's seccomp filter makes those calls succeed as no-ops.
+#[test]
+fn remap_root_chown_and_setuid_to_unmapped_ids_succeed_and_change_nothing() {
+    let _m = shared_machine();
+    let image = img("debian.sqsh");
+    let out = sh(&format!(
+        "$FERRY run --remap-root --writable {image} sh -c 'touch /f && chown 123:456 /f && \
+         chown man /f && chown -h man:man /f && echo chowned; stat -c %u:%g /f; \
+         setpriv --reuid=6 --regid=12 --clear-groups id -u; su -s /bin/sh man -c \"id -u\"'"
+    ));
+    assert_eq!(out.ok(), "chowned\n0:0\n0\n0\n", "{}", out.stderr);
+    // Without remap-root nothing changes: the kernel's answer, as before.
+    let out = sh(&format!(
+        "$FERRY run --writable {image} sh -c 'touch /f && chown 123:456 /f'"
+    ));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("changing ownership of '/f': Invalid argument"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// The Debian image's apt sources (deb.debian.org), reached over the host's network.
+#[test]
+fn apt_get_installs_a_package_with_chowning_scripts_in_a_writable_remap_root_container() {
+    let _m = shared_machine();
+    let out = sh(&format!(
+        "$FERRY run --remap-root --writable {} sh -c 'apt-get -qq update && \
+         apt-get -qq install -y --no-install-recommends man-db >/dev/null && \
+         stat -c %U /var/cache/man && dpkg -s man-db | grep Status'",
+        img("debian.sqsh")
+    ));
+    assert_eq!(
+        out.ok(),
+        "root\nStatus: install ok installed\n",
+        "{}",
+        out.stderr
+    );
+}
+
+/// A user's registries file (~/.config/ferry/registries.conf) puts mirrors before the
+/// registry itself: a Docker Hub name (`NAME:TAG`, docker.io/library/NAME) comes from the
+/// loopback registry standing in for a Docker Hub mirror, after a mirror that is down. When
+/// no source has the image, the one error line names each source and its answer.
+#[test]
+fn a_users_registries_file_puts_mirrors_before_docker_hub() {
+    let _m = shared_machine();
+    let registry = test_registry();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let name = format!("ferry-mirrored-{}", std::process::id());
+    sh(&format!(
+        "cd {d} && {MAKE_CONFIGURED_LAYOUT}\n skopeo --insecure-policy copy -q \
+         --dest-tls-verify=false oci:{d}/layout:v1 docker://{registry}/library/{name}:24.04\n\
+         mkdir -p .config/ferry && cat > .config/ferry/registries.conf <<'EOF'\n\
+[[registry]]\nprefix = \"docker.io\"\n\
+[[registry.mirror]]\nlocation = \"127.0.0.1:9\"\ninsecure = true\n\
+[[registry.mirror]]\nlocation = \"{registry}\"\ninsecure = true\nEOF"
+    ))
+    .ok();
+    let out = sh(&format!(
+        "cd {d} && HOME={d} $FERRY run {name}:24.04 sh -c 'cat /etc/ferry-marker; echo $CFG_VAR'"
+    ));
+    assert_eq!(out.ok(), "busybox-image\nfrom-config\n", "{}", out.stderr);
+
+    let absent = format!("ferry-absent-{}", std::process::id());
+    let out = sh(&format!(
+        "cd {d} && HOME={d} FERRY_REGISTRY_RETRIES=0 $FERRY import {absent}:1"
+    ));
+    assert_ne!(out.code, 0);
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{}", out.stderr);
+    let line = lines[0];
+    for part in [
+        &format!(
+            "cannot get docker://registry-1.docker.io/library/{absent}:1 from any of its sources: "
+        ),
+        "mirror 127.0.0.1:9: cannot get manifest 1 from registry 127.0.0.1:9: ",
+        &format!("; mirror {registry}: no such image or tag: {registry}/library/{absent}:1"),
+        "; registry-1.docker.io: ",
+    ] {
+        assert!(line.contains(part), "{part:?} in {line}");
+    }
+}
+
 #[test]
 fn root_filesystem_is_read_only_unless_writable() {
     let _m = shared_machine();

@@ -280,7 +280,12 @@ fn import_options() -> anyhow::Result<ImportOptions> {
     Ok(ImportOptions {
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr())
             && ferry::image::registry::Progress::auto().speaks(),
-        registry: ferry::image::registry::ClientOptions::with_site(&settings),
+        registry: ferry::image::registry::ClientOptions::with_site(
+            &settings,
+            std::env::var_os("HOME")
+                .map(std::path::PathBuf::from)
+                .as_deref(),
+        )?,
         ..ImportOptions::default()
     })
 }

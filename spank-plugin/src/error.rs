@@ -166,6 +166,8 @@ pub enum PluginError {
     Prepare(#[from] ferry::container::holder::PrepareError),
     #[error(transparent)]
     Join(#[from] ferry::container::join::JoinError),
+    #[error(transparent)]
+    IdFilter(#[from] ferry::container::id_filter::IdFilterError),
 
     // A task.
     #[error("cannot start the container for this step: {0}")]

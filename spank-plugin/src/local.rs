@@ -428,11 +428,24 @@ pub fn pin_tag(req: &mut StepRequest, settings: &ferry::slurm::site::PluginSetti
     let Ok(image) = ferry::image::reference::ImageRef::parse(text, Path::new("/")) else {
         return;
     };
+    // srun runs as the user: their own registries file is in their home.
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    let site = match ferry::image::registry::ClientOptions::with_site(
+        &settings.import_settings(),
+        home.as_deref(),
+    ) {
+        Ok(site) => site,
+        Err(e) => {
+            // The nodes' import says it again, as the step's one error line.
+            debug!("not pinning {text} here: {e}");
+            return;
+        }
+    };
     let opts = ferry::image::registry::ClientOptions {
         retries: 0,
         connect_timeout: std::time::Duration::from_secs(3),
         read_timeout: std::time::Duration::from_secs(10),
-        ..ferry::image::registry::ClientOptions::with_site(&settings.import_settings())
+        ..site
     };
     let started = std::time::Instant::now();
     match ferry::store::import::pin_reference(&image, &opts) {

@@ -748,6 +748,7 @@ pub fn task_init(
     set_image_env(spank, step, &holder.ready().env)?;
     set_framework_env(spank, step)?;
     let entrypoint = step.request.entrypoint == Some(true);
+    let remap_root = step.request.remap_root == Some(true);
     let save = step.save_after_tasks.clone();
     if entrypoint || save.is_some() {
         let ferry_bin = step
@@ -760,10 +761,15 @@ pub fn task_init(
             entrypoint,
             entrypoint_log: step.request.entrypoint_log == Some(true),
             save,
+            remap_root,
         };
         return task_through_ferry(spank, raw, ns, how, ferry_bin);
     }
-    Ok(ferry::container::join::join(ns, &workdir)?)
+    ferry::container::join::join(ns, &workdir)?;
+    if remap_root {
+        ferry::container::id_filter::install()?;
+    }
+    Ok(())
 }
 
 /// Whether this node saves the container when the step ends (`--container-save`: node 0).
@@ -778,6 +784,7 @@ struct TaskProgram {
     entrypoint: bool,
     entrypoint_log: bool,
     save: Option<ferry::container::task_exec::SaveAfterTasks>,
+    remap_root: bool,
 }
 
 /// `--container-entrypoint` and `--container-save`: make this task exec `ferry` (on the
@@ -826,6 +833,7 @@ fn task_through_ferry(
         entrypoint_log: how.entrypoint_log,
         save: how.save,
         unblock_signals: false,
+        remap_root: how.remap_root,
     };
     let text = serde_json::to_string(&task)?;
     spank.setenv(ferry::container::task_exec::ENV, &text, true)?;

@@ -4,6 +4,7 @@
 
 pub mod exit_code;
 pub mod holder;
+pub mod id_filter;
 pub mod join;
 pub mod namespace;
 pub mod run;

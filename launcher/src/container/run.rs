@@ -113,7 +113,16 @@ pub fn run(
             for s in &inherited_ignored {
                 let _ = raw::ignore_signal(*s);
             }
-            exec_in_container(&namespaces, &workdir, &args, &envp, &search_path, &mask)
+            let remap_root = spec.remap_root;
+            exec_in_container(
+                &namespaces,
+                &workdir,
+                remap_root,
+                &args,
+                &envp,
+                &search_path,
+                &mask,
+            )
         }
         Some(child) => child,
     };
@@ -155,6 +164,7 @@ fn supervise(child: Pid, mask: &SigSet) -> i32 {
 fn exec_in_container(
     ns: &Namespaces,
     workdir: &Path,
+    remap_root: bool,
     args: &[CString],
     envp: &[CString],
     search_path: &str,
@@ -169,6 +179,12 @@ fn exec_in_container(
     if let Err(e) = join::join(ns, workdir) {
         eprintln!("ferry: error: {e}");
         std::process::exit(exit_code::SETUP_FAILED);
+    }
+    if remap_root {
+        if let Err(e) = crate::container::id_filter::install() {
+            eprintln!("ferry: error: {e}");
+            std::process::exit(exit_code::SETUP_FAILED);
+        }
     }
     exec_searching(args, envp, search_path)
 }

@@ -77,6 +77,9 @@ pub struct TaskExec {
     /// `ferry` blocked to pass them on are unblocked again before the exec.
     #[serde(default)]
     pub unblock_signals: bool,
+    /// `--container-remap-root`: install [`crate::container::id_filter`] after entering.
+    #[serde(default)]
+    pub remap_root: bool,
 }
 
 fn default_true() -> bool {
@@ -153,6 +156,11 @@ fn exec_task(value: &std::ffi::OsStr) -> ! {
         fail(&e.to_string());
     }
     drop(namespaces);
+    if task.remap_root {
+        if let Err(e) = crate::container::id_filter::install() {
+            fail(&e.to_string());
+        }
+    }
 
     let own: Vec<OsString> = std::env::args_os().collect();
     let mut task_argv = task.task_argv(&own);
@@ -521,6 +529,7 @@ mod tests {
             entrypoint_log: false,
             save: None,
             unblock_signals: false,
+            remap_root: false,
         }
     }
 

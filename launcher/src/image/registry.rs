@@ -18,6 +18,7 @@
 mod auth;
 mod layout;
 pub mod manifest;
+pub mod mirrors;
 pub mod progress;
 pub mod settings;
 mod tls;
@@ -61,6 +62,8 @@ pub(crate) fn user_label(r: &RemoteRef) -> String {
 pub struct ClientOptions {
     /// Registries reached over plain http (`host` or `host:port`); all others use https.
     pub insecure_registries: Vec<String>,
+    /// Mirrors tried before a registry (registries.conf files).
+    pub mirrors: mirrors::Mirrors,
     pub credentials: CredentialSources,
     /// Blobs downloaded at once.
     pub parallel: usize,
@@ -83,6 +86,7 @@ impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
             insecure_registries: Vec::new(),
+            mirrors: mirrors::Mirrors::default(),
             credentials: CredentialSources::from_env(),
             parallel: 4,
             retries: 5,
@@ -99,10 +103,15 @@ impl Default for ClientOptions {
 
 impl ClientOptions {
     /// The defaults with `settings` applied: the site's (plugstack.conf), or those
-    /// `ferry import` read from its environment.
-    pub fn with_site(settings: &settings::ImportSettings) -> ClientOptions {
+    /// `ferry import` read from its environment; and the mirrors of the site's registries
+    /// file and of the user's below `home`.
+    pub fn with_site(
+        settings: &settings::ImportSettings,
+        home: Option<&Path>,
+    ) -> Result<ClientOptions, mirrors::MirrorsError> {
         let mut opts = ClientOptions {
             insecure_registries: settings.insecure_registries.clone(),
+            mirrors: mirrors::Mirrors::load(settings.registries_conf.as_deref(), home)?,
             ca_file: settings.ca_file.clone(),
             ..ClientOptions::default()
         };
@@ -113,7 +122,7 @@ impl ClientOptions {
             opts.read_timeout = Duration::from_secs(secs.max(1));
             opts.connect_timeout = opts.read_timeout;
         }
-        opts
+        Ok(opts)
     }
 }
 
@@ -229,6 +238,28 @@ pub enum RegistryError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot get {image} from any of its sources: {}", tried.join("; "))]
+    NoSource { image: String, tried: Vec<String> },
+}
+
+impl RegistryError {
+    /// Whether a mirror that failed this way is passed over for the next source: it cannot
+    /// be reached, refuses, or lacks the image. Content that does not match its digest is
+    /// not passed over: a mirror serving it is broken or tampered with.
+    fn passes_to_next_source(&self) -> bool {
+        matches!(
+            self,
+            RegistryError::UnknownHost { .. }
+                | RegistryError::Tls { .. }
+                | RegistryError::GaveUp { .. }
+                | RegistryError::LoginNeeded { .. }
+                | RegistryError::CredentialsRejected { .. }
+                | RegistryError::NotFound { .. }
+                | RegistryError::BlobNotFound { .. }
+                | RegistryError::Http { .. }
+                | RegistryError::InsecureRealm { .. }
+        )
+    }
 }
 
 /// A registry client; cheap to share between threads, and it keeps the tokens it got.
@@ -254,29 +285,79 @@ impl Client {
         &self.options
     }
 
-    fn target<'a>(&self, r: &'a RemoteRef) -> Result<Target<'a>, RegistryError> {
-        r.validate().map_err(|reason| RegistryError::BadReference {
-            image: transport::printable(&r.short_name(), 200),
-            reason,
-        })?;
+    fn insecure(&self, r: &RemoteRef) -> bool {
         let host = r
             .registry
             .rsplit_once(':')
             .map_or(r.registry.as_str(), |(h, _)| h);
-        let insecure = self
-            .options
+        self.options
             .insecure_registries
             .iter()
-            .any(|i| i.eq_ignore_ascii_case(&r.registry) || i.eq_ignore_ascii_case(host));
-        Ok(Target::new(r, insecure))
+            .any(|i| i.eq_ignore_ascii_case(&r.registry) || i.eq_ignore_ascii_case(host))
+    }
+
+    /// Run `attempt` against `r`'s sources in order (its mirrors, then the registry itself)
+    /// until one succeeds; a mirror that cannot help is passed over with a debug line. When
+    /// all fail, the error names each source and what it answered.
+    fn try_sources<T>(
+        &self,
+        r: &RemoteRef,
+        mut attempt: impl FnMut(&Target) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let bad_reference = |r: &RemoteRef, reason| RegistryError::BadReference {
+            image: transport::printable(&r.short_name(), 200),
+            reason,
+        };
+        r.validate().map_err(|reason| bad_reference(r, reason))?;
+        let sources = self.options.mirrors.sources(r);
+        let mut tried = Vec::new();
+        let count = sources.len();
+        for (i, source) in sources.into_iter().enumerate() {
+            let reference = &source.reference;
+            let result = reference
+                .validate()
+                .map_err(|reason| bad_reference(reference, reason))
+                .and_then(|()| {
+                    let insecure = source.insecure || self.insecure(reference);
+                    let mut target = Target::new(reference, insecure);
+                    if source.mirror {
+                        // A dead mirror should cost a moment, not the full backoff.
+                        target.manifest_retries = Some(self.options.retries.min(1));
+                    }
+                    attempt(&target)
+                });
+            let e = match result {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            let what = match source.mirror {
+                true => format!("mirror {}", reference.registry),
+                false => reference.registry.clone(),
+            };
+            if i + 1 < count && e.passes_to_next_source() {
+                tracing::debug!("{what}: {e}; trying the next source");
+                tried.push(format!("{what}: {e}"));
+                continue;
+            }
+            if tried.is_empty() || !e.passes_to_next_source() {
+                return Err(e);
+            }
+            tried.push(format!("{what}: {e}"));
+            break;
+        }
+        Err(RegistryError::NoSource {
+            image: user_label(r),
+            tried,
+        })
     }
 
     /// Which manifest `r` stands for on this client's platform (one or two small requests;
     /// no blob is fetched).
     pub fn resolve(&self, r: &RemoteRef) -> Result<Resolved, RegistryError> {
-        let target = self.target(r)?;
-        let (resolved, _) = self.resolve_inner(&target, false)?;
-        Ok(resolved)
+        self.try_sources(r, |target| {
+            let (resolved, _) = self.resolve_inner(target, false)?;
+            Ok(resolved)
+        })
     }
 
     /// Follow the reference to a platform manifest; with `fetch`, also download that
@@ -351,7 +432,8 @@ impl Client {
         size: Option<u64>,
     ) -> Result<Fetched, RegistryError> {
         let what = format!("manifest {reference}");
-        let (bytes, content_type) = self.transport.with_retries(target, &what, || {
+        let retries = target.manifest_retries.unwrap_or(self.options.retries);
+        let (bytes, content_type) = self.transport.with_retries(target, &what, retries, || {
             let response = self.transport.get(
                 target,
                 &format!("manifests/{reference}"),
@@ -437,9 +519,18 @@ impl Client {
     /// module documentation for what it holds afterwards. Blobs already in `dest` are not
     /// fetched again, so calling this again after an interruption continues the pull.
     pub fn pull(&self, r: &RemoteRef, dest: &Path) -> Result<Pulled, RegistryError> {
+        self.try_sources(r, |target| self.pull_from(target, r, dest))
+    }
+
+    /// [`Client::pull`] from one source.
+    fn pull_from(
+        &self,
+        target: &Target,
+        r: &RemoteRef,
+        dest: &Path,
+    ) -> Result<Pulled, RegistryError> {
         let started = Instant::now();
-        let target = self.target(r)?;
-        let (_, fetched) = self.resolve_inner(&target, true)?;
+        let (_, fetched) = self.resolve_inner(target, true)?;
         let Some(Fetched {
             descriptor: manifest_desc,
             bytes,
@@ -476,9 +567,14 @@ impl Client {
             present.len()
         );
         let label = user_label(r);
+        // A mirror (or a moved registry) is named: it is where a failure would come from.
+        let via = match target.reference.registry != r.registry {
+            true => format!(" from {}", target.reference.registry),
+            false => String::new(),
+        };
         if self.options.progress.speaks() && !missing.is_empty() {
             eprintln!(
-                "ferry: importing {label} on {} ({} layer{}, {} to fetch)",
+                "ferry: importing {label}{via} on {} ({} layer{}, {} to fetch)",
                 progress::node_name(),
                 layers.len(),
                 if layers.len() == 1 { "" } else { "s" },
@@ -486,7 +582,7 @@ impl Client {
             );
         }
         let mut meter = progress::Meter::new(self.options.progress, &label, total, missing.len());
-        let fetched_bytes = self.fetch_all(&target, &layout, &missing, &meter)?;
+        let fetched_bytes = self.fetch_all(target, &layout, &missing, &meter)?;
         let reused_blobs = present.len();
         meter.finish();
         layout.write_index(&manifest_desc, r.tag.as_deref())?;

@@ -62,6 +62,9 @@ pub struct PluginSettings {
     /// `insecure_registries=HOST[:PORT][,...]`: registries reached over plain http. May be
     /// given more than once; the lists add up.
     pub insecure_registries: Vec<String>,
+    /// `registries_conf=`: the site's registries file (mirrors and pull-through caches, see
+    /// [`crate::image::registry::mirrors`]), tried before the user's own file.
+    pub registries_conf: Option<PathBuf>,
     /// `rootfs=squashfuse|unpack|kernel`: the root filesystem provider of steps that do not
     /// choose one with `--container-rootfs` (default `squashfuse`; `kernel` only with
     /// `kernel_squashfs=yes`).
@@ -134,6 +137,7 @@ impl Default for PluginSettings {
             named_dir: PathBuf::from("/tmp"),
             registry_ca_file: None,
             insecure_registries: Vec::new(),
+            registries_conf: None,
             rootfs: Provider::Squashfuse,
             kernel_squashfs: false,
             import_on_submit: false,
@@ -189,7 +193,7 @@ pub enum SiteError {
 
 const KEYS: &str =
     "ferry_bin, default_mounts, squashfuse, writable_tmpfs_size, log_level, named_dir, \
-registry_ca_file, insecure_registries, rootfs, kernel_squashfs, import_on_submit, gpus, host_libs, nvidia_container_cli, container_scope, writable, \
+registry_ca_file, insecure_registries, registries_conf, rootfs, kernel_squashfs, import_on_submit, gpus, host_libs, nvidia_container_cli, container_scope, writable, \
 framework_env, framework_ports, quiet";
 
 /// Keys that may be repeated, their values adding up.
@@ -262,6 +266,7 @@ impl PluginSettings {
                         .ok_or_else(|| SiteError::LogLevel(value.to_string()))?
                 }
                 "registry_ca_file" => s.registry_ca_file = Some(absolute(key, value)?),
+                "registries_conf" => s.registries_conf = Some(absolute(key, value)?),
                 "import_on_submit" => s.import_on_submit = yes_no(key, value)?,
                 "quiet" => s.quiet = yes_no(key, value)?,
                 "kernel_squashfs" => s.kernel_squashfs = yes_no(key, value)?,
@@ -347,6 +352,7 @@ impl PluginSettings {
         ImportSettings {
             insecure_registries: self.insecure_registries.clone(),
             ca_file: self.registry_ca_file.clone(),
+            registries_conf: self.registries_conf.clone(),
             ..ImportSettings::default()
         }
     }

@@ -140,7 +140,7 @@ impl Layout {
         let mut fetched = 0u64;
         let mut restarted_after_mismatch = false;
         loop {
-            transport.with_retries(target, &what, || {
+            transport.with_retries(target, &what, transport.retries(), || {
                 download(
                     transport,
                     target,

@@ -1,5 +1,5 @@
 //! The registry settings a site gives `ferry import` (plain-http registries, a CA file,
-//! retries, timeouts), carried through the import's environment.
+//! its registries file, retries, timeouts), carried through the import's environment.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -13,6 +13,8 @@ pub struct ImportSettings {
     pub insecure_registries: Vec<String>,
     /// PEM CA certificates trusted besides the system's.
     pub ca_file: Option<PathBuf>,
+    /// The site's registries file (mirrors), read before the user's own.
+    pub registries_conf: Option<PathBuf>,
     /// Further tries after a failed one (enroot's ENROOT_TRANSFER_RETRIES).
     pub retries: Option<u32>,
     /// Seconds a connection may stay silent, and to connect (ENROOT_TRANSFER_TIMEOUT).
@@ -28,16 +30,24 @@ pub enum ImportSettingsError {
 impl ImportSettings {
     pub const INSECURE_REGISTRIES: &'static str = "FERRY_INSECURE_REGISTRIES";
     pub const CA_FILE: &'static str = "FERRY_REGISTRY_CA_FILE";
+    pub const REGISTRIES_CONF: &'static str = "FERRY_REGISTRIES_CONF";
     pub const RETRIES: &'static str = "FERRY_REGISTRY_RETRIES";
     pub const TIMEOUT: &'static str = "FERRY_REGISTRY_TIMEOUT";
 
-    /// The variables that carry these settings. The list of insecure registries is always
-    /// set (empty for none), so that it replaces any the user's environment has.
+    /// The variables that carry these settings. The list of insecure registries and the
+    /// registries file are always set (empty for none), so that they replace any the user's
+    /// environment has.
     pub fn to_env(&self) -> Vec<(&'static str, OsString)> {
-        let mut env = vec![(
-            Self::INSECURE_REGISTRIES,
-            self.insecure_registries.join(",").into(),
-        )];
+        let mut env = vec![
+            (
+                Self::INSECURE_REGISTRIES,
+                self.insecure_registries.join(",").into(),
+            ),
+            (
+                Self::REGISTRIES_CONF,
+                self.registries_conf.clone().unwrap_or_default().into(),
+            ),
+        ];
         if let Some(ca) = &self.ca_file {
             env.push((Self::CA_FILE, ca.into()));
         }
@@ -85,6 +95,7 @@ impl ImportSettings {
                 })
                 .unwrap_or_default(),
             ca_file: text(Self::CA_FILE).map(PathBuf::from),
+            registries_conf: text(Self::REGISTRIES_CONF).map(PathBuf::from),
             retries: number(Self::RETRIES)?.map(|n| n.min(u32::MAX.into()) as u32),
             timeout_secs: number(Self::TIMEOUT)?,
         })
@@ -100,13 +111,20 @@ mod tests {
         let site = ImportSettings {
             insecure_registries: vec!["registry.site:5000".into(), "10.0.0.1".into()],
             ca_file: Some("/etc/ssl/site-ca.pem".into()),
+            registries_conf: Some("/etc/ferry/registries.conf".into()),
             ..ImportSettings::default()
         };
         let env: std::collections::HashMap<_, _> = site.to_env().into_iter().collect();
         assert_eq!(ImportSettings::from_env(|n| env.get(n).cloned()), Ok(site));
-        // No registries: the variable is set empty, replacing the user's.
+        // No registries, no file: the variables are set empty, replacing the user's.
         let none = ImportSettings::default().to_env();
-        assert_eq!(none, [(ImportSettings::INSECURE_REGISTRIES, "".into())]);
+        assert_eq!(
+            none,
+            [
+                (ImportSettings::INSECURE_REGISTRIES, "".into()),
+                (ImportSettings::REGISTRIES_CONF, "".into())
+            ]
+        );
         let user = |n: &str| match n {
             ImportSettings::RETRIES => Some("2".into()),
             ImportSettings::TIMEOUT => Some(" 90 ".into()),

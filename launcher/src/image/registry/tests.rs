@@ -149,6 +149,7 @@ fn not_found(code: &str) -> Reply {
 fn options(servers: &[&Server]) -> ClientOptions {
     ClientOptions {
         insecure_registries: servers.iter().map(|s| s.host()).collect(),
+        mirrors: Default::default(),
         credentials: CredentialSources::default(),
         parallel: 2,
         retries: 3,
@@ -924,7 +925,7 @@ fn token_server_over_plain_http_is_refused_for_an_https_registry() {
         user: None,
     };
     let client = Client::new(options(&[])).unwrap();
-    let target = client.target(&r).unwrap();
+    let target = transport::Target::new(&r, client.insecure(&r));
     assert!(!target.insecure);
     assert_eq!(target.origin, "https://registry.example");
     let e = client

@@ -49,6 +49,9 @@ pub(super) struct Target<'a> {
     pub insecure: bool,
     /// The reference as the user wrote it, for messages.
     pub image: String,
+    /// Further tries of a manifest request, where not the client's (a mirror's: passed
+    /// over quickly).
+    pub manifest_retries: Option<u32>,
 }
 
 impl<'a> Target<'a> {
@@ -63,6 +66,7 @@ impl<'a> Target<'a> {
             } else {
                 reference.short_name()
             },
+            manifest_retries: None,
         }
     }
 
@@ -132,6 +136,11 @@ impl Transport {
         })
     }
 
+    /// Further tries after a failed one, as the client's options say.
+    pub fn retries(&self) -> u32 {
+        self.options.retries
+    }
+
     fn agent(&self, url: &str) -> Result<&ureq::Agent, Attempt> {
         if url.starts_with("http://") {
             return Ok(&self.plain);
@@ -149,9 +158,10 @@ impl Transport {
         &self,
         target: &Target,
         what: &str,
+        retries: u32,
         mut attempt: impl FnMut() -> Result<T, Attempt>,
     ) -> Result<T, RegistryError> {
-        let tries = self.options.retries.saturating_add(1);
+        let tries = retries.saturating_add(1);
         let mut delay = self.options.retry_delay;
         for n in 1..=tries {
             match attempt() {
