@@ -5,6 +5,7 @@
 pub mod exit_code;
 pub mod holder;
 pub mod join;
+pub mod named;
 pub mod namespace;
 pub mod run;
 pub mod task_exec;
