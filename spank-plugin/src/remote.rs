@@ -1071,6 +1071,30 @@ mod tests {
     }
 
     #[test]
+    fn options_that_only_apply_at_a_containers_start_are_named() {
+        let req = StepRequest {
+            image: Some("/i.sqsh".into()),
+            mounts: Some("/a:/b".into()),
+            writable: Some(false),
+            remap_root: Some(true),
+            workdir: Some("/w".into()),
+            env_names: Some("A".into()),
+            name: Some("x".into()),
+            ..StepRequest::default()
+        };
+        assert_eq!(
+            start_only_options(&req),
+            [
+                "--container-image",
+                "--container-mounts",
+                "--container-readonly",
+                "--container-remap-root"
+            ]
+        );
+        assert!(start_only_options(&StepRequest::default()).is_empty());
+    }
+
+    #[test]
     fn pmix_server_dir_of_this_step_is_bound_at_the_same_path() {
         let spool = tempfile::tempdir().unwrap();
         let own = spool.path().join("pmix.42.3");
