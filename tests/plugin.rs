@@ -1370,6 +1370,234 @@ fn container_scope_global_keeps_named_containers_for_later_jobs() {
         .status_within(COMMAND_LIMIT);
 }
 
+// ---- --container-name flags, attaching, `ferry containers` -------------------------------
+
+/// A shell loop that waits (up to a minute) for the file `path` to appear.
+fn wait_for_file(path: &str) -> String {
+    format!("i=0; while [ ! -e {path} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done")
+}
+
+/// [`wait_for_file`] for a command inside `sh -c "..."` of a `bash -c '...'` script.
+fn wait_for_file_inside(path: &str) -> String {
+    wait_for_file(path).replace('$', "\\$")
+}
+
+#[test]
+fn container_name_flags_follow_pyxis() {
+    let _m = shared_machine();
+    let busybox = img("busybox.sqsh");
+    let out = slurm(&format!(
+        "salloc -Q bash -c '\
+         srun -n1 --container-name=x:exec true; echo \"exec, none: $?\"; \
+         srun -n1 --container-name=x:no_create true; echo \"no_create, none: $?\"; \
+         srun -n1 --container-image={busybox} --container-name=x:create sh -c \"echo made > /etc/state\"; echo \"create: $?\"; \
+         srun -n1 --container-image={busybox} --container-name=x:create true; echo \"create again: $?\"; \
+         srun -n1 --container-name=x:no_create cat /etc/state; \
+         PYXIS_CONTAINER_NAME=x:no_exec srun -n1 --container-image={busybox} cat /etc/state; \
+         srun -n1 --container-name=x:exec true; echo \"exec, stopped: $?\"'"
+    ));
+    assert_eq!(
+        out.ok(),
+        "exec, none: 125\nno_create, none: 125\ncreate: 0\ncreate again: 125\nmade\nmade\nexec, stopped: 125\n",
+        "{}",
+        out.stderr
+    );
+    let lines = step_lines(&out.stderr);
+    assert_eq!(lines.len(), 4, "{lines:#?}");
+    for (line, expected) in lines.iter().zip([
+        "--container-name=x:exec: no step of this job runs a container of that name",
+        "--container-name=x:no_create: no container of that name on this node",
+        "--container-name=x:create: a container of that name exists already",
+        "--container-name=x:exec: no step of this job runs a container of that name",
+    ]) {
+        assert!(line.contains(expected), "{line}");
+    }
+}
+
+#[test]
+fn invalid_container_names_are_refused_by_srun_in_one_line() {
+    let _m = shared_machine();
+    let busybox = img("busybox.sqsh");
+    let long = "n".repeat(256);
+    for (given, says) in [
+        ("a/b".to_string(), "`/`"),
+        (long.clone(), "256 characters"),
+        ("work:attach".to_string(), "unknown flag `attach`"),
+        (":exec".to_string(), "empty"),
+    ] {
+        for how in ["option", "variable"] {
+            let line = match how {
+                "option" => format!(
+                    "srun -n1 --container-image={busybox} --container-name='{given}' echo ran"
+                ),
+                _ => format!(
+                    "PYXIS_CONTAINER_NAME='{given}' srun -n1 --container-image={busybox} echo ran"
+                ),
+            };
+            let out = slurm(&line);
+            assert_eq!(out.code, 1, "{given} ({how}): {}", out.stderr);
+            assert_eq!(out.stdout, "", "{given} ({how}): the step must not run");
+            let lines = own_lines(&out.stderr);
+            assert_eq!(lines.len(), 1, "{given} ({how}): {lines:#?}");
+            assert!(
+                lines[0].contains(&format!("--container-name={given}: "))
+                    && lines[0].contains(says),
+                "{given} ({how}): {}",
+                lines[0]
+            );
+        }
+    }
+}
+
+#[test]
+fn a_step_attaches_to_the_running_container_of_its_name() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let busybox = img("busybox.sqsh");
+    let d = dir.path.display();
+    let ready = wait_for_file(&format!("{d}/ready"));
+    let done_inside = wait_for_file_inside("/sync/done");
+    // The first step mounts a tmpfs inside its container and waits; the others run while
+    // it does.
+    let out = slurm(&format!(
+        "cd {d} && salloc -Q bash -c '\
+         srun -n1 --container-image={busybox} --container-name=x --container-remap-root --container-mounts={d}:/sync \
+           sh -c \"mkdir -p /mymnt && mount -t tmpfs none /mymnt && echo secret > /mymnt/f && touch /sync/ready; {done_inside}\" & \
+         {ready}; \
+         srun --overlap -n1 --container-name=x cat /mymnt/f; \
+         srun --overlap -n1 --container-name=x:exec sh -c \"cat /mymnt/f; id -u\"; \
+         srun --overlap -n1 --container-name=x:no_exec sh -c \"cat /mymnt/f 2>/dev/null || echo not attached\"; \
+         srun --overlap -n1 --container-image={busybox} --container-name=x --container-mounts=/etc:/mnt/etc --container-writable \
+           sh -c \"cat /mymnt/f; ls /mnt/etc 2>/dev/null | wc -l\"; \
+         echo listing; srun --overlap -n1 $FERRY containers; \
+         srun --overlap -n1 $FERRY containers rm x; echo \"rm while running: $?\"; \
+         touch {d}/done; wait; \
+         srun -n1 $FERRY containers rm x; echo \"rm: $?\"; \
+         srun -n1 $FERRY containers'"
+    ));
+    let stdout = out.ok().to_string();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines[..6],
+        ["secret", "secret", "0", "not attached", "secret", "0"],
+        "{stdout}\n{}",
+        out.stderr
+    );
+    // The listing: its name, job, size and that it runs.
+    assert_eq!(lines[6], "listing");
+    assert!(
+        lines[7].starts_with("NAME") && lines[7].contains("STATE"),
+        "{stdout}"
+    );
+    assert!(
+        lines[8].starts_with("x ") && lines[8].contains("running (step "),
+        "{stdout}"
+    );
+    assert!(lines[9] == "rm while running: 1", "{stdout}");
+    assert!(
+        lines[10].starts_with("removed x (") && lines[11] == "rm: 0",
+        "{stdout}"
+    );
+    assert_eq!(lines.len(), 12, "{stdout}");
+    // One warning naming what was ignored; the refused removal in one line.
+    let warnings: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("ignoring"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{}", out.stderr);
+    for option in [
+        "--container-image",
+        "--container-mounts",
+        "--container-writable",
+    ] {
+        assert!(warnings[0].contains(option), "{}", warnings[0]);
+    }
+    assert!(
+        out.stderr.contains("ferry: error: x is running (step "),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("no named containers of yours on this node"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn an_unnamed_running_container_is_attachable_as_jobid_stepid() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let busybox = img("busybox.sqsh");
+    let d = dir.path.display();
+    let ready = wait_for_file(&format!("{d}/ready"));
+    let done_inside = wait_for_file_inside("/sync/done");
+    let out = slurm(&format!(
+        "cd {d} && salloc -Q bash -c '\
+         srun -n1 --container-image={busybox} --container-writable --container-mounts={d}:/sync \
+           sh -c \"echo inside > /etc/mark; echo \\$SLURM_JOB_ID.\\$SLURM_STEP_ID > /sync/ready; {done_inside}\" & \
+         {ready}; \
+         srun --overlap -n1 --container-name=$(cat {d}/ready) cat /etc/mark; \
+         srun --overlap -n1 $FERRY containers --all | grep -c \"running (step $(cat {d}/ready))\"; \
+         touch {d}/done; wait'"
+    ));
+    assert_eq!(out.ok(), "inside\n1\n", "{}", out.stderr);
+}
+
+#[test]
+fn ferry_containers_lists_and_removes_containers_kept_across_jobs() {
+    let _m = exclusive_machine();
+    let plugstack = Plugstack::open(&cluster());
+    let busybox = img("busybox.sqsh");
+    let uid = uid_of(USER);
+    let named = tempfile::Builder::new()
+        .prefix("ferry-named-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    Command::new("chmod")
+        .arg("1777")
+        .arg(named.path())
+        .status_within(COMMAND_LIMIT);
+    let n = named.path().display();
+    plugstack.set_args(&format!("named_dir={n} container_scope=global"));
+    // Outside any job, `ferry containers` finds named_dir in plugstack.conf.
+    let out = slurm(&format!(
+        "srun -n1 --container={busybox} --container-name=tools true; \
+         $FERRY containers; $FERRY containers rm tools nothere; echo \"rm: $?\"; $FERRY containers"
+    ));
+    let _ = Command::new("rm")
+        .arg("-rf")
+        .arg(named.path().join(format!("ferry-{uid}")))
+        .status_within(COMMAND_LIMIT);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{}\n{}", out.stdout, out.stderr);
+    assert!(lines[0].starts_with("NAME"), "{}", out.stdout);
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        (row[0], row[1], row[3]),
+        ("tools", "-", "stopped"),
+        "{}",
+        lines[1]
+    );
+    assert_eq!(
+        lines[2],
+        format!("removed tools ({n}/ferry-{uid}/named/tools)")
+    );
+    assert_eq!(lines[3], "rm: 1");
+    let errors = own_lines(&out.stderr);
+    assert_eq!(
+        errors,
+        [
+            "ferry: error: no container named nothere on this node",
+            &*format!("no named containers of yours on this node ({n}/ferry-{uid})")
+        ],
+        "{}",
+        out.stderr
+    );
+}
+
 // ---- --container-entrypoint ---------------------------------------------------------------
 
 /// `MAKE_CONFIGURED_LAYOUT`'s image (Entrypoint `/bin/sh /opt/app/start.sh`, which prints

@@ -1152,3 +1152,86 @@ fn a_fifo_or_corrupt_image_with_the_kernel_provider_fails_in_one_line() {
     let left = leftovers_after(USER, Duration::from_secs(5));
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// A step finds a running container to attach to through a record in the user's own
+/// directory, which the user can write: a forged record that names another user's running
+/// container (its holder's real pid and start time) must not let the user's step in.
+#[test]
+fn a_forged_running_record_does_not_attach_to_another_users_container() {
+    let _m = shared_machine();
+    let conf = slurm_conf();
+    let busybox = image("busybox.sqsh").display().to_string();
+    let sync = UserDir::new(OTHER_USER);
+    let s = sync.path.display().to_string();
+    let done = format!("{s}/done");
+    // The other user's step: a named container that runs until told to stop.
+    let victim = {
+        let (conf, busybox, s) = (conf.clone(), busybox.clone(), s.clone());
+        std::thread::spawn(move || {
+            sh_as(
+                OTHER_USER,
+                &format!(
+                    "export SLURM_CONF={conf}; srun -n1 --container={busybox} --container-name=victim \
+                     --container-mounts={s}:/sync sh -c 'echo theirs > /etc/victim-mark; touch /sync/ready; \
+                     i=0; while [ ! -e /sync/done ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done'"
+                ),
+            )
+        })
+    };
+    let started = Instant::now();
+    while !Path::new(&format!("{s}/ready")).exists() && started.elapsed() < Duration::from_secs(60)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let holder = Command::new("pgrep")
+        .args(["-u", &uid_of(OTHER_USER).to_string(), "-f", "ferry hold"])
+        .output_within(COMMAND_LIMIT);
+    let pid: i32 = String::from_utf8_lossy(&holder.stdout)
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("the other user's holder runs");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let start_time = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .to_string();
+    let host = nix::unistd::gethostname()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let uid = uid_of(USER);
+    // In the test user's own job: a record naming the other user's holder, as if its own.
+    let forge = format!(
+        "{{\"host\":\"{host}\",\"name\":\"victim\",\"job\":$SLURM_JOB_ID,\"step\":\"0\",\"uid\":{uid},\
+         \"pid\":{pid},\"start_time\":{start_time},\"ready\":{{\"pid\":{pid},\"env\":[],\"workdir\":\"/\"}}}}"
+    );
+    let out = sh(&format!(
+        "export SLURM_CONF={conf}; salloc -Q bash -c '\
+         srun -n1 --container={busybox} true; \
+         d=/tmp/ferry-{uid}/job$SLURM_JOB_ID/.running; mkdir -p $d; \
+         echo \"{forge_escaped}\" > $d/victim@{pid}; \
+         srun -n1 --container-name=victim:exec cat /etc/victim-mark; echo \"exec: $?\"; \
+         srun -n1 --container-image={busybox} --container-name=victim cat /etc/victim-mark; echo \"auto: $?\"'",
+        forge_escaped = forge.replace('"', "\\\"")
+    ));
+    std::fs::write(&done, "").unwrap();
+    let theirs = victim.join().unwrap();
+    assert_eq!(theirs.code, 0, "{}", theirs.stderr);
+    assert_eq!(
+        out.ok(),
+        "exec: 125\nauto: 1\n",
+        "the forged record must not let the step in: {}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("--container-name=victim:exec: no step of this job runs"),
+        "{}",
+        out.stderr
+    );
+}

@@ -54,6 +54,36 @@ enum Command {
     Save(SaveArgs),
     /// Check this node for what ferry needs (namespaces, FUSE, squashfuse, Slurm setup).
     Doctor(ferry::doctor::DoctorArgs),
+    /// List your named containers on this node (`--container-name`), or remove some with
+    /// `ferry containers rm NAME...`.
+    Containers(ContainersArgs),
+}
+
+#[derive(Args)]
+struct ContainersArgs {
+    /// Also list other jobs' containers (in a job, only its own and those kept across jobs
+    /// are listed) and running unnamed ones (attachable as JOBID.STEPID).
+    #[arg(long)]
+    all: bool,
+    /// Where the site keeps named containers (default: the plugin's `named_dir` from
+    /// plugstack.conf, else /tmp).
+    #[arg(long, value_name = "DIR", global = true)]
+    named_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    action: Option<ContainersAction>,
+}
+
+#[derive(Subcommand)]
+enum ContainersAction {
+    /// Remove named containers (not one that runs).
+    Rm {
+        /// The job whose container to remove (default: this job's, in a job; else the only
+        /// one of that name).
+        #[arg(long, value_name = "JOBID")]
+        job: Option<u32>,
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -192,6 +222,7 @@ fn main() {
             }
         }
         Command::Doctor(args) => ferry::doctor::main(&args),
+        Command::Containers(args) => report(containers_command(args)),
         Command::Import(args) => {
             clean_up_on_termination();
             report(import_command(args).map(|()| 0))
@@ -364,6 +395,93 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     let command = args.command;
     let program = std::env::current_exe().context("cannot find the ferry binary itself")?;
     Ok(run(&spec, &command, &PrepareOptions::for_cli(program))?)
+}
+
+/// `ferry containers [--all]` and `ferry containers rm NAME...`.
+fn containers_command(args: ContainersArgs) -> anyhow::Result<i32> {
+    use ferry::container::named;
+    let named_dir = match &args.named_dir {
+        Some(dir) => dir.clone(),
+        None => match ferry::doctor::site_plugin_settings() {
+            Some(settings) => {
+                settings
+                    .context("the plugin's settings in plugstack.conf")?
+                    .named_dir
+            }
+            None => ferry::slurm::site::PluginSettings::default().named_dir,
+        },
+    };
+    let uid = nix::unistd::getuid().as_raw();
+    let user_dir = named_dir.join(ferry::rootfs::user_dir::name(uid));
+    let this_job: Option<u32> = std::env::var("SLURM_JOB_ID")
+        .ok()
+        .and_then(|j| j.parse().ok());
+    match args.action {
+        Some(ContainersAction::Rm { job, names }) => {
+            let mut code = 0;
+            for name in &names {
+                match named::remove(&user_dir, uid, name, job.or(this_job)) {
+                    Ok(dir) => println!("removed {name} ({})", dir.display()),
+                    Err(e) => {
+                        eprintln!("ferry: error: {e}");
+                        code = 1;
+                    }
+                }
+            }
+            Ok(code)
+        }
+        None => {
+            let listed = named::list(&user_dir, uid)
+                .with_context(|| format!("cannot read {}", user_dir.display()))?;
+            let shown = listed.into_iter().filter(|l| {
+                args.all
+                    || (l.dir.is_some()
+                        && (this_job.is_none() || l.job.is_none() || l.job == this_job))
+            });
+            let mut rows = vec![[
+                "NAME".to_string(),
+                "JOB".to_string(),
+                "SIZE".to_string(),
+                "STATE".to_string(),
+            ]];
+            for l in shown {
+                rows.push([
+                    l.name.clone(),
+                    l.job.map_or("-".into(), |j| j.to_string()),
+                    l.dir.as_deref().map_or("-".into(), |d| {
+                        format_size(ferry::rootfs::unpacked::tree_size(d))
+                    }),
+                    match &l.running {
+                        Some(step) => format!("running (step {step})"),
+                        None => "stopped".into(),
+                    },
+                ]);
+            }
+            if rows.len() == 1 {
+                eprintln!(
+                    "no named containers of yours on this node ({})",
+                    user_dir.display()
+                );
+                return Ok(0);
+            }
+            let widths: Vec<usize> = (0..4)
+                .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+                .collect();
+            for r in rows {
+                println!(
+                    "{:<w0$}  {:<w1$}  {:>w2$}  {}",
+                    r[0],
+                    r[1],
+                    r[2],
+                    r[3],
+                    w0 = widths[0],
+                    w1 = widths[1],
+                    w2 = widths[2]
+                );
+            }
+            Ok(0)
+        }
+    }
 }
 
 fn import_command(args: ImportArgs) -> anyhow::Result<()> {

@@ -87,8 +87,13 @@ pub enum PluginError {
     MountList(#[from] MountSpecError),
     #[error("--container-workdir={0}: give an absolute path inside the container")]
     RelativeWorkdir(String),
-    #[error("--container-name={0}: use letters, digits, `.`, `_` and `-` (not first), e.g. --container-name=build")]
-    BadName(String),
+    #[error("--container-name={given}: {error}")]
+    BadName {
+        given: String,
+        error: ferry::container::named::NameError,
+    },
+    #[error(transparent)]
+    NameChoice(#[from] ferry::container::named::ChoiceError),
     #[error("--container-save is empty: give the image file to write, e.g. --container-save=$HOME/NAME.sqsh")]
     EmptySave,
     #[error("--container-save={path}: that is a directory; give the image file to write, e.g. --container-save={dir}/NAME.sqsh")]

@@ -182,10 +182,13 @@ pub fn resolve(
             return Err(PluginError::RelativeWorkdir(w.clone()));
         }
     }
-    let name = opts.name.clone().or(job.name);
-    if let Some(n) = &name {
-        request::check_name(n)?;
-    }
+    let (name, name_flag) = match &opts.name {
+        Some(text) => {
+            let (name, flag) = request::parse_name(text)?;
+            (Some(name), flag)
+        }
+        None => (job.name, job.name_flag),
+    };
     // Saving is per step: a job-wide --container-save would make every step overwrite it.
     let save = opts
         .save
@@ -221,6 +224,7 @@ pub fn resolve(
         writable: opts.writable.or(job.writable),
         entrypoint: opts.entrypoint.or(job.entrypoint),
         name,
+        name_flag,
         save,
         rootfs,
         gpus,

@@ -130,9 +130,12 @@ pub static OPTIONS: &[OptDef] = &[
     ),
     opt!(
         "container-name",
-        "NAME",
+        "NAME[:FLAG]",
         "[ferry] keep the container's changes under NAME for the later steps of the job \
-         (unpacked on first use on each node; writable unless --container-readonly)",
+         (unpacked on first use on each node; writable unless --container-readonly); a \
+         step naming a container another step of the job runs joins it. FLAG: auto \
+         (default), create (must not exist), exec (must run: join it), no_exec (never \
+         join), no_create (must exist). A running unnamed container is JOBID.STEPID",
         Key::Name
     ),
     opt!(

@@ -45,6 +45,9 @@ pub struct Step {
     /// The running holder and its namespaces, opened right after it reported ready (so no
     /// reused pid can stand in for it later).
     pub holder: Option<ferry::container::holder::Holder>,
+    /// What the holder of the running container this step attached to reported (no holder
+    /// of its own then).
+    pub attached: Option<ferry::container::holder::Ready>,
     pub namespaces: Option<ferry::container::join::Namespaces>,
     pub workdir: Option<PathBuf>,
     /// The `ferry` program by absolute path, for tasks that run the image's entrypoint
@@ -64,6 +67,15 @@ pub struct Step {
 }
 
 impl Step {
+    /// What the step's container reported when it was ready: its own holder's, or that of
+    /// the running container it attached to.
+    fn ready(&self) -> Option<&ferry::container::holder::Ready> {
+        self.holder
+            .as_ref()
+            .map(|h| h.ready())
+            .or(self.attached.as_ref())
+    }
+
     /// The job user's ids, for what the plugin starts on the user's behalf.
     fn credentials(&self) -> Credentials {
         Credentials {
@@ -329,6 +341,13 @@ fn from_options(
             return Err(PluginError::RelativeMounts);
         }
     }
+    let (name, name_flag) = match &opts.name {
+        Some(text) => {
+            let (name, flag) = request::parse_name(text)?;
+            (Some(name), flag)
+        }
+        None => (None, None),
+    };
     Ok(Some((
         StepRequest {
             image,
@@ -339,7 +358,8 @@ fn from_options(
             remap_root: opts.remap_root,
             writable: opts.writable,
             entrypoint: opts.entrypoint,
-            name: opts.name.clone(),
+            name,
+            name_flag,
             save: opts.save.clone().filter(|p| p.starts_with('/')),
             rootfs: opts.rootfs.clone(),
             gpus: opts.gpus.clone(),
@@ -429,6 +449,17 @@ fn container_spec(
     if unpacks || req.name.is_some() || req.save.is_some() {
         // Root makes the user's directory, so no other user can have taken its name first.
         ferry::rootfs::user_dir::ensure(&settings.named_dir, step.uid, step.gid)?;
+        spec.running_record = Some(running_record_place(settings, step));
+    } else {
+        // Only to be attachable (as JOBID.STEPID): not worth failing the step over.
+        match ferry::rootfs::user_dir::ensure(&settings.named_dir, step.uid, step.gid) {
+            Ok(()) => spec.running_record = Some(running_record_place(settings, step)),
+            Err(e) => warn!(
+                "step {}.{}: not attachable: {e}",
+                step.job_id,
+                step_name(step.step_id)
+            ),
+        }
     }
     if req.name.is_some() || req.save.is_some() {
         let (owned_from, dir) = unpacked_dir(settings, step);
@@ -494,6 +525,120 @@ fn unpacked_dir(settings: &PluginSettings, step: &Step) -> (PathBuf, PathBuf) {
         None => job_dir.join(format!(".step{}", step_name(step.step_id))),
     };
     (user_dir, dir)
+}
+
+/// Where the job's holders on this node record that they run (in the job's directory, so
+/// the job epilog removes stale records with it).
+fn running_records_dir(settings: &PluginSettings, step: &Step) -> (PathBuf, PathBuf) {
+    let user_dir = settings
+        .named_dir
+        .join(ferry::rootfs::user_dir::name(step.uid));
+    let dir = user_dir
+        .join(format!("job{}", step.job_id))
+        .join(ferry::container::named::RUNNING_DIR);
+    (user_dir, dir)
+}
+
+/// The record this step's holder keeps while it runs: under the container's name, or
+/// `JOBID.STEPID` for an unnamed container (pyxis' name for it).
+fn running_record_place(settings: &PluginSettings, step: &Step) -> ferry::spec::RunningRecordPlace {
+    let (owned_from, dir) = running_records_dir(settings, step);
+    let step_text = step_name(step.step_id);
+    ferry::spec::RunningRecordPlace {
+        owned_from,
+        dir,
+        name: step
+            .request
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{}.{step_text}", step.job_id)),
+        job: step.job_id,
+        step: step_text,
+    }
+}
+
+/// For a step that names a container: the running container of that name to attach to,
+/// or `None` to start one, as its flag (`NAME:FLAG`) asks.
+fn running_to_attach(
+    step: &Step,
+    settings: &PluginSettings,
+) -> Result<Option<ferry::container::named::Running>, PluginError> {
+    let Some(name) = step.request.name.as_deref() else {
+        return Ok(None);
+    };
+    let flag = step.request.name_flag.unwrap_or_default();
+    let (_, records) = running_records_dir(settings, step);
+    let running = ferry::container::named::find_running(&records, name, step.uid);
+    let (_, dir) = unpacked_dir(settings, step);
+    let exists = std::fs::symlink_metadata(dir.join(ferry::rootfs::unpacked::ROOTFS))
+        .is_ok_and(|m| m.is_dir());
+    let attach = ferry::container::named::attaches(name, flag, running.is_some(), exists)?;
+    Ok(running.filter(|_| attach))
+}
+
+/// The options of `req` that only apply when a container starts, as the user gave them.
+fn start_only_options(req: &StepRequest) -> Vec<&'static str> {
+    let pair =
+        |v: Option<bool>, on: &'static str, off: &'static str| v.map(|b| if b { on } else { off });
+    [
+        req.image.as_ref().map(|_| "--container-image"),
+        req.mounts.as_ref().map(|_| "--container-mounts"),
+        pair(req.writable, "--container-writable", "--container-readonly"),
+        pair(
+            req.remap_root,
+            "--container-remap-root",
+            "--no-container-remap-root",
+        ),
+        pair(
+            req.mount_home,
+            "--container-mount-home",
+            "--no-container-mount-home",
+        ),
+        (req.entrypoint == Some(true)).then_some("--container-entrypoint"),
+        req.save.as_ref().map(|_| "--container-save"),
+        req.rootfs.as_ref().map(|_| "--container-rootfs"),
+        req.gpus.as_ref().map(|_| "--container-gpus"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// Join `running` instead of starting a container: the tasks enter its namespaces, with
+/// the environment its image gave, in its working directory unless --container-workdir.
+fn attach(step: &mut Step, running: ferry::container::named::Running) {
+    let record = running.record;
+    let ignored = start_only_options(&step.request);
+    info!(
+        "step {}.{}: attaching to container {} of step {}.{} (holder pid {})",
+        step.job_id,
+        step_name(step.step_id),
+        record.name,
+        record.job,
+        record.step,
+        record.pid
+    );
+    if !ignored.is_empty() && step.node_id == 0 {
+        slurm_spank::slurm_spank_log(&format!(
+            "ferry: warning: attaching to the running container {} (step {}.{}): ignoring {}, which only apply when a container starts",
+            record.name,
+            record.job,
+            record.step,
+            ignored.join(", ")
+        ));
+    }
+    step.workdir = Some(
+        step.request
+            .workdir
+            .as_ref()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| record.ready.workdir.clone()),
+    );
+    // The running container's own start and save are its step's, not this one's.
+    step.request.entrypoint = None;
+    step.request.save = None;
+    step.namespaces = Some(running.namespaces);
+    step.attached = Some(record.ready);
 }
 
 /// job_epilog (each node of the job, as root, at the job's end): remove the job's unpacked
@@ -598,6 +743,15 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
     step.framework_ports = settings
         .framework_env
         .then(|| settings.framework_ports.clone());
+    match running_to_attach(step, settings) {
+        Ok(Some(running)) => return attach(step, running),
+        Ok(None) => {}
+        Err(e) => {
+            info!("step {}.{}: {e}", step.job_id, step_name(step.step_id));
+            step.failure = Some(e);
+            return;
+        }
+    }
     let spec = match container_spec(spank, step, settings) {
         Ok(spec) => spec,
         Err(e) => {
@@ -741,11 +895,11 @@ pub fn task_init(
     if let Some(e) = &step.failure {
         return Err(PluginError::StepFailed(e.to_string()));
     }
-    let (Some(ns), Some(holder)) = (&step.namespaces, &step.holder) else {
+    let (Some(ns), Some(ready)) = (&step.namespaces, step.ready()) else {
         return Err(PluginError::ContainerGone);
     };
     let workdir = step.workdir.clone().unwrap_or_else(|| PathBuf::from("/"));
-    set_image_env(spank, step, &holder.ready().env)?;
+    set_image_env(spank, step, &ready.env)?;
     set_framework_env(spank, step)?;
     let entrypoint = step.request.entrypoint == Some(true);
     let remap_root = step.request.remap_root == Some(true);
@@ -757,7 +911,7 @@ pub fn task_init(
             .ok_or(PluginError::NoFerryProgram)?;
         let how = TaskProgram {
             workdir,
-            start: holder.ready().start.clone(),
+            start: ready.start.clone(),
             entrypoint,
             entrypoint_log: step.request.entrypoint_log == Some(true),
             save,
@@ -936,6 +1090,30 @@ mod tests {
             uid: 2001,
             ..Step::default()
         }
+    }
+
+    #[test]
+    fn options_that_only_apply_at_a_containers_start_are_named() {
+        let req = StepRequest {
+            image: Some("/i.sqsh".into()),
+            mounts: Some("/a:/b".into()),
+            writable: Some(false),
+            remap_root: Some(true),
+            workdir: Some("/w".into()),
+            env_names: Some("A".into()),
+            name: Some("x".into()),
+            ..StepRequest::default()
+        };
+        assert_eq!(
+            start_only_options(&req),
+            [
+                "--container-image",
+                "--container-mounts",
+                "--container-readonly",
+                "--container-remap-root"
+            ]
+        );
+        assert!(start_only_options(&StepRequest::default()).is_empty());
     }
 
     #[test]

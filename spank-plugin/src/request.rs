@@ -19,6 +19,7 @@
 
 use std::path::Path;
 
+use ferry::container::named::{self, NameFlag};
 use ferry::spec::mounts::{MountSpec, MountSpecError};
 use ferry::spec::unshare::Unshare;
 
@@ -35,8 +36,10 @@ pub const ENV_MOUNT_HOME: &str = "SLURM_FERRY_CONTAINER_MOUNT_HOME";
 pub const ENV_REMAP_ROOT: &str = "SLURM_FERRY_CONTAINER_REMAP_ROOT";
 pub const ENV_WRITABLE: &str = "SLURM_FERRY_CONTAINER_WRITABLE";
 pub const ENV_ENTRYPOINT: &str = "SLURM_FERRY_CONTAINER_ENTRYPOINT";
-/// `--container-name`.
+/// `--container-name`: the name, without its flag.
 pub const ENV_NAME: &str = "SLURM_FERRY_CONTAINER_NAME";
+/// `--container-name`'s flag (`NAME:FLAG`), when not `auto`.
+pub const ENV_NAME_FLAG: &str = "SLURM_FERRY_CONTAINER_NAME_FLAG";
 /// `--container-save`, made absolute.
 pub const ENV_SAVE: &str = "SLURM_FERRY_CONTAINER_SAVE";
 
@@ -63,6 +66,7 @@ pub const ALL_ENV: &[&str] = &[
     ENV_WRITABLE,
     ENV_ENTRYPOINT,
     ENV_NAME,
+    ENV_NAME_FLAG,
     ENV_SAVE,
     ENV_ROOTFS,
     ENV_GPUS,
@@ -83,6 +87,8 @@ pub struct StepRequest {
     pub writable: Option<bool>,
     pub entrypoint: Option<bool>,
     pub name: Option<String>,
+    /// What the step asks of the container of that name (`NAME:FLAG`); `None`: `auto`.
+    pub name_flag: Option<NameFlag>,
     pub save: Option<String>,
     pub rootfs: Option<String>,
     pub gpus: Option<String>,
@@ -120,6 +126,7 @@ impl StepRequest {
             (ENV_WRITABLE, flag_text(self.writable)),
             (ENV_ENTRYPOINT, flag_text(self.entrypoint)),
             (ENV_NAME, self.name.clone()),
+            (ENV_NAME_FLAG, self.name_flag.map(|f| f.word().to_string())),
             (ENV_SAVE, self.save.clone()),
             (ENV_ROOTFS, self.rootfs.clone()),
             (ENV_GPUS, self.gpus.clone()),
@@ -148,6 +155,13 @@ impl StepRequest {
             writable: parse_flag(ENV_WRITABLE, get(ENV_WRITABLE))?,
             entrypoint: parse_flag(ENV_ENTRYPOINT, get(ENV_ENTRYPOINT))?,
             name: text(ENV_NAME),
+            name_flag: text(ENV_NAME_FLAG)
+                .map(|f| f.parse::<NameFlag>())
+                .transpose()
+                .map_err(|error| PluginError::BadName {
+                    given: get(ENV_NAME).unwrap_or_default(),
+                    error,
+                })?,
             save: text(ENV_SAVE),
             rootfs: text(ENV_ROOTFS),
             gpus: text(ENV_GPUS),
@@ -199,19 +213,14 @@ pub fn absolute_mounts(list: &str, cwd: &Path) -> Result<String, MountSpecError>
     Ok(items.join(","))
 }
 
-/// Check a `--container-name`: it names a directory on each node.
-pub fn check_name(name: &str) -> Result<(), PluginError> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(PluginError::BadName(name.to_string()))
-    }
+/// Read a `--container-name=NAME[:FLAG]`: the name (it names a directory and a file on each
+/// node) and its flag, `None` for `auto`.
+pub fn parse_name(text: &str) -> Result<(String, Option<NameFlag>), PluginError> {
+    let (name, flag) = named::parse(text).map_err(|error| PluginError::BadName {
+        given: text.to_string(),
+        error,
+    })?;
+    Ok((name, (flag != NameFlag::Auto).then_some(flag)))
 }
 
 /// Check a `--container-env` list of variable names; an empty name (`--container-env=`,
@@ -269,6 +278,60 @@ mod tests {
         assert_eq!(
             parse_unshare("net,pid").unwrap_err().to_string(),
             "--container-unshare=net,pid: unknown namespace \"pid\" (known: net, ipc, uts)"
+        );
+    }
+
+    #[test]
+    fn container_names_and_their_flags() {
+        assert_eq!(parse_name("work").unwrap(), ("work".into(), None));
+        assert_eq!(parse_name("work:").unwrap(), ("work".into(), None));
+        assert_eq!(parse_name("work:auto").unwrap(), ("work".into(), None));
+        for (flag, word) in [
+            (NameFlag::Create, "create"),
+            (NameFlag::Exec, "exec"),
+            (NameFlag::NoExec, "no_exec"),
+            (NameFlag::NoCreate, "no_create"),
+        ] {
+            assert_eq!(
+                parse_name(&format!("w-1.x:{word}")).unwrap(),
+                ("w-1.x".into(), Some(flag))
+            );
+        }
+        assert_eq!(parse_name("42.3").unwrap(), ("42.3".into(), None));
+        let long = "a".repeat(255);
+        assert!(parse_name(&long).is_ok());
+        for (bad, says) in [
+            ("", "empty"),
+            (":exec", "empty"),
+            ("a/b", "`/`"),
+            ("../x", "`/`"),
+            (&*"a".repeat(256), "256 characters"),
+            ("work:attach", "unknown flag `attach`"),
+            ("work:exec:x", "unknown flag `exec:x`"),
+            (".hidden", "letters"),
+            ("a b", "letters"),
+        ] {
+            let e = parse_name(bad).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("--container-name={bad}: ")) && e.contains(says),
+                "{bad:?}: {e}"
+            );
+        }
+        // The flag travels beside the name.
+        let req = StepRequest {
+            name: Some("work".into()),
+            name_flag: Some(NameFlag::NoExec),
+            ..StepRequest::default()
+        };
+        let env: HashMap<&str, String> = req
+            .to_env()
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect();
+        assert_eq!(env[ENV_NAME_FLAG], "no_exec");
+        assert_eq!(
+            StepRequest::from_env(|n| env.get(n).cloned()).unwrap(),
+            Some(req)
         );
     }
 

@@ -392,11 +392,20 @@ pub fn hold() -> i32 {
     }
     let mut stdin = BufReader::new(io::stdin().lock());
     let mut line = String::new();
+    let mut recorder = None;
     let outcome = match stdin.read_line(&mut line) {
         Ok(0) => return 1,
         Ok(_) => serde_json::from_str::<ContainerSpec>(&line)
             .map_err(|e| format!("bad container spec from the caller: {e}"))
-            .and_then(|spec| build(&spec).map_err(|e| e.to_string())),
+            .and_then(|spec| {
+                // Opened while the host's file system is still in view.
+                recorder = spec.running_record.as_ref().and_then(|place| {
+                    crate::container::named::Recorder::open(place)
+                        .map_err(|e| eprintln!("ferry: warning: not attachable: {e}"))
+                        .ok()
+                });
+                build(&spec).map_err(|e| e.to_string())
+            }),
         Err(e) => Err(format!("cannot read the container spec: {e}")),
     };
     let mut out = io::stdout().lock();
@@ -418,8 +427,16 @@ pub fn hold() -> i32 {
     let Some(mut container) = container else {
         return 1;
     };
+    if let (Some(recorder), Report::Ready(ready)) = (recorder.as_mut(), &report) {
+        if let Err(e) = recorder.write(ready) {
+            eprintln!("ferry: warning: not attachable: cannot write its record: {e}");
+        }
+    }
     // stdout stays open to the caller: its end of file says the holder is gone.
     let mut ended = wait_for_stop(&mut stdin, &mut container.squashfuse);
+    if let Some(recorder) = &recorder {
+        recorder.remove();
+    }
     if let Some(fuse) = container.squashfuse.as_mut() {
         // Told to stop because the tasks ended, perhaps because their image went away: say so.
         if let Ok(Some(status)) = fuse.try_wait() {

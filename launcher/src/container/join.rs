@@ -39,7 +39,12 @@ impl Namespaces {
     /// The namespaces of `holder`: opened by its pid, then checked to still be its own
     /// through its pidfd (had the holder ended in between, the pid might be another's).
     pub fn of_holder(holder: &crate::container::holder::Holder) -> Result<Namespaces, JoinError> {
-        let pid = holder.pid();
+        Namespaces::of_process(holder.pid(), holder.pidfd())
+    }
+
+    /// The namespaces of process `pid`, known by `pidfd`: opened by pid, then checked to
+    /// still be that process's.
+    pub fn of_process(pid: i32, pidfd: &crate::sys::child::Pidfd) -> Result<Namespaces, JoinError> {
         let open = |ns: &str| {
             File::open(format!("/proc/{pid}/ns/{ns}"))
                 .map(OwnedFd::from)
@@ -57,7 +62,7 @@ impl Namespaces {
             mnt: open("mnt")?,
             own,
         };
-        if holder.pidfd().has_exited() {
+        if pidfd.has_exited() {
             return Err(JoinError::Open {
                 pid,
                 source: io::Error::new(io::ErrorKind::NotFound, "the holder has ended"),

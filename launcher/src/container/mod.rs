@@ -6,6 +6,7 @@ pub mod exit_code;
 pub mod holder;
 pub mod id_filter;
 pub mod join;
+pub mod named;
 pub mod namespace;
 pub mod run;
 pub mod task_exec;

@@ -156,6 +156,14 @@ pub fn main(args: &DoctorArgs) -> i32 {
     }
 }
 
+/// The plugin's settings in this node's plugstack.conf, for commands that must agree with
+/// the plugin (`ferry containers`); `None`: no Slurm configuration, or no ferry line in it.
+pub fn site_plugin_settings() -> Option<Result<PluginSettings, crate::slurm::site::SiteError>> {
+    let facts = slurm::SlurmFacts::gather().ok()?;
+    let line = facts.ferry_line?;
+    Some(PluginSettings::parse(&line.args))
+}
+
 /// Run every check. Must be called while the process is single-threaded (the probes fork).
 pub fn run_checks() -> Vec<Check> {
     let euid = nix::unistd::geteuid().as_raw();

@@ -287,6 +287,17 @@ pub fn remove_unused_unpacked(root: &Path) -> io::Result<(usize, u64)> {
     Ok(removed)
 }
 
+/// Remove the container directory `dir`, with the read-only directories an image holds.
+pub fn remove_tree(dir: &Path) -> io::Result<()> {
+    let _ = Command::new("chmod")
+        .args(["-R", "u+rwX"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    fs::remove_dir_all(dir)
+}
+
 /// The bytes the regular files under `dir` hold (their length, not their blocks): what
 /// mksquashfs reads to squash them.
 fn file_bytes(dir: &Path) -> u64 {
@@ -316,7 +327,8 @@ fn bytes_read_by(pid: u32) -> Option<u64> {
         .and_then(|n| n.trim().parse().ok())
 }
 
-fn tree_size(dir: &Path) -> u64 {
+/// The bytes the files under `dir` take on disk.
+pub fn tree_size(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

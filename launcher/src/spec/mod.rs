@@ -68,6 +68,10 @@ pub struct ContainerSpec {
     /// Site overrides of helper programs and limits.
     #[serde(default)]
     pub site: SiteSettings,
+    /// Where the holder says, while it runs, that it runs (so that another step of the job
+    /// can attach to the container); `None`: nowhere.
+    #[serde(default)]
+    pub running_record: Option<RunningRecordPlace>,
 }
 
 /// How a squashfs or SIF image becomes the container's root filesystem. Directory images
@@ -140,6 +144,19 @@ pub struct UnpackedDir {
     pub dir: PathBuf,
 }
 
+/// Where and as what a holder records itself while it runs (see
+/// [`crate::container::named`]): the file `dir/name`, `dir` made private to the user from
+/// `owned_from` down.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RunningRecordPlace {
+    pub owned_from: PathBuf,
+    pub dir: PathBuf,
+    /// The container's name: its `--container-name`, or `JOBID.STEPID` for an unnamed one.
+    pub name: String,
+    pub job: u32,
+    pub step: String,
+}
+
 /// Settings an admin controls; users cannot change them through the spec in the plugin
 /// (the plugin fills them from plugstack arguments, never from the job's environment).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -196,6 +213,7 @@ impl ContainerSpec {
             rootfs: RootfsProvider::default(),
             user,
             site: SiteSettings::default(),
+            running_record: None,
         }
     }
 }

@@ -41,6 +41,17 @@ impl Pidfd {
         Ok(handle)
     }
 
+    /// The pidfd of any process, to tell when it ends (never to reap it: it need not be a
+    /// child). Whether `pid` is still the process the caller means must be checked after
+    /// this (e.g. its start time): from here on the pid cannot go to another process.
+    pub fn of_process(pid: i32) -> io::Result<Pidfd> {
+        let pid = Pid::from_raw(pid)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "pid 0"))?;
+        Ok(Pidfd {
+            fd: rustix::process::pidfd_open(pid, PidfdFlags::empty())?,
+        })
+    }
+
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
