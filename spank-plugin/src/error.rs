@@ -80,8 +80,6 @@ pub enum PluginError {
     Mounts(MountSpecError),
     #[error(transparent)]
     MountList(#[from] MountSpecError),
-    #[error("--container-workdir={0}: give an absolute path inside the container")]
-    RelativeWorkdir(String),
     #[error("--container-name={0}: use letters, digits, `.`, `_` and `-` (not first), e.g. --container-name=build")]
     BadName(String),
     #[error("--container-save is empty: give the image file to write, e.g. --container-save=$HOME/NAME.sqsh")]
