@@ -1317,12 +1317,12 @@ fn container_entrypoint_runs_the_images_entrypoint_with_the_tasks_command() {
     // From /tmp, which exists inside: the entrypoint starts in the image's WorkingDir all
     // the same, with the command as its arguments (docker's rule: it replaces Cmd).
     let out = slurm(&format!(
-        "cd /tmp && srun -n1 --container={image} --container-entrypoint echo a b"
+        "cd /tmp && srun -n1 --container={image} --container-entrypoint --container-entrypoint-log echo a b"
     ));
     assert_eq!(out.ok(), "entry echo a b\n/opt/app\nfrom-config\n");
     // Every task runs it.
     let out = slurm(&format!(
-        "cd /tmp && srun -n2 -O --container={image} --container-entrypoint echo x"
+        "cd /tmp && srun -n2 -O --container={image} --container-entrypoint --container-entrypoint-log echo x"
     ));
     assert_eq!(
         sorted_lines(out.ok()),
@@ -1330,7 +1330,7 @@ fn container_entrypoint_runs_the_images_entrypoint_with_the_tasks_command() {
     );
     // --container-workdir wins over WorkingDir.
     let out = slurm(&format!(
-        "cd /tmp && srun -n1 --container={image} --container-entrypoint --container-workdir=/bin pwd"
+        "cd /tmp && srun -n1 --container={image} --container-entrypoint --container-entrypoint-log --container-workdir=/bin pwd"
     ));
     assert_eq!(out.ok(), "entry pwd\n/bin\nfrom-config\n");
     // Without the flag (pyxis' default) and with --no-container-entrypoint the command runs
@@ -1353,6 +1353,7 @@ fn sbatch_container_entrypoint_applies_to_the_jobs_steps() {
         "#!/bin/bash\n\
          #SBATCH --container={image}\n\
          #SBATCH --container-entrypoint\n\
+         #SBATCH --container-entrypoint-log\n\
          #SBATCH --output={d}/out.txt\n\
          srun -n1 echo step\n\
          srun -n1 --no-container-entrypoint echo direct\n"
@@ -1374,7 +1375,7 @@ fn the_entrypoint_execs_the_task_which_keeps_its_status_and_nothing_of_ferrys() 
     let image = busybox_variant(&dir, "exec", EXEC_ENTRYPOINT);
     let run = |cmd: &str| {
         slurm(&format!(
-            "cd /tmp && srun -n1 --container={image} --container-entrypoint {cmd}"
+            "cd /tmp && srun -n1 --container={image} --container-entrypoint --container-entrypoint-log {cmd}"
         ))
     };
     let out = run("sh -c 'echo $$ $SLURM_TASK_PID; pwd; env; ls -l /proc/self/fd/'");
@@ -1444,7 +1445,7 @@ fn enroot_images_run_etc_rc_and_images_without_an_entrypoint_run_the_command() {
         r#"printf '%s\n' 'echo "rc $#"' 'if [ $# -gt 0 ]; then exec "$@"; fi' 'echo rc-default' > etc/rc"#,
     );
     let out = slurm(&format!(
-        "srun -n1 --container={image} --container-entrypoint echo hi"
+        "srun -n1 --container={image} --container-entrypoint --container-entrypoint-log echo hi"
     ));
     assert_eq!(out.ok(), "rc 2\nhi\n");
     let out = slurm(&format!("srun -n1 --container={image} echo hi"));
@@ -1470,7 +1471,7 @@ fn container_entrypoint_with_multi_prog() {
         .status_within(COMMAND_LIMIT);
     let version = slurm("srun --version").ok().to_string();
     let out = slurm(&format!(
-        "cd {d} && srun -n2 -O --container={image} --container-entrypoint --multi-prog mp.conf"
+        "cd {d} && srun -n2 -O --container={image} --container-entrypoint --container-entrypoint-log --multi-prog mp.conf"
     ));
     let (major, minor) = {
         let v: Vec<u32> = version
@@ -1497,6 +1498,177 @@ fn container_entrypoint_with_multi_prog() {
         assert!(
             lines[0].contains("--container-entrypoint does not work with --multi-prog"),
             "{lines:?}"
+        );
+    }
+}
+
+/// An entrypoint that says something on stdout and stderr, then execs its arguments.
+const TALKING_ENTRYPOINT: &str = r#"mkdir -p etc/ferry
+printf '%s\n' 'echo "entry out $#"' 'echo "entry err" >&2' 'exec "$@"' > entry.sh
+printf '{"entrypoint":["/bin/sh","/entry.sh"]}' > etc/ferry/image.json"#;
+
+#[test]
+fn the_entrypoints_output_shows_only_with_container_entrypoint_log() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let image = busybox_variant(&dir, "talking", TALKING_ENTRYPOINT);
+    let run = |env: &str, flags: &str, cmd: &str| {
+        slurm(&format!(
+            "cd /tmp && {env} srun -n1 --container={image} --container-entrypoint {flags} {cmd}"
+        ))
+    };
+    // (3: the listing's own descriptor.)
+    let cmd = "sh -c 'echo out; echo err >&2; ls /proc/self/fd'";
+    // pyxis' default: the entrypoint ran (and ran the command), its own output is gone, the
+    // command's is all there, on the task's own stdout and stderr and with nothing more open.
+    let out = run("", "", cmd);
+    assert_eq!(out.ok(), "out\n0\n1\n2\n3\n", "{}", out.stderr);
+    assert_eq!(own_lines(&out.stderr), vec!["err"]);
+    // With the flag, or its variables: the entrypoint's too.
+    for (env, flags) in [
+        ("", "--container-entrypoint-log"),
+        ("PYXIS_CONTAINER_ENTRYPOINT_LOG=1", ""),
+        ("FERRY_CONTAINER_ENTRYPOINT_LOG=1", ""),
+    ] {
+        let out = run(env, flags, "sh -c 'echo out; echo err >&2'");
+        assert_eq!(out.ok(), "entry out 3\nout\n", "{env} {flags}");
+        assert_eq!(
+            own_lines(&out.stderr),
+            vec!["entry err", "err"],
+            "{env} {flags}"
+        );
+    }
+    let out = run("PYXIS_CONTAINER_ENTRYPOINT_LOG=0", "", "echo out");
+    assert_eq!(out.ok(), "out\n");
+    // The command's exit status is still the task's, and a missing command still says so
+    // (the shell that runs it does, on the task's stderr).
+    let out = run("", "", "sh -c 'exit 7'");
+    assert_eq!(out.code, 7, "{}", out.stderr);
+    assert_eq!(out.stdout, "");
+    let out = run("", "", "no-such-command");
+    assert_eq!(out.code, 127, "{} {}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("no-such-command"), "{}", out.stderr);
+    // Without the entrypoint, the flag changes nothing.
+    let out = slurm(&format!(
+        "srun -n1 --container={image} --container-entrypoint-log echo direct"
+    ));
+    assert_eq!(out.ok(), "direct\n");
+}
+
+// ---- --container-unshare ------------------------------------------------------------------
+
+/// The namespaces a task is in (`net:[N]`, `ipc:[N]`, `uts:[N]`, one line each), and its
+/// network interfaces as `ip -o link` shows them.
+const SHOW_NAMESPACES: &str =
+    "sh -c 'for n in net ipc uts; do readlink /proc/self/ns/$n; done; ip -o link'";
+
+fn host_namespace(kind: &str) -> String {
+    sh_as(USER, &format!("readlink /proc/self/ns/{kind}"))
+        .ok()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn container_unshare_gives_the_steps_tasks_new_namespaces_of_their_own() {
+    let _m = shared_machine();
+    let busybox = img("busybox.sqsh");
+    let host: Vec<String> = ["net", "ipc", "uts"]
+        .iter()
+        .map(|k| host_namespace(k))
+        .collect();
+    let out = slurm(&format!(
+        "srun -n2 -O --container={busybox} --container-unshare=net,ipc,uts {SHOW_NAMESPACES}"
+    ));
+    let text = out.ok();
+    let lines = sorted_lines(text);
+    // Two tasks, the same three namespaces, none of them the host's.
+    let namespaces: BTreeSet<&str> = lines.iter().filter(|l| l.contains(":[")).copied().collect();
+    assert_eq!(namespaces.len(), 3, "{text}");
+    assert_eq!(
+        lines.iter().filter(|l| l.contains(":[")).count(),
+        6,
+        "{text}"
+    );
+    for h in &host {
+        assert!(!namespaces.contains(h.as_str()), "{h} shared: {text}");
+    }
+    // Only the loopback interface, and it is up.
+    let links: Vec<&&str> = lines.iter().filter(|l| l.contains(": <")).collect();
+    assert_eq!(links.len(), 2, "{text}");
+    for l in links {
+        assert!(l.starts_with("1: lo: <LOOPBACK,UP"), "{text}");
+    }
+    // Tasks run through the entrypoint (the task's `ferry` enters) join them as well.
+    let dir = UserDir::new(USER);
+    let image = busybox_variant(&dir, "exec", EXEC_ENTRYPOINT);
+    let out = slurm(&format!(
+        "srun -n1 --container={image} --container-entrypoint --container-unshare=net \
+         sh -c 'readlink /proc/self/ns/net; ls -l /proc/self/fd/'"
+    ));
+    let text = out.ok();
+    assert!(text.starts_with("net:["), "{text}");
+    assert!(!text.starts_with(&host[0]), "{text}");
+    assert!(
+        !text.contains("-> net:["),
+        "a namespace descriptor leaked: {text}"
+    );
+    // UTS: a hostname of the container's own, which root inside may change.
+    let out = slurm(&format!(
+        "srun -n1 --container={busybox} --container-remap-root --container-unshare=uts \
+         sh -c 'hostname inside && hostname'"
+    ));
+    assert_eq!(out.ok(), "inside\n");
+    assert_ne!(sh_as(USER, "hostname").ok().trim(), "inside");
+    // Default: the host's, as before.
+    let out = slurm(&format!("srun -n1 --container={busybox} {SHOW_NAMESPACES}"));
+    let text = out.ok();
+    for h in &host {
+        assert!(text.contains(h.as_str()), "{h} not shared: {text}");
+    }
+}
+
+#[test]
+fn container_unshare_from_variables_the_command_line_wins_and_unknown_names_are_refused() {
+    let _m = shared_machine();
+    let busybox = img("busybox.sqsh");
+    let (net, uts) = (host_namespace("net"), host_namespace("uts"));
+    let namespaces = |env: &str, flags: &str| {
+        slurm(&format!(
+            "{env} srun -n1 --container={busybox} {flags} \
+             sh -c 'readlink /proc/self/ns/net; readlink /proc/self/ns/uts'"
+        ))
+        .ok()
+        .to_string()
+    };
+    let text = namespaces("PYXIS_CONTAINER_UNSHARE=net", "");
+    assert!(!text.contains(&net) && text.contains(&uts), "{text}");
+    let text = namespaces(
+        "FERRY_CONTAINER_UNSHARE=uts PYXIS_CONTAINER_UNSHARE=net",
+        "",
+    );
+    assert!(text.contains(&net) && !text.contains(&uts), "{text}");
+    let text = namespaces("PYXIS_CONTAINER_UNSHARE=net", "--container-unshare=uts");
+    assert!(text.contains(&net) && !text.contains(&uts), "{text}");
+    // An empty list is the default, and wins over the variable too.
+    let text = namespaces("PYXIS_CONTAINER_UNSHARE=net", "--container-unshare=");
+    assert!(text.contains(&net) && text.contains(&uts), "{text}");
+    // An unknown name: one line naming it, and the step does not run.
+    for (env, flags) in [
+        ("", "--container-unshare=net,pid"),
+        ("PYXIS_CONTAINER_UNSHARE=net,pid", ""),
+    ] {
+        let out = slurm(&format!(
+            "{env} srun -n1 --container={busybox} {flags} echo ran"
+        ));
+        assert_ne!(out.code, 0);
+        assert_eq!(out.stdout, "");
+        let lines = own_lines(&out.stderr);
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert!(
+            lines[0].contains("unknown namespace \"pid\""),
+            "{}",
+            lines[0]
         );
     }
 }

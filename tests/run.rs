@@ -76,6 +76,34 @@ fn id_inside_equals_id_outside() {
 }
 
 #[test]
+fn unshare_gives_new_namespaces_with_loopback_up() {
+    let _m = shared_machine();
+    let busybox = img("busybox.sqsh");
+    let host = sh("for n in net ipc uts; do readlink /proc/self/ns/$n; done")
+        .ok()
+        .to_string();
+    let out = sh(&format!(
+        "$FERRY run --remap-root --unshare=net,ipc,uts {busybox} \
+         sh -c 'for n in net ipc uts; do readlink /proc/self/ns/$n; done; ip -o link; hostname inside && hostname'"
+    ));
+    let text = out.ok();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    for ns in &lines[..3] {
+        assert!(!host.contains(ns), "{ns} is the host's: {text}");
+    }
+    assert!(lines[3].starts_with("1: lo: <LOOPBACK,UP"), "{text}");
+    assert_eq!(lines[4], "inside");
+    let out = sh(&format!("$FERRY run --unshare=net,pid {busybox} true"));
+    assert_eq!(out.code, 2);
+    assert!(
+        out.stderr.contains("unknown namespace \"pid\""),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
 fn remap_root_is_uid_0_inside_and_the_user_outside() {
     let _m = shared_machine();
     let dir = UserDir::new(USER);

@@ -90,6 +90,10 @@ struct RunArgs {
     /// arguments, in the image's WorkingDir.
     #[arg(long)]
     entrypoint: bool,
+    /// New namespaces for the container instead of the host's: net (only a loopback
+    /// interface, up), ipc, uts (a hostname of its own); a comma-separated list.
+    #[arg(long, value_name = "net,ipc,uts")]
+    unshare: Option<ferry::spec::unshare::Unshare>,
     /// How a squashfs or SIF image becomes the root filesystem: `squashfuse` (mounted,
     /// nothing copied), `unpack` (unpacked once into the cache and reused: no FUSE on
     /// the read path, costs disk) or `kernel` (mounted by the kernel's squashfs driver;
@@ -357,6 +361,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     }
     // No command: run the image as its author meant (Entrypoint + Cmd, in WorkingDir).
     spec.entrypoint = args.entrypoint || args.command.is_empty();
+    spec.unshare = args.unshare.unwrap_or_default();
     spec.gpus = match &args.gpus {
         Some(list) => ferry::spec::gpus::GpuRequest::parse(list).context("--gpus")?,
         None => ferry::spec::gpus::GpuRequest::from_env(|n| std::env::var(n).ok()),

@@ -78,6 +78,11 @@ pub enum PluginError {
     OptionsWithoutImage,
     #[error("--container-mounts: {0}")]
     Mounts(MountSpecError),
+    #[error("--container-unshare={list}: {error}")]
+    Unshare {
+        list: String,
+        error: ferry::spec::unshare::UnknownNamespace,
+    },
     #[error(transparent)]
     MountList(#[from] MountSpecError),
     #[error("--container-name={0}: use letters, digits, `.`, `_` and `-` (not first), e.g. --container-name=build")]

@@ -207,6 +207,10 @@ pub fn resolve(
     if let Some(list) = &env_names {
         request::check_env_names(list)?;
     }
+    let unshare = match &opts.unshare {
+        Some(list) => Some(request::parse_unshare(list)?),
+        None => job.unshare,
+    };
     let req = StepRequest {
         image,
         mounts,
@@ -220,6 +224,8 @@ pub fn resolve(
         save,
         rootfs,
         gpus,
+        unshare,
+        entrypoint_log: opts.entrypoint_log.or(job.entrypoint_log),
     };
     if context == Context::Local {
         let option = if req.entrypoint == Some(true) {

@@ -28,6 +28,8 @@ pub enum Key {
     Save,
     Rootfs,
     Gpus,
+    Unshare,
+    EntrypointLog,
 }
 
 pub struct OptDef {
@@ -170,6 +172,20 @@ pub static OPTIONS: &[OptDef] = &[
         Key::Entrypoint(false)
     ),
     opt!(
+        "container-entrypoint-log",
+        "[ferry] with --container-entrypoint, show the entrypoint's own output too (by \
+         default only the command's shows)",
+        Key::EntrypointLog
+    ),
+    opt!(
+        "container-unshare",
+        "net,ipc,uts",
+        "[ferry] give the step's container new namespaces of these kinds, shared by its \
+         tasks on a node: net (only a loopback interface), ipc, uts (its own hostname); \
+         default: the host's",
+        Key::Unshare
+    ),
+    opt!(
         "container-quiet",
         "[ferry] show no progress while the image is imported, unpacked or saved (errors \
          still show); the same as FERRY_QUIET=1",
@@ -278,6 +294,9 @@ pub struct OptionValues {
     pub save: Option<String>,
     pub rootfs: Option<String>,
     pub gpus: Option<String>,
+    /// `--container-unshare`, as given: parsed where the request is resolved.
+    pub unshare: Option<String>,
+    pub entrypoint_log: Option<bool>,
     /// Both options of a pair (`--container-writable` and `--container-readonly`), as
     /// `(first, second)` names; the callbacks see them in different orders in srun and in
     /// slurmstepd, so giving both is refused.
@@ -302,6 +321,8 @@ impl OptionValues {
             Key::Save => self.save = text(),
             Key::Rootfs => self.rootfs = text(),
             Key::Gpus => self.gpus = text(),
+            Key::Unshare => self.unshare = text(),
+            Key::EntrypointLog => self.entrypoint_log = Some(true),
             Key::MountHome(on) => self.mount_home = self.flag(self.mount_home, on, def),
             Key::RemapRoot(on) => self.remap_root = self.flag(self.remap_root, on, def),
             Key::Writable(on) => self.writable = self.flag(self.writable, on, def),
@@ -329,7 +350,8 @@ pub const VARIABLE_PREFIXES: [&str; 2] = ["FERRY_CONTAINER_", "PYXIS_CONTAINER_"
 
 /// The options set by variables, as pyxis reads them: `PYXIS_CONTAINER_IMAGE`, `_MOUNTS`,
 /// `_WORKDIR`, `_ENV`, `_NAME`, `_SAVE`, and the flags `_MOUNT_HOME`, `_REMAP_ROOT`,
-/// `_WRITABLE`, `_READONLY`, `_ENTRYPOINT` as 1 or 0 (`MOUNT_HOME=0` is
+/// `_UNSHARE`, and the flags `_MOUNT_HOME`, `_REMAP_ROOT`, `_WRITABLE`, `_READONLY`,
+/// `_ENTRYPOINT`, `_ENTRYPOINT_LOG` as 1 or 0 (`MOUNT_HOME=0` is
 /// `--no-container-mount-home`); each also as `FERRY_CONTAINER_*`, which covers ferry's own
 /// options too (`_ROOTFS`, `_GPUS`, `_QUIET`). Empty variables are unset.
 pub fn from_variables(env: impl Fn(&str) -> Option<String>) -> Result<OptionValues, PluginError> {
@@ -359,6 +381,9 @@ pub fn from_variables(env: impl Fn(&str) -> Option<String>) -> Result<OptionValu
         };
         if on {
             values.set(index, None);
+        } else if def.key == Key::EntrypointLog {
+            // No option says "off": the variable's 0 is the default, said explicitly.
+            values.entrypoint_log = Some(false);
         } else if let Some(opposite) = OPTIONS
             .iter()
             .position(|o| o.key != def.key && same_pair(o.key, def.key))
@@ -388,6 +413,8 @@ impl OptionValues {
             save: self.save.clone().or(d.save),
             rootfs: self.rootfs.clone().or(d.rootfs),
             gpus: self.gpus.clone().or(d.gpus),
+            unshare: self.unshare.clone().or(d.unshare),
+            entrypoint_log: self.entrypoint_log.or(d.entrypoint_log),
             conflicts: [self.conflicts.clone(), d.conflicts].concat(),
         }
     }
@@ -429,7 +456,7 @@ mod tests {
 
     #[test]
     fn table_is_consistent() {
-        assert_eq!(OPTIONS.len(), 17);
+        assert_eq!(OPTIONS.len(), 19);
         for o in OPTIONS {
             assert_eq!(o.name.last(), Some(&0));
             assert_eq!(o.usage.last(), Some(&0));
@@ -445,6 +472,8 @@ mod tests {
         assert!(table.contains(&("container-save", Arg::Required)));
         assert!(table.contains(&("container-rootfs", Arg::Required)));
         assert!(table.contains(&("container-gpus", Arg::Required)));
+        assert!(table.contains(&("container-unshare", Arg::Required)));
+        assert!(table.contains(&("container-entrypoint-log", Arg::No)));
     }
 
     #[test]
@@ -541,6 +570,20 @@ mod tests {
         assert_eq!(merged.writable, Some(true));
         assert_eq!(merged.image.as_deref(), Some("a"));
         assert_eq!(merged.name.as_deref(), Some("n"));
+        // Unshare and the entrypoint's log, as pyxis spells them.
+        let v = from_variables(vars(&[
+            ("PYXIS_CONTAINER_UNSHARE", "net,uts"),
+            ("PYXIS_CONTAINER_ENTRYPOINT_LOG", "1"),
+        ]))
+        .unwrap();
+        assert_eq!(v.unshare.as_deref(), Some("net,uts"));
+        assert_eq!(v.entrypoint_log, Some(true));
+        let v = from_variables(vars(&[("FERRY_CONTAINER_ENTRYPOINT_LOG", "0")])).unwrap();
+        assert_eq!(v.entrypoint_log, Some(false));
+        let given = calls(&[("container-unshare", Some("ipc"))]).all();
+        let merged =
+            given.or(&from_variables(vars(&[("PYXIS_CONTAINER_UNSHARE", "net")])).unwrap());
+        assert_eq!(merged.unshare.as_deref(), Some("ipc"));
     }
 
     #[test]

@@ -343,6 +343,12 @@ fn from_options(
             save: opts.save.clone().filter(|p| p.starts_with('/')),
             rootfs: opts.rootfs.clone(),
             gpus: opts.gpus.clone(),
+            unshare: opts
+                .unshare
+                .as_deref()
+                .map(request::parse_unshare)
+                .transpose()?,
+            entrypoint_log: opts.entrypoint_log,
         },
         origin,
     )))
@@ -366,6 +372,7 @@ fn container_spec(
     let mut spec = ContainerSpec::new(image, user);
     // The holder then prefers the image's WorkingDir to srun's directory.
     spec.entrypoint = req.entrypoint == Some(true);
+    spec.unshare = req.unshare.unwrap_or_default();
     spec.writable = req.writable.unwrap_or(settings.writable);
     spec.remap_root = req.remap_root.unwrap_or(false);
     spec.mount_home = req.mount_home.unwrap_or(true);
@@ -764,6 +771,7 @@ pub fn task_init(
             workdir,
             start: holder.ready().start.clone(),
             entrypoint,
+            entrypoint_log: step.request.entrypoint_log == Some(true),
             save,
         };
         return task_through_ferry(spank, raw, ns, how, ferry_bin);
@@ -781,6 +789,7 @@ struct TaskProgram {
     workdir: PathBuf,
     start: ferry::spec::entrypoint::ImageStart,
     entrypoint: bool,
+    entrypoint_log: bool,
     save: Option<ferry::container::task_exec::SaveAfterTasks>,
 }
 
@@ -816,13 +825,18 @@ fn task_through_ferry(
         Some(argv.first())
     };
     let (user_fd, mnt_fd) = ns.inheritable_fds().map_err(PluginError::PassNamespaces)?;
+    let own_fds = ns
+        .inheritable_own_fds()
+        .map_err(PluginError::PassNamespaces)?;
     let task = ferry::container::task_exec::TaskExec {
         user_fd,
         mnt_fd,
+        own_fds,
         workdir: how.workdir,
         start: how.start,
         argv0,
         entrypoint: how.entrypoint,
+        entrypoint_log: how.entrypoint_log,
         save: how.save,
         unblock_signals: false,
     };

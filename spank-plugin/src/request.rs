@@ -20,6 +20,7 @@
 use std::path::Path;
 
 use ferry::spec::mounts::{MountSpec, MountSpecError};
+use ferry::spec::unshare::Unshare;
 
 use crate::error::PluginError;
 
@@ -45,6 +46,12 @@ pub const ENV_ROOTFS: &str = "SLURM_FERRY_CONTAINER_ROOTFS";
 /// `--container-gpus`.
 pub const ENV_GPUS: &str = "SLURM_FERRY_CONTAINER_GPUS";
 
+/// `--container-unshare`, as the namespaces' names (`net,uts`).
+pub const ENV_UNSHARE: &str = "SLURM_FERRY_CONTAINER_UNSHARE";
+
+/// `--container-entrypoint-log`.
+pub const ENV_ENTRYPOINT_LOG: &str = "SLURM_FERRY_CONTAINER_ENTRYPOINT_LOG";
+
 /// Every variable of the transport, for unsetting them all.
 pub const ALL_ENV: &[&str] = &[
     ENV_IMAGE,
@@ -59,6 +66,8 @@ pub const ALL_ENV: &[&str] = &[
     ENV_SAVE,
     ENV_ROOTFS,
     ENV_GPUS,
+    ENV_UNSHARE,
+    ENV_ENTRYPOINT_LOG,
 ];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -77,6 +86,9 @@ pub struct StepRequest {
     pub save: Option<String>,
     pub rootfs: Option<String>,
     pub gpus: Option<String>,
+    /// `None`: the default (the host's namespaces).
+    pub unshare: Option<Unshare>,
+    pub entrypoint_log: Option<bool>,
 }
 
 fn flag_text(v: Option<bool>) -> Option<String> {
@@ -111,6 +123,8 @@ impl StepRequest {
             (ENV_SAVE, self.save.clone()),
             (ENV_ROOTFS, self.rootfs.clone()),
             (ENV_GPUS, self.gpus.clone()),
+            (ENV_UNSHARE, self.unshare.map(|u| u.to_string())),
+            (ENV_ENTRYPOINT_LOG, flag_text(self.entrypoint_log)),
         ]
     }
 
@@ -137,8 +151,20 @@ impl StepRequest {
             save: text(ENV_SAVE),
             rootfs: text(ENV_ROOTFS),
             gpus: text(ENV_GPUS),
+            unshare: text(ENV_UNSHARE)
+                .map(|list| parse_unshare(&list))
+                .transpose()?,
+            entrypoint_log: parse_flag(ENV_ENTRYPOINT_LOG, get(ENV_ENTRYPOINT_LOG))?,
         }))
     }
+}
+
+/// A `--container-unshare` list, typed; unknown names are refused.
+pub fn parse_unshare(list: &str) -> Result<Unshare, PluginError> {
+    list.parse().map_err(|error| PluginError::Unshare {
+        list: list.to_string(),
+        error,
+    })
 }
 
 /// Whether an image names something to fetch (`docker://…`) rather than a path.
@@ -222,6 +248,28 @@ mod tests {
         let back = StepRequest::from_env(|n| env.get(n).cloned()).unwrap();
         assert_eq!(back, Some(req));
         assert_eq!(StepRequest::from_env(|_| None).unwrap(), None);
+    }
+
+    #[test]
+    fn unshare_and_the_entrypoint_log_travel() {
+        let req = StepRequest {
+            image: Some("/i.sqsh".into()),
+            unshare: Some(parse_unshare("uts,net").unwrap()),
+            entrypoint_log: Some(true),
+            ..StepRequest::default()
+        };
+        let env: HashMap<&str, String> = req
+            .to_env()
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect();
+        assert_eq!(env[ENV_UNSHARE], "net,uts");
+        let back = StepRequest::from_env(|n| env.get(n).cloned()).unwrap();
+        assert_eq!(back, Some(req));
+        assert_eq!(
+            parse_unshare("net,pid").unwrap_err().to_string(),
+            "--container-unshare=net,pid: unknown namespace \"pid\" (known: net, ipc, uts)"
+        );
     }
 
     #[test]

@@ -473,7 +473,7 @@ fn build(spec: &ContainerSpec) -> Result<rootfs::Container, Box<dyn std::error::
         nix::unistd::getuid().as_raw(),
         nix::unistd::getgid().as_raw(),
     );
-    namespace::enter_new(uid, gid, inside)?;
+    namespace::enter_new(uid, gid, inside, spec.unshare)?;
     Ok(rootfs::build(spec, inputs, inside)?)
 }
 

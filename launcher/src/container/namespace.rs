@@ -5,6 +5,7 @@ use std::io;
 
 use nix::sched::CloneFlags;
 
+use crate::spec::unshare::{Namespace, Unshare};
 use crate::spec::user::InsideIds;
 
 #[derive(Debug, thiserror::Error)]
@@ -18,20 +19,27 @@ pub enum NamespaceError {
     },
     #[error("cannot make mounts private to the container: {0}")]
     Propagation(nix::Error),
+    #[error("cannot bring up the loopback interface of the container's network namespace: {0}")]
+    Loopback(io::Error),
 }
 
 /// Move the calling (single-threaded) process into new user and mount namespaces in which
-/// `outside` uid/gid appear as `inside`. Only the one user is mapped: no setuid helper.
+/// `outside` uid/gid appear as `inside`, and into new ones of `unshare`, which the new user
+/// namespace owns. Only the one user is mapped: no setuid helper.
 pub fn enter_new(
     outside_uid: u32,
     outside_gid: u32,
     inside: InsideIds,
+    unshare: Unshare,
 ) -> Result<(), NamespaceError> {
-    nix::sched::unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS).map_err(|errno| {
-        NamespaceError::Disabled {
-            reason: diagnose_unshare(errno),
-        }
+    let flags = CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS | unshare.clone_flags();
+    nix::sched::unshare(flags).map_err(|errno| NamespaceError::Disabled {
+        reason: diagnose_unshare(errno),
     })?;
+    if unshare.contains(Namespace::Net) {
+        // A new network namespace has only `lo`, and down: programs expect 127.0.0.1.
+        crate::sys::raw::set_loopback_up().map_err(NamespaceError::Loopback)?;
+    }
     write_proc("/proc/self/setgroups", "deny", "setgroups")?;
     write_proc(
         "/proc/self/uid_map",

@@ -177,6 +177,17 @@ fn exec_in_container(
 /// environment `envp`; never returns: on failure, one line on stderr and the shell's exit
 /// status (126 cannot execute, 127 not found).
 pub fn exec_searching(args: &[CString], envp: &[CString], search_path: &str) -> ! {
+    exec_searching_then(args, envp, search_path, || {})
+}
+
+/// [`exec_searching`], calling `before_failing` (to put stderr back, say) before it says
+/// why the exec failed.
+pub fn exec_searching_then(
+    args: &[CString],
+    envp: &[CString],
+    search_path: &str,
+    before_failing: impl FnOnce(),
+) -> ! {
     let program = args[0].as_bytes();
     let candidates: Vec<PathBuf> = if program.contains(&b'/') {
         vec![PathBuf::from(std::ffi::OsStr::from_bytes(program))]
@@ -186,6 +197,8 @@ pub fn exec_searching(args: &[CString], envp: &[CString], search_path: &str) -> 
             .collect()
     };
     let mut denied = false;
+    let mut before_failing = Some(before_failing);
+    let mut fail_now = || before_failing.take().map(|f| f());
     for path in candidates {
         let Ok(c) = CString::new(path.into_os_string().into_vec()) else {
             continue;
@@ -193,12 +206,14 @@ pub fn exec_searching(args: &[CString], envp: &[CString], search_path: &str) -> 
         match nix::unistd::execve(&c, args, envp) {
             Err(nix::Error::EACCES) => denied = true,
             Err(nix::Error::ENOEXEC) => {
+                fail_now();
                 eprintln!("ferry: error: cannot execute {}: not an executable this system can run (wrong architecture or missing #! line)", c.to_string_lossy());
                 std::process::exit(exit_code::CANNOT_EXECUTE);
             }
             _ => {}
         }
     }
+    fail_now();
     let name = String::from_utf8_lossy(program);
     if denied {
         eprintln!("ferry: error: permission denied executing `{name}` in the container");

@@ -36,8 +36,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::container::exit_code;
 use crate::container::join::{self, Namespaces};
-use crate::container::run::exec_searching;
+use crate::container::run::exec_searching_then;
 use crate::spec::entrypoint::{self, ImageStart};
+use crate::spec::unshare::Namespace;
 
 /// The variable that makes `ferry` a task's program; it holds a [`TaskExec`] as JSON.
 pub const ENV: &str = "FERRY_TASK_EXEC";
@@ -48,6 +49,10 @@ pub struct TaskExec {
     /// Inherited descriptors of the container's user and mount namespaces.
     pub user_fd: i32,
     pub mnt_fd: i32,
+    /// Inherited descriptors of the network, IPC and UTS namespaces the container has of its
+    /// own (`--container-unshare`).
+    #[serde(default)]
+    pub own_fds: Vec<(Namespace, i32)>,
     /// Where the command starts, inside the container.
     pub workdir: PathBuf,
     /// The image's Entrypoint, Cmd and whether it has enroot's /etc/rc.
@@ -61,6 +66,10 @@ pub struct TaskExec {
     /// (`--container-entrypoint`); else the task's argv as it is.
     #[serde(default = "default_true")]
     pub entrypoint: bool,
+    /// Show the entrypoint's own output (`--container-entrypoint-log`); else only the
+    /// command's (see [`entrypoint::output_restoring_shim`]).
+    #[serde(default)]
+    pub entrypoint_log: bool,
     /// `--container-save`, on the node that saves.
     #[serde(default)]
     pub save: Option<SaveAfterTasks>,
@@ -133,20 +142,38 @@ fn exec_task(value: &std::ffi::OsStr) -> ! {
             task.user_fd, task.mnt_fd
         ));
     }
-    let namespaces = Namespaces::from_inherited(task.user_fd, task.mnt_fd).unwrap_or_else(|e| {
-        fail(&format!(
-            "bad {ENV}: descriptors {} and {}: {e}",
-            task.user_fd, task.mnt_fd
-        ))
-    });
+    let namespaces = Namespaces::from_inherited_with_own(task.user_fd, task.mnt_fd, &task.own_fds)
+        .unwrap_or_else(|e| {
+            fail(&format!(
+                "bad {ENV}: descriptors {} and {}: {e}",
+                task.user_fd, task.mnt_fd
+            ))
+        });
     if let Err(e) = join::join(&namespaces, &task.workdir) {
         fail(&e.to_string());
     }
     drop(namespaces);
 
     let own: Vec<OsString> = std::env::args_os().collect();
-    let argv = entrypoint::command_line(&task.start, &task.task_argv(&own), task.entrypoint);
+    let mut task_argv = task.task_argv(&own);
+    let mut hidden = None;
+    if !task.entrypoint_log && entrypoint::runs_through_image_start(&task.start, task.entrypoint) {
+        hidden = hide_output();
+        if let Some((stdout, stderr)) = hidden {
+            let shim = entrypoint::output_restoring_shim(stdout, stderr);
+            task_argv = shim.into_iter().chain(task_argv).collect();
+        }
+    }
+    // ferry's own errors from here on (no such entrypoint) are for the user to see.
+    let restore_output = move || {
+        if let Some((stdout, stderr)) = hidden {
+            let _ = nix::unistd::dup2(stdout.into(), 1);
+            let _ = nix::unistd::dup2(stderr.into(), 2);
+        }
+    };
+    let argv = entrypoint::command_line(&task.start, &task_argv, task.entrypoint);
     if argv.is_empty() {
+        restore_output();
         fail("no command to run");
     }
     let mut search_path = String::from("/usr/local/bin:/usr/bin:/bin");
@@ -167,8 +194,51 @@ fn exec_task(value: &std::ffi::OsStr) -> ! {
         .into_iter()
         .map(|a| CString::new(a.into_vec()))
         .collect::<Result<_, _>>()
-        .unwrap_or_else(|_| fail("an argument holds a NUL byte"));
-    exec_searching(&args, &envp, &search_path)
+        .unwrap_or_else(|_| {
+            restore_output();
+            fail("an argument holds a NUL byte")
+        });
+    exec_searching_then(&args, &envp, &search_path, restore_output)
+}
+
+/// Inside the container: move stdout and stderr to two free descriptors between 3 and 9
+/// (kept across exec) and put /dev/null in their place, for the entrypoint; returns the two
+/// numbers. `None`, with the output left as it is (the entrypoint's shows), where the image
+/// has no shell to put them back or no such descriptors are free.
+fn hide_output() -> Option<(u8, u8)> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    if !Path::new(entrypoint::DEFAULT_SHELL).exists() {
+        return None;
+    }
+    let null = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .ok()?;
+    let copy = |fd| fcntl(fd, FcntlArg::F_DUPFD(3)).ok();
+    let (stdout, stderr) = (copy(1), copy(2));
+    let close = |fd: Option<i32>| {
+        if let Some(fd) = fd {
+            let _ = nix::unistd::close(fd);
+        }
+    };
+    let digit = |fd: Option<i32>| fd.and_then(|fd| u8::try_from(fd).ok()).filter(|d| *d <= 9);
+    let (Some(out), Some(err)) = (digit(stdout), digit(stderr)) else {
+        close(stdout);
+        close(stderr);
+        return None;
+    };
+    use std::os::fd::AsRawFd;
+    for fd in [1, 2] {
+        if nix::unistd::dup2(null.as_raw_fd(), fd).is_err() {
+            // Put back what was moved already, and show everything.
+            let _ = nix::unistd::dup2(out.into(), 1);
+            let _ = nix::unistd::dup2(err.into(), 2);
+            close(stdout);
+            close(stderr);
+            return None;
+        }
+    }
+    Some((out, err))
 }
 
 /// The signals a saving task's `ferry` passes on to the command (those Slurm and a
@@ -443,10 +513,12 @@ mod tests {
         TaskExec {
             user_fd: 10,
             mnt_fd: 11,
+            own_fds: vec![(Namespace::Net, 12)],
             workdir: "/w".into(),
             start: ImageStart::default(),
             argv0: argv0.map(|a| a.as_bytes().to_vec()),
             entrypoint: true,
+            entrypoint_log: false,
             save: None,
             unblock_signals: false,
         }

@@ -109,6 +109,26 @@ pub fn command_line(image: &ImageStart, user_args: &[OsString], entrypoint: bool
     }
 }
 
+/// Whether [`command_line`] puts the image's start command (its Entrypoint, or enroot's
+/// `/etc/rc`) in front of `user_args`, which are not empty.
+pub fn runs_through_image_start(image: &ImageStart, entrypoint: bool) -> bool {
+    entrypoint && (!image.entrypoint.is_empty() || (image.cmd.is_empty() && image.enroot_rc))
+}
+
+/// What goes between the entrypoint and the command so that the entrypoint's own output is
+/// discarded and the command's is not (`--container-entrypoint` without
+/// `--container-entrypoint-log`): the entrypoint runs with stdout and stderr on /dev/null,
+/// the real ones kept on `stdout` and `stderr` (single digits: dash reads no others), and
+/// when it runs its arguments as entrypoints do (`exec "$@"`), this shell puts them back,
+/// closes the copies and execs the command.
+pub fn output_restoring_shim(stdout: u8, stderr: u8) -> Vec<OsString> {
+    let script = format!("exec 1>&{stdout} 2>&{stderr} {stdout}>&- {stderr}>&-; exec \"$@\"");
+    [DEFAULT_SHELL, "-c", &script, "sh"]
+        .into_iter()
+        .map(OsString::from)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +197,55 @@ mod tests {
             ..oci(&["/e"], &[])
         };
         assert_eq!(command_line(&both, &[], false), os(&["/e"]));
+    }
+
+    #[test]
+    fn only_an_entrypoint_or_etc_rc_runs_in_front_of_the_command() {
+        let args = os(&["id"]);
+        let rc = ImageStart {
+            enroot_rc: true,
+            ..ImageStart::default()
+        };
+        let cases = [
+            oci(&["/e"], &[]),
+            oci(&["/e"], &["c"]),
+            oci(&[], &["c"]),
+            rc.clone(),
+            ImageStart {
+                enroot_rc: true,
+                ..oci(&[], &["c"])
+            },
+            ImageStart::default(),
+        ];
+        for image in cases {
+            for entrypoint in [false, true] {
+                let wraps = command_line(&image, &args, entrypoint) != args;
+                assert_eq!(
+                    runs_through_image_start(&image, entrypoint),
+                    wraps,
+                    "{image:?} {entrypoint}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_shim_restores_the_output_then_runs_its_arguments() {
+        let mut argv = os(&["/entry"]);
+        argv.extend(output_restoring_shim(5, 6));
+        argv.extend(os(&["echo", "hi"]));
+        assert_eq!(
+            argv,
+            os(&[
+                "/entry",
+                "/bin/sh",
+                "-c",
+                "exec 1>&5 2>&6 5>&- 6>&-; exec \"$@\"",
+                "sh",
+                "echo",
+                "hi"
+            ])
+        );
     }
 
     #[test]

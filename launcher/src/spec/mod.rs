@@ -7,6 +7,7 @@ pub mod entrypoint;
 pub mod env;
 pub mod gpus;
 pub mod mounts;
+pub mod unshare;
 pub mod user;
 
 use std::path::PathBuf;
@@ -68,6 +69,9 @@ pub struct ContainerSpec {
     /// hidden), and the host's driver libraries and tools.
     #[serde(default)]
     pub gpus: GpuRequest,
+    /// Namespaces of its own besides user and mount (network, IPC, UTS); default: the host's.
+    #[serde(default)]
+    pub unshare: unshare::Unshare,
     /// The user the container is for (who runs the holder).
     pub user: UserInfo,
     /// Site overrides of helper programs and limits.
@@ -258,6 +262,7 @@ impl ContainerSpec {
             unpacked: None,
             entrypoint: false,
             gpus: GpuRequest::None,
+            unshare: unshare::Unshare::default(),
             rootfs: RootfsProvider::default(),
             user,
             site: SiteSettings::default(),

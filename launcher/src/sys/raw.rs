@@ -163,16 +163,24 @@ fn dup2_raw(from: RawFd, to: RawFd) -> io::Result<()> {
 /// anything else (`ferry`'s main does this first); refused for stdio, for repeated
 /// numbers and for numbers not open.
 pub fn adopt_inherited_fds<const N: usize>(fds: [RawFd; N]) -> io::Result<[OwnedFd; N]> {
+    let owned = adopt_inherited_fd_list(&fds)?;
+    Ok(owned
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one descriptor for each number")))
+}
+
+/// [`adopt_inherited_fds`] for a list of any length.
+pub fn adopt_inherited_fd_list(fds: &[RawFd]) -> io::Result<Vec<OwnedFd>> {
     use std::sync::atomic::{AtomicBool, Ordering};
     static ADOPTED: AtomicBool = AtomicBool::new(false);
     let invalid = |why: &str| Err(io::Error::new(io::ErrorKind::InvalidInput, why.to_string()));
     if fds.iter().any(|fd| *fd < 3) {
         return invalid("not an inherited descriptor (0, 1 and 2 are stdio)");
     }
-    if (1..N).any(|i| fds[..i].contains(&fds[i])) {
+    if (1..fds.len()).any(|i| fds[..i].contains(&fds[i])) {
         return invalid("the same descriptor twice");
     }
-    for fd in fds {
+    for &fd in fds {
         // SAFETY: F_GETFD only reads the flags of a descriptor number; a closed one fails.
         if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
             return Err(io::Error::last_os_error());
@@ -183,7 +191,11 @@ pub fn adopt_inherited_fds<const N: usize>(fds: [RawFd; N]) -> io::Result<[Owned
     }
     // SAFETY: the numbers are open and distinct, and taken once per process at its start,
     // when only what was inherited across exec is open: nothing else owns them.
-    Ok(fds.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }))
+    Ok(fds
+        .iter()
+        // SAFETY: as said above.
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect())
 }
 
 /// End the calling process at once with `code`, running no exit handlers and flushing no
@@ -664,6 +676,36 @@ pub fn pass_fds_and_chroot_on_exec(
             rustix::process::chdir(c"/")?;
             Ok(())
         });
+    }
+    Ok(())
+}
+
+/// Bring the loopback interface `lo` of this process's network namespace up (a new network
+/// namespace has it down). Needs CAP_NET_ADMIN over the namespace: its user namespace's
+/// creator has it. Neither nix nor rustix sets interface flags; this is `ip link set lo up`.
+pub fn set_loopback_up() -> io::Result<()> {
+    // SAFETY: socket takes no pointers; a new descriptor is returned or -1.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened above and is owned by nothing else.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS writes the flags into the ifreq passed, which outlives the call.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union just above.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    // SAFETY: SIOCSIFFLAGS only reads the ifreq passed (name and flags set above).
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
