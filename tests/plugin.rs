@@ -2649,3 +2649,154 @@ fn pyxis_variables_set_the_options_and_the_command_line_wins() {
         lines[0]
     );
 }
+
+/// pyxis habits around paths: a relative --container-workdir is taken from the container's
+/// `/` (`../` is `/`), a missing one is one line naming it; pyxis' mount flags (`+`-joined
+/// `unbindable`, `noexec`), tmpfs mounts, and a relative container path refused.
+#[test]
+fn pyxis_workdir_and_mount_flags() {
+    let _m = shared_machine();
+    let debian = img("debian.sqsh");
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    sh_as(
+        USER,
+        &format!("mkdir {d}/data && printf '#!/bin/sh\\necho ran\\n' > {d}/data/run && chmod +x {d}/data/run"),
+    )
+    .ok();
+    let out = slurm(&format!(
+        "srun -n1 --container-image={debian} --container-workdir=../ pwd; \
+         srun -n1 --container-image={debian} --container-workdir=usr/../etc pwd"
+    ));
+    assert_eq!(out.ok(), "/\n/etc\n");
+    let out = slurm(&format!(
+        "srun -n1 --container-image={debian} --container-workdir=/pyxis true"
+    ));
+    assert_ne!(out.code, 0);
+    let lines = own_lines(&out.stderr);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].contains("/pyxis"), "{}", lines[0]);
+
+    // unbindable+ro: read-only, and unbindable as findmnt shows it.
+    let out = slurm(&format!(
+        "srun -n1 --container-image={debian} --container-mounts={d}/data:/mnt:unbindable+ro \
+         sh -c 'findmnt -n -o PROPAGATION /mnt; touch /mnt/x'"
+    ));
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stdout.contains("unbindable"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("Read-only file system"),
+        "{}",
+        out.stderr
+    );
+    // noexec: the same script runs from a plain mount, not from a noexec one.
+    let out = slurm(&format!(
+        "srun -n1 --container-image={debian} --container-mounts={d}/data:/a,{d}/data:/b:noexec \
+         sh -c '/a/run; /b/run || echo refused'"
+    ));
+    assert_eq!(out.stdout, "ran\nrefused\n", "{}", out.stderr);
+    assert!(out.stderr.contains("Permission denied"), "{}", out.stderr);
+    // A tmpfs of the asked size, writable in a read-only container, gone with the step.
+    let out = slurm(&format!(
+        "srun -n1 --container-image={debian} --container-mounts=tmpfs:/scratch:size=8m+mode=1777 \
+         sh -c 'findmnt -n -o FSTYPE,OPTIONS /scratch; echo kept > /scratch/f && cat /scratch/f; \
+         stat -c %a /scratch'"
+    ));
+    let text = out.ok();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("tmpfs") && lines[0].contains("size=8192k"),
+        "{text}"
+    );
+    assert_eq!(lines[1..], ["kept", "1777"], "{text}");
+    // pyxis' escape attempt: a relative place inside is refused in srun, in one line.
+    for spec in ["/home:../home", "tmpfs"] {
+        let out = slurm(&format!(
+            "srun -n1 --container-image={debian} --container-mounts={spec} true"
+        ));
+        assert_ne!(out.code, 0, "{spec}");
+        let lines = own_lines(&out.stderr);
+        assert_eq!(lines.len(), 1, "{spec}: {lines:#?}");
+        assert!(lines[0].contains(spec), "{}", lines[0]);
+    }
+}
+
+/// With --container-remap-root the home directory is at /root (as in pyxis and enroot),
+/// and the task's $HOME decides which directory that is; srun's directory below it
+/// follows it there.
+#[test]
+fn remap_root_mounts_the_tasks_home_at_root() {
+    let _m = shared_machine();
+    let debian = img("debian.sqsh");
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    sh_as(USER, &format!("mkdir {d}/proj && echo mine > {d}/note")).ok();
+    let out = slurm(&format!(
+        "cd {d}/proj && HOME={d} srun -n1 --container-image={debian} --container-remap-root \
+         sh -c 'echo $HOME; pwd; cat /root/note; getent passwd root | cut -d: -f6; id -u'"
+    ));
+    assert_eq!(out.ok(), "/root\n/root/proj\nmine\n/root\n0\n");
+    // Without remap-root: the same $HOME at its own path, the user's own uid.
+    let out = slurm(&format!(
+        "cd {d}/proj && HOME={d} srun -n1 --container-image={debian} \
+         sh -c 'echo $HOME; pwd; cat {d}/note; test -e /root/note || echo no-root-note'"
+    ));
+    assert_eq!(out.ok(), format!("{d}\n{d}/proj\nmine\nno-root-note\n"));
+}
+
+/// A host locale the image lacks is not passed in (perl, python and bash would warn at
+/// every start): the image's C.UTF-8 stands in, unless --container-env passes it on.
+#[test]
+fn host_locales_the_image_lacks_fall_back_to_c_utf8() {
+    let _m = shared_machine();
+    let debian = img("debian.sqsh");
+    let locale = "LANG=en_US.UTF-8 LC_ALL=en_US.UTF-8 LC_TIME=C";
+    let out = slurm(&format!(
+        "{locale} srun -n1 --container-image={debian} \
+         sh -c 'echo $LANG $LC_ALL $LC_TIME; perl -e \"print qq(perl ok\\n)\"'"
+    ));
+    assert_eq!(out.stdout, "C.UTF-8 C.UTF-8 C\nperl ok\n", "{}", out.stderr);
+    assert!(!out.stderr.contains("locale"), "{}", out.stderr);
+    let out = slurm(&format!(
+        "{locale} srun -n1 --container-image={debian} --container-env=LANG,LC_ALL \
+         sh -c 'echo $LANG $LC_ALL; perl -e 1'"
+    ));
+    assert_eq!(out.stdout, "en_US.UTF-8 en_US.UTF-8\n", "{}", out.stderr);
+    assert!(
+        out.stderr.contains("perl: warning: Setting locale failed"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// `default_workdir=image`: tasks start in the image's WorkingDir, as in pyxis; the
+/// default keeps srun's directory; --container-workdir wins over both.
+#[test]
+fn the_sites_default_workdir_image_starts_tasks_in_the_images_workdir() {
+    let _m = exclusive_machine();
+    let plugstack = Plugstack::open(&cluster());
+    let dir = UserDir::new(USER);
+    let (image, _) = debian_variant(
+        &dir,
+        "ws",
+        "mkdir -p workspace etc/ferry && echo '{\"working_dir\":\"/workspace\"}' > etc/ferry/image.json",
+    );
+    // srun runs from /tmp, which containers have (the host's).
+    let run = |options: &str| {
+        slurm(&format!(
+            "cd /tmp && srun -n1 --container-image={image} {options} pwd"
+        ))
+        .ok()
+        .trim()
+        .to_string()
+    };
+    assert_eq!(run(""), "/tmp", "srun's directory by default");
+    plugstack.add_args("default_workdir=image");
+    assert_eq!(run(""), "/workspace");
+    assert_eq!(run("--container-workdir=/etc"), "/etc");
+}

@@ -368,8 +368,18 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     spec.rootfs = provider;
     spec.remap_root = args.remap_root;
     spec.mount_home = !args.no_mount_home;
-    spec.workdir = args.workdir;
+    spec.workdir = args
+        .workdir
+        .as_deref()
+        .map(|w| ferry::spec::container_path(&w.to_string_lossy()));
     spec.cwd = Some(cwd.clone());
+    spec.caller_locale = ferry::rootfs::locale::VARIABLES
+        .iter()
+        .filter_map(|&name| Some((name.to_string(), std::env::var(name).ok()?)))
+        .collect();
+    spec.home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .filter(|h| h.is_absolute());
     if let Some(dir) = &args.keep {
         let dir = cwd.join(dir);
         spec.unpacked = Some(ferry::spec::UnpackedDir {

@@ -85,8 +85,6 @@ pub enum PluginError {
     },
     #[error(transparent)]
     MountList(#[from] MountSpecError),
-    #[error("--container-workdir={0}: give an absolute path inside the container")]
-    RelativeWorkdir(String),
     #[error("--container-name={given}: {error}")]
     BadName {
         given: String,

@@ -176,12 +176,12 @@ pub fn resolve(
         Some(list) => Some(request::absolute_mounts(list, cwd).map_err(PluginError::Mounts)?),
         None => job.mounts,
     };
-    let workdir = opts.workdir.clone().or(job.workdir);
-    if let Some(w) = &workdir {
-        if !w.starts_with('/') {
-            return Err(PluginError::RelativeWorkdir(w.clone()));
-        }
-    }
+    // A relative directory is taken from the container's `/` (pyxis: `../` is `/`).
+    let workdir = opts
+        .workdir
+        .clone()
+        .or(job.workdir)
+        .map(|w| ferry::spec::container_path(&w).display().to_string());
     let (name, name_flag) = match &opts.name {
         Some(text) => {
             let (name, flag) = request::parse_name(text)?;

@@ -407,10 +407,27 @@ fn container_spec(
         |name| std::env::var_os(name),
         |name| spank.getenv(name).ok().flatten(),
     ));
-    spec.workdir = req.workdir.as_ref().map(PathBuf::from);
+    spec.workdir = req.workdir.as_deref().map(ferry::spec::container_path);
     // slurmstepd runs user_init in the step's working directory (srun's, or --chdir's),
     // also under --export=NONE, where PWD is not in the step's environment.
     spec.cwd = std::env::current_dir().ok();
+    // pyxis mounts the task's $HOME, which a job may point elsewhere than the passwd home.
+    spec.home = spank
+        .getenv("HOME")
+        .ok()
+        .flatten()
+        .map(PathBuf::from)
+        .filter(|h| h.is_absolute());
+    let explicit: Vec<&str> = req
+        .env_names
+        .as_deref()
+        .map(|n| n.split(',').map(str::trim).collect())
+        .unwrap_or_default();
+    spec.caller_locale = ferry::rootfs::locale::VARIABLES
+        .iter()
+        .filter(|name| !explicit.contains(name))
+        .filter_map(|&name| Some((name.to_string(), spank.getenv(name).ok().flatten()?)))
+        .collect();
     if let Some(names) = &req.env_names {
         for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             if let Some(value) = spank.getenv(name).ok().flatten() {
@@ -726,11 +743,7 @@ fn mpi_runtime_mounts(
     }
     dirs.into_iter()
         .filter(|d| d.is_dir())
-        .map(|d| MountSpec {
-            source: d.clone(),
-            target: d,
-            read_only: false,
-        })
+        .map(|d| MountSpec::bind(d.clone(), d, false))
         .collect()
 }
 
@@ -1125,11 +1138,7 @@ mod tests {
         let mounts = mpi_runtime_mounts(&step(), env, |_| None);
         assert_eq!(
             mounts,
-            vec![MountSpec {
-                source: own.clone(),
-                target: own.clone(),
-                read_only: false
-            }]
+            vec![MountSpec::bind(own.clone(), own.clone(), false)]
         );
     }
 

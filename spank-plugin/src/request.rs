@@ -204,7 +204,7 @@ pub fn absolute_mounts(list: &str, cwd: &Path) -> Result<String, MountSpecError>
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|item| match item.split_once(':') {
-            Some((src, rest)) if !src.starts_with('/') => {
+            Some((src, rest)) if !src.starts_with('/') && src != "tmpfs" => {
                 format!("{}:{rest}", cwd.join(src).display())
             }
             _ => item.to_string(),

@@ -22,7 +22,7 @@ use crate::rootfs::staging::{
 use crate::rootfs::{binds, loader, squashfuse, unpacked};
 use crate::spec::entrypoint::ImageStart;
 use crate::spec::user::{self, InsideIds};
-use crate::spec::ContainerSpec;
+use crate::spec::{ContainerSpec, DefaultWorkdir};
 use crate::sys::raw;
 
 /// Largest text file read from an image (passwd, group, environment).
@@ -158,6 +158,17 @@ fn assemble(
         let_apt_stay_root();
     }
     let mut env = read_image_env();
+    if spec.remap_root {
+        // Root's home, where the home directory is mounted (enroot and pyxis do the same).
+        crate::spec::env::set(&mut env, "HOME", "/root".into());
+    }
+    let locales = crate::rootfs::locale::ImageLocales::read(Path::new("/"));
+    for (name, value) in locales.replacements(&spec.caller_locale) {
+        if !env.iter().any(|(n, _)| *n == name) {
+            tracing::debug!("{name}: the image lacks this locale, using {value}");
+            crate::spec::env::set(&mut env, &name, value);
+        }
+    }
     if let Some(dirs) = library_path {
         loader::add_library_path(&mut env, &dirs);
     }
@@ -282,6 +293,7 @@ fn write_identity_files(
         &read_from_new_root(newroot, "/etc/passwd"),
         &spec.user,
         inside,
+        &spec.home_inside(),
         &shell,
     );
     let group = user::group_with_user(
@@ -325,9 +337,9 @@ fn read_image_env() -> Vec<(String, String)> {
 }
 
 /// The explicit workdir (which must exist), else the caller's directory when it exists
-/// inside, else the image's WorkingDir, else home, else `/`. When the image's own start
-/// command runs (`entrypoint`), its WorkingDir comes before the caller's directory, as
-/// the image's author meant it to.
+/// inside, else the image's WorkingDir, else home, else `/`. The image's WorkingDir comes
+/// first when the image's own start command runs (`entrypoint`), as the image's author
+/// meant it, and where the site prefers pyxis' order (`default_workdir=image`).
 fn choose_workdir(spec: &ContainerSpec, image_dir: Option<&Path>) -> Result<PathBuf, RootfsError> {
     if let Some(dir) = &spec.workdir {
         return if dir.is_dir() {
@@ -337,10 +349,12 @@ fn choose_workdir(spec: &ContainerSpec, image_dir: Option<&Path>) -> Result<Path
         };
     }
     let image_dir = image_dir.map(Path::to_path_buf);
-    let candidates = if spec.entrypoint {
-        [image_dir, spec.cwd.clone(), Some(spec.user.home.clone())]
+    let image_first = spec.entrypoint || spec.site.default_workdir == DefaultWorkdir::Image;
+    let (caller_dir, home) = (spec.caller_dir_inside(), Some(spec.home_inside()));
+    let candidates = if image_first {
+        [image_dir, caller_dir, home]
     } else {
-        [spec.cwd.clone(), image_dir, Some(spec.user.home.clone())]
+        [caller_dir, image_dir, home]
     };
     Ok(candidates
         .into_iter()

@@ -27,6 +27,8 @@ pub(super) struct Bind {
     pub(super) is_dir: bool,
     pub(super) recursive: bool,
     pub(super) flags: MountAttrFlags,
+    /// Made unbindable after it is mounted (pyxis' `unbindable` mount flag).
+    pub(super) unbindable: bool,
 }
 
 /// A host path opened again inside the new mount namespace.
@@ -44,7 +46,8 @@ pub(super) struct Reopened {
 pub(super) struct BindSources {
     /// The host's /dev, or a copy without the GPU nodes the container must not see.
     pub(super) dev: PathBuf,
-    pub(super) home: Option<Reopened>,
+    /// Where the home directory goes inside, and its source.
+    pub(super) home: Option<(PathBuf, Reopened)>,
     /// The host's name service files that are bound: (the file, its source).
     pub(super) name_service: Vec<(&'static str, PathBuf)>,
     pub(super) mounts: Vec<(MountSpec, Reopened)>,
@@ -79,11 +82,19 @@ pub(super) fn open_sources(inputs: &Inputs) -> Result<(BindSources, Vec<OwnedFd>
         held.push(fd);
         Ok(reopened)
     };
-    let home = inputs.home.as_ref().map(&mut reopen).transpose()?;
+    let home = inputs
+        .home
+        .as_ref()
+        .map(|(target, s)| Ok::<_, RootfsError>((target.clone(), reopen(s)?)))
+        .transpose()?;
     let mounts = inputs
         .mounts
         .iter()
-        .map(|(m, s)| Ok((m.clone(), reopen(s)?)))
+        .enumerate()
+        .map(|(i, (m, s))| match (s, &m.tmpfs) {
+            (Some(s), _) => Ok((m.clone(), reopen(s)?)),
+            (None, options) => Ok((m.clone(), new_tmpfs(i, options.as_deref().unwrap_or(""))?)),
+        })
         .collect::<Result<_, RootfsError>>()?;
     let host_files = inputs
         .host_binds
@@ -98,6 +109,30 @@ pub(super) fn open_sources(inputs: &Inputs) -> Result<(BindSources, Vec<OwnedFd>
         host_files,
     };
     Ok((sources, held))
+}
+
+/// A new tmpfs for the user's mount number `index`, on the staging tmpfs, to be bound
+/// where the user asked like any other mount.
+fn new_tmpfs(index: usize, options: &str) -> Result<Reopened, RootfsError> {
+    let dir = Path::new(FILES).join(format!("tmpfs-{index}"));
+    fs::create_dir(&dir).map_err(setup("creating a tmpfs"))?;
+    nix::mount::mount(
+        Some("tmpfs"),
+        &dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        Some(options),
+    )
+    .map_err(|e| RootfsError::Mount {
+        what: format!("tmpfs ({options})"),
+        target: dir.clone(),
+        source: crate::rootfs::error::nix_io(e),
+    })?;
+    Ok(Reopened {
+        host_path: "tmpfs".into(),
+        source: dir,
+        is_dir: true,
+    })
 }
 
 /// The binds of a container, in the order they are made: the host's /proc, /sys, /dev and
@@ -116,6 +151,7 @@ pub(super) fn plan(sources: &BindSources) -> Vec<Bind> {
         is_dir: true,
         recursive: true,
         flags,
+        unbindable: false,
     };
     let host = |dir: &str| Path::new(OLD).join(inside_path(Path::new(dir)));
     let mut binds = vec![
@@ -124,14 +160,15 @@ pub(super) fn plan(sources: &BindSources) -> Vec<Bind> {
         host_tree("/dev", sources.dev.clone(), NOSUID),
         host_tree("/tmp", host("/tmp"), guard),
     ];
-    if let Some(home) = &sources.home {
+    if let Some((target, home)) = &sources.home {
         binds.push(Bind {
             what: format!("home {}", home.host_path.display()),
             source: home.source.clone(),
-            target: home.host_path.clone(),
+            target: target.clone(),
             is_dir: home.is_dir,
             recursive: true,
             flags: guard,
+            unbindable: false,
         });
     }
     for (file, source) in &sources.name_service {
@@ -142,6 +179,7 @@ pub(super) fn plan(sources: &BindSources) -> Vec<Bind> {
             is_dir: false,
             recursive: false,
             flags: guard | RDONLY,
+            unbindable: false,
         });
     }
     for file in ["passwd", "group"] {
@@ -152,16 +190,21 @@ pub(super) fn plan(sources: &BindSources) -> Vec<Bind> {
             is_dir: false,
             recursive: false,
             flags: guard | RDONLY,
+            unbindable: false,
         });
     }
     for (m, source) in &sources.mounts {
+        let mut flags = guard;
+        flags.set(RDONLY, m.read_only);
+        flags.set(MountAttrFlags::MOUNT_ATTR_NOEXEC, m.no_exec);
         binds.push(Bind {
             what: m.source.display().to_string(),
             source: source.source.clone(),
             target: m.target.clone(),
             is_dir: source.is_dir,
             recursive: true,
-            flags: if m.read_only { guard | RDONLY } else { guard },
+            flags,
+            unbindable: m.unbindable,
         });
     }
     for (target, file) in &sources.host_files {
@@ -172,6 +215,7 @@ pub(super) fn plan(sources: &BindSources) -> Vec<Bind> {
             is_dir: file.is_dir,
             recursive: file.is_dir,
             flags: guard | RDONLY,
+            unbindable: false,
         });
     }
     binds
@@ -182,12 +226,17 @@ pub(super) fn plan(sources: &BindSources) -> Vec<Bind> {
 pub(super) fn bind_into(newroot: &File, bind: &Bind) -> io::Result<()> {
     let target_fd = raw::open_in_root(newroot.as_fd(), &bind.target, libc::O_PATH, 0)?;
     bind_mount(&bind.source, &fd_path(&target_fd), bind.recursive)?;
-    if bind.flags.is_empty() {
+    if bind.flags.is_empty() && !bind.unbindable {
         return Ok(());
     }
     // Opened again: the first descriptor names the covered directory, not the new mount.
     let top = raw::open_in_root(newroot.as_fd(), &bind.target, libc::O_PATH, 0)?;
-    raw::mount_set_flags(&fd_path(&top), bind.flags, bind.recursive)
+    raw::mount_set_flags(&fd_path(&top), bind.flags, bind.recursive)?;
+    if bind.unbindable {
+        use rustix::mount::MountPropagationFlags as Propagation;
+        rustix::mount::mount_change(fd_path(&top), Propagation::UNBINDABLE | Propagation::REC)?;
+    }
+    Ok(())
 }
 
 /// The host's name service files, so that names resolve inside as on the host (images
@@ -279,14 +328,12 @@ mod tests {
     }
 
     fn sources() -> BindSources {
-        let mount = |source: &str, target: &str, read_only| MountSpec {
-            source: source.into(),
-            target: target.into(),
-            read_only,
+        let mount = |source: &str, target: &str, read_only| {
+            MountSpec::bind(source.into(), target.into(), read_only)
         };
         BindSources {
             dev: "/oldroot/dev".into(),
-            home: Some(reopened("/home/alice", 10, true)),
+            home: Some(("/home/alice".into(), reopened("/home/alice", 10, true))),
             name_service: vec![("/etc/hosts", "/oldroot/proc/self/fd/11".into())],
             mounts: vec![
                 (mount("/data", "/in", true), reopened("/data", 12, true)),
@@ -395,5 +442,16 @@ mod tests {
         let mut s = sources();
         s.home = None;
         assert!(plan(&s).iter().all(|b| !b.what.starts_with("home ")));
+    }
+
+    #[test]
+    fn home_goes_where_the_spec_puts_it() {
+        let mut s = sources();
+        s.home = Some(("/root".into(), reopened("/home/alice", 10, true)));
+        let home = find(&plan(&s), "/root").clone();
+        assert_eq!(home.what, "home /home/alice");
+        assert!(plan(&s)
+            .iter()
+            .all(|b| b.target != Path::new("/home/alice")));
     }
 }

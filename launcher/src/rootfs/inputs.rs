@@ -56,8 +56,10 @@ pub struct Inputs {
     pub(super) image: File,
     pub(super) kind: ImageKind,
     pub(super) squashfuse: Option<PathBuf>,
-    pub(super) home: Option<Source>,
-    pub(super) mounts: Vec<(MountSpec, Source)>,
+    /// The home directory: where it goes inside, and its source.
+    pub(super) home: Option<(PathBuf, Source)>,
+    /// The user's mounts with their sources (none for a tmpfs).
+    pub(super) mounts: Vec<(MountSpec, Option<Source>)>,
     /// What the container gets from the host (GPU nodes shown or hidden, driver and site
     /// libraries and tools), with the host files opened, and where each goes inside.
     pub(super) host: HostFiles,
@@ -161,19 +163,23 @@ pub fn open_inputs(spec: &ContainerSpec) -> Result<Inputs, RootfsError> {
         }
         ImageKind::Directory => None,
     };
-    let home =
-        if spec.mount_home && spec.user.home.is_absolute() && spec.user.home != Path::new("/") {
-            // A missing or unreadable home is not worth failing a job for: run without it.
-            open_source(&spec.user.home, user)
-                .map_err(|e| tracing::info!("not mounting home: {e}"))
-                .ok()
-        } else {
-            None
-        };
+    let host_home = spec.host_home();
+    let home = if spec.mount_home && host_home.is_absolute() && host_home != Path::new("/") {
+        // A missing or unreadable home is not worth failing a job for: run without it.
+        open_source(host_home, user)
+            .map(|source| (spec.home_inside(), source))
+            .map_err(|e| tracing::info!("not mounting home: {e}"))
+            .ok()
+    } else {
+        None
+    };
     let mounts = spec
         .mounts
         .iter()
-        .map(|m| open_source(&m.source, user).map(|s| (m.clone(), s)))
+        .map(|m| match m.tmpfs {
+            Some(_) => Ok((m.clone(), None)),
+            None => open_source(&m.source, user).map(|s| (m.clone(), Some(s))),
+        })
         .collect::<Result<_, _>>()?;
     let cli = match &spec.site.nvidia_container_cli {
         ContainerCli::Auto => gpu::find_container_cli(),

@@ -145,6 +145,7 @@ fn install_loader_cache(spec: &ContainerSpec, cache: &Path) -> Result<(), Loader
         flags: MountAttrFlags::MOUNT_ATTR_RDONLY
             | MountAttrFlags::MOUNT_ATTR_NOSUID
             | MountAttrFlags::MOUNT_ATTR_NODEV,
+        unbindable: false,
     };
     bind_into(&newroot, &bind).map_err(LoaderError::BindCache)
 }

@@ -10,6 +10,7 @@ pub mod inputs;
 pub mod kernel;
 pub mod ldcache;
 mod loader;
+pub mod locale;
 mod squashfuse;
 mod staging;
 pub mod unpacked;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::image::registry::settings::ImportSettings;
 use crate::spec::mounts::{MountSpec, MountSpecError};
-use crate::spec::{ContainerCli, Provider, SiteSettings};
+use crate::spec::{ContainerCli, DefaultWorkdir, Provider, SiteSettings};
 
 /// Where the `ferry` program is when plugstack.conf does not say.
 pub const DEFAULT_FERRY_BIN: &str = "/usr/local/bin/ferry";
@@ -104,6 +104,10 @@ pub struct PluginSettings {
     /// `quiet=yes|no`: steps show no import, unpack or save progress on the user's terminal
     /// unless they ask (default `no`); errors always show.
     pub quiet: bool,
+    /// `default_workdir=caller|image`: where tasks start without `--container-workdir`:
+    /// srun's directory when the container has it (default), or the image's WorkingDir
+    /// first, as pyxis does.
+    pub default_workdir: DefaultWorkdir,
 }
 
 /// How long named containers live.
@@ -149,6 +153,7 @@ impl Default for PluginSettings {
             framework_env: true,
             framework_ports: crate::slurm::framework_env::DEFAULT_PORTS,
             quiet: false,
+            default_workdir: DefaultWorkdir::Caller,
         }
     }
 }
@@ -187,6 +192,8 @@ pub enum SiteError {
     HostLib(String),
     #[error("plugstack.conf argument `framework_ports=`: {0}")]
     Ports(String),
+    #[error("plugstack.conf argument `default_workdir={0}`: use caller or image")]
+    DefaultWorkdir(String),
     #[error("plugstack.conf argument `{key}={value}`: use yes or no")]
     YesNo { key: String, value: String },
 }
@@ -194,7 +201,7 @@ pub enum SiteError {
 const KEYS: &str =
     "ferry_bin, default_mounts, squashfuse, writable_tmpfs_size, log_level, named_dir, \
 registry_ca_file, insecure_registries, registries_conf, rootfs, kernel_squashfs, import_on_submit, gpus, host_libs, nvidia_container_cli, container_scope, writable, \
-framework_env, framework_ports, quiet";
+framework_env, framework_ports, quiet, default_workdir";
 
 /// Keys that may be repeated, their values adding up.
 const LIST_KEYS: &[&str] = &["default_mounts", "insecure_registries", "host_libs"];
@@ -269,6 +276,13 @@ impl PluginSettings {
                 "registries_conf" => s.registries_conf = Some(absolute(key, value)?),
                 "import_on_submit" => s.import_on_submit = yes_no(key, value)?,
                 "quiet" => s.quiet = yes_no(key, value)?,
+                "default_workdir" => {
+                    s.default_workdir = match value {
+                        "caller" => DefaultWorkdir::Caller,
+                        "image" => DefaultWorkdir::Image,
+                        _ => return Err(SiteError::DefaultWorkdir(value.to_string())),
+                    }
+                }
                 "kernel_squashfs" => s.kernel_squashfs = yes_no(key, value)?,
                 "writable" => s.writable = yes_no(key, value)?,
                 "framework_env" => s.framework_env = yes_no(key, value)?,
@@ -364,6 +378,7 @@ impl PluginSettings {
             writable_tmpfs_size: self.writable_tmpfs_size.clone(),
             host_libs: self.host_libs.clone(),
             nvidia_container_cli: self.nvidia_container_cli.clone(),
+            default_workdir: self.default_workdir,
         }
     }
 }
@@ -419,8 +434,14 @@ mod tests {
             "host_libs=/opt/mpi/lib,libibverbs.so.1",
             "host_libs=libmlx5.so*",
             "nvidia_container_cli=/usr/bin/nvidia-container-cli",
+            "default_workdir=image",
         ])
         .unwrap();
+        assert_eq!(s.site_settings().default_workdir, DefaultWorkdir::Image);
+        assert!(parse(&["default_workdir=home"])
+            .unwrap_err()
+            .to_string()
+            .contains("use caller or image"));
         assert_eq!(s.gpus, GpuDefault::None);
         assert_eq!(
             s.host_libs,

@@ -29,9 +29,14 @@ pub struct ContainerSpec {
     /// Map the user to uid/gid 0 inside instead of keeping their own ids.
     #[serde(default)]
     pub remap_root: bool,
-    /// Bind the user's home directory at the same path inside.
+    /// Bind the user's home directory inside: at its own path, or at `/root` when the user
+    /// is root inside (`remap_root`), as enroot and pyxis do.
     #[serde(default = "default_true")]
     pub mount_home: bool,
+    /// The home directory to bind: the caller's `$HOME` when set (pyxis mounts that one),
+    /// else the user's home from the password database.
+    #[serde(default)]
+    pub home: Option<PathBuf>,
     /// Extra bind mounts, in order.
     #[serde(default)]
     pub mounts: Vec<MountSpec>,
@@ -44,6 +49,10 @@ pub struct ContainerSpec {
     /// `NAME=VALUE` pairs asked for explicitly; they win over the image's values.
     #[serde(default)]
     pub env: Vec<(String, String)>,
+    /// The caller's locale variables (LANG, LC_*) not asked for explicitly: those the
+    /// image cannot honour are replaced by the C locale.
+    #[serde(default)]
+    pub caller_locale: Vec<(String, String)>,
     /// A directory of the user's holding an unpacked, writable copy of the image that
     /// outlives the step (named containers, `--container-save`): unpacked on first use,
     /// reused after. `None`: the image is mounted as it is.
@@ -175,6 +184,40 @@ pub struct SiteSettings {
     /// NVIDIA's `nvidia-container-cli`, to list the driver's files of a GPU container.
     #[serde(default)]
     pub nvidia_container_cli: ContainerCli,
+    /// Where tasks start when the step names no working directory.
+    #[serde(default)]
+    pub default_workdir: DefaultWorkdir,
+}
+
+/// Where a task starts when no working directory is asked for. Both have users: pyxis
+/// starts tasks in the image's WorkingDir (NGC images: /workspace, where their examples
+/// live), while job scripts written as `cd $PROJECT; srun ... ./train.py` expect the
+/// directory srun was called from.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DefaultWorkdir {
+    /// The caller's directory when it exists inside, else the image's WorkingDir.
+    #[default]
+    Caller,
+    /// The image's WorkingDir when it has one, else the caller's directory (pyxis).
+    Image,
+}
+
+/// A working directory given for inside the container, as an absolute path there: a
+/// relative one is taken from the container's `/`, and `..` never climbs above it, so
+/// `../` is `/` (as in pyxis).
+pub fn container_path(text: &str) -> PathBuf {
+    let mut path = PathBuf::from("/");
+    for part in std::path::Path::new(text).components() {
+        match part {
+            std::path::Component::Normal(name) => path.push(name),
+            std::path::Component::ParentDir => {
+                path.pop();
+            }
+            _ => {}
+        }
+    }
+    path
 }
 
 /// Whether the driver's files come from `nvidia-container-cli` or the loader cache.
@@ -195,6 +238,31 @@ fn default_true() -> bool {
 }
 
 impl ContainerSpec {
+    /// The home directory on the host: `$HOME` as the caller had it, else the user's.
+    pub fn host_home(&self) -> &std::path::Path {
+        self.home.as_deref().unwrap_or(&self.user.home)
+    }
+
+    /// Where the home directory is inside: `/root` for root inside, else its host path.
+    pub fn home_inside(&self) -> PathBuf {
+        if self.remap_root {
+            PathBuf::from("/root")
+        } else {
+            self.host_home().to_path_buf()
+        }
+    }
+
+    /// The caller's directory as the container sees it: below the home directory, it is
+    /// below where home is inside (`/root` for root inside).
+    pub fn caller_dir_inside(&self) -> Option<PathBuf> {
+        let cwd = self.cwd.as_deref()?;
+        let inside = self.home_inside();
+        match cwd.strip_prefix(self.host_home()) {
+            Ok(rest) if self.mount_home && inside != self.host_home() => Some(inside.join(rest)),
+            _ => Some(cwd.to_path_buf()),
+        }
+    }
+
     /// A spec with the defaults `ferry run` uses, for `image` and `user`.
     pub fn new(image: PathBuf, user: UserInfo) -> Self {
         ContainerSpec {
@@ -202,10 +270,12 @@ impl ContainerSpec {
             writable: false,
             remap_root: false,
             mount_home: true,
+            home: None,
             mounts: Vec::new(),
             workdir: None,
             cwd: None,
             env: Vec::new(),
+            caller_locale: Vec::new(),
             unpacked: None,
             entrypoint: false,
             gpus: GpuRequest::None,
@@ -221,6 +291,42 @@ impl ContainerSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn home_and_caller_dir_move_to_root_for_root_inside() {
+        let user = crate::spec::user::UserInfo {
+            uid: 1000,
+            gid: 1000,
+            name: "alice".into(),
+            home: "/home/alice".into(),
+            shell: "/bin/sh".into(),
+            groups: vec![],
+        };
+        let mut spec = ContainerSpec::new("/i.sqsh".into(), user);
+        spec.home = Some("/scratch/alice".into());
+        spec.cwd = Some("/scratch/alice/proj".into());
+        assert_eq!(spec.host_home(), std::path::Path::new("/scratch/alice"));
+        assert_eq!(spec.home_inside(), PathBuf::from("/scratch/alice"));
+        assert_eq!(spec.caller_dir_inside(), spec.cwd);
+        spec.remap_root = true;
+        assert_eq!(spec.home_inside(), PathBuf::from("/root"));
+        assert_eq!(spec.caller_dir_inside(), Some("/root/proj".into()));
+        spec.cwd = Some("/data".into());
+        assert_eq!(spec.caller_dir_inside(), Some("/data".into()));
+    }
+
+    #[test]
+    fn container_paths_stay_inside() {
+        for (given, inside) in [
+            ("../", "/"),
+            ("/a/../../b", "/b"),
+            ("work/./x", "/work/x"),
+            ("/workspace/", "/workspace"),
+            ("", "/"),
+        ] {
+            assert_eq!(container_path(given), PathBuf::from(inside), "{given}");
+        }
+    }
 
     #[test]
     fn provider_names_parse_and_print_alike() {

@@ -1,4 +1,5 @@
-//! Bind mount specs: `SRC[:DST[:FLAGS]]`, alone or as pyxis' comma-separated list.
+//! Mount specs: `SRC[:DST[:FLAGS]]` binds and `tmpfs:DST[:OPTIONS]`, alone or as pyxis'
+//! comma-separated list.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -6,11 +7,20 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MountSpec {
-    /// Host path (absolute).
+    /// Host path (absolute); `tmpfs` for a tmpfs.
     pub source: PathBuf,
     /// Path inside the container (absolute).
     pub target: PathBuf,
     pub read_only: bool,
+    /// Programs on it cannot be run (`noexec`).
+    #[serde(default)]
+    pub no_exec: bool,
+    /// It cannot be bound elsewhere (`unbindable`, `runbindable`), as pyxis allows.
+    #[serde(default)]
+    pub unbindable: bool,
+    /// A new tmpfs with these options (`size=1G,mode=1777`) instead of a host path.
+    #[serde(default)]
+    pub tmpfs: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -19,12 +29,16 @@ pub enum MountSpecError {
     Empty,
     #[error("mount spec `{spec}` has too many `:` fields: write SRC[:DST[:FLAGS]]")]
     TooManyFields { spec: String },
-    #[error("mount spec `{spec}`: unknown flag `{flag}` (known: ro, rw, bind, rbind, private, rprivate, slave, rslave, nosuid, nodev)")]
+    #[error("mount spec `{spec}`: unknown flag `{flag}` (known: ro, rw, noexec, unbindable, runbindable, bind, rbind, private, rprivate, slave, rslave, nosuid, nodev; for tmpfs also size=, mode=, nr_inodes=, huge=)")]
     UnknownFlag { spec: String, flag: String },
     #[error("mount spec `{spec}`: the container path `{target}` must be absolute")]
     RelativeTarget { spec: String, target: String },
     #[error("mount spec `{spec}`: the container path must not contain `..`")]
     DotDotTarget { spec: String },
+    #[error(
+        "mount spec `{spec}`: a tmpfs needs a place in the container: write tmpfs:/DST[:size=1G]"
+    )]
+    TmpfsWithoutTarget { spec: String },
     #[error("mount spec `{spec}`: the source path must not be empty")]
     EmptySource { spec: String },
     #[error("mount spec `{spec}`: the container path after `:` is empty: write SRC:DST, or SRC alone for the same path")]
@@ -32,6 +46,18 @@ pub enum MountSpecError {
 }
 
 impl MountSpec {
+    /// A plain bind of `source` at `target`.
+    pub fn bind(source: PathBuf, target: PathBuf, read_only: bool) -> MountSpec {
+        MountSpec {
+            source,
+            target,
+            read_only,
+            no_exec: false,
+            unbindable: false,
+            tmpfs: None,
+        }
+    }
+
     /// Parse one `SRC[:DST[:FLAGS]]`; a relative SRC is taken relative to `cwd`.
     /// FLAGS are joined with `+` (pyxis): `ro`/`rw`, plus propagation words that ferry
     /// accepts and ignores because its mounts are always private to the container.
@@ -61,18 +87,37 @@ impl MountSpec {
             }
             Some(t) => t,
         };
-        let mut read_only = false;
+        let is_tmpfs = source == "tmpfs";
+        if is_tmpfs && fields.len() < 2 {
+            return Err(MountSpecError::TmpfsWithoutTarget {
+                spec: spec.to_string(),
+            });
+        }
+        let (mut read_only, mut no_exec, mut unbindable) = (false, false, false);
+        let mut tmpfs_options = vec!["mode=0755".to_string()];
         if let Some(flags) = fields.get(2) {
             for flag in flags.split('+').filter(|f| !f.is_empty()) {
-                match flag {
+                let (word, value) = flag.split_once('=').unwrap_or((flag, ""));
+                match word {
                     "ro" => read_only = true,
                     "rw" => read_only = false,
+                    "noexec" => no_exec = true,
+                    "unbindable" | "runbindable" => unbindable = true,
                     "bind" | "rbind" | "private" | "rprivate" | "slave" | "rslave" | "nosuid"
-                    | "nodev" => {}
+                    | "nodev"
+                        if value.is_empty() => {}
+                    "size" | "mode" | "nr_inodes" | "huge" if is_tmpfs && !value.is_empty() => {
+                        tmpfs_options.retain(|o| !o.starts_with(&format!("{word}=")));
+                        tmpfs_options.push(flag.to_string());
+                    }
                     other => {
                         return Err(MountSpecError::UnknownFlag {
                             spec: spec.to_string(),
-                            flag: other.to_string(),
+                            flag: if value.is_empty() {
+                                other.to_string()
+                            } else {
+                                flag.to_string()
+                            },
                         })
                     }
                 }
@@ -91,9 +136,16 @@ impl MountSpec {
             });
         }
         Ok(MountSpec {
-            source: cwd.join(source),
+            source: if is_tmpfs {
+                PathBuf::from("tmpfs")
+            } else {
+                cwd.join(source)
+            },
             target,
             read_only,
+            no_exec,
+            unbindable,
+            tmpfs: is_tmpfs.then(|| tmpfs_options.join(",")),
         })
     }
 
@@ -136,6 +188,34 @@ mod tests {
                 .unwrap()
                 .read_only
         );
+    }
+
+    #[test]
+    fn pyxis_flags_and_tmpfs() {
+        let m = MountSpec::parse("/tmp:/mnt:unbindable+ro+noexec", &cwd()).unwrap();
+        assert!(m.read_only && m.unbindable && m.no_exec && m.tmpfs.is_none());
+        let t = MountSpec::parse("tmpfs:/scratch:size=64m+mode=1777", &cwd()).unwrap();
+        assert_eq!(t.tmpfs.as_deref(), Some("size=64m,mode=1777"));
+        assert_eq!(t.target, PathBuf::from("/scratch"));
+        assert_eq!(
+            MountSpec::parse("tmpfs:/s", &cwd())
+                .unwrap()
+                .tmpfs
+                .as_deref(),
+            Some("mode=0755")
+        );
+        assert!(matches!(
+            MountSpec::parse("tmpfs", &cwd()),
+            Err(MountSpecError::TmpfsWithoutTarget { .. })
+        ));
+        assert!(matches!(
+            MountSpec::parse("/a:/b:size=1g", &cwd()),
+            Err(MountSpecError::UnknownFlag { flag, .. }) if flag == "size=1g"
+        ));
+        assert!(matches!(
+            MountSpec::parse("/home:../home", &cwd()),
+            Err(MountSpecError::RelativeTarget { .. })
+        ));
     }
 
     #[test]

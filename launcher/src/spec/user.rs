@@ -81,18 +81,21 @@ pub struct InsideIds {
     pub gid: u32,
 }
 
-/// The image's passwd file with the container user's entry put in place of any entry with
-/// the same uid or name. Lines the parser does not understand are kept as they are.
+/// The image's passwd file with the container user's entry (home directory `home`) put in
+/// place of any entry with the same uid or name. Lines the parser does not understand are
+/// kept as they are.
 pub fn passwd_with_user(
     image_passwd: &str,
     user: &UserInfo,
     inside: InsideIds,
+    home: &std::path::Path,
     shell: &str,
 ) -> String {
-    let (name, home) = if inside.uid == 0 {
-        ("root".to_string(), user.home.display().to_string())
+    let home = home.display().to_string();
+    let name = if inside.uid == 0 {
+        "root".to_string()
     } else {
-        (user.name.clone(), user.home.display().to_string())
+        user.name.clone()
     };
     let mut out = String::new();
     for line in image_passwd.lines() {
@@ -167,6 +170,7 @@ mod tests {
                 uid: 1000,
                 gid: 1000,
             },
+            &alice().home,
             "/bin/bash",
         );
         assert!(out.contains("root:x:0:0:root:/root:/bin/sh\n"));
@@ -181,9 +185,10 @@ mod tests {
             "root:x:0:0:root:/root:/bin/sh\n",
             &alice(),
             InsideIds { uid: 0, gid: 0 },
+            std::path::Path::new("/root"),
             "/bin/sh",
         );
-        assert_eq!(out, "root:x:0:0:root:/home/alice:/bin/sh\n");
+        assert_eq!(out, "root:x:0:0:root:/root:/bin/sh\n");
     }
 
     #[test]
