@@ -83,8 +83,13 @@ fn assemble(
     inside: InsideIds,
 ) -> Result<Assembled, RootfsError> {
     let (sources, _held) = binds::open_sources(inputs)?;
-    let planned = binds::plan(&sources);
+    let mut planned = binds::plan(&sources);
     let lower = Path::new(LOWER);
+    let image_identity = keeps_image_identity(spec, lower);
+    if image_identity {
+        let generated = ["passwd", "group"].map(|f| Path::new(FILES).join(f));
+        planned.retain(|b| !generated.contains(&b.source));
+    }
     let mut missing = Vec::new();
     for bind in &planned {
         let resolved = resolve_in_tree(lower, &inside_path(&bind.target))
@@ -130,7 +135,9 @@ fn assemble(
         })?;
     }
     let newroot = File::open(NEW).map_err(setup("opening the new root"))?;
-    write_identity_files(&newroot, spec, inside)?;
+    if !image_identity {
+        write_identity_files(&newroot, spec, inside)?;
+    }
     for bind in &planned {
         binds::bind_into(&newroot, bind).map_err(|source| RootfsError::Mount {
             what: bind.what.clone(),
@@ -270,6 +277,25 @@ fn create_mount_point(upper: &Path, rel: &Path, is_dir: bool) -> io::Result<()> 
         }
     }
     Ok(())
+}
+
+/// Whether a writable remap-root container keeps the image's own passwd and group files,
+/// writable like the rest of its tree: root is the only user inside and the image names it
+/// already, and package scripts add system users and groups (`addgroup --system crontab`),
+/// which a read-only generated file would refuse.
+fn keeps_image_identity(spec: &ContainerSpec, lower: &Path) -> bool {
+    if !(spec.remap_root && spec.writable) {
+        return false;
+    }
+    let names_id_0 = |file: &str| {
+        let text = resolve_in_tree(lower, Path::new(file))
+            .ok()
+            .and_then(|rel| File::open(lower.join(rel)).ok())
+            .and_then(|f| image::read_small_text(f, SMALL_FILE_LIMIT).ok())
+            .unwrap_or_default();
+        user::names_id_0(&text)
+    };
+    names_id_0("etc/passwd") && names_id_0("etc/group")
 }
 
 fn read_from_new_root(newroot: &File, path: &str) -> String {

@@ -81,6 +81,14 @@ pub struct InsideIds {
     pub gid: u32,
 }
 
+/// Whether a passwd or group file has an entry `root` with id 0 (`root:x:0:…`).
+pub fn names_id_0(text: &str) -> bool {
+    text.lines().any(|line| {
+        let mut fields = line.split(':');
+        fields.next() == Some("root") && fields.nth(1) == Some("0")
+    })
+}
+
 /// The image's passwd file with the container user's entry (home directory `home`) put in
 /// place of any entry with the same uid or name. Lines the parser does not understand are
 /// kept as they are.
@@ -177,6 +185,14 @@ mod tests {
         assert!(!out.contains("ubuntu"));
         assert!(out.contains("garbage\n"));
         assert!(out.ends_with("alice:x:1000:1000:alice:/home/alice:/bin/bash\n"));
+    }
+
+    #[test]
+    fn root_entries_are_found_in_passwd_and_group() {
+        assert!(names_id_0("daemon:x:1:1::/:/bin/sh\nroot:x:0:0:root:/root:/bin/bash\n"));
+        assert!(names_id_0("root:x:0:\n"));
+        assert!(!names_id_0("root:x:1:1\ntoor:x:0:0\n"));
+        assert!(!names_id_0(""));
     }
 
     #[test]
