@@ -45,6 +45,12 @@ pub const ENV_ROOTFS: &str = "SLURM_FERRY_CONTAINER_ROOTFS";
 /// `--container-gpus`.
 pub const ENV_GPUS: &str = "SLURM_FERRY_CONTAINER_GPUS";
 
+/// Where the batch script runs (`container` or `host`): the user's `FERRY_BATCH_SCRIPT`,
+/// checked and passed on by sbatch (under `--export=NONE` too).
+pub const ENV_BATCH_SCRIPT: &str = "SLURM_FERRY_BATCH_SCRIPT";
+/// The user's setting of where the batch script runs.
+pub const USER_BATCH_SCRIPT: &str = "FERRY_BATCH_SCRIPT";
+
 /// Every variable of the transport, for unsetting them all.
 pub const ALL_ENV: &[&str] = &[
     ENV_IMAGE,

@@ -101,6 +101,33 @@ pub struct PluginSettings {
     /// `quiet=yes|no`: steps show no import, unpack or save progress on the user's terminal
     /// unless they ask (default `no`); errors always show.
     pub quiet: bool,
+    /// `batch_script=container|host`: where a batch job's script runs when the job asks
+    /// for a container (`sbatch --container-image`): in it, with Slurm's commands forwarded
+    /// to the host (the default), or on the host, its steps in the container (ferry's
+    /// behaviour before). A user chooses with `FERRY_BATCH_SCRIPT`.
+    pub batch_script: BatchScript,
+    /// `forwarder=PATH`: the static `ferry-forward` program bound into batch scripts'
+    /// containers as `srun`, `squeue`… (default: `../libexec/ferry/ferry-forward` beside
+    /// `ferry_bin`).
+    pub forwarder: Option<PathBuf>,
+}
+
+/// Where a containerized batch job's script runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BatchScript {
+    #[default]
+    Container,
+    Host,
+}
+
+impl BatchScript {
+    pub fn parse(word: &str) -> Option<BatchScript> {
+        match word {
+            "container" => Some(BatchScript::Container),
+            "host" => Some(BatchScript::Host),
+            _ => None,
+        }
+    }
 }
 
 /// How long named containers live.
@@ -145,6 +172,8 @@ impl Default for PluginSettings {
             framework_env: true,
             framework_ports: crate::slurm::framework_env::DEFAULT_PORTS,
             quiet: false,
+            batch_script: BatchScript::Container,
+            forwarder: None,
         }
     }
 }
@@ -185,12 +214,14 @@ pub enum SiteError {
     Ports(String),
     #[error("plugstack.conf argument `{key}={value}`: use yes or no")]
     YesNo { key: String, value: String },
+    #[error("plugstack.conf argument `batch_script={0}`: use container or host")]
+    BatchScript(String),
 }
 
 const KEYS: &str =
     "ferry_bin, default_mounts, squashfuse, writable_tmpfs_size, log_level, named_dir, \
 registry_ca_file, insecure_registries, rootfs, kernel_squashfs, import_on_submit, gpus, host_libs, nvidia_container_cli, container_scope, writable, \
-framework_env, framework_ports, quiet";
+framework_env, framework_ports, quiet, batch_script, forwarder";
 
 /// Keys that may be repeated, their values adding up.
 const LIST_KEYS: &[&str] = &["default_mounts", "insecure_registries", "host_libs"];
@@ -265,6 +296,11 @@ impl PluginSettings {
                 "import_on_submit" => s.import_on_submit = yes_no(key, value)?,
                 "quiet" => s.quiet = yes_no(key, value)?,
                 "kernel_squashfs" => s.kernel_squashfs = yes_no(key, value)?,
+                "batch_script" => {
+                    s.batch_script = BatchScript::parse(value)
+                        .ok_or_else(|| SiteError::BatchScript(value.to_string()))?
+                }
+                "forwarder" => s.forwarder = Some(absolute(key, value)?),
                 "writable" => s.writable = yes_no(key, value)?,
                 "framework_env" => s.framework_env = yes_no(key, value)?,
                 "framework_ports" => {
@@ -368,6 +404,21 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<PluginSettings, SiteError> {
         PluginSettings::parse(args)
+    }
+
+    #[test]
+    fn batch_script_and_forwarder() {
+        let d = parse(&[]).unwrap();
+        assert_eq!(d.batch_script, BatchScript::Container);
+        assert_eq!(d.forwarder, None);
+        let s = parse(&["batch_script=host", "forwarder=/opt/ferry-forward"]).unwrap();
+        assert_eq!(s.batch_script, BatchScript::Host);
+        assert_eq!(s.forwarder, Some(PathBuf::from("/opt/ferry-forward")));
+        assert_eq!(
+            parse(&["batch_script=login"]),
+            Err(SiteError::BatchScript("login".into()))
+        );
+        assert!(parse(&["forwarder=bin/ferry-forward"]).is_err());
     }
 
     #[test]
