@@ -343,13 +343,19 @@ fn start_forwarding(
     if !forwarder.is_file() {
         return Err(PluginError::NoForwarder(forwarder));
     }
-    let host_env: Vec<(String, String)> = forward::HOST_VARS
+    let mut host_env: Vec<(String, String)> = forward::HOST_VARS
         .iter()
         .filter_map(|name| {
             let value = spank.getenv(name).ok().flatten()?;
             Some((name.to_string(), value))
         })
         .collect();
+    // A job without PATH (`--export=NONE`) finds Slurm's commands where slurmd does.
+    if !host_env.iter().any(|(name, _)| name == "PATH") {
+        if let Ok(path) = std::env::var("PATH") {
+            host_env.push(("PATH".into(), path));
+        }
+    }
     let server = forward::Server::start(
         &settings.ferry_bin,
         Some(step.credentials()),
