@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -520,6 +521,59 @@ fn the_batch_script_stays_on_the_host_by_user_or_site_setting() {
         "script: busybox-image\nbusybox-image\n"
     );
     drop(plugstack);
+}
+
+#[test]
+fn another_user_cannot_reach_a_batch_jobs_forward_server() {
+    let _m = exclusive_machine();
+    let before = node_state();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let busybox = img("busybox.sqsh");
+    let job = slurm(&format!(
+        "cd {d} && sbatch --parsable --container-image={busybox} -o {d}/out.txt --wrap 'sleep 120'"
+    ))
+    .ok()
+    .trim()
+    .to_string();
+    // The server's directory appears once the batch step's container is being made.
+    let uid = uid_of(USER);
+    let started = Instant::now();
+    let server_dir = loop {
+        let found = dir_entries("/tmp").into_iter().find(|name| {
+            name.starts_with("ferry-forward.")
+                && std::fs::symlink_metadata(Path::new("/tmp").join(name))
+                    .is_ok_and(|m| m.uid() == uid)
+        });
+        if let Some(name) = found {
+            break Path::new("/tmp").join(name);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no forward server for job {job}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mode = std::fs::metadata(&server_dir).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{}", server_dir.display());
+    let forwarder = ferry_bin()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("libexec/ferry/ferry-forward");
+    let out = sh_as(
+        OTHER_USER,
+        &format!(
+            "FERRY_FORWARD_SOCKET={}/sock {} squeue",
+            server_dir.display(),
+            forwarder.display()
+        ),
+    );
+    assert_eq!(out.code, 127, "{}{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("Permission denied"), "{}", out.stderr);
+    slurm(&format!("scancel {job}")).ok();
+    let after = settle_to(&before, Duration::from_secs(30));
+    assert_eq!(after, before, "the node is as before");
 }
 
 // ---- 6. errors ---------------------------------------------------------------------------

@@ -79,8 +79,10 @@ pub fn serve(parent: &Path) -> Result<(), ForwardError> {
     // The commands inherit this mask: slurmstepd's blocked signals must not keep scancel's
     // SIGTERM from them.
     let _ = nix::sys::signal::SigSet::empty().thread_set_mask();
+    // Private: only the user reaches the socket (the server checks the peer's uid too).
     let dir = tempfile::Builder::new()
         .prefix("ferry-forward.")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir_in(parent)
         .map_err(|source| ForwardError::Dir {
             dir: parent.to_path_buf(),
