@@ -334,12 +334,7 @@ fn start_forwarding(
     spec: &mut ContainerSpec,
 ) -> Result<(), PluginError> {
     use ferry::slurm::forward;
-    let forwarder = match &settings.forwarder {
-        Some(path) => path.clone(),
-        None => absolute_program(&settings.ferry_bin)
-            .and_then(|bin| Some(bin.parent()?.parent()?.join("libexec/ferry/ferry-forward")))
-            .unwrap_or_else(|| PathBuf::from("libexec/ferry/ferry-forward")),
-    };
+    let forwarder = settings.forwarder_path();
     if !forwarder.is_file() {
         return Err(PluginError::NoForwarder(forwarder));
     }

@@ -253,6 +253,21 @@ fn yes_no(key: &str, value: &str) -> Result<bool, SiteError> {
 }
 
 impl PluginSettings {
+    /// The `ferry-forward` program: `forwarder=`, else `../libexec/ferry/ferry-forward`
+    /// beside the real `ferry_bin` (symbolic links followed), where `make install` and the
+    /// packages put it.
+    pub fn forwarder_path(&self) -> PathBuf {
+        if let Some(path) = &self.forwarder {
+            return path.clone();
+        }
+        let bin = std::fs::canonicalize(&self.ferry_bin).unwrap_or_else(|_| self.ferry_bin.clone());
+        let prefix = bin
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("/"));
+        prefix.join("libexec/ferry/ferry-forward")
+    }
+
     /// Parse the plugin's plugstack.conf arguments. Unknown keys and bad values are errors, so
     /// that a typo shows up instead of silently running with a default.
     pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<PluginSettings, SiteError> {
@@ -419,6 +434,12 @@ mod tests {
             Err(SiteError::BatchScript("login".into()))
         );
         assert!(parse(&["forwarder=bin/ferry-forward"]).is_err());
+        assert_eq!(s.forwarder_path(), PathBuf::from("/opt/ferry-forward"));
+        let d = parse(&["ferry_bin=/nonexistent/prefix/bin/ferry"]).unwrap();
+        assert_eq!(
+            d.forwarder_path(),
+            PathBuf::from("/nonexistent/prefix/libexec/ferry/ferry-forward")
+        );
     }
 
     #[test]
