@@ -246,6 +246,12 @@ pub fn init_post_opt(
             debug!("step {name}: no container");
             return None;
         }
+        Ok(Some((request, _))) if step_id == SLURM_BATCH_SCRIPT && request.image.is_none() => {
+            // A container name alone names what a step of the job makes later: the script
+            // has no image to run in.
+            debug!("{name}: the job names a container but no image: the script runs on the host");
+            return None;
+        }
         Ok(Some((mut request, origin))) => {
             if step_id == SLURM_BATCH_SCRIPT {
                 // The job's entrypoint and save are for its steps; the script runs as it is.
