@@ -501,6 +501,17 @@ fn the_batch_script_stays_on_the_host_by_user_or_site_setting() {
         run("FERRY_BATCH_SCRIPT=host SBATCH_EXPORT=NONE"),
         "script: on the host\nbusybox-image\n"
     );
+    // A job that names a container but gives no image: its steps make the container.
+    let out = slurm(&format!(
+        "cd {d} && rm -f out.txt && sbatch --wait --container-name=made-later -o out.txt \
+         --wrap 'echo \"script: $(cat /etc/ferry-marker 2>/dev/null || echo on the host)\"; \
+         srun -n1 --container-image={busybox} cat /etc/ferry-marker'"
+    ));
+    out.ok();
+    assert_eq!(
+        batch_output(&dir.path.join("out.txt")),
+        "script: on the host\nbusybox-image\n"
+    );
     let out = slurm(&format!(
         "FERRY_BATCH_SCRIPT=maybe sbatch --container-image={busybox} --wrap true"
     ));
