@@ -63,12 +63,12 @@ const MAX_REQUEST: u32 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
-    #[error("cannot make the forward server's directory in {dir}: {source}")]
-    Dir { dir: PathBuf, source: io::Error },
-    #[error("cannot listen on {path}: {source}")]
-    Listen { path: PathBuf, source: io::Error },
-    #[error("cannot start the forward server {program}: {source}")]
-    Start { program: PathBuf, source: io::Error },
+    #[error("cannot make the forward server's directory in {}: {error}", .dir.display())]
+    Dir { dir: PathBuf, error: io::Error },
+    #[error("cannot listen on {}: {error}", .path.display())]
+    Listen { path: PathBuf, error: io::Error },
+    #[error("cannot start the forward server {}: {error}", .program.display())]
+    Start { program: PathBuf, error: io::Error },
     #[error("the forward server did not start: {0}")]
     NotReady(String),
 }
@@ -84,9 +84,9 @@ pub fn serve(parent: &Path) -> Result<(), ForwardError> {
         .prefix("ferry-forward.")
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir_in(parent)
-        .map_err(|source| ForwardError::Dir {
+        .map_err(|error| ForwardError::Dir {
             dir: parent.to_path_buf(),
-            source,
+            error,
         })?;
     let bin = dir.path().join("bin");
     let made = std::fs::create_dir(&bin).and_then(|()| {
@@ -94,14 +94,14 @@ pub fn serve(parent: &Path) -> Result<(), ForwardError> {
             .iter()
             .try_for_each(|name| std::os::unix::fs::symlink(INSIDE_PROGRAM, bin.join(name)))
     });
-    made.map_err(|source| ForwardError::Dir {
+    made.map_err(|error| ForwardError::Dir {
         dir: dir.path().to_path_buf(),
-        source,
+        error,
     })?;
     let socket = dir.path().join("sock");
-    let listener = UnixListener::bind(&socket).map_err(|source| ForwardError::Listen {
+    let listener = UnixListener::bind(&socket).map_err(|error| ForwardError::Listen {
         path: socket.clone(),
-        source,
+        error,
     })?;
     let running: Running = Arc::default();
     {
@@ -417,11 +417,11 @@ impl Server {
             .envs(host_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+            .stderr(Stdio::piped());
         crate::sys::raw::run_as_on_exec(&mut cmd, run_as, false);
-        let mut child = cmd.spawn().map_err(|source| ForwardError::Start {
+        let mut child = cmd.spawn().map_err(|error| ForwardError::Start {
             program: program.to_path_buf(),
-            source,
+            error,
         })?;
         let lifeline = child
             .stdin
@@ -431,6 +431,10 @@ impl Server {
             .stdout
             .take()
             .ok_or(ForwardError::NotReady("no stdout".into()))?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or(ForwardError::NotReady("no stderr".into()))?;
         // The child is never waited for here: slurmstepd reaps its children itself.
         drop(child);
         let (tx, rx) = std::sync::mpsc::channel();
@@ -438,14 +442,31 @@ impl Server {
             let mut line = String::new();
             let mut reader = io::BufReader::new(stdout);
             let _ = io::BufRead::read_line(&mut reader, &mut line);
-            let _ = tx.send(line);
+            if line.is_empty() {
+                // It ended: its error line, read to its end (it has exited).
+                let mut text = String::new();
+                let _ = stderr.take(4096).read_to_string(&mut text);
+                let last = crate::sys::child::last_line(&text);
+                let _ = tx.send(Err(last.trim_start_matches("ferry: error: ").to_string()));
+            } else {
+                // Once serving it writes nothing there; a closed pipe cannot block it.
+                drop(stderr);
+                let _ = tx.send(Ok(line));
+            }
         });
         let line = rx
             .recv_timeout(timeout)
-            .map_err(|_| ForwardError::NotReady(format!("no answer in {timeout:?}")))?;
+            .map_err(|_| ForwardError::NotReady(format!("no answer in {timeout:?}")))?
+            .map_err(|e| {
+                ForwardError::NotReady(if e.is_empty() {
+                    "it ended at once".into()
+                } else {
+                    e
+                })
+            })?;
         let dir = PathBuf::from(line.trim_end());
         if !dir.is_absolute() {
-            return Err(ForwardError::NotReady("it ended at once".into()));
+            return Err(ForwardError::NotReady(format!("it said {line:?}")));
         }
         Ok(Server {
             dir,
