@@ -531,6 +531,19 @@ fn the_batch_script_stays_on_the_host_by_user_or_site_setting() {
         run("FERRY_BATCH_SCRIPT=container"),
         "script: busybox-image\nbusybox-image\n"
     );
+    // Without the forwarder the job fails in one line that names the setting to fix.
+    plugstack.set_args("forwarder=/nonexistent/ferry-forward");
+    let out = slurm(&format!(
+        "cd {d} && rm -f out.txt && sbatch --wait --container-image={busybox} -o out.txt --wrap true"
+    ));
+    assert_ne!(out.code, 0, "{}", out.stderr);
+    let log = batch_output(&dir.path.join("out.txt"));
+    assert_eq!(log.lines().count(), 1, "{log}");
+    assert!(
+        log.contains("ferry-forward program, not found at /nonexistent/ferry-forward")
+            && log.contains("forwarder="),
+        "{log}"
+    );
     drop(plugstack);
 }
 
