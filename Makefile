@@ -1,8 +1,11 @@
 # ferry: build, install and package the launcher (`ferry`) and the Slurm plugin
 # (`spank_ferry.so`). docs/admin-guide.md, "Installing", explains the targets.
 #
-#   make                      build both (release)
-#   make install              ferry to $(PREFIX)/bin, the plugin into the running Slurm's
+#   make                      build both (release), and the static ferry-forward
+#   make forwarder            only ferry-forward, the static program that batch scripts'
+#                             containers run as srun, squeue… (docs/admin-guide.md)
+#   make install              ferry to $(PREFIX)/bin, ferry-forward to $(LIBEXECDIR), the
+#                             plugin into the running Slurm's
 #                             PluginDir, the plugstack.conf line to $(SLURM_SYSCONFDIR)
 #   make uninstall            remove what install put there
 #   make deb                  a Debian package in $(DEB_DIR)
@@ -24,6 +27,13 @@ CARGO ?= cargo
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 FERRY ?= $(TARGET_DIR)/release/ferry
 PLUGIN_SO ?= $(TARGET_DIR)/release/libspank_ferry.so
+# ferry-forward runs inside containers, whose C library is not the host's: a static build
+# for the host's target triple (its own directory under target/, so the workspace's
+# ordinary build of the same crate does not replace it). The plugin finds it at
+# ../libexec/ferry/ferry-forward beside ferry_bin.
+FORWARD_TARGET ?= $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
+FORWARDER ?= $(TARGET_DIR)/$(FORWARD_TARGET)/release/ferry-forward
+LIBEXECDIR ?= $(PREFIX)/libexec/ferry
 FERRY_SLURM_VERSION_H ?= /usr/include/slurm/slurm_version.h
 export FERRY_SLURM_VERSION_H
 # Asked of Slurm only when needed (`=`, not `:=`): scontrol may be slow or absent.
@@ -35,20 +45,27 @@ RPM_SLURM_PACKAGE ?= slurm
 
 CONF = $(DESTDIR)$(SLURM_SYSCONFDIR)/plugstack.conf.d/ferry.conf
 
-.PHONY: all build check-slurm install uninstall deb rpm
+.PHONY: all build forwarder print-forwarder check-slurm install uninstall deb rpm
 
 all: build
 
 check-slurm:
 	@packaging/slurm-info check "$(FERRY_SLURM_VERSION_H)"
 
-build: check-slurm
+build: check-slurm forwarder
 	$(CARGO) build --release -p ferry -p spank-ferry
+
+forwarder:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p ferry-forward --target $(FORWARD_TARGET)
+
+print-forwarder:
+	@echo "$(FORWARDER)"
 
 # The plugstack line points at the installed paths. An existing ferry.conf may carry the
 # site's arguments: it is kept, and the new one is written beside it as ferry.conf.new.
 install: build
 	install -D -m 0755 "$(FERRY)" "$(DESTDIR)$(BINDIR)/ferry"
+	install -D -m 0755 "$(FORWARDER)" "$(DESTDIR)$(LIBEXECDIR)/ferry-forward"
 	install -D -m 0755 "$(PLUGIN_SO)" "$(DESTDIR)$(PLUGIN_DIR)/spank_ferry.so"
 	install -d -m 0755 "$(dir $(CONF))"
 	sed -e 's|^required .*|required $(PLUGIN_DIR)/spank_ferry.so ferry_bin=$(BINDIR)/ferry|' \
@@ -67,10 +84,12 @@ install: build
 
 uninstall:
 	rm -f "$(DESTDIR)$(BINDIR)/ferry" "$(DESTDIR)$(PLUGIN_DIR)/spank_ferry.so" "$(CONF)" "$(CONF).new"
+	rm -f "$(DESTDIR)$(LIBEXECDIR)/ferry-forward"
+	-rmdir "$(DESTDIR)$(LIBEXECDIR)" 2>/dev/null
 
 deb: build
-	packaging/build-deb "$(FERRY)" "$(PLUGIN_SO)" "$(DEB_DIR)"
+	packaging/build-deb "$(FERRY)" "$(PLUGIN_SO)" "$(DEB_DIR)" "$(FORWARDER)"
 
 rpm: build
 	RPM_PLUGIN_DIR="$(RPM_PLUGIN_DIR)" RPM_SLURM_PACKAGE="$(RPM_SLURM_PACKAGE)" \
-	    packaging/build-rpm "$(FERRY)" "$(PLUGIN_SO)" "$(RPM_DIR)"
+	    packaging/build-rpm "$(FERRY)" "$(PLUGIN_SO)" "$(RPM_DIR)" "$(FORWARDER)"

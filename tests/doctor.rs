@@ -389,6 +389,9 @@ fn make_install_puts_files_where_slurm_looks_and_uninstall_removes_them() {
     let said = make("install", &[dest.clone(), "PREFIX=/opt/ferry".into()]);
     assert!(said.contains("ferry doctor"), "{said}");
     let bin = root.path().join("opt/ferry/bin/ferry");
+    // The static program batch scripts' containers run as srun, squeue…
+    let forwarder = root.path().join("opt/ferry/libexec/ferry/ferry-forward");
+    assert!(forwarder.is_file(), "{} is missing", forwarder.display());
     let so = root
         .path()
         .join(debian_plugin_dir().trim_start_matches('/'))
@@ -423,7 +426,7 @@ fn make_install_puts_files_where_slurm_looks_and_uninstall_removes_them() {
     assert!(conf.with_extension("conf.new").exists());
 
     make("uninstall", &[dest, "PREFIX=/opt/ferry".into()]);
-    for gone in [&bin, &so, &conf] {
+    for gone in [&bin, &forwarder, &so, &conf] {
         assert!(!gone.exists(), "{} is left", gone.display());
     }
 }

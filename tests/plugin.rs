@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -344,9 +345,10 @@ fn sbatch_container_applies_to_every_step_and_a_step_can_override_it() {
     ));
     out.ok();
     let log = batch_output(&dir.path.join("out.txt"));
+    // The script runs in the job's image; its sruns (forwarded to the host) too.
     assert_eq!(
         log,
-        "script: on the host\ndebian-image\nbusybox-image\nbusybox-image\ndebian-image\ndebian-image\n"
+        "script: debian-image\ndebian-image\nbusybox-image\nbusybox-image\ndebian-image\ndebian-image\n"
     );
     // The same with the pyxis name on the command line.
     let out = slurm(&format!(
@@ -373,6 +375,229 @@ fn salloc_container_applies_to_its_steps() {
             "salloc {option}"
         );
     }
+}
+
+/// Writes `script` as `DIR/job.sh`, readable and executable by the test users.
+fn job_script(dir: &UserDir, script: &str) {
+    std::fs::write(dir.path.join("job.sh"), script).unwrap();
+    Command::new("chmod")
+        .arg("a+rx")
+        .arg(dir.path.join("job.sh"))
+        .status_within(COMMAND_LIMIT);
+}
+
+#[test]
+fn sbatch_container_image_runs_the_script_in_the_image_with_slurm_commands_forwarded() {
+    let _m = exclusive_machine();
+    let before = node_state();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let busybox = img("busybox.sqsh");
+    let debian = img("debian.sqsh");
+    // busybox: no C library in the image, so the forwarders must be static. The job's
+    // directory is bound at its own path: forwarded commands run in it.
+    job_script(
+        &dir,
+        &format!(
+            "#!/bin/sh\n\
+             #SBATCH --container-image={busybox}\n\
+             #SBATCH --container-mounts={d}:{d}\n\
+             #SBATCH --output={d}/out.txt\n\
+             echo \"script: $(cat /etc/ferry-marker)\"\n\
+             command -v srun\n\
+             srun -n1 cat /etc/ferry-marker\n\
+             srun -n1 --container-image={debian} cat /etc/ferry-marker\n\
+             squeue -h -j $SLURM_JOB_ID -o 'squeue: %i %u'\n\
+             scontrol show job NOPE >/dev/null 2>&1; echo \"scontrol rc=$?\"\n\
+             srun -n1 sh -c 'exit 3' 2>/dev/null; echo \"srun rc=$?\"\n\
+             echo through stdin | srun -n1 cat\n\
+             sbatch --wait -o nested.out --wrap 'cat /etc/ferry-marker' >/dev/null; echo \"sbatch rc=$?\"\n\
+             cat nested.out\n\
+             /.ferry/forward ls 2>&1; echo \"ls rc=$?\"\n"
+        ),
+    );
+    let out = slurm(&format!("cd {d} && sbatch --parsable --wait job.sh"));
+    let job = out.ok().trim().to_string();
+    let log = batch_output(&dir.path.join("out.txt"));
+    assert_eq!(
+        log,
+        format!(
+            "script: busybox-image\n\
+             /.ferry/run/bin/srun\n\
+             busybox-image\n\
+             debian-image\n\
+             squeue: {job} {USER}\n\
+             scontrol rc=1\n\
+             srun rc=3\n\
+             through stdin\n\
+             sbatch rc=0\n\
+             busybox-image\n\
+             ferry: ls: cannot run the host's ls: ls is not forwarded to the host (only srun, \
+             sbatch, salloc, scancel, squeue, sinfo, scontrol, sacct, sattach)\n\
+             ls rc=127\n"
+        )
+    );
+    // No forward server, socket directory or mount is left.
+    let after = settle_to(&before, Duration::from_secs(10));
+    assert_eq!(after, before, "the node is as before");
+}
+
+#[test]
+fn steps_started_from_the_batch_container_stop_on_scancel_and_on_signals() {
+    let _m = exclusive_machine();
+    let before = node_state();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let busybox = img("busybox.sqsh");
+    // scancel of the script's own step (forwarded scancel), then SIGTERM to a forwarded
+    // srun, which passes it on to the host's srun: both steps end long before their sleep.
+    job_script(
+        &dir,
+        &format!(
+            "#!/bin/sh\n\
+             #SBATCH --container-image={busybox}\n\
+             #SBATCH --output={d}/out.txt\n\
+             running() {{ until squeue -h -s -j $SLURM_JOB_ID -o %i | grep -qx \"$SLURM_JOB_ID.$1\"; do sleep 0.2; done; }}\n\
+             srun -n1 sleep 300 2>/dev/null &\n\
+             running 0\n\
+             scancel $SLURM_JOB_ID.0 && echo cancelled\n\
+             wait $!; [ $? -ne 0 ] && echo step 0 ended\n\
+             srun -n1 sleep 300 2>/dev/null &\n\
+             pid=$!\n\
+             running 1\n\
+             kill -TERM $pid\n\
+             wait $pid; [ $? -ne 0 ] && echo step 1 ended\n\
+             echo done\n"
+        ),
+    );
+    slurm(&format!("cd {d} && sbatch --wait --time=3 job.sh")).ok();
+    let log = batch_output(&dir.path.join("out.txt"));
+    assert_eq!(log, "cancelled\nstep 0 ended\nstep 1 ended\ndone\n");
+    let after = settle_to(&before, Duration::from_secs(10));
+    assert_eq!(after, before, "the node is as before");
+}
+
+#[test]
+fn the_batch_script_stays_on_the_host_by_user_or_site_setting() {
+    let _m = exclusive_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let busybox = img("busybox.sqsh");
+    let run = |env: &str| {
+        let out = slurm(&format!(
+            "cd {d} && rm -f out.txt && {env} sbatch --wait --container-image={busybox} -o out.txt \
+             --wrap 'echo \"script: $(cat /etc/ferry-marker 2>/dev/null || echo on the host)\"; srun -n1 cat /etc/ferry-marker'"
+        ));
+        out.ok();
+        batch_output(&dir.path.join("out.txt"))
+    };
+    assert_eq!(run(""), "script: busybox-image\nbusybox-image\n");
+    // The user's setting, under --export=NONE too.
+    assert_eq!(
+        run("FERRY_BATCH_SCRIPT=host"),
+        "script: on the host\nbusybox-image\n"
+    );
+    assert_eq!(
+        run("FERRY_BATCH_SCRIPT=host SBATCH_EXPORT=NONE"),
+        "script: on the host\nbusybox-image\n"
+    );
+    // A job that names a container but gives no image: its steps make the container.
+    let out = slurm(&format!(
+        "cd {d} && rm -f out.txt && sbatch --wait --container-name=made-later -o out.txt \
+         --wrap 'echo \"script: $(cat /etc/ferry-marker 2>/dev/null || echo on the host)\"; \
+         srun -n1 --container-image={busybox} cat /etc/ferry-marker'"
+    ));
+    out.ok();
+    assert_eq!(
+        batch_output(&dir.path.join("out.txt")),
+        "script: on the host\nbusybox-image\n"
+    );
+    let out = slurm(&format!(
+        "FERRY_BATCH_SCRIPT=maybe sbatch --container-image={busybox} --wrap true"
+    ));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    let lines = own_lines(&out.stderr);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains("FERRY_BATCH_SCRIPT=maybe: use container"),
+        "{}",
+        lines[0]
+    );
+    // The site's default, which the user's setting overrides.
+    let plugstack = Plugstack::open(&cluster());
+    plugstack.set_args("batch_script=host");
+    assert_eq!(run(""), "script: on the host\nbusybox-image\n");
+    assert_eq!(
+        run("FERRY_BATCH_SCRIPT=container"),
+        "script: busybox-image\nbusybox-image\n"
+    );
+    // Without the forwarder the job fails in one line that names the setting to fix.
+    plugstack.set_args("forwarder=/nonexistent/ferry-forward");
+    let out = slurm(&format!(
+        "cd {d} && rm -f out.txt && sbatch --wait --container-image={busybox} -o out.txt --wrap true"
+    ));
+    assert_ne!(out.code, 0, "{}", out.stderr);
+    let log = batch_output(&dir.path.join("out.txt"));
+    assert_eq!(log.lines().count(), 1, "{log}");
+    assert!(
+        log.contains("ferry-forward program, not found at /nonexistent/ferry-forward")
+            && log.contains("forwarder="),
+        "{log}"
+    );
+    drop(plugstack);
+}
+
+#[test]
+fn another_user_cannot_reach_a_batch_jobs_forward_server() {
+    let _m = exclusive_machine();
+    let before = node_state();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let busybox = img("busybox.sqsh");
+    let job = slurm(&format!(
+        "cd {d} && sbatch --parsable --container-image={busybox} -o {d}/out.txt --wrap 'sleep 120'"
+    ))
+    .ok()
+    .trim()
+    .to_string();
+    // The server's directory appears once the batch step's container is being made.
+    let uid = uid_of(USER);
+    let started = Instant::now();
+    let server_dir = loop {
+        let found = dir_entries("/tmp").into_iter().find(|name| {
+            name.starts_with("ferry-forward.")
+                && std::fs::symlink_metadata(Path::new("/tmp").join(name))
+                    .is_ok_and(|m| m.uid() == uid)
+        });
+        if let Some(name) = found {
+            break Path::new("/tmp").join(name);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no forward server for job {job}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mode = std::fs::metadata(&server_dir).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{}", server_dir.display());
+    let forwarder = ferry_bin()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("libexec/ferry/ferry-forward");
+    let out = sh_as(
+        OTHER_USER,
+        &format!(
+            "FERRY_FORWARD_SOCKET={}/sock {} squeue",
+            server_dir.display(),
+            forwarder.display()
+        ),
+    );
+    assert_eq!(out.code, 127, "{}{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("Permission denied"), "{}", out.stderr);
+    slurm(&format!("scancel {job}")).ok();
+    let after = settle_to(&before, Duration::from_secs(30));
+    assert_eq!(after, before, "the node is as before");
 }
 
 // ---- 6. errors ---------------------------------------------------------------------------
@@ -1677,7 +1902,7 @@ fn sbatch_container_entrypoint_applies_to_the_jobs_steps() {
     let image = configured_image(&dir);
     let d = dir.path.display();
     let script = format!(
-        "#!/bin/bash\n\
+        "#!/bin/sh\n\
          #SBATCH --container={image}\n\
          #SBATCH --container-entrypoint\n\
          #SBATCH --container-entrypoint-log\n\

@@ -49,6 +49,14 @@ enum Command {
     /// the Slurm plugin as the user for the kernel provider.
     #[command(hide = true)]
     ProbeImage { path: PathBuf },
+    /// (internal) Run Slurm's commands called inside a batch script's container on the
+    /// host; started by the Slurm plugin as the user, ends when its stdin ends.
+    #[command(hide = true)]
+    ForwardServe {
+        /// Where to make its private directory.
+        #[arg(long = "in")]
+        parent: PathBuf,
+    },
     /// Squash an unpacked container (`ferry run --keep DIR`: DIR/rootfs) into a squashfs
     /// image, atomically.
     Save(SaveArgs),
@@ -205,6 +213,11 @@ fn main() {
     let code = match cli.command {
         Command::Hold => ferry::container::holder::hold(),
         Command::ProbeImage { path } => report(probe_image(&path)),
+        Command::ForwardServe { parent } => report(
+            ferry::slurm::forward::serve(&parent)
+                .map(|()| 0)
+                .map_err(anyhow::Error::from),
+        ),
         Command::Run(args) => report(run_command(args)),
         Command::Save(args) => {
             let saved = ferry::rootfs::unpacked::save(&args.rootfs, &args.output);

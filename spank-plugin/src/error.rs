@@ -45,6 +45,10 @@ pub enum PluginError {
     OptionNotUtf8(String),
     #[error("--{0} needs a value")]
     NeedsValue(String),
+    #[error(
+        "{name}={value}: use container (the batch script runs in the job's container) or host"
+    )]
+    BadBatchScript { name: &'static str, value: String },
     #[error("{name}={value}: expected 1 or 0")]
     BadFlag { name: String, value: String },
     #[error("cannot read srun's command line (/proc/self/cmdline): {0}")]
@@ -171,6 +175,15 @@ pub enum PluginError {
     Join(#[from] ferry::container::join::JoinError),
     #[error(transparent)]
     IdFilter(#[from] ferry::container::id_filter::IdFilterError),
+    #[error(
+        "the batch script's container needs the site's ferry-forward program, not found at {} \
+         (tell your admins: forwarder= in plugstack.conf; or set FERRY_BATCH_SCRIPT=host to \
+         run the script on the host)",
+        .0.display()
+    )]
+    NoForwarder(PathBuf),
+    #[error("Slurm's commands in the batch script's container: {0}")]
+    Forward(#[from] ferry::slurm::forward::ForwardError),
 
     // A task.
     #[error("cannot start the container for this step: {0}")]

@@ -316,7 +316,7 @@ pub extern "C" fn slurm_spank_init_post_opt(
                     }
                 }
                 local::export(req.as_ref());
-                Ok(())
+                local::export_batch_script(context)
             }
             Some(Context::Remote) => {
                 // Errors are kept in the step and reported by task_init.

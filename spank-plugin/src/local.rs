@@ -359,6 +359,27 @@ pub fn export(req: Option<&StepRequest>) {
     }
 }
 
+/// sbatch: check the user's `FERRY_BATCH_SCRIPT` (where the batch script runs) and pass it
+/// on as `SLURM_FERRY_BATCH_SCRIPT`, which reaches the batch step under `--export=NONE`
+/// too. salloc's shell stays on the host whatever it says.
+pub fn export_batch_script(context: Context) -> Result<(), PluginError> {
+    if context != Context::Allocator || is_salloc() {
+        return Ok(());
+    }
+    let Some(value) = env_nonempty(request::USER_BATCH_SCRIPT) else {
+        return Ok(());
+    };
+    if ferry::slurm::site::BatchScript::parse(&value).is_none() {
+        return Err(PluginError::BadBatchScript {
+            name: request::USER_BATCH_SCRIPT,
+            value,
+        });
+    }
+    // sbatch is single-threaded while it processes options (see `export`).
+    std::env::set_var(request::ENV_BATCH_SCRIPT, value);
+    Ok(())
+}
+
 /// Whether this process is salloc (the allocator context is sbatch or salloc).
 fn is_salloc() -> bool {
     std::fs::read_link("/proc/self/exe")

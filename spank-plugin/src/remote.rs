@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry::container::holder::PrepareOptions;
-use ferry::slurm::site::{ContainerScope, GpuDefault};
+use ferry::slurm::site::{BatchScript, ContainerScope, GpuDefault};
 use ferry::spec::gpus::GpuRequest;
 use ferry::spec::mounts::MountSpec;
 use ferry::spec::user::UserInfo;
@@ -64,6 +64,9 @@ pub struct Step {
     pub quiet: bool,
     /// Slurm's name of this node, for the user's lines.
     pub node_name: Option<String>,
+    /// The batch script's container: the server that runs Slurm's commands called in it
+    /// on the host (ferry::slurm::forward); dropping it stops the server.
+    pub forward: Option<ferry::slurm::forward::Server>,
 }
 
 impl Step {
@@ -219,12 +222,14 @@ pub fn init_post_opt(
     let job_id = spank.job_id().unwrap_or(0);
     let name = format!("{job_id}.{}", step_name(step_id));
 
-    // The batch script (and salloc's interactive step) runs on the host, so that srun,
-    // sbatch and the site's modules work in it; the extern step is Slurm's, not the user's.
-    if matches!(
-        step_id,
-        SLURM_BATCH_SCRIPT | SLURM_EXTERN_CONT | SLURM_INTERACTIVE_STEP
-    ) {
+    // salloc's interactive step keeps its shell on the host (the user's own login
+    // environment, with the site's modules); the extern step is Slurm's, not the user's.
+    // The batch script runs in the container unless the site or the user says host.
+    if matches!(step_id, SLURM_EXTERN_CONT | SLURM_INTERACTIVE_STEP) {
+        return None;
+    }
+    if step_id == SLURM_BATCH_SCRIPT && batch_script(spank, settings) == BatchScript::Host {
+        debug!("{name}: the batch script runs on the host");
         return None;
     }
     if tracing::enabled!(tracing::Level::TRACE) {
@@ -253,7 +258,18 @@ pub fn init_post_opt(
             debug!("step {name}: no container");
             return None;
         }
-        Ok(Some((request, origin))) => {
+        Ok(Some((request, _))) if step_id == SLURM_BATCH_SCRIPT && request.image.is_none() => {
+            // A container name alone names what a step of the job makes later: the script
+            // has no image to run in.
+            debug!("{name}: the job names a container but no image: the script runs on the host");
+            return None;
+        }
+        Ok(Some((mut request, origin))) => {
+            if step_id == SLURM_BATCH_SCRIPT {
+                // The job's entrypoint and save are for its steps; the script runs as it is.
+                request.entrypoint = None;
+                request.save = None;
+            }
             step.request = request;
             step.origin = origin;
         }
@@ -307,6 +323,88 @@ pub fn init_post_opt(
         }
     }
     Some(step)
+}
+
+/// Where this batch job's script runs: the user's choice (`FERRY_BATCH_SCRIPT`, checked
+/// by sbatch and passed on as `SLURM_FERRY_BATCH_SCRIPT`), else the site's.
+fn batch_script(
+    spank: &SpankHandle,
+    settings: &Result<PluginSettings, PluginError>,
+) -> BatchScript {
+    let user = [request::ENV_BATCH_SCRIPT, request::USER_BATCH_SCRIPT]
+        .iter()
+        .find_map(|name| spank.getenv(name).ok().flatten())
+        .and_then(|v| BatchScript::parse(&v));
+    user.unwrap_or_else(|| {
+        settings
+            .as_ref()
+            .map(|s| s.batch_script)
+            .unwrap_or_default()
+    })
+}
+
+/// The batch script's container: start the forward server and bind it, `ferry-forward`
+/// and the script into `spec` (see ferry::slurm::forward).
+fn start_forwarding(
+    spank: &SpankHandle,
+    step: &mut Step,
+    settings: &PluginSettings,
+    spec: &mut ContainerSpec,
+) -> Result<(), PluginError> {
+    use ferry::slurm::forward;
+    let forwarder = settings.forwarder_path();
+    if !forwarder.is_file() {
+        return Err(PluginError::NoForwarder(forwarder));
+    }
+    let mut host_env: Vec<(String, String)> = forward::HOST_VARS
+        .iter()
+        .filter_map(|name| {
+            let value = spank.getenv(name).ok().flatten()?;
+            Some((name.to_string(), value))
+        })
+        .collect();
+    // A job without PATH (`--export=NONE`) finds Slurm's commands where slurmd does.
+    if !host_env.iter().any(|(name, _)| name == "PATH") {
+        if let Ok(path) = std::env::var("PATH") {
+            host_env.push(("PATH".into(), path));
+        }
+    }
+    let server = forward::Server::start(
+        &settings.ferry_bin,
+        Some(step.credentials()),
+        Path::new("/tmp"),
+        &host_env,
+        Duration::from_secs(10),
+    )?;
+    debug!(
+        "step {}.{}: forward server in {}",
+        step.job_id,
+        step_name(step.step_id),
+        server.dir.display()
+    );
+    spec.mounts.push(MountSpec::bind(
+        forwarder,
+        PathBuf::from(forward::INSIDE_PROGRAM),
+        true,
+    ));
+    spec.mounts.push(MountSpec::bind(
+        server.dir.clone(),
+        PathBuf::from(forward::INSIDE_DIR),
+        false,
+    ));
+    step.forward = Some(server);
+    // The script itself is in slurmd's spool directory, which the container lacks: bound
+    // read-only at its own path, where slurmstepd execs it.
+    if let Some(script) = spank
+        .job_argv_os()
+        .ok()
+        .and_then(|argv| argv.first().map(PathBuf::from))
+        .filter(|p| p.is_absolute())
+    {
+        spec.mounts
+            .push(MountSpec::bind(script.clone(), script, true));
+    }
+    Ok(())
 }
 
 /// The request when srun's plugin did not hand one over in the environment (srun without
@@ -765,7 +863,12 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
             return;
         }
     }
-    let spec = match container_spec(spank, step, settings) {
+    let spec = match container_spec(spank, step, settings).and_then(|mut spec| {
+        if step.step_id == SLURM_BATCH_SCRIPT {
+            start_forwarding(spank, step, settings, &mut spec)?;
+        }
+        Ok(spec)
+    }) {
         Ok(spec) => spec,
         Err(e) => {
             // For slurmd's log; task_init tells the user.
@@ -914,6 +1017,17 @@ pub fn task_init(
     let workdir = step.workdir.clone().unwrap_or_else(|| PathBuf::from("/"));
     set_image_env(spank, step, &ready.env)?;
     set_framework_env(spank, step)?;
+    if step.forward.is_some() {
+        // Slurm's commands find the forwarder first, whatever the image's PATH.
+        let path = spank.getenv("PATH").ok().flatten().unwrap_or_default();
+        let path = format!("{}:{path}", ferry::slurm::forward::INSIDE_BIN);
+        spank.setenv("PATH", path.trim_end_matches(':'), true)?;
+        spank.setenv(
+            ferry::slurm::forward::SOCKET_ENV,
+            ferry::slurm::forward::INSIDE_SOCKET,
+            true,
+        )?;
+    }
     let entrypoint = step.request.entrypoint == Some(true);
     let remap_root = step.request.remap_root == Some(true);
     let save = step.save_after_tasks.clone();
@@ -1082,6 +1196,8 @@ pub fn exit(step: &mut Step) {
 
 fn stop_holder(step: &mut Step, why: &str) {
     step.namespaces = None;
+    // Its end of file stops the forward server.
+    step.forward = None;
     if let Some(holder) = step.holder.take() {
         let ended = holder.stop(Duration::from_secs(10));
         debug!("holder stopped ({why}): {:?}", ended.status);

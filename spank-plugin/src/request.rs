@@ -55,6 +55,12 @@ pub const ENV_UNSHARE: &str = "SLURM_FERRY_CONTAINER_UNSHARE";
 /// `--container-entrypoint-log`.
 pub const ENV_ENTRYPOINT_LOG: &str = "SLURM_FERRY_CONTAINER_ENTRYPOINT_LOG";
 
+/// Where the batch script runs (`container` or `host`): the user's `FERRY_BATCH_SCRIPT`,
+/// checked and passed on by sbatch (under `--export=NONE` too).
+pub const ENV_BATCH_SCRIPT: &str = "SLURM_FERRY_BATCH_SCRIPT";
+/// The user's setting of where the batch script runs.
+pub const USER_BATCH_SCRIPT: &str = "FERRY_BATCH_SCRIPT";
+
 /// Every variable of the transport, for unsetting them all.
 pub const ALL_ENV: &[&str] = &[
     ENV_IMAGE,

@@ -108,6 +108,33 @@ pub struct PluginSettings {
     /// srun's directory when the container has it (default), or the image's WorkingDir
     /// first, as pyxis does.
     pub default_workdir: DefaultWorkdir,
+    /// `batch_script=container|host`: where a batch job's script runs when the job asks
+    /// for a container (`sbatch --container-image`): in it, with Slurm's commands forwarded
+    /// to the host (the default), or on the host, its steps in the container (ferry's
+    /// behaviour before). A user chooses with `FERRY_BATCH_SCRIPT`.
+    pub batch_script: BatchScript,
+    /// `forwarder=PATH`: the static `ferry-forward` program bound into batch scripts'
+    /// containers as `srun`, `squeue`… (default: `../libexec/ferry/ferry-forward` beside
+    /// `ferry_bin`).
+    pub forwarder: Option<PathBuf>,
+}
+
+/// Where a containerized batch job's script runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BatchScript {
+    #[default]
+    Container,
+    Host,
+}
+
+impl BatchScript {
+    pub fn parse(word: &str) -> Option<BatchScript> {
+        match word {
+            "container" => Some(BatchScript::Container),
+            "host" => Some(BatchScript::Host),
+            _ => None,
+        }
+    }
 }
 
 /// How long named containers live.
@@ -154,6 +181,8 @@ impl Default for PluginSettings {
             framework_ports: crate::slurm::framework_env::DEFAULT_PORTS,
             quiet: false,
             default_workdir: DefaultWorkdir::Caller,
+            batch_script: BatchScript::Container,
+            forwarder: None,
         }
     }
 }
@@ -196,12 +225,14 @@ pub enum SiteError {
     DefaultWorkdir(String),
     #[error("plugstack.conf argument `{key}={value}`: use yes or no")]
     YesNo { key: String, value: String },
+    #[error("plugstack.conf argument `batch_script={0}`: use container or host")]
+    BatchScript(String),
 }
 
 const KEYS: &str =
     "ferry_bin, default_mounts, squashfuse, writable_tmpfs_size, log_level, named_dir, \
 registry_ca_file, insecure_registries, registries_conf, rootfs, kernel_squashfs, import_on_submit, gpus, host_libs, nvidia_container_cli, container_scope, writable, \
-framework_env, framework_ports, quiet, default_workdir";
+framework_env, framework_ports, quiet, default_workdir, batch_script, forwarder";
 
 /// Keys that may be repeated, their values adding up.
 const LIST_KEYS: &[&str] = &["default_mounts", "insecure_registries", "host_libs"];
@@ -233,6 +264,21 @@ fn yes_no(key: &str, value: &str) -> Result<bool, SiteError> {
 }
 
 impl PluginSettings {
+    /// The `ferry-forward` program: `forwarder=`, else `../libexec/ferry/ferry-forward`
+    /// beside the real `ferry_bin` (symbolic links followed), where `make install` and the
+    /// packages put it.
+    pub fn forwarder_path(&self) -> PathBuf {
+        if let Some(path) = &self.forwarder {
+            return path.clone();
+        }
+        let bin = std::fs::canonicalize(&self.ferry_bin).unwrap_or_else(|_| self.ferry_bin.clone());
+        let prefix = bin
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("/"));
+        prefix.join("libexec/ferry/ferry-forward")
+    }
+
     /// Parse the plugin's plugstack.conf arguments. Unknown keys and bad values are errors, so
     /// that a typo shows up instead of silently running with a default.
     pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<PluginSettings, SiteError> {
@@ -284,6 +330,11 @@ impl PluginSettings {
                     }
                 }
                 "kernel_squashfs" => s.kernel_squashfs = yes_no(key, value)?,
+                "batch_script" => {
+                    s.batch_script = BatchScript::parse(value)
+                        .ok_or_else(|| SiteError::BatchScript(value.to_string()))?
+                }
+                "forwarder" => s.forwarder = Some(absolute(key, value)?),
                 "writable" => s.writable = yes_no(key, value)?,
                 "framework_env" => s.framework_env = yes_no(key, value)?,
                 "framework_ports" => {
@@ -389,6 +440,27 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<PluginSettings, SiteError> {
         PluginSettings::parse(args)
+    }
+
+    #[test]
+    fn batch_script_and_forwarder() {
+        let d = parse(&[]).unwrap();
+        assert_eq!(d.batch_script, BatchScript::Container);
+        assert_eq!(d.forwarder, None);
+        let s = parse(&["batch_script=host", "forwarder=/opt/ferry-forward"]).unwrap();
+        assert_eq!(s.batch_script, BatchScript::Host);
+        assert_eq!(s.forwarder, Some(PathBuf::from("/opt/ferry-forward")));
+        assert_eq!(
+            parse(&["batch_script=login"]),
+            Err(SiteError::BatchScript("login".into()))
+        );
+        assert!(parse(&["forwarder=bin/ferry-forward"]).is_err());
+        assert_eq!(s.forwarder_path(), PathBuf::from("/opt/ferry-forward"));
+        let d = parse(&["ferry_bin=/nonexistent/prefix/bin/ferry"]).unwrap();
+        assert_eq!(
+            d.forwarder_path(),
+            PathBuf::from("/nonexistent/prefix/libexec/ferry/ferry-forward")
+        );
     }
 
     #[test]

@@ -1,0 +1,513 @@
+//! Slurm's commands inside a container: the host side.
+//!
+//! A batch script that runs in its image (`sbatch --container-image`) still calls `srun`,
+//! `squeue`, `scancel`… The container has no Slurm, or not the host's, so the plugin binds
+//! a small static program, `ferry-forward`, into it under those names ([`INSIDE_BIN`],
+//! first on PATH) and starts this server on the host, as the job's user, for the step's
+//! lifetime. The program connects to the server's socket ([`INSIDE_SOCKET`]) and hands it
+//! its arguments, environment, working directory and its descriptors 0, 1 and 2
+//! (SCM_RIGHTS); the server runs the host's command of that name with them, as the same
+//! user, passes on the signals the program receives, and answers how the command ended.
+//!
+//! Nothing gains a right: the server runs as the user, serves only peers of the user's own
+//! uid (SO_PEERCRED), runs only [`COMMANDS`], and ends when the plugin closes its standard
+//! input (the step's end), removing its directory and stopping the commands still running.
+//!
+//! The protocol: client → server: `FWD1` with four descriptors attached (stdin, stdout,
+//! stderr, the working directory); a u32 (little
+//! endian) length and that many bytes of NUL-terminated strings: the program's name, the
+//! working directory, the number of arguments, the arguments, then the environment
+//! (`NAME=VALUE`); then, at any time, u32 signal numbers. Server → client: `x` and a u32
+//! exit code, `s` and a u32 signal number, or `e`, a u32 length and an error text.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::io::{self, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+
+use rustix::event::{PollFd, PollFlags};
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+
+use crate::sys::child::Pidfd;
+
+/// The commands forwarded to the host.
+pub const COMMANDS: &[&str] = &[
+    "srun", "sbatch", "salloc", "scancel", "squeue", "sinfo", "scontrol", "sacct", "sattach",
+];
+
+/// Where the plugin binds `ferry-forward` in the container.
+pub const INSIDE_PROGRAM: &str = "/.ferry/forward";
+/// Where the plugin binds the server's directory in the container.
+pub const INSIDE_DIR: &str = "/.ferry/run";
+/// The directory of the commands' names in the container, put first on the task's PATH.
+pub const INSIDE_BIN: &str = "/.ferry/run/bin";
+/// The server's socket in the container.
+pub const INSIDE_SOCKET: &str = "/.ferry/run/sock";
+/// The variable that tells `ferry-forward` where the socket is.
+pub const SOCKET_ENV: &str = "FERRY_FORWARD_SOCKET";
+
+/// Variables whose value a forwarded command takes from the host job (the server's own
+/// environment), not from the container: the container's PATH and libraries are the
+/// image's, and the host's Slurm commands need the host's.
+pub const HOST_VARS: &[&str] = &["PATH", "LD_LIBRARY_PATH", "LD_PRELOAD"];
+
+/// The largest request read (arguments and environment).
+const MAX_REQUEST: u32 = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("cannot make the forward server's directory in {}: {error}", .dir.display())]
+    Dir { dir: PathBuf, error: io::Error },
+    #[error("cannot listen on {}: {error}", .path.display())]
+    Listen { path: PathBuf, error: io::Error },
+    #[error("cannot start the forward server {}: {error}", .program.display())]
+    Start { program: PathBuf, error: io::Error },
+    #[error("the forward server did not start: {0}")]
+    NotReady(String),
+}
+
+/// Serve in a new private directory under `parent`: print its path on stdout, then serve
+/// until stdin reaches its end.
+pub fn serve(parent: &Path) -> Result<(), ForwardError> {
+    // The commands inherit this mask: slurmstepd's blocked signals must not keep scancel's
+    // SIGTERM from them.
+    let _ = nix::sys::signal::SigSet::empty().thread_set_mask();
+    // Private: only the user reaches the socket (the server checks the peer's uid too).
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-forward.")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir_in(parent)
+        .map_err(|error| ForwardError::Dir {
+            dir: parent.to_path_buf(),
+            error,
+        })?;
+    let bin = dir.path().join("bin");
+    let made = std::fs::create_dir(&bin).and_then(|()| {
+        COMMANDS
+            .iter()
+            .try_for_each(|name| std::os::unix::fs::symlink(INSIDE_PROGRAM, bin.join(name)))
+    });
+    made.map_err(|error| ForwardError::Dir {
+        dir: dir.path().to_path_buf(),
+        error,
+    })?;
+    let socket = dir.path().join("sock");
+    let listener = UnixListener::bind(&socket).map_err(|error| ForwardError::Listen {
+        path: socket.clone(),
+        error,
+    })?;
+    let running: Running = Arc::default();
+    {
+        let running = running.clone();
+        let dir_path = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            // The plugin holds the other end for the step's lifetime.
+            let _ = io::copy(&mut io::stdin(), &mut io::sink());
+            for pidfd in running.lock().unwrap_or_else(|p| p.into_inner()).values() {
+                pidfd.signal(rustix::process::Signal::TERM);
+            }
+            let _ = std::fs::remove_dir_all(&dir_path);
+            std::process::exit(0);
+        });
+    }
+    let mut out = io::stdout().lock();
+    let ready = writeln!(out, "{}", dir.path().display()).and_then(|()| out.flush());
+    drop(out);
+    if ready.is_err() {
+        // Nobody waits for it.
+        return Ok(());
+    }
+    let own_uid = rustix::process::getuid();
+    let host_env: Vec<(&str, Option<OsString>)> = HOST_VARS
+        .iter()
+        .map(|n| (*n, std::env::var_os(n)))
+        .collect();
+    let host_env = Arc::new(host_env);
+    let mut next_id = 0u64;
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        next_id += 1;
+        let (running, host_env, id) = (running.clone(), host_env.clone(), next_id);
+        std::thread::spawn(move || {
+            let mut conn = conn;
+            if let Err(text) = handle(&mut conn, own_uid, &host_env, &running, id) {
+                let _ = answer_error(&mut conn, &text);
+            }
+        });
+    }
+    Ok(())
+}
+
+type Running = Arc<Mutex<HashMap<u64, Arc<Pidfd>>>>;
+
+fn answer_error(conn: &mut UnixStream, text: &str) -> io::Result<()> {
+    let mut msg = vec![b'e'];
+    msg.extend_from_slice(&(text.len() as u32).to_le_bytes());
+    msg.extend_from_slice(text.as_bytes());
+    conn.write_all(&msg)
+}
+
+/// A forwarded command's request.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request {
+    pub program: OsString,
+    pub cwd: PathBuf,
+    pub args: Vec<OsString>,
+    pub env: Vec<(OsString, OsString)>,
+}
+
+impl Request {
+    /// Parse the request's bytes (see the module's documentation).
+    pub fn parse(bytes: &[u8]) -> Option<Request> {
+        let mut fields = bytes
+            .strip_suffix(b"\0")?
+            .split(|b| *b == 0)
+            .map(|f| OsStr::from_bytes(f).to_os_string());
+        let program = fields.next()?;
+        let cwd = PathBuf::from(fields.next()?);
+        let count: usize = fields.next()?.to_str()?.parse().ok()?;
+        let args: Vec<OsString> = fields.by_ref().take(count).collect();
+        if args.len() != count {
+            return None;
+        }
+        let env = fields
+            .filter_map(|pair| {
+                let bytes = pair.into_vec();
+                let eq = bytes.iter().position(|b| *b == b'=')?;
+                Some((
+                    OsString::from_vec(bytes[..eq].to_vec()),
+                    OsString::from_vec(bytes[eq + 1..].to_vec()),
+                ))
+            })
+            .collect();
+        Some(Request {
+            program,
+            cwd,
+            args,
+            env,
+        })
+    }
+
+    /// The command's environment: the caller's, with [`HOST_VARS`] the host's (`host`) and
+    /// without the forwarder's own variable.
+    pub fn environment(&self, host: &[(&str, Option<OsString>)]) -> Vec<(OsString, OsString)> {
+        let mut env: Vec<(OsString, OsString)> = self
+            .env
+            .iter()
+            .filter(|(k, _)| k != SOCKET_ENV && !HOST_VARS.iter().any(|h| k == *h))
+            .cloned()
+            .collect();
+        env.extend(
+            host.iter()
+                .filter_map(|(k, v)| v.clone().map(|v| (OsString::from(*k), v))),
+        );
+        env
+    }
+}
+
+/// The program `name` on the host's PATH (`path`).
+fn find_on_path(name: &OsStr, path: Option<&OsStr>) -> Option<PathBuf> {
+    let path = path.unwrap_or(OsStr::new("/usr/local/bin:/usr/bin:/bin"));
+    std::env::split_paths(path)
+        .filter(|d| d.is_absolute())
+        .map(|d| d.join(name))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| {
+                m.is_file()
+                    && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
+            })
+        })
+}
+
+/// Serve one connection; an error is the text for the client.
+fn handle(
+    conn: &mut UnixStream,
+    own_uid: rustix::process::Uid,
+    host_env: &[(&str, Option<OsString>)],
+    running: &Running,
+    id: u64,
+) -> Result<(), String> {
+    let peer = rustix::net::sockopt::socket_peercred(&*conn)
+        .map_err(|e| format!("cannot tell who is asking: {e}"))?;
+    if peer.uid != own_uid {
+        return Err(format!(
+            "refused: uid {} is not the job's user",
+            peer.uid.as_raw()
+        ));
+    }
+    let (magic, stdio) = receive_stdio(conn).map_err(|e| format!("bad request: {e}"))?;
+    if &magic != b"FWD1" {
+        return Err("bad request: not ferry-forward's protocol".into());
+    }
+    let [stdin, stdout, stderr, cwd]: [OwnedFd; 4] = stdio
+        .try_into()
+        .map_err(|_| "bad request: not four descriptors".to_string())?;
+    let mut len = [0u8; 4];
+    conn.read_exact(&mut len).map_err(|e| e.to_string())?;
+    let len = u32::from_le_bytes(len);
+    if len > MAX_REQUEST {
+        return Err(format!("request of {len} bytes is too large"));
+    }
+    let mut bytes = vec![0u8; len as usize];
+    conn.read_exact(&mut bytes).map_err(|e| e.to_string())?;
+    let req = Request::parse(&bytes).ok_or("bad request: malformed")?;
+    let name = req.program.to_string_lossy().into_owned();
+    if !COMMANDS.iter().any(|c| req.program == *c) {
+        return Err(format!(
+            "{name} is not forwarded to the host (only {})",
+            COMMANDS.join(", ")
+        ));
+    }
+    let host_path = host_env
+        .iter()
+        .find(|(k, _)| *k == "PATH")
+        .and_then(|(_, v)| v.as_deref());
+    let program = find_on_path(&req.program, host_path)
+        .ok_or_else(|| format!("{name} is not installed on the host (not on the job's PATH)"))?;
+    let mut cmd = Command::new(&program);
+    cmd.arg0(&req.program)
+        .args(&req.args)
+        .env_clear()
+        .envs(req.environment(host_env))
+        .stdin(Stdio::from(stdin))
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr));
+    // The container's directory when the host has the same one at that path (home, bound
+    // paths), else the job's (the server's own).
+    if same_directory(&cwd, &req.cwd) {
+        cmd.current_dir(&req.cwd);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
+    drop(cmd);
+    let pidfd = Arc::new(Pidfd::of_spawned(&child).map_err(|e| e.to_string())?);
+    running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, pidfd.clone());
+    let status = relay(conn, &pidfd, &mut child);
+    running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+    let status = status.map_err(|e| e.to_string())?;
+    let answer = match (status.code(), status.signal()) {
+        (Some(code), _) => [b'x'].into_iter().chain((code as u32).to_le_bytes()),
+        (None, Some(sig)) => [b's'].into_iter().chain((sig as u32).to_le_bytes()),
+        (None, None) => [b'x'].into_iter().chain(255u32.to_le_bytes()),
+    };
+    let answer: Vec<u8> = answer.collect();
+    // The caller may be gone.
+    let _ = conn.write_all(&answer);
+    Ok(())
+}
+
+/// Pass the client's signals to the child until it ends; its status. A client that goes
+/// away (killed) takes the command with it (SIGTERM).
+fn relay(
+    conn: &mut UnixStream,
+    pidfd: &Pidfd,
+    child: &mut std::process::Child,
+) -> io::Result<ExitStatus> {
+    let mut client_open = true;
+    let mut pending = Vec::new();
+    loop {
+        let ended = {
+            let pid_fd = pidfd.as_fd();
+            let mut fds = vec![PollFd::new(&pid_fd, PollFlags::IN)];
+            if client_open {
+                fds.push(PollFd::new(&*conn, PollFlags::IN));
+            }
+            match rustix::event::poll(&mut fds, None) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            let client_ready = client_open && !fds[1].revents().is_empty();
+            (!fds[0].revents().is_empty(), client_ready)
+        };
+        if ended.0 {
+            return child.wait();
+        }
+        if ended.1 {
+            let mut buf = [0u8; 64];
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    client_open = false;
+                    pidfd.signal(rustix::process::Signal::TERM);
+                }
+                Ok(n) => {
+                    pending.extend_from_slice(&buf[..n]);
+                    while pending.len() >= 4 {
+                        let number =
+                            u32::from_le_bytes([pending[0], pending[1], pending[2], pending[3]]);
+                        pending.drain(..4);
+                        if let Some(sig) = rustix::process::Signal::from_named_raw(number as i32) {
+                            pidfd.signal(sig);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether `path` on the host is the directory `fd` (the caller's, in the container).
+fn same_directory(fd: &OwnedFd, path: &Path) -> bool {
+    match (rustix::fs::fstat(fd), rustix::fs::stat(path)) {
+        (Ok(a), Ok(b)) => a.st_dev == b.st_dev && a.st_ino == b.st_ino,
+        _ => false,
+    }
+}
+
+/// The first message: four bytes and the descriptors attached to them.
+fn receive_stdio(conn: &UnixStream) -> io::Result<([u8; 4], Vec<OwnedFd>)> {
+    let mut magic = [0u8; 4];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        conn,
+        &mut [IoSliceMut::new(&mut magic)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for msg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(rights) = msg {
+            fds.extend(rights);
+        }
+    }
+    if got.bytes != 4 {
+        return Err(io::Error::other("short first message"));
+    }
+    Ok((magic, fds))
+}
+
+/// The running server, as the plugin holds it: its directory on the host, and its
+/// standard input, whose end stops it.
+#[derive(Debug)]
+pub struct Server {
+    pub dir: PathBuf,
+    _lifeline: std::process::ChildStdin,
+}
+
+impl Server {
+    /// Start `program forward-serve --in PARENT` as `run_as`, with `host_env` as its whole
+    /// environment, and wait (up to `timeout`) until it serves.
+    pub fn start(
+        program: &Path,
+        run_as: Option<crate::sys::raw::Credentials>,
+        parent: &Path,
+        host_env: &[(String, String)],
+        timeout: std::time::Duration,
+    ) -> Result<Server, ForwardError> {
+        let mut cmd = Command::new(program);
+        cmd.arg("forward-serve")
+            .arg("--in")
+            .arg(parent)
+            .env_clear()
+            .envs(host_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        crate::sys::raw::run_as_on_exec(&mut cmd, run_as, false);
+        let mut child = cmd.spawn().map_err(|error| ForwardError::Start {
+            program: program.to_path_buf(),
+            error,
+        })?;
+        let lifeline = child
+            .stdin
+            .take()
+            .ok_or(ForwardError::NotReady("no stdin".into()))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or(ForwardError::NotReady("no stdout".into()))?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or(ForwardError::NotReady("no stderr".into()))?;
+        // The child is never waited for here: slurmstepd reaps its children itself.
+        drop(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let mut reader = io::BufReader::new(stdout);
+            let _ = io::BufRead::read_line(&mut reader, &mut line);
+            if line.is_empty() {
+                // It ended: its error line, read to its end (it has exited).
+                let mut text = String::new();
+                let _ = stderr.take(4096).read_to_string(&mut text);
+                let last = crate::sys::child::last_line(&text);
+                let _ = tx.send(Err(last.trim_start_matches("ferry: error: ").to_string()));
+            } else {
+                // Once serving it writes nothing there; a closed pipe cannot block it.
+                drop(stderr);
+                let _ = tx.send(Ok(line));
+            }
+        });
+        let line = rx
+            .recv_timeout(timeout)
+            .map_err(|_| ForwardError::NotReady(format!("no answer in {timeout:?}")))?
+            .map_err(|e| {
+                ForwardError::NotReady(if e.is_empty() {
+                    "it ended at once".into()
+                } else {
+                    e
+                })
+            })?;
+        let dir = PathBuf::from(line.trim_end());
+        if !dir.is_absolute() {
+            return Err(ForwardError::NotReady(format!("it said {line:?}")));
+        }
+        Ok(Server {
+            dir,
+            _lifeline: lifeline,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_parsed_and_refused_when_malformed() {
+        let bytes = b"srun\0/work\x002\0-n1\0hostname\0A=1\0PATH=/img/bin\0B=x=y\0";
+        let req = Request::parse(bytes).unwrap();
+        assert_eq!(req.program, "srun");
+        assert_eq!(req.cwd, Path::new("/work"));
+        assert_eq!(req.args, vec![OsString::from("-n1"), "hostname".into()]);
+        assert_eq!(req.env.len(), 3);
+        assert_eq!(req.env[2], ("B".into(), "x=y".into()));
+        assert!(Request::parse(b"srun\0/\x003\0a\0").is_none());
+        assert!(Request::parse(b"srun\0/\0x\0").is_none());
+        assert!(Request::parse(b"srun").is_none());
+    }
+
+    #[test]
+    fn host_variables_replace_the_containers() {
+        let req = Request::parse(
+            b"srun\0/\x000\0PATH=/img/bin\0LD_LIBRARY_PATH=/img/lib\0FERRY_FORWARD_SOCKET=/s\0X=1\0",
+        )
+        .unwrap();
+        let host = [
+            ("PATH", Some(OsString::from("/usr/bin"))),
+            ("LD_LIBRARY_PATH", None),
+            ("LD_PRELOAD", None),
+        ];
+        let env = req.environment(&host);
+        assert_eq!(
+            env,
+            vec![("X".into(), "1".into()), ("PATH".into(), "/usr/bin".into())]
+        );
+    }
+}
