@@ -151,15 +151,19 @@ fn remap_root_chown_and_setuid_to_unmapped_ids_succeed_and_change_nothing() {
 #[test]
 fn apt_get_installs_a_package_with_chowning_scripts_in_a_writable_remap_root_container() {
     let _m = shared_machine();
+    // man-db's scripts chown to the `man` user; emacs-nox (pyxis' test) pulls packages whose
+    // scripts add system groups, which needs the image's own /etc/group, writable.
     let out = sh(&format!(
         "$FERRY run --remap-root --writable {} sh -c 'apt-get -qq update && \
-         apt-get -qq install -y --no-install-recommends man-db >/dev/null && \
-         stat -c %U /var/cache/man && dpkg -s man-db | grep Status'",
+         apt-get -qq install -y --no-install-recommends man-db emacs-nox >/dev/null && \
+         stat -c %U /var/cache/man && dpkg -s man-db emacs-nox | grep Status && \
+         emacs --version | head -1 | cut -d\" \" -f1,2 && \
+         addgroup --system crontab >/dev/null && getent group crontab | cut -d: -f1'",
         img("debian.sqsh")
     ));
     assert_eq!(
         out.ok(),
-        "root\nStatus: install ok installed\n",
+        "root\nStatus: install ok installed\nStatus: install ok installed\nGNU Emacs\ncrontab\n",
         "{}",
         out.stderr
     );

@@ -189,7 +189,9 @@ mod tests {
 
     #[test]
     fn root_entries_are_found_in_passwd_and_group() {
-        assert!(names_id_0("daemon:x:1:1::/:/bin/sh\nroot:x:0:0:root:/root:/bin/bash\n"));
+        assert!(names_id_0(
+            "daemon:x:1:1::/:/bin/sh\nroot:x:0:0:root:/root:/bin/bash\n"
+        ));
         assert!(names_id_0("root:x:0:\n"));
         assert!(!names_id_0("root:x:1:1\ntoor:x:0:0\n"));
         assert!(!names_id_0(""));
