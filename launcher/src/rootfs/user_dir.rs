@@ -194,14 +194,23 @@ pub fn remove_job(named_dir: &Path, uid: u32, job_id: u32) -> Result<bool, UserD
     // remove_dir_all then opens jobJOB inside it without following symlinks and removes
     // its contents relative to descriptors (a symlink at jobJOB is removed itself).
     let through_fd = PathBuf::from(format!("/proc/self/fd/{}", user_dir.as_raw_fd())).join(&job);
-    match std::fs::remove_dir_all(&through_fd) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(source) => Err(UserDirError::Remove {
-            path: job_path,
-            source,
-        }),
+    let removed = match std::fs::remove_dir_all(&through_fd) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(source) => {
+            return Err(UserDirError::Remove {
+                path: job_path,
+                source,
+            })
+        }
+    };
+    // The user's directory goes too once nothing is left in it (every container step makes
+    // it, to be attachable): only if empty, so kept containers and other jobs' stay.
+    drop(user_dir);
+    if let Err(e) = rustix::fs::unlinkat(&parent, own.as_str(), AtFlags::REMOVEDIR) {
+        tracing::debug!("{} kept: {e}", path.display());
     }
+    Ok(removed)
 }
 
 #[cfg(test)]
@@ -220,6 +229,11 @@ mod tests {
         assert!(remove_job(&named, me, 7).unwrap());
         assert!(!user.join("job7").exists());
         assert!(user.join("job8").exists());
+        // Emptied by its last job: the user's directory goes as well.
+        std::fs::create_dir_all(user.join("job6")).unwrap();
+        assert!(remove_job(&named, me, 8).unwrap() && remove_job(&named, me, 6).unwrap());
+        assert!(!user.exists());
+        std::fs::create_dir_all(user.join("job8")).unwrap();
         assert!(!remove_job(&named, me, 7).unwrap());
         assert!(!remove_job(&named, me + 1, 7).unwrap());
         // A symlink in the user's place: nothing behind it is touched.
