@@ -689,6 +689,10 @@ fn gc_command(args: GcArgs) -> anyhow::Result<()> {
             format_size(tree_bytes)
         );
     }
+    let builds = ferry::build::remove_leftovers(cache.root());
+    if builds > 0 {
+        println!("removed {builds} leftovers of stopped builds");
+    }
     println!(
         "removed {} images ({}); {} in use kept; {} leftover work areas removed",
         report.removed.len(),

@@ -821,6 +821,43 @@ impl Builder<'_> {
     }
 }
 
+/// Remove what builds killed by a signal left in the cache (their work trees and partial
+/// entries, named after a process that no longer runs); returns how many.
+pub fn remove_leftovers(cache_root: &Path) -> usize {
+    let dir = cache_root.join(CACHE_DIR);
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = match name.strip_prefix("work-") {
+            Some(pid) => pid,
+            None => match name.rsplit_once(".ferry-") {
+                Some((_, rest)) => rest.trim_end_matches(".partial"),
+                None => continue,
+            },
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = e.path();
+        let gone = if path.is_dir() {
+            unpacked::remove_tree(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        match gone {
+            Ok(()) => removed += 1,
+            Err(err) => tracing::warn!("cannot remove {}: {err}", path.display()),
+        }
+    }
+    removed
+}
+
 /// The argv a start command (ENTRYPOINT, CMD) records: shell form through the shell.
 fn start_argv(c: &Command, shell: &[String]) -> Vec<String> {
     match c {
