@@ -168,3 +168,23 @@ fn a_multi_stage_build_copies_from_an_earlier_stage() {
         );
     }
 }
+
+/// What a build stopped by a signal leaves in the cache (its work tree, named after its
+/// process) goes with `ferry gc`; the step entries stay.
+#[test]
+fn gc_removes_what_a_stopped_build_left() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    // A process id above the kernel's largest names no running process.
+    let out = sh(&format!(
+        "mkdir -p {d}/cache/build/work-4194305/stage-0/rootfs && chmod 500 {d}/cache/build/work-4194305/stage-0 && \
+         touch {d}/cache/build/0123.sqsh && $FERRY gc --cache {d}/cache && ls {d}/cache/build"
+    ));
+    assert!(
+        out.ok().contains("removed 1 leftovers of stopped builds\n"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.ends_with("0123.sqsh\n"), "{}", out.stdout);
+}
