@@ -7,9 +7,10 @@
 //! raw calls and child processes), `image` (image formats, references and registries),
 //! `spec` (what a container is, as data), then `store` (the image cache and imports into
 //! it), `rootfs` (the file tree a container sees) and `slurm` (what Slurm hands the
-//! plugin), and on top `container` (a running container's processes and namespaces) and
-//! `doctor` (node checks).
+//! plugin), and on top `container` (a running container's processes and namespaces),
+//! `doctor` (node checks) and `build` (images from Dockerfiles).
 
+pub mod build;
 pub mod container;
 pub mod doctor;
 pub mod fuzzing;

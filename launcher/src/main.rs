@@ -34,6 +34,9 @@ struct Cli {
 enum Command {
     /// Run a command in a container made from IMAGE.
     Run(RunArgs),
+    /// Build a squashfs image from a Dockerfile, without root: RUN steps run as root in a
+    /// writable container of the image so far; each step is cached.
+    Build(BuildArgs),
     /// Import an image into the cache (or, with -o, into a squashfs file of your own).
     Import(ImportArgs),
     /// List the images in the cache.
@@ -188,6 +191,32 @@ struct ImportArgs {
 }
 
 #[derive(Args)]
+struct BuildArgs {
+    #[command(flatten)]
+    cache: CacheArgs,
+    /// The Dockerfile (default: CONTEXT/Dockerfile, else CONTEXT/Containerfile).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// The squashfs image to write (replaced atomically) [default: image.sqsh].
+    #[arg(
+        short = 't',
+        long = "tag",
+        value_name = "OUT.sqsh",
+        default_value = "image.sqsh"
+    )]
+    output: PathBuf,
+    /// Set a build argument (ARG NAME) for this build; repeatable.
+    #[arg(long = "build-arg", value_name = "NAME=VALUE")]
+    build_args: Vec<String>,
+    /// Run every step, neither using nor filling the step cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// The directory COPY and ADD take files from.
+    #[arg(default_value = ".")]
+    context: PathBuf,
+}
+
+#[derive(Args)]
 struct GcArgs {
     #[command(flatten)]
     cache: CacheArgs,
@@ -219,6 +248,7 @@ fn main() {
                 .map_err(anyhow::Error::from),
         ),
         Command::Run(args) => report(run_command(args)),
+        Command::Build(args) => build_command(args),
         Command::Save(args) => {
             let saved = ferry::rootfs::unpacked::save(&args.rootfs, &args.output);
             if let Some(dir) = &args.remove {
@@ -420,6 +450,54 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     Ok(run(&spec, &command, &PrepareOptions::for_cli(program))?)
 }
 
+fn build_command(args: BuildArgs) -> i32 {
+    let options = (|| -> anyhow::Result<ferry::build::BuildOptions> {
+        nix::sys::prctl::set_no_new_privs().context("cannot set no_new_privs")?;
+        let cwd = std::env::current_dir().context("cannot read the current directory")?;
+        let context = cwd.join(&args.context);
+        if !context.is_dir() {
+            anyhow::bail!("the build context {} is not a directory", context.display());
+        }
+        let dockerfile = match &args.file {
+            Some(f) => cwd.join(f),
+            None => ["Dockerfile", "Containerfile"]
+                .iter()
+                .map(|n| context.join(n))
+                .find(|p| p.is_file())
+                .unwrap_or_else(|| context.join("Dockerfile")),
+        };
+        let mut build_args = std::collections::BTreeMap::new();
+        for a in &args.build_args {
+            let (name, value) = parse_assignment(a, |n| std::env::var(n).ok())
+                .with_context(|| format!("--build-arg {a}"))?;
+            build_args.insert(name, value);
+        }
+        let program = std::env::current_exe().context("cannot find the ferry binary itself")?;
+        Ok(ferry::build::BuildOptions {
+            dockerfile,
+            context,
+            output: cwd.join(&args.output),
+            build_args,
+            no_cache: args.no_cache,
+            cache: open_cache(&args.cache)?,
+            import: import_options()?,
+            prepare: PrepareOptions::for_cli(program),
+            user: UserInfo::current()?,
+        })
+    })();
+    let options = match options {
+        Ok(o) => o,
+        Err(e) => return report(Err(e)),
+    };
+    match ferry::build::build(&options) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("ferry: error: {e}");
+            e.exit_status()
+        }
+    }
+}
+
 /// `ferry containers [--all]` and `ferry containers rm NAME...`.
 fn containers_command(args: ContainersArgs) -> anyhow::Result<i32> {
     use ferry::container::named;
@@ -610,6 +688,10 @@ fn gc_command(args: GcArgs) -> anyhow::Result<()> {
             "removed {trees} unpacked images ({}) that no container uses",
             format_size(tree_bytes)
         );
+    }
+    let builds = ferry::build::remove_leftovers(cache.root());
+    if builds > 0 {
+        println!("removed {builds} leftovers of stopped builds");
     }
     println!(
         "removed {} images ({}); {} in use kept; {} leftover work areas removed",

@@ -58,15 +58,26 @@ pub fn run(
     argv: &[OsString],
     opts: &PrepareOptions,
 ) -> Result<i32, RunError> {
-    let kernel = crate::rootfs::kernel::mount_for(spec, &crate::rootfs::kernel::Probe::InProcess)?;
-    let holder = holder::prepare_with(spec, opts, kernel)?;
-    let namespaces = Namespaces::of_holder(&holder)?;
     let caller = std::env::vars_os().map(|(k, v)| {
         (
             k.to_string_lossy().into_owned(),
             v.to_string_lossy().into_owned(),
         )
     });
+    run_in_env(spec, argv, opts, caller.collect())
+}
+
+/// [`run`] with `caller` in place of ferry's own environment under the image's (`ferry
+/// build` gives its steps only the image's variables and build arguments).
+pub fn run_in_env(
+    spec: &ContainerSpec,
+    argv: &[OsString],
+    opts: &PrepareOptions,
+    caller: Vec<(String, String)>,
+) -> Result<i32, RunError> {
+    let kernel = crate::rootfs::kernel::mount_for(spec, &crate::rootfs::kernel::Probe::InProcess)?;
+    let holder = holder::prepare_with(spec, opts, kernel)?;
+    let namespaces = Namespaces::of_holder(&holder)?;
     let vars = env::compose(caller, &holder.ready().env, &spec.env);
     let search_path = vars
         .iter()

@@ -15,3 +15,6 @@ mod squashfuse;
 mod staging;
 pub mod unpacked;
 pub mod user_dir;
+
+/// For `ferry build`, which writes into an image's tree as the container would see it.
+pub use staging::resolve_in_tree;

@@ -325,7 +325,7 @@ fn build(img: &Image, area: &Path, opts: &ImportOptions) -> Result<Built, Import
 }
 
 /// The existing /etc/environment text followed by the config's `Env`, which wins.
-fn environment_file(existing: &str, env: &[String]) -> String {
+pub(crate) fn environment_file(existing: &str, env: &[String]) -> String {
     let mut text = existing.to_string();
     if !text.is_empty() && !text.ends_with('\n') {
         text.push('\n');

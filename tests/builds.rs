@@ -1,0 +1,190 @@
+//! `ferry build` end to end, as the unprivileged test user.
+
+use std::time::Duration;
+
+use ferry_tests::*;
+
+fn img(name: &str) -> String {
+    image(name).display().to_string()
+}
+
+/// A build context in `dir`/ctx holding `Dockerfile` and a data file.
+fn context(dir: &UserDir, dockerfile: &str) {
+    sh(&format!(
+        "cd {} && mkdir -p ctx && echo 'copied from the context' > ctx/data.txt && \
+         cat > ctx/Dockerfile <<'EOF'\n{dockerfile}EOF",
+        dir.path.display()
+    ))
+    .ok();
+}
+
+fn build(dir: &UserDir, extra: &str) -> Run {
+    let d = dir.path.display();
+    sh_as_within(
+        USER,
+        &format!("cd {d} && $FERRY build --cache {d}/cache -t {d}/out.sqsh {extra} ctx"),
+        Duration::from_secs(600),
+    )
+}
+
+/// A Debian image with a package from apt, a copied file, an environment variable and a
+/// working directory; a rebuild after changing only the last RUN takes everything before it
+/// from the cache, and an unchanged rebuild takes every step from it.
+#[test]
+fn builds_a_debian_image_with_a_package_and_rebuilds_from_the_cache() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let dockerfile = format!(
+        "FROM {}\n\
+         # the package's scripts run as root in the container\n\
+         RUN apt-get -qq update && \\\n    apt-get -qq install -y --no-install-recommends file >/dev/null\n\
+         ENV APP_MODE=production\n\
+         WORKDIR /srv/app\n\
+         COPY data.txt .\n\
+         RUN echo first > marker\n\
+         CMD [\"sh\", \"-c\", \"pwd; echo $APP_MODE; cat data.txt marker; file -b data.txt\"]\n",
+        img("debian.sqsh")
+    );
+    context(&dir, &dockerfile);
+    let first = build(&dir, "");
+    first.ok();
+    assert!(
+        first.stderr.contains("[2/7] RUN apt-get") && !first.stderr.contains("(cached)"),
+        "{}",
+        first.stderr
+    );
+    let run = format!("$FERRY run {d}/out.sqsh");
+    assert_eq!(
+        sh(&run).ok(),
+        "/srv/app\nproduction\ncopied from the context\nfirst\nASCII text\n"
+    );
+
+    sh(&format!("sed -i s/first/second/ {d}/ctx/Dockerfile")).ok();
+    let second = build(&dir, "");
+    second.ok();
+    for cached in ["[2/7] RUN apt-get", "[5/7] COPY data.txt ."] {
+        let line = second.stderr.lines().find(|l| l.starts_with(cached));
+        assert!(
+            line.is_some_and(|l| l.ends_with("(cached)")),
+            "{cached} not cached:\n{}",
+            second.stderr
+        );
+    }
+    let last = second.stderr.lines().find(|l| l.starts_with("[6/7]"));
+    assert!(
+        last.is_some_and(|l| l.contains("second") && !l.ends_with("(cached)")),
+        "{}",
+        second.stderr
+    );
+    assert_eq!(
+        sh(&run).ok(),
+        "/srv/app\nproduction\ncopied from the context\nsecond\nASCII text\n"
+    );
+
+    let third = build(&dir, "");
+    third.ok();
+    let ran: Vec<&str> = third
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("[") && (l.contains("] RUN") || l.contains("] COPY")))
+        .filter(|l| !l.ends_with("(cached)"))
+        .collect();
+    assert!(ran.is_empty(), "{}", third.stderr);
+    // No work tree stays in the cache.
+    let left = sh(&format!("ls {d}/cache/build | grep -v '\\.sqsh$' || true"));
+    assert_eq!(left.ok(), "");
+}
+
+/// A failing RUN ends the build with its status and one line naming the file, the line and
+/// the instruction; no image is written and no work tree stays. A bad instruction is one
+/// line naming the file and line.
+#[test]
+fn a_failing_run_names_its_line_and_leaves_nothing_behind() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let dockerfile = format!(
+        "FROM {}\nRUN echo one > /one\n\nRUN echo failing && \\\n  exit 3\nRUN echo never\n",
+        img("busybox.sqsh")
+    );
+    context(&dir, &dockerfile);
+    let out = build(&dir, "");
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    let errors: Vec<&str> = out.stderr.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(
+        errors,
+        ["ferry: error: Dockerfile:4: RUN echo failing && exit 3: exited with status 3"],
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("never"), "{}", out.stderr);
+    assert_eq!(sh(&format!("ls {d}")).ok(), "cache\nctx\n");
+    let left = sh(&format!("ls {d}/cache/build | grep -v '\\.sqsh$' || true"));
+    assert_eq!(left.ok(), "");
+
+    context(
+        &dir,
+        &format!("FROM {}\nFROBNICATE x\n", img("busybox.sqsh")),
+    );
+    let out = build(&dir, "");
+    assert_eq!(out.code, 1);
+    assert_eq!(
+        out.stderr,
+        "ferry: error: Dockerfile:2: unknown instruction `FROBNICATE`\n"
+    );
+}
+
+/// Two stages: the second copies what the first built (`COPY --from`), with an ENTRYPOINT
+/// and CMD and a build argument; the same with `--no-cache`.
+#[test]
+fn a_multi_stage_build_copies_from_an_earlier_stage() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let busybox = img("busybox.sqsh");
+    context(
+        &dir,
+        &format!(
+            "ARG BASE={busybox}\n\
+             FROM $BASE AS builder\n\
+             ARG FLAVOUR=plain\n\
+             RUN mkdir -p /out && echo \"built $FLAVOUR\" > /out/prog\n\
+             FROM ${{BASE}}\n\
+             COPY --from=builder /out/prog /usr/local/bin/\n\
+             ENTRYPOINT [\"cat\"]\n\
+             CMD [\"/usr/local/bin/prog\"]\n"
+        ),
+    );
+    for extra in [
+        "--build-arg FLAVOUR=spicy",
+        "--no-cache --build-arg FLAVOUR=mild",
+    ] {
+        build(&dir, extra).ok();
+        let flavour = extra.rsplit('=').next().unwrap_or_default();
+        assert_eq!(
+            sh(&format!("$FERRY run {d}/out.sqsh")).ok(),
+            format!("built {flavour}\n")
+        );
+    }
+}
+
+/// What a build stopped by a signal leaves in the cache (its work tree, named after its
+/// process) goes with `ferry gc`; the step entries stay.
+#[test]
+fn gc_removes_what_a_stopped_build_left() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    // A process id above the kernel's largest names no running process.
+    let out = sh(&format!(
+        "mkdir -p {d}/cache/build/work-4194305/stage-0/rootfs && chmod 500 {d}/cache/build/work-4194305/stage-0 && \
+         touch {d}/cache/build/0123.sqsh && $FERRY gc --cache {d}/cache && ls {d}/cache/build"
+    ));
+    assert!(
+        out.ok().contains("removed 1 leftovers of stopped builds\n"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.ends_with("0123.sqsh\n"), "{}", out.stdout);
+}
