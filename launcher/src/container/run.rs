@@ -59,7 +59,16 @@ pub fn run(
     opts: &PrepareOptions,
 ) -> Result<i32, RunError> {
     let kernel = crate::rootfs::kernel::mount_for(spec, &crate::rootfs::kernel::Probe::InProcess)?;
-    let holder = holder::prepare_with(spec, opts, kernel)?;
+    // An unpack before the container (the `unpack` provider's first use) says how far it is.
+    let speak = !opts.quiet && crate::image::registry::progress::Progress::auto().speaks();
+    let image = spec.image.display().to_string();
+    let node = crate::image::registry::progress::node_name();
+    let mut tell_user = |event: &crate::rootfs::unpacked::UnpackEvent| {
+        if speak {
+            eprintln!("{}", event.line(&image, &node));
+        }
+    };
+    let holder = holder::prepare_observed(spec, opts, kernel, &mut tell_user)?;
     let namespaces = Namespaces::of_holder(&holder)?;
     let caller = std::env::vars_os().map(|(k, v)| {
         (
