@@ -947,10 +947,15 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
     // The first use of an unpacked tree takes a while: the holder says how far it is.
     let image = (step.request.image.clone()).unwrap_or_else(|| spec.image.display().to_string());
     let node = step.node_name.clone().unwrap_or_else(|| "this node".into());
-    let quiet = step.quiet;
+    let mut reporter = ferry::rootfs::unpacked::UnpackReporter::new(
+        image,
+        node,
+        !step.quiet,
+        spec.unpacked.is_none(),
+    );
     let mut tell_user = |event: &ferry::rootfs::unpacked::UnpackEvent| {
-        if !quiet {
-            slurm_spank::slurm_spank_log(&event.line(&image, &node));
+        for line in reporter.lines(event) {
+            slurm_spank::slurm_spank_log(&line);
         }
     };
     match ferry::container::holder::prepare_observed(&spec, &opts, kernel, &mut tell_user) {

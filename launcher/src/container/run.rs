@@ -61,11 +61,15 @@ pub fn run(
     let kernel = crate::rootfs::kernel::mount_for(spec, &crate::rootfs::kernel::Probe::InProcess)?;
     // An unpack before the container (the `unpack` provider's first use) says how far it is.
     let speak = !opts.quiet && crate::image::registry::progress::Progress::auto().speaks();
-    let image = spec.image.display().to_string();
-    let node = crate::image::registry::progress::node_name();
+    let mut reporter = crate::rootfs::unpacked::UnpackReporter::new(
+        spec.image.display().to_string(),
+        crate::image::registry::progress::node_name(),
+        speak,
+        spec.unpacked.is_none(),
+    );
     let mut tell_user = |event: &crate::rootfs::unpacked::UnpackEvent| {
-        if speak {
-            eprintln!("{}", event.line(&image, &node));
+        for line in reporter.lines(event) {
+            eprintln!("{line}");
         }
     };
     let holder = holder::prepare_observed(spec, opts, kernel, &mut tell_user)?;

@@ -167,6 +167,60 @@ impl UnpackEvent {
     }
 }
 
+/// What the user is told of an unpack, from its events. The `unpack` provider's first use
+/// of an image is told at once (`at_once`); a named container's or a save's own tree only
+/// once its unpack has lasted [`UNPACK_LINE_INTERVAL`] (from its first progress event), so
+/// that a small image's quick unpack adds no lines to a step's output.
+#[derive(Debug)]
+pub struct UnpackReporter {
+    image: String,
+    node: String,
+    speak: bool,
+    at_once: bool,
+    said_start: bool,
+    held_start: Option<UnpackEvent>,
+}
+
+impl UnpackReporter {
+    /// `image` as the user named it, `node` where it runs; `speak` false: nothing at all.
+    pub fn new(image: String, node: String, speak: bool, at_once: bool) -> UnpackReporter {
+        UnpackReporter {
+            image,
+            node,
+            speak,
+            at_once,
+            said_start: false,
+            held_start: None,
+        }
+    }
+
+    /// The lines to say for `event`, in order.
+    pub fn lines(&mut self, event: &UnpackEvent) -> Vec<String> {
+        if !self.speak {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        match event {
+            UnpackEvent::Waiting if !self.at_once => {}
+            UnpackEvent::Started { .. } if !self.at_once => self.held_start = Some(event.clone()),
+            UnpackEvent::Started { .. } => {
+                self.said_start = true;
+                out.push(event.line(&self.image, &self.node));
+            }
+            UnpackEvent::Progress { .. } => {
+                if let Some(start) = self.held_start.take() {
+                    self.said_start = true;
+                    out.push(start.line(&self.image, &self.node));
+                }
+                out.push(event.line(&self.image, &self.node));
+            }
+            UnpackEvent::Done { .. } if !self.said_start => {}
+            _ => out.push(event.line(&self.image, &self.node)),
+        }
+        out
+    }
+}
+
 /// The unpacked root filesystem in the container directory `dir`, unpacking the image first
 /// when this is the container's first use. Concurrent first uses (several steps, several
 /// nodes sharing a file system) unpack once: the others wait on the lock and find it done.
@@ -777,6 +831,29 @@ mod tests {
             "ferry: unpacked img.sqsh in 15 s (5.0 GiB written)"
         );
         assert!(line(UnpackEvent::Waiting).starts_with("ferry: waiting on n1 for another"));
+    }
+
+    #[test]
+    fn a_quick_unpack_of_a_named_container_says_nothing() {
+        let started = UnpackEvent::Started { image_bytes: 1 };
+        let progress = UnpackEvent::Progress {
+            written: 1,
+            fraction: None,
+            seconds: 2.0,
+        };
+        let done = UnpackEvent::Done {
+            written: 1,
+            seconds: 2.5,
+        };
+        let said = |at_once: bool, events: &[&UnpackEvent]| {
+            let mut r = UnpackReporter::new("i".into(), "n".into(), true, at_once);
+            events.iter().flat_map(|e| r.lines(e)).count()
+        };
+        assert_eq!(said(false, &[&UnpackEvent::Waiting, &started, &done]), 0);
+        assert_eq!(said(false, &[&started, &progress, &done]), 3);
+        assert_eq!(said(true, &[&UnpackEvent::Waiting, &started, &done]), 3);
+        let mut quiet = UnpackReporter::new("i".into(), "n".into(), false, true);
+        assert!(quiet.lines(&started).is_empty());
     }
 
     #[test]
