@@ -2684,6 +2684,104 @@ fn a_save_shows_progress_lines_and_ferry_quiet_only_its_errors() {
     );
 }
 
+/// The lines of a cold unpack of `image` under the `unpack` provider, in `text` (a terminal's
+/// screen or a batch job's output): the first at once naming image and node, progress lines
+/// with bytes written and rate (at least one when it took longer than the 2 s interval),
+/// and the last with its time; no carriage returns.
+fn assert_unpack_lines(text: &str, image: &str) {
+    assert!(!text.contains('\r'), "carriage returns in {text:?}");
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("ferry:")).collect();
+    assert!(
+        lines
+            .first()
+            .is_some_and(|l| l.starts_with(&format!("ferry: unpacking {image} on "))
+                && l.ends_with(" image)")),
+        "no first line: {lines:#?}"
+    );
+    let last = lines.last().copied().unwrap_or_default();
+    assert!(
+        last.starts_with(&format!("ferry: unpacked {image} in ")) && last.ends_with(" written)"),
+        "no final line: {lines:#?}"
+    );
+    let progress = &lines[1..lines.len() - 1];
+    let prefix = format!("ferry: unpacking {image}: ");
+    for l in progress {
+        assert!(
+            l.starts_with(&prefix) && l.contains(" written, ") && l.contains("/s"),
+            "{lines:#?}"
+        );
+    }
+    if seconds_in(last) > 2 {
+        assert!(!progress.is_empty(), "no progress line: {lines:#?}");
+    }
+}
+
+#[test]
+fn a_cold_unpack_shows_progress_on_the_terminal_and_in_a_batch_jobs_output() {
+    let _m = exclusive_machine();
+    let plugstack = Plugstack::open(&cluster());
+    let dir = UserDir::new(USER);
+    let d = dir.path.display().to_string();
+    // Big enough that its unpack takes a few seconds.
+    let mpi = img("mpi.sqsh");
+    // Node-local directories for the users' unpacked trees, one per cold start.
+    let trees = tempfile::Builder::new()
+        .prefix("ferry-unpack-progress-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let cold = |name: &str| {
+        let place = trees.path().join(name);
+        std::fs::create_dir(&place).unwrap();
+        Command::new("chmod")
+            .arg("1777")
+            .arg(&place)
+            .status_within(COMMAND_LIMIT);
+        plugstack.set_args(&format!("named_dir={}", place.display()));
+    };
+
+    // srun on a real terminal (`script`): what the user sees, stdout and stderr together.
+    cold("tty");
+    let srun = format!(
+        "srun -n1 --container-rootfs=unpack --container-image={mpi} sh -c \"echo \\$SLURMD_NODENAME\""
+    );
+    let out = slurm(&format!("cd {d} && script -qec '{srun}' /dev/null"));
+    let screen = out.ok().replace("\r\n", "\n");
+    assert_unpack_lines(&screen, &mpi);
+    let node = screen.lines().last().unwrap_or_default();
+    assert!(
+        !node.is_empty() && screen.starts_with(&format!("ferry: unpacking {mpi} on {node} (")),
+        "{screen}"
+    );
+    // Warm: nothing but the command's output.
+    let out = slurm(&format!("cd {d} && script -qec '{srun}' /dev/null"));
+    assert_eq!(out.ok().replace("\r\n", "\n"), format!("{node}\n"));
+
+    // A batch job: the same lines in its output file.
+    cold("batch");
+    slurm(&format!(
+        "cd {d} && sbatch --wait -o {d}/batch.out --wrap \
+         'srun -n1 --container-rootfs=unpack --container-image={mpi} echo ran'"
+    ))
+    .ok();
+    let text = sh(&format!("cat {d}/batch.out")).ok().to_string();
+    assert_unpack_lines(&text, &mpi);
+    assert!(text.ends_with("ran\n"), "{text}");
+
+    // Quiet: the unpack happens, nothing is said.
+    cold("quiet");
+    let out = slurm(&format!(
+        "cd {d} && FERRY_QUIET=1 srun -n1 --container-rootfs=unpack --container-image={mpi} echo ran"
+    ));
+    assert_eq!(out.ok(), "ran\n");
+    assert_eq!(own_lines(&out.stderr), Vec::<&str>::new(), "{}", out.stderr);
+    drop(plugstack);
+    // The trees belong to the user; clean them as root (the test made the directory).
+    let _ = Command::new("chmod")
+        .args(["-R", "u+rwX"])
+        .arg(trees.path())
+        .status_within(COMMAND_LIMIT);
+}
+
 #[test]
 fn ferry_quiet_and_container_quiet_silence_progress_but_not_errors() {
     let _m = exclusive_machine();

@@ -1227,3 +1227,79 @@ fn a_saved_container_leaves_out_the_mount_point_of_the_hosts_nsswitch_conf() {
     let host = std::fs::read_to_string("/etc/nsswitch.conf").unwrap();
     assert_eq!(out.ok(), format!("0\n{host}"), "{}", out.stderr);
 }
+
+#[test]
+fn an_archive_import_says_what_it_does_and_a_refused_one_stays_one_line() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    sh(&format!(
+        "cd {d} && {MAKE_LAYERED_LAYOUT}\n \
+         tar -C layout -cf layout.tar . && \
+         skopeo --insecure-policy copy -q oci:{d}/layout:v1 docker-archive:{d}/docker.tar:ferry/layered:v1 && \
+         printf 'not an archive' > bad.tar"
+    ))
+    .ok();
+    let images = [
+        format!("oci-archive:{d}/layout.tar"),
+        format!("docker-archive:{d}/docker.tar"),
+        format!("oci:{d}/layout:v1"),
+    ];
+    for (n, image) in images.iter().enumerate() {
+        // Not a terminal: a start line naming the image, where and how big, then the end
+        // line with the time and the squashfs's size (progress lines between when it lasts).
+        let import = format!("$FERRY import --cache {d}/cache{n} {image}");
+        let out = sh(&import);
+        out.ok();
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        assert!(
+            lines.len() >= 2
+                && lines[0].starts_with(&format!("ferry: importing {image} on "))
+                && lines[0].contains(" (3 layers, "),
+            "{lines:#?}"
+        );
+        let last = lines.last().copied().unwrap_or_default();
+        assert!(
+            last.starts_with(&format!("ferry: imported {image} in "))
+                && last.ends_with(" squashfs)"),
+            "{lines:#?}"
+        );
+        for l in &lines[1..lines.len() - 1] {
+            assert!(
+                l.starts_with(&format!("ferry: importing {image}: ")),
+                "{lines:#?}"
+            );
+        }
+        // Cached: nothing to say.
+        let out = sh(&import);
+        out.ok();
+        assert_eq!(out.stderr, "", "{image}");
+    }
+    // On a terminal (`script`): the same end line below the bar, then the image's path.
+    let out = sh(&format!(
+        "TERM=xterm script -qec \"$FERRY import --cache {d}/tty {}\" /dev/null",
+        images[0]
+    ));
+    let screen = out.ok().replace("\r\n", "\n");
+    assert!(
+        screen.contains(&format!("ferry: imported {} in ", images[0]))
+            && screen.trim_end().ends_with(".sqsh"),
+        "{screen}"
+    );
+    // Refused input: one line, on a terminal too, and nothing cached.
+    for image in [
+        format!("docker-archive:{d}/bad.tar"),
+        format!("oci-archive:{d}/bad.tar"),
+        format!("oci-archive:{d}/missing.tar"),
+    ] {
+        let out = sh(&format!("$FERRY import --cache {d}/refused {image}"));
+        assert_ne!(out.code, 0, "{image}");
+        assert_eq!(out.stderr.lines().count(), 1, "{image}: {}", out.stderr);
+        assert!(out.stderr.contains(&format!("{d}/")), "{}", out.stderr);
+        let out = sh(&format!(
+            "TERM=xterm script -qec \"$FERRY import --cache {d}/refused {image}\" /dev/null"
+        ));
+        let screen = out.stdout.replace("\r\n", "\n");
+        assert_eq!(screen.trim_end().lines().count(), 1, "{image}: {screen:?}");
+    }
+}

@@ -944,8 +944,21 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
             k.device()
         );
     }
-    let unpacking = unpack_notice(step, &spec);
-    match ferry::container::holder::prepare_with(&spec, &opts, kernel) {
+    // The first use of an unpacked tree takes a while: the holder says how far it is.
+    let image = (step.request.image.clone()).unwrap_or_else(|| spec.image.display().to_string());
+    let node = step.node_name.clone().unwrap_or_else(|| "this node".into());
+    let mut reporter = ferry::rootfs::unpacked::UnpackReporter::new(
+        image,
+        node,
+        !step.quiet,
+        spec.unpacked.is_none(),
+    );
+    let mut tell_user = |event: &ferry::rootfs::unpacked::UnpackEvent| {
+        for line in reporter.lines(event) {
+            slurm_spank::slurm_spank_log(&line);
+        }
+    };
+    match ferry::container::holder::prepare_observed(&spec, &opts, kernel, &mut tell_user) {
         Ok(holder) => {
             match ferry::container::join::Namespaces::of_holder(&holder) {
                 Ok(ns) => step.namespaces = Some(ns),
@@ -953,39 +966,9 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
             }
             step.workdir = Some(holder.ready().workdir.clone());
             step.holder = Some(holder);
-            if let Some((started, image)) = unpacking {
-                slurm_spank::slurm_spank_log(&format!(
-                    "ferry: unpacked {image} in {}",
-                    ferry::image::registry::progress::human_duration(
-                        started.elapsed().as_secs_f64()
-                    )
-                ));
-            }
         }
         Err(e) => step.failure = Some(e.into()),
     }
-}
-
-/// The `unpack` provider's first use of an image on this node takes a while: say so (and
-/// return when it began, and the image's name) unless the step is quiet.
-fn unpack_notice(step: &Step, spec: &ContainerSpec) -> Option<(std::time::Instant, String)> {
-    let RootfsProvider::Unpack { dir, .. } = &spec.rootfs else {
-        return None;
-    };
-    if step.quiet
-        || spec.unpacked.is_some()
-        || !ferry::rootfs::unpacked::needs_unpack(dir, &spec.image)
-    {
-        return None;
-    }
-    let image = (step.request.image.clone()).unwrap_or_else(|| spec.image.display().to_string());
-    let size = std::fs::metadata(&spec.image).map(|m| m.len()).unwrap_or(0);
-    slurm_spank::slurm_spank_log(&format!(
-        "ferry: unpacking {image} on {} ({} squashfs; once per node, later steps reuse it)",
-        step.node_name.as_deref().unwrap_or("this node"),
-        ferry::image::registry::progress::human_bytes(size)
-    ));
-    Some((std::time::Instant::now(), image))
 }
 
 /// `program` as an absolute path: itself when it names a path, else found in slurmstepd's

@@ -1,7 +1,8 @@
 //! The holder: the process that owns a container's namespaces while the container lives.
 //!
 //! [`prepare`] (caller side) starts `ferry hold`, sends it the spec as one JSON line on its
-//! stdin and waits for one JSON line back on its stdout. The holder's stdin then stays
+//! stdin and waits for one JSON line back on its stdout (before it, progress lines while an
+//! image is unpacked, passed to the caller's observer). The holder's stdin then stays
 //! open: closing it (or the caller dying) tells the holder to stop, so a killed caller never
 //! leaves a container behind. [`hold`] is the holder side.
 
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::container::namespace;
 use crate::rootfs::assembly as rootfs;
+use crate::rootfs::unpacked::UnpackEvent;
 use crate::spec::user::InsideIds;
 use crate::spec::ContainerSpec;
 use crate::sys::raw::{self, run_as_on_exec, Credentials};
@@ -66,11 +68,17 @@ pub struct Ready {
     pub start: crate::spec::entrypoint::ImageStart,
 }
 
+/// One line of the holder's stdout before the container runs: any number of `Progress`,
+/// then `Ready` or `Failed`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Report {
     Ready(Ready),
-    Failed { message: String },
+    Failed {
+        message: String,
+    },
+    /// An unpack (`unpack` provider, named containers) on the way to `Ready`.
+    Progress(UnpackEvent),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -242,6 +250,17 @@ pub fn prepare_with(
     opts: &PrepareOptions,
     kernel: Option<crate::rootfs::kernel::KernelMount>,
 ) -> Result<Holder, PrepareError> {
+    prepare_observed(spec, opts, kernel, &mut |_| {})
+}
+
+/// [`prepare_with`], passing each [`UnpackEvent`] of the holder to `observe` as it comes
+/// (the caller tells the user; the holder's own stderr may reach nobody).
+pub fn prepare_observed(
+    spec: &ContainerSpec,
+    opts: &PrepareOptions,
+    kernel: Option<crate::rootfs::kernel::KernelMount>,
+    observe: &mut dyn FnMut(&UnpackEvent),
+) -> Result<Holder, PrepareError> {
     let mut cmd = Command::new(&opts.holder_program);
     cmd.arg("hold").stdin(Stdio::piped()).stdout(Stdio::piped());
     cmd.stderr(if opts.quiet {
@@ -287,7 +306,7 @@ pub fn prepare_with(
         let mut line = serde_json::to_string(spec).map_err(io::Error::other)?;
         line.push('\n');
         stdin.write_all(line.as_bytes())?;
-        read_report(&stdout, &pidfd, opts.timeout)
+        read_report(&stdout, &pidfd, opts.timeout, observe)
     })();
     let finish = |pidfd: crate::sys::child::Pidfd, err: PrepareError| {
         pidfd.kill();
@@ -314,7 +333,8 @@ pub fn prepare_with(
             pidfd.reap(Duration::from_secs(1));
             Err(PrepareError::Container(message))
         }
-        Ok(None) => Err(finish(
+        // `read_report` passes progress on and never returns it.
+        Ok(None) | Ok(Some(Report::Progress(_))) => Err(finish(
             pidfd,
             PrepareError::Died {
                 status: String::new(),
@@ -336,12 +356,14 @@ fn describe(status: io::Result<ExitStatus>) -> String {
 }
 
 /// The holder's one-line report, read from `stdout` (non-blocking) up to [`MAX_REPORT`]
-/// bytes; `None` when the holder ended without one (its end is read from `pidfd`, as its
-/// user can keep the pipe open).
+/// bytes a line; `None` when the holder ended without one (its end is read from `pidfd`, as
+/// its user can keep the pipe open). Progress lines before it go to `observe`, never
+/// returned.
 fn read_report(
     stdout: &OwnedFd,
     pidfd: &crate::sys::child::Pidfd,
     timeout: Duration,
+    observe: &mut dyn FnMut(&UnpackEvent),
 ) -> Result<Option<Report>, PrepareError> {
     let deadline = Instant::now() + timeout;
     let mut buf = crate::sys::child::CappedBuffer::default();
@@ -364,10 +386,16 @@ fn read_report(
         }
         let exited = pidfd.has_exited();
         buf.read_available(stdout.as_fd(), MAX_REPORT);
-        if let Some(end) = buf.bytes.iter().position(|b| *b == b'\n') {
+        while let Some(end) = buf.bytes.iter().position(|b| *b == b'\n') {
             let report = serde_json::from_slice(&buf.bytes[..end])
                 .map_err(|e| PrepareError::Io(io::Error::new(io::ErrorKind::InvalidData, e)))?;
-            return Ok(Some(report));
+            match report {
+                Report::Progress(event) => {
+                    observe(&event);
+                    buf.bytes.drain(..=end);
+                }
+                report => return Ok(Some(report)),
+            }
         }
         if buf.overflowed {
             return Err(PrepareError::ReportTooLong(MAX_REPORT));
@@ -404,7 +432,7 @@ pub fn hold() -> i32 {
                         .map_err(|e| eprintln!("ferry: warning: not attachable: {e}"))
                         .ok()
                 });
-                build(&spec).map_err(|e| e.to_string())
+                build(&spec, &mut tell_caller).map_err(|e| e.to_string())
             }),
         Err(e) => Err(format!("cannot read the container spec: {e}")),
     };
@@ -473,11 +501,21 @@ enum Stopped {
     ImageServerEnded(ExitStatus),
 }
 
-fn build(spec: &ContainerSpec) -> Result<rootfs::Container, Box<dyn std::error::Error>> {
+/// A progress line to the caller, on the holder's stdout; lost ones only cost the user a line.
+fn tell_caller(event: UnpackEvent) {
+    let line = serde_json::to_string(&Report::Progress(event)).expect("reports serialise") + "\n";
+    let mut out = io::stdout().lock();
+    let _ = out.write_all(line.as_bytes()).and_then(|()| out.flush());
+}
+
+fn build(
+    spec: &ContainerSpec,
+    observe: &mut dyn FnMut(UnpackEvent),
+) -> Result<rootfs::Container, Box<dyn std::error::Error>> {
     // Nothing the container execs may gain privileges: without that guarantee, no container.
     nix::sys::prctl::set_no_new_privs()
         .map_err(|e| format!("cannot set no_new_privs for the container: {e}"))?;
-    let inputs = crate::rootfs::inputs::open_inputs(spec)?;
+    let inputs = crate::rootfs::inputs::open_inputs(spec, observe)?;
     let inside = if spec.remap_root {
         InsideIds { uid: 0, gid: 0 }
     } else {

@@ -76,7 +76,20 @@ pub fn run_in_env(
     caller: Vec<(String, String)>,
 ) -> Result<i32, RunError> {
     let kernel = crate::rootfs::kernel::mount_for(spec, &crate::rootfs::kernel::Probe::InProcess)?;
-    let holder = holder::prepare_with(spec, opts, kernel)?;
+    // An unpack before the container (the `unpack` provider's first use) says how far it is.
+    let speak = !opts.quiet && crate::image::registry::progress::Progress::auto().speaks();
+    let mut reporter = crate::rootfs::unpacked::UnpackReporter::new(
+        spec.image.display().to_string(),
+        crate::image::registry::progress::node_name(),
+        speak,
+        spec.unpacked.is_none(),
+    );
+    let mut tell_user = |event: &crate::rootfs::unpacked::UnpackEvent| {
+        for line in reporter.lines(event) {
+            eprintln!("{line}");
+        }
+    };
+    let holder = holder::prepare_observed(spec, opts, kernel, &mut tell_user)?;
     let namespaces = Namespaces::of_holder(&holder)?;
     let vars = env::compose(caller, &holder.ready().env, &spec.env);
     let search_path = vars

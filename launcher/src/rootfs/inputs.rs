@@ -108,8 +108,12 @@ fn open_source(path: &Path, user: &str) -> Result<Source, RootfsError> {
     })
 }
 
-/// Open and check every input of `spec` as the calling user.
-pub fn open_inputs(spec: &ContainerSpec) -> Result<Inputs, RootfsError> {
+/// Open and check every input of `spec` as the calling user; an image unpacked first (the
+/// `unpack` provider, named containers) tells `observe` how far it is.
+pub fn open_inputs(
+    spec: &ContainerSpec,
+    observe: &mut dyn FnMut(unpacked::UnpackEvent),
+) -> Result<Inputs, RootfsError> {
     let user = spec.user.name.as_str();
     let image_path = spec.image.clone();
     let image = image::open(&image_path, user)?;
@@ -121,7 +125,7 @@ pub fn open_inputs(spec: &ContainerSpec) -> Result<Inputs, RootfsError> {
     let (image_path, image, kind) = match (&spec.unpacked, &spec.rootfs, &kind) {
         (None, RootfsProvider::Unpack { owned_from, dir }, ImageKind::Squashfs { .. }) => {
             let (rootfs, lock) =
-                unpacked::unpack_shared(owned_from, dir, &image_path, &image, &kind)?;
+                unpacked::unpack_shared(owned_from, dir, &image_path, &image, &kind, observe)?;
             hold = Some(lock);
             let dir = File::open(&rootfs).map_err(|source| ImageError::Open {
                 path: rootfs.clone(),
@@ -141,7 +145,7 @@ pub fn open_inputs(spec: &ContainerSpec) -> Result<Inputs, RootfsError> {
         (None, ..) => (image_path, image, kind),
         (Some(u), ..) => {
             unpacked::make_private_dir(&u.owned_from, &u.dir)?;
-            let rootfs = unpacked::prepare_rootfs(&u.dir, &image_path, &kind)?;
+            let rootfs = unpacked::prepare_rootfs_observed(&u.dir, &image_path, &kind, observe)?;
             let dir = File::open(&rootfs).map_err(|source| ImageError::Open {
                 path: rootfs.clone(),
                 source,

@@ -20,7 +20,7 @@ use nix::fcntl::Flock;
 
 use crate::image::squashfs::mksquashfs_command;
 use crate::image::ImageKind;
-use crate::sys::child::{run_tool, run_tool_watched, ToolError};
+use crate::sys::child::{run_tool_watched, ToolError};
 
 /// The unpacked root filesystem inside a container directory.
 pub const ROOTFS: &str = "rootfs";
@@ -94,6 +94,133 @@ pub fn make_private_dir(owned_from: &Path, dir: &Path) -> Result<(), NamedError>
     }
 }
 
+/// What an unpack tells whoever waits for it (the holder passes each on to its caller, which
+/// tells the user; see [`UnpackEvent::line`]). A warm start has none.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnpackEvent {
+    /// Another process is unpacking the same image into the same place: this one waits.
+    Waiting,
+    /// This one unpacks an image of `image_bytes`.
+    Started { image_bytes: u64 },
+    /// How far it is, at most every [`UNPACK_LINE_INTERVAL`].
+    Progress {
+        /// Bytes written into the tree so far.
+        written: u64,
+        /// The share of the image read so far, 0 to 1; `None` for a directory copy.
+        fraction: Option<f64>,
+        seconds: f64,
+    },
+    /// The tree is complete.
+    Done { written: u64, seconds: f64 },
+}
+
+/// How often an unpack reports how far it is: as often as an import's lines.
+pub const UNPACK_LINE_INTERVAL: std::time::Duration =
+    crate::image::registry::progress::LINE_INTERVAL;
+
+impl UnpackEvent {
+    /// The user's line for this event: `image` as the user named it, `node` where it runs.
+    pub fn line(&self, image: &str, node: &str) -> String {
+        use crate::image::registry::progress::{human_bytes, human_duration};
+        match self {
+            UnpackEvent::Waiting => {
+                format!("ferry: waiting on {node} for another step's unpack of {image}")
+            }
+            UnpackEvent::Started { image_bytes } => format!(
+                "ferry: unpacking {image} on {node} ({} image)",
+                human_bytes(*image_bytes)
+            ),
+            UnpackEvent::Progress {
+                written,
+                fraction,
+                seconds,
+            } => {
+                let rate = if *seconds > 0.0 {
+                    (*written as f64 / seconds) as u64
+                } else {
+                    0
+                };
+                let share = match fraction {
+                    Some(f) if *f > 0.0 => {
+                        let left = seconds * (1.0 - f) / f;
+                        format!(
+                            " ({:.0}% of the image, about {} left)",
+                            f * 100.0,
+                            human_duration(left)
+                        )
+                    }
+                    _ => String::new(),
+                };
+                format!(
+                    "ferry: unpacking {image}: {} written, {}/s{share}",
+                    human_bytes(*written),
+                    human_bytes(rate)
+                )
+            }
+            UnpackEvent::Done { written, seconds } => format!(
+                "ferry: unpacked {image} in {} ({} written)",
+                human_duration(*seconds),
+                human_bytes(*written)
+            ),
+        }
+    }
+}
+
+/// What the user is told of an unpack, from its events. The `unpack` provider's first use
+/// of an image is told at once (`at_once`); a named container's or a save's own tree only
+/// once its unpack has lasted [`UNPACK_LINE_INTERVAL`] (from its first progress event), so
+/// that a small image's quick unpack adds no lines to a step's output.
+#[derive(Debug)]
+pub struct UnpackReporter {
+    image: String,
+    node: String,
+    speak: bool,
+    at_once: bool,
+    said_start: bool,
+    held_start: Option<UnpackEvent>,
+}
+
+impl UnpackReporter {
+    /// `image` as the user named it, `node` where it runs; `speak` false: nothing at all.
+    pub fn new(image: String, node: String, speak: bool, at_once: bool) -> UnpackReporter {
+        UnpackReporter {
+            image,
+            node,
+            speak,
+            at_once,
+            said_start: false,
+            held_start: None,
+        }
+    }
+
+    /// The lines to say for `event`, in order.
+    pub fn lines(&mut self, event: &UnpackEvent) -> Vec<String> {
+        if !self.speak {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        match event {
+            UnpackEvent::Waiting if !self.at_once => {}
+            UnpackEvent::Started { .. } if !self.at_once => self.held_start = Some(event.clone()),
+            UnpackEvent::Started { .. } => {
+                self.said_start = true;
+                out.push(event.line(&self.image, &self.node));
+            }
+            UnpackEvent::Progress { .. } => {
+                if let Some(start) = self.held_start.take() {
+                    self.said_start = true;
+                    out.push(start.line(&self.image, &self.node));
+                }
+                out.push(event.line(&self.image, &self.node));
+            }
+            UnpackEvent::Done { .. } if !self.said_start => {}
+            _ => out.push(event.line(&self.image, &self.node)),
+        }
+        out
+    }
+}
+
 /// The unpacked root filesystem in the container directory `dir`, unpacking the image first
 /// when this is the container's first use. Concurrent first uses (several steps, several
 /// nodes sharing a file system) unpack once: the others wait on the lock and find it done.
@@ -101,6 +228,17 @@ pub fn prepare_rootfs(
     dir: &Path,
     image_path: &Path,
     kind: &ImageKind,
+) -> Result<PathBuf, NamedError> {
+    prepare_rootfs_observed(dir, image_path, kind, &mut |_| {})
+}
+
+/// [`prepare_rootfs`], telling `observe` when it waits, starts, how far it is and when it
+/// is done.
+pub fn prepare_rootfs_observed(
+    dir: &Path,
+    image_path: &Path,
+    kind: &ImageKind,
+    observe: &mut dyn FnMut(UnpackEvent),
 ) -> Result<PathBuf, NamedError> {
     let rootfs = dir.join(ROOTFS);
     // The tree appears only complete (renamed into place), so its presence needs no lock;
@@ -113,14 +251,21 @@ pub fn prepare_rootfs(
         path: dir.join(UNPACK_LOCK),
         source,
     })?;
-    // Held until this function returns: the unpack is what must happen once.
-    let _lock =
-        nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
-            NamedError::Create {
-                path: dir.join(UNPACK_LOCK),
-                source: io::Error::from_raw_os_error(e as i32),
-            }
-        })?;
+    let lock_error = |e: nix::Error| NamedError::Create {
+        path: dir.join(UNPACK_LOCK),
+        source: io::Error::from_raw_os_error(e as i32),
+    };
+    // Held until this function returns: the unpack is what must happen once. Taken without
+    // waiting first, so that a wait for another's unpack can be told.
+    let _lock = match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(held) => held,
+        Err((lock, nix::Error::EWOULDBLOCK)) => {
+            observe(UnpackEvent::Waiting);
+            nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, e)| lock_error(e))?
+        }
+        Err((_, e)) => return Err(lock_error(e)),
+    };
     if fs::symlink_metadata(&rootfs).is_ok_and(|m| m.is_dir()) {
         return Ok(rootfs);
     }
@@ -133,9 +278,30 @@ pub fn prepare_rootfs(
         })?;
     }
     let started = std::time::Instant::now();
+    let image_bytes = match kind {
+        ImageKind::Squashfs { .. } => fs::metadata(image_path).map_or(0, |m| m.len()),
+        ImageKind::Directory => 0,
+    };
+    observe(UnpackEvent::Started { image_bytes });
+    let mut written = 0;
+    let mut last_report = started;
+    let mut tick = |pid: u32| {
+        let Some(io) = io_of(pid) else { return };
+        written = io.written;
+        if last_report.elapsed() < UNPACK_LINE_INTERVAL {
+            return;
+        }
+        last_report = std::time::Instant::now();
+        observe(UnpackEvent::Progress {
+            written,
+            // unsquashfs reads the image about once, front to back.
+            fraction: (image_bytes > 0).then(|| (io.read as f64 / image_bytes as f64).min(0.99)),
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    };
     let result = match kind {
-        ImageKind::Squashfs { offset, .. } => unsquash(image_path, *offset, &partial),
-        ImageKind::Directory => copy_tree(image_path, &partial),
+        ImageKind::Squashfs { offset, .. } => unsquash(image_path, *offset, &partial, &mut tick),
+        ImageKind::Directory => copy_tree(image_path, &partial, &mut tick),
     };
     if let Err(e) = result {
         let _ = fs::remove_dir_all(&partial);
@@ -154,6 +320,10 @@ pub fn prepare_rootfs(
         rootfs.display(),
         started.elapsed().as_secs_f64()
     );
+    observe(UnpackEvent::Done {
+        written,
+        seconds: started.elapsed().as_secs_f64(),
+    });
     Ok(rootfs)
 }
 
@@ -170,6 +340,7 @@ pub fn unpack_shared(
     image_path: &Path,
     image: &File,
     kind: &ImageKind,
+    observe: &mut dyn FnMut(UnpackEvent),
 ) -> Result<(PathBuf, Flock<File>), NamedError> {
     let meta = image.metadata().map_err(|e| NamedError::Unpack {
         path: image_path.into(),
@@ -179,7 +350,7 @@ pub fn unpack_shared(
     make_private_dir(owned_from, &dir)?;
     // A tree removed by `ferry gc` between the unpack and the shared lock is unpacked again.
     for _ in 0..3 {
-        let rootfs = prepare_rootfs(&dir, image_path, kind)?;
+        let rootfs = prepare_rootfs_observed(&dir, image_path, kind, observe)?;
         let lock = lock_file(&dir, nix::fcntl::FlockArg::LockShared)?;
         if rootfs.is_dir() {
             // Its modification time is the tree's last use, for whoever looks.
@@ -203,22 +374,6 @@ fn unpack_key(meta: &fs::Metadata) -> String {
         meta.mtime(),
         meta.mtime_nsec()
     )
-}
-
-/// Whether [`unpack_shared`] would have to unpack `image_path` under `root` (no complete
-/// tree yet): for telling the user about the wait, not a promise.
-pub fn needs_unpack(root: &Path, image_path: &Path) -> bool {
-    let Ok(file) = File::open(image_path) else {
-        return false;
-    };
-    let squashfs = matches!(
-        crate::image::detect(image_path, &file),
-        Ok(ImageKind::Squashfs { .. })
-    );
-    let tree = file
-        .metadata()
-        .map(|m| root.join(unpack_key(&m)).join(ROOTFS));
-    squashfs && !tree.is_ok_and(|t| fs::symlink_metadata(t).is_ok_and(|m| m.is_dir()))
 }
 
 fn lock_file(dir: &Path, how: nix::fcntl::FlockArg) -> Result<Flock<File>, NamedError> {
@@ -321,10 +476,26 @@ fn file_bytes(dir: &Path) -> u64 {
 
 /// What process `pid` has read so far (`rchar` of `/proc/PID/io`, all its threads).
 fn bytes_read_by(pid: u32) -> Option<u64> {
+    io_of(pid).map(|io| io.read)
+}
+
+/// The bytes a process has read and written so far (all its threads).
+struct ProcessIo {
+    read: u64,
+    written: u64,
+}
+
+fn io_of(pid: u32) -> Option<ProcessIo> {
     let text = fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("rchar:"))
-        .and_then(|n| n.trim().parse().ok())
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|n| n.trim().parse().ok())
+    };
+    Some(ProcessIo {
+        read: field("rchar:")?,
+        written: field("wchar:")?,
+    })
 }
 
 /// The bytes the files under `dir` take on disk.
@@ -357,9 +528,13 @@ fn is_harmless(line: &str) -> bool {
         || line.starts_with("Exit status")
 }
 
-fn run_tolerant(cmd: &mut Command, what: &str) -> Result<(), ToolError> {
+fn run_tolerant(
+    cmd: &mut Command,
+    what: &str,
+    on_tick: &mut dyn FnMut(u32),
+) -> Result<(), ToolError> {
     cmd.stdin(Stdio::null()).stdout(Stdio::null());
-    match run_tool(what, cmd, None) {
+    match run_tool_watched(what, cmd, None, on_tick) {
         Err(ToolError::Failed { stderr, .. }) if stderr.lines().all(is_harmless) => Ok(()),
         Err(ToolError::Failed {
             tool,
@@ -378,27 +553,33 @@ fn run_tolerant(cmd: &mut Command, what: &str) -> Result<(), ToolError> {
     }
 }
 
-fn unsquash(image: &Path, offset: u64, into: &Path) -> Result<(), CopyError> {
+fn unsquash(
+    image: &Path,
+    offset: u64,
+    into: &Path,
+    on_tick: &mut dyn FnMut(u32),
+) -> Result<(), CopyError> {
     let mut cmd = Command::new("unsquashfs");
     cmd.args(["-q", "-n", "-no-xattrs", "-ignore-errors", "-d"])
         .arg(into)
         .arg("-o")
         .arg(offset.to_string())
         .arg(image);
-    run_tolerant(&mut cmd, "unsquashfs").map_err(|e| e.with_hint("install squashfs-tools"))?;
+    run_tolerant(&mut cmd, "unsquashfs", on_tick)
+        .map_err(|e| e.with_hint("install squashfs-tools"))?;
     if !into.is_dir() {
         return Err(CopyError::NoRoot);
     }
     Ok(())
 }
 
-fn copy_tree(from: &Path, into: &Path) -> Result<(), CopyError> {
+fn copy_tree(from: &Path, into: &Path, on_tick: &mut dyn FnMut(u32)) -> Result<(), CopyError> {
     let mut cmd = Command::new("cp");
     cmd.args(["-a", "--no-preserve=ownership"])
         .arg(from.join("."))
         .arg(into);
     fs::create_dir(into).map_err(CopyError::Create)?;
-    Ok(run_tolerant(&mut cmd, "cp")?)
+    Ok(run_tolerant(&mut cmd, "cp", on_tick)?)
 }
 
 /// Squash the root filesystem `rootfs` into the image `output`, atomically: the image
@@ -577,6 +758,102 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().contains("partial"))
             .collect();
         assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn a_first_unpack_tells_its_start_and_end_and_a_waiter_that_it_waits() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        tree(&src);
+        let dir = tmp.path().join("c");
+        make_private_dir(tmp.path(), &dir).unwrap();
+        // Another unpack under way: this one waits for it, says so, then unpacks.
+        let other = lock_named(&dir, UNPACK_LOCK, nix::fcntl::FlockArg::LockExclusive).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let (dir, src) = (dir.clone(), src.clone());
+            std::thread::spawn(move || {
+                prepare_rootfs_observed(&dir, &src, &ImageKind::Directory, &mut |e| {
+                    tx.send(e).unwrap()
+                })
+                .unwrap()
+            })
+        };
+        assert_eq!(rx.recv().unwrap(), UnpackEvent::Waiting);
+        drop(other);
+        let rootfs = waiter.join().unwrap();
+        let events: Vec<_> = rx.iter().collect();
+        assert!(
+            matches!(
+                events[..],
+                [UnpackEvent::Started { .. }, .., UnpackEvent::Done { .. }]
+            ),
+            "{events:?}"
+        );
+        assert!(rootfs.join("etc/marker").is_file());
+        // Warm: nothing to tell.
+        let mut told = Vec::new();
+        prepare_rootfs_observed(&dir, &src, &ImageKind::Directory, &mut |e| told.push(e)).unwrap();
+        assert_eq!(told, []);
+    }
+
+    #[test]
+    fn unpack_lines_say_what_where_how_far_and_how_long() {
+        let line = |e: UnpackEvent| e.line("img.sqsh", "n1");
+        assert_eq!(
+            line(UnpackEvent::Started {
+                image_bytes: 3 << 30
+            }),
+            "ferry: unpacking img.sqsh on n1 (3.0 GiB image)"
+        );
+        assert_eq!(
+            line(UnpackEvent::Progress {
+                written: 400 << 20,
+                fraction: Some(0.25),
+                seconds: 4.0
+            }),
+            "ferry: unpacking img.sqsh: 400.0 MiB written, 100.0 MiB/s (25% of the image, \
+             about 12 s left)"
+        );
+        assert_eq!(
+            line(UnpackEvent::Progress {
+                written: 10,
+                fraction: None,
+                seconds: 0.0
+            }),
+            "ferry: unpacking img.sqsh: 10 B written, 0 B/s"
+        );
+        assert_eq!(
+            line(UnpackEvent::Done {
+                written: 5 << 30,
+                seconds: 15.2
+            }),
+            "ferry: unpacked img.sqsh in 15 s (5.0 GiB written)"
+        );
+        assert!(line(UnpackEvent::Waiting).starts_with("ferry: waiting on n1 for another"));
+    }
+
+    #[test]
+    fn a_quick_unpack_of_a_named_container_says_nothing() {
+        let started = UnpackEvent::Started { image_bytes: 1 };
+        let progress = UnpackEvent::Progress {
+            written: 1,
+            fraction: None,
+            seconds: 2.0,
+        };
+        let done = UnpackEvent::Done {
+            written: 1,
+            seconds: 2.5,
+        };
+        let said = |at_once: bool, events: &[&UnpackEvent]| {
+            let mut r = UnpackReporter::new("i".into(), "n".into(), true, at_once);
+            events.iter().flat_map(|e| r.lines(e)).count()
+        };
+        assert_eq!(said(false, &[&UnpackEvent::Waiting, &started, &done]), 0);
+        assert_eq!(said(false, &[&started, &progress, &done]), 3);
+        assert_eq!(said(true, &[&UnpackEvent::Waiting, &started, &done]), 3);
+        let mut quiet = UnpackReporter::new("i".into(), "n".into(), false, true);
+        assert!(quiet.lines(&started).is_empty());
     }
 
     #[test]

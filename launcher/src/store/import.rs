@@ -24,7 +24,8 @@ use crate::image::reference::{ImageRef, RemoteRef};
 use crate::image::squashfs;
 use crate::image::squashfs::find_in_path;
 use crate::store::cache::{Built, Cache, CacheError, Entry};
-use crate::sys::child::{run_tool, ToolError};
+use crate::store::import_progress::{Counted, ImportProgress};
+use crate::sys::child::{run_tool_watched, ToolError};
 
 /// Largest /etc/environment read from an image to merge the config's Env into.
 const ENV_FILE_LIMIT: u64 = 1 << 20;
@@ -124,17 +125,47 @@ pub fn import(
         }
         ImageRef::Registry(r) => from_registry(r, cache, opts),
         ImageRef::OciLayout { dir, reference } => {
-            from_oci_layout(dir, reference.as_deref(), cache, Some(&name), opts)
+            let img = Image::open_layout(dir, reference.as_deref())?;
+            from_local(&img, cache, &name, opts)
         }
         ImageRef::OciArchive { file, reference } => {
             let img = Image::open_oci_archive(file, reference.as_deref())?;
-            from_image(&img, cache, Some(&name), opts)
+            from_local(&img, cache, &name, opts)
         }
         ImageRef::DockerArchive { file, reference } => {
             let img = Image::open_docker_archive(file, reference.as_deref())?;
-            from_image(&img, cache, Some(&name), opts)
+            from_local(&img, cache, &name, opts)
         }
     }
+}
+
+/// [`from_image`] for an archive or layout the user named, telling them what happens (see
+/// [`crate::store::import_progress`]) when it has to be built; a cached one says nothing.
+fn from_local(
+    img: &Image,
+    cache: &Cache,
+    name: &str,
+    opts: &ImportOptions,
+) -> Result<ImportedImage, ImportError> {
+    let mode = opts.registry.progress;
+    let mut shown = None;
+    let (entry, built) = cache.get_or_build(&img.digest, Some(name), |area| {
+        let progress = shown.insert(ImportProgress::new(
+            mode,
+            name,
+            img.layers.len(),
+            img.layers_size(),
+        ));
+        build_observed(img, area.path(), opts, Some(progress))
+    })?;
+    if let (Some(progress), true) = (shown.as_mut(), built) {
+        progress.finish(entry.size);
+    }
+    Ok(ImportedImage {
+        path: cache.image_path(&entry.digest)?,
+        entry: Some(entry),
+        built,
+    })
 }
 
 /// Import a registry image: the tag is resolved to a manifest digest first (a small
@@ -276,12 +307,24 @@ pub fn from_image(
 }
 
 fn build(img: &Image, area: &Path, opts: &ImportOptions) -> Result<Built, ImportError> {
+    build_observed(img, area, opts, None)
+}
+
+/// [`build`], counting what it reads into `progress`.
+fn build_observed(
+    img: &Image,
+    area: &Path,
+    opts: &ImportOptions,
+    mut progress: Option<&mut ImportProgress>,
+) -> Result<Built, ImportError> {
     let rootfs = area.join("rootfs");
     fs::create_dir(&rootfs).map_err(io_err("create", &rootfs))?;
     let mut unpacker = Unpacker::new(&rootfs)?;
     let n = img.layers.len();
     for (i, layer) in img.layers.iter().enumerate() {
-        if opts.progress {
+        if let Some(p) = progress.as_deref_mut() {
+            p.layer(i, n);
+        } else if opts.progress {
             eprintln!(
                 "ferry: layer {}/{n} {} ({})",
                 i + 1,
@@ -290,7 +333,13 @@ fn build(img: &Image, area: &Path, opts: &ImportOptions) -> Result<Built, Import
             );
         }
         let mut reader = img.layer(i)?;
-        unpacker.apply_layer(&mut reader)?;
+        match progress.as_deref_mut() {
+            Some(progress) => unpacker.apply_layer(Counted {
+                inner: &mut reader,
+                progress,
+            })?,
+            None => unpacker.apply_layer(&mut reader)?,
+        }
         reader.finish()?;
     }
     if !img.config.config.env.is_empty() {
@@ -315,7 +364,15 @@ fn build(img: &Image, area: &Path, opts: &ImportOptions) -> Result<Built, Import
     let out = area.join("image.sqsh");
     let pseudo = area.join("modes.pseudo");
     fs::write(&pseudo, pseudo_definitions(&unpacked.modes)).map_err(io_err("write", &pseudo))?;
-    mksquashfs(&rootfs, &out, Some(&pseudo), opts)?;
+    match progress {
+        Some(progress) => {
+            progress.layers_done();
+            let mut tick =
+                |_pid: u32| progress.squashing(fs::metadata(&out).map_or(0, |m| m.len()));
+            mksquashfs_watched(&rootfs, &out, Some(&pseudo), opts, &mut tick)?;
+        }
+        None => mksquashfs(&rootfs, &out, Some(&pseudo), opts)?,
+    }
     Ok(Built {
         squashfs: out,
         config: img.config.config.clone(),
@@ -377,6 +434,18 @@ pub fn mksquashfs(
     pseudo: Option<&Path>,
     opts: &ImportOptions,
 ) -> Result<(), ImportError> {
+    mksquashfs_watched(dir, out, pseudo, opts, &mut |_| {})
+}
+
+/// [`mksquashfs`], calling `on_tick` with its pid about every
+/// [`crate::sys::child::TOOL_TICK`] while it runs.
+fn mksquashfs_watched(
+    dir: &Path,
+    out: &Path,
+    pseudo: Option<&Path>,
+    opts: &ImportOptions,
+    on_tick: &mut dyn FnMut(u32),
+) -> Result<(), ImportError> {
     let program = match &opts.mksquashfs {
         Some(p) => p.clone(),
         None => find_in_path("mksquashfs").ok_or(ImportError::NoMksquashfs)?,
@@ -400,7 +469,7 @@ pub fn mksquashfs(
     } else {
         Stdio::null()
     });
-    let output = run_tool("mksquashfs", &mut cmd, None).map_err(|e| match e {
+    let output = run_tool_watched("mksquashfs", &mut cmd, None, on_tick).map_err(|e| match e {
         ToolError::Start { error, .. } if error.kind() == io::ErrorKind::NotFound => {
             ImportError::NoMksquashfs
         }

@@ -3,3 +3,4 @@
 
 pub mod cache;
 pub mod import;
+mod import_progress;
