@@ -382,6 +382,7 @@ fn start_forwarding(
             host_env.push(("PATH".into(), path));
         }
     }
+    let began = std::time::Instant::now();
     let dir = forward::private_dir(Path::new("/tmp"))?;
     let starting = forward::Server::spawn(
         &settings.ferry_bin,
@@ -396,6 +397,13 @@ fn start_forwarding(
             return Err(e.into());
         }
     };
+    debug!(
+        "step {}.{}: forward server starting in {} ({:.2} ms)",
+        step.job_id,
+        step_name(step.step_id),
+        dir.display(),
+        began.elapsed().as_secs_f64() * 1000.0
+    );
     spec.mounts.push(MountSpec::bind(
         forwarder,
         PathBuf::from(forward::INSIDE_PROGRAM),
