@@ -662,6 +662,34 @@ fn container_steps_call_slurm_commands_on_the_host() {
 }
 
 #[test]
+fn a_step_attached_to_a_running_container_uses_its_forwarders() {
+    let _m = exclusive_machine();
+    let before = node_state();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let busybox = img("busybox.sqsh");
+    job_script(
+        &dir,
+        &format!(
+            "#!/bin/sh\n\
+             #SBATCH --output={d}/out.txt\n\
+             srun --overlap -n1 --container-image={busybox} --container-name=keep --container-mounts={d}:{d} \
+             sh -c 'touch {d}/up; sleep 120' 2>/dev/null &\n\
+             until [ -e {d}/up ]; do sleep 0.2; done\n\
+             srun --overlap -n1 --container-name=keep:exec sh -c \
+             'command -v squeue; squeue -h -j $SLURM_JOB_ID -o \"attached: %u\"'\n\
+             scancel $SLURM_JOB_ID.0\n\
+             wait\n"
+        ),
+    );
+    slurm(&format!("cd {d} && sbatch --wait --time=3 job.sh")).ok();
+    let log = batch_output(&dir.path.join("out.txt"));
+    assert_eq!(log, format!("/.ferry/run/bin/squeue\nattached: {USER}\n"));
+    let after = settle_to(&before, Duration::from_secs(10));
+    assert_eq!(after, before, "the node is as before");
+}
+
+#[test]
 fn the_site_can_turn_forwarding_off_for_steps() {
     let _m = exclusive_machine();
     let before = node_state();
