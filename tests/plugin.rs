@@ -228,7 +228,8 @@ fn tasks_get_slurm_variables_and_the_image_environment() {
     ));
     assert_eq!(
         out.ok(),
-        "0 0 job 1\n/bin:/usr/bin\nfrom-busybox-image\nyes\n",
+        // The image's PATH, after the forwarders of Slurm's commands.
+        "0 0 job 1\n/.ferry/run/bin:/bin:/usr/bin\nfrom-busybox-image\nyes\n",
         "{}",
         out.stderr
     );
@@ -1003,7 +1004,8 @@ fn the_kernel_provider_only_where_the_site_enables_it() {
         out.stderr
     );
 
-    plugstack.set_args("kernel_squashfs=yes");
+    // Without the forwarders, whose mount points (/.ferry) no image has.
+    plugstack.set_args("kernel_squashfs=yes forward_commands=no");
     // The image, with the kernel's squashfs as the root (no home: every mount point is in
     // the image, so there is no overlay over it); the site's default is still squashfuse.
     let out = slurm(&format!(
@@ -1073,7 +1075,7 @@ fn the_kernel_provider_only_where_the_site_enables_it() {
     assert_eq!(out.ok(), "Hello from Sylabs!\n", "{}", out.stderr);
 
     // The site's default; a step may still ask for squashfuse.
-    plugstack.set_args("kernel_squashfs=yes rootfs=kernel");
+    plugstack.set_args("kernel_squashfs=yes rootfs=kernel forward_commands=no");
     let out = slurm(&format!(
         "srun -n1 --container={with_hosts} --no-container-mount-home sh -c 'cat /etc/ferry-marker; {root_line}'; \
          srun -n1 --container={with_hosts} --no-container-mount-home --container-rootfs=squashfuse {root_line}"
