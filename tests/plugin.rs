@@ -228,7 +228,8 @@ fn tasks_get_slurm_variables_and_the_image_environment() {
     ));
     assert_eq!(
         out.ok(),
-        "0 0 job 1\n/bin:/usr/bin\nfrom-busybox-image\nyes\n",
+        // The image's PATH, after the forwarders of Slurm's commands.
+        "0 0 job 1\n/.ferry/run/bin:/bin:/usr/bin\nfrom-busybox-image\nyes\n",
         "{}",
         out.stderr
     );
@@ -600,6 +601,117 @@ fn another_user_cannot_reach_a_batch_jobs_forward_server() {
     assert_eq!(after, before, "the node is as before");
 }
 
+#[test]
+fn container_steps_call_slurm_commands_on_the_host() {
+    let _m = exclusive_machine();
+    let before = node_state();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let busybox = img("busybox.sqsh");
+    // An ordinary step (no batch container): its own job seen and changed from inside,
+    // a nested step, exit codes; both tasks of the node share one server (same directory).
+    let out = slurm(&format!(
+        "cd {d} && srun -O -n2 --container-image={busybox} --container-mounts={d}:{d} \
+         --output=out.%t sh -c '\
+         command -v squeue; \
+         squeue -h -j $SLURM_JOB_ID -o \"squeue: %i %u\"; \
+         scontrol show job $SLURM_JOB_ID | grep -o \"JobId=$SLURM_JOB_ID \"; \
+         scontrol update JobId=$SLURM_JOB_ID Comment=from-step$SLURM_PROCID && echo updated; \
+         scontrol show job NOPE >/dev/null 2>&1; echo \"scontrol rc=$?\"; \
+         h=$(hostname); [ \"$(srun --overlap -n1 hostname)\" = \"$h\" ] && echo nested srun; \
+         srun --overlap -n1 sh -c \"exit 3\" 2>/dev/null; echo \"srun rc=$?\"; \
+         stat -c %i /.ferry/run > inode.$SLURM_PROCID'"
+    ));
+    out.ok();
+    for task in 0..2 {
+        let log = batch_output(&dir.path.join(format!("out.{task}")));
+        let job = log
+            .lines()
+            .find_map(|l| l.strip_prefix("squeue: "))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or("?")
+            .to_string();
+        assert_eq!(
+            log,
+            format!(
+                "/.ferry/run/bin/squeue\n\
+                 squeue: {job} {USER}\n\
+                 JobId={job} \n\
+                 updated\n\
+                 scontrol rc=1\n\
+                 nested srun\n\
+                 srun rc=3\n"
+            ),
+            "task {task}"
+        );
+    }
+    let inode = |t: u32| std::fs::read_to_string(dir.path.join(format!("inode.{t}"))).unwrap();
+    assert_eq!(
+        inode(0),
+        inode(1),
+        "one forward server for the node's tasks"
+    );
+    // scancel of its own step from inside: the step ends, long before its sleep.
+    let out = slurm(&format!(
+        "srun -n1 --container-image={busybox} sh -c 'scancel $SLURM_JOB_ID.$SLURM_STEP_ID; sleep 300'"
+    ));
+    assert_ne!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("CANCELLED"), "{}", out.stderr);
+    // No forward server, socket directory or mount is left.
+    let after = settle_to(&before, Duration::from_secs(10));
+    assert_eq!(after, before, "the node is as before");
+}
+
+#[test]
+fn a_step_attached_to_a_running_container_uses_its_forwarders() {
+    let _m = exclusive_machine();
+    let before = node_state();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let busybox = img("busybox.sqsh");
+    job_script(
+        &dir,
+        &format!(
+            "#!/bin/sh\n\
+             #SBATCH --output={d}/out.txt\n\
+             srun --overlap -n1 --container-image={busybox} --container-name=keep --container-mounts={d}:{d} \
+             sh -c 'touch {d}/up; sleep 120' 2>/dev/null &\n\
+             until [ -e {d}/up ]; do sleep 0.2; done\n\
+             srun --overlap -n1 --container-name=keep:exec sh -c \
+             'command -v squeue; squeue -h -j $SLURM_JOB_ID -o \"attached: %u\"'\n\
+             scancel $SLURM_JOB_ID.0\n\
+             wait\n"
+        ),
+    );
+    slurm(&format!("cd {d} && sbatch --wait --time=3 job.sh")).ok();
+    let log = batch_output(&dir.path.join("out.txt"));
+    assert_eq!(log, format!("/.ferry/run/bin/squeue\nattached: {USER}\n"));
+    let after = settle_to(&before, Duration::from_secs(10));
+    assert_eq!(after, before, "the node is as before");
+}
+
+#[test]
+fn the_site_can_turn_forwarding_off_for_steps() {
+    let _m = exclusive_machine();
+    let before = node_state();
+    let busybox = img("busybox.sqsh");
+    let plugstack = Plugstack::open(&cluster());
+    plugstack.set_args("forward_commands=no");
+    let out = slurm(&format!(
+        "srun -n1 --container-image={busybox} sh -c 'squeue -h >/dev/null 2>&1; echo \"squeue rc=$?\"; \
+         ls /.ferry 2>/dev/null || echo no forwarders'"
+    ));
+    assert_eq!(out.ok(), "squeue rc=127\nno forwarders\n");
+    // The batch script's container keeps them: its steps need srun.
+    let out = slurm(&format!(
+        "sbatch --wait --container-image={busybox} -o /dev/null --wrap 'srun -n1 true' >/dev/null && echo batch ok"
+    ));
+    assert_eq!(out.ok(), "batch ok\n");
+    drop(plugstack);
+    let after = settle_to(&before, Duration::from_secs(10));
+    assert_eq!(after, before, "the node is as before");
+}
+
 // ---- 6. errors ---------------------------------------------------------------------------
 
 #[test]
@@ -892,7 +1004,8 @@ fn the_kernel_provider_only_where_the_site_enables_it() {
         out.stderr
     );
 
-    plugstack.set_args("kernel_squashfs=yes");
+    // Without the forwarders, whose mount points (/.ferry) no image has.
+    plugstack.set_args("kernel_squashfs=yes forward_commands=no");
     // The image, with the kernel's squashfs as the root (no home: every mount point is in
     // the image, so there is no overlay over it); the site's default is still squashfuse.
     let out = slurm(&format!(
@@ -962,7 +1075,7 @@ fn the_kernel_provider_only_where_the_site_enables_it() {
     assert_eq!(out.ok(), "Hello from Sylabs!\n", "{}", out.stderr);
 
     // The site's default; a step may still ask for squashfuse.
-    plugstack.set_args("kernel_squashfs=yes rootfs=kernel");
+    plugstack.set_args("kernel_squashfs=yes rootfs=kernel forward_commands=no");
     let out = slurm(&format!(
         "srun -n1 --container={with_hosts} --no-container-mount-home sh -c 'cat /etc/ferry-marker; {root_line}'; \
          srun -n1 --container={with_hosts} --no-container-mount-home --container-rootfs=squashfuse {root_line}"

@@ -52,13 +52,17 @@ enum Command {
     /// the Slurm plugin as the user for the kernel provider.
     #[command(hide = true)]
     ProbeImage { path: PathBuf },
-    /// (internal) Run Slurm's commands called inside a batch script's container on the
-    /// host; started by the Slurm plugin as the user, ends when its stdin ends.
+    /// (internal) Run Slurm's commands called inside a container step (or a batch
+    /// script's container) on the host; started by the Slurm plugin as the user, ends when
+    /// its stdin ends.
     #[command(hide = true)]
     ForwardServe {
         /// Where to make its private directory.
-        #[arg(long = "in")]
-        parent: PathBuf,
+        #[arg(long = "in", required_unless_present = "dir", conflicts_with = "dir")]
+        parent: Option<PathBuf>,
+        /// Serve in this empty private directory, made by the caller.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Squash an unpacked container (`ferry run --keep DIR`: DIR/rootfs) into a squashfs
     /// image, atomically.
@@ -242,10 +246,13 @@ fn main() {
     let code = match cli.command {
         Command::Hold => ferry::container::holder::hold(),
         Command::ProbeImage { path } => report(probe_image(&path)),
-        Command::ForwardServe { parent } => report(
-            ferry::slurm::forward::serve(&parent)
-                .map(|()| 0)
-                .map_err(anyhow::Error::from),
+        Command::ForwardServe { parent, dir } => report(
+            ferry::slurm::forward::serve(match (dir, parent) {
+                (Some(dir), _) => ferry::slurm::forward::Place::Dir(dir),
+                (None, parent) => ferry::slurm::forward::Place::In(parent.unwrap_or_default()),
+            })
+            .map(|()| 0)
+            .map_err(anyhow::Error::from),
         ),
         Command::Run(args) => report(run_command(args)),
         Command::Build(args) => build_command(args),

@@ -64,8 +64,8 @@ pub struct Step {
     pub quiet: bool,
     /// Slurm's name of this node, for the user's lines.
     pub node_name: Option<String>,
-    /// The batch script's container: the server that runs Slurm's commands called in it
-    /// on the host (ferry::slurm::forward); dropping it stops the server.
+    /// The server that runs Slurm's commands called in the container on the host
+    /// (ferry::slurm::forward); dropping it stops the server.
     pub forward: Option<ferry::slurm::forward::Server>,
 }
 
@@ -343,14 +343,27 @@ fn batch_script(
     })
 }
 
-/// The batch script's container: start the forward server and bind it, `ferry-forward`
-/// and the script into `spec` (see ferry::slurm::forward).
+/// Whether `step`'s container gets Slurm's commands forwarded to the host: the batch
+/// script's always (its steps need `srun`), any other step unless the site says
+/// `forward_commands=no`.
+fn forwards_commands(step: &Step, settings: &PluginSettings) -> bool {
+    step.step_id == SLURM_BATCH_SCRIPT || settings.forward_commands
+}
+
+/// How long user_init waits for the forward server once the container is up; it has been
+/// starting meanwhile and is normally serving already.
+const FORWARD_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Start the forward server of `step`'s container (see ferry::slurm::forward) without
+/// waiting for it, and bind its directory and `ferry-forward` into `spec`. The directory is
+/// made here, as the user (slurmstepd runs user_init with the user's effective uid), so the
+/// container can bind it while the server is still starting.
 fn start_forwarding(
     spank: &SpankHandle,
-    step: &mut Step,
+    step: &Step,
     settings: &PluginSettings,
     spec: &mut ContainerSpec,
-) -> Result<(), PluginError> {
+) -> Result<ferry::slurm::forward::Starting, PluginError> {
     use ferry::slurm::forward;
     let forwarder = settings.forwarder_path();
     if !forwarder.is_file() {
@@ -369,18 +382,27 @@ fn start_forwarding(
             host_env.push(("PATH".into(), path));
         }
     }
-    let server = forward::Server::start(
+    let began = std::time::Instant::now();
+    let dir = forward::private_dir(Path::new("/tmp"))?;
+    let starting = forward::Server::spawn(
         &settings.ferry_bin,
         Some(step.credentials()),
-        Path::new("/tmp"),
+        &forward::Place::Dir(dir.clone()),
         &host_env,
-        Duration::from_secs(10),
-    )?;
+    );
+    let starting = match starting {
+        Ok(starting) => starting,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e.into());
+        }
+    };
     debug!(
-        "step {}.{}: forward server in {}",
+        "step {}.{}: forward server starting in {} ({:.2} ms)",
         step.job_id,
         step_name(step.step_id),
-        server.dir.display()
+        dir.display(),
+        began.elapsed().as_secs_f64() * 1000.0
     );
     spec.mounts.push(MountSpec::bind(
         forwarder,
@@ -388,13 +410,16 @@ fn start_forwarding(
         true,
     ));
     spec.mounts.push(MountSpec::bind(
-        server.dir.clone(),
+        dir,
         PathBuf::from(forward::INSIDE_DIR),
         false,
     ));
-    step.forward = Some(server);
-    // The script itself is in slurmd's spool directory, which the container lacks: bound
-    // read-only at its own path, where slurmstepd execs it.
+    Ok(starting)
+}
+
+/// The batch script is in slurmd's spool directory, which the container lacks: bind it
+/// read-only at its own path, where slurmstepd execs it.
+fn bind_batch_script(spank: &SpankHandle, spec: &mut ContainerSpec) {
     if let Some(script) = spank
         .job_argv_os()
         .ok()
@@ -404,7 +429,30 @@ fn start_forwarding(
         spec.mounts
             .push(MountSpec::bind(script.clone(), script, true));
     }
-    Ok(())
+}
+
+/// Keep the forward server that `starting` is once it serves (the batch script's container
+/// fails without it; any other step goes on without Slurm's commands).
+fn finish_forwarding(step: &mut Step, starting: ferry::slurm::forward::Starting) {
+    let began = std::time::Instant::now();
+    match starting.ready(FORWARD_READY_TIMEOUT) {
+        Ok(server) => {
+            debug!(
+                "step {}.{}: forward server in {} (waited {:.2} ms for it)",
+                step.job_id,
+                step_name(step.step_id),
+                server.dir.display(),
+                began.elapsed().as_secs_f64() * 1000.0
+            );
+            step.forward = Some(server);
+        }
+        Err(e) if step.step_id == SLURM_BATCH_SCRIPT => step.failure = Some(e.into()),
+        Err(e) => warn!(
+            "step {}.{}: no Slurm commands in the container: {e}",
+            step.job_id,
+            step_name(step.step_id)
+        ),
+    }
 }
 
 /// The request when srun's plugin did not hand one over in the environment (srun without
@@ -863,9 +911,21 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
             return;
         }
     }
+    let mut forwarding = None;
     let spec = match container_spec(spank, step, settings).and_then(|mut spec| {
+        if forwards_commands(step, settings) {
+            match start_forwarding(spank, step, settings, &mut spec) {
+                Ok(starting) => forwarding = Some(starting),
+                Err(e) if step.step_id == SLURM_BATCH_SCRIPT => return Err(e),
+                Err(e) => warn!(
+                    "step {}.{}: no Slurm commands in the container: {e}",
+                    step.job_id,
+                    step_name(step.step_id)
+                ),
+            }
+        }
         if step.step_id == SLURM_BATCH_SCRIPT {
-            start_forwarding(spank, step, settings, &mut spec)?;
+            bind_batch_script(spank, &mut spec);
         }
         Ok(spec)
     }) {
@@ -966,6 +1026,9 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
             }
             step.workdir = Some(holder.ready().workdir.clone());
             step.holder = Some(holder);
+            if let Some(starting) = forwarding {
+                finish_forwarding(step, starting);
+            }
         }
         Err(e) => step.failure = Some(e.into()),
     }
@@ -1001,15 +1064,7 @@ pub fn task_init(
     set_image_env(spank, step, &ready.env)?;
     set_framework_env(spank, step)?;
     if step.forward.is_some() {
-        // Slurm's commands find the forwarder first, whatever the image's PATH.
-        let path = spank.getenv("PATH").ok().flatten().unwrap_or_default();
-        let path = format!("{}:{path}", ferry::slurm::forward::INSIDE_BIN);
-        spank.setenv("PATH", path.trim_end_matches(':'), true)?;
-        spank.setenv(
-            ferry::slurm::forward::SOCKET_ENV,
-            ferry::slurm::forward::INSIDE_SOCKET,
-            true,
-        )?;
+        put_forwarders_on_path(spank)?;
     }
     let entrypoint = step.request.entrypoint == Some(true);
     let remap_root = step.request.remap_root == Some(true);
@@ -1030,9 +1085,27 @@ pub fn task_init(
         return task_through_ferry(spank, raw, ns, how, ferry_bin);
     }
     ferry::container::join::join(ns, &workdir)?;
+    // An attached step uses the forwarders of the container it joined, while the step that
+    // started that container (and its server) runs.
+    if step.attached.is_some() && Path::new(ferry::slurm::forward::INSIDE_SOCKET).exists() {
+        put_forwarders_on_path(spank)?;
+    }
     if remap_root {
         ferry::container::id_filter::install()?;
     }
+    Ok(())
+}
+
+/// Slurm's commands find the forwarder first, whatever the image's PATH.
+fn put_forwarders_on_path(spank: &SpankHandle) -> Result<(), PluginError> {
+    let path = spank.getenv("PATH").ok().flatten().unwrap_or_default();
+    let path = format!("{}:{path}", ferry::slurm::forward::INSIDE_BIN);
+    spank.setenv("PATH", path.trim_end_matches(':'), true)?;
+    spank.setenv(
+        ferry::slurm::forward::SOCKET_ENV,
+        ferry::slurm::forward::INSIDE_SOCKET,
+        true,
+    )?;
     Ok(())
 }
 

@@ -1,10 +1,12 @@
 //! Slurm's commands inside a container: the host side.
 //!
-//! A batch script that runs in its image (`sbatch --container-image`) still calls `srun`,
-//! `squeue`, `scancel`… The container has no Slurm, or not the host's, so the plugin binds
-//! a small static program, `ferry-forward`, into it under those names ([`INSIDE_BIN`],
-//! first on PATH) and starts this server on the host, as the job's user, for the step's
-//! lifetime. The program connects to the server's socket ([`INSIDE_SOCKET`]) and hands it
+//! A batch script that runs in its image (`sbatch --container-image`), and any container
+//! step, still calls `srun`, `squeue`, `scancel`… The container has no Slurm, or not the
+//! host's, so the plugin binds a small static program, `ferry-forward`, into it under those
+//! names ([`INSIDE_BIN`], first on PATH) and starts this server on the host, as the job's
+//! user, once per step and node, for the step's lifetime (the node's tasks share it). It
+//! starts while the container does ([`Server::spawn`], [`Place::Dir`]), so a step does not
+//! wait for it. The program connects to the server's socket ([`INSIDE_SOCKET`]) and hands it
 //! its arguments, environment, working directory and its descriptors 0, 1 and 2
 //! (SCM_RIGHTS); the server runs the host's command of that name with them, as the same
 //! user, passes on the signals the program receives, and answers how the command ended.
@@ -73,40 +75,66 @@ pub enum ForwardError {
     NotReady(String),
 }
 
-/// Serve in a new private directory under `parent`: print its path on stdout, then serve
-/// until stdin reaches its end.
-pub fn serve(parent: &Path) -> Result<(), ForwardError> {
+/// Where the server serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// In a new private directory under this one.
+    In(PathBuf),
+    /// In this empty private directory, which the caller made as the server's user
+    /// ([`private_dir`]), so the container can bind it before the server is up.
+    Dir(PathBuf),
+}
+
+/// A new private directory (mode 0700) for a server, under `parent`, owned by the caller's
+/// effective uid.
+pub fn private_dir(parent: &Path) -> Result<PathBuf, ForwardError> {
+    tempfile::Builder::new()
+        .prefix("ferry-forward.")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir_in(parent)
+        .map(tempfile::TempDir::keep)
+        .map_err(|error| ForwardError::Dir {
+            dir: parent.to_path_buf(),
+            error,
+        })
+}
+
+/// Whether `dir` is a private directory of `uid`'s (not a link, nobody else can enter).
+fn is_private_dir(dir: &Path, uid: rustix::process::Uid) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(dir)
+        .is_ok_and(|m| m.is_dir() && m.uid() == uid.as_raw() && m.mode() & 0o077 == 0)
+}
+
+/// Serve in `place`: print the directory's path on stdout once the socket listens, then
+/// serve until stdin reaches its end, and remove the directory.
+pub fn serve(place: Place) -> Result<(), ForwardError> {
     // The commands inherit this mask: slurmstepd's blocked signals must not keep scancel's
     // SIGTERM from them.
     let _ = nix::sys::signal::SigSet::empty().thread_set_mask();
     // Private: only the user reaches the socket (the server checks the peer's uid too).
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-forward.")
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .tempdir_in(parent)
-        .map_err(|error| ForwardError::Dir {
-            dir: parent.to_path_buf(),
-            error,
-        })?;
-    let bin = dir.path().join("bin");
-    let made = std::fs::create_dir(&bin).and_then(|()| {
-        COMMANDS
-            .iter()
-            .try_for_each(|name| std::os::unix::fs::symlink(INSIDE_PROGRAM, bin.join(name)))
-    });
-    made.map_err(|error| ForwardError::Dir {
-        dir: dir.path().to_path_buf(),
-        error,
-    })?;
-    let socket = dir.path().join("sock");
-    let listener = UnixListener::bind(&socket).map_err(|error| ForwardError::Listen {
-        path: socket.clone(),
-        error,
-    })?;
+    let dir = match place {
+        Place::In(parent) => private_dir(&parent)?,
+        Place::Dir(dir) if is_private_dir(&dir, rustix::process::geteuid()) => dir,
+        Place::Dir(dir) => {
+            return Err(ForwardError::Dir {
+                error: io::Error::other("not a private directory of this user's"),
+                dir,
+            })
+        }
+    };
+    let listener = match populate(&dir) {
+        Ok(listener) => listener,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+    };
+
     let running: Running = Arc::default();
     {
         let running = running.clone();
-        let dir_path = dir.path().to_path_buf();
+        let dir_path = dir.clone();
         std::thread::spawn(move || {
             // The plugin holds the other end for the step's lifetime.
             let _ = io::copy(&mut io::stdin(), &mut io::sink());
@@ -118,7 +146,7 @@ pub fn serve(parent: &Path) -> Result<(), ForwardError> {
         });
     }
     let mut out = io::stdout().lock();
-    let ready = writeln!(out, "{}", dir.path().display()).and_then(|()| out.flush());
+    let ready = writeln!(out, "{}", dir.display()).and_then(|()| out.flush());
     drop(out);
     if ready.is_err() {
         // Nobody waits for it.
@@ -143,6 +171,25 @@ pub fn serve(parent: &Path) -> Result<(), ForwardError> {
         });
     }
     Ok(())
+}
+
+/// The commands' names and the socket, in `dir`.
+fn populate(dir: &Path) -> Result<UnixListener, ForwardError> {
+    let bin = dir.join("bin");
+    let made = std::fs::create_dir(&bin).and_then(|()| {
+        COMMANDS
+            .iter()
+            .try_for_each(|name| std::os::unix::fs::symlink(INSIDE_PROGRAM, bin.join(name)))
+    });
+    made.map_err(|error| ForwardError::Dir {
+        dir: dir.to_path_buf(),
+        error,
+    })?;
+    let socket = dir.join("sock");
+    UnixListener::bind(&socket).map_err(|error| ForwardError::Listen {
+        path: socket.clone(),
+        error,
+    })
 }
 
 type Running = Arc<Mutex<HashMap<u64, Arc<Pidfd>>>>;
@@ -399,21 +446,37 @@ pub struct Server {
     _lifeline: std::process::ChildStdin,
 }
 
+/// A server started but perhaps not serving yet: the caller does its own work meanwhile
+/// (the container's start) and then waits with [`Starting::ready`].
+#[derive(Debug)]
+pub struct Starting {
+    dir: Option<PathBuf>,
+    lifeline: std::process::ChildStdin,
+    answer: std::sync::mpsc::Receiver<Result<String, String>>,
+}
+
 impl Server {
-    /// Start `program forward-serve --in PARENT` as `run_as`, with `host_env` as its whole
-    /// environment, and wait (up to `timeout`) until it serves.
-    pub fn start(
+    /// Start `program forward-serve` as `run_as`, with `host_env` as its whole environment,
+    /// in `place`, without waiting for it.
+    pub fn spawn(
         program: &Path,
         run_as: Option<crate::sys::raw::Credentials>,
-        parent: &Path,
+        place: &Place,
         host_env: &[(String, String)],
-        timeout: std::time::Duration,
-    ) -> Result<Server, ForwardError> {
+    ) -> Result<Starting, ForwardError> {
         let mut cmd = Command::new(program);
-        cmd.arg("forward-serve")
-            .arg("--in")
-            .arg(parent)
-            .env_clear()
+        cmd.arg("forward-serve");
+        let dir = match place {
+            Place::In(parent) => {
+                cmd.arg("--in").arg(parent);
+                None
+            }
+            Place::Dir(dir) => {
+                cmd.arg("--dir").arg(dir);
+                Some(dir.clone())
+            }
+        };
+        cmd.env_clear()
             .envs(host_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -437,7 +500,7 @@ impl Server {
             .ok_or(ForwardError::NotReady("no stderr".into()))?;
         // The child is never waited for here: slurmstepd reaps its children itself.
         drop(child);
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (tx, answer) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut line = String::new();
             let mut reader = io::BufReader::new(stdout);
@@ -454,7 +517,24 @@ impl Server {
                 let _ = tx.send(Ok(line));
             }
         });
-        let line = rx
+        Ok(Starting {
+            dir,
+            lifeline,
+            answer,
+        })
+    }
+}
+
+impl Starting {
+    /// The directory it serves in, when the caller chose it ([`Place::Dir`]).
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// Wait (up to `timeout`) until it serves. Dropping a [`Starting`] stops the server.
+    pub fn ready(self, timeout: std::time::Duration) -> Result<Server, ForwardError> {
+        let line = self
+            .answer
             .recv_timeout(timeout)
             .map_err(|_| ForwardError::NotReady(format!("no answer in {timeout:?}")))?
             .map_err(|e| {
@@ -465,12 +545,12 @@ impl Server {
                 })
             })?;
         let dir = PathBuf::from(line.trim_end());
-        if !dir.is_absolute() {
+        if !dir.is_absolute() || self.dir.as_ref().is_some_and(|d| *d != dir) {
             return Err(ForwardError::NotReady(format!("it said {line:?}")));
         }
         Ok(Server {
             dir,
-            _lifeline: lifeline,
+            _lifeline: self.lifeline,
         })
     }
 }
@@ -491,6 +571,22 @@ mod tests {
         assert!(Request::parse(b"srun\0/\x003\0a\0").is_none());
         assert!(Request::parse(b"srun\0/\0x\0").is_none());
         assert!(Request::parse(b"srun").is_none());
+    }
+
+    #[test]
+    fn only_a_private_directory_of_ones_own_is_served_in() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().unwrap();
+        let me = rustix::process::geteuid();
+        let dir = private_dir(parent.path()).unwrap();
+        assert!(dir.starts_with(parent.path()));
+        assert!(is_private_dir(&dir, me));
+        let link = parent.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        assert!(!is_private_dir(&link, me));
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(!is_private_dir(&dir, me));
+        assert!(!is_private_dir(&parent.path().join("none"), me));
     }
 
     #[test]

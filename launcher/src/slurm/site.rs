@@ -117,6 +117,11 @@ pub struct PluginSettings {
     /// containers as `srun`, `squeue`… (default: `../libexec/ferry/ferry-forward` beside
     /// `ferry_bin`).
     pub forwarder: Option<PathBuf>,
+    /// `forward_commands=yes|no`: Slurm's commands (`srun`, `squeue`, `scontrol`…) work in
+    /// every container step too, forwarded to the host as in the batch script's container
+    /// (default `yes`). `no` leaves steps with the image's own commands, or none; the batch
+    /// script's container keeps its forwarders (`batch_script=host` is the way out there).
+    pub forward_commands: bool,
 }
 
 /// Where a containerized batch job's script runs.
@@ -183,6 +188,7 @@ impl Default for PluginSettings {
             default_workdir: DefaultWorkdir::Caller,
             batch_script: BatchScript::Container,
             forwarder: None,
+            forward_commands: true,
         }
     }
 }
@@ -232,7 +238,7 @@ pub enum SiteError {
 const KEYS: &str =
     "ferry_bin, default_mounts, squashfuse, writable_tmpfs_size, log_level, named_dir, \
 registry_ca_file, insecure_registries, registries_conf, rootfs, kernel_squashfs, import_on_submit, gpus, host_libs, nvidia_container_cli, container_scope, writable, \
-framework_env, framework_ports, quiet, default_workdir, batch_script, forwarder";
+framework_env, framework_ports, quiet, default_workdir, batch_script, forwarder, forward_commands";
 
 /// Keys that may be repeated, their values adding up.
 const LIST_KEYS: &[&str] = &["default_mounts", "insecure_registries", "host_libs"];
@@ -337,6 +343,7 @@ impl PluginSettings {
                 "forwarder" => s.forwarder = Some(absolute(key, value)?),
                 "writable" => s.writable = yes_no(key, value)?,
                 "framework_env" => s.framework_env = yes_no(key, value)?,
+                "forward_commands" => s.forward_commands = yes_no(key, value)?,
                 "framework_ports" => {
                     s.framework_ports = crate::slurm::framework_env::parse_port_range(value)
                         .map_err(|e| SiteError::Ports(e.to_string()))?
@@ -447,6 +454,9 @@ mod tests {
         let d = parse(&[]).unwrap();
         assert_eq!(d.batch_script, BatchScript::Container);
         assert_eq!(d.forwarder, None);
+        assert!(d.forward_commands);
+        assert!(!parse(&["forward_commands=no"]).unwrap().forward_commands);
+        assert!(parse(&["forward_commands=maybe"]).is_err());
         let s = parse(&["batch_script=host", "forwarder=/opt/ferry-forward"]).unwrap();
         assert_eq!(s.batch_script, BatchScript::Host);
         assert_eq!(s.forwarder, Some(PathBuf::from("/opt/ferry-forward")));
