@@ -199,7 +199,7 @@ fn dockerignore_leaves_files_out_of_copies_and_the_cache_key() {
     context(
         &dir,
         &format!(
-            "FROM {}\nCOPY . /app\nCMD [\"sh\", \"-c\", \"cd /app && find . -type f | sort\"]\n",
+            "FROM {}\nCOPY . /app\nCMD [\"sh\", \"-c\", \"cd /app && find . -type f | LC_ALL=C sort\"]\n",
             img("busybox.sqsh")
         ),
     );
