@@ -188,3 +188,90 @@ fn gc_removes_what_a_stopped_build_left() {
     );
     assert!(out.stdout.ends_with("0123.sqsh\n"), "{}", out.stdout);
 }
+
+/// A `.dockerignore` leaves files out of `COPY .` (patterns, `**`, an exception), and a
+/// change to a left-out file does not touch the step's cache entry.
+#[test]
+fn dockerignore_leaves_files_out_of_copies_and_the_cache_key() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    context(
+        &dir,
+        &format!(
+            "FROM {}\nCOPY . /app\nCMD [\"sh\", \"-c\", \"cd /app && find . -type f | LC_ALL=C sort\"]\n",
+            img("busybox.sqsh")
+        ),
+    );
+    sh(&format!(
+        "cd {d}/ctx && mkdir -p logs src/__pycache__ && echo 1 > logs/1.log && \
+         echo k > logs/keep.log && echo s > secret.env && echo c > src/__pycache__/m.pyc && \
+         echo m > src/m.py && printf '# build noise\\nlogs\\n!logs/keep.log\\n*.env\\n**/__pycache__\\n' \
+         > .dockerignore && chmod -R a+rX {d}/ctx"
+    ))
+    .ok();
+    build(&dir, "").ok();
+    assert_eq!(
+        sh(&format!("$FERRY run {d}/out.sqsh")).ok(),
+        "./.dockerignore\n./Dockerfile\n./data.txt\n./logs/keep.log\n./src/m.py\n"
+    );
+    sh(&format!("echo changed > {d}/ctx/secret.env")).ok();
+    let again = build(&dir, "");
+    again.ok();
+    let copy = again.stderr.lines().find(|l| l.starts_with("[2/3] COPY"));
+    assert!(
+        copy.is_some_and(|l| l.ends_with("(cached)")),
+        "{}",
+        again.stderr
+    );
+}
+
+/// An Apptainer definition file (`Bootstrap: localimage`) with %files, %post,
+/// %environment, %runscript, %labels and %help: `ferry run` with no command runs the
+/// runscript, which sees the environment and the files.
+#[test]
+fn builds_an_apptainer_definition_file() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    context(&dir, "FROM scratch\n");
+    let def = format!(
+        "Bootstrap: localimage\n\
+         From: {}\n\
+         \n\
+         %help\n    Prints a greeting.\n\
+         %files\n    data.txt /opt/app/data.txt\n\
+         %post\n    echo \"made in post\" > /opt/app/post.txt\n    chmod 644 /opt/app/post.txt\n\
+         %environment\n    export GREETING=\"hello from the def file\"\n    APP_MODE=production\n\
+         %runscript\n    echo \"$GREETING ($APP_MODE)\"\n    cat /opt/app/data.txt /opt/app/post.txt\n\
+         %labels\n    Author ferry-tests\n",
+        img("debian.sqsh")
+    );
+    sh(&format!(
+        "cat > {d}/ctx/app.def <<'EOF'\n{def}EOF\nchmod -R a+rX {d}/ctx"
+    ))
+    .ok();
+    let out = build(&dir, "-f ctx/app.def");
+    out.ok();
+    assert!(
+        out.stderr
+            .contains("[2/7] %files data.txt /opt/app/data.txt")
+            && out.stderr.contains("[3/7] %post echo \"made in post\""),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        sh(&format!("$FERRY run {d}/out.sqsh")).ok(),
+        "hello from the def file (production)\ncopied from the context\nmade in post\n"
+    );
+    // The labels and the help are in the image's config.
+    let config = sh(&format!(
+        "$FERRY run {d}/out.sqsh cat /etc/ferry/image.json"
+    ));
+    let config = config.ok();
+    assert!(
+        config.contains("\"Author\": \"ferry-tests\"")
+            && config.contains("\"help\": \"Prints a greeting.\""),
+        "{config}"
+    );
+}

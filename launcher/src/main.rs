@@ -198,7 +198,8 @@ struct ImportArgs {
 struct BuildArgs {
     #[command(flatten)]
     cache: CacheArgs,
-    /// The Dockerfile (default: CONTEXT/Dockerfile, else CONTEXT/Containerfile).
+    /// The Dockerfile, or an Apptainer definition file (a .def name or a `Bootstrap:` header)
+    /// [default: CONTEXT/Dockerfile, else CONTEXT/Containerfile].
     #[arg(short = 'f', long = "file", value_name = "FILE")]
     file: Option<PathBuf>,
     /// The squashfs image to write (replaced atomically) [default: image.sqsh].

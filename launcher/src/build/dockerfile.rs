@@ -56,7 +56,7 @@ pub struct SyntaxError {
     pub message: String,
 }
 
-fn err(line: usize, message: impl Into<String>) -> SyntaxError {
+pub(super) fn err(line: usize, message: impl Into<String>) -> SyntaxError {
     SyntaxError {
         line,
         message: message.into(),
@@ -271,7 +271,11 @@ fn parse_instruction(line: usize, keyword: &str, rest: &str) -> Result<Instructi
 }
 
 /// `K=V K2="v 2"` (or the old `K V...` form with one pair).
-fn pairs(line: usize, keyword: &str, rest: &str) -> Result<Vec<(String, String)>, SyntaxError> {
+pub(super) fn pairs(
+    line: usize,
+    keyword: &str,
+    rest: &str,
+) -> Result<Vec<(String, String)>, SyntaxError> {
     let words = split_words_raw(rest).map_err(|m| err(line, m))?;
     if !words.first().is_some_and(|w| w.contains('=')) {
         // Legacy `ENV NAME value with spaces`.

@@ -13,7 +13,9 @@
 //! A squashfs per step costs a few seconds on a Debian-sized tree, far less than the
 //! install it saves, and keeps the cache small and its entries immutable.
 
+pub mod deffile;
 pub mod dockerfile;
+pub mod dockerignore;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -38,6 +40,7 @@ use crate::store::cache::Cache;
 use crate::store::import::{self, ImportOptions};
 use crate::sys::child::run_tool;
 use dockerfile::{Command, Instruction, Step};
+use dockerignore::Ignore;
 
 /// The PATH a step gets when the image sets none (docker's).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -199,6 +202,10 @@ struct Builder<'a> {
     cache_dir: PathBuf,
     work: PathBuf,
     stages: Vec<Stage>,
+    /// The context's `.dockerignore`.
+    ignore: Ignore,
+    /// Copies of the context made so far (each a folder of the work directory).
+    context_copies: usize,
 }
 
 /// Build the image; returns nothing, the image is at `opts.output`.
@@ -212,7 +219,12 @@ pub fn build(opts: &BuildOptions) -> Result<(), BuildError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "Dockerfile".into());
-    let steps = dockerfile::parse(&text).map_err(|e| BuildError::Syntax {
+    let parse = if deffile::is_definition(&opts.dockerfile, &text) {
+        deffile::parse
+    } else {
+        dockerfile::parse
+    };
+    let steps = parse(&text).map_err(|e| BuildError::Syntax {
         file: file.clone(),
         line: e.line,
         message: e.message,
@@ -234,7 +246,14 @@ pub fn build(opts: &BuildOptions) -> Result<(), BuildError> {
     }
     unpacked::make_private_dir(&cache_dir, &work)?;
     let _cleanup = WorkDir(work.clone());
+    let ignore_file = opts.context.join(dockerignore::FILE_NAME);
+    let ignore = Ignore::load(&opts.context).map_err(|source| BuildError::Read {
+        path: ignore_file,
+        source,
+    })?;
     let mut builder = Builder {
+        ignore,
+        context_copies: 0,
         opts,
         file,
         steps_total: steps.len(),
@@ -297,6 +316,13 @@ pub fn build(opts: &BuildOptions) -> Result<(), BuildError> {
 
 fn short(text: &str) -> String {
     const MAX: usize = 72;
+    // A definition file's sections are scripts: shown on one line.
+    let text = &text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
     if text.chars().count() <= MAX {
         text.to_string()
     } else {
@@ -738,6 +764,28 @@ impl Builder<'_> {
             }
             files.extend(expand_source(&root, s, from.is_some())?);
         }
+        // With a .dockerignore, the step copies (and its key hashes) a copy of the
+        // context's files without what it leaves out.
+        let mut root = root;
+        let mut _context_copy = None;
+        if from.is_none() && !self.ignore.is_empty() {
+            self.context_copies += 1;
+            let copy = self.work.join(format!("context-{}", self.context_copies));
+            unpacked::make_private_dir(&self.work, &copy)?;
+            let guard = WorkDir(copy.clone());
+            let kept = copy_context(&root, &files, &self.ignore, &copy)?;
+            if kept.is_empty() {
+                return Err(StepError::NoSource(format!(
+                    "{} (left out by {})",
+                    sources.join(" "),
+                    dockerignore::FILE_NAME
+                ))
+                .into());
+            }
+            files = kept;
+            root = copy;
+            _context_copy = Some(guard);
+        }
         let content = match identity {
             Some(stage_key) => hash_parts(&[stage_key.as_bytes(), sources.join("\0").as_bytes()]),
             None => {
@@ -1006,6 +1054,70 @@ fn wildcard(pattern: &str, name: &str) -> bool {
     at(&p, &n)
 }
 
+/// Copy `files` (under `context`) into `copy` at the same relative paths, leaving out
+/// what `ignore` excludes; returns the copies of the files that are kept.
+fn copy_context(
+    context: &Path,
+    files: &[PathBuf],
+    ignore: &Ignore,
+    copy: &Path,
+) -> Result<Vec<PathBuf>, StepError> {
+    let mut kept = Vec::new();
+    for f in files {
+        let rel = f.strip_prefix(context).unwrap_or(f);
+        if copy_kept(context, rel, ignore, copy)? {
+            kept.push(copy.join(rel));
+        }
+    }
+    Ok(kept)
+}
+
+/// One path of the context and what is under it; whether anything of it was kept.
+fn copy_kept(context: &Path, rel: &Path, ignore: &Ignore, copy: &Path) -> Result<bool, StepError> {
+    let source = context.join(rel);
+    let target = copy.join(rel);
+    let meta = fs::symlink_metadata(&source).map_err(io_err("cannot read", &source))?;
+    let excluded = ignore.excludes(rel);
+    if meta.is_dir() {
+        // A left-out folder is looked into only for what an exception brings back.
+        if excluded && !ignore.has_exceptions() {
+            return Ok(false);
+        }
+        if !excluded {
+            fs::create_dir_all(&target).map_err(io_err("cannot create", &target))?;
+        }
+        let mut entries: Vec<PathBuf> = fs::read_dir(&source)
+            .map_err(io_err("cannot read", &source))?
+            .flatten()
+            .map(|e| rel.join(e.file_name()))
+            .collect();
+        entries.sort();
+        let mut any = !excluded;
+        for e in entries {
+            any |= copy_kept(context, &e, ignore, copy)?;
+        }
+        if any {
+            fs::set_permissions(&target, fs::Permissions::from_mode(meta.mode() & 0o7777))
+                .map_err(io_err("cannot set the mode of", &target))?;
+        }
+        return Ok(any);
+    }
+    if excluded {
+        return Ok(false);
+    }
+    if let Some(parent) = target.parent() {
+        fs::create_dir_all(parent).map_err(io_err("cannot create", parent))?;
+    }
+    if meta.is_symlink() {
+        let link = fs::read_link(&source).map_err(io_err("cannot read", &source))?;
+        std::os::unix::fs::symlink(&link, &target).map_err(io_err("cannot create", &target))?;
+    } else if meta.is_file() {
+        fs::copy(&source, &target).map_err(io_err("cannot copy", &source))?;
+    }
+    // Other kinds (sockets, devices) are not copied, as cp -a would not either unprivileged.
+    Ok(true)
+}
+
 /// Names, modes and contents of the files at `path`, into `h`.
 fn hash_tree(h: &mut Sha256, root: &Path, path: &Path) -> Result<(), StepError> {
     let meta = fs::symlink_metadata(path).map_err(io_err("cannot read", path))?;
@@ -1126,6 +1238,31 @@ mod tests {
         assert!(!wildcard("*.py", "a.pyc"));
         assert!(wildcard("a?c", "abc"));
         assert!(wildcard("*", ""));
+    }
+
+    #[test]
+    fn context_copies_leave_out_what_dockerignore_names() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ctx = tmp.path().join("ctx");
+        fs::create_dir_all(ctx.join("src/__pycache__")).unwrap();
+        fs::create_dir_all(ctx.join("logs")).unwrap();
+        fs::write(ctx.join("src/a.py"), "a\n").unwrap();
+        fs::write(ctx.join("src/__pycache__/a.pyc"), "x").unwrap();
+        fs::write(ctx.join("logs/1.log"), "1").unwrap();
+        fs::write(ctx.join("logs/keep.log"), "k").unwrap();
+        fs::write(ctx.join("secret.env"), "s").unwrap();
+        let ignore = Ignore::parse("**/__pycache__\nlogs\n!logs/keep.log\n*.env\n");
+        let copy = tmp.path().join("copy");
+        fs::create_dir(&copy).unwrap();
+        let kept = copy_context(&ctx, std::slice::from_ref(&ctx), &ignore, &copy).unwrap();
+        assert_eq!(kept, vec![copy.join("")]);
+        assert!(copy.join("src/a.py").is_file());
+        assert!(!copy.join("src/__pycache__").exists());
+        assert!(!copy.join("logs/1.log").exists());
+        assert!(copy.join("logs/keep.log").is_file());
+        assert!(!copy.join("secret.env").exists());
+        let none = copy_context(&ctx, &[ctx.join("secret.env")], &ignore, &copy).unwrap();
+        assert!(none.is_empty());
     }
 
     #[test]
