@@ -449,17 +449,19 @@ pub fn hold() -> i32 {
         ),
         Err(message) => (Report::Failed { message }, None),
     };
+    // The record first: once the caller hears Ready its tasks run, and a step they start
+    // may look for this container at once.
+    if let (Some(recorder), Report::Ready(ready)) = (recorder.as_mut(), &report) {
+        if let Err(e) = recorder.write(ready) {
+            eprintln!("ferry: warning: not attachable: cannot write its record: {e}");
+        }
+    }
     let text = serde_json::to_string(&report).expect("reports serialise") + "\n";
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
     drop(out);
     let Some(mut container) = container else {
         return 1;
     };
-    if let (Some(recorder), Report::Ready(ready)) = (recorder.as_mut(), &report) {
-        if let Err(e) = recorder.write(ready) {
-            eprintln!("ferry: warning: not attachable: cannot write its record: {e}");
-        }
-    }
     // stdout stays open to the caller: its end of file says the holder is gone.
     let mut ended = wait_for_stop(&mut stdin, &mut container.squashfuse);
     if let Some(recorder) = &recorder {
