@@ -573,21 +573,7 @@ fn containers_command(args: ContainersArgs) -> anyhow::Result<i32> {
                 );
                 return Ok(0);
             }
-            let widths: Vec<usize> = (0..4)
-                .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-                .collect();
-            for r in rows {
-                println!(
-                    "{:<w0$}  {:<w1$}  {:>w2$}  {}",
-                    r[0],
-                    r[1],
-                    r[2],
-                    r[3],
-                    w0 = widths[0],
-                    w1 = widths[1],
-                    w2 = widths[2]
-                );
-            }
+            print_table(&rows);
             Ok(0)
         }
     }
@@ -658,12 +644,18 @@ fn images_command(args: CacheArgs) -> anyhow::Result<()> {
             ]);
         }
     }
+    print_table(&rows);
+    Ok(())
+}
+
+/// Four columns, padded to their widest cell; the third (a size) is right-aligned.
+fn print_table(rows: &[[String; 4]]) {
     let widths: Vec<usize> = (0..4)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
     for r in rows {
         println!(
-            "{:w0$}  {:w1$}  {:>w2$}  {}",
+            "{:<w0$}  {:<w1$}  {:>w2$}  {}",
             r[0],
             r[1],
             r[2],
@@ -673,7 +665,6 @@ fn images_command(args: CacheArgs) -> anyhow::Result<()> {
             w2 = widths[2]
         );
     }
-    Ok(())
 }
 
 fn format_age(secs: u64) -> String {

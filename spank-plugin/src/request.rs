@@ -248,17 +248,21 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    /// The variables `req` sets for the remote side.
+    fn set_variables(req: &StepRequest) -> HashMap<&'static str, String> {
+        req.to_env()
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect()
+    }
+
     #[test]
     fn a_name_alone_travels_without_an_image() {
         let req = StepRequest {
             name: Some("work".into()),
             ..StepRequest::default()
         };
-        let env: HashMap<&str, String> = req
-            .to_env()
-            .into_iter()
-            .filter_map(|(k, v)| v.map(|v| (k, v)))
-            .collect();
+        let env = set_variables(&req);
         assert!(!env.contains_key(ENV_IMAGE));
         let back = StepRequest::from_env(|n| env.get(n).cloned()).unwrap();
         assert_eq!(back, Some(req));
@@ -273,11 +277,7 @@ mod tests {
             entrypoint_log: Some(true),
             ..StepRequest::default()
         };
-        let env: HashMap<&str, String> = req
-            .to_env()
-            .into_iter()
-            .filter_map(|(k, v)| v.map(|v| (k, v)))
-            .collect();
+        let env = set_variables(&req);
         assert_eq!(env[ENV_UNSHARE], "net,uts");
         let back = StepRequest::from_env(|n| env.get(n).cloned()).unwrap();
         assert_eq!(back, Some(req));
@@ -329,11 +329,7 @@ mod tests {
             name_flag: Some(NameFlag::NoExec),
             ..StepRequest::default()
         };
-        let env: HashMap<&str, String> = req
-            .to_env()
-            .into_iter()
-            .filter_map(|(k, v)| v.map(|v| (k, v)))
-            .collect();
+        let env = set_variables(&req);
         assert_eq!(env[ENV_NAME_FLAG], "no_exec");
         assert_eq!(
             StepRequest::from_env(|n| env.get(n).cloned()).unwrap(),
