@@ -433,6 +433,40 @@ fn import_on_submit_lets_nodes_without_registry_access_run_registry_images() {
     assert!(out.ok().contains("entry $*"), "{}", out.stderr);
 }
 
+/// Slurm's commands inside a container step on three nodes: each node's tasks reach the
+/// host's squeue, scontrol and srun through their own node's forward server.
+#[test]
+fn slurm_commands_are_forwarded_on_every_node_of_a_step() {
+    let _m = shared_machine();
+    let conf = multi_cluster();
+    let nodes: Vec<String> = node_names(&conf).into_iter().collect();
+    let out = srun(
+        "",
+        &format!(
+            "-N3 -n3 --container={} sh -c 'echo $(hostname) $(command -v squeue) \
+             $(squeue -h -j $SLURM_JOB_ID -o %i) \
+             $(scontrol show job $SLURM_JOB_ID | grep -o \"NumNodes=[0-9]*\") \
+             $(srun --overlap -n1 -w $SLURMD_NODENAME printenv SLURMD_NODENAME)'",
+            mpi_image()
+        ),
+    );
+    let text = out.ok();
+    let mut seen = BTreeSet::new();
+    for line in text.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(w.len(), 5, "{line}\n{text}\n{}", out.stderr);
+        assert_eq!(w[1], "/.ferry/run/bin/squeue", "{line}");
+        assert!(w[2].parse::<u32>().is_ok(), "squeue names the job: {line}");
+        assert_eq!(w[3], "NumNodes=3", "{line}");
+        assert_eq!(
+            w[4], w[0],
+            "the nested step ran on the task's own node: {line}"
+        );
+        seen.insert(w[0].to_string());
+    }
+    assert_eq!(seen, nodes.into_iter().collect(), "{text}");
+}
+
 /// PyTorch's `env://` variables, derived from Slurm for every container task: six tasks on
 /// three nodes agree on the first node and one port, and each knows its place.
 #[test]
