@@ -2887,6 +2887,36 @@ fn a_cold_unpack_shows_progress_on_the_terminal_and_in_a_batch_jobs_output() {
     ));
     assert_eq!(out.ok(), "ran\n");
     assert_eq!(own_lines(&out.stderr), Vec::<&str>::new(), "{}", out.stderr);
+
+    // Another unpack of the same image under way (here the test's own, holding the unpack
+    // lock until the step says it waits): the step says so, then unpacks once it may.
+    cold("wait");
+    let key = ferry::rootfs::unpacked::unpack_key(&std::fs::metadata(&mpi).unwrap());
+    let tree = trees
+        .path()
+        .join("wait")
+        .join(ferry::rootfs::user_dir::name(uid_of(USER)))
+        .join("unpacked")
+        .join(key);
+    let tree = tree.display();
+    let out = slurm(&format!(
+        "cd {d} && umask 077 && mkdir -p {tree} && \
+         (flock {tree}/.unpack.lock sh -c 'touch {d}/held; \
+           for i in $(seq 600); do [ -e {d}/release ] && break; sleep 0.1; done' &); \
+         for i in $(seq 100); do [ -e {d}/held ] && break; sleep 0.1; done; \
+         srun -n1 --container-rootfs=unpack --container-image={mpi} echo ran 2>{d}/wait.err & \
+         for i in $(seq 600); do grep -q waiting {d}/wait.err && break; sleep 0.1; done; \
+         touch {d}/release; wait"
+    ));
+    assert_eq!(out.ok(), "ran\n", "{}", out.stderr);
+    let text = sh(&format!("cat {d}/wait.err")).ok().to_string();
+    let (first, rest) = text.split_once('\n').unwrap_or_default();
+    assert!(
+        first.starts_with("ferry: waiting on ")
+            && first.ends_with(&format!(" for another step's unpack of {mpi}")),
+        "{text}"
+    );
+    assert_unpack_lines(rest, &mpi);
     drop(plugstack);
     // The trees belong to the user; clean them as root (the test made the directory).
     let _ = Command::new("chmod")

@@ -365,7 +365,7 @@ pub fn unpack_shared(
 }
 
 /// The directory name of an image's shared unpacked tree: the image file's identity.
-fn unpack_key(meta: &fs::Metadata) -> String {
+pub fn unpack_key(meta: &fs::Metadata) -> String {
     format!(
         "{:x}-{:x}-{:x}-{:x}.{}",
         meta.dev(),
