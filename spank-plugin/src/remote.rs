@@ -1242,7 +1242,18 @@ pub fn task_exit(step: &mut Step) {
     if step.tasks_exited < step.local_tasks {
         return;
     }
-    stop_holder(step, "the step's last task exited");
+    // srun hears of the tasks' end once this returns: let go of the container now (no step
+    // can attach to it any more), and leave the wait for its end to `exit`.
+    step.namespaces = None;
+    step.forward = None;
+    if let Some(early) = step
+        .holder
+        .as_mut()
+        .and_then(|h| h.let_go(Duration::from_secs(10)))
+    {
+        // slurmstepd forwards its errors to srun's terminal while the step lasts.
+        error!("step {}.{}: {early}", step.job_id, step_name(step.step_id));
+    }
 }
 
 /// exit (slurmstepd, at the end): make sure nothing is left, also for failed steps.

@@ -111,6 +111,8 @@ pub struct Holder {
     /// The holder's stdout, non-blocking.
     report: Option<OwnedFd>,
     ready: Ready,
+    /// Its end has been waited for ([`Holder::stop`]).
+    ended: bool,
 }
 
 /// The most the caller reads of the holder's report (the image's environment is in it).
@@ -199,22 +201,64 @@ impl Holder {
         self.stop_inner(grace)
     }
 
-    fn stop_inner(&mut self, grace: Duration) -> Ended {
+    /// Ask the holder to stop, and wait (up to `grace`) only until it has let go of the
+    /// container: its running record is gone and its report ended, so no step can attach
+    /// any more. The rest of its end (the image server's, the namespaces') is
+    /// [`Holder::stop`]'s to wait for, later: a step's last task waits for this much alone.
+    /// Returns why it ended on its own, if it did (said once: `stop` then says nothing).
+    pub fn let_go(&mut self, grace: Duration) -> Option<EarlyEnd> {
+        self.stop.as_ref()?;
         // Gone already, or going with something to say?
-        let mut early = self.ended_early();
+        let early = self.ended_early();
         self.stop.take();
+        let Some(out) = self.report.take() else {
+            return early;
+        };
+        let said = read_to_end_within(&out, &self.pidfd, grace);
+        let text = String::from_utf8_lossy(&said.bytes);
+        let words = crate::sys::child::last_line(&text);
+        match serde_json::from_str::<Final>(words) {
+            Ok(_) => Some(EarlyEnd::from_last_words(Some(words))),
+            Err(_) => early,
+        }
+    }
+
+    fn stop_inner(&mut self, grace: Duration) -> Ended {
+        self.ended = true;
+        let early = self.let_go(grace);
         if !self.pidfd.wait_exit(grace) {
             self.pidfd.kill();
             self.pidfd.wait_exit(Duration::from_secs(5));
         }
-        if let Some(words) = self.report.take().and_then(|out| last_words(&out)) {
-            if serde_json::from_str::<Final>(&words).is_ok() {
-                early = Some(EarlyEnd::from_last_words(Some(&words)));
-            }
-        }
         // Collect it where this process may (not in slurmstepd, which reaps it itself).
         let status = self.pidfd.reap(Duration::from_millis(200));
         Ended { early, status }
+    }
+}
+
+/// What the holder says from now to the end of its report `out` (non-blocking), waiting up
+/// to `grace` for that end, or for the holder's exit.
+fn read_to_end_within(
+    out: &OwnedFd,
+    pidfd: &crate::sys::child::Pidfd,
+    grace: Duration,
+) -> crate::sys::child::CappedBuffer {
+    let mut said = crate::sys::child::CappedBuffer::default();
+    let deadline = Instant::now() + grace;
+    loop {
+        said.read_available(out.as_fd(), MAX_LAST_WORDS);
+        let left = deadline.saturating_duration_since(Instant::now());
+        if said.eof || said.overflowed || left.is_zero() || pidfd.has_exited() {
+            // What it wrote before its exit is in the pipe now.
+            said.read_available(out.as_fd(), MAX_LAST_WORDS);
+            return said;
+        }
+        let mut fds = [
+            PollFd::new(out.as_fd(), PollFlags::POLLIN),
+            PollFd::new(pidfd.as_fd(), PollFlags::POLLIN),
+        ];
+        let wait = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        let _ = poll(&mut fds, wait);
     }
 }
 
@@ -231,7 +275,7 @@ fn last_words(out: &OwnedFd) -> Option<String> {
 
 impl Drop for Holder {
     fn drop(&mut self) {
-        if self.stop.is_some() {
+        if !self.ended {
             self.stop_inner(Duration::from_secs(5));
         }
     }
@@ -324,6 +368,7 @@ pub fn prepare_observed(
             stop: Some(stdin),
             report: Some(stdout),
             ready: Ready { pid, ..ready },
+            ended: false,
         }),
         Ok(Some(Report::Failed { message })) => {
             drop(stdin);
@@ -474,13 +519,7 @@ pub fn hold() -> i32 {
             ended = Stopped::ImageServerEnded(status);
         }
     }
-    if let Some(mut fuse) = container.squashfuse.take() {
-        // A read-only image server has nothing to flush: end it at once, so the mount (and
-        // with the holder gone, the namespace) disappears without delay.
-        let _ = fuse.kill();
-        let _ = fuse.wait();
-    }
-    match ended {
+    let code = match ended {
         Stopped::Asked => 0,
         Stopped::ImageServerEnded(status) => {
             let status = describe(Ok(status));
@@ -492,7 +531,17 @@ pub fn hold() -> i32 {
             eprintln!("ferry: error: {}", EarlyEnd::ImageServerEnded(status));
             IMAGE_SERVER_ENDED
         }
+    };
+    // The end of the report tells the caller that the container is let go (no record, no
+    // more words): it need not wait for the rest (Holder::let_go).
+    let _ = nix::unistd::close(1);
+    if let Some(mut fuse) = container.squashfuse.take() {
+        // A read-only image server has nothing to flush: end it at once, so the mount (and
+        // with the holder gone, the namespace) disappears without delay.
+        let _ = fuse.kill();
+        let _ = fuse.wait();
     }
+    code
 }
 
 /// The holder's exit status when its squashfuse ended before the container did.
