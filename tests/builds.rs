@@ -275,3 +275,72 @@ fn builds_an_apptainer_definition_file() {
         "{config}"
     );
 }
+
+/// `--format oci-archive` (named after -t) and `--format docker-archive -o PATH`: besides
+/// the squashfs, an archive skopeo reads, with the image's config and its files.
+#[test]
+fn writes_oci_and_docker_archives_that_skopeo_reads() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    context(
+        &dir,
+        &format!(
+            "FROM {}\nENV APP_MODE=production\nWORKDIR /srv/app\nCOPY data.txt .\n\
+             RUN echo made > made.txt\nLABEL org.example.kind=test\n\
+             ENTRYPOINT [\"cat\"]\nCMD [\"data.txt\"]\n",
+            img("busybox.sqsh")
+        ),
+    );
+    let oci = build(&dir, "--format oci-archive");
+    oci.ok();
+    assert!(
+        oci.stderr.contains(&format!("wrote {d}/out.oci.tar")),
+        "{}",
+        oci.stderr
+    );
+    build(&dir, &format!("--format docker-archive -o {d}/app.tar")).ok();
+    assert_eq!(
+        sh(&format!("$FERRY run {d}/out.sqsh")).ok(),
+        "copied from the context\n"
+    );
+    for (n, (transport, file)) in [
+        ("oci-archive", "out.oci.tar"),
+        ("docker-archive", "app.tar"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let inspect = sh(&format!("skopeo inspect --config {transport}:{d}/{file}"));
+        let config: serde_json::Value = serde_json::from_str(inspect.ok()).expect("json");
+        let c = &config["config"];
+        assert!(
+            c["Env"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|v| v == "APP_MODE=production")),
+            "{config}"
+        );
+        assert_eq!(c["WorkingDir"], "/srv/app", "{config}");
+        assert_eq!(c["Entrypoint"], serde_json::json!(["cat"]), "{config}");
+        assert_eq!(c["Cmd"], serde_json::json!(["data.txt"]), "{config}");
+        assert_eq!(c["Labels"]["org.example.kind"], "test", "{config}");
+        // The files: copied out by skopeo, read from its one layer.
+        let copy = format!("{d}/copy-{n}");
+        sh(&format!("skopeo copy -q {transport}:{d}/{file} dir:{copy}")).ok();
+        let manifest: serde_json::Value =
+            serde_json::from_str(sh(&format!("cat {copy}/manifest.json")).ok()).expect("json");
+        let layer = manifest["layers"][0]["digest"]
+            .as_str()
+            .and_then(|l| l.strip_prefix("sha256:"))
+            .unwrap_or_else(|| panic!("{manifest}"))
+            .to_string();
+        assert_eq!(
+            sh(&format!(
+                "tar -xOf {copy}/{layer} srv/app/data.txt srv/app/made.txt && \
+                 tar -tvf {copy}/{layer} srv/app/made.txt | cut -d' ' -f2"
+            ))
+            .ok(),
+            "copied from the context\nmade\nroot/root\n"
+        );
+    }
+}

@@ -216,9 +216,24 @@ struct BuildArgs {
     /// Run every step, neither using nor filling the step cache.
     #[arg(long)]
     no_cache: bool,
+    /// Also write the image as an archive other tools load (skopeo, docker load, podman
+    /// load), to --output or next to OUT.sqsh (OUT.oci.tar, OUT.docker.tar).
+    #[arg(long, value_name = "FORMAT")]
+    format: Option<ArchiveFormatArg>,
+    /// Where --format writes the archive.
+    #[arg(short = 'o', long = "output", value_name = "PATH", requires = "format")]
+    archive_output: Option<PathBuf>,
     /// The directory COPY and ADD take files from.
     #[arg(default_value = ".")]
     context: PathBuf,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ArchiveFormatArg {
+    /// An OCI image layout in a tar (`skopeo copy oci-archive:FILE …`).
+    OciArchive,
+    /// What `docker save` writes (`docker load -i FILE`).
+    DockerArchive,
 }
 
 #[derive(Args)]
@@ -481,10 +496,23 @@ fn build_command(args: BuildArgs) -> i32 {
             build_args.insert(name, value);
         }
         let program = std::env::current_exe().context("cannot find the ferry binary itself")?;
+        let output = cwd.join(&args.output);
+        let archive = args.format.map(|f| {
+            let format = match f {
+                ArchiveFormatArg::OciArchive => ferry::build::archive::ArchiveFormat::Oci,
+                ArchiveFormatArg::DockerArchive => ferry::build::archive::ArchiveFormat::Docker,
+            };
+            let path = match &args.archive_output {
+                Some(p) => cwd.join(p),
+                None => format.default_path(&output),
+            };
+            (format, path)
+        });
         Ok(ferry::build::BuildOptions {
             dockerfile,
             context,
-            output: cwd.join(&args.output),
+            output,
+            archive,
             build_args,
             no_cache: args.no_cache,
             cache: open_cache(&args.cache)?,

@@ -13,6 +13,7 @@
 //! A squashfs per step costs a few seconds on a Debian-sized tree, far less than the
 //! install it saves, and keeps the cache small and its entries immutable.
 
+pub mod archive;
 pub mod deffile;
 pub mod dockerfile;
 pub mod dockerignore;
@@ -113,6 +114,8 @@ pub enum StepError {
     Run(#[from] crate::container::run::RunError),
     #[error(transparent)]
     Named(#[from] NamedError),
+    #[error(transparent)]
+    Archive(#[from] archive::ArchiveError),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StepError + 'a {
@@ -127,6 +130,8 @@ pub struct BuildOptions {
     pub dockerfile: PathBuf,
     pub context: PathBuf,
     pub output: PathBuf,
+    /// An image archive to write besides the squashfs (`--format`).
+    pub archive: Option<(archive::ArchiveFormat, PathBuf)>,
     pub build_args: BTreeMap<String, String>,
     pub no_cache: bool,
     pub cache: Cache,
@@ -229,13 +234,16 @@ pub fn build(opts: &BuildOptions) -> Result<(), BuildError> {
         line: e.line,
         message: e.message,
     })?;
-    if let Some(parent) = opts.output.parent() {
-        if !parent.is_dir() {
-            return Err(BuildError::Io {
-                what: "cannot write the image into",
-                path: parent.into(),
-                source: io::Error::from(io::ErrorKind::NotFound),
-            });
+    let outputs = std::iter::once(&opts.output).chain(opts.archive.as_ref().map(|a| &a.1));
+    for output in outputs {
+        if let Some(parent) = output.parent() {
+            if !parent.is_dir() {
+                return Err(BuildError::Io {
+                    what: "cannot write the image into",
+                    path: parent.into(),
+                    source: io::Error::from(io::ErrorKind::NotFound),
+                });
+            }
         }
     }
     let cache_dir = opts.cache.root().join(CACHE_DIR);
@@ -311,6 +319,22 @@ pub fn build(opts: &BuildOptions) -> Result<(), BuildError> {
         opts.output.display(),
         started.elapsed().as_secs_f64()
     );
+    if let Some((format, path)) = &opts.archive {
+        let started = Instant::now();
+        builder
+            .write_archive(*format, path)
+            .map_err(|source| BuildError::Step {
+                file: builder.file.clone(),
+                line: steps.last().map_or(1, |s| s.line),
+                text: "writing the image archive".into(),
+                source: Box::new(source),
+            })?;
+        eprintln!(
+            "wrote {} ({:.1} s)",
+            path.display(),
+            started.elapsed().as_secs_f64()
+        );
+    }
     Ok(())
 }
 
@@ -866,6 +890,27 @@ impl Builder<'_> {
         }
         unpacked::save(&rootfs, &cached)?;
         copy_atomically(&cached, &output)
+    }
+
+    /// The image just written, as an archive: unpacked from the squashfs, so that the
+    /// archive holds exactly what the squashfs does.
+    fn write_archive(&self, format: archive::ArchiveFormat, path: &Path) -> Result<(), StepError> {
+        let dir = self.work.join("archive");
+        unpacked::make_private_dir(&self.work, &dir)?;
+        let output = &self.opts.output;
+        let file = fs::File::open(output).map_err(io_err("cannot open", output))?;
+        let kind = crate::image::detect(output, &file)?;
+        let rootfs = unpacked::prepare_rootfs(&dir, output, &kind)?;
+        let stage = self.stages.last().expect("parse checks FROM comes first");
+        let name = archive::image_name(output);
+        let image = archive::ArchiveImage {
+            config: &stage.state.config,
+            labels: &stage.state.labels,
+            name: &name,
+        };
+        archive::write(&rootfs, &image, format, path, &dir)?;
+        let _ = unpacked::remove_tree(&dir);
+        Ok(())
     }
 }
 
