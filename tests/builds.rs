@@ -344,3 +344,46 @@ fn writes_oci_and_docker_archives_that_skopeo_reads() {
         );
     }
 }
+
+/// `--tmpdir DIR` holds the trees being built (the RUN's root is there) and is left empty;
+/// a missing or non-directory DIR is one line, status 125, and nothing is written.
+#[test]
+fn tmpdir_holds_the_build_trees_and_a_bad_one_is_one_line() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    context(
+        &dir,
+        &format!(
+            "FROM {}\nRUN awk '$5 == \"/\" {{ print $4 }}' /proc/self/mountinfo > /root-was\n",
+            img("busybox.sqsh")
+        ),
+    );
+    sh(&format!("mkdir {d}/scratch")).ok();
+    build(&dir, &format!("--tmpdir {d}/scratch")).ok();
+    let root = sh(&format!("$FERRY run {d}/out.sqsh cat /root-was"));
+    assert!(
+        root.ok().contains("/scratch/ferry-build-") && root.stdout.ends_with("/rootfs\n"),
+        "{}",
+        root.stdout
+    );
+    assert_eq!(sh(&format!("ls -A {d}/scratch")).ok(), "");
+
+    sh(&format!("rm -r {d}/out.sqsh {d}/cache && touch {d}/a-file")).ok();
+    for (bad, why) in [
+        (format!("{d}/missing"), "it does not exist"),
+        (format!("{d}/a-file"), "it is not a directory"),
+    ] {
+        let out = build(&dir, &format!("--tmpdir {bad} --no-cache"));
+        // ferry's status for a setup that failed before anything ran.
+        assert_eq!(out.code, 125, "{}", out.stderr);
+        assert_eq!(
+            out.stderr,
+            format!(
+                "ferry: error: --tmpdir {bad}: {why}; give an existing directory you can \
+                 write, on a disk with room for the build\n"
+            )
+        );
+        assert_eq!(sh(&format!("ls {d}")).ok(), "a-file\nctx\nscratch\n");
+    }
+}

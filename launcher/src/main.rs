@@ -223,6 +223,10 @@ struct BuildArgs {
     /// Where --format writes the archive.
     #[arg(short = 'o', long = "output", value_name = "PATH", requires = "format")]
     archive_output: Option<PathBuf>,
+    /// The directory that holds the trees being built (what RUN steps write), e.g. a local
+    /// disk of a compute node [default: the build cache, CACHE/build/].
+    #[arg(long, value_name = "DIR")]
+    tmpdir: Option<PathBuf>,
     /// The directory COPY and ADD take files from.
     #[arg(default_value = ".")]
     context: PathBuf,
@@ -496,6 +500,10 @@ fn build_command(args: BuildArgs) -> i32 {
             build_args.insert(name, value);
         }
         let program = std::env::current_exe().context("cannot find the ferry binary itself")?;
+        let tmpdir = args.tmpdir.as_ref().map(|d| cwd.join(d));
+        if let Some(dir) = &tmpdir {
+            ferry::build::check_tmpdir(dir)?;
+        }
         let output = cwd.join(&args.output);
         let archive = args.format.map(|f| {
             let format = match f {
@@ -513,6 +521,7 @@ fn build_command(args: BuildArgs) -> i32 {
             context,
             output,
             archive,
+            tmpdir,
             build_args,
             no_cache: args.no_cache,
             cache: open_cache(&args.cache)?,

@@ -79,6 +79,8 @@ pub enum BuildError {
         path: PathBuf,
         source: io::Error,
     },
+    #[error("--tmpdir {path}: {detail}; give an existing directory you can write, on a disk with room for the build")]
+    TmpDir { path: PathBuf, detail: String },
     #[error(transparent)]
     Named(#[from] NamedError),
     #[error(transparent)]
@@ -132,6 +134,8 @@ pub struct BuildOptions {
     pub output: PathBuf,
     /// An image archive to write besides the squashfs (`--format`).
     pub archive: Option<(archive::ArchiveFormat, PathBuf)>,
+    /// Where the trees being built live (`--tmpdir`); `None`: the cache's `build/`.
+    pub tmpdir: Option<PathBuf>,
     pub build_args: BTreeMap<String, String>,
     pub no_cache: bool,
     pub cache: Cache,
@@ -246,13 +250,22 @@ pub fn build(opts: &BuildOptions) -> Result<(), BuildError> {
             }
         }
     }
+    // Checked before anything is made, so that a bad --tmpdir leaves nothing behind.
+    let work_in_tmpdir = opts.tmpdir.as_deref().map(work_dir_in).transpose()?;
+    let _cleanup_tmpdir = work_in_tmpdir.clone().map(WorkDir);
     let cache_dir = opts.cache.root().join(CACHE_DIR);
     unpacked::make_private_dir(opts.cache.root(), &cache_dir)?;
-    let work = cache_dir.join(format!("work-{}", std::process::id()));
-    if work.exists() {
-        let _ = unpacked::remove_tree(&work);
-    }
-    unpacked::make_private_dir(&cache_dir, &work)?;
+    let work = match work_in_tmpdir {
+        Some(work) => work,
+        None => {
+            let work = cache_dir.join(format!("work-{}", std::process::id()));
+            if work.exists() {
+                let _ = unpacked::remove_tree(&work);
+            }
+            unpacked::make_private_dir(&cache_dir, &work)?;
+            work
+        }
+    };
     let _cleanup = WorkDir(work.clone());
     let ignore_file = opts.context.join(dockerignore::FILE_NAME);
     let ignore = Ignore::load(&opts.context).map_err(|source| BuildError::Read {
@@ -336,6 +349,42 @@ pub fn build(opts: &BuildOptions) -> Result<(), BuildError> {
         );
     }
     Ok(())
+}
+
+fn tmpdir_error(dir: &Path, e: &io::Error) -> BuildError {
+    let detail = match e.kind() {
+        io::ErrorKind::NotFound => "it does not exist".to_string(),
+        io::ErrorKind::PermissionDenied => "you cannot write it".to_string(),
+        io::ErrorKind::ReadOnlyFilesystem => "it is on a read-only file system".to_string(),
+        io::ErrorKind::NotADirectory => "it is not a directory".to_string(),
+        _ => e.to_string(),
+    };
+    BuildError::TmpDir {
+        path: dir.into(),
+        detail,
+    }
+}
+
+/// Whether `dir` can be `--tmpdir`: an existing directory (checked before anything,
+/// the cache included, is made).
+pub fn check_tmpdir(dir: &Path) -> Result<(), BuildError> {
+    let meta = fs::metadata(dir).map_err(|e| tmpdir_error(dir, &e))?;
+    if !meta.is_dir() {
+        return Err(tmpdir_error(dir, &io::ErrorKind::NotADirectory.into()));
+    }
+    Ok(())
+}
+
+/// A private work directory of the build in `dir` (`--tmpdir`), or why it cannot be.
+fn work_dir_in(dir: &Path) -> Result<PathBuf, BuildError> {
+    check_tmpdir(dir)?;
+    let fail = |e: io::Error| tmpdir_error(dir, &e);
+    // A fresh name of our own, mode 0700: the directory may be a shared one like /tmp.
+    let made = tempfile::Builder::new()
+        .prefix("ferry-build-")
+        .tempdir_in(dir)
+        .map_err(fail)?;
+    Ok(made.keep())
 }
 
 fn short(text: &str) -> String {
