@@ -387,3 +387,99 @@ fn tmpdir_holds_the_build_trees_and_a_bad_one_is_one_line() {
         assert_eq!(sh(&format!("ls {d}")).ok(), "a-file\nctx\nscratch\n");
     }
 }
+
+/// `srun ferry build` on a compute node: the RUN steps run in the step's cgroup (their
+/// /proc/self/cgroup is the step's own), and the image runs through srun.
+#[test]
+fn srun_builds_on_a_compute_node_inside_the_steps_cgroup() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    assert!(
+        std::env::var("SLURM_CONF").is_ok_and(|c| !c.is_empty()),
+        "SLURM_CONF is not set: this test needs the test cluster (integration/cluster up)"
+    );
+    context(
+        &dir,
+        &format!(
+            "FROM {}\nRUN cat /proc/self/cgroup > /build-cgroup\n",
+            img("debian.sqsh")
+        ),
+    );
+    let out = sh_as_within(
+        USER,
+        &format!(
+            "cd {d} && srun -n1 --mem=1G sh -c 'cat /proc/self/cgroup > {d}/step-cgroup && \
+             exec $FERRY build --cache {d}/cache -t {d}/out.sqsh ctx'"
+        ),
+        Duration::from_secs(600),
+    );
+    out.ok();
+    let step = sh(&format!("cat {d}/step-cgroup"));
+    let step = step.ok();
+    assert!(step.contains("/job_") && step.contains("/step_0"), "{step}");
+    let built = sh(&format!(
+        "srun -n1 --container={d}/out.sqsh cat /build-cgroup"
+    ));
+    assert_eq!(built.ok(), step);
+}
+
+/// `ferry gc` weighs the build's step entries with the images: without a size it lists them
+/// and keeps them, with `--max-size` the least recently used go first, and while a build
+/// runs (holds the build cache) they all stay.
+#[test]
+fn gc_removes_least_recently_used_build_entries_under_max_size() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    context(
+        &dir,
+        &format!(
+            "FROM {}\nRUN echo one > /one\nRUN echo two > /two\n",
+            img("busybox.sqsh")
+        ),
+    );
+    build(&dir, "").ok();
+    let entries = || {
+        sh(&format!("cd {d}/cache/build && ls -t *.sqsh"))
+            .ok()
+            .lines()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    // Two steps and the finished image; the newest is last used now, the others earlier.
+    let all = entries();
+    assert_eq!(all.len(), 3, "{all:?}");
+    sh(&format!(
+        "cd {d}/cache/build && touch -d '2 days ago' {} && touch -d '1 day ago' {}",
+        all[2], all[1]
+    ))
+    .ok();
+    let out = sh(&format!("$FERRY gc --cache {d}/cache"));
+    assert!(
+        out.ok().contains("build cache: 3 step entries (") && out.stdout.contains("removed 0 ("),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(entries().len(), 3);
+
+    let busy = sh(&format!(
+        "flock -s {d}/cache/build/.lock $FERRY gc --cache {d}/cache --max-size 0"
+    ));
+    assert!(
+        busy.ok()
+            .contains("build cache: kept, a build is running\n"),
+        "{}",
+        busy.stdout
+    );
+    assert_eq!(entries().len(), 3);
+
+    // Room for the newest only: the two older go, oldest first.
+    let newest = sh(&format!("stat -c %s {d}/cache/build/{}", all[0]));
+    let out = sh(&format!(
+        "$FERRY gc --cache {d}/cache --max-size {}",
+        newest.ok().trim()
+    ));
+    assert!(out.ok().contains("; removed 2 ("), "{}", out.stdout);
+    assert_eq!(entries(), [all[0].clone()]);
+}

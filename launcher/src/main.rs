@@ -724,7 +724,19 @@ fn format_age(secs: u64) -> String {
 
 fn gc_command(args: GcArgs) -> anyhow::Result<()> {
     let cache = open_cache(&args.cache)?;
-    let report = cache.gc(args.max_size)?;
+    // Step entries of `ferry build` count under the same limit, unless a build runs.
+    let steps = ferry::build::step_entries(cache.root())?;
+    let (step_count, step_bytes) = steps.as_ref().map_or((0, 0), |s| {
+        (
+            s.entries.len(),
+            s.entries.iter().map(|e| e.size).sum::<u64>(),
+        )
+    });
+    let extra = steps
+        .as_ref()
+        .map(|s| s.entries.clone())
+        .unwrap_or_default();
+    let report = cache.gc_with(args.max_size, extra)?;
     let unpacked = cache.unpack_root(nix::unistd::getuid().as_raw());
     let (trees, tree_bytes) = ferry::rootfs::unpacked::remove_unused_unpacked(&unpacked)
         .with_context(|| format!("cannot clean {}", unpacked.display()))?;
@@ -738,10 +750,20 @@ fn gc_command(args: GcArgs) -> anyhow::Result<()> {
     if builds > 0 {
         println!("removed {builds} leftovers of stopped builds");
     }
+    if step_count > 0 {
+        println!(
+            "build cache: {step_count} step entries ({}); removed {} ({})",
+            format_size(step_bytes),
+            report.extra_removed.len(),
+            format_size(report.extra_freed)
+        );
+    } else if steps.is_none() {
+        println!("build cache: kept, a build is running");
+    }
     println!(
         "removed {} images ({}); {} in use kept; {} leftover work areas removed",
         report.removed.len(),
-        format_size(report.freed),
+        format_size(report.freed - report.extra_freed),
         report.in_use,
         report.tmp_removed
     );

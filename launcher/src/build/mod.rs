@@ -48,6 +48,8 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 const DEFAULT_SHELL: [&str; 2] = ["/bin/sh", "-c"];
 /// The folder of the user's cache holding build steps.
 pub const CACHE_DIR: &str = "build";
+/// In the build cache: held shared by running builds, alone by `ferry gc`.
+const LOCK_FILE: &str = ".lock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -255,6 +257,7 @@ pub fn build(opts: &BuildOptions) -> Result<(), BuildError> {
     let _cleanup_tmpdir = work_in_tmpdir.clone().map(WorkDir);
     let cache_dir = opts.cache.root().join(CACHE_DIR);
     unpacked::make_private_dir(opts.cache.root(), &cache_dir)?;
+    let _in_use = lock_cache_dir(&cache_dir)?;
     let work = match work_in_tmpdir {
         Some(work) => work,
         None => {
@@ -385,6 +388,28 @@ fn work_dir_in(dir: &Path) -> Result<PathBuf, BuildError> {
         .tempdir_in(dir)
         .map_err(fail)?;
     Ok(made.keep())
+}
+
+/// Held shared by every build while it runs: `ferry gc` removes step entries only when it
+/// can take it alone, so that no build loses the entry it is about to unpack.
+fn lock_cache_dir(cache_dir: &Path) -> Result<nix::fcntl::Flock<fs::File>, BuildError> {
+    let path = cache_dir.join(LOCK_FILE);
+    let file = fs::File::options()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|source| BuildError::Io {
+            what: "cannot open",
+            path: path.clone(),
+            source,
+        })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockShared).map_err(|(_, e)| {
+        BuildError::Io {
+            what: "cannot lock",
+            path,
+            source: io::Error::from_raw_os_error(e as i32),
+        }
+    })
 }
 
 fn short(text: &str) -> String {
@@ -961,6 +986,69 @@ impl Builder<'_> {
         let _ = unpacked::remove_tree(&dir);
         Ok(())
     }
+}
+
+/// The build cache's step entries as `ferry gc` weighs them, while no build runs.
+pub struct StepEntries {
+    /// Held alone until gc is done: builds wait for it before they start.
+    _lock: Option<nix::fcntl::Flock<fs::File>>,
+    pub entries: Vec<crate::store::cache::ExtraEntry>,
+}
+
+/// The step entries of the build cache under `cache_root` (each `KEY.sqsh`, its
+/// modification time its last use), or `None` while a build runs and may need them.
+pub fn step_entries(cache_root: &Path) -> Result<Option<StepEntries>, BuildError> {
+    let dir = cache_root.join(CACHE_DIR);
+    let io = |what, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BuildError::Io { what, path, source }
+    };
+    let listing = match fs::read_dir(&dir) {
+        Ok(l) => l,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(Some(StepEntries {
+                _lock: None,
+                entries: Vec::new(),
+            }))
+        }
+        Err(e) => return Err(io("cannot read", &dir)(e)),
+    };
+    let lock_path = dir.join(LOCK_FILE);
+    let file = fs::File::options()
+        .create(true)
+        .append(true)
+        .open(&lock_path)
+        .map_err(io("cannot open", &lock_path))?;
+    let lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(held) => held,
+        Err((_, nix::Error::EWOULDBLOCK)) => return Ok(None),
+        Err((_, e)) => {
+            return Err(io("cannot lock", &lock_path)(io::Error::from_raw_os_error(
+                e as i32,
+            )))
+        }
+    };
+    let mut entries = Vec::new();
+    for e in listing.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_entry = name
+            .strip_suffix(".sqsh")
+            .is_some_and(|key| key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()));
+        let Ok(meta) = e.metadata() else { continue };
+        if !is_entry || !meta.is_file() {
+            continue;
+        }
+        entries.push(crate::store::cache::ExtraEntry {
+            path: e.path(),
+            size: meta.len(),
+            last_used: u64::try_from(meta.mtime()).unwrap_or(0),
+        });
+    }
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(Some(StepEntries {
+        _lock: Some(lock),
+        entries,
+    }))
 }
 
 /// Remove what builds killed by a signal left in the cache (their work trees and partial
