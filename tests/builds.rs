@@ -300,6 +300,18 @@ fn writes_oci_and_docker_archives_that_skopeo_reads() {
         oci.stderr
     );
     build(&dir, &format!("--format docker-archive -o {d}/app.tar")).ok();
+    let over = build(&dir, &format!("--format docker-archive -o {d}/out.sqsh"));
+    assert_eq!(
+        (over.code, over.stderr.as_str()),
+        (
+            1,
+            format!(
+                "ferry: error: -o {d}/out.sqsh: the squashfs (-t) is written there; give the \
+                 archive another name\n"
+            )
+            .as_str()
+        )
+    );
     assert_eq!(
         sh(&format!("$FERRY run {d}/out.sqsh")).ok(),
         "copied from the context\n"

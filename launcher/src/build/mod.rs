@@ -81,6 +81,8 @@ pub enum BuildError {
         path: PathBuf,
         source: io::Error,
     },
+    #[error("-o {0}: the squashfs (-t) is written there; give the archive another name")]
+    ArchiveOverImage(PathBuf),
     #[error("--tmpdir {path}: {detail}; give an existing directory you can write, on a disk with room for the build")]
     TmpDir { path: PathBuf, detail: String },
     #[error(transparent)]
@@ -240,6 +242,11 @@ pub fn build(opts: &BuildOptions) -> Result<(), BuildError> {
         line: e.line,
         message: e.message,
     })?;
+    if let Some((_, path)) = &opts.archive {
+        if *path == opts.output {
+            return Err(BuildError::ArchiveOverImage(path.clone()));
+        }
+    }
     let outputs = std::iter::once(&opts.output).chain(opts.archive.as_ref().map(|a| &a.1));
     for output in outputs {
         if let Some(parent) = output.parent() {
