@@ -336,6 +336,10 @@ fn writes_oci_and_docker_archives_that_skopeo_reads() {
         assert_eq!(c["Entrypoint"], serde_json::json!(["cat"]), "{config}");
         assert_eq!(c["Cmd"], serde_json::json!(["data.txt"]), "{config}");
         assert_eq!(c["Labels"]["org.example.kind"], "test", "{config}");
+        assert!(
+            config["created"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{config}"
+        );
         // The files: copied out by skopeo, read from its one layer.
         let copy = format!("{d}/copy-{n}");
         sh(&format!("skopeo copy -q {transport}:{d}/{file} dir:{copy}")).ok();

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use oci_spec::image::{
@@ -197,12 +197,21 @@ fn add_tree<W: Write>(
         let kind = meta.file_type();
         let mut header = tar::Header::new_gnu();
         header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+        // Permission bits only, as tar writes them (the kind is the entry type).
+        header.set_mode(meta.mode() & 0o7777);
         // Only the user's uid is mapped while building: everything is root's in the
         // image, as in the squashfs.
         header.set_uid(0);
         header.set_gid(0);
         let _ = header.set_username("root");
         let _ = header.set_groupname("root");
+        // The tree is a throwaway copy owned by the user: what its owner may not read
+        // (a mode 000 file, a 0311 directory) is opened up; the header keeps the mode.
+        let needed = if kind.is_dir() { 0o500 } else { 0o400 };
+        if (kind.is_dir() || kind.is_file()) && meta.mode() & needed != needed {
+            fs::set_permissions(&path, fs::Permissions::from_mode(meta.mode() | needed))
+                .map_err(io_err("read", &path))?;
+        }
         let added = if kind.is_dir() {
             header.set_size(0);
             tar.append_data(&mut header, &rel, io::empty())
@@ -262,6 +271,7 @@ fn config_blob(image: &ArchiveImage, diff_id: &str) -> Result<Vec<u8>, ArchiveEr
     }
     let host = Platform::host();
     let mut configuration = ImageConfigurationBuilder::default()
+        .created(rfc3339(crate::store::cache::now()))
         .architecture(host.architecture().clone())
         .os(Os::Linux)
         .config(config.build()?)
@@ -276,6 +286,29 @@ fn config_blob(image: &ArchiveImage, diff_id: &str) -> Result<Vec<u8>, ArchiveEr
     }
     let configuration = configuration.build()?;
     Ok(serde_json::to_vec(&configuration).expect("image configs serialise"))
+}
+
+/// `2023-11-14T22:13:20Z` for seconds since the epoch (UTC; days to a civil date as in
+/// the proleptic Gregorian calendar).
+fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rest = secs % 86_400;
+    // Days since 0000-03-01, so that leap days fall at the end of a year.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
 }
 
 /// The archive's own tar, its members owned by root and dated like the build.
@@ -435,12 +468,20 @@ mod tests {
         fs::write(root.join("srv/app/data.txt"), "hello\n").unwrap();
         fs::hard_link(root.join("srv/app/data.txt"), root.join("etc/same.txt")).unwrap();
         std::os::unix::fs::symlink("../srv/app/data.txt", root.join("etc/link")).unwrap();
+        fs::create_dir(root.join("locked")).unwrap();
+        fs::write(root.join("locked/secret"), "s").unwrap();
+        fs::set_permissions(root.join("locked/secret"), fs::Permissions::from_mode(0)).unwrap();
+        fs::set_permissions(root.join("locked"), fs::Permissions::from_mode(0o311)).unwrap();
     }
 
-    fn layer_members(image: &Image) -> BTreeMap<String, (tar::EntryType, u32, String)> {
+    type Members = BTreeMap<String, (tar::EntryType, u32, String)>;
+
+    /// Each member's kind, owner and content (a link's target), and its mode.
+    fn layer_members(image: &Image) -> (Members, BTreeMap<String, u32>) {
         let mut bytes = Vec::new();
         image.layer(0).unwrap().read_to_end(&mut bytes).unwrap();
         let mut out = BTreeMap::new();
+        let mut modes = BTreeMap::new();
         let mut archive = tar::Archive::new(&bytes[..]);
         for e in archive.entries().unwrap() {
             let mut e = e.unwrap();
@@ -454,16 +495,23 @@ mod tests {
                 .unwrap()
                 .map(|l| l.display().to_string())
                 .unwrap_or_default();
+            modes.insert(name.clone(), e.header().mode().unwrap());
             out.insert(name, (kind, uid, body + &link));
         }
-        out
+        (out, modes)
+    }
+
+    #[test]
+    fn dates_in_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_798_761_599), "2026-12-31T23:59:59Z");
     }
 
     #[test]
     fn both_archives_read_back_with_the_config_and_the_tree() {
         let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("rootfs");
-        tree(&root);
         let config = ImageConfig {
             env: vec!["PATH=/usr/bin:/bin".into(), "APP_MODE=production".into()],
             working_dir: Some("/srv/app".into()),
@@ -479,6 +527,9 @@ mod tests {
         };
         assert_eq!(image.name, "my-app:latest");
         for format in [ArchiveFormat::Oci, ArchiveFormat::Docker] {
+            // A tree of its own each time: writing opens up what its owner could not read.
+            let root = tmp.path().join(format!("rootfs-{format:?}"));
+            tree(&root);
             let out = format.default_path(&tmp.path().join("out.sqsh"));
             write(&root, &image, format, &out, tmp.path()).unwrap();
             let read = match format {
@@ -489,7 +540,7 @@ mod tests {
             assert_eq!(read.config.config, config);
             let raw: serde_json::Value = serde_json::from_slice(&read.config_bytes).unwrap();
             assert_eq!(raw["config"]["Labels"]["org.example.kind"], "test");
-            let members = layer_members(&read);
+            let (members, modes) = layer_members(&read);
             // Sorted: etc/ comes first, so the second name is the hard link.
             assert_eq!(
                 members["etc/same.txt"],
@@ -504,6 +555,9 @@ mod tests {
                 (tar::EntryType::Symlink, 0, "../srv/app/data.txt".into())
             );
             assert_eq!(members["srv"].0, tar::EntryType::Directory);
+            assert_eq!(members["locked/secret"].2, "s");
+            assert_eq!(modes["locked"], 0o311);
+            assert_eq!(modes["locked/secret"], 0);
             // Nothing of the work is left beside the archive or in the scratch directory.
             let mut names: Vec<String> = fs::read_dir(tmp.path())
                 .unwrap()
