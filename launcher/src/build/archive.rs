@@ -470,7 +470,11 @@ mod tests {
         std::os::unix::fs::symlink("../srv/app/data.txt", root.join("etc/link")).unwrap();
         fs::create_dir(root.join("locked")).unwrap();
         fs::write(root.join("locked/secret"), "s").unwrap();
-        fs::set_permissions(root.join("locked/secret"), fs::Permissions::from_mode(0)).unwrap();
+        fs::set_permissions(
+            root.join("locked/secret"),
+            fs::Permissions::from_mode(0o000),
+        )
+        .unwrap();
         fs::set_permissions(root.join("locked"), fs::Permissions::from_mode(0o311)).unwrap();
     }
 
