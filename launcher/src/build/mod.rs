@@ -1021,11 +1021,26 @@ pub fn step_entries(cache_root: &Path) -> Result<Option<StepEntries>, BuildError
         Err(e) => return Err(io("cannot read", &dir)(e)),
     };
     let lock_path = dir.join(LOCK_FILE);
-    let file = fs::File::options()
+    let file = match fs::File::options()
         .create(true)
         .append(true)
         .open(&lock_path)
-        .map_err(io("cannot open", &lock_path))?;
+    {
+        Ok(f) => f,
+        // A cache someone else fills (a site's shared one): its entries are not ours.
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem
+            ) =>
+        {
+            return Ok(Some(StepEntries {
+                _lock: None,
+                entries: Vec::new(),
+            }))
+        }
+        Err(e) => return Err(io("cannot open", &lock_path)(e)),
+    };
     let lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
         Ok(held) => held,
         Err((_, nix::Error::EWOULDBLOCK)) => return Ok(None),
