@@ -275,3 +275,227 @@ fn builds_an_apptainer_definition_file() {
         "{config}"
     );
 }
+
+/// `--format oci-archive` (named after -t) and `--format docker-archive -o PATH`: besides
+/// the squashfs, an archive skopeo reads, with the image's config and its files.
+#[test]
+fn writes_oci_and_docker_archives_that_skopeo_reads() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    context(
+        &dir,
+        &format!(
+            "FROM {}\nENV APP_MODE=production\nWORKDIR /srv/app\nCOPY data.txt .\n\
+             RUN echo made > made.txt\nLABEL org.example.kind=test\n\
+             ENTRYPOINT [\"cat\"]\nCMD [\"data.txt\"]\n",
+            img("busybox.sqsh")
+        ),
+    );
+    let oci = build(&dir, "--format oci-archive");
+    oci.ok();
+    assert!(
+        oci.stderr.contains(&format!("wrote {d}/out.oci.tar")),
+        "{}",
+        oci.stderr
+    );
+    build(&dir, &format!("--format docker-archive -o {d}/app.tar")).ok();
+    let over = build(&dir, &format!("--format docker-archive -o {d}/out.sqsh"));
+    assert_eq!(
+        (over.code, over.stderr.as_str()),
+        (
+            1,
+            format!(
+                "ferry: error: -o {d}/out.sqsh: the squashfs (-t) is written there; give the \
+                 archive another name\n"
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(
+        sh(&format!("$FERRY run {d}/out.sqsh")).ok(),
+        "copied from the context\n"
+    );
+    for (n, (transport, file)) in [
+        ("oci-archive", "out.oci.tar"),
+        ("docker-archive", "app.tar"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let inspect = sh(&format!("skopeo inspect --config {transport}:{d}/{file}"));
+        let config: serde_json::Value = serde_json::from_str(inspect.ok()).expect("json");
+        let c = &config["config"];
+        assert!(
+            c["Env"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|v| v == "APP_MODE=production")),
+            "{config}"
+        );
+        assert_eq!(c["WorkingDir"], "/srv/app", "{config}");
+        assert_eq!(c["Entrypoint"], serde_json::json!(["cat"]), "{config}");
+        assert_eq!(c["Cmd"], serde_json::json!(["data.txt"]), "{config}");
+        assert_eq!(c["Labels"]["org.example.kind"], "test", "{config}");
+        assert!(
+            config["created"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{config}"
+        );
+        // The files: copied out by skopeo, read from its one layer.
+        let copy = format!("{d}/copy-{n}");
+        sh(&format!("skopeo copy -q {transport}:{d}/{file} dir:{copy}")).ok();
+        let manifest: serde_json::Value =
+            serde_json::from_str(sh(&format!("cat {copy}/manifest.json")).ok()).expect("json");
+        let layer = manifest["layers"][0]["digest"]
+            .as_str()
+            .and_then(|l| l.strip_prefix("sha256:"))
+            .unwrap_or_else(|| panic!("{manifest}"))
+            .to_string();
+        assert_eq!(
+            sh(&format!(
+                "tar -xOf {copy}/{layer} srv/app/data.txt srv/app/made.txt && \
+                 tar -tvf {copy}/{layer} srv/app/made.txt | cut -d' ' -f2"
+            ))
+            .ok(),
+            "copied from the context\nmade\nroot/root\n"
+        );
+    }
+}
+
+/// `--tmpdir DIR` holds the trees being built (the RUN's root is there) and is left empty;
+/// a missing or non-directory DIR is one line, status 125, and nothing is written.
+#[test]
+fn tmpdir_holds_the_build_trees_and_a_bad_one_is_one_line() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    context(
+        &dir,
+        &format!(
+            "FROM {}\nRUN awk '$5 == \"/\" {{ print $4 }}' /proc/self/mountinfo > /root-was\n",
+            img("busybox.sqsh")
+        ),
+    );
+    sh(&format!("mkdir {d}/scratch")).ok();
+    build(&dir, &format!("--tmpdir {d}/scratch")).ok();
+    let root = sh(&format!("$FERRY run {d}/out.sqsh cat /root-was"));
+    assert!(
+        root.ok().contains("/scratch/ferry-build-") && root.stdout.ends_with("/rootfs\n"),
+        "{}",
+        root.stdout
+    );
+    assert_eq!(sh(&format!("ls -A {d}/scratch")).ok(), "");
+
+    sh(&format!("rm -r {d}/out.sqsh {d}/cache && touch {d}/a-file")).ok();
+    for (bad, why) in [
+        (format!("{d}/missing"), "it does not exist"),
+        (format!("{d}/a-file"), "it is not a directory"),
+    ] {
+        let out = build(&dir, &format!("--tmpdir {bad} --no-cache"));
+        // ferry's status for a setup that failed before anything ran.
+        assert_eq!(out.code, 125, "{}", out.stderr);
+        assert_eq!(
+            out.stderr,
+            format!(
+                "ferry: error: --tmpdir {bad}: {why}; give an existing directory you can \
+                 write, on a disk with room for the build\n"
+            )
+        );
+        assert_eq!(sh(&format!("ls {d}")).ok(), "a-file\nctx\nscratch\n");
+    }
+}
+
+/// `srun ferry build` on a compute node: the RUN steps run in the step's cgroup (their
+/// /proc/self/cgroup is the step's own), and the image runs through srun.
+#[test]
+fn srun_builds_on_a_compute_node_inside_the_steps_cgroup() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    assert!(
+        std::env::var("SLURM_CONF").is_ok_and(|c| !c.is_empty()),
+        "SLURM_CONF is not set: this test needs the test cluster (integration/cluster up)"
+    );
+    context(
+        &dir,
+        &format!(
+            "FROM {}\nRUN cat /proc/self/cgroup > /build-cgroup\n",
+            img("debian.sqsh")
+        ),
+    );
+    let out = sh_as_within(
+        USER,
+        &format!(
+            "cd {d} && srun -n1 --mem=1G sh -c 'cat /proc/self/cgroup > {d}/step-cgroup && \
+             exec $FERRY build --cache {d}/cache -t {d}/out.sqsh ctx'"
+        ),
+        Duration::from_secs(600),
+    );
+    out.ok();
+    let step = sh(&format!("cat {d}/step-cgroup"));
+    let step = step.ok();
+    assert!(step.contains("/job_") && step.contains("/step_0"), "{step}");
+    let built = sh(&format!(
+        "srun -n1 --container={d}/out.sqsh cat /build-cgroup"
+    ));
+    assert_eq!(built.ok(), step);
+}
+
+/// `ferry gc` weighs the build's step entries with the images: without a size it lists them
+/// and keeps them, with `--max-size` the least recently used go first, and while a build
+/// runs (holds the build cache) they all stay.
+#[test]
+fn gc_removes_least_recently_used_build_entries_under_max_size() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    context(
+        &dir,
+        &format!(
+            "FROM {}\nRUN echo one > /one\nRUN echo two > /two\n",
+            img("busybox.sqsh")
+        ),
+    );
+    build(&dir, "").ok();
+    let entries = || {
+        sh(&format!("cd {d}/cache/build && ls -t *.sqsh"))
+            .ok()
+            .lines()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    // Two steps and the finished image; the newest is last used now, the others earlier.
+    let all = entries();
+    assert_eq!(all.len(), 3, "{all:?}");
+    sh(&format!(
+        "cd {d}/cache/build && touch -d '2 days ago' {} && touch -d '1 day ago' {}",
+        all[2], all[1]
+    ))
+    .ok();
+    let out = sh(&format!("$FERRY gc --cache {d}/cache"));
+    assert!(
+        out.ok().contains("build cache: 3 step entries (") && out.stdout.contains("removed 0 ("),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(entries().len(), 3);
+
+    let busy = sh(&format!(
+        "flock -s {d}/cache/build/.lock $FERRY gc --cache {d}/cache --max-size 0"
+    ));
+    assert!(
+        busy.ok()
+            .contains("build cache: kept, a build is running\n"),
+        "{}",
+        busy.stdout
+    );
+    assert_eq!(entries().len(), 3);
+
+    // Room for the newest only: the two older go, oldest first.
+    let newest = sh(&format!("stat -c %s {d}/cache/build/{}", all[0]));
+    let out = sh(&format!(
+        "$FERRY gc --cache {d}/cache --max-size {}",
+        newest.ok().trim()
+    ));
+    assert!(out.ok().contains("; removed 2 ("), "{}", out.stdout);
+    assert_eq!(entries(), [all[0].clone()]);
+}

@@ -216,9 +216,28 @@ struct BuildArgs {
     /// Run every step, neither using nor filling the step cache.
     #[arg(long)]
     no_cache: bool,
+    /// Also write the image as an archive other tools load (skopeo, docker load, podman
+    /// load), to --output or next to OUT.sqsh (OUT.oci.tar, OUT.docker.tar).
+    #[arg(long, value_name = "FORMAT")]
+    format: Option<ArchiveFormatArg>,
+    /// Where --format writes the archive.
+    #[arg(short = 'o', long = "output", value_name = "PATH", requires = "format")]
+    archive_output: Option<PathBuf>,
+    /// The directory that holds the trees being built (what RUN steps write), e.g. a local
+    /// disk of a compute node [default: the build cache, CACHE/build/].
+    #[arg(long, value_name = "DIR")]
+    tmpdir: Option<PathBuf>,
     /// The directory COPY and ADD take files from.
     #[arg(default_value = ".")]
     context: PathBuf,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ArchiveFormatArg {
+    /// An OCI image layout in a tar (`skopeo copy oci-archive:FILE …`).
+    OciArchive,
+    /// What `docker save` writes (`docker load -i FILE`).
+    DockerArchive,
 }
 
 #[derive(Args)]
@@ -481,10 +500,28 @@ fn build_command(args: BuildArgs) -> i32 {
             build_args.insert(name, value);
         }
         let program = std::env::current_exe().context("cannot find the ferry binary itself")?;
+        let tmpdir = args.tmpdir.as_ref().map(|d| cwd.join(d));
+        if let Some(dir) = &tmpdir {
+            ferry::build::check_tmpdir(dir)?;
+        }
+        let output = cwd.join(&args.output);
+        let archive = args.format.map(|f| {
+            let format = match f {
+                ArchiveFormatArg::OciArchive => ferry::build::archive::ArchiveFormat::Oci,
+                ArchiveFormatArg::DockerArchive => ferry::build::archive::ArchiveFormat::Docker,
+            };
+            let path = match &args.archive_output {
+                Some(p) => cwd.join(p),
+                None => format.default_path(&output),
+            };
+            (format, path)
+        });
         Ok(ferry::build::BuildOptions {
             dockerfile,
             context,
-            output: cwd.join(&args.output),
+            output,
+            archive,
+            tmpdir,
             build_args,
             no_cache: args.no_cache,
             cache: open_cache(&args.cache)?,
@@ -678,7 +715,19 @@ fn format_age(secs: u64) -> String {
 
 fn gc_command(args: GcArgs) -> anyhow::Result<()> {
     let cache = open_cache(&args.cache)?;
-    let report = cache.gc(args.max_size)?;
+    // Step entries of `ferry build` count under the same limit, unless a build runs.
+    let steps = ferry::build::step_entries(cache.root())?;
+    let (step_count, step_bytes) = steps.as_ref().map_or((0, 0), |s| {
+        (
+            s.entries.len(),
+            s.entries.iter().map(|e| e.size).sum::<u64>(),
+        )
+    });
+    let extra = steps
+        .as_ref()
+        .map(|s| s.entries.clone())
+        .unwrap_or_default();
+    let report = cache.gc_with(args.max_size, extra)?;
     let unpacked = cache.unpack_root(nix::unistd::getuid().as_raw());
     let (trees, tree_bytes) = ferry::rootfs::unpacked::remove_unused_unpacked(&unpacked)
         .with_context(|| format!("cannot clean {}", unpacked.display()))?;
@@ -692,10 +741,20 @@ fn gc_command(args: GcArgs) -> anyhow::Result<()> {
     if builds > 0 {
         println!("removed {builds} leftovers of stopped builds");
     }
+    if step_count > 0 {
+        println!(
+            "build cache: {step_count} step entries ({}); removed {} ({})",
+            format_size(step_bytes),
+            report.extra_removed.len(),
+            format_size(report.extra_freed)
+        );
+    } else if steps.is_none() {
+        println!("build cache: kept, a build is running");
+    }
     println!(
         "removed {} images ({}); {} in use kept; {} leftover work areas removed",
         report.removed.len(),
-        format_size(report.freed),
+        format_size(report.freed - report.extra_freed),
         report.in_use,
         report.tmp_removed
     );

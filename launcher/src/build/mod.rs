@@ -13,6 +13,7 @@
 //! A squashfs per step costs a few seconds on a Debian-sized tree, far less than the
 //! install it saves, and keeps the cache small and its entries immutable.
 
+pub mod archive;
 pub mod deffile;
 pub mod dockerfile;
 pub mod dockerignore;
@@ -47,6 +48,8 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 const DEFAULT_SHELL: [&str; 2] = ["/bin/sh", "-c"];
 /// The folder of the user's cache holding build steps.
 pub const CACHE_DIR: &str = "build";
+/// In the build cache: held shared by running builds, alone by `ferry gc`.
+const LOCK_FILE: &str = ".lock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -78,6 +81,10 @@ pub enum BuildError {
         path: PathBuf,
         source: io::Error,
     },
+    #[error("-o {0}: the squashfs (-t) is written there; give the archive another name")]
+    ArchiveOverImage(PathBuf),
+    #[error("--tmpdir {path}: {detail}; give an existing directory you can write, on a disk with room for the build")]
+    TmpDir { path: PathBuf, detail: String },
     #[error(transparent)]
     Named(#[from] NamedError),
     #[error(transparent)]
@@ -113,6 +120,8 @@ pub enum StepError {
     Run(#[from] crate::container::run::RunError),
     #[error(transparent)]
     Named(#[from] NamedError),
+    #[error(transparent)]
+    Archive(#[from] archive::ArchiveError),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StepError + 'a {
@@ -127,6 +136,10 @@ pub struct BuildOptions {
     pub dockerfile: PathBuf,
     pub context: PathBuf,
     pub output: PathBuf,
+    /// An image archive to write besides the squashfs (`--format`).
+    pub archive: Option<(archive::ArchiveFormat, PathBuf)>,
+    /// Where the trees being built live (`--tmpdir`); `None`: the cache's `build/`.
+    pub tmpdir: Option<PathBuf>,
     pub build_args: BTreeMap<String, String>,
     pub no_cache: bool,
     pub cache: Cache,
@@ -229,22 +242,40 @@ pub fn build(opts: &BuildOptions) -> Result<(), BuildError> {
         line: e.line,
         message: e.message,
     })?;
-    if let Some(parent) = opts.output.parent() {
-        if !parent.is_dir() {
-            return Err(BuildError::Io {
-                what: "cannot write the image into",
-                path: parent.into(),
-                source: io::Error::from(io::ErrorKind::NotFound),
-            });
+    if let Some((_, path)) = &opts.archive {
+        if *path == opts.output {
+            return Err(BuildError::ArchiveOverImage(path.clone()));
         }
     }
+    let outputs = std::iter::once(&opts.output).chain(opts.archive.as_ref().map(|a| &a.1));
+    for output in outputs {
+        if let Some(parent) = output.parent() {
+            if !parent.is_dir() {
+                return Err(BuildError::Io {
+                    what: "cannot write the image into",
+                    path: parent.into(),
+                    source: io::Error::from(io::ErrorKind::NotFound),
+                });
+            }
+        }
+    }
+    // Checked before anything is made, so that a bad --tmpdir leaves nothing behind.
+    let work_in_tmpdir = opts.tmpdir.as_deref().map(work_dir_in).transpose()?;
+    let _cleanup_tmpdir = work_in_tmpdir.clone().map(WorkDir);
     let cache_dir = opts.cache.root().join(CACHE_DIR);
     unpacked::make_private_dir(opts.cache.root(), &cache_dir)?;
-    let work = cache_dir.join(format!("work-{}", std::process::id()));
-    if work.exists() {
-        let _ = unpacked::remove_tree(&work);
-    }
-    unpacked::make_private_dir(&cache_dir, &work)?;
+    let _in_use = lock_cache_dir(&cache_dir)?;
+    let work = match work_in_tmpdir {
+        Some(work) => work,
+        None => {
+            let work = cache_dir.join(format!("work-{}", std::process::id()));
+            if work.exists() {
+                let _ = unpacked::remove_tree(&work);
+            }
+            unpacked::make_private_dir(&cache_dir, &work)?;
+            work
+        }
+    };
     let _cleanup = WorkDir(work.clone());
     let ignore_file = opts.context.join(dockerignore::FILE_NAME);
     let ignore = Ignore::load(&opts.context).map_err(|source| BuildError::Read {
@@ -311,7 +342,81 @@ pub fn build(opts: &BuildOptions) -> Result<(), BuildError> {
         opts.output.display(),
         started.elapsed().as_secs_f64()
     );
+    if let Some((format, path)) = &opts.archive {
+        let started = Instant::now();
+        builder
+            .write_archive(*format, path)
+            .map_err(|source| BuildError::Step {
+                file: builder.file.clone(),
+                line: steps.last().map_or(1, |s| s.line),
+                text: "writing the image archive".into(),
+                source: Box::new(source),
+            })?;
+        eprintln!(
+            "wrote {} ({:.1} s)",
+            path.display(),
+            started.elapsed().as_secs_f64()
+        );
+    }
     Ok(())
+}
+
+fn tmpdir_error(dir: &Path, e: &io::Error) -> BuildError {
+    let detail = match e.kind() {
+        io::ErrorKind::NotFound => "it does not exist".to_string(),
+        io::ErrorKind::PermissionDenied => "you cannot write it".to_string(),
+        io::ErrorKind::ReadOnlyFilesystem => "it is on a read-only file system".to_string(),
+        io::ErrorKind::NotADirectory => "it is not a directory".to_string(),
+        _ => e.to_string(),
+    };
+    BuildError::TmpDir {
+        path: dir.into(),
+        detail,
+    }
+}
+
+/// Whether `dir` can be `--tmpdir`: an existing directory (checked before anything,
+/// the cache included, is made).
+pub fn check_tmpdir(dir: &Path) -> Result<(), BuildError> {
+    let meta = fs::metadata(dir).map_err(|e| tmpdir_error(dir, &e))?;
+    if !meta.is_dir() {
+        return Err(tmpdir_error(dir, &io::ErrorKind::NotADirectory.into()));
+    }
+    Ok(())
+}
+
+/// A private work directory of the build in `dir` (`--tmpdir`), or why it cannot be.
+fn work_dir_in(dir: &Path) -> Result<PathBuf, BuildError> {
+    check_tmpdir(dir)?;
+    let fail = |e: io::Error| tmpdir_error(dir, &e);
+    // A fresh name of our own, mode 0700: the directory may be a shared one like /tmp.
+    let made = tempfile::Builder::new()
+        .prefix("ferry-build-")
+        .tempdir_in(dir)
+        .map_err(fail)?;
+    Ok(made.keep())
+}
+
+/// Held shared by every build while it runs: `ferry gc` removes step entries only when it
+/// can take it alone, so that no build loses the entry it is about to unpack.
+fn lock_cache_dir(cache_dir: &Path) -> Result<nix::fcntl::Flock<fs::File>, BuildError> {
+    let path = cache_dir.join(LOCK_FILE);
+    let file = fs::File::options()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|source| BuildError::Io {
+            what: "cannot open",
+            path: path.clone(),
+            source,
+        })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockShared).map_err(|(_, e)| {
+        BuildError::Io {
+            what: "cannot lock",
+            path,
+            source: io::Error::from_raw_os_error(e as i32),
+        }
+    })
 }
 
 fn short(text: &str) -> String {
@@ -867,6 +972,105 @@ impl Builder<'_> {
         unpacked::save(&rootfs, &cached)?;
         copy_atomically(&cached, &output)
     }
+
+    /// The image just written, as an archive: unpacked from the squashfs, so that the
+    /// archive holds exactly what the squashfs does.
+    fn write_archive(&self, format: archive::ArchiveFormat, path: &Path) -> Result<(), StepError> {
+        let dir = self.work.join("archive");
+        unpacked::make_private_dir(&self.work, &dir)?;
+        let output = &self.opts.output;
+        let file = fs::File::open(output).map_err(io_err("cannot open", output))?;
+        let kind = crate::image::detect(output, &file)?;
+        let rootfs = unpacked::prepare_rootfs(&dir, output, &kind)?;
+        let stage = self.stages.last().expect("parse checks FROM comes first");
+        let name = archive::image_name(output);
+        let image = archive::ArchiveImage {
+            config: &stage.state.config,
+            labels: &stage.state.labels,
+            name: &name,
+        };
+        archive::write(&rootfs, &image, format, path, &dir)?;
+        let _ = unpacked::remove_tree(&dir);
+        Ok(())
+    }
+}
+
+/// The build cache's step entries as `ferry gc` weighs them, while no build runs.
+pub struct StepEntries {
+    /// Held alone until gc is done: builds wait for it before they start.
+    _lock: Option<nix::fcntl::Flock<fs::File>>,
+    pub entries: Vec<crate::store::cache::ExtraEntry>,
+}
+
+/// The step entries of the build cache under `cache_root` (each `KEY.sqsh`, its
+/// modification time its last use), or `None` while a build runs and may need them.
+pub fn step_entries(cache_root: &Path) -> Result<Option<StepEntries>, BuildError> {
+    let dir = cache_root.join(CACHE_DIR);
+    let io = |what, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BuildError::Io { what, path, source }
+    };
+    let listing = match fs::read_dir(&dir) {
+        Ok(l) => l,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(Some(StepEntries {
+                _lock: None,
+                entries: Vec::new(),
+            }))
+        }
+        Err(e) => return Err(io("cannot read", &dir)(e)),
+    };
+    let lock_path = dir.join(LOCK_FILE);
+    let file = match fs::File::options()
+        .create(true)
+        .append(true)
+        .open(&lock_path)
+    {
+        Ok(f) => f,
+        // A cache someone else fills (a site's shared one): its entries are not ours.
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem
+            ) =>
+        {
+            return Ok(Some(StepEntries {
+                _lock: None,
+                entries: Vec::new(),
+            }))
+        }
+        Err(e) => return Err(io("cannot open", &lock_path)(e)),
+    };
+    let lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(held) => held,
+        Err((_, nix::Error::EWOULDBLOCK)) => return Ok(None),
+        Err((_, e)) => {
+            return Err(io("cannot lock", &lock_path)(io::Error::from_raw_os_error(
+                e as i32,
+            )))
+        }
+    };
+    let mut entries = Vec::new();
+    for e in listing.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_entry = name
+            .strip_suffix(".sqsh")
+            .is_some_and(|key| key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()));
+        let Ok(meta) = e.metadata() else { continue };
+        if !is_entry || !meta.is_file() {
+            continue;
+        }
+        entries.push(crate::store::cache::ExtraEntry {
+            path: e.path(),
+            size: meta.len(),
+            last_used: u64::try_from(meta.mtime()).unwrap_or(0),
+        });
+    }
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(Some(StepEntries {
+        _lock: Some(lock),
+        entries,
+    }))
 }
 
 /// Remove what builds killed by a signal left in the cache (their work trees and partial

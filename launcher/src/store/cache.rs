@@ -142,6 +142,20 @@ pub struct GcReport {
     /// Entries that would have gone but this user may not remove.
     pub not_removable: usize,
     pub tmp_removed: usize,
+    /// Files of [`ExtraEntry`]s removed, and their bytes (also counted in `freed`).
+    pub extra_removed: Vec<PathBuf>,
+    pub extra_freed: u64,
+}
+
+/// A file outside `images/` that the cache's size limit also covers (a build's step
+/// entries), removed least recently used first among the images; whoever passes it
+/// makes sure no one uses it while gc runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtraEntry {
+    pub path: PathBuf,
+    pub size: u64,
+    /// Seconds since the epoch.
+    pub last_used: u64,
 }
 
 pub struct Cache {
@@ -525,6 +539,16 @@ impl Cache {
     /// (`None`: remove only leftovers), skipping images in use; also remove leftover work
     /// areas and half-stored images.
     pub fn gc(&self, max_size: Option<u64>) -> Result<GcReport, CacheError> {
+        self.gc_with(max_size, Vec::new())
+    }
+
+    /// [`Cache::gc`], with `extra` files counted and removed under the same limit, in the
+    /// same least-recently-used order.
+    pub fn gc_with(
+        &self,
+        max_size: Option<u64>,
+        extra: Vec<ExtraEntry>,
+    ) -> Result<GcReport, CacheError> {
         let mut report = GcReport {
             tmp_removed: self.clean_tmp(STALE_TMP)?,
             ..GcReport::default()
@@ -532,14 +556,44 @@ impl Cache {
         self.remove_orphans()?;
         let mut entries = self.entries()?;
         entries.reverse(); // least recently used first
-        let mut total: u64 = entries.iter().map(|e| e.size).sum();
+        let mut total: u64 =
+            entries.iter().map(|e| e.size).sum::<u64>() + extra.iter().map(|e| e.size).sum::<u64>();
         let Some(max) = max_size else {
             return Ok(report);
         };
-        for e in entries {
+        let mut candidates: Vec<Result<Entry, ExtraEntry>> = entries
+            .into_iter()
+            .map(Ok)
+            .chain(extra.into_iter().map(Err))
+            .collect();
+        // Stable: images of one age keep their order.
+        candidates.sort_by_key(|c| match c {
+            Ok(e) => e.last_used,
+            Err(x) => x.last_used,
+        });
+        for c in candidates {
             if total <= max {
                 break;
             }
+            let e = match c {
+                Ok(e) => e,
+                Err(x) => {
+                    match fs::remove_file(&x.path) {
+                        Ok(()) => {
+                            total = total.saturating_sub(x.size);
+                            report.freed += x.size;
+                            report.extra_freed += x.size;
+                            report.extra_removed.push(x.path);
+                        }
+                        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                        Err(err) => {
+                            tracing::warn!("cannot remove {}: {err}", x.path.display());
+                            report.not_removable += 1;
+                        }
+                    }
+                    continue;
+                }
+            };
             let Some(_lock) = self.lock(&e.digest, FlockArg::LockExclusiveNonblock)? else {
                 report.in_use += 1;
                 continue;
@@ -820,6 +874,45 @@ mod tests {
         assert_eq!(listed, vec![digest('4'), digest('1')]);
         cache.touch(&digest('1')).unwrap();
         assert_eq!(cache.entries().unwrap()[0].digest, digest('1'));
+    }
+
+    #[test]
+    fn gc_removes_extra_entries_in_the_same_order_as_images() {
+        let t = tempfile::tempdir().unwrap();
+        let cache = Cache::open(t.path()).unwrap();
+        for (c, used) in [('1', 1000), ('2', 3000)] {
+            cache
+                .get_or_build(&digest(c), None, |a| fake_build(a, 100))
+                .unwrap();
+            let mut e = cache.lookup(&digest(c)).unwrap().unwrap();
+            e.last_used = used;
+            cache.store(&e).unwrap();
+        }
+        let extra: Vec<ExtraEntry> = [("old", 500), ("new", 4000), ("mid", 2000)]
+            .into_iter()
+            .map(|(name, used)| {
+                let path = t.path().join(name);
+                fs::write(&path, [0; 100]).unwrap();
+                ExtraEntry {
+                    path,
+                    size: 100,
+                    last_used: used,
+                }
+            })
+            .collect();
+        // 500 bytes, at most 250: old (500), image 1 (1000), mid (2000) go.
+        let report = cache.gc_with(Some(250), extra.clone()).unwrap();
+        assert_eq!(
+            report.extra_removed,
+            vec![t.path().join("old"), t.path().join("mid")]
+        );
+        assert_eq!(report.removed.len(), 1);
+        assert_eq!(report.removed[0].digest, digest('1'));
+        assert_eq!((report.freed, report.extra_freed), (300, 200));
+        assert!(t.path().join("new").exists());
+        // Without a size, only leftovers go.
+        let report = cache.gc_with(None, extra[1..2].to_vec()).unwrap();
+        assert!(report.extra_removed.is_empty() && t.path().join("new").exists());
     }
 
     #[test]
