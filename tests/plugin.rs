@@ -2910,6 +2910,12 @@ fn a_cold_unpack_shows_progress_on_the_terminal_and_in_a_batch_jobs_output() {
     ));
     assert_eq!(out.ok(), "ran\n", "{}", out.stderr);
     let text = sh(&format!("cat {d}/wait.err")).ok().to_string();
+    // Only ferry's lines: srun adds its own while the job waits for resources.
+    let text: String = text
+        .lines()
+        .filter(|l| l.starts_with("ferry:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
     let (first, rest) = text.split_once('\n').unwrap_or_default();
     assert!(
         first.starts_with("ferry: waiting on ")

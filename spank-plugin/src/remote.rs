@@ -390,13 +390,6 @@ fn start_forwarding(
         &forward::Place::Dir(dir.clone()),
         &host_env,
     );
-    let starting = match starting {
-        Ok(starting) => starting,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e.into());
-        }
-    };
     debug!(
         "step {}.{}: forward server starting in {} ({:.2} ms)",
         step.job_id,
@@ -435,7 +428,13 @@ fn bind_batch_script(spank: &SpankHandle, spec: &mut ContainerSpec) {
 /// fails without it; any other step goes on without Slurm's commands).
 fn finish_forwarding(step: &mut Step, starting: ferry::slurm::forward::Starting) {
     let began = std::time::Instant::now();
-    match starting.ready(FORWARD_READY_TIMEOUT) {
+    let dir = starting.dir().map(Path::to_path_buf);
+    let served = starting.ready(FORWARD_READY_TIMEOUT);
+    if let (Err(_), Some(dir)) = (&served, dir) {
+        // Made for a server that never served in it.
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    match served {
         Ok(server) => {
             debug!(
                 "step {}.{}: forward server in {} (waited {:.2} ms for it)",

@@ -451,19 +451,21 @@ pub struct Server {
 #[derive(Debug)]
 pub struct Starting {
     dir: Option<PathBuf>,
-    lifeline: std::process::ChildStdin,
-    answer: std::sync::mpsc::Receiver<Result<String, String>>,
+    /// The server's standard input, once it is spawned.
+    lifeline: std::sync::mpsc::Receiver<std::process::ChildStdin>,
+    answer: std::sync::mpsc::Receiver<Result<String, ForwardError>>,
 }
 
 impl Server {
     /// Start `program forward-serve` as `run_as`, with `host_env` as its whole environment,
-    /// in `place`, without waiting for it.
+    /// in `place`, without waiting for it: even the fork and exec happen on a thread of
+    /// their own, beside the caller's work (they cost a slurmstepd 1–3 ms).
     pub fn spawn(
         program: &Path,
         run_as: Option<crate::sys::raw::Credentials>,
         place: &Place,
         host_env: &[(String, String)],
-    ) -> Result<Starting, ForwardError> {
+    ) -> Starting {
         let mut cmd = Command::new(program);
         cmd.arg("forward-serve");
         let dir = match place {
@@ -482,26 +484,27 @@ impl Server {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         crate::sys::raw::run_as_on_exec(&mut cmd, run_as, false);
-        let mut child = cmd.spawn().map_err(|error| ForwardError::Start {
-            program: program.to_path_buf(),
-            error,
-        })?;
-        let lifeline = child
-            .stdin
-            .take()
-            .ok_or(ForwardError::NotReady("no stdin".into()))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or(ForwardError::NotReady("no stdout".into()))?;
-        let stderr = child
-            .stderr
-            .take()
-            .ok_or(ForwardError::NotReady("no stderr".into()))?;
-        // The child is never waited for here: slurmstepd reaps its children itself.
-        drop(child);
+        let program = program.to_path_buf();
         let (tx, answer) = std::sync::mpsc::channel();
+        let (give_lifeline, lifeline) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let mut child = match cmd.spawn() {
+                Ok(child) => child,
+                Err(error) => {
+                    let _ = tx.send(Err(ForwardError::Start { program, error }));
+                    return;
+                }
+            };
+            let (Some(stdin), Some(stdout), Some(stderr)) =
+                (child.stdin.take(), child.stdout.take(), child.stderr.take())
+            else {
+                let _ = tx.send(Err(ForwardError::NotReady("no pipes".into())));
+                return;
+            };
+            // The child is never waited for here: slurmstepd reaps its children itself.
+            drop(child);
+            // Dropped (closing it, which stops the server) if the caller has gone already.
+            let _ = give_lifeline.send(stdin);
             let mut line = String::new();
             let mut reader = io::BufReader::new(stdout);
             let _ = io::BufRead::read_line(&mut reader, &mut line);
@@ -510,18 +513,23 @@ impl Server {
                 let mut text = String::new();
                 let _ = stderr.take(4096).read_to_string(&mut text);
                 let last = crate::sys::child::last_line(&text);
-                let _ = tx.send(Err(last.trim_start_matches("ferry: error: ").to_string()));
+                let why = last.trim_start_matches("ferry: error: ");
+                let _ = tx.send(Err(ForwardError::NotReady(if why.is_empty() {
+                    "it ended at once".into()
+                } else {
+                    why.to_string()
+                })));
             } else {
                 // Once serving it writes nothing there; a closed pipe cannot block it.
                 drop(stderr);
                 let _ = tx.send(Ok(line));
             }
         });
-        Ok(Starting {
+        Starting {
             dir,
             lifeline,
             answer,
-        })
+        }
     }
 }
 
@@ -536,21 +544,19 @@ impl Starting {
         let line = self
             .answer
             .recv_timeout(timeout)
-            .map_err(|_| ForwardError::NotReady(format!("no answer in {timeout:?}")))?
-            .map_err(|e| {
-                ForwardError::NotReady(if e.is_empty() {
-                    "it ended at once".into()
-                } else {
-                    e
-                })
-            })?;
+            .map_err(|_| ForwardError::NotReady(format!("no answer in {timeout:?}")))??;
         let dir = PathBuf::from(line.trim_end());
         if !dir.is_absolute() || self.dir.as_ref().is_some_and(|d| *d != dir) {
             return Err(ForwardError::NotReady(format!("it said {line:?}")));
         }
+        // Sent before the answer.
+        let lifeline = self
+            .lifeline
+            .try_recv()
+            .map_err(|_| ForwardError::NotReady("no standard input".into()))?;
         Ok(Server {
             dir,
-            _lifeline: self.lifeline,
+            _lifeline: lifeline,
         })
     }
 }
