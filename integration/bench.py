@@ -11,6 +11,8 @@ Subcommands:
             a ~200 MB and a >=2 GB image, runs interleaved (integration/bench run)
   srun      start of `srun -n1|-n2 --container=IMAGE true` against bare srun, same images,
             runs interleaved, on the running cluster (integration/bench srun)
+  build     `ferry build` against `ch-image build` and rootless `podman build`, one
+            Dockerfile, cold and cached (integration/bench build)
 
 Workloads of compare:
   start     `true` in each system, for every image size; srun -n1 and -n2; warm (image in
@@ -24,6 +26,7 @@ Workloads of compare:
   footprint disk a job adds on the node, and the memory (RSS) of what ferry keeps running
             during a step
   growth    warm start against image size (the plot)
+  build     the `build` subcommand's comparison (in --smoke: ferry alone, a tiny Dockerfile)
 """
 
 import argparse
@@ -171,6 +174,253 @@ def srun_start(args):
               f"2GB {b-med[f'srun -n{n} true']:.1f} ms (target <= 20 ms, same for both sizes)")
 
 
+# The Dockerfile of the build comparison; {base} is each builder's own form of one Debian
+# tree. apt reaches the network as the test user here; RUN steps share the host's network.
+BUILD_DOCKERFILE = """\
+FROM {base}
+RUN apt-get update && apt-get install -y --no-install-recommends python3-numpy && rm -rf /var/lib/apt/lists/*
+ENV PYTHONUNBUFFERED=1
+WORKDIR /opt/app
+COPY app/ /opt/app/
+CMD ["python3", "/opt/app/analyse.py"]
+"""
+# --smoke: ferry alone, on busybox, a RUN that writes files instead of apt.
+BUILD_DOCKERFILE_SMOKE = """\
+FROM {base}
+RUN mkdir -p /opt/data && i=0 && while [ $i -lt 200 ]; do echo $i > /opt/data/f$i; i=$((i+1)); done
+ENV APP_MODE=smoke
+WORKDIR /opt/app
+COPY app/ /opt/app/
+CMD ["cat", "/opt/app/analyse.py"]
+"""
+ANALYSE_PY = "import numpy\nprint(numpy.arange(10).sum())\n"
+
+
+class BuildBench:
+    """One Dockerfile built by each builder as the test user, cold (the builder's cache and
+    storage emptied first, its base imported again outside the timing) and cached (the
+    unchanged rebuild right after), rounds interleaved over the builders."""
+
+    def __init__(self, ex, scratch, images, ferry, runs, smoke, ch_image=None, podman=("podman",)):
+        self.ex, self.runs, self.smoke, self.ferry = ex, runs, smoke, ferry
+        self.dir = os.path.join(scratch, "build")
+        self.ch_image = ch_image
+        self.results, self.unavailable, self.notes = [], {}, []
+        name = "busybox" if smoke else "debian"
+        self.base_sqsh = os.path.join(images, f"{name}.sqsh")
+        if not os.path.exists(self.base_sqsh):
+            sys.exit(f"bench: image {self.base_sqsh} is missing: run integration/build-images")
+        self.context = os.path.join(self.dir, "context")
+        self.store = {k: os.path.join(self.dir, k) for k in ("ferry-cache", "ch-storage", "podman-root",
+                                                             "podman-run", "tree")}
+        self.podman = list(podman) + ["--root", self.store["podman-root"], "--runroot", self.store["podman-run"],
+                                      "--storage-driver", "overlay", "--runtime=runc",
+                                      "--cgroup-manager=cgroupfs"]
+        os.makedirs(os.path.join(self.context, "app"), exist_ok=True)
+        with open(os.path.join(self.context, "app", "analyse.py"), "w") as f:
+            f.write(ANALYSE_PY)
+        for i in range(20):  # a small context: a few files of a few KiB
+            with open(os.path.join(self.context, "app", f"data{i}.txt"), "w") as f:
+                f.write(f"{i}\n" * 1000)
+        template = BUILD_DOCKERFILE_SMOKE if smoke else BUILD_DOCKERFILE
+        for system, base in (("ferry", self.base_sqsh), ("ch-image", "ferry-bench-base"),
+                             ("podman", "localhost/ferry-bench-base")):
+            with open(os.path.join(self.context, f"Dockerfile.{system}"), "w") as f:
+                f.write(template.format(base=base))
+        subprocess.run(["chown", "-R", f"{USER}:{USER}", self.dir], check=True)
+
+    # ch-image's build cache is a git repository: git wants an identity, which the test
+    # user's home does not give.
+    ENV = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
+           for what, value in (("NAME", "ferry bench"), ("EMAIL", "bench@localhost"))}
+
+    def user(self, cmd, what, timeout=1800):
+        """A preparation step as the test user (not timed); its last error line, or None."""
+        r = self.ex.run(cmd, env=self.ENV, timeout=timeout)
+        if r["rc"] != 0:
+            lines = (r["err"] + r["out"]).strip().splitlines() or ["?"]
+            return f"{what}: exit {r['rc']}: {lines[-1][:200]}"
+        return None
+
+    def builders(self):
+        """(system, build command, reset) of each builder that runs here; the others go to
+        self.unavailable with the reason."""
+        ctx, out = self.context, self.dir
+        ferry = ("ferry build", [self.ferry, "build", "--cache", self.store["ferry-cache"], "-f",
+                                 os.path.join(ctx, "Dockerfile.ferry"), "-t", os.path.join(out, "ferry.sqsh"),
+                                 ctx], self.reset_ferry)
+        if self.smoke:
+            for system in ("ch-image build", "podman build (rootless)"):
+                self.unavailable[system] = "not run in --smoke mode"
+            return [ferry]
+        systems = [ferry]
+        # The peers build from the same Debian tree, unpacked once and given to the test user
+        # (every file readable to the imports); its /dev emptied, as in registry images,
+        # since the user cannot copy device nodes.
+        tree = self.store["tree"]
+        subprocess.run(["unsquashfs", "-q", "-n", "-d", tree, self.base_sqsh], check=True,
+                       stdout=subprocess.DEVNULL)
+        for entry in os.listdir(os.path.join(tree, "dev")):
+            path = os.path.join(tree, "dev", entry)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        subprocess.run(["chown", "-R", f"{USER}:{USER}", tree], check=True)
+        if not self.ch_image:
+            self.unavailable["ch-image build"] = "no ch-image (Debian's charliecloud-builders)"
+        else:
+            # --force: without it apt-get fails in ch-image's single-uid container; with it,
+            # ch-image 0.31 installs pseudo (fakeroot) into the image and wraps each RUN.
+            ch = [self.ch_image, "-s", self.store["ch-storage"]]
+            systems.append(("ch-image build", ch + ["build", "--force", "-t", "ferry-bench-build", "-f",
+                                                    os.path.join(ctx, "Dockerfile.ch-image"), ctx],
+                            self.reset_ch_image))
+        systems.append(("podman build (rootless)", self.podman + [
+            "build", "--network=host", "-t", "localhost/ferry-bench-build", "-f",
+            os.path.join(ctx, "Dockerfile.podman"), ctx], self.reset_podman))
+        # A builder that cannot even take the base is listed with the reason.
+        runnable = []
+        for system, cmd, reset in systems:
+            why = reset()
+            if why:
+                self.unavailable[system] = why
+            else:
+                runnable.append((system, cmd, reset))
+        return runnable
+
+    def reset_ferry(self):
+        shutil.rmtree(self.store["ferry-cache"], ignore_errors=True)
+        return None
+
+    def reset_ch_image(self):
+        shutil.rmtree(self.store["ch-storage"], ignore_errors=True)
+        return self.user([self.ch_image, "-s", self.store["ch-storage"], "import", self.store["tree"],
+                          "ferry-bench-base"], "ch-image import")
+
+    def reset_podman(self):
+        # The store holds files of the user's subordinate ids: podman removes it.
+        for d in ("podman-root", "podman-run"):
+            if os.path.exists(self.store[d]):
+                why = self.user(self.podman + ["system", "reset", "-f"], "podman system reset")
+                if why:
+                    return why
+                break
+        return self.user(["bash", "-o", "pipefail", "-c",
+                          f"tar -C {self.store['tree']} -c . | {' '.join(self.podman)} import -q - "
+                          f"localhost/ferry-bench-base"], "podman import")
+
+    def run(self):
+        systems = self.builders()
+        samples = {(system, mode): [] for system, _, _ in systems for mode in ("cold", "cached")}
+        failed = set()
+        for round_ in range(self.runs):
+            for system, cmd, reset in systems:
+                if system in failed:
+                    continue
+                if round_ > 0:  # round 0 starts from the reset done above
+                    why = reset()
+                    if why:
+                        self.unavailable[system] = why
+                        failed.add(system)
+                        continue
+                for mode in ("cold", "cached"):
+                    r = self.ex.run(cmd, env=self.ENV, timeout=1800)
+                    if r["rc"] != 0:
+                        reason = (r["err"].strip().splitlines() or r["out"].strip().splitlines() or ["?"])[-1]
+                        self.unavailable[system] = f"{mode} build: exit {r['rc']}: {reason[:200]}"
+                        failed.add(system)
+                        break
+                    samples[(system, mode)].append(r["s"])
+                    print(f"  build     {system:28} {mode:6} {r['s']:8.2f} s", flush=True)
+        for (system, mode), v in samples.items():
+            if system in failed or not v:
+                continue
+            self.results.append({"workload": "build", "system": system, "image": "debian" if not self.smoke
+                                 else "busybox", "mode": mode, "n": len(v), "median": statistics.median(v),
+                                 "min": min(v), "max": max(v), "unit": "s"})
+        self.check_image()
+        return self.results
+
+    def check_image(self):
+        """Each built image runs its CMD's script (not timed): a build that is fast but wrong
+        is no result, and its row goes."""
+        inner = ["cat", "/opt/app/analyse.py"] if self.smoke else ["python3", "/opt/app/analyse.py"]
+        want = "import numpy" if self.smoke else "45"
+        runs = {
+            "ferry build": ferry_run(self.ferry, os.path.join(self.dir, "ferry.sqsh"), "--", *inner),
+            "ch-image build": ["ch-run", os.path.join(self.store["ch-storage"], "img", "ferry-bench-build"),
+                               "--", *inner],
+            "podman build (rootless)": self.podman + ["run", "--rm", "--network=host",
+                                                      "localhost/ferry-bench-build", *inner],
+        }
+        for system in {r["system"] for r in self.results}:
+            r = self.ex.run(runs[system], env=self.ENV)
+            if r["rc"] != 0 or want not in r["out"]:
+                self.unavailable[system] = (f"its image does not run `{' '.join(inner)}`: exit {r['rc']}: "
+                                            f"{(r['err'] + r['out']).strip()[-200:]}")
+                self.results = [x for x in self.results if x["system"] != system]
+
+    def row(self, system, mode):
+        return next((r for r in self.results if (r["system"], r["mode"]) == (system, mode)), None)
+
+    def table(self):
+        """Markdown lines: seconds and the ratio to ferry, cold and cached."""
+        lines = ["| builder | cold s (median) | min | max | x ferry | cached s (median) | min | max | x ferry |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        systems = []
+        for r in self.results:
+            if r["system"] not in systems:
+                systems.append(r["system"])
+        for system in systems:
+            cells = []
+            for mode in ("cold", "cached"):
+                r, f = self.row(system, mode), self.row("ferry build", mode)
+                if r:
+                    ratio = f"{r['median'] / f['median']:.2f}" if f and f["median"] else ""
+                    cells.append(f"{r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | {ratio}")
+                else:
+                    cells.append(" | | | ")
+            lines.append(f"| {system} | " + " | ".join(cells) + " |")
+        return lines
+
+    def targets(self):
+        out = []
+        cached = self.row("ferry build", "cached")
+        if cached:
+            out.append(("cached rebuild of an unchanged Dockerfile < 1 s (ferry build)",
+                        f"{cached['median']:.2f} s", cached["median"] < 1.0))
+        cold = self.row("ferry build", "cold")
+        peers = [r for r in self.results if r["mode"] == "cold" and r["system"] != "ferry build"]
+        if cold and peers:
+            fastest = min(peers, key=lambda r: r["median"])
+            out.append(("cold build no slower than the fastest peer",
+                        f"ferry {cold['median']:.1f} s, {fastest['system']} {fastest['median']:.1f} s",
+                        cold["median"] <= fastest["median"]))
+        return out
+
+
+def build_compare(args):
+    """integration/bench build: the table, the targets and what could not run."""
+    ex = Executor(user_env(USER=USER, XDG_RUNTIME_DIR=os.path.join(args.scratch, "user", "run")))
+    load = os.getloadavg()
+    try:
+        b = BuildBench(ex, args.scratch, args.images, args.ferry, args.runs, smoke=False,
+                       ch_image=args.ch_image)
+        b.run()
+    finally:
+        ex.close()
+    load_after = os.getloadavg()
+    print(f"\n{args.runs} runs each, as the test user; cold: the builder's cache emptied and its base "
+          f"imported again (not timed); cached: the unchanged rebuild right after")
+    print("\n".join(b.table()))
+    for t, m, ok in b.targets():
+        print(f"target: {t}: {m} ({'met' if ok else 'not met'})")
+    for k, v in sorted(b.unavailable.items()):
+        print(f"not measured: {k}: {v}")
+    for n in b.notes:
+        print(f"note: {n}")
+    print(f"load average (1/5/15 min) before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+          f"after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; {os.cpu_count()} cores")
+
+
 def drop_caches():
     subprocess.run(["sync"], check=True)
     with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -217,6 +467,7 @@ class Bench:
         self.podman = ["podman", "--root", store, "--runroot", os.path.join(self.user_dir, "podman-run"),
                        "--storage-driver", "overlay", "--runtime=runc", "--cgroup-manager=cgroupfs"]
         self.images = self.pick_images()
+        self.build_bench = None
 
     # ---- images and trees -------------------------------------------------------------
 
@@ -457,6 +708,18 @@ class Bench:
             self.measure("reads", system, img["label"], "cold", cmd, unit="MiB/s",
                          value=lambda r: mib / r["s"])
 
+    def build(self):
+        """`ferry build` against its peers (BuildBench); fewer runs than the other workloads,
+        since a cold build with apt takes a minute."""
+        print("build", flush=True)
+        self.build_bench = BuildBench(self.ex, self.scratch, self.args.images, self.ferry,
+                                      2 if self.smoke else min(self.runs, 3), self.smoke,
+                                      ch_image=self.args.ch_image, podman=self.podman[:1])
+        self.results += self.build_bench.run()
+        for system, why in self.build_bench.unavailable.items():
+            self.unavailable[f"{system} (build)"] = why
+        self.notes += self.build_bench.notes
+
     def user_bytes(self):
         total = 0
         for d in (self.user_dir, f"/tmp/ferry-{self.uid}", f"/var/tmp/{USER}.ch",
@@ -588,6 +851,8 @@ class Bench:
             out.append(("no per-job disk for read-only squashfs runs",
                         ", ".join(f"{r['system']}: {r['per_job_bytes']} B" for r in disk),
                         all(r["per_job_bytes"] == 0 and r["first_job_bytes"] == 0 for r in disk)))
+        if self.build_bench:
+            out += self.build_bench.targets()
         return out
 
     def write(self):
@@ -626,6 +891,14 @@ class Bench:
                 ratio = f"{r['median'] / b['median']:.2f}" if b and b is not r and b["median"] else ""
                 lines.append(f"| {r['system']} | {r['image']} | {r['mode']} | {r['median']:.2f} {unit} | "
                              f"{r['min']:.2f} | {r['max']:.2f} | {r['n']} | {over} | {ratio} |")
+        if self.build_bench and self.build_bench.results:
+            bb = self.build_bench
+            lines += ["", f"## Building an image: one Dockerfile, cold and cached (median of {bb.runs})", "",
+                      "Cold: the builder's cache and storage emptied, its base imported again (not timed); "
+                      "cached: the unchanged rebuild right after."
+                      + (" Smoke: ferry alone, busybox, a RUN that writes 200 files." if self.smoke else
+                         " `RUN apt-get install python3-numpy` from the network, COPY, ENV, WORKDIR, CMD."),
+                      ""] + bb.table()
         fp = [r for r in self.results if r["workload"] == "footprint"]
         if fp:
             lines += ["", "## Footprint", "", "| system | what | first job | each later job |", "|---|---|---:|---:|"]
@@ -694,6 +967,7 @@ def main():
     c.add_argument("--ferry", required=True)
     c.add_argument("--slurm-conf", required=True)
     c.add_argument("--smoke", action="store_true")
+    c.add_argument("--ch-image", help="ch-image to compare `ferry build` with (Debian's charliecloud-builders)")
     r = sub.add_parser("run", help="start of `ferry run` against bare `true` and `unshare -Ur true`")
     r.add_argument("--runs", type=int, default=30)
     r.add_argument("--images", required=True)
@@ -702,7 +976,15 @@ def main():
     s.add_argument("--runs", type=int, default=25)
     s.add_argument("--images", required=True)
     s.add_argument("--slurm-conf", required=True)
+    bu = sub.add_parser("build", help="`ferry build` against `ch-image build` and rootless `podman build`")
+    bu.add_argument("--runs", type=int, default=3)
+    bu.add_argument("--scratch", required=True)
+    bu.add_argument("--images", required=True)
+    bu.add_argument("--ferry", required=True)
+    bu.add_argument("--ch-image", help="Debian's ch-image (charliecloud-builders)")
     args = p.parse_args()
+    if args.command == "build":
+        return build_compare(args)
     if args.command == "run":
         return run_start(args)
     if args.command == "srun":
@@ -719,6 +1001,7 @@ def compare(args):
         b.torch()
         b.reads()
         b.footprint()
+        b.build()
     finally:
         b.ex.close()
     b.write()

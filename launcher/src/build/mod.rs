@@ -726,6 +726,21 @@ impl Builder<'_> {
         Ok(())
     }
 
+    /// The stage's tree in its current state, with its working directory (default `/`) made
+    /// in it: where RUN runs and what COPY's relative destinations start from.
+    fn tree_with_workdir(stage: &mut Stage) -> Result<(PathBuf, String), StepError> {
+        Self::materialize(stage)?;
+        let rootfs = stage.rootfs();
+        let workdir = stage
+            .state
+            .config
+            .working_dir
+            .clone()
+            .unwrap_or_else(|| "/".into());
+        make_dir_in(&rootfs, &workdir)?;
+        Ok((rootfs, workdir))
+    }
+
     /// After a step changed the tree: its cache entry (or, without the cache, a new
     /// generation of the tree). Returns the seconds the entry took.
     fn changed(&mut self, key: String) -> Result<Option<f64>, StepError> {
@@ -776,15 +791,7 @@ impl Builder<'_> {
         }
         let opts = self.opts;
         let stage = self.current();
-        Self::materialize(stage)?;
-        let rootfs = stage.rootfs();
-        let workdir = stage
-            .state
-            .config
-            .working_dir
-            .clone()
-            .unwrap_or_else(|| "/".into());
-        make_dir_in(&rootfs, &workdir)?;
+        let (rootfs, workdir) = Self::tree_with_workdir(stage)?;
         let mut spec = ContainerSpec::new(rootfs.clone(), opts.user.clone());
         spec.writable = true;
         spec.remap_root = true;
@@ -909,15 +916,7 @@ impl Builder<'_> {
             return Ok(Done::Cached);
         }
         let stage = self.current();
-        Self::materialize(stage)?;
-        let rootfs = stage.rootfs();
-        let workdir = stage
-            .state
-            .config
-            .working_dir
-            .clone()
-            .unwrap_or_else(|| "/".into());
-        make_dir_in(&rootfs, &workdir)?;
+        let (rootfs, workdir) = Self::tree_with_workdir(stage)?;
         let dest_path =
             crate::spec::container_path(&Path::new(&workdir).join(&dest).to_string_lossy());
         let rel_dest = dest_path
