@@ -236,12 +236,12 @@ fn elf_interpreter(bytes: &[u8]) -> Option<String> {
 
 /// Whether this container can be made checkpointable here; returns the CRIU to use.
 pub fn allowed(spec: &ContainerSpec) -> Result<Criu, CheckpointError> {
+    if spec.gpus != GpuRequest::None {
+        return Err(CheckpointError::Gpus);
+    }
     let site = SiteCheckpoint::read()?;
     if !site.enabled {
         return Err(CheckpointError::NotEnabled);
-    }
-    if spec.gpus != GpuRequest::None {
-        return Err(CheckpointError::Gpus);
     }
     find_criu(&site)
 }
@@ -274,6 +274,7 @@ pub fn run(
     dir: &Path,
 ) -> Result<i32, CheckpointError> {
     let criu = allowed(spec)?;
+    let made_here = !dir.exists();
     fs::create_dir_all(dir).map_err(dir_error(dir, "cannot create the directory"))?;
     let dir = fs::canonicalize(dir).map_err(dir_error(dir, "cannot resolve the directory"))?;
     if dir.join(SPEC_FILE).exists() {
@@ -327,10 +328,14 @@ pub fn run(
         Ok(p) => p,
         Err(e) => {
             // Nothing was checkpointed: leave the directory as it was.
-            for f in [SPEC_FILE, OUTPUT_FILE] {
-                let _ = fs::remove_file(dir.join(f));
+            if made_here {
+                let _ = fs::remove_dir_all(&dir);
+            } else {
+                for f in [SPEC_FILE, OUTPUT_FILE] {
+                    let _ = fs::remove_file(dir.join(f));
+                }
+                let _ = fs::remove_dir(dir.join(IMAGES_DIR));
             }
-            let _ = fs::remove_dir(dir.join(IMAGES_DIR));
             return Err(e);
         }
     };
@@ -528,6 +533,10 @@ pub fn request(dir: &Path) -> Result<String, CheckpointError> {
             return Ok(done.trim().to_string());
         }
         if !alive() {
+            // (It may have written the result just before it ended.)
+            if let Ok(done) = fs::read_to_string(dir.join(DONE_FILE)) {
+                return Ok(done.trim().to_string());
+            }
             return Err(CheckpointError::EndedFirst(shown));
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -617,7 +626,7 @@ fn init(p: &Prepared, mask: &SigSet, plan: &InitPlan, start: Start) -> ! {
         } else if info.si_signo == SIGNAL as i32 {
             match dump_with_criu(plan, command) {
                 Ok(summary) => {
-                    let _ = fs::write(plan.dir.join(DONE_FILE), format!("{summary}\n"));
+                    let _ = fs::write(Path::new(INSIDE).join(DONE_FILE), format!("{summary}\n"));
                     // The dump killed the command's processes; their end is not an error.
                     std::process::exit(0)
                 }
@@ -626,7 +635,7 @@ fn init(p: &Prepared, mask: &SigSet, plan: &InitPlan, start: Start) -> ! {
                         "ferry: error: the checkpoint of {} failed: {reason}",
                         plan.dir.display()
                     );
-                    let _ = fs::write(plan.dir.join(FAILED_FILE), format!("{reason}\n"));
+                    let _ = fs::write(Path::new(INSIDE).join(FAILED_FILE), format!("{reason}\n"));
                 }
             }
         } else if raw::sent_by_process(&info) {
@@ -753,8 +762,9 @@ fn raise_ambient_capabilities() -> io::Result<()> {
     Ok(())
 }
 
-/// The first error lines of a CRIU log, for a one-line reason.
-fn criu_reason(log: &Path) -> String {
+/// The first error lines of a CRIU log (`log`, shown to the user as `shown`), for a
+/// one-line reason.
+fn criu_reason(log: &Path, shown: &Path) -> String {
     let text = fs::read_to_string(log).unwrap_or_default();
     // (CRIU logs some harmless errors about the host's network when run unprivileged.)
     let harmless = [
@@ -771,9 +781,9 @@ fn criu_reason(log: &Path) -> String {
         .take(2)
         .collect();
     if errors.is_empty() {
-        format!("CRIU failed (see {})", log.display())
+        format!("CRIU failed (see {})", shown.display())
     } else {
-        format!("{} (CRIU's log: {})", errors.join("; "), log.display())
+        format!("{} (CRIU's log: {})", errors.join("; "), shown.display())
     }
 }
 
@@ -781,11 +791,11 @@ fn criu_reason(log: &Path) -> String {
 /// size) or why it failed.
 fn dump_with_criu(plan: &InitPlan, command: Pid) -> Result<String, String> {
     let images_inside = Path::new(INSIDE).join(IMAGES_DIR);
-    let images_host = plan.dir.join(IMAGES_DIR);
+    let images_shown = plan.dir.join(IMAGES_DIR);
     // A dump from an earlier checkpoint (this is a restored container) is replaced.
-    let _ = fs::remove_dir_all(&images_host);
-    fs::create_dir_all(&images_host)
-        .map_err(|e| format!("cannot create {}: {e}", images_host.display()))?;
+    let _ = fs::remove_dir_all(&images_inside);
+    fs::create_dir_all(&images_inside)
+        .map_err(|e| format!("cannot create {}: {e}", images_shown.display()))?;
     let started = Instant::now();
     let args: Vec<String> = [
         "dump",
@@ -802,7 +812,12 @@ fn dump_with_criu(plan: &InitPlan, command: Pid) -> Result<String, String> {
     .to_vec();
     match run_criu(plan, &args) {
         Ok(true) => {}
-        Ok(false) => return Err(criu_reason(&images_host.join("dump.log"))),
+        Ok(false) => {
+            return Err(criu_reason(
+                &images_inside.join("dump.log"),
+                &images_shown.join("dump.log"),
+            ))
+        }
         Err(e) => {
             return Err(format!(
                 "cannot start CRIU ({}): {e}",
@@ -811,7 +826,7 @@ fn dump_with_criu(plan: &InitPlan, command: Pid) -> Result<String, String> {
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    let size = dir_size(&images_host);
+    let size = dir_size(&images_inside);
     use crate::image::registry::progress::{human_bytes, human_duration};
     Ok(format!(
         "{} of images in {}",
@@ -834,7 +849,7 @@ fn dir_size(dir: &Path) -> u64 {
 /// Have CRIU restore the dumped tree into this PID namespace; returns the command's pid.
 fn restore_with_criu(plan: &InitPlan) -> Result<Pid, String> {
     let images_inside = Path::new(INSIDE).join(IMAGES_DIR);
-    let images_host = plan.dir.join(IMAGES_DIR);
+    let images_shown = plan.dir.join(IMAGES_DIR);
     // CRIU and its helpers take pids far above those of the restored tree (which CRIU sets
     // with clone3's set_tid), so that none is taken when a restored process needs it.
     if let Ok(max) = fs::read_to_string("/proc/sys/kernel/pid_max") {
@@ -862,7 +877,12 @@ fn restore_with_criu(plan: &InitPlan) -> Result<Pid, String> {
     .to_vec();
     match run_criu(plan, &args) {
         Ok(true) => {}
-        Ok(false) => return Err(criu_reason(&images_host.join("restore.log"))),
+        Ok(false) => {
+            return Err(criu_reason(
+                &images_inside.join("restore.log"),
+                &images_shown.join("restore.log"),
+            ))
+        }
         Err(e) => {
             return Err(format!(
                 "cannot start CRIU ({}): {e}",
@@ -930,7 +950,7 @@ mod tests {
              (00.2) Error (criu/sk-inet.c:188): inet: Connected TCP socket, consider using --tcp-established option.\n",
         )
         .unwrap();
-        let reason = criu_reason(&log);
+        let reason = criu_reason(&log, &log);
         assert!(
             reason.starts_with("inet: Connected TCP socket, consider using --tcp-established option. (CRIU's log: "),
             "{reason}"
