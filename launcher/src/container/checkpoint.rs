@@ -81,11 +81,12 @@ pub enum CheckpointError {
     Gpus,
     #[error("{0} holds a checkpoint already: continue it with `ferry restore {0}` or choose another directory")]
     InUse(String),
-    #[error("{dir}: {what}: {source}")]
+    // (`cause`, not `source`: the message says it already, once.)
+    #[error("{dir}: {what}: {cause}")]
     Dir {
         dir: String,
         what: &'static str,
-        source: io::Error,
+        cause: io::Error,
     },
     #[error("{0} holds no checkpoint (no {SPEC_FILE}): make one with `ferry run --checkpoint-dir {0} ...` and `ferry checkpoint {0}`")]
     NoCheckpoint(String),
@@ -111,7 +112,7 @@ pub enum CheckpointError {
 
 fn dir_error(dir: &Path, what: &'static str) -> impl FnOnce(io::Error) -> CheckpointError {
     let dir = dir.display().to_string();
-    move |source| CheckpointError::Dir { dir, what, source }
+    move |cause| CheckpointError::Dir { dir, what, cause }
 }
 
 /// What the site allows, from [`SITE_CONF`] (missing: not enabled).
@@ -827,11 +828,9 @@ fn dump_with_criu(plan: &InitPlan, command: Pid) -> Result<String, String> {
     }
     let secs = started.elapsed().as_secs_f64();
     let size = dir_size(&images_inside);
-    use crate::image::registry::progress::{human_bytes, human_duration};
     Ok(format!(
-        "{} of images in {}",
-        human_bytes(size),
-        human_duration(secs)
+        "{} of images in {secs:.2} s",
+        crate::image::registry::progress::human_bytes(size)
     ))
 }
 
