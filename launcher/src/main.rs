@@ -490,13 +490,13 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     let program = std::env::current_exe().context("cannot find the ferry binary itself")?;
     if let Some(dir) = &args.checkpoint_dir {
         let dir = cwd.join(dir);
-        return Ok(ferry::container::checkpoint::run(
+        return ferry::container::checkpoint::run(
             &spec,
             &command,
             &PrepareOptions::for_cli(program),
             &dir,
         )
-        .with_context(|| format!("--checkpoint-dir {}", dir.display()))?);
+        .with_context(|| format!("--checkpoint-dir {}", dir.display()));
     }
     Ok(run(&spec, &command, &PrepareOptions::for_cli(program))?)
 }

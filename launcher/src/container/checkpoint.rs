@@ -639,10 +639,10 @@ fn init(p: &Prepared, mask: &SigSet, plan: &InitPlan, start: Start) -> ! {
                     let _ = fs::write(Path::new(INSIDE).join(FAILED_FILE), format!("{reason}\n"));
                 }
             }
-        } else if raw::sent_by_process(&info) {
-            if let Ok(sig) = Signal::try_from(info.si_signo) {
-                let _ = kill(command, sig);
-            }
+        } else if let Ok(sig) = Signal::try_from(info.si_signo) {
+            // From a process or the terminal alike (^C reaches ferry's process group, init
+            // included, but not the command's own session): init is the command's only way.
+            let _ = kill(command, sig);
         }
     }
 }
@@ -769,9 +769,9 @@ fn criu_reason(log: &Path, shown: &Path) -> String {
     let text = fs::read_to_string(log).unwrap_or_default();
     // (CRIU logs some harmless errors about the host's network when run unprivileged.)
     let harmless = [
-        "tun:",
-        "net:",
-        "rlimit:",
+        "): tun:",
+        "): net:",
+        "): rlimit:",
         "kerndat",
         "Unable to get socket network namespace",
     ];

@@ -239,7 +239,7 @@ pub fn run_checks() -> Vec<Check> {
     checks.push(directories::temp_dir_check());
     checks.push(checkpoint_check(
         crate::container::checkpoint::SiteCheckpoint::read()
-            .and_then(|site| Ok((site.enabled, crate::container::checkpoint::find_criu(&site)))),
+            .map(|site| (site.enabled, crate::container::checkpoint::find_criu(&site))),
     ));
     match slurm {
         Err(check) => checks.push(check),
@@ -267,5 +267,34 @@ mod tests {
         assert_eq!(json["checks"][1]["status"], "fail");
         assert!(json["checks"][0].get("fix").is_none());
         assert!(Report::new(vec![Check::warn("x", "y", "z")]).ok);
+    }
+
+    #[test]
+    fn checkpoint_line_passes_when_off_and_fails_when_on_without_criu() {
+        use crate::container::checkpoint::{CheckpointError, Criu};
+        let missing = || {
+            Err(CheckpointError::NoCriu(
+                "not on PATH nor in /usr/sbin".into(),
+            ))
+        };
+        assert_eq!(checkpoint_check(Ok((false, missing()))).status, Status::Ok);
+        let broken = checkpoint_check(Ok((true, missing())));
+        assert_eq!(broken.status, Status::Fail);
+        assert!(
+            broken.message.starts_with("CRIU not found"),
+            "{}",
+            broken.message
+        );
+        let criu = Criu {
+            path: "/usr/sbin/criu".into(),
+            version: "4.1.1".into(),
+            interpreter: None,
+        };
+        let on = checkpoint_check(Ok((true, Ok(criu))));
+        assert_eq!(on.status, Status::Ok);
+        assert_eq!(
+            on.message,
+            "checkpoints enabled; CRIU 4.1.1 at /usr/sbin/criu"
+        );
     }
 }
