@@ -1316,6 +1316,8 @@ fn a_checkpointed_counter_continues_from_its_value_after_restore() {
     let d = dir.path.display();
     let out = sh(&format!(
         r#"cd {d}
+        # Whatever fails, nothing started here outlives the test.
+        trap 'kill $run $restored 2>/dev/null; wait' EXIT
         $FERRY run --checkpoint-dir {d}/ck {busybox} -- sh -c 'i=0; while :; do i=$((i+1)); echo $i; sleep 0.1; done' > run.out 2> run.err &
         run=$!
         counted() {{ for n in $(seq 1200); do [ "$(wc -l < "$1")" -ge "$2" ] && return 0; kill -0 "$3" 2>/dev/null || return 1; sleep 0.1; done; return 1; }}

@@ -648,7 +648,8 @@ fn init(p: &Prepared, mask: &SigSet, plan: &InitPlan, start: Start) -> ! {
 }
 
 /// Fork the command: its own session (CRIU dumps whole sessions), stdin from /dev/null,
-/// stdout and stderr to the checkpoint's output file; returns its pid.
+/// stdout and stderr to the checkpoint's output file, no other inherited descriptor;
+/// returns its pid.
 fn start_command(p: &Prepared, plan: &InitPlan) -> Pid {
     let open_output = || {
         fs::OpenOptions::new()
@@ -679,7 +680,11 @@ fn start_command(p: &Prepared, plan: &InitPlan) -> Pid {
             }
             drop(output);
             drop(null);
-            let _ = nix::unistd::close(plan.host_root.as_raw_fd());
+            // Nothing the caller left open goes in: CRIU can save only what the container
+            // can reach (a lock file of the host's, say, it cannot).
+            if let Err(e) = raw::cloexec_from(3) {
+                die(&format!("cannot close inherited descriptors: {e}"));
+            }
             let _ = run::forwarded_mask().thread_unblock();
             if plan.remap_root {
                 if let Err(e) = crate::container::id_filter::install() {
