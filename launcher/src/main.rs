@@ -72,6 +72,18 @@ enum Command {
     /// List your named containers on this node (`--container-name`), or remove some with
     /// `ferry containers rm NAME...`.
     Containers(ContainersArgs),
+    /// Checkpoint the container of `ferry run --checkpoint-dir DIR` into DIR (with CRIU);
+    /// its processes end, and `ferry restore DIR` continues them.
+    Checkpoint {
+        /// The checkpoint directory given to `ferry run --checkpoint-dir`.
+        dir: PathBuf,
+    },
+    /// Continue a container checkpointed into DIR where it stopped; its output follows on
+    /// stdout.
+    Restore {
+        /// The checkpoint directory.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -153,6 +165,12 @@ struct RunArgs {
     /// Set NAME=VALUE inside (a bare NAME passes the current value); repeatable.
     #[arg(short = 'e', long = "env", value_name = "NAME=VALUE")]
     env: Vec<String>,
+    /// Make the container checkpointable into DIR (with CRIU, where the site enables it):
+    /// `ferry checkpoint DIR` or SIGUSR1 to ferry saves it and ends it, `ferry restore DIR`
+    /// continues it. The command gets its own PID namespace, stdin from /dev/null, and its
+    /// output goes to DIR/output, which ferry copies to stdout.
+    #[arg(long, value_name = "DIR")]
+    checkpoint_dir: Option<PathBuf>,
     /// Run in a writable, unpacked copy of the image kept in DIR (made on first use,
     /// reused after; DIR/rootfs), like a named container. `ferry save DIR/rootfs OUT.sqsh`
     /// makes an image of it.
@@ -293,6 +311,21 @@ fn main() {
         }
         Command::Doctor(args) => ferry::doctor::main(&args),
         Command::Containers(args) => report(containers_command(args)),
+        Command::Checkpoint { dir } => match ferry::container::checkpoint::request(&dir) {
+            Ok(summary) => {
+                eprintln!(
+                    "ferry: checkpointed the container to {} ({summary}); continue it with `ferry restore {}`",
+                    dir.display(),
+                    dir.display()
+                );
+                0
+            }
+            Err(e) => {
+                eprintln!("ferry: error: {e}");
+                1
+            }
+        },
+        Command::Restore { dir } => report(restore_command(&dir)),
         Command::Import(args) => {
             clean_up_on_termination();
             report(import_command(args).map(|()| 0))
@@ -474,7 +507,26 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     };
     let command = args.command;
     let program = std::env::current_exe().context("cannot find the ferry binary itself")?;
+    if let Some(dir) = &args.checkpoint_dir {
+        let dir = cwd.join(dir);
+        return ferry::container::checkpoint::run(
+            &spec,
+            &command,
+            &PrepareOptions::for_cli(program),
+            &dir,
+        )
+        .with_context(|| format!("--checkpoint-dir {}", dir.display()));
+    }
     Ok(run(&spec, &command, &PrepareOptions::for_cli(program))?)
+}
+
+fn restore_command(dir: &std::path::Path) -> anyhow::Result<i32> {
+    nix::sys::prctl::set_no_new_privs().context("cannot set no_new_privs")?;
+    let program = std::env::current_exe().context("cannot find the ferry binary itself")?;
+    Ok(ferry::container::checkpoint::restore(
+        &PrepareOptions::for_cli(program),
+        dir,
+    )?)
 }
 
 fn build_command(args: BuildArgs) -> i32 {

@@ -2,6 +2,7 @@
 //! what runs inside (`ferry run`, a task's entrypoint through the task's `ferry`), with the
 //! exit codes they share.
 
+pub mod checkpoint;
 pub mod exit_code;
 pub mod holder;
 pub mod id_filter;

@@ -75,6 +75,40 @@ pub fn run_in_env(
     opts: &PrepareOptions,
     caller: Vec<(String, String)>,
 ) -> Result<i32, RunError> {
+    let prepared = prepare_command(spec, argv, opts, caller)?;
+    let remap_root = spec.remap_root;
+    let status = fork_and_supervise(&prepared, |p, mask| {
+        exec_in_container(
+            &p.namespaces,
+            &p.workdir,
+            remap_root,
+            &p.args,
+            &p.envp,
+            &p.search_path,
+            mask,
+        )
+    })?;
+    Ok(finish(prepared, status))
+}
+
+/// A container made for one command, and that command ready to exec inside.
+pub(crate) struct Prepared {
+    pub holder: holder::Holder,
+    pub namespaces: Namespaces,
+    pub args: Vec<CString>,
+    pub envp: Vec<CString>,
+    pub search_path: String,
+    pub workdir: PathBuf,
+}
+
+/// Make the container (`spec`) and the command line, environment and working directory of
+/// `argv` in it.
+pub(crate) fn prepare_command(
+    spec: &ContainerSpec,
+    argv: &[OsString],
+    opts: &PrepareOptions,
+    caller: Vec<(String, String)>,
+) -> Result<Prepared, RunError> {
     let kernel = crate::rootfs::kernel::mount_for(spec, &crate::rootfs::kernel::Probe::InProcess)?;
     // An unpack before the container (the `unpack` provider's first use) says how far it is.
     let speak = !opts.quiet && crate::image::registry::progress::Progress::auto().speaks();
@@ -108,7 +142,32 @@ pub fn run_in_env(
         .map(|a| cstr(a.clone().into_vec()))
         .collect::<Result<Vec<_>, _>>()?;
     let workdir = holder.ready().workdir.clone();
+    Ok(Prepared {
+        holder,
+        namespaces,
+        args,
+        envp,
+        search_path,
+        workdir,
+    })
+}
 
+/// Fork a child that runs `in_child` (which should exec or exit), pass the forwarded signals on
+/// to it and return its exit status for ferry to use.
+pub(crate) fn fork_and_supervise(
+    prepared: &Prepared,
+    in_child: impl FnOnce(&Prepared, &SigSet),
+) -> Result<i32, RunError> {
+    fork_and_supervise_then(prepared, in_child, || {})
+}
+
+/// [`fork_and_supervise`], calling `after_fork` in the parent once the child runs (threads
+/// may start there: the fork is behind).
+pub(crate) fn fork_and_supervise_then(
+    prepared: &Prepared,
+    in_child: impl FnOnce(&Prepared, &SigSet),
+    after_fork: impl FnOnce(),
+) -> Result<i32, RunError> {
     // A signal ferry inherited as ignored would never reach sigwaitinfo: take it back to
     // the default (it is blocked, so it only waits there) and give the command the
     // disposition it would have had without ferry.
@@ -116,11 +175,7 @@ pub fn run_in_env(
         .into_iter()
         .filter(|s| raw::signal_is_ignored(*s))
         .collect();
-    let mut mask = SigSet::empty();
-    for s in FORWARDED {
-        mask.add(s);
-    }
-    mask.add(Signal::SIGCHLD);
+    let mask = forwarded_mask();
     mask.thread_block().map_err(|source| RunError::Os {
         what: "blocking signals",
         source,
@@ -137,30 +192,41 @@ pub fn run_in_env(
             for s in &inherited_ignored {
                 let _ = raw::ignore_signal(*s);
             }
-            let remap_root = spec.remap_root;
-            exec_in_container(
-                &namespaces,
-                &workdir,
-                remap_root,
-                &args,
-                &envp,
-                &search_path,
-                &mask,
-            )
+            in_child(prepared, &mask);
+            // (`in_child` execs or exits; this only stops a return into ferry's own code.)
+            std::process::exit(exit_code::SETUP_FAILED)
         }
         Some(child) => child,
     };
+    after_fork();
+    Ok(supervise(child, &mask))
+}
+
+/// The signals ferry passes on to its child, and SIGCHLD.
+pub(crate) fn forwarded_mask() -> SigSet {
+    let mut mask = SigSet::empty();
+    for s in FORWARDED {
+        mask.add(s);
+    }
+    mask.add(Signal::SIGCHLD);
+    mask
+}
+
+/// Stop the container once its command has ended with `status`; returns that status.
+pub(crate) fn finish(prepared: Prepared, status: i32) -> i32 {
+    let Prepared {
+        holder, namespaces, ..
+    } = prepared;
     drop(namespaces);
-    let status = supervise(child, &mask);
     let ended = holder.stop(Duration::from_secs(5));
     // An image server's end the holder has said itself, on this stderr.
     if let Some(early @ holder::EarlyEnd::Killed) = ended.early {
         eprintln!("ferry: error: {early}");
     }
-    Ok(status)
+    status
 }
 
-fn supervise(child: Pid, mask: &SigSet) -> i32 {
+pub(crate) fn supervise(child: Pid, mask: &SigSet) -> i32 {
     loop {
         let Ok(info) = raw::wait_signal(mask) else {
             return exit_code::SETUP_FAILED;

@@ -156,6 +156,44 @@ pub fn main(args: &DoctorArgs) -> i32 {
     }
 }
 
+/// `ferry run --checkpoint-dir`: off unless the site enables it; where it does, CRIU must
+/// be there and new enough. (CRIU needs no capabilities: it runs in the container's user
+/// namespace.)
+fn checkpoint_check(
+    facts: Result<
+        (
+            bool,
+            Result<
+                crate::container::checkpoint::Criu,
+                crate::container::checkpoint::CheckpointError,
+            >,
+        ),
+        crate::container::checkpoint::CheckpointError,
+    >,
+) -> Check {
+    use crate::container::checkpoint::SITE_CONF;
+    match facts {
+        Err(e) => Check::fail("checkpoint", e.to_string(), format!("correct {SITE_CONF}")),
+        Ok((false, _)) => Check::ok(
+            "checkpoint",
+            format!("checkpoints (ferry run --checkpoint-dir) not enabled by the site ({SITE_CONF})"),
+        ),
+        Ok((true, Ok(criu))) => Check::ok(
+            "checkpoint",
+            format!(
+                "checkpoints enabled; CRIU {} at {}",
+                criu.version,
+                criu.path.display()
+            ),
+        ),
+        Ok((true, Err(e))) => Check::fail(
+            "checkpoint",
+            e.to_string(),
+            format!("install CRIU 4 or later (Debian 13: apt-get install criu), or set enabled=no in {SITE_CONF}"),
+        ),
+    }
+}
+
 /// The plugin's settings in this node's plugstack.conf, for commands that must agree with
 /// the plugin (`ferry containers`); `None`: no Slurm configuration, or no ferry line in it.
 pub fn site_plugin_settings() -> Option<Result<PluginSettings, crate::slurm::site::SiteError>> {
@@ -199,6 +237,10 @@ pub fn run_checks() -> Vec<Check> {
     ));
     checks.push(directories::cache_dir_check());
     checks.push(directories::temp_dir_check());
+    checks.push(checkpoint_check(
+        crate::container::checkpoint::SiteCheckpoint::read()
+            .map(|site| (site.enabled, crate::container::checkpoint::find_criu(&site))),
+    ));
     match slurm {
         Err(check) => checks.push(check),
         Ok(s) => checks.extend(slurm_checks(&s)),
@@ -225,5 +267,34 @@ mod tests {
         assert_eq!(json["checks"][1]["status"], "fail");
         assert!(json["checks"][0].get("fix").is_none());
         assert!(Report::new(vec![Check::warn("x", "y", "z")]).ok);
+    }
+
+    #[test]
+    fn checkpoint_line_passes_when_off_and_fails_when_on_without_criu() {
+        use crate::container::checkpoint::{CheckpointError, Criu};
+        let missing = || {
+            Err(CheckpointError::NoCriu(
+                "not on PATH nor in /usr/sbin".into(),
+            ))
+        };
+        assert_eq!(checkpoint_check(Ok((false, missing()))).status, Status::Ok);
+        let broken = checkpoint_check(Ok((true, missing())));
+        assert_eq!(broken.status, Status::Fail);
+        assert!(
+            broken.message.starts_with("CRIU not found"),
+            "{}",
+            broken.message
+        );
+        let criu = Criu {
+            path: "/usr/sbin/criu".into(),
+            version: "4.1.1".into(),
+            interpreter: None,
+        };
+        let on = checkpoint_check(Ok((true, Ok(criu))));
+        assert_eq!(on.status, Status::Ok);
+        assert_eq!(
+            on.message,
+            "checkpoints enabled; CRIU 4.1.1 at /usr/sbin/criu"
+        );
     }
 }

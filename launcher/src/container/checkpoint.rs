@@ -1,0 +1,963 @@
+//! Checkpoint and restore of a `ferry run` container with CRIU (`ferry run
+//! --checkpoint-dir DIR`, `ferry checkpoint DIR`, `ferry restore DIR`).
+//!
+//! CRIU runs inside the container, as the user: in the container's user namespace it has
+//! the capabilities it needs (raised into its ambient set) over the container's own
+//! namespaces, so it needs no file capabilities and no root. For that the container's
+//! namespaces must be the same at the dump as at the restore, so CRIU dumps only processes,
+//! never namespaces: the container gets its own PID namespace, whose first process is
+//! ferry's [`init`] (never dumped); the command is its child and session leader, with a
+//! fresh /proc of that namespace in a mount namespace of its own below the container's.
+//! CRIU, a child of the same init, dumps the command's process tree; `ferry restore`
+//! builds the same container again from the saved spec, and CRIU restores the tree into
+//! the new init's namespace with the same PIDs (clone3 with set_tid, allowed to the
+//! namespace's owner). The measurements behind this (what fails as root, with file
+//! capabilities, or with the host's PID namespace) are in docs/bench/criu-evidence.txt.
+//!
+//! The image is not copied (the saved spec names it by path); the memory, open files and
+//! the state of the processes are. The command's standard output and error go to
+//! `DIR/output` (a file CRIU can reopen; a terminal or pipe of the host is outside the
+//! container), which `ferry run` and `ferry restore` copy to their own stdout as it grows.
+//!
+//! CRIU's binary comes from the host, and the container's root is the image's: init keeps
+//! a descriptor of the host's `/` and starts CRIU through it, with the host's dynamic
+//! loader and libraries (`/proc/self/fd/N/...`).
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::container::exit_code;
+use crate::container::holder::PrepareOptions;
+use crate::container::join;
+use crate::container::run::{self, Prepared, RunError};
+use crate::spec::gpus::GpuRequest;
+use crate::spec::mounts::MountSpec;
+use crate::spec::ContainerSpec;
+use crate::sys::raw;
+
+/// The site's switch for checkpoints, and where its CRIU is.
+pub const SITE_CONF: &str = "/etc/ferry/checkpoint.conf";
+/// Where the checkpoint directory appears inside the container.
+pub const INSIDE: &str = "/.ferry-checkpoint";
+/// The signal that checkpoints a running container (`ferry checkpoint` sends it to `ferry
+/// run`, which passes it on to init).
+pub const SIGNAL: Signal = Signal::SIGUSR1;
+/// The CRIU series that works on current kernels (3.x fails on their vDSO).
+pub const MIN_CRIU_MAJOR: u32 = 4;
+
+// The files of a checkpoint directory.
+const SPEC_FILE: &str = "container.json";
+const OUTPUT_FILE: &str = "output";
+const IMAGES_DIR: &str = "images";
+const SUPERVISOR_FILE: &str = "supervisor";
+const DONE_FILE: &str = "checkpointed";
+const FAILED_FILE: &str = "checkpoint-failed";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoints are not enabled on this machine: an admin enables them with `enabled=yes` in {SITE_CONF} (see the admin guide)")]
+    NotEnabled,
+    #[error("cannot read {SITE_CONF}: {0}")]
+    ReadSite(io::Error),
+    #[error("{SITE_CONF} line {line}: `{text}`: expected enabled=yes|no or criu=/PATH")]
+    BadSite { line: usize, text: String },
+    #[error("CRIU not found ({0}): install CRIU {MIN_CRIU_MAJOR} or later (Debian 13: apt-get install criu) or name it with criu= in {SITE_CONF}")]
+    NoCriu(String),
+    #[error("{criu} says its version is `{version}`: checkpoints need CRIU {MIN_CRIU_MAJOR}.0 or later (CRIU 3.x fails on this kernel's vDSO)")]
+    OldCriu { criu: String, version: String },
+    #[error("a container with GPUs cannot be checkpointed: CRIU cannot save GPU state (use --gpus none)")]
+    Gpus,
+    #[error("{0} holds a checkpoint already: continue it with `ferry restore {0}` or choose another directory")]
+    InUse(String),
+    // (`cause`, not `source`: the message says it already, once.)
+    #[error("{dir}: {what}: {cause}")]
+    Dir {
+        dir: String,
+        what: &'static str,
+        cause: io::Error,
+    },
+    #[error("{0} holds no checkpoint (no {SPEC_FILE}): make one with `ferry run --checkpoint-dir {0} ...` and `ferry checkpoint {0}`")]
+    NoCheckpoint(String),
+    #[error("{0} holds a container that is running or was restored already: checkpoint it again first (`ferry checkpoint {0}`)")]
+    NotCheckpointed(String),
+    #[error("{dir} is another user's checkpoint (uid {owner})")]
+    OtherUser { dir: String, owner: u32 },
+    #[error("no running container for {0}: its `ferry run` or `ferry restore` has ended")]
+    NotRunning(String),
+    #[error("the checkpoint of {dir} failed: {reason}")]
+    DumpFailed { dir: String, reason: String },
+    #[error("the container of {0} ended before its checkpoint was written")]
+    EndedFirst(String),
+    #[error("bad {file} in {dir}: {reason}")]
+    BadFile {
+        dir: String,
+        file: &'static str,
+        reason: String,
+    },
+    #[error(transparent)]
+    Run(#[from] RunError),
+}
+
+fn dir_error(dir: &Path, what: &'static str) -> impl FnOnce(io::Error) -> CheckpointError {
+    let dir = dir.display().to_string();
+    move |cause| CheckpointError::Dir { dir, what, cause }
+}
+
+/// What the site allows, from [`SITE_CONF`] (missing: not enabled).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SiteCheckpoint {
+    pub enabled: bool,
+    pub criu: Option<PathBuf>,
+}
+
+impl SiteCheckpoint {
+    pub fn parse(text: &str) -> Result<SiteCheckpoint, CheckpointError> {
+        let mut site = SiteCheckpoint::default();
+        for (i, raw_line) in text.lines().enumerate() {
+            let line = raw_line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let bad = || CheckpointError::BadSite {
+                line: i + 1,
+                text: line.to_string(),
+            };
+            match line.split_once('=').map(|(k, v)| (k.trim(), v.trim())) {
+                Some(("enabled", "yes")) => site.enabled = true,
+                Some(("enabled", "no")) => site.enabled = false,
+                Some(("criu", path)) if path.starts_with('/') => site.criu = Some(path.into()),
+                _ => return Err(bad()),
+            }
+        }
+        Ok(site)
+    }
+
+    pub fn read() -> Result<SiteCheckpoint, CheckpointError> {
+        match fs::read_to_string(SITE_CONF) {
+            Ok(text) => SiteCheckpoint::parse(&text),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(SiteCheckpoint::default()),
+            Err(e) => Err(CheckpointError::ReadSite(e)),
+        }
+    }
+}
+
+/// The CRIU program to run, and how to start it from inside a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Criu {
+    pub path: PathBuf,
+    pub version: String,
+    /// Its dynamic loader (PT_INTERP); `None`: a static binary.
+    pub interpreter: Option<PathBuf>,
+}
+
+/// Find CRIU (the site's, else `criu` on PATH or in /usr/sbin, /sbin) and check its version.
+pub fn find_criu(site: &SiteCheckpoint) -> Result<Criu, CheckpointError> {
+    let path = match &site.criu {
+        Some(p) => p.clone(),
+        None => {
+            let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+                .map(|p| std::env::split_paths(&p).collect())
+                .unwrap_or_default();
+            dirs.extend(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from));
+            dirs.into_iter()
+                .map(|d| d.join("criu"))
+                .find(|p| p.is_file())
+                .ok_or_else(|| CheckpointError::NoCriu("not on PATH nor in /usr/sbin".into()))?
+        }
+    };
+    let out = std::process::Command::new(&path)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| CheckpointError::NoCriu(format!("{}: {e}", path.display())))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = parse_version(&text).unwrap_or_else(|| text.trim().to_string());
+    let major = version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse::<u32>().ok());
+    if major.is_none_or(|m| m < MIN_CRIU_MAJOR) {
+        return Err(CheckpointError::OldCriu {
+            criu: path.display().to_string(),
+            version,
+        });
+    }
+    let bytes =
+        fs::read(&path).map_err(|e| CheckpointError::NoCriu(format!("{}: {e}", path.display())))?;
+    Ok(Criu {
+        path,
+        version,
+        interpreter: elf_interpreter(&bytes).map(PathBuf::from),
+    })
+}
+
+/// `Version: 4.1.1` (the first line of `criu --version`) -> `4.1.1`.
+fn parse_version(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Version:"))
+        .map(|v| v.trim().to_string())
+}
+
+/// The program interpreter (PT_INTERP) of a 64-bit little-endian ELF file.
+fn elf_interpreter(bytes: &[u8]) -> Option<String> {
+    const PT_INTERP: u32 = 3;
+    if bytes.get(..6)? != b"\x7fELF\x02\x01" {
+        return None;
+    }
+    let u16_at = |at: usize| Some(u16::from_le_bytes(bytes.get(at..at + 2)?.try_into().ok()?));
+    let u32_at = |at: usize| Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?));
+    let u64_at = |at: usize| Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?));
+    let phoff = usize::try_from(u64_at(0x20)?).ok()?;
+    let phentsize = usize::from(u16_at(0x36)?);
+    let phnum = usize::from(u16_at(0x38)?);
+    (0..phnum).find_map(|i| {
+        let ph = phoff.checked_add(i.checked_mul(phentsize)?)?;
+        if u32_at(ph)? != PT_INTERP {
+            return None;
+        }
+        let offset = usize::try_from(u64_at(ph + 8)?).ok()?;
+        let size = usize::try_from(u64_at(ph + 32)?).ok()?;
+        let raw = bytes.get(offset..offset.checked_add(size)?)?;
+        let text = raw.split(|b| *b == 0).next()?;
+        Some(String::from_utf8_lossy(text).into_owned())
+    })
+}
+
+/// Whether this container can be made checkpointable here; returns the CRIU to use.
+pub fn allowed(spec: &ContainerSpec) -> Result<Criu, CheckpointError> {
+    if spec.gpus != GpuRequest::None {
+        return Err(CheckpointError::Gpus);
+    }
+    let site = SiteCheckpoint::read()?;
+    if !site.enabled {
+        return Err(CheckpointError::NotEnabled);
+    }
+    find_criu(&site)
+}
+
+/// What a checkpoint directory keeps of its container, for the restore.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Saved {
+    spec: ContainerSpec,
+    criu: Criu,
+}
+
+/// The pieces init needs, prepared before the fork.
+struct InitPlan {
+    /// The host's `/`, for CRIU's binary and libraries.
+    host_root: OwnedFd,
+    criu: Criu,
+    /// The checkpoint directory on the host (for messages) and inside.
+    dir: PathBuf,
+    output_inside: PathBuf,
+    /// `--remap-root`: the command gets [`crate::container::id_filter`].
+    remap_root: bool,
+}
+
+/// `ferry run --checkpoint-dir DIR`: run `argv` in a container from `spec` that `ferry
+/// checkpoint DIR` (or [`SIGNAL`] to this process) checkpoints into DIR.
+pub fn run(
+    spec: &ContainerSpec,
+    argv: &[OsString],
+    opts: &PrepareOptions,
+    dir: &Path,
+) -> Result<i32, CheckpointError> {
+    let criu = allowed(spec)?;
+    let made_here = !dir.exists();
+    fs::create_dir_all(dir).map_err(dir_error(dir, "cannot create the directory"))?;
+    let dir = fs::canonicalize(dir).map_err(dir_error(dir, "cannot resolve the directory"))?;
+    if dir.join(SPEC_FILE).exists() {
+        return Err(CheckpointError::InUse(dir.display().to_string()));
+    }
+    let mut spec = spec.clone();
+    // The root must be a plain directory: on an overlay, the dev of a mapped file in
+    // /proc/PID/maps is not the one stat gives, and CRIU, without CAP_CHECKPOINT_RESTORE in
+    // the host's user namespace (for map_files), cannot tell what is mapped. An unpacked,
+    // writable copy in DIR (or the user's --keep DIR) also keeps the container's changes.
+    if spec.unpacked.is_none() {
+        spec.unpacked = Some(crate::spec::UnpackedDir {
+            owned_from: dir.clone(),
+            dir: dir.clone(),
+        });
+    }
+    spec.writable = true;
+    spec.mounts.push(MountSpec {
+        source: dir.clone(),
+        target: PathBuf::from(INSIDE),
+        read_only: false,
+        no_exec: true,
+        unbindable: false,
+        tmpfs: None,
+    });
+    let saved = Saved {
+        spec: spec.clone(),
+        criu: criu.clone(),
+    };
+    write_new(
+        &dir,
+        SPEC_FILE,
+        &serde_json::to_vec_pretty(&saved).unwrap_or_default(),
+    )?;
+    let started = (|| {
+        fs::create_dir_all(dir.join(IMAGES_DIR))
+            .map_err(dir_error(&dir, "cannot create images/"))?;
+        write_new(&dir, OUTPUT_FILE, b"")?;
+        let caller = std::env::vars_os()
+            .map(|(k, v)| {
+                (
+                    k.to_string_lossy().into_owned(),
+                    v.to_string_lossy().into_owned(),
+                )
+            })
+            .collect();
+        let prepared = run::prepare_command(&spec, argv, opts, caller)?;
+        Ok::<_, CheckpointError>(prepared)
+    })();
+    let prepared = match started {
+        Ok(p) => p,
+        Err(e) => {
+            // Nothing was checkpointed: leave the directory as it was.
+            if made_here {
+                let _ = fs::remove_dir_all(&dir);
+            } else {
+                for f in [SPEC_FILE, OUTPUT_FILE] {
+                    let _ = fs::remove_file(dir.join(f));
+                }
+                let _ = fs::remove_dir(dir.join(IMAGES_DIR));
+            }
+            return Err(e);
+        }
+    };
+    supervise_container(prepared, &dir, criu, 0, Start::Command, spec.remap_root)
+}
+
+/// `ferry restore DIR`: continue the container checkpointed into DIR.
+pub fn restore(opts: &PrepareOptions, dir: &Path) -> Result<i32, CheckpointError> {
+    let shown = dir.display().to_string();
+    let dir = fs::canonicalize(dir).map_err(dir_error(dir, "cannot open the checkpoint"))?;
+    let text = match fs::read(dir.join(SPEC_FILE)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(CheckpointError::NoCheckpoint(shown))
+        }
+        Err(e) => return Err(dir_error(&dir, "cannot read container.json")(e)),
+    };
+    let saved: Saved = serde_json::from_slice(&text).map_err(|e| CheckpointError::BadFile {
+        dir: shown.clone(),
+        file: SPEC_FILE,
+        reason: e.to_string(),
+    })?;
+    let uid = nix::unistd::getuid().as_raw();
+    if saved.spec.user.uid != uid {
+        return Err(CheckpointError::OtherUser {
+            dir: shown,
+            owner: saved.spec.user.uid,
+        });
+    }
+    if !dir.join(DONE_FILE).exists() {
+        return Err(CheckpointError::NotCheckpointed(shown));
+    }
+    // The site may have turned checkpoints off, or CRIU changed, since the checkpoint.
+    let criu = allowed(&saved.spec)?;
+    let prepared = run::prepare_command(&saved.spec, &[], opts, Vec::new())?;
+    // Only the output written after the restore is new to the caller.
+    let shown_up_to = fs::metadata(dir.join(OUTPUT_FILE)).map_or(0, |m| m.len());
+    let _ = fs::remove_file(dir.join(DONE_FILE));
+    supervise_container(
+        prepared,
+        &dir,
+        criu,
+        shown_up_to,
+        Start::Restore,
+        saved.spec.remap_root,
+    )
+}
+
+/// How init starts the container's command.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    Command,
+    Restore,
+}
+
+/// Fork the container's first process (which makes the PID namespace and its init), copy
+/// the output to stdout while it runs, and say how it ended.
+fn supervise_container(
+    prepared: Prepared,
+    dir: &Path,
+    criu: Criu,
+    output_from: u64,
+    start: Start,
+    remap_root: bool,
+) -> Result<i32, CheckpointError> {
+    let host_root = fs::File::open("/")
+        .map(OwnedFd::from)
+        .map_err(dir_error(Path::new("/"), "cannot open the host's root"))?;
+    let plan = InitPlan {
+        host_root,
+        criu,
+        dir: dir.to_path_buf(),
+        output_inside: Path::new(INSIDE).join(OUTPUT_FILE),
+        remap_root,
+    };
+    let _ = fs::remove_file(dir.join(FAILED_FILE));
+    write_supervisor(dir)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut follower = None;
+    let output = dir.join(OUTPUT_FILE);
+    let status = run::fork_and_supervise_then(
+        &prepared,
+        |p, mask| first_process(p, mask, &plan, start),
+        || {
+            let stop = stop.clone();
+            follower = Some(std::thread::spawn(move || {
+                follow(&output, output_from, &stop)
+            }));
+        },
+    )?;
+    stop.store(true, Ordering::Relaxed);
+    if let Some(f) = follower {
+        let _ = f.join();
+    }
+    let _ = fs::remove_file(dir.join(SUPERVISOR_FILE));
+    let status = run::finish(prepared, status);
+    if let Ok(text) = fs::read_to_string(dir.join(DONE_FILE)) {
+        if status == 0 {
+            eprintln!(
+                "ferry: checkpointed the container to {} ({}); continue it with `ferry restore {}`",
+                dir.display(),
+                text.trim(),
+                dir.display()
+            );
+        }
+    }
+    Ok(status)
+}
+
+/// Copy what is appended to `path` after `from` to stdout until `stop`, then the rest.
+fn follow(path: &Path, from: u64, stop: &AtomicBool) {
+    use std::io::Seek;
+    let Ok(mut file) = fs::File::open(path) else {
+        return;
+    };
+    let _ = file.seek(io::SeekFrom::Start(from));
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = io::stdout();
+    loop {
+        let last = stop.load(Ordering::Relaxed);
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let _ = out.write_all(&buf[..n]);
+                }
+            }
+        }
+        let _ = out.flush();
+        if last {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `DIR/supervisor`: this process's pid and start time, for `ferry checkpoint DIR`.
+fn write_supervisor(dir: &Path) -> Result<(), CheckpointError> {
+    let me = std::process::id();
+    let started = start_time(me).unwrap_or(0);
+    fs::write(dir.join(SUPERVISOR_FILE), format!("{me} {started}\n"))
+        .map_err(dir_error(dir, "cannot write supervisor"))
+}
+
+/// A process's start time (field 22 of /proc/PID/stat), which tells it from a later
+/// process with the same pid.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    after_name.split(' ').nth(19)?.parse().ok()
+}
+
+fn write_new(dir: &Path, name: &'static str, contents: &[u8]) -> Result<(), CheckpointError> {
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(dir.join(name))
+        .and_then(|mut f| f.write_all(contents))
+        .map_err(dir_error(dir, "cannot write"))
+}
+
+/// `ferry checkpoint DIR`: have the container of DIR checkpointed, and wait for the result.
+pub fn request(dir: &Path) -> Result<String, CheckpointError> {
+    let shown = dir.display().to_string();
+    let text = fs::read_to_string(dir.join(SUPERVISOR_FILE))
+        .map_err(|_| CheckpointError::NotRunning(shown.clone()))?;
+    let mut words = text.split_whitespace().map(|w| w.parse::<u64>().ok());
+    let (Some(Some(pid)), Some(Some(started))) = (words.next(), words.next()) else {
+        return Err(CheckpointError::BadFile {
+            dir: shown,
+            file: SUPERVISOR_FILE,
+            reason: format!("`{}`", text.trim()),
+        });
+    };
+    let pid = u32::try_from(pid).map_err(|_| CheckpointError::NotRunning(shown.clone()))?;
+    let alive = || start_time(pid) == Some(started);
+    if !alive() {
+        return Err(CheckpointError::NotRunning(shown));
+    }
+    let _ = fs::remove_file(dir.join(FAILED_FILE));
+    let _ = fs::remove_file(dir.join(DONE_FILE));
+    let pid_i32 = i32::try_from(pid).map_err(|_| CheckpointError::NotRunning(shown.clone()))?;
+    kill(Pid::from_raw(pid_i32), SIGNAL).map_err(|_| CheckpointError::NotRunning(shown.clone()))?;
+    loop {
+        if let Ok(reason) = fs::read_to_string(dir.join(FAILED_FILE)) {
+            let _ = fs::remove_file(dir.join(FAILED_FILE));
+            return Err(CheckpointError::DumpFailed {
+                dir: shown,
+                reason: reason.trim().to_string(),
+            });
+        }
+        if let Ok(done) = fs::read_to_string(dir.join(DONE_FILE)) {
+            return Ok(done.trim().to_string());
+        }
+        if !alive() {
+            // (It may have written the result just before it ended.)
+            if let Ok(done) = fs::read_to_string(dir.join(DONE_FILE)) {
+                return Ok(done.trim().to_string());
+            }
+            return Err(CheckpointError::EndedFirst(shown));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---- inside the container ----
+
+fn die(message: &str) -> ! {
+    eprintln!("ferry: error: {message}");
+    std::process::exit(exit_code::SETUP_FAILED)
+}
+
+/// The child of `ferry run`: enter the container, make the PID namespace, start init in
+/// it and pass signals on to it until it ends; exits with init's status.
+fn first_process(p: &Prepared, mask: &SigSet, plan: &InitPlan, start: Start) {
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
+        die(&format!(
+            "cannot make the container end with ferry (PR_SET_PDEATHSIG): {e}"
+        ));
+    }
+    if let Err(e) = join::join(&p.namespaces, &p.workdir) {
+        die(&e.to_string());
+    }
+    if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID) {
+        die(&format!(
+            "cannot make a PID namespace for the container: {e}"
+        ));
+    }
+    match raw::fork_single_threaded() {
+        Err(e) => die(&format!("fork: {e}")),
+        Ok(None) => init(p, mask, plan, start),
+        Ok(Some(init_pid)) => std::process::exit(run::supervise(init_pid, mask)),
+    }
+}
+
+/// PID 1 of the container's PID namespace: starts the command (or has CRIU restore it),
+/// passes signals on, checkpoints at [`SIGNAL`], reaps, and ends with the command's status.
+fn init(p: &Prepared, mask: &SigSet, plan: &InitPlan, start: Start) -> ! {
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    // A mount namespace of init's own, for a /proc of the new PID namespace (CRIU and the
+    // processes it dumps must agree on what /proc/self is); the holder keeps the host's.
+    if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS) {
+        die(&format!(
+            "cannot make the container's init mount namespace: {e}"
+        ));
+    }
+    use nix::mount::MsFlags;
+    if let Err(e) = nix::mount::mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    ) {
+        die(&format!(
+            "cannot mount /proc for the container's PID namespace: {e}"
+        ));
+    }
+    let _ = std::env::set_current_dir(&p.workdir);
+    let command = match start {
+        Start::Command => start_command(p, plan),
+        Start::Restore => match restore_with_criu(plan) {
+            Ok(pid) => pid,
+            Err(reason) => die(&format!(
+                "the restore from {} failed: {reason}",
+                plan.dir.display()
+            )),
+        },
+    };
+    loop {
+        let Ok(info) = raw::wait_signal(mask) else {
+            std::process::exit(exit_code::SETUP_FAILED);
+        };
+        if info.si_signo == libc::SIGCHLD {
+            // Init reaps every orphan of the namespace; the command's end ends it.
+            loop {
+                match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(pid, code)) if pid == command => std::process::exit(code),
+                    Ok(WaitStatus::Signaled(pid, sig, _)) if pid == command => {
+                        std::process::exit(exit_code::killed_by(sig as i32))
+                    }
+                    Ok(WaitStatus::StillAlive) | Err(_) => break,
+                    Ok(_) => continue,
+                }
+            }
+        } else if info.si_signo == SIGNAL as i32 {
+            match dump_with_criu(plan, command) {
+                Ok(summary) => {
+                    let _ = fs::write(Path::new(INSIDE).join(DONE_FILE), format!("{summary}\n"));
+                    // The dump killed the command's processes; their end is not an error.
+                    std::process::exit(0)
+                }
+                Err(reason) => {
+                    eprintln!(
+                        "ferry: error: the checkpoint of {} failed: {reason}",
+                        plan.dir.display()
+                    );
+                    let _ = fs::write(Path::new(INSIDE).join(FAILED_FILE), format!("{reason}\n"));
+                }
+            }
+        } else if let Ok(sig) = Signal::try_from(info.si_signo) {
+            // From a process or the terminal alike (^C reaches ferry's process group, init
+            // included, but not the command's own session): init is the command's only way.
+            let _ = kill(command, sig);
+        }
+    }
+}
+
+/// Fork the command: its own session (CRIU dumps whole sessions), stdin from /dev/null,
+/// stdout and stderr to the checkpoint's output file, no other inherited descriptor;
+/// returns its pid.
+fn start_command(p: &Prepared, plan: &InitPlan) -> Pid {
+    let open_output = || {
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&plan.output_inside)
+            .map(OwnedFd::from)
+    };
+    let (output, null) = match (open_output(), fs::File::open("/dev/null")) {
+        (Ok(o), Ok(n)) => (o, OwnedFd::from(n)),
+        (Err(e), _) | (_, Err(e)) => die(&format!(
+            "cannot open {} in the container: {e}",
+            plan.output_inside.display()
+        )),
+    };
+    match raw::fork_single_threaded() {
+        Err(e) => die(&format!("fork: {e}")),
+        Ok(Some(pid)) => pid,
+        Ok(None) => {
+            let _ = nix::unistd::setsid();
+            for (from, to) in [
+                (null.as_raw_fd(), 0),
+                (output.as_raw_fd(), 1),
+                (output.as_raw_fd(), 2),
+            ] {
+                if nix::unistd::dup2(from, to).is_err() {
+                    std::process::exit(exit_code::SETUP_FAILED);
+                }
+            }
+            drop(output);
+            drop(null);
+            // Nothing the caller left open goes in: CRIU can save only what the container
+            // can reach (a lock file of the host's, say, it cannot).
+            if let Err(e) = raw::cloexec_from(3) {
+                die(&format!("cannot close inherited descriptors: {e}"));
+            }
+            let _ = run::forwarded_mask().thread_unblock();
+            if plan.remap_root {
+                if let Err(e) = crate::container::id_filter::install() {
+                    die(&e.to_string());
+                }
+            }
+            run::exec_searching(&p.args, &p.envp, &p.search_path)
+        }
+    }
+}
+
+/// The host's library directories for CRIU, under `prefix` (the host's `/` through init's
+/// descriptor).
+fn host_library_path(prefix: &str) -> String {
+    let triple = format!("{}-linux-gnu", std::env::consts::ARCH);
+    [
+        format!("/lib/{triple}"),
+        format!("/usr/lib/{triple}"),
+        "/lib64".into(),
+        "/usr/lib64".into(),
+        "/lib".into(),
+        "/usr/lib".into(),
+    ]
+    .iter()
+    .map(|d| format!("{prefix}{d}"))
+    .collect::<Vec<_>>()
+    .join(":")
+}
+
+/// Run CRIU with `args` from inside the container, with every capability the container's
+/// user namespace gives init, through the host's root; returns whether it succeeded.
+fn run_criu(plan: &InitPlan, args: &[String]) -> io::Result<bool> {
+    // A copy without close-on-exec, for CRIU's exec and its loader's opens.
+    let root = nix::fcntl::fcntl(
+        plan.host_root.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_DUPFD(10),
+    )
+    .map_err(io::Error::from)?;
+    let prefix = format!("/proc/self/fd/{root}");
+    let criu = format!("{prefix}{}", plan.criu.path.display());
+    let mut command = match &plan.criu.interpreter {
+        Some(loader) => {
+            let mut c = std::process::Command::new(format!("{prefix}{}", loader.display()));
+            c.arg("--inhibit-cache")
+                .arg("--library-path")
+                .arg(host_library_path(&prefix))
+                .arg(&criu);
+            c
+        }
+        None => std::process::Command::new(&criu),
+    };
+    command
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    raise_ambient_capabilities()?;
+    let status = command.status();
+    let _ = nix::unistd::close(root);
+    Ok(status?.success())
+}
+
+/// Raise the permitted capabilities into the inheritable and ambient sets, so that CRIU,
+/// exec'd as the (mapped) user, keeps them in the container's user namespace. All but
+/// CAP_SETUID: with it, CRIU's restore makes itself uid 0 of the namespace, which is not
+/// mapped there (only the user is).
+fn raise_ambient_capabilities() -> io::Result<()> {
+    use rustix::thread::{
+        capabilities, configure_capability_in_ambient_set, set_capabilities, CapabilitySet,
+    };
+    let mut sets = capabilities(None)?;
+    sets.inheritable = sets.permitted;
+    set_capabilities(None, sets)?;
+    for cap in sets.permitted.iter() {
+        if cap == CapabilitySet::SETUID {
+            continue;
+        }
+        // Capabilities this kernel does not know are not in the set to begin with.
+        let _ = configure_capability_in_ambient_set(cap, true);
+    }
+    Ok(())
+}
+
+/// The first error lines of a CRIU log (`log`, shown to the user as `shown`), for a
+/// one-line reason.
+fn criu_reason(log: &Path, shown: &Path) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    // (CRIU logs some harmless errors about the host's network when run unprivileged.)
+    let harmless = [
+        "): tun:",
+        "): net:",
+        "): rlimit:",
+        "kerndat",
+        "Unable to get socket network namespace",
+    ];
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Error") && !harmless.iter().any(|h| l.contains(h)))
+        .map(|l| l.split_once("): ").map_or(l, |(_, msg)| msg).trim())
+        .take(2)
+        .collect();
+    if errors.is_empty() {
+        format!("CRIU failed (see {})", shown.display())
+    } else {
+        format!("{} (CRIU's log: {})", errors.join("; "), shown.display())
+    }
+}
+
+/// Dump the command's process tree into the images directory; returns a summary (time and
+/// size) or why it failed.
+fn dump_with_criu(plan: &InitPlan, command: Pid) -> Result<String, String> {
+    let images_inside = Path::new(INSIDE).join(IMAGES_DIR);
+    let images_shown = plan.dir.join(IMAGES_DIR);
+    // A dump from an earlier checkpoint (this is a restored container) is replaced.
+    let _ = fs::remove_dir_all(&images_inside);
+    fs::create_dir_all(&images_inside)
+        .map_err(|e| format!("cannot create {}: {e}", images_shown.display()))?;
+    let started = Instant::now();
+    let args: Vec<String> = [
+        "dump",
+        "--unprivileged",
+        "--tree",
+        &command.as_raw().to_string(),
+        "--images-dir",
+        &images_inside.display().to_string(),
+        "--log-file",
+        "dump.log",
+        "-v4",
+    ]
+    .map(String::from)
+    .to_vec();
+    match run_criu(plan, &args) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(criu_reason(
+                &images_inside.join("dump.log"),
+                &images_shown.join("dump.log"),
+            ))
+        }
+        Err(e) => {
+            return Err(format!(
+                "cannot start CRIU ({}): {e}",
+                plan.criu.path.display()
+            ))
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let size = dir_size(&images_inside);
+    Ok(format!(
+        "{} of images in {secs:.2} s",
+        crate::image::registry::progress::human_bytes(size)
+    ))
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Have CRIU restore the dumped tree into this PID namespace; returns the command's pid.
+fn restore_with_criu(plan: &InitPlan) -> Result<Pid, String> {
+    let images_inside = Path::new(INSIDE).join(IMAGES_DIR);
+    let images_shown = plan.dir.join(IMAGES_DIR);
+    // CRIU and its helpers take pids far above those of the restored tree (which CRIU sets
+    // with clone3's set_tid), so that none is taken when a restored process needs it.
+    if let Ok(max) = fs::read_to_string("/proc/sys/kernel/pid_max") {
+        if let Ok(max) = max.trim().parse::<u64>() {
+            let _ = fs::write(
+                "/proc/sys/kernel/ns_last_pid",
+                (max.saturating_sub(1000).max(300)).to_string(),
+            );
+        }
+    }
+    let pidfile = images_inside.join("restored.pid");
+    let args: Vec<String> = [
+        "restore",
+        "--unprivileged",
+        "--restore-detached",
+        "--images-dir",
+        &images_inside.display().to_string(),
+        "--log-file",
+        "restore.log",
+        "-v4",
+        "--pidfile",
+        &pidfile.display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    match run_criu(plan, &args) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(criu_reason(
+                &images_inside.join("restore.log"),
+                &images_shown.join("restore.log"),
+            ))
+        }
+        Err(e) => {
+            return Err(format!(
+                "cannot start CRIU ({}): {e}",
+                plan.criu.path.display()
+            ))
+        }
+    }
+    let text = fs::read_to_string(&pidfile).map_err(|e| format!("no pid from CRIU: {e}"))?;
+    text.trim()
+        .parse::<i32>()
+        .map(Pid::from_raw)
+        .map_err(|_| format!("bad pid from CRIU: `{}`", text.trim()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_site_switch() {
+        assert_eq!(
+            SiteCheckpoint::parse("").unwrap(),
+            SiteCheckpoint::default()
+        );
+        let site =
+            SiteCheckpoint::parse("# on\nenabled = yes\ncriu=/opt/criu/sbin/criu\n").unwrap();
+        assert!(site.enabled);
+        assert_eq!(site.criu.as_deref(), Some(Path::new("/opt/criu/sbin/criu")));
+        let err = SiteCheckpoint::parse("enabled=maybe")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 1: `enabled=maybe`"), "{err}");
+        assert!(SiteCheckpoint::parse("criu=relative").is_err());
+    }
+
+    #[test]
+    fn reads_criu_version_lines() {
+        assert_eq!(parse_version("Version: 4.1.1\n").as_deref(), Some("4.1.1"));
+        assert_eq!(
+            parse_version("Version: 3.17.1\nGitID: v3.17.1\n").as_deref(),
+            Some("3.17.1")
+        );
+        assert_eq!(parse_version("criu: not found"), None);
+    }
+
+    #[test]
+    fn finds_the_interpreter_of_this_test_binary() {
+        let me = fs::read("/proc/self/exe").unwrap();
+        let interp = elf_interpreter(&me);
+        assert!(
+            interp.as_deref().is_some_and(|i| i.contains("ld-")),
+            "{interp:?}"
+        );
+        assert_eq!(elf_interpreter(b"#!/bin/sh\n"), None);
+        assert_eq!(elf_interpreter(b"\x7fELF\x02\x01\x01"), None);
+    }
+
+    #[test]
+    fn keeps_one_line_reasons_from_criu_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("dump.log");
+        fs::write(
+            &log,
+            "(00.1) Error (criu/tun.c:85): tun: Unable to create tun: Permission denied\n\
+             (00.2) Error (criu/sk-inet.c:188): inet: Connected TCP socket, consider using --tcp-established option.\n",
+        )
+        .unwrap();
+        let reason = criu_reason(&log, &log);
+        assert!(
+            reason.starts_with("inet: Connected TCP socket, consider using --tcp-established option. (CRIU's log: "),
+            "{reason}"
+        );
+    }
+}
