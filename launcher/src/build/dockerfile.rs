@@ -300,8 +300,19 @@ pub(super) fn pairs(
         .collect()
 }
 
+/// A word whose quote is never closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unterminated quote in `{0}`")]
+pub struct UnterminatedQuote(pub String);
+
+impl From<UnterminatedQuote> for String {
+    fn from(e: UnterminatedQuote) -> String {
+        e.to_string()
+    }
+}
+
 /// Words separated by unquoted blanks, quotes still in them.
-fn split_words_raw(text: &str) -> Result<Vec<String>, String> {
+fn split_words_raw(text: &str) -> Result<Vec<String>, UnterminatedQuote> {
     let mut words = Vec::new();
     let mut word = String::new();
     let mut quote = None;
@@ -333,7 +344,7 @@ fn split_words_raw(text: &str) -> Result<Vec<String>, String> {
         in_word = true;
     }
     if quote.is_some() {
-        return Err(format!("unterminated quote in `{text}`"));
+        return Err(UnterminatedQuote(text.to_string()));
     }
     if in_word {
         words.push(word);
@@ -342,7 +353,7 @@ fn split_words_raw(text: &str) -> Result<Vec<String>, String> {
 }
 
 /// One word with its quotes and backslashes taken out.
-pub fn unquote(word: &str) -> Result<String, String> {
+pub fn unquote(word: &str) -> Result<String, UnterminatedQuote> {
     let mut out = String::new();
     let mut quote = None;
     let mut chars = word.chars();
@@ -360,13 +371,13 @@ pub fn unquote(word: &str) -> Result<String, String> {
         }
     }
     if quote.is_some() {
-        return Err(format!("unterminated quote in `{word}`"));
+        return Err(UnterminatedQuote(word.to_string()));
     }
     Ok(out)
 }
 
 /// Words separated by blanks, unquoted.
-pub fn split_words(text: &str) -> Result<Vec<String>, String> {
+pub fn split_words(text: &str) -> Result<Vec<String>, UnterminatedQuote> {
     split_words_raw(text)?.iter().map(|w| unquote(w)).collect()
 }
 

@@ -793,15 +793,33 @@ fn criu_reason(log: &Path, shown: &Path) -> String {
     }
 }
 
+/// Why CRIU's dump or restore did not happen (said on one line by init).
+#[derive(Debug, thiserror::Error)]
+enum CriuError {
+    #[error("cannot create {}: {error}", .dir.display())]
+    ImagesDir { dir: PathBuf, error: io::Error },
+    #[error("cannot start CRIU ({}): {error}", .criu.display())]
+    Start { criu: PathBuf, error: io::Error },
+    /// The reason its log gives.
+    #[error("{0}")]
+    Failed(String),
+    #[error("no pid from CRIU: {0}")]
+    NoPid(io::Error),
+    #[error("bad pid from CRIU: `{0}`")]
+    BadPid(String),
+}
+
 /// Dump the command's process tree into the images directory; returns a summary (time and
 /// size) or why it failed.
-fn dump_with_criu(plan: &InitPlan, command: Pid) -> Result<String, String> {
+fn dump_with_criu(plan: &InitPlan, command: Pid) -> Result<String, CriuError> {
     let images_inside = Path::new(INSIDE).join(IMAGES_DIR);
     let images_shown = plan.dir.join(IMAGES_DIR);
     // A dump from an earlier checkpoint (this is a restored container) is replaced.
     let _ = fs::remove_dir_all(&images_inside);
-    fs::create_dir_all(&images_inside)
-        .map_err(|e| format!("cannot create {}: {e}", images_shown.display()))?;
+    fs::create_dir_all(&images_inside).map_err(|error| CriuError::ImagesDir {
+        dir: images_shown.clone(),
+        error,
+    })?;
     let started = Instant::now();
     let args: Vec<String> = [
         "dump",
@@ -819,16 +837,16 @@ fn dump_with_criu(plan: &InitPlan, command: Pid) -> Result<String, String> {
     match run_criu(plan, &args) {
         Ok(true) => {}
         Ok(false) => {
-            return Err(criu_reason(
+            return Err(CriuError::Failed(criu_reason(
                 &images_inside.join("dump.log"),
                 &images_shown.join("dump.log"),
-            ))
+            )))
         }
-        Err(e) => {
-            return Err(format!(
-                "cannot start CRIU ({}): {e}",
-                plan.criu.path.display()
-            ))
+        Err(error) => {
+            return Err(CriuError::Start {
+                criu: plan.criu.path.clone(),
+                error,
+            })
         }
     }
     let secs = started.elapsed().as_secs_f64();
@@ -851,7 +869,7 @@ fn dir_size(dir: &Path) -> u64 {
 }
 
 /// Have CRIU restore the dumped tree into this PID namespace; returns the command's pid.
-fn restore_with_criu(plan: &InitPlan) -> Result<Pid, String> {
+fn restore_with_criu(plan: &InitPlan) -> Result<Pid, CriuError> {
     let images_inside = Path::new(INSIDE).join(IMAGES_DIR);
     let images_shown = plan.dir.join(IMAGES_DIR);
     // CRIU and its helpers take pids far above those of the restored tree (which CRIU sets
@@ -882,23 +900,23 @@ fn restore_with_criu(plan: &InitPlan) -> Result<Pid, String> {
     match run_criu(plan, &args) {
         Ok(true) => {}
         Ok(false) => {
-            return Err(criu_reason(
+            return Err(CriuError::Failed(criu_reason(
                 &images_inside.join("restore.log"),
                 &images_shown.join("restore.log"),
-            ))
+            )))
         }
-        Err(e) => {
-            return Err(format!(
-                "cannot start CRIU ({}): {e}",
-                plan.criu.path.display()
-            ))
+        Err(error) => {
+            return Err(CriuError::Start {
+                criu: plan.criu.path.clone(),
+                error,
+            })
         }
     }
-    let text = fs::read_to_string(&pidfile).map_err(|e| format!("no pid from CRIU: {e}"))?;
+    let text = fs::read_to_string(&pidfile).map_err(CriuError::NoPid)?;
     text.trim()
         .parse::<i32>()
         .map(Pid::from_raw)
-        .map_err(|_| format!("bad pid from CRIU: `{}`", text.trim()))
+        .map_err(|_| CriuError::BadPid(text.trim().to_string()))
 }
 
 #[cfg(test)]

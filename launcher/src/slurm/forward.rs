@@ -165,8 +165,8 @@ pub fn serve(place: Place) -> Result<(), ForwardError> {
         let (running, host_env, id) = (running.clone(), host_env.clone(), next_id);
         std::thread::spawn(move || {
             let mut conn = conn;
-            if let Err(text) = handle(&mut conn, own_uid, &host_env, &running, id) {
-                let _ = answer_error(&mut conn, &text);
+            if let Err(refused) = handle(&mut conn, own_uid, &host_env, &running, id) {
+                let _ = answer_error(&mut conn, &refused.to_string());
             }
         });
     }
@@ -273,51 +273,67 @@ fn find_on_path(name: &OsStr, path: Option<&OsStr>) -> Option<PathBuf> {
         })
 }
 
-/// Serve one connection; an error is the text for the client.
+/// Why a connection's command did not run to its end: the line its client prints.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("cannot tell who is asking: {0}")]
+    Peer(io::Error),
+    #[error("refused: uid {0} is not the job's user")]
+    NotTheUser(u32),
+    #[error("bad request: {0}")]
+    Malformed(&'static str),
+    #[error("bad request: {0}")]
+    Unreadable(io::Error),
+    #[error("request of {0} bytes is too large")]
+    TooLarge(u32),
+    #[error("{name} is not forwarded to the host (only {})", COMMANDS.join(", "))]
+    NotForwarded { name: String },
+    #[error("{name} is not installed on the host (not on the job's PATH)")]
+    NotInstalled { name: String },
+    #[error("cannot run {}: {error}", .program.display())]
+    Run { program: PathBuf, error: io::Error },
+    #[error("{0}")]
+    Lost(io::Error),
+}
+
+/// Serve one connection; an error is said to the client.
 fn handle(
     conn: &mut UnixStream,
     own_uid: rustix::process::Uid,
     host_env: &[(&str, Option<OsString>)],
     running: &Running,
     id: u64,
-) -> Result<(), String> {
-    let peer = rustix::net::sockopt::socket_peercred(&*conn)
-        .map_err(|e| format!("cannot tell who is asking: {e}"))?;
+) -> Result<(), Refusal> {
+    let peer =
+        rustix::net::sockopt::socket_peercred(&*conn).map_err(|e| Refusal::Peer(e.into()))?;
     if peer.uid != own_uid {
-        return Err(format!(
-            "refused: uid {} is not the job's user",
-            peer.uid.as_raw()
-        ));
+        return Err(Refusal::NotTheUser(peer.uid.as_raw()));
     }
-    let (magic, stdio) = receive_stdio(conn).map_err(|e| format!("bad request: {e}"))?;
+    let (magic, stdio) = receive_stdio(conn).map_err(Refusal::Unreadable)?;
     if &magic != b"FWD1" {
-        return Err("bad request: not ferry-forward's protocol".into());
+        return Err(Refusal::Malformed("not ferry-forward's protocol"));
     }
     let [stdin, stdout, stderr, cwd]: [OwnedFd; 4] = stdio
         .try_into()
-        .map_err(|_| "bad request: not four descriptors".to_string())?;
+        .map_err(|_| Refusal::Malformed("not four descriptors"))?;
     let mut len = [0u8; 4];
-    conn.read_exact(&mut len).map_err(|e| e.to_string())?;
+    conn.read_exact(&mut len).map_err(Refusal::Lost)?;
     let len = u32::from_le_bytes(len);
     if len > MAX_REQUEST {
-        return Err(format!("request of {len} bytes is too large"));
+        return Err(Refusal::TooLarge(len));
     }
     let mut bytes = vec![0u8; len as usize];
-    conn.read_exact(&mut bytes).map_err(|e| e.to_string())?;
-    let req = Request::parse(&bytes).ok_or("bad request: malformed")?;
+    conn.read_exact(&mut bytes).map_err(Refusal::Lost)?;
+    let req = Request::parse(&bytes).ok_or(Refusal::Malformed("malformed"))?;
     let name = req.program.to_string_lossy().into_owned();
     if !COMMANDS.iter().any(|c| req.program == *c) {
-        return Err(format!(
-            "{name} is not forwarded to the host (only {})",
-            COMMANDS.join(", ")
-        ));
+        return Err(Refusal::NotForwarded { name });
     }
     let host_path = host_env
         .iter()
         .find(|(k, _)| *k == "PATH")
         .and_then(|(_, v)| v.as_deref());
-    let program = find_on_path(&req.program, host_path)
-        .ok_or_else(|| format!("{name} is not installed on the host (not on the job's PATH)"))?;
+    let program = find_on_path(&req.program, host_path).ok_or(Refusal::NotInstalled { name })?;
     let mut cmd = Command::new(&program);
     cmd.arg0(&req.program)
         .args(&req.args)
@@ -331,11 +347,12 @@ fn handle(
     if same_directory(&cwd, &req.cwd) {
         cmd.current_dir(&req.cwd);
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
+    let mut child = cmd.spawn().map_err(|error| Refusal::Run {
+        program: program.clone(),
+        error,
+    })?;
     drop(cmd);
-    let pidfd = Arc::new(Pidfd::of_spawned(&child).map_err(|e| e.to_string())?);
+    let pidfd = Arc::new(Pidfd::of_spawned(&child).map_err(Refusal::Lost)?);
     running
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -345,7 +362,7 @@ fn handle(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&id);
-    let status = status.map_err(|e| e.to_string())?;
+    let status = status.map_err(Refusal::Lost)?;
     let answer = match (status.code(), status.signal()) {
         (Some(code), _) => [b'x'].into_iter().chain((code as u32).to_le_bytes()),
         (None, Some(sig)) => [b's'].into_iter().chain((sig as u32).to_le_bytes()),

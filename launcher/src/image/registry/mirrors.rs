@@ -112,16 +112,28 @@ fn canonical(name: &str) -> String {
     }
 }
 
+/// Why a prefix or location is not `host[:port][/path]`.
+#[derive(Debug, thiserror::Error)]
+enum PlaceError {
+    #[error("`{0}`: write host[:port][/path], without a scheme")]
+    Scheme(String),
+    #[error("`{0}`: wildcard prefixes are not supported")]
+    Wildcard(String),
+    #[error("`{text}` is not host[:port][/path]: {error}")]
+    Name {
+        text: String,
+        error: crate::image::reference::NameError,
+    },
+}
+
 /// Whether `text` is `host[:port][/path]` as an image name starts (no scheme, tag or
 /// digest); the reason when not.
-fn check_place(text: &str) -> Result<(), String> {
+fn check_place(text: &str) -> Result<(), PlaceError> {
     if text.contains("://") {
-        return Err(format!(
-            "`{text}`: write host[:port][/path], without a scheme"
-        ));
+        return Err(PlaceError::Scheme(text.to_string()));
     }
     if text.starts_with("*.") {
-        return Err(format!("`{text}`: wildcard prefixes are not supported"));
+        return Err(PlaceError::Wildcard(text.to_string()));
     }
     let (host, path) = text.split_once('/').unwrap_or((text, ""));
     let probe = RemoteRef {
@@ -135,9 +147,10 @@ fn check_place(text: &str) -> Result<(), String> {
         digest: None,
         user: None,
     };
-    probe
-        .validate()
-        .map_err(|e| format!("`{text}` is not host[:port][/path]: {e}"))
+    probe.validate().map_err(|error| PlaceError::Name {
+        text: text.to_string(),
+        error,
+    })
 }
 
 impl Mirrors {
