@@ -1303,3 +1303,61 @@ fn an_archive_import_says_what_it_does_and_a_refused_one_stays_one_line() {
         assert_eq!(screen.trim_end().lines().count(), 1, "{image}: {screen:?}");
     }
 }
+
+#[test]
+fn timings_name_each_phase_of_the_start_and_the_command_still_runs() {
+    let _m = shared_machine();
+    // debian lacks the home directory's mount point: the overlay phase is in the start.
+    let out = sh(&format!(
+        "$FERRY run --timings {} cat /etc/ferry-marker",
+        img("debian.sqsh")
+    ));
+    assert_eq!(out.ok().trim(), "debian-image");
+    let phases: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("ferry: timing: ")?.strip_suffix(" ms"))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(_, ms)| ms.parse::<f64>().is_ok())
+        .map(|(name, _)| name.trim())
+        .collect();
+    for phase in [
+        "holder process",
+        "user namespace",
+        "staging tmpfs",
+        "squashfuse start",
+        "squashfuse ready",
+        "overlay",
+        "binds",
+        "/dev",
+        "passwd/group",
+        "pivot_root",
+        "enter container",
+        "exec",
+        "total",
+        "stop",
+    ] {
+        assert!(
+            phases.contains(&phase),
+            "no {phase} in {phases:?}:\n{}",
+            out.stderr
+        );
+    }
+    // Without the flag, nothing of it.
+    let quiet = sh(&format!("$FERRY run {} true", img("busybox.sqsh")));
+    quiet.ok();
+    assert!(!quiet.stderr.contains("timing"), "{}", quiet.stderr);
+    // The same phases under FERRY_LOG=debug, from the holder and ferry itself.
+    let logged = sh(&format!(
+        "FERRY_LOG=debug $FERRY run {} true",
+        img("busybox.sqsh")
+    ));
+    logged.ok();
+    for phase in ["squashfuse ready", "/dev", "pivot_root", "exec"] {
+        assert!(
+            logged.stderr.contains(&format!("phase {phase}: ")),
+            "no {phase} in {}",
+            logged.stderr
+        );
+    }
+}

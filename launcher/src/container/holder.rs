@@ -18,6 +18,7 @@ use nix::sys::signal::{SigSet, Signal};
 use serde::{Deserialize, Serialize};
 
 use crate::container::namespace;
+use crate::container::phases::Phases;
 use crate::rootfs::assembly as rootfs;
 use crate::rootfs::unpacked::UnpackEvent;
 use crate::spec::user::InsideIds;
@@ -66,6 +67,9 @@ pub struct Ready {
     /// The image's own start command and WorkingDir.
     #[serde(default)]
     pub start: crate::spec::entrypoint::ImageStart,
+    /// How long each phase of building the container took in the holder.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<crate::container::phases::Phase>,
 }
 
 /// One line of the holder's stdout before the container runs: any number of `Progress`,
@@ -284,7 +288,7 @@ pub fn prepare_observed(
         program: opts.holder_program.clone(),
         source,
     })?;
-    let mut stdin = child.stdin.take().expect("piped");
+    let stdin = child.stdin.take().expect("piped");
     let stdout = OwnedFd::from(child.stdout.take().expect("piped"));
     // Taken before anything else: from here on the holder is known by its pidfd alone.
     let pidfd = match crate::sys::child::Pidfd::of_spawned(&child) {
@@ -301,11 +305,47 @@ pub fn prepare_observed(
     // The pid this process spawned, never one the holder reports about itself.
     let pid = child.id() as i32;
     drop(child);
+    let started = Started {
+        stdin,
+        stdout,
+        pidfd,
+        pid,
+        has_spec: false,
+    };
+    finish_prepare(started, spec, opts, observe)
+}
+
+/// A holder just started, before its report.
+struct Started {
+    stdin: ChildStdin,
+    stdout: OwnedFd,
+    pidfd: crate::sys::child::Pidfd,
+    pid: i32,
+    /// Whether it has the spec already (forked), else it reads it on its stdin.
+    has_spec: bool,
+}
+
+/// Send the spec where the holder reads it, and wait for its report.
+fn finish_prepare(
+    started: Started,
+    spec: &ContainerSpec,
+    opts: &PrepareOptions,
+    observe: &mut dyn FnMut(&UnpackEvent),
+) -> Result<Holder, PrepareError> {
+    let Started {
+        mut stdin,
+        stdout,
+        pidfd,
+        pid,
+        has_spec,
+    } = started;
     let outcome = (|| {
         crate::sys::child::set_nonblocking(stdout.as_fd())?;
-        let mut line = serde_json::to_string(spec).map_err(io::Error::other)?;
-        line.push('\n');
-        stdin.write_all(line.as_bytes())?;
+        if !has_spec {
+            let mut line = serde_json::to_string(spec).map_err(io::Error::other)?;
+            line.push('\n');
+            stdin.write_all(line.as_bytes())?;
+        }
         read_report(&stdout, &pidfd, opts.timeout, observe)
     })();
     let finish = |pidfd: crate::sys::child::Pidfd, err: PrepareError| {
@@ -409,6 +449,20 @@ fn read_report(
 /// The holder side (`ferry hold`): read the spec, build the container, report, then wait
 /// until told to stop. Returns the process exit code.
 pub fn hold() -> i32 {
+    ignore_terminal_signals();
+    let mut stdin = BufReader::new(io::stdin().lock());
+    let mut line = String::new();
+    let spec = match stdin.read_line(&mut line) {
+        Ok(0) => return 1,
+        Ok(_) => serde_json::from_str::<ContainerSpec>(&line)
+            .map_err(|e| format!("bad container spec from the caller: {e}")),
+        Err(e) => Err(format!("cannot read the container spec: {e}")),
+    };
+    drop(stdin);
+    hold_spec(spec)
+}
+
+fn ignore_terminal_signals() {
     for signal in [
         Signal::SIGINT,
         Signal::SIGHUP,
@@ -418,32 +472,32 @@ pub fn hold() -> i32 {
         // The command, not the holder, answers a terminal's ^C.
         let _ = raw::ignore_signal(signal);
     }
+}
+
+/// The holder with its spec (or why there is none): build the container, report, then
+/// wait until told to stop. Returns the process exit code.
+fn hold_spec(spec: Result<ContainerSpec, String>) -> i32 {
+    ignore_terminal_signals();
     let mut stdin = BufReader::new(io::stdin().lock());
-    let mut line = String::new();
     let mut recorder = None;
-    let outcome = match stdin.read_line(&mut line) {
-        Ok(0) => return 1,
-        Ok(_) => serde_json::from_str::<ContainerSpec>(&line)
-            .map_err(|e| format!("bad container spec from the caller: {e}"))
-            .and_then(|spec| {
-                // Opened while the host's file system is still in view.
-                recorder = spec.running_record.as_ref().and_then(|place| {
-                    crate::container::named::Recorder::open(place)
-                        .map_err(|e| eprintln!("ferry: warning: not attachable: {e}"))
-                        .ok()
-                });
-                build(&spec, &mut tell_caller).map_err(|e| e.to_string())
-            }),
-        Err(e) => Err(format!("cannot read the container spec: {e}")),
-    };
+    let outcome = spec.and_then(|spec| {
+        // Opened while the host's file system is still in view.
+        recorder = spec.running_record.as_ref().and_then(|place| {
+            crate::container::named::Recorder::open(place)
+                .map_err(|e| eprintln!("ferry: warning: not attachable: {e}"))
+                .ok()
+        });
+        build(&spec, &mut tell_caller).map_err(|e| e.to_string())
+    });
     let mut out = io::stdout().lock();
     let (report, container) = match outcome {
-        Ok(container) => (
+        Ok(mut container) => (
             Report::Ready(Ready {
                 pid: std::process::id() as i32,
                 env: container.env.clone(),
                 workdir: container.workdir.clone(),
                 start: container.start.clone(),
+                phases: std::mem::take(&mut container.phases),
             }),
             Some(container),
         ),
@@ -517,7 +571,9 @@ fn build(
     // Nothing the container execs may gain privileges: without that guarantee, no container.
     nix::sys::prctl::set_no_new_privs()
         .map_err(|e| format!("cannot set no_new_privs for the container: {e}"))?;
+    let mut phases = Phases::new();
     let inputs = crate::rootfs::inputs::open_inputs(spec, observe)?;
+    phases.end("inputs");
     let inside = if spec.remap_root {
         InsideIds { uid: 0, gid: 0 }
     } else {
@@ -531,7 +587,8 @@ fn build(
         nix::unistd::getgid().as_raw(),
     );
     namespace::enter_new(uid, gid, inside, spec.unshare)?;
-    Ok(rootfs::build(spec, inputs, inside)?)
+    phases.end("user namespace");
+    Ok(rootfs::build(spec, inputs, inside, phases)?)
 }
 
 /// Block until stdin reaches end of file (the caller closed it or died), SIGTERM arrives,

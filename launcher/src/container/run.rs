@@ -2,6 +2,7 @@
 //! plugin uses, with the command's exit status and signals passed through.
 
 use std::ffi::{CString, OsString};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,6 +14,7 @@ use nix::unistd::Pid;
 use crate::container::exit_code;
 use crate::container::holder::{self, PrepareError, PrepareOptions};
 use crate::container::join::{self, JoinError, Namespaces};
+pub use crate::container::phases::Phases;
 use crate::spec::env;
 use crate::spec::ContainerSpec;
 use crate::sys::raw;
@@ -50,6 +52,20 @@ fn cstr(bytes: Vec<u8>) -> Result<CString, RunError> {
     CString::new(bytes).map_err(|_| RunError::Nul)
 }
 
+/// Whether `ferry run` prints how long each phase of the container's start took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timings {
+    Quiet,
+    /// One line a phase on stderr once the command runs (`--timings`).
+    Print,
+}
+
+/// `ferry run`'s phases so far (reading its options), and whether to print them all.
+pub struct RunTimings {
+    pub phases: Phases,
+    pub timings: Timings,
+}
+
 /// Run `argv` in a container built from `spec` (an empty `argv`, or `spec.entrypoint`,
 /// runs the image's start command, see [`crate::spec::entrypoint`]); returns the exit status for
 /// ferry to use.
@@ -57,6 +73,7 @@ pub fn run(
     spec: &ContainerSpec,
     argv: &[OsString],
     opts: &PrepareOptions,
+    timings: RunTimings,
 ) -> Result<i32, RunError> {
     let caller = std::env::vars_os().map(|(k, v)| {
         (
@@ -64,7 +81,7 @@ pub fn run(
             v.to_string_lossy().into_owned(),
         )
     });
-    run_in_env(spec, argv, opts, caller.collect())
+    run_timed(spec, argv, opts, caller.collect(), timings)
 }
 
 /// [`run`] with `caller` in place of ferry's own environment under the image's (`ferry
@@ -75,7 +92,27 @@ pub fn run_in_env(
     opts: &PrepareOptions,
     caller: Vec<(String, String)>,
 ) -> Result<i32, RunError> {
+    let timings = RunTimings {
+        phases: Phases::new(),
+        timings: Timings::Quiet,
+    };
+    run_timed(spec, argv, opts, caller, timings)
+}
+
+fn run_timed(
+    spec: &ContainerSpec,
+    argv: &[OsString],
+    opts: &PrepareOptions,
+    caller: Vec<(String, String)>,
+    RunTimings {
+        mut phases,
+        timings,
+    }: RunTimings,
+) -> Result<i32, RunError> {
     let kernel = crate::rootfs::kernel::mount_for(spec, &crate::rootfs::kernel::Probe::InProcess)?;
+    if kernel.is_some() {
+        phases.end("kernel mount");
+    }
     // An unpack before the container (the `unpack` provider's first use) says how far it is.
     let speak = !opts.quiet && crate::image::registry::progress::Progress::auto().speaks();
     let mut reporter = crate::rootfs::unpacked::UnpackReporter::new(
@@ -90,6 +127,14 @@ pub fn run_in_env(
         }
     };
     let holder = holder::prepare_observed(spec, opts, kernel, &mut tell_user)?;
+    // The holder's own phases, and the rest of its time: its start, the spec and report.
+    let in_holder = Duration::from_micros(holder.ready().phases.iter().map(|p| p.micros).sum());
+    phases.add(
+        "holder process",
+        phases.since_last().saturating_sub(in_holder),
+    );
+    phases.extend(&holder.ready().phases);
+    phases.restart();
     let namespaces = Namespaces::of_holder(&holder)?;
     let vars = env::compose(caller, &holder.ready().env, &spec.env);
     let search_path = vars
@@ -128,6 +173,12 @@ pub fn run_in_env(
     for s in &inherited_ignored {
         let _ = raw::default_signal(*s);
     }
+    // The child says when it has entered the container; the pipe's end (close-on-exec)
+    // says when the command's exec is done.
+    let watch = (timings == Timings::Print || tracing::enabled!(tracing::Level::DEBUG))
+        .then(|| nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ok())
+        .flatten();
+    phases.end("prepare command");
 
     let child = match raw::fork_single_threaded().map_err(|source| RunError::Os {
         what: "fork",
@@ -138,6 +189,10 @@ pub fn run_in_env(
                 let _ = raw::ignore_signal(*s);
             }
             let remap_root = spec.remap_root;
+            let entered = watch.map(|(read_end, write_end)| {
+                drop(read_end);
+                write_end
+            });
             exec_in_container(
                 &namespaces,
                 &workdir,
@@ -146,18 +201,58 @@ pub fn run_in_env(
                 &envp,
                 &search_path,
                 &mask,
+                entered,
             )
         }
         Some(child) => child,
     };
     drop(namespaces);
+    if let Some((read_end, write_end)) = watch {
+        drop(write_end);
+        watch_exec(&read_end, &mut phases);
+    }
+    if timings == Timings::Print {
+        for line in crate::container::phases::lines(phases.list()) {
+            eprintln!("{line}");
+        }
+    }
     let status = supervise(child, &mask);
+    let stopping = std::time::Instant::now();
     let ended = holder.stop(Duration::from_secs(5));
+    let mut stopped = Phases::new();
+    stopped.add("stop", stopping.elapsed());
+    if timings == Timings::Print {
+        // After the command: the time it takes ferry to end once the command has.
+        for line in crate::container::phases::lines(stopped.list())
+            .iter()
+            .take(1)
+        {
+            eprintln!("{line}");
+        }
+    }
     // An image server's end the holder has said itself, on this stderr.
     if let Some(early @ holder::EarlyEnd::Killed) = ended.early {
         eprintln!("ferry: error: {early}");
     }
     Ok(status)
+}
+
+/// Time the child's entering the container (a byte on `pipe`) and its exec (the pipe's
+/// end: its end is close-on-exec).
+fn watch_exec(pipe: &OwnedFd, phases: &mut Phases) {
+    let mut byte = [0u8; 1];
+    let read = |buf: &mut [u8]| loop {
+        match nix::unistd::read(pipe.as_raw_fd(), buf) {
+            Err(nix::Error::EINTR) => continue,
+            other => return other,
+        }
+    };
+    if read(&mut byte) == Ok(1) {
+        phases.end("enter container");
+        if read(&mut byte) == Ok(0) {
+            phases.end("exec");
+        }
+    }
 }
 
 fn supervise(child: Pid, mask: &SigSet) -> i32 {
@@ -193,6 +288,7 @@ fn exec_in_container(
     envp: &[CString],
     search_path: &str,
     mask: &SigSet,
+    entered: Option<OwnedFd>,
 ) -> ! {
     // The command must not outlive ferry: without that guarantee, do not start it.
     if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
@@ -209,6 +305,10 @@ fn exec_in_container(
             eprintln!("ferry: error: {e}");
             std::process::exit(exit_code::SETUP_FAILED);
         }
+    }
+    // Kept open until the exec closes it.
+    if let Some(pipe) = &entered {
+        let _ = nix::unistd::write(pipe, b"e");
     }
     exec_searching(args, envp, search_path)
 }

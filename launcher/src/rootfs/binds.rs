@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use rustix::mount::MountAttrFlags;
 
+use crate::container::phases::Phases;
 use crate::rootfs::error::{setup, RootfsError};
 use crate::rootfs::inputs::{Inputs, Source};
 use crate::rootfs::staging::{
@@ -57,14 +58,20 @@ pub(super) struct BindSources {
 
 /// Open the sources of the binds of `inputs` from inside the new mount namespace; the
 /// descriptors returned must stay open until the binds are made.
-pub(super) fn open_sources(inputs: &Inputs) -> Result<(BindSources, Vec<OwnedFd>), RootfsError> {
+pub(super) fn open_sources(
+    inputs: &Inputs,
+    phases: &mut Phases,
+) -> Result<(BindSources, Vec<OwnedFd>), RootfsError> {
     let mut held = Vec::new();
     let host_root = File::open(OLD).map_err(setup("opening the host's root"))?;
     let name_service = name_service_sources(&host_root, &mut held);
     let dev = if inputs.host.hidden_dev_entries.is_empty() {
         Path::new(OLD).join("dev")
     } else {
-        dev_tree(&inputs.host.hidden_dev_entries)?
+        phases.end("binds");
+        let tree = dev_tree(&inputs.host.hidden_dev_entries)?;
+        phases.end("/dev");
+        tree
     };
     let mut reopen = |s: &Source| -> Result<Reopened, RootfsError> {
         // It opened a moment ago, as the user: whatever fails now means it was replaced.

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use nix::mount::{mount, MsFlags};
 
+use crate::container::phases::Phases;
 use crate::image::ImageKind;
 use crate::rootfs::error::{setup, RootfsError};
 use crate::rootfs::inputs::{open_fuse, Inputs, Source};
@@ -16,7 +17,10 @@ use crate::rootfs::staging::{bind_mount, fd_path, host_null, FILES, LOWER, OLD};
 use crate::sys::raw;
 
 /// Mount the image at `/lower`; returns squashfuse, which serves it, for a squashfs image.
-pub(super) fn mount_image(inputs: &Inputs) -> Result<Option<Child>, RootfsError> {
+pub(super) fn mount_image(
+    inputs: &Inputs,
+    phases: &mut Phases,
+) -> Result<Option<Child>, RootfsError> {
     match inputs.kind {
         ImageKind::Directory => {
             let source = Source {
@@ -39,16 +43,17 @@ pub(super) fn mount_image(inputs: &Inputs) -> Result<Option<Child>, RootfsError>
                     source,
                 }
             })?;
+            phases.end("image bind");
             Ok(None)
         }
-        ImageKind::Squashfs { offset, .. } => mount_squashfs(inputs, offset).map(Some),
+        ImageKind::Squashfs { offset, .. } => mount_squashfs(inputs, offset, phases).map(Some),
     }
 }
 
 /// Mount the image with squashfuse: the holder (which has the capabilities of its user
 /// namespace) mounts the FUSE filesystem itself and hands the connection to squashfuse as
 /// `/dev/fd/N`, so neither fusermount nor any setuid helper is involved.
-fn mount_squashfs(inputs: &Inputs, offset: u64) -> Result<Child, RootfsError> {
+fn mount_squashfs(inputs: &Inputs, offset: u64, phases: &mut Phases) -> Result<Child, RootfsError> {
     let fuse = open_fuse(
         &inputs.image_path.display().to_string(),
         &Path::new(OLD).join("dev/fuse"),
@@ -102,12 +107,16 @@ fn mount_squashfs(inputs: &Inputs, offset: u64) -> Result<Child, RootfsError> {
         path: inputs.image_path.clone(),
         detail: format!("cannot start {}: {e}", program.display()),
     })?;
+    phases.end("squashfuse start");
     // The first request waits for squashfuse to answer; if it dies first, the connection is
     // aborted and this fails instead of hanging.
     let started = Instant::now();
     loop {
         match fs::metadata(LOWER) {
-            Ok(_) => return Ok(child),
+            Ok(_) => {
+                phases.end("squashfuse ready");
+                return Ok(child);
+            }
             Err(e) => {
                 let exited = child.try_wait().ok().flatten();
                 if exited.is_some() || started.elapsed() > Duration::from_secs(30) {
