@@ -51,8 +51,19 @@ pub fn build(
 ) -> Result<Container, RootfsError> {
     stage()?;
     phases.end("staging tmpfs");
-    let squashfuse = squashfuse::mount_image(&inputs, &mut phases)?;
-    let result = assemble(spec, &inputs, inside, &mut phases);
+    let mut squashfuse = squashfuse::mount_image(&inputs, &mut phases)?;
+    let result = (|| {
+        // Made while squashfuse starts: the container's /dev needs nothing of the image.
+        let dev = binds::dev_source(&inputs)?;
+        if !inputs.host.hidden_dev_entries.is_empty() {
+            phases.end("/dev");
+        }
+        if let Some(child) = squashfuse.as_mut() {
+            squashfuse::wait_ready(&inputs, child)?;
+            phases.end("squashfuse ready");
+        }
+        assemble(spec, &inputs, inside, &mut phases, dev)
+    })();
     match result {
         Ok(Assembled {
             env,
@@ -88,8 +99,9 @@ fn assemble(
     inputs: &Inputs,
     inside: InsideIds,
     phases: &mut Phases,
+    dev: PathBuf,
 ) -> Result<Assembled, RootfsError> {
-    let (sources, _held) = binds::open_sources(inputs, phases)?;
+    let (sources, _held) = binds::open_sources(inputs, dev)?;
     phases.end("binds");
     let mut planned = binds::plan(&sources);
     let lower = Path::new(LOWER);

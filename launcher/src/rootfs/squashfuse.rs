@@ -46,14 +46,18 @@ pub(super) fn mount_image(
             phases.end("image bind");
             Ok(None)
         }
-        ImageKind::Squashfs { offset, .. } => mount_squashfs(inputs, offset, phases).map(Some),
+        ImageKind::Squashfs { offset, .. } => {
+            let child = mount_squashfs(inputs, offset)?;
+            phases.end("squashfuse start");
+            Ok(Some(child))
+        }
     }
 }
 
 /// Mount the image with squashfuse: the holder (which has the capabilities of its user
 /// namespace) mounts the FUSE filesystem itself and hands the connection to squashfuse as
 /// `/dev/fd/N`, so neither fusermount nor any setuid helper is involved.
-fn mount_squashfs(inputs: &Inputs, offset: u64, phases: &mut Phases) -> Result<Child, RootfsError> {
+fn mount_squashfs(inputs: &Inputs, offset: u64) -> Result<Child, RootfsError> {
     let fuse = open_fuse(
         &inputs.image_path.display().to_string(),
         &Path::new(OLD).join("dev/fuse"),
@@ -103,20 +107,22 @@ fn mount_squashfs(inputs: &Inputs, offset: u64, phases: &mut Phases) -> Result<C
         true,
     )
     .map_err(setup("preparing squashfuse"))?;
-    let mut child = cmd.spawn().map_err(|e| RootfsError::ImageMount {
+    cmd.spawn().map_err(|e| RootfsError::ImageMount {
         path: inputs.image_path.clone(),
         detail: format!("cannot start {}: {e}", program.display()),
-    })?;
-    phases.end("squashfuse start");
+    })
+}
+
+/// Wait until squashfuse (`child`) serves the image; on failure it is ended, and its last
+/// words are the error.
+pub(super) fn wait_ready(inputs: &Inputs, child: &mut Child) -> Result<(), RootfsError> {
+    let log_path = Path::new(FILES).join("squashfuse.log");
     // The first request waits for squashfuse to answer; if it dies first, the connection is
     // aborted and this fails instead of hanging.
     let started = Instant::now();
     loop {
         match fs::metadata(LOWER) {
-            Ok(_) => {
-                phases.end("squashfuse ready");
-                return Ok(child);
-            }
+            Ok(_) => return Ok(()),
             Err(e) => {
                 let exited = child.try_wait().ok().flatten();
                 if exited.is_some() || started.elapsed() > Duration::from_secs(30) {
