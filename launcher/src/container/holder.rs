@@ -203,6 +203,60 @@ impl Holder {
         self.stop_inner(grace)
     }
 
+    /// [`Self::stop`] for a caller that need not wait for the kernel to take the holder's
+    /// namespaces down (the CLI, whose user waits for it: milliseconds with a /dev of its
+    /// own): returns once the holder has closed its files, which it does after its image
+    /// server has ended and been collected. Its own status is collected only if it has
+    /// ended by then; else its new parent collects it.
+    pub fn stop_without_teardown(mut self, grace: Duration) -> Ended {
+        let Some(out) = self.report.take() else {
+            return self.stop_inner(grace);
+        };
+        let early = self.ended_early_reading(&out);
+        self.stop.take();
+        let deadline = Instant::now() + grace;
+        let mut said = crate::sys::child::CappedBuffer::default();
+        let done = loop {
+            said.read_available(out.as_fd(), MAX_LAST_WORDS);
+            if said.eof || said.overflowed || self.pidfd.has_exited() {
+                break true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break false;
+            }
+            let ms = PollTimeout::try_from(left.as_millis().min(60_000) as i32)
+                .unwrap_or(PollTimeout::MAX);
+            let mut fds = [
+                PollFd::new(out.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN),
+            ];
+            let _ = poll(&mut fds, ms);
+        };
+        if !done {
+            self.pidfd.kill();
+            self.pidfd.wait_exit(Duration::from_secs(5));
+            said.read_available(out.as_fd(), MAX_LAST_WORDS);
+        }
+        let text = String::from_utf8_lossy(&said.bytes);
+        let words = crate::sys::child::last_line(&text);
+        let early = match serde_json::from_str::<Final>(words) {
+            Ok(_) => Some(EarlyEnd::from_last_words(Some(words))),
+            Err(_) => early,
+        };
+        let status = self.pidfd.try_reap();
+        Ended { early, status }
+    }
+
+    /// [`Self::ended_early`] with the holder's stdout taken out already.
+    fn ended_early_reading(&self, out: &OwnedFd) -> Option<EarlyEnd> {
+        if !self.pidfd.has_exited() {
+            return None;
+        }
+        let words = last_words(out);
+        Some(EarlyEnd::from_last_words(words.as_deref()))
+    }
+
     fn stop_inner(&mut self, grace: Duration) -> Ended {
         // Gone already, or going with something to say?
         let mut early = self.ended_early();

@@ -218,7 +218,7 @@ fn run_timed(
     }
     let status = supervise(child, &mask);
     let stopping = std::time::Instant::now();
-    let ended = holder.stop(Duration::from_secs(5));
+    let ended = holder.stop_without_teardown(Duration::from_secs(5));
     let mut stopped = Phases::new();
     stopped.add("stop", stopping.elapsed());
     if timings == Timings::Print {
