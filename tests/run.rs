@@ -1335,6 +1335,7 @@ fn timings_name_each_phase_of_the_start_and_the_command_still_runs() {
         "enter container",
         "exec",
         "total",
+        "command",
         "stop",
     ] {
         assert!(

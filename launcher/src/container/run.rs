@@ -193,16 +193,12 @@ fn run_timed(
                 drop(read_end);
                 write_end
             });
-            exec_in_container(
-                &namespaces,
-                &workdir,
-                remap_root,
-                &args,
-                &envp,
-                &search_path,
-                &mask,
-                entered,
-            )
+            let command = CommandLine {
+                args: &args,
+                envp: &envp,
+                search_path: &search_path,
+            };
+            exec_in_container(&namespaces, &workdir, remap_root, &command, &mask, entered)
         }
         Some(child) => child,
     };
@@ -217,16 +213,16 @@ fn run_timed(
         }
     }
     let status = supervise(child, &mask);
-    let stopping = std::time::Instant::now();
+    let mut after = Phases::new();
+    // The command's own run, from its exec (where the phases above end) to its end.
+    after.add("command", phases.since_last());
+    after.restart();
     let ended = holder.stop_without_teardown(Duration::from_secs(5));
-    let mut stopped = Phases::new();
-    stopped.add("stop", stopping.elapsed());
+    after.end("stop");
     if timings == Timings::Print {
-        // After the command: the time it takes ferry to end once the command has.
-        for line in crate::container::phases::lines(stopped.list())
-            .iter()
-            .take(1)
-        {
+        // After the command: how long it ran, and how long ferry took to end after it.
+        let lines = crate::container::phases::lines(after.list());
+        for line in &lines[..lines.len() - 1] {
             eprintln!("{line}");
         }
     }
@@ -280,13 +276,18 @@ fn supervise(child: Pid, mask: &SigSet) -> i32 {
 }
 
 /// The child: enter the container and exec the command; never returns.
+/// What the child execs: the arguments, the environment and where to look for the program.
+struct CommandLine<'a> {
+    args: &'a [CString],
+    envp: &'a [CString],
+    search_path: &'a str,
+}
+
 fn exec_in_container(
     ns: &Namespaces,
     workdir: &Path,
     remap_root: bool,
-    args: &[CString],
-    envp: &[CString],
-    search_path: &str,
+    command: &CommandLine<'_>,
     mask: &SigSet,
     entered: Option<OwnedFd>,
 ) -> ! {
@@ -310,7 +311,7 @@ fn exec_in_container(
     if let Some(pipe) = &entered {
         let _ = nix::unistd::write(pipe, b"e");
     }
-    exec_searching(args, envp, search_path)
+    exec_searching(command.args, command.envp, command.search_path)
 }
 
 /// Exec `args` (its program found through `search_path` unless it names a path) with the
