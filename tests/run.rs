@@ -1331,3 +1331,62 @@ fn checkpoint_refusals_are_one_line() {
         format!("ferry: error: {d} holds no checkpoint (no container.json): make one with `ferry run --checkpoint-dir {d} ...` and `ferry checkpoint {d}`")
     );
 }
+
+#[test]
+fn timings_name_each_phase_of_the_start_and_the_command_still_runs() {
+    let _m = shared_machine();
+    // debian lacks the home directory's mount point: the overlay phase is in the start.
+    let out = sh(&format!(
+        "$FERRY run --timings {} cat /etc/ferry-marker",
+        img("debian.sqsh")
+    ));
+    assert_eq!(out.ok().trim(), "debian-image");
+    let phases: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("ferry: timing: ")?.strip_suffix(" ms"))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(_, ms)| ms.parse::<f64>().is_ok())
+        .map(|(name, _)| name.trim())
+        .collect();
+    for phase in [
+        "holder process",
+        "user namespace",
+        "staging tmpfs",
+        "squashfuse start",
+        "squashfuse ready",
+        "overlay",
+        "binds",
+        "/dev",
+        "passwd/group",
+        "pivot_root",
+        "enter container",
+        "exec",
+        "total",
+        "command",
+        "stop",
+    ] {
+        assert!(
+            phases.contains(&phase),
+            "no {phase} in {phases:?}:\n{}",
+            out.stderr
+        );
+    }
+    // Without the flag, nothing of it.
+    let quiet = sh(&format!("$FERRY run {} true", img("busybox.sqsh")));
+    quiet.ok();
+    assert!(!quiet.stderr.contains("timing"), "{}", quiet.stderr);
+    // The same phases under FERRY_LOG=debug, from the holder and ferry itself.
+    let logged = sh(&format!(
+        "FERRY_LOG=debug $FERRY run {} true",
+        img("busybox.sqsh")
+    ));
+    logged.ok();
+    for phase in ["squashfuse ready", "/dev", "pivot_root", "exec"] {
+        assert!(
+            logged.stderr.contains(&format!("phase {phase}: ")),
+            "no {phase} in {}",
+            logged.stderr
+        );
+    }
+}

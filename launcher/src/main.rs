@@ -176,6 +176,10 @@ struct RunArgs {
     /// makes an image of it.
     #[arg(long, value_name = "DIR")]
     keep: Option<PathBuf>,
+    /// Print how long each phase of the container's start took (user namespace, image
+    /// mount, binds, /dev, passwd files, pivot_root, exec...), one line each on stderr.
+    #[arg(long)]
+    timings: bool,
     #[command(flatten)]
     cache: CacheArgs,
     /// Image: a squashfs (.sqsh), SIF or root filesystem directory, an OCI layout
@@ -431,6 +435,7 @@ fn probe_image(path: &std::path::Path) -> anyhow::Result<i32> {
 }
 
 fn run_command(args: RunArgs) -> anyhow::Result<i32> {
+    let mut phases = ferry::container::phases::Phases::new();
     // Nothing `ferry run` starts (holder, squashfuse, the command) may gain privileges by
     // exec; the holder and the command set it again themselves.
     nix::sys::prctl::set_no_new_privs().context("cannot set no_new_privs")?;
@@ -517,7 +522,22 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
         )
         .with_context(|| format!("--checkpoint-dir {}", dir.display()));
     }
-    Ok(run(&spec, &command, &PrepareOptions::for_cli(program))?)
+    use ferry::container::run::{RunTimings, Timings};
+    phases.end("options");
+    let timings = RunTimings {
+        phases,
+        timings: if args.timings {
+            Timings::Print
+        } else {
+            Timings::Quiet
+        },
+    };
+    Ok(run(
+        &spec,
+        &command,
+        &PrepareOptions::for_cli(program),
+        timings,
+    )?)
 }
 
 fn restore_command(dir: &std::path::Path) -> anyhow::Result<i32> {

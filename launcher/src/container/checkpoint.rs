@@ -322,7 +322,7 @@ pub fn run(
                 )
             })
             .collect();
-        let prepared = run::prepare_command(&spec, argv, opts, caller)?;
+        let prepared = run::prepare_command(&spec, argv, opts, caller, run::RunTimings::quiet())?;
         Ok::<_, CheckpointError>(prepared)
     })();
     let prepared = match started {
@@ -371,7 +371,8 @@ pub fn restore(opts: &PrepareOptions, dir: &Path) -> Result<i32, CheckpointError
     }
     // The site may have turned checkpoints off, or CRIU changed, since the checkpoint.
     let criu = allowed(&saved.spec)?;
-    let prepared = run::prepare_command(&saved.spec, &[], opts, Vec::new())?;
+    let prepared =
+        run::prepare_command(&saved.spec, &[], opts, Vec::new(), run::RunTimings::quiet())?;
     // Only the output written after the restore is new to the caller.
     let shown_up_to = fs::metadata(dir.join(OUTPUT_FILE)).map_or(0, |m| m.len());
     let _ = fs::remove_file(dir.join(DONE_FILE));
@@ -395,7 +396,7 @@ enum Start {
 /// Fork the container's first process (which makes the PID namespace and its init), copy
 /// the output to stdout while it runs, and say how it ended.
 fn supervise_container(
-    prepared: Prepared,
+    mut prepared: Prepared,
     dir: &Path,
     criu: Criu,
     output_from: u64,
@@ -418,8 +419,8 @@ fn supervise_container(
     let mut follower = None;
     let output = dir.join(OUTPUT_FILE);
     let status = run::fork_and_supervise_then(
-        &prepared,
-        |p, mask| first_process(p, mask, &plan, start),
+        &mut prepared,
+        |p, mask, _entered| first_process(p, mask, &plan, start),
         || {
             let stop = stop.clone();
             follower = Some(std::thread::spawn(move || {

@@ -18,6 +18,7 @@ use nix::sys::signal::{SigSet, Signal};
 use serde::{Deserialize, Serialize};
 
 use crate::container::namespace;
+use crate::container::phases::Phases;
 use crate::rootfs::assembly as rootfs;
 use crate::rootfs::unpacked::UnpackEvent;
 use crate::spec::user::InsideIds;
@@ -66,6 +67,9 @@ pub struct Ready {
     /// The image's own start command and WorkingDir.
     #[serde(default)]
     pub start: crate::spec::entrypoint::ImageStart,
+    /// How long each phase of building the container took in the holder.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<crate::container::phases::Phase>,
 }
 
 /// One line of the holder's stdout before the container runs: any number of `Progress`,
@@ -113,6 +117,8 @@ pub struct Holder {
     ready: Ready,
     /// Its end has been waited for ([`Holder::stop`]).
     ended: bool,
+    /// It has let go of the container: its report ended ([`Holder::let_go`]).
+    released: bool,
 }
 
 /// The most the caller reads of the holder's report (the image's environment is in it).
@@ -201,6 +207,21 @@ impl Holder {
         self.stop_inner(grace)
     }
 
+    /// [`Self::stop`] for a caller that need not wait for the kernel to take the holder's
+    /// namespaces down (the CLI, whose user waits for it): returns once the holder has let
+    /// go ([`Self::let_go`]), killing it if it has not within `grace`. Its own status is
+    /// collected only if it has ended by then; else its new parent collects it.
+    pub fn stop_without_teardown(mut self, grace: Duration) -> Ended {
+        self.ended = true;
+        let early = self.let_go(grace);
+        if !self.released && !self.pidfd.has_exited() {
+            self.pidfd.kill();
+            self.pidfd.wait_exit(Duration::from_secs(5));
+        }
+        let status = self.pidfd.try_reap();
+        Ended { early, status }
+    }
+
     /// Ask the holder to stop, and wait (up to `grace`) only until it has let go of the
     /// container: its running record is gone and its report ended, so no step can attach
     /// any more. The rest of its end (the image server's, the namespaces') is
@@ -215,6 +236,7 @@ impl Holder {
             return early;
         };
         let said = read_to_end_within(&out, &self.pidfd, grace);
+        self.released = said.eof || said.overflowed;
         let text = String::from_utf8_lossy(&said.bytes);
         let words = crate::sys::child::last_line(&text);
         match serde_json::from_str::<Final>(words) {
@@ -305,6 +327,14 @@ pub fn prepare_observed(
     kernel: Option<crate::rootfs::kernel::KernelMount>,
     observe: &mut dyn FnMut(&UnpackEvent),
 ) -> Result<Holder, PrepareError> {
+    // The CLI as the user, single-threaded, needs no exec of `ferry hold` (a few ms of a
+    // start of ~20): a fork runs the holder's code with the spec it already has. Root's
+    // callers (the plugin in slurmstepd, the kernel provider) exec, to change credentials
+    // and start from a clean process.
+    if opts.run_as.is_none() && opts.env.is_none() && kernel.is_none() && raw::is_single_threaded()
+    {
+        return finish_prepare(fork_holder(spec, opts)?, spec, opts, observe);
+    }
     let mut cmd = Command::new(&opts.holder_program);
     cmd.arg("hold").stdin(Stdio::piped()).stdout(Stdio::piped());
     cmd.stderr(if opts.quiet {
@@ -328,7 +358,7 @@ pub fn prepare_observed(
         program: opts.holder_program.clone(),
         source,
     })?;
-    let mut stdin = child.stdin.take().expect("piped");
+    let stdin = child.stdin.take().expect("piped");
     let stdout = OwnedFd::from(child.stdout.take().expect("piped"));
     // Taken before anything else: from here on the holder is known by its pidfd alone.
     let pidfd = match crate::sys::child::Pidfd::of_spawned(&child) {
@@ -345,11 +375,135 @@ pub fn prepare_observed(
     // The pid this process spawned, never one the holder reports about itself.
     let pid = child.id() as i32;
     drop(child);
+    let started = Started {
+        stdin,
+        stdout,
+        pidfd,
+        pid,
+        has_spec: false,
+    };
+    finish_prepare(started, spec, opts, observe)
+}
+
+/// A holder just started, before its report.
+struct Started {
+    stdin: ChildStdin,
+    stdout: OwnedFd,
+    pidfd: crate::sys::child::Pidfd,
+    pid: i32,
+    /// Whether it has the spec already (forked), else it reads it on its stdin.
+    has_spec: bool,
+}
+
+/// Fork the holder: the child runs [`hold_spec`] with `spec`, on pipes as its stdin and
+/// stdout, as an exec'd `ferry hold` would.
+fn fork_holder(spec: &ContainerSpec, opts: &PrepareOptions) -> Result<Started, PrepareError> {
+    use nix::fcntl::OFlag;
+    let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(io::Error::from);
+    let (stdin_read, stdin_write) = pipe()?;
+    let (stdout_read, stdout_write) = pipe()?;
+    let null = if opts.quiet {
+        Some(std::fs::OpenOptions::new().write(true).open("/dev/null")?)
+    } else {
+        None
+    };
+    let spawn_error = |e: nix::Error| PrepareError::Spawn {
+        program: "(fork)".into(),
+        source: e.into(),
+    };
+    let Some(child) = raw::fork_single_threaded().map_err(spawn_error)? else {
+        let code = (|| {
+            if opts.die_with_parent {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).ok()?;
+            }
+            use std::os::fd::AsRawFd;
+            nix::unistd::dup2(stdin_read.as_raw_fd(), 0).ok()?;
+            nix::unistd::dup2(stdout_write.as_raw_fd(), 1).ok()?;
+            if let Some(null) = &null {
+                nix::unistd::dup2(null.as_raw_fd(), 2).ok()?;
+            }
+            raw::close_from(3).ok()?;
+            show_as_ferry_hold();
+            Some(hold_spec(Ok(spec.clone())))
+        })();
+        std::process::exit(code.unwrap_or(1));
+    };
+    drop((stdin_read, stdout_write, null));
+    // This process's own child, not reaped by anyone yet: its pid is still its own.
+    let pidfd = crate::sys::child::Pidfd::of_process(child.as_raw()).map_err(|source| {
+        PrepareError::Spawn {
+            program: "(fork)".into(),
+            source,
+        }
+    })?;
+    Ok(Started {
+        stdin: ChildStdin::from(stdin_write),
+        stdout: stdout_read,
+        pidfd,
+        pid: child.as_raw(),
+        has_spec: true,
+    })
+}
+
+/// Make the forked holder's command line read `ferry hold`, as the exec'd one's does, for
+/// `ps`, `pgrep -f` and admins: its arguments are rewritten in place, in the process's own
+/// memory (the new line is shorter: `ferry run` had an image at least). Cosmetic: a failure
+/// leaves the line as it was.
+fn show_as_ferry_hold() {
+    use std::os::unix::fs::FileExt;
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    // Fields after the command name in parentheses, from the 3rd; arg_start is the 48th.
+    let Some((_, after_name)) = stat.rsplit_once(')') else {
+        return;
+    };
+    let fields: Vec<u64> = after_name
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let (Some(&start), Some(&end)) = (fields.get(48 - 3), fields.get(49 - 3)) else {
+        return;
+    };
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let mut line = std::os::unix::ffi::OsStrExt::as_bytes(argv0.as_os_str()).to_vec();
+    line.extend_from_slice(b"\0hold\0");
+    let Some(room) = end.checked_sub(start).and_then(|r| usize::try_from(r).ok()) else {
+        return;
+    };
+    if start == 0 || line.len() > room {
+        return;
+    }
+    line.resize(room, 0);
+    if let Ok(mem) = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/proc/self/mem")
+    {
+        let _ = mem.write_all_at(&line, start);
+    }
+}
+
+/// Send the spec where the holder reads it, and wait for its report.
+fn finish_prepare(
+    started: Started,
+    spec: &ContainerSpec,
+    opts: &PrepareOptions,
+    observe: &mut dyn FnMut(&UnpackEvent),
+) -> Result<Holder, PrepareError> {
+    let Started {
+        mut stdin,
+        stdout,
+        pidfd,
+        pid,
+        has_spec,
+    } = started;
     let outcome = (|| {
         crate::sys::child::set_nonblocking(stdout.as_fd())?;
-        let mut line = serde_json::to_string(spec).map_err(io::Error::other)?;
-        line.push('\n');
-        stdin.write_all(line.as_bytes())?;
+        if !has_spec {
+            let mut line = serde_json::to_string(spec).map_err(io::Error::other)?;
+            line.push('\n');
+            stdin.write_all(line.as_bytes())?;
+        }
         read_report(&stdout, &pidfd, opts.timeout, observe)
     })();
     let finish = |pidfd: crate::sys::child::Pidfd, err: PrepareError| {
@@ -369,6 +523,7 @@ pub fn prepare_observed(
             report: Some(stdout),
             ready: Ready { pid, ..ready },
             ended: false,
+            released: false,
         }),
         Ok(Some(Report::Failed { message })) => {
             drop(stdin);
@@ -454,6 +609,20 @@ fn read_report(
 /// The holder side (`ferry hold`): read the spec, build the container, report, then wait
 /// until told to stop. Returns the process exit code.
 pub fn hold() -> i32 {
+    ignore_terminal_signals();
+    let mut stdin = BufReader::new(io::stdin().lock());
+    let mut line = String::new();
+    let spec = match stdin.read_line(&mut line) {
+        Ok(0) => return 1,
+        Ok(_) => serde_json::from_str::<ContainerSpec>(&line)
+            .map_err(|e| format!("bad container spec from the caller: {e}")),
+        Err(e) => Err(format!("cannot read the container spec: {e}")),
+    };
+    drop(stdin);
+    hold_spec(spec)
+}
+
+fn ignore_terminal_signals() {
     for signal in [
         Signal::SIGINT,
         Signal::SIGHUP,
@@ -463,32 +632,32 @@ pub fn hold() -> i32 {
         // The command, not the holder, answers a terminal's ^C.
         let _ = raw::ignore_signal(signal);
     }
+}
+
+/// The holder with its spec (or why there is none): build the container, report, then
+/// wait until told to stop. Returns the process exit code.
+fn hold_spec(spec: Result<ContainerSpec, String>) -> i32 {
+    ignore_terminal_signals();
     let mut stdin = BufReader::new(io::stdin().lock());
-    let mut line = String::new();
     let mut recorder = None;
-    let outcome = match stdin.read_line(&mut line) {
-        Ok(0) => return 1,
-        Ok(_) => serde_json::from_str::<ContainerSpec>(&line)
-            .map_err(|e| format!("bad container spec from the caller: {e}"))
-            .and_then(|spec| {
-                // Opened while the host's file system is still in view.
-                recorder = spec.running_record.as_ref().and_then(|place| {
-                    crate::container::named::Recorder::open(place)
-                        .map_err(|e| eprintln!("ferry: warning: not attachable: {e}"))
-                        .ok()
-                });
-                build(&spec, &mut tell_caller).map_err(|e| e.to_string())
-            }),
-        Err(e) => Err(format!("cannot read the container spec: {e}")),
-    };
+    let outcome = spec.and_then(|spec| {
+        // Opened while the host's file system is still in view.
+        recorder = spec.running_record.as_ref().and_then(|place| {
+            crate::container::named::Recorder::open(place)
+                .map_err(|e| eprintln!("ferry: warning: not attachable: {e}"))
+                .ok()
+        });
+        build(&spec, &mut tell_caller).map_err(|e| e.to_string())
+    });
     let mut out = io::stdout().lock();
     let (report, container) = match outcome {
-        Ok(container) => (
+        Ok(mut container) => (
             Report::Ready(Ready {
                 pid: std::process::id() as i32,
                 env: container.env.clone(),
                 workdir: container.workdir.clone(),
                 start: container.start.clone(),
+                phases: std::mem::take(&mut container.phases),
             }),
             Some(container),
         ),
@@ -532,15 +701,16 @@ pub fn hold() -> i32 {
             IMAGE_SERVER_ENDED
         }
     };
-    // The end of the report tells the caller that the container is let go (no record, no
-    // more words): it need not wait for the rest (Holder::let_go).
-    let _ = nix::unistd::close(1);
     if let Some(mut fuse) = container.squashfuse.take() {
         // A read-only image server has nothing to flush: end it at once, so the mount (and
         // with the holder gone, the namespace) disappears without delay.
         let _ = fuse.kill();
         let _ = fuse.wait();
     }
+    // The end of the report tells the caller that the container is let go (no record, no
+    // more words, no image server): it need not wait for the rest, the kernel's teardown
+    // of the namespaces as this process exits (Holder::let_go).
+    let _ = nix::unistd::close(1);
     code
 }
 
@@ -566,7 +736,9 @@ fn build(
     // Nothing the container execs may gain privileges: without that guarantee, no container.
     nix::sys::prctl::set_no_new_privs()
         .map_err(|e| format!("cannot set no_new_privs for the container: {e}"))?;
+    let mut phases = Phases::new();
     let inputs = crate::rootfs::inputs::open_inputs(spec, observe)?;
+    phases.end("inputs");
     let inside = if spec.remap_root {
         InsideIds { uid: 0, gid: 0 }
     } else {
@@ -580,7 +752,8 @@ fn build(
         nix::unistd::getgid().as_raw(),
     );
     namespace::enter_new(uid, gid, inside, spec.unshare)?;
-    Ok(rootfs::build(spec, inputs, inside)?)
+    phases.end("user namespace");
+    Ok(rootfs::build(spec, inputs, inside, phases)?)
 }
 
 /// Block until stdin reaches end of file (the caller closed it or died), SIGTERM arrives,

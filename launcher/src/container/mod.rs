@@ -9,5 +9,6 @@ pub mod id_filter;
 pub mod join;
 pub mod named;
 pub mod namespace;
+pub mod phases;
 pub mod run;
 pub mod task_exec;

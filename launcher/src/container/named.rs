@@ -253,6 +253,7 @@ impl Recorder {
                     env: Vec::new(),
                     workdir: PathBuf::from("/"),
                     start: Default::default(),
+                    phases: Vec::new(),
                 },
             },
         })
@@ -626,6 +627,7 @@ mod tests {
             env: vec![("A".into(), "1".into())],
             workdir: "/w".into(),
             start: Default::default(),
+            phases: Vec::new(),
         };
         recorder.write(&ready).unwrap();
         // This process stands in for the holder: it runs, so the record is live.

@@ -2,6 +2,7 @@
 //! plugin uses, with the command's exit status and signals passed through.
 
 use std::ffi::{CString, OsString};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,6 +14,7 @@ use nix::unistd::Pid;
 use crate::container::exit_code;
 use crate::container::holder::{self, PrepareError, PrepareOptions};
 use crate::container::join::{self, JoinError, Namespaces};
+pub use crate::container::phases::Phases;
 use crate::spec::env;
 use crate::spec::ContainerSpec;
 use crate::sys::raw;
@@ -50,6 +52,30 @@ fn cstr(bytes: Vec<u8>) -> Result<CString, RunError> {
     CString::new(bytes).map_err(|_| RunError::Nul)
 }
 
+/// Whether `ferry run` prints how long each phase of the container's start took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timings {
+    Quiet,
+    /// One line a phase on stderr once the command runs (`--timings`).
+    Print,
+}
+
+/// `ferry run`'s phases so far (reading its options), and whether to print them all.
+pub struct RunTimings {
+    pub phases: Phases,
+    pub timings: Timings,
+}
+
+impl RunTimings {
+    /// Phases kept (for `FERRY_LOG=debug`) from now, none printed.
+    pub fn quiet() -> RunTimings {
+        RunTimings {
+            phases: Phases::new(),
+            timings: Timings::Quiet,
+        }
+    }
+}
+
 /// Run `argv` in a container built from `spec` (an empty `argv`, or `spec.entrypoint`,
 /// runs the image's start command, see [`crate::spec::entrypoint`]); returns the exit status for
 /// ferry to use.
@@ -57,6 +83,7 @@ pub fn run(
     spec: &ContainerSpec,
     argv: &[OsString],
     opts: &PrepareOptions,
+    timings: RunTimings,
 ) -> Result<i32, RunError> {
     let caller = std::env::vars_os().map(|(k, v)| {
         (
@@ -64,7 +91,7 @@ pub fn run(
             v.to_string_lossy().into_owned(),
         )
     });
-    run_in_env(spec, argv, opts, caller.collect())
+    run_timed(spec, argv, opts, caller.collect(), timings)
 }
 
 /// [`run`] with `caller` in place of ferry's own environment under the image's (`ferry
@@ -75,17 +102,31 @@ pub fn run_in_env(
     opts: &PrepareOptions,
     caller: Vec<(String, String)>,
 ) -> Result<i32, RunError> {
-    let prepared = prepare_command(spec, argv, opts, caller)?;
+    run_timed(spec, argv, opts, caller, RunTimings::quiet())
+}
+
+fn run_timed(
+    spec: &ContainerSpec,
+    argv: &[OsString],
+    opts: &PrepareOptions,
+    caller: Vec<(String, String)>,
+    timings: RunTimings,
+) -> Result<i32, RunError> {
     let remap_root = spec.remap_root;
-    let status = fork_and_supervise(&prepared, |p, mask| {
+    let mut prepared = prepare_command(spec, argv, opts, caller, timings)?;
+    let status = fork_and_supervise(&mut prepared, |p, mask, entered| {
+        let command = CommandLine {
+            args: &p.args,
+            envp: &p.envp,
+            search_path: &p.search_path,
+        };
         exec_in_container(
             &p.namespaces,
             &p.workdir,
             remap_root,
-            &p.args,
-            &p.envp,
-            &p.search_path,
+            &command,
             mask,
+            entered,
         )
     })?;
     Ok(finish(prepared, status))
@@ -99,6 +140,8 @@ pub(crate) struct Prepared {
     pub envp: Vec<CString>,
     pub search_path: String,
     pub workdir: PathBuf,
+    phases: Phases,
+    timings: Timings,
 }
 
 /// Make the container (`spec`) and the command line, environment and working directory of
@@ -108,8 +151,15 @@ pub(crate) fn prepare_command(
     argv: &[OsString],
     opts: &PrepareOptions,
     caller: Vec<(String, String)>,
+    RunTimings {
+        mut phases,
+        timings,
+    }: RunTimings,
 ) -> Result<Prepared, RunError> {
     let kernel = crate::rootfs::kernel::mount_for(spec, &crate::rootfs::kernel::Probe::InProcess)?;
+    if kernel.is_some() {
+        phases.end("kernel mount");
+    }
     // An unpack before the container (the `unpack` provider's first use) says how far it is.
     let speak = !opts.quiet && crate::image::registry::progress::Progress::auto().speaks();
     let mut reporter = crate::rootfs::unpacked::UnpackReporter::new(
@@ -124,6 +174,14 @@ pub(crate) fn prepare_command(
         }
     };
     let holder = holder::prepare_observed(spec, opts, kernel, &mut tell_user)?;
+    // The holder's own phases, and the rest of its time: its start, the spec and report.
+    let in_holder = Duration::from_micros(holder.ready().phases.iter().map(|p| p.micros).sum());
+    phases.add(
+        "holder process",
+        phases.since_last().saturating_sub(in_holder),
+    );
+    phases.extend(&holder.ready().phases);
+    phases.restart();
     let namespaces = Namespaces::of_holder(&holder)?;
     let vars = env::compose(caller, &holder.ready().env, &spec.env);
     let search_path = vars
@@ -149,14 +207,17 @@ pub(crate) fn prepare_command(
         envp,
         search_path,
         workdir,
+        phases,
+        timings,
     })
 }
 
-/// Fork a child that runs `in_child` (which should exec or exit), pass the forwarded signals on
-/// to it and return its exit status for ferry to use.
+/// Fork a child that runs `in_child` (which should exec or exit; with timings, it writes a
+/// byte to the descriptor it gets once in the container, which its exec then closes), pass
+/// the forwarded signals on to it and return its exit status for ferry to use.
 pub(crate) fn fork_and_supervise(
-    prepared: &Prepared,
-    in_child: impl FnOnce(&Prepared, &SigSet),
+    prepared: &mut Prepared,
+    in_child: impl FnOnce(&Prepared, &SigSet, Option<OwnedFd>),
 ) -> Result<i32, RunError> {
     fork_and_supervise_then(prepared, in_child, || {})
 }
@@ -164,8 +225,8 @@ pub(crate) fn fork_and_supervise(
 /// [`fork_and_supervise`], calling `after_fork` in the parent once the child runs (threads
 /// may start there: the fork is behind).
 pub(crate) fn fork_and_supervise_then(
-    prepared: &Prepared,
-    in_child: impl FnOnce(&Prepared, &SigSet),
+    prepared: &mut Prepared,
+    in_child: impl FnOnce(&Prepared, &SigSet, Option<OwnedFd>),
     after_fork: impl FnOnce(),
 ) -> Result<i32, RunError> {
     // A signal ferry inherited as ignored would never reach sigwaitinfo: take it back to
@@ -183,6 +244,12 @@ pub(crate) fn fork_and_supervise_then(
     for s in &inherited_ignored {
         let _ = raw::default_signal(*s);
     }
+    // The child says when it has entered the container; the pipe's end (close-on-exec)
+    // says when the command's exec is done.
+    let watch = (prepared.timings == Timings::Print || tracing::enabled!(tracing::Level::DEBUG))
+        .then(|| nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ok())
+        .flatten();
+    prepared.phases.end("prepare command");
 
     let child = match raw::fork_single_threaded().map_err(|source| RunError::Os {
         what: "fork",
@@ -192,13 +259,26 @@ pub(crate) fn fork_and_supervise_then(
             for s in &inherited_ignored {
                 let _ = raw::ignore_signal(*s);
             }
-            in_child(prepared, &mask);
+            let entered = watch.map(|(read_end, write_end)| {
+                drop(read_end);
+                write_end
+            });
+            in_child(prepared, &mask, entered);
             // (`in_child` execs or exits; this only stops a return into ferry's own code.)
             std::process::exit(exit_code::SETUP_FAILED)
         }
         Some(child) => child,
     };
     after_fork();
+    if let Some((read_end, write_end)) = watch {
+        drop(write_end);
+        watch_exec(&read_end, &mut prepared.phases);
+    }
+    if prepared.timings == Timings::Print {
+        for line in crate::container::phases::lines(prepared.phases.list()) {
+            eprintln!("{line}");
+        }
+    }
     Ok(supervise(child, &mask))
 }
 
@@ -215,15 +295,49 @@ pub(crate) fn forwarded_mask() -> SigSet {
 /// Stop the container once its command has ended with `status`; returns that status.
 pub(crate) fn finish(prepared: Prepared, status: i32) -> i32 {
     let Prepared {
-        holder, namespaces, ..
+        holder,
+        namespaces,
+        phases,
+        timings,
+        ..
     } = prepared;
     drop(namespaces);
-    let ended = holder.stop(Duration::from_secs(5));
+    let mut after = Phases::new();
+    // The command's own run, from its exec (where the phases above end) to its end.
+    after.add("command", phases.since_last());
+    after.restart();
+    let ended = holder.stop_without_teardown(Duration::from_secs(5));
+    after.end("stop");
+    if timings == Timings::Print {
+        // After the command: how long it ran, and how long ferry took to end after it.
+        let lines = crate::container::phases::lines(after.list());
+        for line in &lines[..lines.len() - 1] {
+            eprintln!("{line}");
+        }
+    }
     // An image server's end the holder has said itself, on this stderr.
     if let Some(early @ holder::EarlyEnd::Killed) = ended.early {
         eprintln!("ferry: error: {early}");
     }
     status
+}
+
+/// Time the child's entering the container (a byte on `pipe`) and its exec (the pipe's
+/// end: its end is close-on-exec).
+fn watch_exec(pipe: &OwnedFd, phases: &mut Phases) {
+    let mut byte = [0u8; 1];
+    let read = |buf: &mut [u8]| loop {
+        match nix::unistd::read(pipe.as_raw_fd(), buf) {
+            Err(nix::Error::EINTR) => continue,
+            other => return other,
+        }
+    };
+    if read(&mut byte) == Ok(1) {
+        phases.end("enter container");
+        if read(&mut byte) == Ok(0) {
+            phases.end("exec");
+        }
+    }
 }
 
 pub(crate) fn supervise(child: Pid, mask: &SigSet) -> i32 {
@@ -251,14 +365,20 @@ pub(crate) fn supervise(child: Pid, mask: &SigSet) -> i32 {
 }
 
 /// The child: enter the container and exec the command; never returns.
+/// What the child execs: the arguments, the environment and where to look for the program.
+struct CommandLine<'a> {
+    args: &'a [CString],
+    envp: &'a [CString],
+    search_path: &'a str,
+}
+
 fn exec_in_container(
     ns: &Namespaces,
     workdir: &Path,
     remap_root: bool,
-    args: &[CString],
-    envp: &[CString],
-    search_path: &str,
+    command: &CommandLine<'_>,
     mask: &SigSet,
+    entered: Option<OwnedFd>,
 ) -> ! {
     // The command must not outlive ferry: without that guarantee, do not start it.
     if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
@@ -276,7 +396,11 @@ fn exec_in_container(
             std::process::exit(exit_code::SETUP_FAILED);
         }
     }
-    exec_searching(args, envp, search_path)
+    // Kept open until the exec closes it.
+    if let Some(pipe) = &entered {
+        let _ = nix::unistd::write(pipe, b"e");
+    }
+    exec_searching(command.args, command.envp, command.search_path)
 }
 
 /// Exec `args` (its program found through `search_path` unless it names a path) with the

@@ -13,6 +13,7 @@ use std::process::Child;
 use nix::mount::{mount, MsFlags};
 use rustix::mount::MountAttrFlags;
 
+use crate::container::phases::{Phase, Phases};
 use crate::image;
 use crate::rootfs::error::{nix_io, setup, RootfsError};
 use crate::rootfs::inputs::Inputs;
@@ -36,6 +37,8 @@ pub struct Container {
     pub start: ImageStart,
     /// Kept for the container's life (see [`Inputs`]).
     pub hold: Option<nix::fcntl::Flock<File>>,
+    /// How long each phase of the build took.
+    pub phases: Vec<Phase>,
 }
 
 /// Build the container described by `spec` from `inputs`. Runs inside the new user and
@@ -44,10 +47,23 @@ pub fn build(
     spec: &ContainerSpec,
     mut inputs: Inputs,
     inside: InsideIds,
+    mut phases: Phases,
 ) -> Result<Container, RootfsError> {
     stage()?;
-    let squashfuse = squashfuse::mount_image(&inputs)?;
-    let result = assemble(spec, &inputs, inside);
+    phases.end("staging tmpfs");
+    let mut squashfuse = squashfuse::mount_image(&inputs, &mut phases)?;
+    let result = (|| {
+        // Made while squashfuse starts: the container's /dev needs nothing of the image.
+        let dev = binds::dev_source(&inputs)?;
+        if !inputs.host.hidden_dev_entries.is_empty() {
+            phases.end("/dev");
+        }
+        if let Some(child) = squashfuse.as_mut() {
+            squashfuse::wait_ready(&inputs, child)?;
+            phases.end("squashfuse ready");
+        }
+        assemble(spec, &inputs, inside, &mut phases, dev)
+    })();
     match result {
         Ok(Assembled {
             env,
@@ -59,6 +75,7 @@ pub fn build(
             workdir,
             start,
             hold: inputs.hold.take(),
+            phases: phases.into_vec(),
         }),
         Err(e) => {
             if let Some(mut child) = squashfuse {
@@ -81,8 +98,11 @@ fn assemble(
     spec: &ContainerSpec,
     inputs: &Inputs,
     inside: InsideIds,
+    phases: &mut Phases,
+    dev: PathBuf,
 ) -> Result<Assembled, RootfsError> {
-    let (sources, _held) = binds::open_sources(inputs)?;
+    let (sources, _held) = binds::open_sources(inputs, dev)?;
+    phases.end("binds");
     let mut planned = binds::plan(&sources);
     let lower = Path::new(LOWER);
     let image_identity = keeps_image_identity(spec, lower);
@@ -98,6 +118,7 @@ fn assemble(
             missing.push((resolved, bind.is_dir));
         }
     }
+    phases.end("mount points");
     let mut overlay = spec.unpacked.is_none() && (spec.writable || !missing.is_empty());
     if overlay && !spec.writable && inputs.hold.is_some() {
         // The `unpack` provider's tree is the user's own copy, shared by their containers:
@@ -135,18 +156,30 @@ fn assemble(
         })?;
     }
     let newroot = File::open(NEW).map_err(setup("opening the new root"))?;
+    phases.end(if overlay { "overlay" } else { "root bind" });
     if !image_identity {
         write_identity_files(&newroot, spec, inside)?;
     }
+    phases.end("passwd/group");
     for bind in &planned {
+        let is_dev = bind.target == Path::new("/dev");
+        if is_dev {
+            phases.end("binds");
+        }
         binds::bind_into(&newroot, bind).map_err(|source| RootfsError::Mount {
             what: bind.what.clone(),
             target: bind.target.clone(),
             source,
         })?;
+        if is_dev {
+            phases.end("/dev");
+        }
     }
+    phases.end("binds");
     let library_path = if inputs.host.has_libraries() {
-        loader::register_host_libraries(spec, &inputs.host)
+        let path = loader::register_host_libraries(spec, &inputs.host);
+        phases.end("ldconfig");
+        path
     } else {
         None
     };
@@ -161,6 +194,7 @@ fn assemble(
         .map_err(setup("making the root filesystem read-only"))?;
     drop(newroot);
     enter_new_root()?;
+    phases.end("pivot_root");
     if spec.remap_root && spec.writable {
         let_apt_stay_root();
     }
@@ -181,6 +215,7 @@ fn assemble(
     }
     let start = ImageStart::read(Path::new("/"), SMALL_FILE_LIMIT);
     let workdir = choose_workdir(spec, start.working_dir.as_deref())?;
+    phases.end("image config");
     Ok(Assembled {
         env,
         workdir,

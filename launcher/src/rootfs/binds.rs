@@ -57,15 +57,13 @@ pub(super) struct BindSources {
 
 /// Open the sources of the binds of `inputs` from inside the new mount namespace; the
 /// descriptors returned must stay open until the binds are made.
-pub(super) fn open_sources(inputs: &Inputs) -> Result<(BindSources, Vec<OwnedFd>), RootfsError> {
+pub(super) fn open_sources(
+    inputs: &Inputs,
+    dev: PathBuf,
+) -> Result<(BindSources, Vec<OwnedFd>), RootfsError> {
     let mut held = Vec::new();
     let host_root = File::open(OLD).map_err(setup("opening the host's root"))?;
     let name_service = name_service_sources(&host_root, &mut held);
-    let dev = if inputs.host.hidden_dev_entries.is_empty() {
-        Path::new(OLD).join("dev")
-    } else {
-        dev_tree(&inputs.host.hidden_dev_entries)?
-    };
     let mut reopen = |s: &Source| -> Result<Reopened, RootfsError> {
         // It opened a moment ago, as the user: whatever fails now means it was replaced.
         let fd = s
@@ -109,6 +107,16 @@ pub(super) fn open_sources(inputs: &Inputs) -> Result<(BindSources, Vec<OwnedFd>
         host_files,
     };
     Ok((sources, held))
+}
+
+/// The source of the container's /dev: the host's, or a copy without the GPU nodes it
+/// must not see (see [`dev_tree`]).
+pub(super) fn dev_source(inputs: &Inputs) -> Result<PathBuf, RootfsError> {
+    if inputs.host.hidden_dev_entries.is_empty() {
+        Ok(Path::new(OLD).join("dev"))
+    } else {
+        dev_tree(&inputs.host.hidden_dev_entries)
+    }
 }
 
 /// A new tmpfs for the user's mount number `index`, on the staging tmpfs, to be bound

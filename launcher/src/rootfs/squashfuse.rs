@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use nix::mount::{mount, MsFlags};
 
+use crate::container::phases::Phases;
 use crate::image::ImageKind;
 use crate::rootfs::error::{setup, RootfsError};
 use crate::rootfs::inputs::{open_fuse, Inputs, Source};
@@ -16,7 +17,10 @@ use crate::rootfs::staging::{bind_mount, fd_path, host_null, FILES, LOWER, OLD};
 use crate::sys::raw;
 
 /// Mount the image at `/lower`; returns squashfuse, which serves it, for a squashfs image.
-pub(super) fn mount_image(inputs: &Inputs) -> Result<Option<Child>, RootfsError> {
+pub(super) fn mount_image(
+    inputs: &Inputs,
+    phases: &mut Phases,
+) -> Result<Option<Child>, RootfsError> {
     match inputs.kind {
         ImageKind::Directory => {
             let source = Source {
@@ -39,9 +43,14 @@ pub(super) fn mount_image(inputs: &Inputs) -> Result<Option<Child>, RootfsError>
                     source,
                 }
             })?;
+            phases.end("image bind");
             Ok(None)
         }
-        ImageKind::Squashfs { offset, .. } => mount_squashfs(inputs, offset).map(Some),
+        ImageKind::Squashfs { offset, .. } => {
+            let child = mount_squashfs(inputs, offset)?;
+            phases.end("squashfuse start");
+            Ok(Some(child))
+        }
     }
 }
 
@@ -98,16 +107,22 @@ fn mount_squashfs(inputs: &Inputs, offset: u64) -> Result<Child, RootfsError> {
         true,
     )
     .map_err(setup("preparing squashfuse"))?;
-    let mut child = cmd.spawn().map_err(|e| RootfsError::ImageMount {
+    cmd.spawn().map_err(|e| RootfsError::ImageMount {
         path: inputs.image_path.clone(),
         detail: format!("cannot start {}: {e}", program.display()),
-    })?;
+    })
+}
+
+/// Wait until squashfuse (`child`) serves the image; on failure it is ended, and its last
+/// words are the error.
+pub(super) fn wait_ready(inputs: &Inputs, child: &mut Child) -> Result<(), RootfsError> {
+    let log_path = Path::new(FILES).join("squashfuse.log");
     // The first request waits for squashfuse to answer; if it dies first, the connection is
     // aborted and this fails instead of hanging.
     let started = Instant::now();
     loop {
         match fs::metadata(LOWER) {
-            Ok(_) => return Ok(child),
+            Ok(_) => return Ok(()),
             Err(e) => {
                 let exited = child.try_wait().ok().flatten();
                 if exited.is_some() || started.elapsed() > Duration::from_secs(30) {

@@ -198,6 +198,24 @@ pub fn adopt_inherited_fd_list(fds: &[RawFd]) -> io::Result<Vec<OwnedFd>> {
         .collect())
 }
 
+/// Close every descriptor from `first` up: a process forked to run on without exec (the
+/// CLI's holder) keeps nothing of its parent's but what it was given below `first`.
+pub fn close_from(first: u32) -> io::Result<()> {
+    // SAFETY: close_range closes descriptors only; the caller (a freshly forked child that
+    // never returns into its parent's code) holds no object owning one of them that it
+    // will use or drop.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether the calling process has one thread (it may then fork and run on without exec).
+pub fn is_single_threaded() -> bool {
+    std::fs::read_dir("/proc/self/task").is_ok_and(|tasks| tasks.count() == 1)
+}
+
 /// End the calling process at once with `code`, running no exit handlers and flushing no
 /// buffers: for a task process forked by slurmstepd, whose atexit handlers and stdio
 /// buffers are slurmstepd's.
