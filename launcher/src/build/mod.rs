@@ -1017,8 +1017,9 @@ impl Builder<'_> {
             return Ok(());
         }
         unpacked::save(&rootfs, &cached)?;
+        // A copy, not a link: each entry keeps its own last-use time for gc.
         if let Some(entry) = pending {
-            link_atomically(&cached, &entry)?;
+            copy_atomically(&cached, &entry)?;
         }
         copy_atomically(&cached, &output)
     }
@@ -1469,25 +1470,6 @@ fn copy_one(
 fn dir_in_tree(rootfs: &Path, dir: &str) -> bool {
     resolve_in_tree(rootfs, Path::new(dir.trim_start_matches('/')))
         .is_ok_and(|rel| rootfs.join(rel).is_dir())
-}
-
-/// Give `from` the second name `to` (a copy where a link cannot be made), appearing
-/// complete or not at all.
-fn link_atomically(from: &Path, to: &Path) -> Result<(), StepError> {
-    let mut partial = to.as_os_str().to_owned();
-    partial.push(format!(".ferry-{}.partial", std::process::id()));
-    let partial = PathBuf::from(partial);
-    if fs::hard_link(from, &partial).is_err() {
-        return copy_atomically(from, to);
-    }
-    fs::rename(&partial, to).map_err(|e| {
-        let _ = fs::remove_file(&partial);
-        StepError::Io {
-            what: "cannot write",
-            path: to.into(),
-            source: e,
-        }
-    })
 }
 
 /// Copy `from` to `to`, appearing complete or not at all.
