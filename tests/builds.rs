@@ -169,6 +169,50 @@ fn a_multi_stage_build_copies_from_an_earlier_stage() {
     }
 }
 
+/// The last step that changes the tree shares one squashfs with the image: a rebuild that
+/// changes only the configuration after it (ENV, WORKDIR, CMD) takes that step from the
+/// cache and gets the new configuration, and a WORKDIR made for the first image is not in
+/// the second.
+#[test]
+fn a_change_after_the_last_step_takes_it_from_the_cache() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    context(
+        &dir,
+        &format!(
+            "FROM {}\n\
+             RUN echo built > /made\n\
+             ENV MODE=first\n\
+             WORKDIR /w1\n\
+             CMD [\"sh\", \"-c\", \"cat /made; echo $MODE; pwd; ls -d /w[12]\"]\n",
+            img("busybox.sqsh")
+        ),
+    );
+    let run = format!("$FERRY run {d}/out.sqsh");
+    let first = build(&dir, "");
+    first.ok();
+    assert!(
+        first.stderr.contains("cache entry with the image"),
+        "{}",
+        first.stderr
+    );
+    assert_eq!(sh(&run).ok(), "built\nfirst\n/w1\n/w1\n");
+    sh(&format!(
+        "sed -i 's/first/second/; s,WORKDIR /w1,WORKDIR /w2,' {d}/ctx/Dockerfile"
+    ))
+    .ok();
+    let second = build(&dir, "");
+    second.ok();
+    let step = second.stderr.lines().find(|l| l.starts_with("[2/5] RUN"));
+    assert!(
+        step.is_some_and(|l| l.ends_with("(cached)")),
+        "{}",
+        second.stderr
+    );
+    assert_eq!(sh(&run).ok(), "built\nsecond\n/w2\n/w2\n");
+}
+
 /// What a build stopped by a signal leaves in the cache (its work tree, named after its
 /// process) goes with `ferry gc`; the step entries stay.
 #[test]

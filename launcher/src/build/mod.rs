@@ -10,8 +10,9 @@
 //! under a key made of the previous key, the instruction, the build state (environment,
 //! arguments, shell, working directory) and the content of the files it copies. A rebuild
 //! takes the longest prefix of steps whose keys are there and unpacks only its last one.
-//! A squashfs per step costs a few seconds on a Debian-sized tree, far less than the
-//! install it saves, and keeps the cache small and its entries immutable.
+//! A squashfs per step (lz4: about a second on a Debian-sized tree) costs far less than the
+//! install it saves, and keeps the cache small and its entries immutable. The last step
+//! that changes the tree is squashed once with the image (zstd) and its entry copied from it.
 
 pub mod archive;
 pub mod deffile;
@@ -184,6 +185,11 @@ struct Stage {
     args: BTreeMap<String, String>,
     tree_fs: Option<Fs>,
     generation: u64,
+    /// A cache entry whose tree is the stage's tree now, not yet written: the last step that
+    /// changes the final stage's tree leaves it to [`Builder::finish`], which writes it and the
+    /// image with one mksquashfs (they differ only in the config, which no build reads back
+    /// from an entry).
+    pending: Option<PathBuf>,
 }
 
 impl Stage {
@@ -219,6 +225,9 @@ struct Builder<'a> {
     ignore: Ignore,
     /// Copies of the context made so far (each a folder of the work directory).
     context_copies: usize,
+    /// The step being run is the last one to change the final stage's tree: its cache entry
+    /// is written with the image.
+    entry_with_image: bool,
 }
 
 /// Build the image; returns nothing, the image is at `opts.output`.
@@ -291,10 +300,17 @@ pub fn build(opts: &BuildOptions) -> Result<(), BuildError> {
         cache_dir,
         work,
         stages: Vec::new(),
+        entry_with_image: false,
     };
     let mut global_args: BTreeMap<String, String> = BTreeMap::new();
     for (i, step) in steps.iter().enumerate() {
         let started = Instant::now();
+        builder.entry_with_image = steps[i + 1..].iter().all(|s| {
+            !matches!(
+                s.instruction,
+                Instruction::Run(_) | Instruction::Copy { .. } | Instruction::From { .. }
+            )
+        });
         let note = builder
             .step(i, step, &mut global_args)
             .map_err(|e| match e {
@@ -314,12 +330,16 @@ pub fn build(opts: &BuildOptions) -> Result<(), BuildError> {
         let took = match note {
             Done::Cached => "cached".to_string(),
             Done::Ran { snapshot } => match snapshot {
-                Some(s) => format!(
+                Entry::Took(s) => format!(
                     "{:.1} s, cache entry {:.1} s",
                     started.elapsed().as_secs_f64() - s,
                     s
                 ),
-                None => format!("{:.1} s", started.elapsed().as_secs_f64()),
+                Entry::WithImage => format!(
+                    "{:.1} s, cache entry with the image",
+                    started.elapsed().as_secs_f64()
+                ),
+                Entry::None => format!("{:.1} s", started.elapsed().as_secs_f64()),
             },
             Done::Note(n) => n.to_string(),
         };
@@ -448,11 +468,21 @@ impl<E: Into<StepError>> From<E> for Failure {
 
 enum Done {
     Cached,
-    /// Ran; `snapshot`: the seconds its cache entry took.
+    /// Ran; `snapshot`: its cache entry.
     Ran {
-        snapshot: Option<f64>,
+        snapshot: Entry,
     },
     Note(&'static str),
+}
+
+/// A step's cache entry.
+enum Entry {
+    /// No cache (`--no-cache`).
+    None,
+    /// Written, in that many seconds.
+    Took(f64),
+    /// Left to be written with the image.
+    WithImage,
 }
 
 fn hash_parts(parts: &[&[u8]]) -> String {
@@ -678,6 +708,7 @@ impl Builder<'_> {
             args: BTreeMap::new(),
             tree_fs: None,
             generation: 0,
+            pending: None,
         });
         Ok(())
     }
@@ -742,24 +773,30 @@ impl Builder<'_> {
     }
 
     /// After a step changed the tree: its cache entry (or, without the cache, a new
-    /// generation of the tree). Returns the seconds the entry took.
-    fn changed(&mut self, key: String) -> Result<Option<f64>, StepError> {
+    /// generation of the tree). Entries are lz4: written on every cold build and read only
+    /// by later builds, they need speed more than size; the image stays zstd.
+    fn changed(&mut self, key: String) -> Result<Entry, StepError> {
         let snapshot = self.snapshot_path(&key);
         let no_cache = self.opts.no_cache;
+        let with_image = self.entry_with_image;
         let stage = self.current();
         stage.key = key;
         if no_cache {
             stage.generation += 1;
             stage.state.fs = Fs::Tree(stage.generation);
             stage.tree_fs = Some(stage.state.fs.clone());
-            return Ok(None);
+            return Ok(Entry::None);
+        }
+        stage.state.fs = Fs::Snapshot(snapshot.clone());
+        stage.tree_fs = Some(stage.state.fs.clone());
+        if with_image {
+            stage.pending = Some(snapshot);
+            return Ok(Entry::WithImage);
         }
         let started = Instant::now();
         write_config(&stage.rootfs(), &stage.state)?;
-        unpacked::save(&stage.rootfs(), &snapshot)?;
-        stage.state.fs = Fs::Snapshot(snapshot);
-        stage.tree_fs = Some(stage.state.fs.clone());
-        Ok(Some(started.elapsed().as_secs_f64()))
+        unpacked::save_fast(&stage.rootfs(), &snapshot)?;
+        Ok(Entry::Took(started.elapsed().as_secs_f64()))
     }
 
     /// A cached step: its entry is the stage's state from here on.
@@ -953,14 +990,26 @@ impl Builder<'_> {
             hash_parts(&[final_key.as_bytes(), state.as_bytes()])
         };
         let cached = self.snapshot_path(&final_key);
+        let stage = self.current();
+        let mut pending = stage.pending.take();
         if !no_cache && cached.is_file() {
+            if let Some(entry) = pending {
+                write_config(&stage.rootfs(), &stage.state)?;
+                unpacked::save_fast(&stage.rootfs(), &entry)?;
+            }
             return copy_atomically(&cached, &output);
         }
-        let stage = self.current();
         Self::materialize(stage)?;
         let rootfs = stage.rootfs();
         let workdir = stage.state.config.working_dir.clone();
         if let Some(w) = workdir {
+            // The entry is the tree as the step left it, without a directory made for the
+            // image's WORKDIR.
+            if let Some(entry) = pending.as_ref().filter(|_| !dir_in_tree(&rootfs, &w)) {
+                write_config(&rootfs, &stage.state)?;
+                unpacked::save_fast(&rootfs, entry)?;
+                pending = None;
+            }
             make_dir_in(&rootfs, &w)?;
         }
         write_config(&rootfs, &stage.state)?;
@@ -969,6 +1018,10 @@ impl Builder<'_> {
             return Ok(());
         }
         unpacked::save(&rootfs, &cached)?;
+        // A copy, not a link: each entry keeps its own last-use time for gc.
+        if let Some(entry) = pending {
+            copy_atomically(&cached, &entry)?;
+        }
         copy_atomically(&cached, &output)
     }
 
@@ -1412,6 +1465,12 @@ fn copy_one(
     cp.stdin(std::process::Stdio::null());
     run_tool("cp", &mut cp, None)?;
     Ok(())
+}
+
+/// Whether `dir` (a path in the container) is a directory in the tree.
+fn dir_in_tree(rootfs: &Path, dir: &str) -> bool {
+    resolve_in_tree(rootfs, Path::new(dir.trim_start_matches('/')))
+        .is_ok_and(|rel| rootfs.join(rel).is_dir())
 }
 
 /// Copy `from` to `to`, appearing complete or not at all.

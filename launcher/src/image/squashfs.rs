@@ -114,11 +114,28 @@ pub fn mksquashfs_command(
     out: &Path,
     zstd_level: u32,
 ) -> std::process::Command {
+    let level = zstd_level.to_string();
+    mksquashfs_command_compressed(program, dir, out, &["zstd", "-Xcompression-level", &level])
+}
+
+/// [`mksquashfs_command`] with lz4: a third larger than zstd level 3 but about twice as
+/// fast to write and faster to unpack. For the build cache's step entries, which are
+/// written on every cold build and only ever unpacked by the next build.
+pub fn mksquashfs_fast_command(program: &Path, dir: &Path, out: &Path) -> std::process::Command {
+    mksquashfs_command_compressed(program, dir, out, &["lz4"])
+}
+
+fn mksquashfs_command_compressed(
+    program: &Path,
+    dir: &Path,
+    out: &Path,
+    compression: &[&str],
+) -> std::process::Command {
     let mut cmd = std::process::Command::new(program);
     cmd.arg(dir)
         .arg(out)
-        .args(["-noappend", "-comp", "zstd", "-Xcompression-level"])
-        .arg(zstd_level.to_string())
+        .args(["-noappend", "-comp"])
+        .args(compression)
         .args(["-all-root", "-no-xattrs"])
         .stdin(std::process::Stdio::null());
     cmd

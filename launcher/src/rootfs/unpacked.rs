@@ -18,7 +18,7 @@ pub const APT_REMAP_ROOT_FILE: &str = "99ferry-remap-root";
 
 use nix::fcntl::Flock;
 
-use crate::image::squashfs::mksquashfs_command;
+use crate::image::squashfs::{mksquashfs_command, mksquashfs_fast_command};
 use crate::image::ImageKind;
 use crate::sys::child::{run_tool_watched, ToolError};
 
@@ -586,7 +586,13 @@ fn copy_tree(from: &Path, into: &Path, on_tick: &mut dyn FnMut(u32)) -> Result<(
 /// appears complete under its name or not at all. Files are owned by root in the image, as
 /// in images built by root, so a later `--container-remap-root` sees them as its own.
 pub fn save(rootfs: &Path, output: &Path) -> Result<(), NamedError> {
-    save_inner(rootfs, output, None)
+    save_inner(rootfs, output, None, false)
+}
+
+/// [`save`] with fast compression (lz4 instead of zstd): for copies that only ferry reads
+/// back, such as `ferry build`'s step cache entries.
+pub fn save_fast(rootfs: &Path, output: &Path) -> Result<(), NamedError> {
+    save_inner(rootfs, output, None, true)
 }
 
 /// How far a save is.
@@ -607,13 +613,14 @@ pub fn save_watched(
     output: &Path,
     on_progress: &mut dyn FnMut(SaveProgress),
 ) -> Result<(), NamedError> {
-    save_inner(rootfs, output, Some(on_progress))
+    save_inner(rootfs, output, Some(on_progress), false)
 }
 
 fn save_inner(
     rootfs: &Path,
     output: &Path,
     mut on_progress: Option<&mut dyn FnMut(SaveProgress)>,
+    fast: bool,
 ) -> Result<(), NamedError> {
     let fail = |detail: String| NamedError::Save {
         path: output.into(),
@@ -637,7 +644,11 @@ fn save_inner(
     partial_name.push(format!(".ferry-{}.partial", std::process::id()));
     let partial = parent.join(partial_name);
     let level = crate::image::squashfs::DEFAULT_ZSTD_LEVEL;
-    let mut cmd = mksquashfs_command(Path::new("mksquashfs"), rootfs, &partial, level);
+    let mut cmd = if fast {
+        mksquashfs_fast_command(Path::new("mksquashfs"), rootfs, &partial)
+    } else {
+        mksquashfs_command(Path::new("mksquashfs"), rootfs, &partial, level)
+    };
     cmd.args(["-quiet", "-no-progress"]);
     if on_progress.is_some() {
         // By default mksquashfs 4.5 may buffer a quarter of the memory ahead of what it
