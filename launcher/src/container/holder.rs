@@ -707,9 +707,11 @@ fn hold_spec(spec: Result<ContainerSpec, String>) -> i32 {
         let _ = fuse.kill();
         let _ = fuse.wait();
     }
+    // Its tree is free for `ferry gc` and others from here.
+    drop(container.hold.take());
     // The end of the report tells the caller that the container is let go (no record, no
-    // more words, no image server): it need not wait for the rest, the kernel's teardown
-    // of the namespaces as this process exits (Holder::let_go).
+    // more words, no image server, no lock): it need not wait for the rest, the kernel's
+    // teardown of the namespaces as this process exits (Holder::let_go).
     let _ = nix::unistd::close(1);
     code
 }
