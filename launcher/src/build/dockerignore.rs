@@ -106,8 +106,9 @@ fn match_parts(pattern: &[String], path: &[String]) -> bool {
     }
 }
 
-/// One path part against one pattern part: `*`, `?`, `[…]` classes and `\` escapes.
-fn match_name(pattern: &str, name: &str) -> bool {
+/// One path part against one pattern part: `*`, `?`, `[…]` classes and `\` escapes (also
+/// the wildcards of COPY's sources).
+pub(super) fn match_name(pattern: &str, name: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
     let n: Vec<char> = name.chars().collect();
     fn at(p: &[char], n: &[char]) -> bool {

@@ -1268,7 +1268,7 @@ fn expand_source(root: &Path, source: &str, in_tree: bool) -> Result<Vec<PathBuf
             let mut found: Vec<PathBuf> = fs::read_dir(&dir)
                 .map_err(io_err("cannot read", &dir))?
                 .flatten()
-                .filter(|e| wildcard(&pattern, &e.file_name().to_string_lossy()))
+                .filter(|e| dockerignore::match_name(&pattern, &e.file_name().to_string_lossy()))
                 .map(|e| e.path())
                 .collect();
             found.sort();
@@ -1294,20 +1294,6 @@ fn expand_source(root: &Path, source: &str, in_tree: bool) -> Result<Vec<PathBuf
             Ok(vec![path])
         }
     }
-}
-
-fn wildcard(pattern: &str, name: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let n: Vec<char> = name.chars().collect();
-    fn at(p: &[char], n: &[char]) -> bool {
-        match p.first() {
-            None => n.is_empty(),
-            Some('*') => (0..=n.len()).any(|i| at(&p[1..], &n[i..])),
-            Some('?') => !n.is_empty() && at(&p[1..], &n[1..]),
-            Some(c) => n.first() == Some(c) && at(&p[1..], &n[1..]),
-        }
-    }
-    at(&p, &n)
 }
 
 /// Copy `files` (under `context`) into `copy` at the same relative paths, leaving out
@@ -1496,10 +1482,10 @@ mod tests {
 
     #[test]
     fn wildcards_match_names() {
-        assert!(wildcard("*.py", "a.py"));
-        assert!(!wildcard("*.py", "a.pyc"));
-        assert!(wildcard("a?c", "abc"));
-        assert!(wildcard("*", ""));
+        assert!(dockerignore::match_name("*.py", "a.py"));
+        assert!(!dockerignore::match_name("*.py", "a.pyc"));
+        assert!(dockerignore::match_name("a?c", "abc"));
+        assert!(dockerignore::match_name("*", ""));
     }
 
     #[test]

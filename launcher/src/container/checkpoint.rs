@@ -835,27 +835,29 @@ fn dump_with_criu(plan: &InitPlan, command: Pid) -> Result<String, CriuError> {
     ]
     .map(String::from)
     .to_vec();
-    match run_criu(plan, &args) {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err(CriuError::Failed(criu_reason(
-                &images_inside.join("dump.log"),
-                &images_shown.join("dump.log"),
-            )))
-        }
-        Err(error) => {
-            return Err(CriuError::Start {
-                criu: plan.criu.path.clone(),
-                error,
-            })
-        }
-    }
+    criu_with_log(plan, &args, "dump.log")?;
     let secs = started.elapsed().as_secs_f64();
     let size = dir_size(&images_inside);
     Ok(format!(
         "{} of images in {secs:.2} s",
         crate::image::registry::progress::human_bytes(size)
     ))
+}
+
+/// Run CRIU with `args`, whose log goes to `log` in the images directory; a failure says
+/// why from that log.
+fn criu_with_log(plan: &InitPlan, args: &[String], log: &str) -> Result<(), CriuError> {
+    match run_criu(plan, args) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(CriuError::Failed(criu_reason(
+            &Path::new(INSIDE).join(IMAGES_DIR).join(log),
+            &plan.dir.join(IMAGES_DIR).join(log),
+        ))),
+        Err(error) => Err(CriuError::Start {
+            criu: plan.criu.path.clone(),
+            error,
+        }),
+    }
 }
 
 fn dir_size(dir: &Path) -> u64 {
@@ -872,7 +874,6 @@ fn dir_size(dir: &Path) -> u64 {
 /// Have CRIU restore the dumped tree into this PID namespace; returns the command's pid.
 fn restore_with_criu(plan: &InitPlan) -> Result<Pid, CriuError> {
     let images_inside = Path::new(INSIDE).join(IMAGES_DIR);
-    let images_shown = plan.dir.join(IMAGES_DIR);
     // CRIU and its helpers take pids far above those of the restored tree (which CRIU sets
     // with clone3's set_tid), so that none is taken when a restored process needs it.
     if let Ok(max) = fs::read_to_string("/proc/sys/kernel/pid_max") {
@@ -898,21 +899,7 @@ fn restore_with_criu(plan: &InitPlan) -> Result<Pid, CriuError> {
     ]
     .map(String::from)
     .to_vec();
-    match run_criu(plan, &args) {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err(CriuError::Failed(criu_reason(
-                &images_inside.join("restore.log"),
-                &images_shown.join("restore.log"),
-            )))
-        }
-        Err(error) => {
-            return Err(CriuError::Start {
-                criu: plan.criu.path.clone(),
-                error,
-            })
-        }
-    }
+    criu_with_log(plan, &args, "restore.log")?;
     let text = fs::read_to_string(&pidfile).map_err(CriuError::NoPid)?;
     text.trim()
         .parse::<i32>()
