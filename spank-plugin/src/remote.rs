@@ -1241,18 +1241,10 @@ pub fn task_exit(step: &mut Step) {
     if step.tasks_exited < step.local_tasks {
         return;
     }
-    // srun hears of the tasks' end once this returns: let go of the container now (no step
-    // can attach to it any more), and leave the wait for its end to `exit`.
-    step.namespaces = None;
-    step.forward = None;
-    if let Some(early) = step
-        .holder
-        .as_mut()
-        .and_then(|h| h.let_go(Duration::from_secs(10)))
-    {
-        // slurmstepd forwards its errors to srun's terminal while the step lasts.
-        error!("step {}.{}: {early}", step.job_id, step_name(step.step_id));
-    }
+    // Waited for here, not in `exit`: slurmstepd removes the step's cgroup before it calls
+    // `exit`, and a holder still in it would keep the cgroup (and the next job of the same
+    // id fails to set its cpuset).
+    stop_holder(step, "the step's last task exited");
 }
 
 /// exit (slurmstepd, at the end): make sure nothing is left, also for failed steps.
