@@ -298,6 +298,44 @@ fn tasks_stay_in_the_steps_cgroup() {
     assert_eq!(normalised_cgroups(inside.ok()), bare);
 }
 
+/// The job cgroups slurmstepd made for a container job, in every controller, once it ended.
+/// Slurm removes a step's cgroup before the step's spank `exit`: anything of ferry's still in
+/// it then (the holder) keeps it and its job's busy, and a later job given the same id
+/// cannot set up its cpuset (`cpuset.cpus: Device or resource busy`).
+#[test]
+fn a_container_job_leaves_no_cgroup_behind() {
+    let _m = shared_machine();
+    let out = slurm(&format!(
+        "srun -n2 --container={} sh -c 'echo $SLURM_JOB_ID $SLURMD_NODENAME'",
+        img("debian.sqsh")
+    ));
+    let out = out.ok();
+    let (job, node) = out
+        .lines()
+        .next()
+        .and_then(|l| l.split_once(' '))
+        .unwrap_or_else(|| panic!("no job id and node in {out:?}"));
+    let left = || -> Vec<String> {
+        let mut found = Vec::new();
+        for controller in dir_entries("/sys/fs/cgroup") {
+            let users = format!("/sys/fs/cgroup/{controller}/slurm_{node}");
+            for uid in dir_entries(&users) {
+                let job_dir = format!("{users}/{uid}/job_{job}");
+                if Path::new(&job_dir).is_dir() {
+                    found.push(job_dir);
+                }
+            }
+        }
+        found
+    };
+    // slurmstepd removes them as it ends, just after srun has returned.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !left().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(left(), Vec::<String>::new(), "job {job} on {node}");
+}
+
 #[test]
 fn the_memory_limit_holds_inside_the_container() {
     let _m = shared_machine();
@@ -1155,13 +1193,10 @@ fn named_containers_keep_state_across_steps_and_save_makes_an_image() {
     let job = std::fs::read_to_string(dir.path.join("jobid")).unwrap();
     let job_dir = format!("/tmp/ferry-{}/job{}", uid_of(USER), job.trim());
     let start = Instant::now();
-    while std::path::Path::new(&job_dir).exists() && start.elapsed() < Duration::from_secs(20) {
+    while Path::new(&job_dir).exists() && start.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(
-        !std::path::Path::new(&job_dir).exists(),
-        "{job_dir} remains"
-    );
+    assert!(!Path::new(&job_dir).exists(), "{job_dir} remains");
 }
 
 #[test]

@@ -33,6 +33,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags};
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
@@ -457,10 +458,46 @@ fn receive_stdio(conn: &UnixStream) -> io::Result<([u8; 4], Vec<OwnedFd>)> {
 
 /// The running server, as the plugin holds it: its directory on the host, and its
 /// standard input, whose end stops it.
+/// How long a step's end waits for its forward server to be gone: slurmstepd removes the
+/// step's cgroup soon after, and a process still in it keeps the cgroup (and its job's).
+const STOP_WAIT: Duration = Duration::from_secs(5);
+/// How long a server never waited for may take to be spawned at all.
+const SPAWN_WAIT: Duration = Duration::from_secs(5);
+
+/// What stops a server (its standard input: end of file) and tells when it is gone.
+#[derive(Debug)]
+struct Lifeline {
+    stdin: std::process::ChildStdin,
+    exit: Option<crate::sys::child::Pidfd>,
+}
+
+impl Lifeline {
+    /// Close its input and wait until it has exited; SIGKILL (through its pidfd, never a
+    /// bare pid: slurmstepd reaps it) if it has not within [`STOP_WAIT`].
+    fn stop(self) {
+        drop(self.stdin);
+        if let Some(exit) = self.exit {
+            if !exit.wait_exit(STOP_WAIT) {
+                exit.kill();
+                exit.wait_exit(STOP_WAIT);
+            }
+        }
+    }
+}
+
+/// A serving forward server; dropping it stops it and waits for it to be gone.
 #[derive(Debug)]
 pub struct Server {
     pub dir: PathBuf,
-    _lifeline: std::process::ChildStdin,
+    lifeline: Option<Lifeline>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(lifeline) = self.lifeline.take() {
+            lifeline.stop();
+        }
+    }
 }
 
 /// A server started but perhaps not serving yet: the caller does its own work meanwhile
@@ -468,8 +505,8 @@ pub struct Server {
 #[derive(Debug)]
 pub struct Starting {
     dir: Option<PathBuf>,
-    /// The server's standard input, once it is spawned.
-    lifeline: std::sync::mpsc::Receiver<std::process::ChildStdin>,
+    /// The server's lifeline, once it is spawned; taken by [`Starting::ready`].
+    lifeline: Option<std::sync::mpsc::Receiver<Lifeline>>,
     answer: std::sync::mpsc::Receiver<Result<String, ForwardError>>,
 }
 
@@ -518,10 +555,15 @@ impl Server {
                 let _ = tx.send(Err(ForwardError::NotReady("no pipes".into())));
                 return;
             };
-            // The child is never waited for here: slurmstepd reaps its children itself.
+            // The child is never reaped here (slurmstepd reaps its children itself); its
+            // pidfd tells when it has ended.
+            let exit = crate::sys::child::Pidfd::of_spawned(&child).ok();
             drop(child);
-            // Dropped (closing it, which stops the server) if the caller has gone already.
-            let _ = give_lifeline.send(stdin);
+            // Stopped at once if the caller has gone already.
+            if let Err(unwanted) = give_lifeline.send(Lifeline { stdin, exit }) {
+                unwanted.0.stop();
+                return;
+            }
             let mut line = String::new();
             let mut reader = io::BufReader::new(stdout);
             let _ = io::BufRead::read_line(&mut reader, &mut line);
@@ -544,7 +586,7 @@ impl Server {
         });
         Starting {
             dir,
-            lifeline,
+            lifeline: Some(lifeline),
             answer,
         }
     }
@@ -556,8 +598,9 @@ impl Starting {
         self.dir.as_deref()
     }
 
-    /// Wait (up to `timeout`) until it serves. Dropping a [`Starting`] stops the server.
-    pub fn ready(self, timeout: std::time::Duration) -> Result<Server, ForwardError> {
+    /// Wait (up to `timeout`) until it serves. Dropping a [`Starting`] (also when this
+    /// fails) stops the server and waits for it to be gone.
+    pub fn ready(mut self, timeout: std::time::Duration) -> Result<Server, ForwardError> {
         let line = self
             .answer
             .recv_timeout(timeout)
@@ -569,12 +612,27 @@ impl Starting {
         // Sent before the answer.
         let lifeline = self
             .lifeline
-            .try_recv()
-            .map_err(|_| ForwardError::NotReady("no standard input".into()))?;
+            .take()
+            .and_then(|r| r.try_recv().ok())
+            .ok_or_else(|| ForwardError::NotReady("no standard input".into()))?;
         Ok(Server {
             dir,
-            _lifeline: lifeline,
+            lifeline: Some(lifeline),
         })
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        // Not served from: it may be spawning still (on its thread), and must be gone before
+        // the step's cgroup is removed.
+        if let Some(lifeline) = self
+            .lifeline
+            .take()
+            .and_then(|r| r.recv_timeout(SPAWN_WAIT).ok())
+        {
+            lifeline.stop();
+        }
     }
 }
 
