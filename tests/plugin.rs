@@ -694,7 +694,13 @@ fn container_steps_call_slurm_commands_on_the_host() {
         "srun -n1 --container-image={busybox} sh -c 'scancel $SLURM_JOB_ID.$SLURM_STEP_ID; sleep 300'"
     ));
     assert_ne!(out.code, 0, "{}{}", out.stdout, out.stderr);
-    assert!(out.stderr.contains("CANCELLED"), "{}", out.stderr);
+    // slurmstepd's `*** STEP ... CANCELLED ***` line reaches srun only while the task's output
+    // is still connected; srun's own `Job step aborted` says the same.
+    assert!(
+        out.stderr.contains("CANCELLED") || out.stderr.contains("Job step aborted"),
+        "{}",
+        out.stderr
+    );
     // No forward server, socket directory or mount is left.
     let after = settle_to(&before, Duration::from_secs(10));
     assert_eq!(after, before, "the node is as before");

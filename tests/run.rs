@@ -669,6 +669,31 @@ fn image_config_sets_the_start_command_workdir_and_environment() {
         "cd {d} && $FERRY import --cache {d}/cache {image} -o {d}/copy.sqsh >/dev/null && $FERRY run {d}/copy.sqsh"
     ));
     assert_eq!(copy.ok(), "entry default\n/opt/app\nfrom-config\n");
+    // Imports are lz4 (read fastest) unless asked otherwise; a bad choice is one line.
+    let compression = |file: &str| {
+        sh(&format!(
+            "unsquashfs -s {d}/{file} | sed -n 's/^Compression //p'"
+        ))
+        .ok()
+        .trim()
+        .to_string()
+    };
+    assert_eq!(compression("copy.sqsh"), "lz4");
+    sh(&format!(
+        "$FERRY import --cache {d}/cache-zstd --compression zstd:5 {image} -o {d}/zstd.sqsh >/dev/null"
+    ))
+    .ok();
+    assert_eq!(compression("zstd.sqsh"), "zstd");
+    let out = sh(&format!(
+        "$FERRY import --cache {d}/cache-bad --compression brotli {image}"
+    ));
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("`brotli`: expected lz4, zstd or zstd:LEVEL"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]

@@ -104,38 +104,85 @@ impl Superblock {
     }
 }
 
+/// How the images ferry writes are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputCompression {
+    Lz4,
+    Zstd { level: u32 },
+}
+
+/// `lz4`, `zstd` or `zstd:LEVEL` refused.
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}`: expected lz4, zstd or zstd:LEVEL (LEVEL 1-22)")]
+pub struct BadCompression(String);
+
+impl OutputCompression {
+    /// Imports are read far more often than they are copied: lz4 is about a sixth larger
+    /// than zstd but costs squashfuse half the CPU to read (`import torch` in a fresh mount:
+    /// 0.62-0.70 s against 1.29-1.45 s; docs/bench/start-phases.txt). enroot's own default
+    /// (lzo) makes the same choice.
+    pub const IMPORT: OutputCompression = OutputCompression::Lz4;
+    /// Images users save or build to pass on (`ferry save`, `--container-save`, `ferry
+    /// build -t`): smaller.
+    pub const SHARE: OutputCompression = OutputCompression::Zstd {
+        level: DEFAULT_ZSTD_LEVEL,
+    };
+
+    fn mksquashfs_args(self) -> Vec<String> {
+        match self {
+            OutputCompression::Lz4 => vec!["lz4".into()],
+            OutputCompression::Zstd { level } => {
+                vec![
+                    "zstd".into(),
+                    "-Xcompression-level".into(),
+                    level.to_string(),
+                ]
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for OutputCompression {
+    type Err = BadCompression;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || BadCompression(text.to_string());
+        match text.split_once(':') {
+            None if text == "lz4" => Ok(OutputCompression::Lz4),
+            None if text == "zstd" => Ok(OutputCompression::SHARE),
+            Some(("zstd", level)) => match level.parse::<u32>() {
+                Ok(level @ 1..=22) => Ok(OutputCompression::Zstd { level }),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for OutputCompression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OutputCompression::Lz4 => f.write_str("lz4"),
+            OutputCompression::Zstd { level } => write!(f, "zstd:{level}"),
+        }
+    }
+}
+
 /// The mksquashfs command that squashes `dir` into the image `out` as ferry makes every
-/// image (imports, `ferry save`, `--container-save`): zstd at `zstd_level`, every file owned
-/// by root (as in images built by root), no xattrs, `out` replaced. Callers add their own
-/// options (exclusions, threads, progress) and set stdout.
+/// image (imports, `ferry save`, `--container-save`, builds): `compression`, every file
+/// owned by root (as in images built by root), no xattrs, `out` replaced. Callers add their
+/// own options (exclusions, threads, progress) and set stdout.
 pub fn mksquashfs_command(
     program: &Path,
     dir: &Path,
     out: &Path,
-    zstd_level: u32,
-) -> std::process::Command {
-    let level = zstd_level.to_string();
-    mksquashfs_command_compressed(program, dir, out, &["zstd", "-Xcompression-level", &level])
-}
-
-/// [`mksquashfs_command`] with lz4: a third larger than zstd level 3 but about twice as
-/// fast to write and faster to unpack. For the build cache's step entries, which are
-/// written on every cold build and only ever unpacked by the next build.
-pub fn mksquashfs_fast_command(program: &Path, dir: &Path, out: &Path) -> std::process::Command {
-    mksquashfs_command_compressed(program, dir, out, &["lz4"])
-}
-
-fn mksquashfs_command_compressed(
-    program: &Path,
-    dir: &Path,
-    out: &Path,
-    compression: &[&str],
+    compression: OutputCompression,
 ) -> std::process::Command {
     let mut cmd = std::process::Command::new(program);
     cmd.arg(dir)
         .arg(out)
         .args(["-noappend", "-comp"])
-        .args(compression)
+        .args(compression.mksquashfs_args())
         .args(["-all-root", "-no-xattrs"])
         .stdin(std::process::Stdio::null());
     cmd
@@ -182,6 +229,31 @@ mod tests {
         b[28..30].copy_from_slice(&4u16.to_le_bytes());
         b[40..48].copy_from_slice(&bytes_used.to_le_bytes());
         b
+    }
+
+    #[test]
+    fn output_compression_reads_and_writes_its_names() {
+        for (text, parsed) in [
+            ("lz4", OutputCompression::Lz4),
+            ("zstd", OutputCompression::Zstd { level: 3 }),
+            ("zstd:19", OutputCompression::Zstd { level: 19 }),
+        ] {
+            assert_eq!(text.parse::<OutputCompression>().unwrap(), parsed);
+        }
+        assert_eq!(OutputCompression::Zstd { level: 7 }.to_string(), "zstd:7");
+        for bad in ["", "gzip", "zstd:0", "zstd:23", "zstd:x", "lz4:1"] {
+            assert!(bad.parse::<OutputCompression>().is_err(), "{bad}");
+        }
+        let args: Vec<String> = mksquashfs_command(
+            Path::new("mksquashfs"),
+            Path::new("/d"),
+            Path::new("/o"),
+            OutputCompression::IMPORT,
+        )
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+        assert_eq!(args[2..5], ["-noappend", "-comp", "lz4"]);
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub const APT_REMAP_ROOT_FILE: &str = "99ferry-remap-root";
 
 use nix::fcntl::Flock;
 
-use crate::image::squashfs::{mksquashfs_command, mksquashfs_fast_command};
+use crate::image::squashfs::{mksquashfs_command, OutputCompression};
 use crate::image::ImageKind;
 use crate::sys::child::{run_tool_watched, ToolError};
 
@@ -643,12 +643,12 @@ fn save_inner(
     partial_name.push(name);
     partial_name.push(format!(".ferry-{}.partial", std::process::id()));
     let partial = parent.join(partial_name);
-    let level = crate::image::squashfs::DEFAULT_ZSTD_LEVEL;
-    let mut cmd = if fast {
-        mksquashfs_fast_command(Path::new("mksquashfs"), rootfs, &partial)
+    let compression = if fast {
+        OutputCompression::Lz4
     } else {
-        mksquashfs_command(Path::new("mksquashfs"), rootfs, &partial, level)
+        OutputCompression::SHARE
     };
+    let mut cmd = mksquashfs_command(Path::new("mksquashfs"), rootfs, &partial, compression);
     cmd.args(["-quiet", "-no-progress"]);
     if on_progress.is_some() {
         // By default mksquashfs 4.5 may buffer a quarter of the memory ahead of what it

@@ -77,8 +77,8 @@ pub struct ImportOptions {
     pub progress: bool,
     /// mksquashfs program; default: from PATH.
     pub mksquashfs: Option<PathBuf>,
-    /// zstd level of the squashfs; default [`squashfs::DEFAULT_ZSTD_LEVEL`].
-    pub zstd_level: Option<u32>,
+    /// Compression of the squashfs; default [`squashfs::OutputCompression::IMPORT`].
+    pub compression: Option<squashfs::OutputCompression>,
     /// How registry images are pulled.
     pub registry: crate::image::registry::ClientOptions,
 }
@@ -454,8 +454,10 @@ fn mksquashfs_watched(
         .processors
         .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
         .unwrap_or(1);
-    let level = opts.zstd_level.unwrap_or(squashfs::DEFAULT_ZSTD_LEVEL);
-    let mut cmd = crate::image::squashfs::mksquashfs_command(&program, dir, out, level);
+    let compression = opts
+        .compression
+        .unwrap_or(squashfs::OutputCompression::IMPORT);
+    let mut cmd = crate::image::squashfs::mksquashfs_command(&program, dir, out, compression);
     cmd.arg("-processors").arg(processors.to_string());
     if let Some(p) = pseudo {
         cmd.arg("-pf").arg(p);
