@@ -549,6 +549,58 @@ mod tests {
     }
 
     #[test]
+    fn checkpoint_options_that_make_no_sense_together_are_refused() {
+        let base = StepRequest {
+            image: Some("/i.sqsh".into()),
+            checkpoint: Some("/ck".into()),
+            ..StepRequest::default()
+        };
+        assert!(check_checkpoint_combinations(&base).is_ok());
+        for (req, says) in [
+            (
+                StepRequest {
+                    name: Some("w".into()),
+                    ..base.clone()
+                },
+                "--container-checkpoint cannot be combined with --container-name",
+            ),
+            (
+                StepRequest {
+                    save: Some("/s.sqsh".into()),
+                    ..base.clone()
+                },
+                "--container-checkpoint cannot be combined with --container-save",
+            ),
+            (
+                StepRequest {
+                    restore: Some("/ck".into()),
+                    ..base.clone()
+                },
+                "--container-checkpoint cannot be combined with --container-restore",
+            ),
+            (
+                StepRequest {
+                    checkpoint: None,
+                    restore: Some("/ck".into()),
+                    name: Some("w".into()),
+                    ..base.clone()
+                },
+                "--container-restore cannot be combined with --container-name",
+            ),
+        ] {
+            let e = check_checkpoint_combinations(&req).unwrap_err().to_string();
+            assert!(e.starts_with(says), "{e}");
+        }
+        assert_eq!(
+            checkpoint_dir(Some("ck/"), "--container-checkpoint", Path::new("/home/u"))
+                .unwrap()
+                .as_deref(),
+            Some("/home/u/ck")
+        );
+        assert!(checkpoint_dir(Some(""), "--container-restore", Path::new("/")).is_err());
+    }
+
+    #[test]
     fn save_targets_that_name_a_directory_are_refused() {
         let cwd = Path::new("/nonexistent-cwd");
         for bad in ["/", "./", "/tmp/", "/tmp", "dir/", ".", "..", "x/.", ""] {

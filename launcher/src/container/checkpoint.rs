@@ -342,6 +342,8 @@ pub fn run_slurm_task_if_asked() {
     let Some(value) = std::env::var_os(SLURM_TASK_ENV) else {
         return;
     };
+    // Nothing this starts (the holder, CRIU, the command) may take it for its own task.
+    std::env::remove_var(SLURM_TASK_ENV);
     let code = slurm_task(&value).unwrap_or_else(|e| {
         eprintln!("ferry: error: {e}");
         exit_code::SETUP_FAILED
@@ -372,7 +374,6 @@ fn slurm_task(value: &std::ffi::OsStr) -> Result<i32, CheckpointError> {
         None => own,
     };
     let caller = std::env::vars_os()
-        .filter(|(k, _)| k != SLURM_TASK_ENV)
         .map(|(k, v)| {
             (
                 k.to_string_lossy().into_owned(),
@@ -771,8 +772,15 @@ fn init(p: &Prepared, mask: &SigSet, plan: &InitPlan, start: Start) -> ! {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None::<&str>,
     ) {
+        // The kernel refuses it when the node's /proc has mounts over its files (lxcfs, a
+        // bound boot_id): a new /proc would reveal what they hide.
+        let hint = if e == nix::errno::Errno::EPERM {
+            " (the kernel refuses a new /proc where this node's /proc has mounts over its files, such as lxcfs's)"
+        } else {
+            ""
+        };
         die(&format!(
-            "cannot mount /proc for the container's PID namespace: {e}"
+            "cannot mount /proc for the container's PID namespace: {e}{hint}"
         ));
     }
     let _ = std::env::set_current_dir(&p.workdir);
@@ -1103,6 +1111,38 @@ mod tests {
             .to_string();
         assert!(err.contains("line 1: `enabled=maybe`"), "{err}");
         assert!(SiteCheckpoint::parse("criu=relative").is_err());
+    }
+
+    #[test]
+    fn slurm_steps_of_several_tasks_or_with_gpus_are_refused_first() {
+        let dir = Path::new("/nonexistent/ck");
+        let e = check_slurm_step(dir, false, 1000, 2, &GpuRequest::None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--container-checkpoint runs one task per node, and this step has 2 here: use --ntasks-per-node=1 (or -n1)"
+        );
+        let e = check_slurm_step(dir, false, 1000, 1, &GpuRequest::All).unwrap_err();
+        assert!(matches!(e, StepRefusal::Gpus), "{e}");
+        let e = check_slurm_step(dir, true, 1000, 3, &GpuRequest::None).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("--container-restore runs one task"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_slurm_task_travels_as_json() {
+        let task = SlurmTask {
+            spec: None,
+            dir: PathBuf::from("/scratch/ck"),
+            argv0: Some(b"/bin/true".to_vec()),
+        };
+        let text = serde_json::to_string(&task).unwrap();
+        let back: SlurmTask = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.dir, task.dir);
+        assert_eq!(back.argv0, task.argv0);
+        assert!(back.spec.is_none());
     }
 
     #[test]
