@@ -284,6 +284,8 @@ pub enum StepRefusal {
     NotADirectory { option: &'static str, dir: String },
     #[error("--container-restore={0}: no checkpoint there (no {SPEC_FILE}): make one with srun --container-checkpoint={0} and scancel --signal=USR1 JOB.STEP")]
     NoCheckpoint(String),
+    #[error("--container-checkpoint={0}: {0} holds a checkpoint already: continue it with --container-restore={0}, or choose another directory")]
+    InUse(String),
     #[error("{option}: {error}")]
     Site {
         option: &'static str,
@@ -329,6 +331,7 @@ pub fn check_slurm_step(
             uid,
         }),
         Ok(_) if restore && !dir.join(SPEC_FILE).exists() => Err(StepRefusal::NoCheckpoint(shown)),
+        Ok(_) if !restore && dir.join(SPEC_FILE).exists() => Err(StepRefusal::InUse(shown)),
         Err(_) if restore => Err(StepRefusal::NoCheckpoint(shown)),
         // (A directory that does not exist yet is made by the task, as the user.)
         _ => Ok(()),
