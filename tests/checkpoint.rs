@@ -181,3 +181,53 @@ fn a_step_checkpointed_at_usr1_continues_in_a_new_job_on_another_node() {
         leftovers_after(USER, Duration::from_secs(1))
     );
 }
+
+/// Where checkpoints are enabled, what cannot be checkpointed is still refused in one line
+/// before the task runs: two tasks on a node, a directory that holds a checkpoint already,
+/// a directory of another user's; and nothing runs.
+#[test]
+fn checkpoint_steps_that_cannot_work_are_refused_in_one_line() {
+    let _m = shared_machine();
+    let (conf, nodes) = two_node_cluster();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let busybox = img("busybox.sqsh");
+    let node = &nodes[0];
+    sh(&format!(
+        "mkdir {d}/held && echo {{}} > {d}/held/container.json"
+    ))
+    .ok();
+    // /var/tmp is root's: not the user's directory.
+    for (options, expected) in [
+        (
+            format!("-n2 --ntasks-per-node=2 --container-image={busybox} --container-checkpoint={d}/two"),
+            "--container-checkpoint runs one task per node, and this step has 2 here",
+        ),
+        (
+            format!("-n1 --container-image={busybox} --container-checkpoint={d}/held"),
+            "holds a checkpoint already: continue it with --container-restore=",
+        ),
+        (
+            format!("-n1 --container-image={busybox} --container-checkpoint=/var/tmp"),
+            "--container-checkpoint=/var/tmp: /var/tmp belongs to uid 0, not to you",
+        ),
+        (
+            format!("-n1 --container-restore={d}/none"),
+            "no checkpoint there",
+        ),
+    ] {
+        let out = sh(&format!(
+            "export SLURM_CONF={conf}; cd {d} && srun -w {node} {options} echo ran"
+        ));
+        assert_ne!(out.code, 0, "{options}: {}", out.stderr);
+        assert_eq!(out.stdout, "", "{options}: the task must not run");
+        let lines: Vec<&str> = out
+            .stderr
+            .lines()
+            .filter(|l| l.contains("ferry"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{options}: {}", out.stderr);
+        assert!(lines[0].contains(expected), "{options}: {}", lines[0]);
+    }
+    assert!(!dir.path.join("two").exists());
+}
