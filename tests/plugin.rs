@@ -3334,4 +3334,26 @@ fn container_checkpoint_and_restore_are_refused_in_one_line_where_the_site_has_n
         assert_eq!(lines.len(), 1, "{options}: {lines:#?}");
         assert!(lines[0].contains(expected), "{options}: {}", lines[0]);
     }
+    // Refused on the node whatever the site says: GPUs, several tasks there.
+    for (options, expected) in [
+        (
+            format!("-n1 --gres=gpu:1 --container-image={busybox} --container-checkpoint=ck"),
+            "--container-checkpoint: a step with GPUs cannot be checkpointed",
+        ),
+        (
+            format!("-n2 --container-image={busybox} --container-checkpoint=ck"),
+            "--container-checkpoint runs one task per node, and this step has 2 here",
+        ),
+    ] {
+        let out = slurm(&format!("cd {d} && srun {options} echo ran"));
+        assert_ne!(out.code, 0, "{options}: {}", out.stderr);
+        assert_eq!(out.stdout, "", "{options}: the tasks must not run");
+        let lines: Vec<&str> = own_lines(&out.stderr)
+            .into_iter()
+            .filter(|l| l.contains("ferry"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{options}: {}", out.stderr);
+        assert!(lines[0].contains(expected), "{options}: {}", lines[0]);
+        assert!(!dir.path.join("ck").exists(), "{options}: nothing is made");
+    }
 }
