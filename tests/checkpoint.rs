@@ -231,3 +231,52 @@ fn checkpoint_steps_that_cannot_work_are_refused_in_one_line() {
     }
     assert!(!dir.path.join("two").exists());
 }
+
+/// Before the time limit: `sbatch --signal=USR1@50` (no `B:`: the job's steps get it, not
+/// the script) checkpoints the job's `--container-checkpoint` step, which ends with exit 0,
+/// so the script goes on (here: says so) well before its one-minute limit.
+#[test]
+fn a_jobs_signal_before_its_time_limit_checkpoints_its_step() {
+    // Alone: its job runs for half a minute, and the other tests look for processes left.
+    let _m = exclusive_machine();
+    let (conf, nodes) = two_node_cluster();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let tag = d.to_string().rsplit('/').next().unwrap_or("ck").to_string();
+    let out = sh(&format!(
+        r#"export SLURM_CONF={conf}
+        cd {d}
+        trap 'scancel -n ck-limit-{tag} 2>/dev/null' EXIT
+        cat > job.sh <<'SCRIPT'
+#!/bin/sh
+srun -n1 --container-image={busybox} --container-checkpoint={d}/ck \
+  sh -c 'i=0; while :; do i=$((i+1)); echo $i; sleep 0.1; done' > counted.out
+echo "step exit $?"
+SCRIPT
+        job=$(sbatch --parsable -J ck-limit-{tag} -w {node} -n1 --time=1 --signal=USR1@50 -o {d}/job.out job.sh) || exit 1
+        for n in $(seq 1500); do [ -z "$(squeue -h -j "$job" 2>/dev/null)" ] && break; sleep 0.1; done
+        echo "job said: $(grep -v '^srun: ' job.out | tr '\n' '|')"
+        echo "checkpoint: $(cat {d}/ck/checkpointed 2>/dev/null)"
+        echo "counted: $(wc -l < counted.out)"
+        "#,
+        busybox = img("busybox.sqsh"),
+        node = nodes[0],
+    ))
+    .ok()
+    .to_string();
+    let field = |name: &str| -> String {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no `{name}` in:\n{out}"))
+            .trim()
+            .to_string()
+    };
+    let said = field("job said:");
+    assert!(
+        said.contains(&format!("ferry: checkpointed the container to {d}/ck ("))
+            && said.ends_with("step exit 0|"),
+        "the step is checkpointed and ends with 0, the script goes on: {out}"
+    );
+    assert!(!field("checkpoint:").is_empty(), "{out}");
+    assert!(field("counted:").parse::<u64>().unwrap_or(0) > 0, "{out}");
+}
