@@ -3313,3 +3313,88 @@ fn the_sites_default_workdir_image_starts_tasks_in_the_images_workdir() {
     assert_eq!(run(""), "/workspace");
     assert_eq!(run("--container-workdir=/etc"), "/etc");
 }
+
+// ---- checkpoints: --container-checkpoint, --container-restore ------------------------------
+// (Real checkpoints need CRIU 4: tests/checkpoint.rs, in the Debian 13 stage.)
+
+/// A node without /etc/ferry/checkpoint.conf (this machine's: checkpoints are the site's
+/// choice, and its CRIU 3.17 could not make them) refuses both options before the task runs,
+/// in one line that says what the admin must enable; options that make no sense together
+/// are refused by srun.
+#[test]
+fn container_checkpoint_and_restore_are_refused_in_one_line_where_the_site_has_not_enabled_them() {
+    let _m = shared_machine();
+    assert!(
+        !Path::new("/etc/ferry/checkpoint.conf").exists(),
+        "this test needs a node without /etc/ferry/checkpoint.conf"
+    );
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let busybox = img("busybox.sqsh");
+    for options in [
+        format!("--container-image={busybox} --container-checkpoint=ck"),
+        format!("--container-restore={d}/ck"),
+    ] {
+        let out = slurm(&format!("cd {d} && srun -n1 {options} echo ran"));
+        assert_ne!(out.code, 0, "{options}: {}", out.stderr);
+        assert_eq!(out.stdout, "", "{options}: the task must not run");
+        let lines = own_lines(&out.stderr);
+        assert_eq!(lines.len(), 1, "{options}: {lines:#?}");
+        assert!(
+            lines[0].contains("checkpoints are not enabled on this machine")
+                && lines[0].contains("`enabled=yes` in /etc/ferry/checkpoint.conf"),
+            "{options}: {}",
+            lines[0]
+        );
+        assert!(!dir.path.join("ck").exists(), "{options}: nothing is made");
+    }
+    for (options, expected) in [
+        (
+            format!("--container-image={busybox} --container-checkpoint=ck --container-name=w"),
+            "--container-checkpoint cannot be combined with --container-name",
+        ),
+        (
+            format!(
+                "--container-image={busybox} --container-checkpoint=ck --container-save=s.sqsh"
+            ),
+            "--container-checkpoint cannot be combined with --container-save",
+        ),
+        (
+            "--container-checkpoint=ck --container-restore=ck".to_string(),
+            "--container-checkpoint cannot be combined with --container-restore",
+        ),
+        (
+            format!("--container-image={busybox} --container-checkpoint="),
+            "--container-checkpoint is empty",
+        ),
+    ] {
+        let out = slurm(&format!("cd {d} && srun -n1 {options} echo ran"));
+        assert_eq!(out.code, 1, "{options}: {}", out.stderr);
+        assert_eq!(out.stdout, "", "{options}: the step must not run");
+        let lines = own_lines(&out.stderr);
+        assert_eq!(lines.len(), 1, "{options}: {lines:#?}");
+        assert!(lines[0].contains(expected), "{options}: {}", lines[0]);
+    }
+    // Refused on the node whatever the site says: GPUs, several tasks there.
+    for (options, expected) in [
+        (
+            format!("-n1 --gres=gpu:1 --container-image={busybox} --container-checkpoint=ck"),
+            "--container-checkpoint: a step with GPUs cannot be checkpointed",
+        ),
+        (
+            format!("-n2 --container-image={busybox} --container-checkpoint=ck"),
+            "--container-checkpoint runs one task per node, and this step has 2 here",
+        ),
+    ] {
+        let out = slurm(&format!("cd {d} && srun {options} echo ran"));
+        assert_ne!(out.code, 0, "{options}: {}", out.stderr);
+        assert_eq!(out.stdout, "", "{options}: the tasks must not run");
+        let lines: Vec<&str> = own_lines(&out.stderr)
+            .into_iter()
+            .filter(|l| l.contains("ferry"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{options}: {}", out.stderr);
+        assert!(lines[0].contains(expected), "{options}: {}", lines[0]);
+        assert!(!dir.path.join("ck").exists(), "{options}: nothing is made");
+    }
+}

@@ -286,6 +286,8 @@ fn main() {
     // A Slurm task's program (`--container-entrypoint`): before anything else, while this
     // process has one thread.
     ferry::container::task_exec::run_if_asked();
+    // A Slurm task of `--container-checkpoint` or `--container-restore`.
+    ferry::container::checkpoint::run_slurm_task_if_asked();
     init_logging();
     let cli = Cli::try_parse().unwrap_or_else(|e| usage_error(e));
     let code = match cli.command {

@@ -80,6 +80,12 @@ pub enum PluginError {
          --container-name=NAME of a container an earlier step of this job made"
     )]
     OptionsWithoutImage,
+    #[error("{0} is empty: give the checkpoint's directory, e.g. {0}=$HOME/ck")]
+    EmptyCheckpointDir(&'static str),
+    #[error("{0} cannot be combined with {1}: a checkpointed container is the step's own, made by its one task (leave out {1})")]
+    CheckpointWith(&'static str, &'static str),
+    #[error(transparent)]
+    Checkpoint(#[from] ferry::container::checkpoint::StepRefusal),
     #[error("--container-mounts: {0}")]
     Mounts(MountSpecError),
     #[error("--container-unshare={list}: {error}")]

@@ -164,8 +164,14 @@ pub fn resolve(
     })
     .or_else(|| env_nonempty("SLURM_CONTAINER").map(|i| (i, "SLURM_CONTAINER")));
 
+    let checkpoint = checkpoint_dir(opts.checkpoint.as_deref(), "--container-checkpoint", cwd)?
+        .or(job.as_ref().and_then(|j| j.checkpoint.clone()));
+    let restore = checkpoint_dir(opts.restore.as_deref(), "--container-restore", cwd)?
+        .or(job.as_ref().and_then(|j| j.restore.clone()));
     let image = match image {
         Some((image, origin)) => Some(image_of_request(image, origin, cwd)),
+        // The checkpoint names its image.
+        None if restore.is_some() => None,
         // pyxis' reuse of a container by its name alone: the job's named container.
         None if opts.name.is_some() || job.as_ref().is_some_and(|j| j.name.is_some()) => None,
         None if options_given => return Err(PluginError::OptionsWithoutImage),
@@ -230,9 +236,16 @@ pub fn resolve(
         gpus,
         unshare,
         entrypoint_log: opts.entrypoint_log.or(job.entrypoint_log),
+        checkpoint,
+        restore,
     };
+    check_checkpoint_combinations(&req)?;
     if context == Context::Local {
-        let option = if req.entrypoint == Some(true) {
+        let option = if req.checkpoint.is_some() {
+            Some("--container-checkpoint")
+        } else if req.restore.is_some() {
+            Some("--container-restore")
+        } else if req.entrypoint == Some(true) {
             Some("--container-entrypoint")
         } else {
             req.save.as_ref().map(|_| "--container-save")
@@ -248,6 +261,47 @@ pub fn resolve(
     }
     debug!("request: {req:?}");
     Ok(Some(req))
+}
+
+/// A `--container-checkpoint` or `--container-restore` directory made absolute.
+fn checkpoint_dir(
+    dir: Option<&str>,
+    option: &'static str,
+    cwd: &Path,
+) -> Result<Option<String>, PluginError> {
+    match dir {
+        None => Ok(None),
+        Some("") => Err(PluginError::EmptyCheckpointDir(option)),
+        Some(dir) => Ok(Some(
+            request::absolute_image(dir, cwd)
+                .trim_end_matches('/')
+                .to_string(),
+        )),
+    }
+}
+
+/// A checkpointed container is the step's own, started by its one task: it cannot be a
+/// named container other steps share, nor be saved as an image at its end (its end is the
+/// checkpoint), and a step either starts one or restores one.
+pub fn check_checkpoint_combinations(req: &StepRequest) -> Result<(), PluginError> {
+    let option = match (&req.checkpoint, &req.restore) {
+        (Some(_), Some(_)) => {
+            return Err(PluginError::CheckpointWith(
+                "--container-checkpoint",
+                "--container-restore",
+            ))
+        }
+        (Some(_), None) => "--container-checkpoint",
+        (None, Some(_)) => "--container-restore",
+        (None, None) => return Ok(()),
+    };
+    if req.name.is_some() {
+        return Err(PluginError::CheckpointWith(option, "--container-name"));
+    }
+    if req.save.is_some() {
+        return Err(PluginError::CheckpointWith(option, "--container-save"));
+    }
+    Ok(())
 }
 
 /// The image of the request as it travels: pyxis' bare registry names (`ubuntu:24.04`,
@@ -492,6 +546,58 @@ mod tests {
 
     fn os(v: &[&str]) -> Vec<OsString> {
         v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn checkpoint_options_that_make_no_sense_together_are_refused() {
+        let base = StepRequest {
+            image: Some("/i.sqsh".into()),
+            checkpoint: Some("/ck".into()),
+            ..StepRequest::default()
+        };
+        assert!(check_checkpoint_combinations(&base).is_ok());
+        for (req, says) in [
+            (
+                StepRequest {
+                    name: Some("w".into()),
+                    ..base.clone()
+                },
+                "--container-checkpoint cannot be combined with --container-name",
+            ),
+            (
+                StepRequest {
+                    save: Some("/s.sqsh".into()),
+                    ..base.clone()
+                },
+                "--container-checkpoint cannot be combined with --container-save",
+            ),
+            (
+                StepRequest {
+                    restore: Some("/ck".into()),
+                    ..base.clone()
+                },
+                "--container-checkpoint cannot be combined with --container-restore",
+            ),
+            (
+                StepRequest {
+                    checkpoint: None,
+                    restore: Some("/ck".into()),
+                    name: Some("w".into()),
+                    ..base.clone()
+                },
+                "--container-restore cannot be combined with --container-name",
+            ),
+        ] {
+            let e = check_checkpoint_combinations(&req).unwrap_err().to_string();
+            assert!(e.starts_with(says), "{e}");
+        }
+        assert_eq!(
+            checkpoint_dir(Some("ck/"), "--container-checkpoint", Path::new("/home/u"))
+                .unwrap()
+                .as_deref(),
+            Some("/home/u/ck")
+        );
+        assert!(checkpoint_dir(Some(""), "--container-restore", Path::new("/")).is_err());
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub enum Key {
     Gpus,
     Unshare,
     EntrypointLog,
+    Checkpoint,
+    Restore,
 }
 
 pub struct OptDef {
@@ -144,6 +146,21 @@ pub static OPTIONS: &[OptDef] = &[
         "[ferry] when the step ends, save the container's root filesystem (image plus \
          changes) as the squashfs image PATH",
         Key::Save
+    ),
+    opt!(
+        "container-checkpoint",
+        "DIR",
+        "[ferry] make the step's container checkpointable into DIR (one task per node, in \
+         a PID namespace of its own; output via DIR/output): `scancel --signal=USR1 \
+         JOB.STEP` saves it there and ends the step; where the site enables checkpoints",
+        Key::Checkpoint
+    ),
+    opt!(
+        "container-restore",
+        "DIR",
+        "[ferry] continue the container checkpointed into DIR (by --container-checkpoint) \
+         where it stopped, on this step's node; the step's command is not run",
+        Key::Restore
     ),
     opt!(
         "container-rootfs",
@@ -300,6 +317,8 @@ pub struct OptionValues {
     /// `--container-unshare`, as given: parsed where the request is resolved.
     pub unshare: Option<String>,
     pub entrypoint_log: Option<bool>,
+    pub checkpoint: Option<String>,
+    pub restore: Option<String>,
     /// Both options of a pair (`--container-writable` and `--container-readonly`), as
     /// `(first, second)` names; the callbacks see them in different orders in srun and in
     /// slurmstepd, so giving both is refused.
@@ -326,6 +345,8 @@ impl OptionValues {
             Key::Gpus => self.gpus = text(),
             Key::Unshare => self.unshare = text(),
             Key::EntrypointLog => self.entrypoint_log = Some(true),
+            Key::Checkpoint => self.checkpoint = text(),
+            Key::Restore => self.restore = text(),
             Key::MountHome(on) => self.mount_home = self.flag(self.mount_home, on, def),
             Key::RemapRoot(on) => self.remap_root = self.flag(self.remap_root, on, def),
             Key::Writable(on) => self.writable = self.flag(self.writable, on, def),
@@ -418,6 +439,8 @@ impl OptionValues {
             gpus: self.gpus.clone().or(d.gpus),
             unshare: self.unshare.clone().or(d.unshare),
             entrypoint_log: self.entrypoint_log.or(d.entrypoint_log),
+            checkpoint: self.checkpoint.clone().or(d.checkpoint),
+            restore: self.restore.clone().or(d.restore),
             conflicts: [self.conflicts.clone(), d.conflicts].concat(),
         }
     }
@@ -459,7 +482,7 @@ mod tests {
 
     #[test]
     fn table_is_consistent() {
-        assert_eq!(OPTIONS.len(), 19);
+        assert_eq!(OPTIONS.len(), 21);
         for o in OPTIONS {
             assert_eq!(o.name.last(), Some(&0));
             assert_eq!(o.usage.last(), Some(&0));

@@ -67,6 +67,9 @@ pub struct Step {
     /// The server that runs Slurm's commands called in the container on the host
     /// (ferry::slurm::forward); dropping it stops the server.
     pub forward: Option<ferry::slurm::forward::Server>,
+    /// `--container-checkpoint` or `--container-restore`: what the task's `ferry` does in
+    /// place of joining a holder's container (there is no holder then).
+    pub checkpoint_task: Option<ferry::container::checkpoint::SlurmTask>,
 }
 
 impl Step {
@@ -266,9 +269,12 @@ pub fn init_post_opt(
         }
         Ok(Some((mut request, origin))) => {
             if step_id == SLURM_BATCH_SCRIPT {
-                // The job's entrypoint and save are for its steps; the script runs as it is.
+                // The job's entrypoint, save and checkpoint are for its steps; the script
+                // runs as it is.
                 request.entrypoint = None;
                 request.save = None;
+                request.checkpoint = None;
+                request.restore = None;
             }
             step.request = request;
             step.origin = origin;
@@ -466,6 +472,7 @@ fn from_options(
         (Some(i), _) if !i.is_empty() => (Some(i.clone()), "--container-image"),
         (_, Some(i)) if !i.is_empty() => (Some(i), "SLURM_CONTAINER"),
         _ if opts.name.is_some() => (None, "--container-name"),
+        _ if opts.restore.is_some() => (None, "--container-restore"),
         _ => return Ok(None),
     };
     if let Some(image) = image
@@ -493,30 +500,32 @@ fn from_options(
         }
         None => (None, None),
     };
-    Ok(Some((
-        StepRequest {
-            image,
-            mounts: opts.mounts.clone(),
-            workdir: opts.workdir.clone(),
-            env_names: opts.env.clone(),
-            mount_home: opts.mount_home,
-            remap_root: opts.remap_root,
-            writable: opts.writable,
-            entrypoint: opts.entrypoint,
-            name,
-            name_flag,
-            save: opts.save.clone().filter(|p| p.starts_with('/')),
-            rootfs: opts.rootfs.clone(),
-            gpus: opts.gpus.clone(),
-            unshare: opts
-                .unshare
-                .as_deref()
-                .map(request::parse_unshare)
-                .transpose()?,
-            entrypoint_log: opts.entrypoint_log,
-        },
-        origin,
-    )))
+    let absolute = |dir: &Option<String>| dir.clone().filter(|d| d.starts_with('/'));
+    let request = StepRequest {
+        image,
+        mounts: opts.mounts.clone(),
+        workdir: opts.workdir.clone(),
+        env_names: opts.env.clone(),
+        mount_home: opts.mount_home,
+        remap_root: opts.remap_root,
+        writable: opts.writable,
+        entrypoint: opts.entrypoint,
+        name,
+        name_flag,
+        save: opts.save.clone().filter(|p| p.starts_with('/')),
+        rootfs: opts.rootfs.clone(),
+        gpus: opts.gpus.clone(),
+        unshare: opts
+            .unshare
+            .as_deref()
+            .map(request::parse_unshare)
+            .transpose()?,
+        entrypoint_log: opts.entrypoint_log,
+        checkpoint: absolute(&opts.checkpoint),
+        restore: absolute(&opts.restore),
+    };
+    crate::local::check_checkpoint_combinations(&request)?;
+    Ok(Some((request, origin)))
 }
 
 /// The launcher's container spec for `step`.
@@ -546,12 +555,15 @@ fn container_spec(
         spec.mounts
             .extend(MountSpec::parse_list(list, Path::new("/")).map_err(PluginError::Mounts)?);
     }
-    // After the user's: these are Slurm's own and must not be covered.
-    spec.mounts.extend(mpi_runtime_mounts(
-        step,
-        |name| std::env::var_os(name),
-        |name| spank.getenv(name).ok().flatten(),
-    ));
+    // After the user's: these are Slurm's own and must not be covered. (Not for a
+    // checkpointable container: they are this step's, gone when it is restored.)
+    if req.checkpoint.is_none() {
+        spec.mounts.extend(mpi_runtime_mounts(
+            step,
+            |name| std::env::var_os(name),
+            |name| spank.getenv(name).ok().flatten(),
+        ));
+    }
     spec.workdir = req.workdir.as_deref().map(ferry::spec::container_path);
     // slurmstepd runs user_init in the step's working directory (srun's, or --chdir's),
     // also under --export=NONE, where PWD is not in the step's environment.
@@ -901,6 +913,13 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
     step.framework_ports = settings
         .framework_env
         .then(|| settings.framework_ports.clone());
+    if step.request.checkpoint.is_some() || step.request.restore.is_some() {
+        if let Err(e) = checkpoint_step(spank, step, settings) {
+            info!("step {}.{}: {e}", step.job_id, step_name(step.step_id));
+            step.failure = Some(e);
+        }
+        return;
+    }
     match running_to_attach(step, settings) {
         Ok(Some(running)) => return attach(step, running),
         Ok(None) => {}
@@ -1033,6 +1052,47 @@ pub fn user_init(spank: &SpankHandle, step: &mut Step, settings: &PluginSettings
     }
 }
 
+/// user_init of a `--container-checkpoint` or `--container-restore` step: check it here
+/// (with the user's effective ids), and keep what its task's `ferry` needs
+/// ([`ferry::container::checkpoint::SlurmTask`]); no holder is started.
+fn checkpoint_step(
+    spank: &SpankHandle,
+    step: &mut Step,
+    settings: &PluginSettings,
+) -> Result<(), PluginError> {
+    let (dir, restore) = match (&step.request.checkpoint, &step.request.restore) {
+        (Some(dir), _) => (PathBuf::from(dir), false),
+        (None, Some(dir)) => (PathBuf::from(dir), true),
+        (None, None) => return Ok(()),
+    };
+    let spec = if restore {
+        None
+    } else {
+        let mut spec = container_spec(spank, step, settings)?;
+        // Not attachable: another step's tasks in its PID namespace would be dumped with it.
+        spec.running_record = None;
+        Some(spec)
+    };
+    let gpus = spec.as_ref().map(|s| s.gpus.clone()).unwrap_or_default();
+    ferry::container::checkpoint::check_slurm_step(
+        &dir,
+        restore,
+        step.uid,
+        step.local_tasks,
+        &gpus,
+    )?;
+    step.ferry_bin = Some(
+        absolute_program(&settings.ferry_bin)
+            .ok_or_else(|| PluginError::NoFerryBin(settings.ferry_bin.clone()))?,
+    );
+    step.checkpoint_task = Some(ferry::container::checkpoint::SlurmTask {
+        spec,
+        dir,
+        argv0: None,
+    });
+    Ok(())
+}
+
 /// `program` as an absolute path: itself when it names a path, else found in slurmstepd's
 /// PATH (as the holder's `Command::new` finds it).
 fn absolute_program(program: &Path) -> Option<PathBuf> {
@@ -1055,6 +1115,10 @@ pub fn task_init(
 ) -> Result<(), PluginError> {
     if let Some(e) = &step.failure {
         return Err(PluginError::StepFailed(e.to_string()));
+    }
+    if let Some(task) = &step.checkpoint_task {
+        set_framework_env(spank, step)?;
+        return checkpoint_task_through_ferry(spank, raw, step, task);
     }
     let (Some(ns), Some(ready)) = (&step.namespaces, step.ready()) else {
         return Err(PluginError::ContainerGone);
@@ -1173,6 +1237,39 @@ fn task_through_ferry(
     };
     let text = serde_json::to_string(&task)?;
     spank.setenv(ferry::container::task_exec::ENV, &text, true)?;
+    match prepend {
+        Some(prepend) => prepend
+            .prepend(raw, &program)
+            .map_err(PluginError::PrependTaskArgv)?,
+        None => argv.replace_first(program),
+    }
+    Ok(())
+}
+
+/// `--container-checkpoint` and `--container-restore`: this task execs `ferry` in place of
+/// its command, which makes the container (or restores it) as `ferry run --checkpoint-dir`
+/// (`ferry restore`) does; the argv changes as in [`task_through_ferry`].
+fn checkpoint_task_through_ferry(
+    spank: &SpankHandle,
+    raw: slurm_spank::spank_sys::spank_t,
+    step: &Step,
+    task: &ferry::container::checkpoint::SlurmTask,
+) -> Result<(), PluginError> {
+    use std::os::unix::ffi::OsStrExt;
+    let ferry_bin = step
+        .ferry_bin
+        .as_deref()
+        .ok_or(PluginError::NoFerryProgram)?;
+    let program = std::ffi::CString::new(ferry_bin.as_os_str().as_bytes())
+        .map_err(|_| PluginError::NulInFerryPath)?;
+    let prepend = crate::slurm::PrependTask::lookup();
+    let argv = crate::slurm::TaskArgv::of_task(raw).ok_or(PluginError::NoTaskArgv)?;
+    let mut task = task.clone();
+    if prepend.is_none() {
+        task.argv0 = Some(argv.first());
+    }
+    let text = serde_json::to_string(&task)?;
+    spank.setenv(ferry::container::checkpoint::SLURM_TASK_ENV, &text, true)?;
     match prepend {
         Some(prepend) => prepend
             .prepend(raw, &program)

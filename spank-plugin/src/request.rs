@@ -55,6 +55,10 @@ pub const ENV_UNSHARE: &str = "SLURM_FERRY_CONTAINER_UNSHARE";
 /// `--container-entrypoint-log`.
 pub const ENV_ENTRYPOINT_LOG: &str = "SLURM_FERRY_CONTAINER_ENTRYPOINT_LOG";
 
+/// `--container-checkpoint` and `--container-restore`, made absolute.
+pub const ENV_CHECKPOINT: &str = "SLURM_FERRY_CONTAINER_CHECKPOINT";
+pub const ENV_RESTORE: &str = "SLURM_FERRY_CONTAINER_RESTORE";
+
 /// Where the batch script runs (`container` or `host`): the user's `FERRY_BATCH_SCRIPT`,
 /// checked and passed on by sbatch (under `--export=NONE` too).
 pub const ENV_BATCH_SCRIPT: &str = "SLURM_FERRY_BATCH_SCRIPT";
@@ -78,6 +82,8 @@ pub const ALL_ENV: &[&str] = &[
     ENV_GPUS,
     ENV_UNSHARE,
     ENV_ENTRYPOINT_LOG,
+    ENV_CHECKPOINT,
+    ENV_RESTORE,
 ];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -101,6 +107,10 @@ pub struct StepRequest {
     /// `None`: the default (the host's namespaces).
     pub unshare: Option<Unshare>,
     pub entrypoint_log: Option<bool>,
+    /// `--container-checkpoint`: the directory, absolute.
+    pub checkpoint: Option<String>,
+    /// `--container-restore`: the directory, absolute (the step needs no image then).
+    pub restore: Option<String>,
 }
 
 fn flag_text(v: Option<bool>) -> Option<String> {
@@ -138,17 +148,19 @@ impl StepRequest {
             (ENV_GPUS, self.gpus.clone()),
             (ENV_UNSHARE, self.unshare.map(|u| u.to_string())),
             (ENV_ENTRYPOINT_LOG, flag_text(self.entrypoint_log)),
+            (ENV_CHECKPOINT, self.checkpoint.clone()),
+            (ENV_RESTORE, self.restore.clone()),
         ]
     }
 
-    /// The request in an environment, read through `get`; `None` without an image or a
-    /// container name.
+    /// The request in an environment, read through `get`; `None` without an image, a
+    /// container name or a checkpoint to restore.
     pub fn from_env(
         get: impl Fn(&str) -> Option<String>,
     ) -> Result<Option<StepRequest>, PluginError> {
         let text = |name| get(name).filter(|v: &String| !v.is_empty());
         let image = text(ENV_IMAGE);
-        if image.is_none() && text(ENV_NAME).is_none() {
+        if image.is_none() && text(ENV_NAME).is_none() && text(ENV_RESTORE).is_none() {
             return Ok(None);
         }
         Ok(Some(StepRequest {
@@ -175,6 +187,8 @@ impl StepRequest {
                 .map(|list| parse_unshare(&list))
                 .transpose()?,
             entrypoint_log: parse_flag(ENV_ENTRYPOINT_LOG, get(ENV_ENTRYPOINT_LOG))?,
+            checkpoint: text(ENV_CHECKPOINT),
+            restore: text(ENV_RESTORE),
         }))
     }
 }
@@ -267,6 +281,31 @@ mod tests {
         let back = StepRequest::from_env(|n| env.get(n).cloned()).unwrap();
         assert_eq!(back, Some(req));
         assert_eq!(StepRequest::from_env(|_| None).unwrap(), None);
+    }
+
+    #[test]
+    fn checkpoint_and_restore_directories_travel() {
+        let req = StepRequest {
+            image: Some("/i.sqsh".into()),
+            checkpoint: Some("/home/u/ck".into()),
+            ..StepRequest::default()
+        };
+        let env = set_variables(&req);
+        assert_eq!(env[ENV_CHECKPOINT], "/home/u/ck");
+        assert_eq!(
+            StepRequest::from_env(|n| env.get(n).cloned()).unwrap(),
+            Some(req)
+        );
+        // A restore needs no image: the checkpoint names it.
+        let req = StepRequest {
+            restore: Some("/home/u/ck".into()),
+            ..StepRequest::default()
+        };
+        let env = set_variables(&req);
+        assert_eq!(
+            StepRequest::from_env(|n| env.get(n).cloned()).unwrap(),
+            Some(req)
+        );
     }
 
     #[test]

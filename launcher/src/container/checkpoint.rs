@@ -247,6 +247,146 @@ pub fn allowed(spec: &ContainerSpec) -> Result<Criu, CheckpointError> {
     find_criu(&site)
 }
 
+/// The variable that makes a Slurm task's `ferry` run the task's command checkpointable,
+/// or restore a checkpoint, in place of the command ([`SlurmTask`], set by the plugin's
+/// task_init for `--container-checkpoint` and `--container-restore`).
+pub const SLURM_TASK_ENV: &str = "FERRY_CHECKPOINT_TASK";
+
+/// What a Slurm task's `ferry` does: the same as `ferry run --checkpoint-dir` (`spec` set)
+/// or `ferry restore` (`spec` unset) with `dir`. The task's program, not the step's holder,
+/// makes the container: a checkpointable container has a PID namespace of its own, with
+/// ferry's init, which only a process that starts the container can give it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SlurmTask {
+    pub spec: Option<ContainerSpec>,
+    pub dir: PathBuf,
+    /// The task's argv[0] when `ferry` took its place (as in
+    /// [`crate::container::task_exec::TaskExec::argv0`]).
+    #[serde(default)]
+    pub argv0: Option<Vec<u8>>,
+}
+
+/// Why a Slurm step cannot have `--container-checkpoint` or `--container-restore` here.
+#[derive(Debug, thiserror::Error)]
+pub enum StepRefusal {
+    #[error("{option} runs one task per node, and this step has {tasks} here: use --ntasks-per-node=1 (or -n1)")]
+    Tasks { option: &'static str, tasks: u32 },
+    #[error("--container-checkpoint: a step with GPUs cannot be checkpointed (CRIU cannot save GPU state): ask for no GPUs or add --container-gpus=none")]
+    Gpus,
+    #[error("{option}={dir}: {dir} belongs to uid {owner}, not to you (uid {uid}): choose a directory of your own")]
+    NotYours {
+        option: &'static str,
+        dir: String,
+        owner: u32,
+        uid: u32,
+    },
+    #[error("{option}={dir}: {dir} is not a directory")]
+    NotADirectory { option: &'static str, dir: String },
+    #[error("--container-restore={0}: no checkpoint there (no {SPEC_FILE}): make one with srun --container-checkpoint={0} and scancel --signal=USR1 JOB.STEP")]
+    NoCheckpoint(String),
+    #[error("--container-checkpoint={0}: {0} holds a checkpoint already: continue it with --container-restore={0}, or choose another directory")]
+    InUse(String),
+    #[error("{option}: {error}")]
+    Site {
+        option: &'static str,
+        error: CheckpointError,
+    },
+}
+
+/// Check, on a node, a Slurm step that asks for a checkpointable container in `dir`
+/// (`restore`: to restore the one in `dir`) as user `uid`, with `tasks` tasks on this node.
+/// Run with the user's effective ids (slurmstepd's user_init), so that what the user cannot
+/// see is refused as the user's task would find it.
+pub fn check_slurm_step(
+    dir: &Path,
+    restore: bool,
+    uid: u32,
+    tasks: u32,
+    gpus: &GpuRequest,
+) -> Result<(), StepRefusal> {
+    let option = if restore {
+        "--container-restore"
+    } else {
+        "--container-checkpoint"
+    };
+    if tasks > 1 {
+        return Err(StepRefusal::Tasks { option, tasks });
+    }
+    if !restore && *gpus != GpuRequest::None {
+        return Err(StepRefusal::Gpus);
+    }
+    let site = |error| StepRefusal::Site { option, error };
+    let conf = SiteCheckpoint::read().map_err(site)?;
+    if !conf.enabled {
+        return Err(site(CheckpointError::NotEnabled));
+    }
+    find_criu(&conf).map_err(site)?;
+    let shown = dir.display().to_string();
+    match fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => Err(StepRefusal::NotADirectory { option, dir: shown }),
+        Ok(m) if std::os::unix::fs::MetadataExt::uid(&m) != uid => Err(StepRefusal::NotYours {
+            option,
+            dir: shown,
+            owner: std::os::unix::fs::MetadataExt::uid(&m),
+            uid,
+        }),
+        Ok(_) if restore && !dir.join(SPEC_FILE).exists() => Err(StepRefusal::NoCheckpoint(shown)),
+        Ok(_) if !restore && dir.join(SPEC_FILE).exists() => Err(StepRefusal::InUse(shown)),
+        Err(_) if restore => Err(StepRefusal::NoCheckpoint(shown)),
+        // (A directory that does not exist yet is made by the task, as the user.)
+        _ => Ok(()),
+    }
+}
+
+/// When this process was started as a Slurm task's program ([`SLURM_TASK_ENV`] is set), run
+/// the task's command checkpointable or restore the checkpoint, and exit with its status;
+/// does not return then. Runs first in `main`.
+pub fn run_slurm_task_if_asked() {
+    let Some(value) = std::env::var_os(SLURM_TASK_ENV) else {
+        return;
+    };
+    // Nothing this starts (the holder, CRIU, the command) may take it for its own task.
+    std::env::remove_var(SLURM_TASK_ENV);
+    let code = slurm_task(&value).unwrap_or_else(|e| {
+        eprintln!("ferry: error: {e}");
+        exit_code::SETUP_FAILED
+    });
+    std::process::exit(code)
+}
+
+fn slurm_task(value: &std::ffi::OsStr) -> Result<i32, CheckpointError> {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let bad = |reason: String| CheckpointError::BadFile {
+        dir: "the environment".into(),
+        file: SLURM_TASK_ENV,
+        reason,
+    };
+    let task: SlurmTask =
+        serde_json::from_slice(value.as_bytes()).map_err(|e| bad(e.to_string()))?;
+    nix::sys::prctl::set_no_new_privs().map_err(|e| bad(format!("no_new_privs: {e}")))?;
+    let program = std::env::current_exe().map_err(|e| bad(format!("no ferry binary: {e}")))?;
+    let opts = PrepareOptions::for_cli(program);
+    let Some(spec) = &task.spec else {
+        return restore_with(&opts, &task.dir, Resume::Slurm);
+    };
+    let own: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let argv: Vec<OsString> = match &task.argv0 {
+        Some(first) => std::iter::once(OsString::from_vec(first.clone()))
+            .chain(own)
+            .collect(),
+        None => own,
+    };
+    let caller = std::env::vars_os()
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        })
+        .collect();
+    run_with(spec, &argv, &opts, &task.dir, caller, Resume::Slurm)
+}
+
 /// What a checkpoint directory keeps of its container, for the restore.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Saved {
@@ -273,6 +413,41 @@ pub fn run(
     argv: &[OsString],
     opts: &PrepareOptions,
     dir: &Path,
+) -> Result<i32, CheckpointError> {
+    let caller = std::env::vars_os()
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        })
+        .collect();
+    run_with(spec, argv, opts, dir, caller, Resume::Cli)
+}
+
+/// How the user continues a checkpoint, for the line that says it was made.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Resume {
+    Cli,
+    Slurm,
+}
+
+impl Resume {
+    fn how(self, dir: &Path) -> String {
+        match self {
+            Resume::Cli => format!("`ferry restore {}`", dir.display()),
+            Resume::Slurm => format!("`srun --container-restore={} ...`", dir.display()),
+        }
+    }
+}
+
+fn run_with(
+    spec: &ContainerSpec,
+    argv: &[OsString],
+    opts: &PrepareOptions,
+    dir: &Path,
+    caller: Vec<(String, String)>,
+    resume: Resume,
 ) -> Result<i32, CheckpointError> {
     let criu = allowed(spec)?;
     let made_here = !dir.exists();
@@ -314,14 +489,6 @@ pub fn run(
         fs::create_dir_all(dir.join(IMAGES_DIR))
             .map_err(dir_error(&dir, "cannot create images/"))?;
         write_new(&dir, OUTPUT_FILE, b"")?;
-        let caller = std::env::vars_os()
-            .map(|(k, v)| {
-                (
-                    k.to_string_lossy().into_owned(),
-                    v.to_string_lossy().into_owned(),
-                )
-            })
-            .collect();
         let prepared = run::prepare_command(&spec, argv, opts, caller, run::RunTimings::quiet())?;
         Ok::<_, CheckpointError>(prepared)
     })();
@@ -340,11 +507,23 @@ pub fn run(
             return Err(e);
         }
     };
-    supervise_container(prepared, &dir, criu, 0, Start::Command, spec.remap_root)
+    supervise_container(
+        prepared,
+        &dir,
+        criu,
+        0,
+        Start::Command,
+        spec.remap_root,
+        resume,
+    )
 }
 
 /// `ferry restore DIR`: continue the container checkpointed into DIR.
 pub fn restore(opts: &PrepareOptions, dir: &Path) -> Result<i32, CheckpointError> {
+    restore_with(opts, dir, Resume::Cli)
+}
+
+fn restore_with(opts: &PrepareOptions, dir: &Path, resume: Resume) -> Result<i32, CheckpointError> {
     let shown = dir.display().to_string();
     let dir = fs::canonicalize(dir).map_err(dir_error(dir, "cannot open the checkpoint"))?;
     let text = match fs::read(dir.join(SPEC_FILE)) {
@@ -383,6 +562,7 @@ pub fn restore(opts: &PrepareOptions, dir: &Path) -> Result<i32, CheckpointError
         shown_up_to,
         Start::Restore,
         saved.spec.remap_root,
+        resume,
     )
 }
 
@@ -402,6 +582,7 @@ fn supervise_container(
     output_from: u64,
     start: Start,
     remap_root: bool,
+    resume: Resume,
 ) -> Result<i32, CheckpointError> {
     let host_root = fs::File::open("/")
         .map(OwnedFd::from)
@@ -437,10 +618,10 @@ fn supervise_container(
     if let Ok(text) = fs::read_to_string(dir.join(DONE_FILE)) {
         if status == 0 {
             eprintln!(
-                "ferry: checkpointed the container to {} ({}); continue it with `ferry restore {}`",
+                "ferry: checkpointed the container to {} ({}); continue it with {}",
                 dir.display(),
                 text.trim(),
-                dir.display()
+                resume.how(dir)
             );
         }
     }
@@ -594,8 +775,15 @@ fn init(p: &Prepared, mask: &SigSet, plan: &InitPlan, start: Start) -> ! {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None::<&str>,
     ) {
+        // The kernel refuses it when the node's /proc has mounts over its files (lxcfs, a
+        // bound boot_id): a new /proc would reveal what they hide.
+        let hint = if e == nix::errno::Errno::EPERM {
+            " (the kernel refuses a new /proc where this node's /proc has mounts over its files, such as lxcfs's)"
+        } else {
+            ""
+        };
         die(&format!(
-            "cannot mount /proc for the container's PID namespace: {e}"
+            "cannot mount /proc for the container's PID namespace: {e}{hint}"
         ));
     }
     let _ = std::env::set_current_dir(&p.workdir);
@@ -926,6 +1114,38 @@ mod tests {
             .to_string();
         assert!(err.contains("line 1: `enabled=maybe`"), "{err}");
         assert!(SiteCheckpoint::parse("criu=relative").is_err());
+    }
+
+    #[test]
+    fn slurm_steps_of_several_tasks_or_with_gpus_are_refused_first() {
+        let dir = Path::new("/nonexistent/ck");
+        let e = check_slurm_step(dir, false, 1000, 2, &GpuRequest::None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--container-checkpoint runs one task per node, and this step has 2 here: use --ntasks-per-node=1 (or -n1)"
+        );
+        let e = check_slurm_step(dir, false, 1000, 1, &GpuRequest::All).unwrap_err();
+        assert!(matches!(e, StepRefusal::Gpus), "{e}");
+        let e = check_slurm_step(dir, true, 1000, 3, &GpuRequest::None).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("--container-restore runs one task"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_slurm_task_travels_as_json() {
+        let task = SlurmTask {
+            spec: None,
+            dir: PathBuf::from("/scratch/ck"),
+            argv0: Some(b"/bin/true".to_vec()),
+        };
+        let text = serde_json::to_string(&task).unwrap();
+        let back: SlurmTask = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.dir, task.dir);
+        assert_eq!(back.argv0, task.argv0);
+        assert!(back.spec.is_none());
     }
 
     #[test]
