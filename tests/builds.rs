@@ -96,6 +96,53 @@ fn builds_a_debian_image_with_a_package_and_rebuilds_from_the_cache() {
     assert_eq!(left.ok(), "");
 }
 
+/// dnf in RUN, on the Debian image with Debian's dnf (no RPM distribution's repository is
+/// reachable here): it installs from a local repository (integration/build-images' rpmrepo)
+/// a package whose files belong to a system user that its %pre creates and its %post chowns
+/// to, although only the caller's uid is mapped, with the dependency dnf resolves. The image
+/// runs the package's program, and rpm knows both packages.
+#[test]
+fn dnf_installs_a_package_with_a_system_user_from_a_local_repository() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let dockerfile = format!(
+        "FROM {}\n\
+         COPY rpmrepo /srv/rpmrepo\n\
+         COPY local.repo /etc/yum.repos.d/\n\
+         RUN dnf install -y --releasever=12 ferry-hello\n\
+         CMD [\"ferry-hello\"]\n",
+        img("dnf.sqsh")
+    );
+    context(&dir, &dockerfile);
+    sh(&format!(
+        "cp -r {} {d}/ctx/rpmrepo && \
+         printf '[local]\\nname=local\\nbaseurl=file:///srv/rpmrepo\\ngpgcheck=0\\n' \
+         > {d}/ctx/local.repo && chmod -R a+rX {d}/ctx",
+        img("rpmrepo")
+    ))
+    .ok();
+    build(&dir, "").ok();
+    assert_eq!(
+        sh(&format!("$FERRY run {d}/out.sqsh")).ok(),
+        "hello from ferry-hello 1.0\n"
+    );
+    // One uid is mapped, so the image records the files of the package's user as root's
+    // (as `COPY --chown` does), with their modes: --remap-root reads them.
+    assert_eq!(
+        sh(&format!(
+            "$FERRY run --remap-root {d}/out.sqsh -- sh -c 'rpm -q ferry-hello ferry-rpm-base; \
+             getent passwd ferryhello | cut -d: -f1,7; cat /etc/ferry-hello.conf; \
+             stat -c \"%a %U %n\" /etc/ferry-hello.conf /var/lib/ferry-hello \
+             /var/lib/ferry-hello/state'"
+        ))
+        .ok(),
+        "ferry-hello-1.0-1.noarch\nferry-rpm-base-1.0-1.noarch\nferryhello:/usr/sbin/nologin\n\
+         greeting=rpm\n640 root /etc/ferry-hello.conf\n750 root /var/lib/ferry-hello\n\
+         644 root /var/lib/ferry-hello/state\n"
+    );
+}
+
 /// A failing RUN ends the build with its status and one line naming the file, the line and
 /// the instruction; no image is written and no work tree stays. A bad instruction is one
 /// line naming the file and line.
