@@ -199,6 +199,8 @@ struct Stage {
     /// The overlay of a squashfs base and the stage's upper layer (see [`layer`]), and the
     /// state it holds.
     layer: Option<Layer>,
+    /// The overlay mounted for the build's own writes (none while a RUN runs).
+    merged: Option<layer::Merged>,
 }
 
 #[derive(Debug, Clone)]
@@ -230,13 +232,15 @@ impl Stage {
             .unwrap_or_else(|| "/".into())
     }
 
-    /// Run `f` on the merged view of the stage's overlay.
-    fn in_layer(
-        &self,
-        layer: &Layer,
-        f: impl FnOnce(&Path) -> Result<(), StepError>,
-    ) -> Result<(), StepError> {
-        layer::with_merged(&layer.base, layer.offset, &self.layer_dir(), f)
+    /// The merged view of the stage's overlay, its helper started on first use.
+    fn merged_view(&mut self, layer: &Layer) -> Result<PathBuf, StepError> {
+        let merged = match self.merged.take() {
+            Some(merged) => merged,
+            None => layer::Merged::open(&layer.base, layer.offset, &self.layer_dir())?,
+        };
+        let path = merged.path().to_path_buf();
+        self.merged = Some(merged);
+        Ok(path)
     }
 }
 
@@ -752,6 +756,7 @@ impl Builder<'_> {
             generation: 0,
             pending: None,
             layer: None,
+            merged: None,
         });
         Ok(())
     }
@@ -819,6 +824,7 @@ impl Builder<'_> {
             ImageKind::Squashfs { offset, .. } => offset,
             ImageKind::Directory => return Ok(None),
         };
+        stage.merged = None;
         layer::create(&stage.layer_dir())?;
         let layer = Layer {
             base,
@@ -875,15 +881,12 @@ impl Builder<'_> {
             return Ok(Entry::WithImage);
         }
         let started = Instant::now();
-        let state = &stage.state;
-        let save = |rootfs: &Path| -> Result<(), StepError> {
-            write_config(rootfs, state)?;
-            Ok(unpacked::save_fast(rootfs, &snapshot)?)
+        let rootfs = match layer {
+            Some(layer) => stage.merged_view(&layer)?,
+            None => stage.rootfs(),
         };
-        match layer {
-            Some(layer) => stage.in_layer(&layer, save)?,
-            None => save(&stage.rootfs())?,
-        }
+        write_config(&rootfs, &stage.state)?;
+        unpacked::save_fast(&rootfs, &snapshot)?;
         Ok(Entry::Took(started.elapsed().as_secs_f64()))
     }
 
@@ -923,8 +926,10 @@ impl Builder<'_> {
             Some(layer) => {
                 let workdir = stage.workdir();
                 if workdir != "/" {
-                    stage.in_layer(layer, |merged| make_dir_in(merged, &workdir))?;
+                    make_dir_in(&stage.merged_view(layer)?, &workdir)?;
                 }
+                // One overlay at a time on an upper layer: the container mounts its own.
+                stage.merged = None;
                 let mut spec = ContainerSpec::new(layer.base.clone(), opts.user.clone());
                 spec.overlay_layer = Some(stage.layer_dir());
                 (spec, workdir)
@@ -1063,10 +1068,9 @@ impl Builder<'_> {
         match &layer {
             Some(layer) => {
                 let workdir = stage.workdir();
-                stage.in_layer(layer, |merged| {
-                    make_dir_in(merged, &workdir)?;
-                    copy_files(merged, &workdir, &dest, &files, add)
-                })?;
+                let merged = stage.merged_view(layer)?;
+                make_dir_in(&merged, &workdir)?;
+                copy_files(&merged, &workdir, &dest, &files, add)?;
             }
             None => {
                 let (rootfs, workdir) = Self::tree_with_workdir(stage)?;
@@ -1095,16 +1099,14 @@ impl Builder<'_> {
         let stage = self.current();
         let pending = stage.pending.take();
         let layer = stage.current_layer().filter(|_| !no_cache);
-        let in_tree = |stage: &Stage, f: &dyn Fn(&Path) -> Result<(), StepError>| match &layer {
-            Some(layer) => stage.in_layer(layer, f),
-            None => f(&stage.rootfs()),
+        let rootfs = match &layer {
+            Some(layer) => stage.merged_view(layer)?,
+            None => stage.rootfs(),
         };
         if !no_cache && cached.is_file() {
             if let Some(entry) = pending {
-                in_tree(stage, &|rootfs: &Path| {
-                    write_config(rootfs, &stage.state)?;
-                    Ok(unpacked::save_fast(rootfs, &entry)?)
-                })?;
+                write_config(&rootfs, &stage.state)?;
+                unpacked::save_fast(&rootfs, &entry)?;
             }
             return copy_atomically(&cached, &output);
         }
@@ -1112,9 +1114,7 @@ impl Builder<'_> {
             Self::materialize(stage)?;
         }
         let target = if no_cache { &output } else { &cached };
-        in_tree(stage, &|rootfs: &Path| {
-            squash_tree(rootfs, &stage.state, pending.as_deref(), target)
-        })?;
+        squash_tree(&rootfs, &stage.state, pending.as_deref(), target)?;
         if no_cache {
             return Ok(());
         }
