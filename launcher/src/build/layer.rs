@@ -132,12 +132,7 @@ impl Merged {
 impl Drop for Merged {
     fn drop(&mut self) {
         drop(self.stop.take());
-        loop {
-            match waitpid(self.helper, None) {
-                Err(nix::Error::EINTR) => continue,
-                _ => break,
-            }
-        }
+        while let Err(nix::Error::EINTR) = waitpid(self.helper, None) {}
     }
 }
 
