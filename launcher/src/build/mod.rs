@@ -825,7 +825,19 @@ impl Builder<'_> {
             ImageKind::Directory => return Ok(None),
         };
         stage.merged = None;
-        layer::create(&stage.layer_dir())?;
+        stage.layer = None;
+        let dir = stage.layer_dir();
+        layer::create(&dir)?;
+        // Mounted now, so that a file system that cannot hold an overlay's upper layer (NFS,
+        // where the cache often is) falls back to the unpacked tree before any step uses it.
+        match layer::Merged::open(&base, offset, &dir) {
+            Ok(merged) => stage.merged = Some(merged),
+            Err(e) => {
+                tracing::debug!("no overlay in {} ({e}): unpacking the base", dir.display());
+                let _ = unpacked::remove_tree(&dir);
+                return Ok(None);
+            }
+        }
         let layer = Layer {
             base,
             offset,
