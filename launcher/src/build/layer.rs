@@ -107,8 +107,12 @@ impl Merged {
                 let merged = Merged {
                     helper: child,
                     stop: Some(stop_w),
-                    path: PathBuf::from(format!("/proc/{child}/root"))
-                        .join(dir.join(MERGED).strip_prefix("/").unwrap_or(dir)),
+                    path: PathBuf::from(format!("/proc/{child}/root")).join(
+                        std::path::absolute(dir.join(MERGED))
+                            .unwrap_or_else(|_| dir.join(MERGED))
+                            .strip_prefix("/")
+                            .unwrap_or(dir),
+                    ),
                 };
                 if message == READY {
                     return Ok(merged);
