@@ -96,6 +96,101 @@ fn builds_a_debian_image_with_a_package_and_rebuilds_from_the_cache() {
     assert_eq!(left.ok(), "");
 }
 
+/// dnf in RUN, on the Debian image with Debian's dnf (no RPM distribution's repository is
+/// reachable here): it installs from a local repository (integration/build-images' rpmrepo)
+/// a package whose files belong to a system user that its %pre creates and its %post chowns
+/// to, although only the caller's uid is mapped, with the dependency dnf resolves. The image
+/// runs the package's program, and rpm knows both packages.
+#[test]
+fn dnf_installs_a_package_with_a_system_user_from_a_local_repository() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let dockerfile = format!(
+        "FROM {}\n\
+         COPY rpmrepo /srv/rpmrepo\n\
+         COPY local.repo /etc/yum.repos.d/\n\
+         RUN dnf install -y --releasever=12 ferry-hello\n\
+         CMD [\"ferry-hello\"]\n",
+        img("dnf.sqsh")
+    );
+    context(&dir, &dockerfile);
+    sh(&format!(
+        "cp -r {} {d}/ctx/rpmrepo && \
+         printf '[local]\\nname=local\\nbaseurl=file:///srv/rpmrepo\\ngpgcheck=0\\n' \
+         > {d}/ctx/local.repo && chmod -R a+rX {d}/ctx",
+        img("rpmrepo")
+    ))
+    .ok();
+    build(&dir, "").ok();
+    assert_eq!(
+        sh(&format!("$FERRY run {d}/out.sqsh")).ok(),
+        "hello from ferry-hello 1.0\n"
+    );
+    // One uid is mapped, so the image records the files of the package's user as root's
+    // (as `COPY --chown` does), with their modes: --remap-root reads them.
+    assert_eq!(
+        sh(&format!(
+            "$FERRY run --remap-root {d}/out.sqsh -- sh -c 'rpm -q ferry-hello ferry-rpm-base; \
+             getent passwd ferryhello | cut -d: -f1,7; cat /etc/ferry-hello.conf; \
+             stat -c \"%a %U %n\" /etc/ferry-hello.conf /var/lib/ferry-hello \
+             /var/lib/ferry-hello/state'"
+        ))
+        .ok(),
+        "ferry-hello-1.0-1.noarch\nferry-rpm-base-1.0-1.noarch\nferryhello:/usr/sbin/nologin\n\
+         greeting=rpm\n640 root /etc/ferry-hello.conf\n750 root /var/lib/ferry-hello\n\
+         644 root /var/lib/ferry-hello/state\n"
+    );
+}
+
+/// A RUN that deletes files of the base (a file, and a directory made again empty) runs on
+/// an overlay over the mounted base: the deletions reach its cache entry and the image, and
+/// a rebuild that starts from that entry still lacks them. No overlay whiteout (a 0/0
+/// character device) is in any entry.
+#[test]
+fn deletions_in_run_are_gone_from_the_entries_and_the_image() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let dockerfile = format!(
+        "FROM {}\n\
+         RUN rm /etc/issue && rm -r /usr/share/doc && mkdir /usr/share/doc && \\\n    \
+         echo new > /usr/share/doc/only\n\
+         COPY data.txt /srv/\n\
+         RUN echo first > /srv/marker\n\
+         CMD [\"sh\", \"-c\", \"ls /usr/share/doc; test -e /etc/issue && echo issue || echo no issue; \
+         cat /srv/data.txt /srv/marker\"]\n",
+        img("debian.sqsh")
+    );
+    context(&dir, &dockerfile);
+    build(&dir, "").ok();
+    let run = format!("$FERRY run {d}/out.sqsh");
+    assert_eq!(
+        sh(&run).ok(),
+        "only\nno issue\ncopied from the context\nfirst\n"
+    );
+    sh(&format!("sed -i s/first/second/ {d}/ctx/Dockerfile")).ok();
+    let second = build(&dir, "");
+    second.ok();
+    assert!(
+        second
+            .stderr
+            .lines()
+            .any(|l| l.starts_with("[3/5] COPY") && l.ends_with("(cached)")),
+        "{}",
+        second.stderr
+    );
+    assert_eq!(
+        sh(&run).ok(),
+        "only\nno issue\ncopied from the context\nsecond\n"
+    );
+    let whiteouts = sh(&format!(
+        "for f in {d}/cache/build/*.sqsh {d}/out.sqsh; do unsquashfs -lls $f; done | \
+         grep -E '^c.* 0, +0 ' || true"
+    ));
+    assert_eq!(whiteouts.ok(), "");
+}
+
 /// A failing RUN ends the build with its status and one line naming the file, the line and
 /// the instruction; no image is written and no work tree stays. A bad instruction is one
 /// line naming the file and line.
@@ -405,7 +500,8 @@ fn writes_oci_and_docker_archives_that_skopeo_reads() {
     }
 }
 
-/// `--tmpdir DIR` holds the trees being built (the RUN's root is there) and is left empty;
+/// `--tmpdir DIR` holds the trees being built (the upper layer of the RUN's root is there)
+/// and is left empty;
 /// a missing or non-directory DIR is one line, status 125, and nothing is written.
 #[test]
 fn tmpdir_holds_the_build_trees_and_a_bad_one_is_one_line() {
@@ -415,7 +511,7 @@ fn tmpdir_holds_the_build_trees_and_a_bad_one_is_one_line() {
     context(
         &dir,
         &format!(
-            "FROM {}\nRUN awk '$5 == \"/\" {{ print $4 }}' /proc/self/mountinfo > /root-was\n",
+            "FROM {}\nRUN awk '$5 == \"/\" {{ print $NF }}' /proc/self/mountinfo > /root-was\n",
             img("busybox.sqsh")
         ),
     );
@@ -423,7 +519,7 @@ fn tmpdir_holds_the_build_trees_and_a_bad_one_is_one_line() {
     build(&dir, &format!("--tmpdir {d}/scratch")).ok();
     let root = sh(&format!("$FERRY run {d}/out.sqsh cat /root-was"));
     assert!(
-        root.ok().contains("/scratch/ferry-build-") && root.stdout.ends_with("/rootfs\n"),
+        root.ok().contains("upperdir=") && root.stdout.contains("/scratch/ferry-build-"),
         "{}",
         root.stdout
     );

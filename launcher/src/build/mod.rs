@@ -1,15 +1,18 @@
 //! `ferry build`: an image from a Dockerfile, built by the user alone.
 //!
-//! Each stage's file tree is an unpacked copy owned by the user; `RUN` runs in it as a
-//! writable remap-root container (the one `ferry run --keep` makes), so package managers
-//! work with only the user's uid mapped. Other instructions change the tree or the config
-//! directly. The result is squashed with the config inside (Env, WorkingDir, Entrypoint,
+//! Each stage's file tree is an overlay of its base, a squashfs (the image, or the cache
+//! entry of the last step) mounted by squashfuse, and an upper layer on disk owned by the
+//! user (see [`layer`]): nothing of the base is unpacked. `RUN` runs in a writable
+//! remap-root container over that overlay, so package managers work with only the user's
+//! uid mapped; COPY and the config are written into the merged view. Without the cache
+//! (`--no-cache`, no entries to mount) and over a directory image or `scratch`, the tree is
+//! an unpacked copy instead, as `ferry run --keep` makes. The result is squashed with the config inside (Env, WorkingDir, Entrypoint,
 //! Cmd, User, Labels, where imports keep it), so `ferry run` and the plugin honour it.
 //!
 //! Cache: after each `RUN`, `COPY` and `ADD` the tree is squashed into the user's cache
 //! under a key made of the previous key, the instruction, the build state (environment,
 //! arguments, shell, working directory) and the content of the files it copies. A rebuild
-//! takes the longest prefix of steps whose keys are there and unpacks only its last one.
+//! takes the longest prefix of steps whose keys are there and mounts only its last one.
 //! A squashfs per step (lz4: about a second on a Debian-sized tree) costs far less than the
 //! install it saves, and keeps the cache small and its entries immutable. The last step
 //! that changes the tree is squashed once with the image (zstd) and its entry copied from it.
@@ -18,6 +21,7 @@ pub mod archive;
 pub mod deffile;
 pub mod dockerfile;
 pub mod dockerignore;
+pub mod layer;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -123,6 +127,8 @@ pub enum StepError {
     Named(#[from] NamedError),
     #[error(transparent)]
     Archive(#[from] archive::ArchiveError),
+    #[error(transparent)]
+    Layer(#[from] layer::LayerError),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StepError + 'a {
@@ -190,11 +196,51 @@ struct Stage {
     /// image with one mksquashfs (they differ only in the config, which no build reads back
     /// from an entry).
     pending: Option<PathBuf>,
+    /// The overlay of a squashfs base and the stage's upper layer (see [`layer`]), and the
+    /// state it holds.
+    layer: Option<Layer>,
+    /// The overlay mounted for the build's own writes (none while a RUN runs).
+    merged: Option<layer::Merged>,
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    base: PathBuf,
+    offset: u64,
+    holds: Fs,
 }
 
 impl Stage {
     fn rootfs(&self) -> PathBuf {
         self.dir.join(ROOTFS)
+    }
+
+    fn layer_dir(&self) -> PathBuf {
+        self.dir.join("layer")
+    }
+
+    /// The overlay, when it holds the stage's state.
+    fn current_layer(&self) -> Option<Layer> {
+        self.layer.clone().filter(|l| l.holds == self.state.fs)
+    }
+
+    fn workdir(&self) -> String {
+        self.state
+            .config
+            .working_dir
+            .clone()
+            .unwrap_or_else(|| "/".into())
+    }
+
+    /// The merged view of the stage's overlay, its helper started on first use.
+    fn merged_view(&mut self, layer: &Layer) -> Result<PathBuf, StepError> {
+        let merged = match self.merged.take() {
+            Some(merged) => merged,
+            None => layer::Merged::open(&layer.base, layer.offset, &self.layer_dir())?,
+        };
+        let path = merged.path().to_path_buf();
+        self.merged = Some(merged);
+        Ok(path)
     }
 }
 
@@ -709,6 +755,8 @@ impl Builder<'_> {
             tree_fs: None,
             generation: 0,
             pending: None,
+            layer: None,
+            merged: None,
         });
         Ok(())
     }
@@ -757,6 +805,48 @@ impl Builder<'_> {
         Ok(())
     }
 
+    /// The overlay that holds the stage's state, made over its squashfs base when the tree
+    /// does not already hold it; `None` where the tree is used: without the cache (no
+    /// entry to mount later), or for a directory image or `scratch`.
+    fn open_layer(stage: &mut Stage, no_cache: bool) -> Result<Option<Layer>, StepError> {
+        if let Some(layer) = stage.current_layer() {
+            return Ok(Some(layer));
+        }
+        if no_cache || stage.tree_fs.as_ref() == Some(&stage.state.fs) {
+            return Ok(None);
+        }
+        let base = match &stage.state.fs {
+            Fs::Image(path) | Fs::Snapshot(path) => path.clone(),
+            Fs::Scratch | Fs::Tree(_) => return Ok(None),
+        };
+        let file = fs::File::open(&base).map_err(io_err("cannot open", &base))?;
+        let offset = match crate::image::detect(&base, &file)? {
+            ImageKind::Squashfs { offset, .. } => offset,
+            ImageKind::Directory => return Ok(None),
+        };
+        stage.merged = None;
+        stage.layer = None;
+        let dir = stage.layer_dir();
+        layer::create(&dir)?;
+        // Mounted now, so that a file system that cannot hold an overlay's upper layer (NFS,
+        // where the cache often is) falls back to the unpacked tree before any step uses it.
+        match layer::Merged::open(&base, offset, &dir) {
+            Ok(merged) => stage.merged = Some(merged),
+            Err(e) => {
+                tracing::debug!("no overlay in {} ({e}): unpacking the base", dir.display());
+                let _ = unpacked::remove_tree(&dir);
+                return Ok(None);
+            }
+        }
+        let layer = Layer {
+            base,
+            offset,
+            holds: stage.state.fs.clone(),
+        };
+        stage.layer = Some(layer.clone());
+        Ok(Some(layer))
+    }
+
     /// The stage's tree in its current state, with its working directory (default `/`) made
     /// in it: where RUN runs and what COPY's relative destinations start from.
     fn tree_with_workdir(stage: &mut Stage) -> Result<(PathBuf, String), StepError> {
@@ -775,7 +865,7 @@ impl Builder<'_> {
     /// After a step changed the tree: its cache entry (or, without the cache, a new
     /// generation of the tree). Entries are lz4: written on every cold build and read only
     /// by later builds, they need speed more than size; the image stays zstd.
-    fn changed(&mut self, key: String) -> Result<Entry, StepError> {
+    fn changed(&mut self, key: String, layered: bool) -> Result<Entry, StepError> {
         let snapshot = self.snapshot_path(&key);
         let no_cache = self.opts.no_cache;
         let with_image = self.entry_with_image;
@@ -788,14 +878,27 @@ impl Builder<'_> {
             return Ok(Entry::None);
         }
         stage.state.fs = Fs::Snapshot(snapshot.clone());
-        stage.tree_fs = Some(stage.state.fs.clone());
+        let layer = match stage.layer.as_mut().filter(|_| layered) {
+            Some(layer) => {
+                layer.holds = stage.state.fs.clone();
+                Some(layer.clone())
+            }
+            None => {
+                stage.tree_fs = Some(stage.state.fs.clone());
+                None
+            }
+        };
         if with_image {
             stage.pending = Some(snapshot);
             return Ok(Entry::WithImage);
         }
         let started = Instant::now();
-        write_config(&stage.rootfs(), &stage.state)?;
-        unpacked::save_fast(&stage.rootfs(), &snapshot)?;
+        let rootfs = match layer {
+            Some(layer) => stage.merged_view(&layer)?,
+            None => stage.rootfs(),
+        };
+        write_config(&rootfs, &stage.state)?;
+        unpacked::save_fast(&rootfs, &snapshot)?;
         Ok(Entry::Took(started.elapsed().as_secs_f64()))
     }
 
@@ -828,16 +931,35 @@ impl Builder<'_> {
         }
         let opts = self.opts;
         let stage = self.current();
-        let (rootfs, workdir) = Self::tree_with_workdir(stage)?;
-        let mut spec = ContainerSpec::new(rootfs.clone(), opts.user.clone());
+        let layer = Self::open_layer(stage, opts.no_cache)?;
+        let (mut spec, workdir) = match &layer {
+            // The container mounts the base and the overlay itself, its upper layer the
+            // stage's.
+            Some(layer) => {
+                let workdir = stage.workdir();
+                if workdir != "/" {
+                    make_dir_in(&stage.merged_view(layer)?, &workdir)?;
+                }
+                // One overlay at a time on an upper layer: the container mounts its own.
+                stage.merged = None;
+                let mut spec = ContainerSpec::new(layer.base.clone(), opts.user.clone());
+                spec.overlay_layer = Some(stage.layer_dir());
+                (spec, workdir)
+            }
+            None => {
+                let (rootfs, workdir) = Self::tree_with_workdir(stage)?;
+                let mut spec = ContainerSpec::new(rootfs, opts.user.clone());
+                spec.unpacked = Some(UnpackedDir {
+                    owned_from: stage.dir.clone(),
+                    dir: stage.dir.clone(),
+                });
+                (spec, workdir)
+            }
+        };
         spec.writable = true;
         spec.remap_root = true;
         spec.mount_home = false;
         spec.workdir = Some(PathBuf::from(&workdir));
-        spec.unpacked = Some(UnpackedDir {
-            owned_from: stage.dir.clone(),
-            dir: stage.dir.clone(),
-        });
         // Build arguments are the step's variables, the image's environment wins over them.
         for (k, v) in &stage.args {
             spec.env.push((k.clone(), v.clone()));
@@ -868,7 +990,7 @@ impl Builder<'_> {
         if status != 0 {
             return Err(Failure::Run(status));
         }
-        let snapshot = self.changed(key)?;
+        let snapshot = self.changed(key, layer.is_some())?;
         Ok(Done::Ran { snapshot })
     }
 
@@ -952,26 +1074,22 @@ impl Builder<'_> {
         if self.cached(&key) {
             return Ok(Done::Cached);
         }
+        let no_cache = self.opts.no_cache;
         let stage = self.current();
-        let (rootfs, workdir) = Self::tree_with_workdir(stage)?;
-        let dest_path =
-            crate::spec::container_path(&Path::new(&workdir).join(&dest).to_string_lossy());
-        let rel_dest = dest_path
-            .strip_prefix("/")
-            .unwrap_or(&dest_path)
-            .to_path_buf();
-        let into_dir = dest.ends_with('/')
-            || dest == "."
-            || dest.ends_with("/.")
-            || files.len() > 1
-            || files.iter().any(|f| f.is_dir())
-            || resolve_in_tree(&rootfs, &rel_dest)
-                .map(|r| rootfs.join(r).is_dir())
-                .unwrap_or(false);
-        for f in &files {
-            copy_one(&rootfs, f, &rel_dest, into_dir, add)?;
+        let layer = Self::open_layer(stage, no_cache)?;
+        match &layer {
+            Some(layer) => {
+                let workdir = stage.workdir();
+                let merged = stage.merged_view(layer)?;
+                make_dir_in(&merged, &workdir)?;
+                copy_files(&merged, &workdir, &dest, &files, add)?;
+            }
+            None => {
+                let (rootfs, workdir) = Self::tree_with_workdir(stage)?;
+                copy_files(&rootfs, &workdir, &dest, &files, add)?;
+            }
         }
-        let snapshot = self.changed(key)?;
+        let snapshot = self.changed(key, layer.is_some())?;
         Ok(Done::Ran { snapshot })
     }
 
@@ -991,35 +1109,29 @@ impl Builder<'_> {
         };
         let cached = self.snapshot_path(&final_key);
         let stage = self.current();
-        let mut pending = stage.pending.take();
+        let pending = stage.pending.take();
+        let layer = stage.current_layer().filter(|_| !no_cache);
+        let rootfs = match &layer {
+            Some(layer) => stage.merged_view(layer)?,
+            None => stage.rootfs(),
+        };
         if !no_cache && cached.is_file() {
             if let Some(entry) = pending {
-                write_config(&stage.rootfs(), &stage.state)?;
-                unpacked::save_fast(&stage.rootfs(), &entry)?;
+                write_config(&rootfs, &stage.state)?;
+                unpacked::save_fast(&rootfs, &entry)?;
             }
             return copy_atomically(&cached, &output);
         }
-        Self::materialize(stage)?;
-        let rootfs = stage.rootfs();
-        let workdir = stage.state.config.working_dir.clone();
-        if let Some(w) = workdir {
-            // The entry is the tree as the step left it, without a directory made for the
-            // image's WORKDIR.
-            if let Some(entry) = pending.as_ref().filter(|_| !dir_in_tree(&rootfs, &w)) {
-                write_config(&rootfs, &stage.state)?;
-                unpacked::save_fast(&rootfs, entry)?;
-                pending = None;
-            }
-            make_dir_in(&rootfs, &w)?;
+        if layer.is_none() {
+            Self::materialize(stage)?;
         }
-        write_config(&rootfs, &stage.state)?;
+        let target = if no_cache { &output } else { &cached };
+        squash_tree(&rootfs, &stage.state, pending.as_deref(), target)?;
         if no_cache {
-            unpacked::save(&rootfs, &output)?;
             return Ok(());
         }
-        unpacked::save(&rootfs, &cached)?;
         // A copy, not a link: each entry keeps its own last-use time for gc.
-        if let Some(entry) = pending {
+        if let Some(entry) = pending.filter(|e| !e.is_file()) {
             copy_atomically(&cached, &entry)?;
         }
         copy_atomically(&cached, &output)
@@ -1208,6 +1320,53 @@ fn read_in_image(path: &Path, kind: &ImageKind, inside: &str) -> Option<Vec<u8>>
             out.status.success().then_some(out.stdout)
         }
     }
+}
+
+/// The image of the tree at `target`, its config inside and its WORKDIR made; `entry`, the
+/// last step's pending cache entry, is written first when the WORKDIR is not in the tree
+/// (the entry is the tree as the step left it), else left for the caller to copy.
+fn squash_tree(
+    rootfs: &Path,
+    state: &State,
+    entry: Option<&Path>,
+    target: &Path,
+) -> Result<(), StepError> {
+    if let Some(w) = &state.config.working_dir {
+        if let Some(entry) = entry.filter(|_| !dir_in_tree(rootfs, w)) {
+            write_config(rootfs, state)?;
+            unpacked::save_fast(rootfs, entry)?;
+        }
+        make_dir_in(rootfs, w)?;
+    }
+    write_config(rootfs, state)?;
+    Ok(unpacked::save(rootfs, target)?)
+}
+
+/// COPY's files into the tree at `dest` (relative to `workdir`).
+fn copy_files(
+    rootfs: &Path,
+    workdir: &str,
+    dest: &str,
+    files: &[PathBuf],
+    add: bool,
+) -> Result<(), StepError> {
+    let dest_path = crate::spec::container_path(&Path::new(workdir).join(dest).to_string_lossy());
+    let rel_dest = dest_path
+        .strip_prefix("/")
+        .unwrap_or(&dest_path)
+        .to_path_buf();
+    let into_dir = dest.ends_with('/')
+        || dest == "."
+        || dest.ends_with("/.")
+        || files.len() > 1
+        || files.iter().any(|f| f.is_dir())
+        || resolve_in_tree(rootfs, &rel_dest)
+            .map(|r| rootfs.join(r).is_dir())
+            .unwrap_or(false);
+    for f in files {
+        copy_one(rootfs, f, &rel_dest, into_dir, add)?;
+    }
+    Ok(())
 }
 
 /// `dir` (absolute inside) made in the tree, symlinks followed inside it.

@@ -18,7 +18,7 @@ use crate::image;
 use crate::rootfs::error::{nix_io, setup, RootfsError};
 use crate::rootfs::inputs::Inputs;
 use crate::rootfs::staging::{
-    bind_mount, enter_new_root, inside_path, resolve_in_tree, stage, FILES, LOWER, NEW, RW,
+    bind_mount, enter_new_root, inside_path, resolve_in_tree, stage, FILES, LOWER, NEW, OLD, RW,
 };
 use crate::rootfs::{binds, loader, squashfuse, unpacked};
 use crate::spec::entrypoint::ImageStart;
@@ -226,20 +226,30 @@ fn assemble(
 /// An overlay over the image with its upper layer on a tmpfs. Mount points the image
 /// lacks are created in the upper layer first, so the image itself never changes.
 fn mount_overlay(spec: &ContainerSpec, missing: &[(PathBuf, bool)]) -> Result<(), RootfsError> {
-    let size = spec.site.writable_tmpfs_size.as_deref().unwrap_or("50%");
-    let opts = format!("mode=0755,size={size}");
-    mount(
-        Some("ferry-rw"),
-        RW,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(opts.as_str()),
-    )
-    .map_err(|e| setup("mounting the writable layer")(nix_io(e)))?;
-    let upper = Path::new(RW).join("upper");
-    let work = Path::new(RW).join("work");
-    fs::create_dir(&upper).map_err(setup("creating the upper layer"))?;
-    fs::create_dir(&work).map_err(setup("creating the overlay work directory"))?;
+    let (upper, work) = match &spec.overlay_layer {
+        // The host's tree is at OLD while the container's is assembled.
+        Some(layer) => {
+            let layer = Path::new(OLD).join(layer.strip_prefix("/").unwrap_or(layer));
+            (layer.join("upper"), layer.join("work"))
+        }
+        None => {
+            let size = spec.site.writable_tmpfs_size.as_deref().unwrap_or("50%");
+            let opts = format!("mode=0755,size={size}");
+            mount(
+                Some("ferry-rw"),
+                RW,
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                Some(opts.as_str()),
+            )
+            .map_err(|e| setup("mounting the writable layer")(nix_io(e)))?;
+            let upper = Path::new(RW).join("upper");
+            let work = Path::new(RW).join("work");
+            fs::create_dir(&upper).map_err(setup("creating the upper layer"))?;
+            fs::create_dir(&work).map_err(setup("creating the overlay work directory"))?;
+            (upper, work)
+        }
+    };
     fs::set_permissions(
         &upper,
         fs::Permissions::from_mode(

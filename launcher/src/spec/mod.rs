@@ -58,6 +58,11 @@ pub struct ContainerSpec {
     /// reused after. `None`: the image is mounted as it is.
     #[serde(default)]
     pub unpacked: Option<UnpackedDir>,
+    /// With `writable`: a directory of the user's whose `upper` and `work` hold the
+    /// overlay's upper layer on disk instead of a tmpfs, so that the writes outlive the
+    /// container (`ferry build`'s RUN over its mounted base).
+    #[serde(default)]
+    pub overlay_layer: Option<PathBuf>,
     /// How a squashfs or SIF image becomes the root filesystem.
     #[serde(default)]
     pub rootfs: RootfsProvider,
@@ -277,6 +282,7 @@ impl ContainerSpec {
             env: Vec::new(),
             caller_locale: Vec::new(),
             unpacked: None,
+            overlay_layer: None,
             entrypoint: false,
             gpus: GpuRequest::None,
             unshare: unshare::Unshare::default(),
