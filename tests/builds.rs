@@ -96,6 +96,49 @@ fn builds_a_debian_image_with_a_package_and_rebuilds_from_the_cache() {
     assert_eq!(left.ok(), "");
 }
 
+/// The packages users ask for first, from Debian's mirror: build-essential (the image then
+/// compiles and runs C), emacs-nox (pyxis' own test; man-db's scripts chown to `man`) and
+/// tzdata (a debconf postinst that writes /etc/localtime). Their scripts run as uid 0 with
+/// only the caller's uid mapped, and none may fail.
+#[test]
+fn apt_installs_build_essential_emacs_and_tzdata_and_the_image_compiles() {
+    let _m = shared_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let dockerfile = format!(
+        "FROM {}\n\
+         ENV DEBIAN_FRONTEND=noninteractive\n\
+         RUN apt-get -qq update && \\\n    apt-get -qq install -y --no-install-recommends build-essential emacs-nox tzdata man-db >/dev/null\n\
+         COPY hello.c /src/\n\
+         RUN gcc -O2 -o /usr/local/bin/hello /src/hello.c\n\
+         CMD [\"hello\"]\n",
+        img("debian.sqsh")
+    );
+    context(&dir, &dockerfile);
+    sh(&format!(
+        r#"printf '#include <stdio.h>\nint main(void) {{ puts("compiled in ferry build"); return 0; }}\n' > {d}/ctx/hello.c"#
+    ))
+    .ok();
+    let built = build(&dir, "");
+    built.ok();
+    assert_eq!(
+        sh(&format!("$FERRY run {d}/out.sqsh")).ok(),
+        "compiled in ferry build\n"
+    );
+    let out = sh(&format!(
+        "$FERRY run {d}/out.sqsh -- sh -c '\
+         dpkg-query -W -f \"\\${{Status}}\\n\" build-essential emacs-nox tzdata man-db; \
+         emacs --version | head -1 | cut -d\" \" -f1,2; \
+         echo \"int main(void) {{ return 7; }}\" > /tmp/seven.c && cc -o /tmp/seven /tmp/seven.c; /tmp/seven; echo \"cc: $?\"; \
+         TZ=Europe/Paris date -d @0 +%H:%M; test -e /usr/share/zoneinfo/Asia/Tokyo && echo zones'"
+    ));
+    assert_eq!(
+        out.ok(),
+        "install ok installed\ninstall ok installed\ninstall ok installed\ninstall ok installed\n\
+         GNU Emacs\ncc: 7\n01:00\nzones\n"
+    );
+}
+
 /// dnf in RUN, on the Debian image with Debian's dnf (no RPM distribution's repository is
 /// reachable here): it installs from a local repository (integration/build-images' rpmrepo)
 /// a package whose files belong to a system user that its %pre creates and its %post chowns
