@@ -1208,68 +1208,73 @@ fn task_through_ferry(
     how: TaskProgram,
     ferry_bin: &Path,
 ) -> Result<(), PluginError> {
-    use std::os::unix::ffi::OsStrExt;
-    let program = std::ffi::CString::new(ferry_bin.as_os_str().as_bytes())
-        .map_err(|_| PluginError::NulInFerryPath)?;
-    let prepend = crate::slurm::PrependTask::lookup();
-    let argv = crate::slurm::TaskArgv::of_task(raw).ok_or(PluginError::NoTaskArgv)?;
-    let argv0 = if prepend.is_some() {
-        None
-    } else {
-        Some(argv.first())
-    };
     let (user_fd, mnt_fd) = ns.inheritable_fds().map_err(PluginError::PassNamespaces)?;
     let own_fds = ns
         .inheritable_own_fds()
         .map_err(PluginError::PassNamespaces)?;
-    let task = ferry::container::task_exec::TaskExec {
-        user_fd,
-        mnt_fd,
-        own_fds,
-        workdir: how.workdir,
-        start: how.start,
-        argv0,
-        entrypoint: how.entrypoint,
-        entrypoint_log: how.entrypoint_log,
-        save: how.save,
-        unblock_signals: false,
-        remap_root: how.remap_root,
-    };
-    let text = serde_json::to_string(&task)?;
-    spank.setenv(ferry::container::task_exec::ENV, &text, true)?;
-    match prepend {
-        Some(prepend) => prepend
-            .prepend(raw, &program)
-            .map_err(PluginError::PrependTaskArgv)?,
-        None => argv.replace_first(program),
-    }
-    Ok(())
+    exec_ferry_in_task(
+        spank,
+        raw,
+        ferry_bin,
+        ferry::container::task_exec::ENV,
+        |argv0| {
+            Ok(serde_json::to_string(
+                &ferry::container::task_exec::TaskExec {
+                    user_fd,
+                    mnt_fd,
+                    own_fds,
+                    workdir: how.workdir,
+                    start: how.start,
+                    argv0,
+                    entrypoint: how.entrypoint,
+                    entrypoint_log: how.entrypoint_log,
+                    save: how.save,
+                    unblock_signals: false,
+                    remap_root: how.remap_root,
+                },
+            )?)
+        },
+    )
 }
 
 /// `--container-checkpoint` and `--container-restore`: this task execs `ferry` in place of
 /// its command, which makes the container (or restores it) as `ferry run --checkpoint-dir`
-/// (`ferry restore`) does; the argv changes as in [`task_through_ferry`].
+/// (`ferry restore`) does.
 fn checkpoint_task_through_ferry(
     spank: &SpankHandle,
     raw: slurm_spank::spank_sys::spank_t,
     step: &Step,
     task: &ferry::container::checkpoint::SlurmTask,
 ) -> Result<(), PluginError> {
-    use std::os::unix::ffi::OsStrExt;
     let ferry_bin = step
         .ferry_bin
         .as_deref()
         .ok_or(PluginError::NoFerryProgram)?;
+    let env = ferry::container::checkpoint::SLURM_TASK_ENV;
+    exec_ferry_in_task(spank, raw, ferry_bin, env, |argv0| {
+        let mut task = task.clone();
+        task.argv0 = argv0;
+        Ok(serde_json::to_string(&task)?)
+    })
+}
+
+/// Have Slurm exec `ferry_bin` in this task's place, told what to do by `env`, which holds
+/// `describe(argv0)`: `argv0` is the task's own first word where this Slurm cannot put
+/// `ferry` in front of the task's argv (before 23.11) and `ferry_bin` replaces that word.
+fn exec_ferry_in_task(
+    spank: &SpankHandle,
+    raw: slurm_spank::spank_sys::spank_t,
+    ferry_bin: &Path,
+    env: &str,
+    describe: impl FnOnce(Option<Vec<u8>>) -> Result<String, PluginError>,
+) -> Result<(), PluginError> {
+    use std::os::unix::ffi::OsStrExt;
     let program = std::ffi::CString::new(ferry_bin.as_os_str().as_bytes())
         .map_err(|_| PluginError::NulInFerryPath)?;
     let prepend = crate::slurm::PrependTask::lookup();
     let argv = crate::slurm::TaskArgv::of_task(raw).ok_or(PluginError::NoTaskArgv)?;
-    let mut task = task.clone();
-    if prepend.is_none() {
-        task.argv0 = Some(argv.first());
-    }
-    let text = serde_json::to_string(&task)?;
-    spank.setenv(ferry::container::checkpoint::SLURM_TASK_ENV, &text, true)?;
+    let argv0 = prepend.is_none().then(|| argv.first());
+    spank.setenv(env, &describe(argv0)?, true)?;
     match prepend {
         Some(prepend) => prepend
             .prepend(raw, &program)

@@ -17,13 +17,14 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 use nix::sys::wait::waitpid;
 
+use crate::rootfs::squashfuse;
 use crate::sys::raw;
 
 /// The layer directory's parts: the upper layer, overlay's work directory, and the mount
@@ -265,37 +266,14 @@ fn mount_base(base: &Path, offset: u64, at: &Path, program: &Path) -> Result<Chi
         .map_err(|e| fail("/dev/fuse", e.to_string()))?
         .into();
     let image = File::open(base).map_err(|e| fail("opening the base", e.to_string()))?;
-    let options = format!(
-        "fd={},rootmode=40000,user_id=0,group_id=0,default_permissions",
-        fuse.as_raw_fd()
-    );
-    mount(
-        Some(base.as_os_str()),
-        at,
-        Some("fuse.squashfuse"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RDONLY,
-        Some(options.as_str()),
-    )
-    .map_err(|e| fail("FUSE mount of the base refused", e.to_string()))?;
-    const IMAGE_FD: i32 = 3;
-    const FUSE_FD: i32 = 4;
-    let mut cmd = Command::new(program);
-    cmd.arg("-f");
-    if offset > 0 {
-        cmd.arg("-o").arg(format!("offset={offset}"));
-    }
-    cmd.arg(format!("/proc/self/fd/{IMAGE_FD}"))
-        .arg(format!("/dev/fd/{FUSE_FD}"))
-        .stdin(Stdio::null())
+    squashfuse::mount_connection(fuse.as_fd(), base, at, 0, 0)
+        .map_err(|e| fail("FUSE mount of the base refused", e.to_string()))?;
+    let mut cmd =
+        squashfuse::server_command(program, offset, image.as_fd(), fuse.as_fd(), Path::new("/"))
+            .map_err(|e| fail("preparing squashfuse", e.to_string()))?;
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    raw::pass_fds_and_chroot_on_exec(
-        &mut cmd,
-        &[(image.as_fd(), IMAGE_FD), (fuse.as_fd(), FUSE_FD)],
-        Path::new("/"),
-        true,
-    )
-    .map_err(|e| fail("preparing squashfuse", e.to_string()))?;
     cmd.spawn().map_err(|e| {
         fail(
             &format!("cannot start {}", program.display()),

@@ -11,7 +11,7 @@ pub mod kernel;
 pub mod ldcache;
 mod loader;
 pub mod locale;
-mod squashfuse;
+pub mod squashfuse;
 mod staging;
 pub mod unpacked;
 pub mod user_dir;

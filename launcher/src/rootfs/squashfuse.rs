@@ -2,7 +2,7 @@
 //! squashfs image by squashfuse serving a FUSE connection the holder mounted itself.
 
 use std::fs::{self, File};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -68,49 +68,78 @@ fn mount_squashfs(inputs: &Inputs, offset: u64) -> Result<Child, RootfsError> {
         .expect("found for squashfs images");
     let uid = nix::unistd::getuid().as_raw();
     let gid = nix::unistd::getgid().as_raw();
+    mount_connection(fuse.as_fd(), &inputs.image_path, Path::new(LOWER), uid, gid).map_err(
+        |e| RootfsError::ImageMount {
+            path: inputs.image_path.clone(),
+            detail: format!("FUSE mount refused: {e}"),
+        },
+    )?;
+    let log_path = Path::new(FILES).join("squashfuse.log");
+    let log = File::create(&log_path).map_err(setup("creating the squashfuse log"))?;
+    // squashfuse is a host program: it runs in the host tree (its libraries, its loader),
+    // while the connection it serves is already mounted in the staging tree.
+    let mut cmd = server_command(
+        program,
+        offset,
+        inputs.image.as_fd(),
+        fuse.as_fd(),
+        Path::new(OLD),
+    )
+    .map_err(setup("preparing squashfuse"))?;
+    cmd.stdin(host_null().map_err(setup("opening /dev/null"))?)
+        .stdout(host_null().map_err(setup("opening /dev/null"))?)
+        .stderr(log);
+    cmd.spawn().map_err(|e| RootfsError::ImageMount {
+        path: inputs.image_path.clone(),
+        detail: format!("cannot start {}: {e}", program.display()),
+    })
+}
+
+/// Mount the FUSE connection `fuse` at `at` as squashfuse's (`source` names it in the mount
+/// table): read-only, nosuid, nodev, its files owned by `uid`/`gid` of the caller's user
+/// namespace.
+pub fn mount_connection(
+    fuse: BorrowedFd<'_>,
+    source: &Path,
+    at: &Path,
+    uid: u32,
+    gid: u32,
+) -> nix::Result<()> {
     let options = format!(
         "fd={},rootmode=40000,user_id={uid},group_id={gid},default_permissions",
         fuse.as_raw_fd()
     );
     mount(
-        Some(inputs.image_path.as_os_str()),
-        LOWER,
+        Some(source.as_os_str()),
+        at,
         Some("fuse.squashfuse"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RDONLY,
         Some(options.as_str()),
     )
-    .map_err(|e| RootfsError::ImageMount {
-        path: inputs.image_path.clone(),
-        detail: format!("FUSE mount refused: {e}"),
-    })?;
+}
 
+/// `program` (squashfuse) serving the mounted connection `fuse` from `image` (a squashfs
+/// at `offset`) in the foreground, both passed as descriptors, so that neither fusermount
+/// nor any setuid helper is involved; it runs with `root` as its root directory and dies
+/// with the thread that starts it. The caller sets its standard streams.
+pub fn server_command(
+    program: &Path,
+    offset: u64,
+    image: BorrowedFd<'_>,
+    fuse: BorrowedFd<'_>,
+    root: &Path,
+) -> std::io::Result<Command> {
     const IMAGE_FD: i32 = 3;
     const FUSE_FD: i32 = 4;
-    let log_path = Path::new(FILES).join("squashfuse.log");
-    let log = File::create(&log_path).map_err(setup("creating the squashfuse log"))?;
     let mut cmd = Command::new(program);
     cmd.arg("-f");
     if offset > 0 {
         cmd.arg("-o").arg(format!("offset={offset}"));
     }
     cmd.arg(format!("/proc/self/fd/{IMAGE_FD}"))
-        .arg(format!("/dev/fd/{FUSE_FD}"))
-        .stdin(host_null().map_err(setup("opening /dev/null"))?)
-        .stdout(host_null().map_err(setup("opening /dev/null"))?)
-        .stderr(log);
-    // squashfuse is a host program: it runs in the host tree (its libraries, its loader),
-    // while the connection it serves is already mounted in the staging tree.
-    raw::pass_fds_and_chroot_on_exec(
-        &mut cmd,
-        &[(inputs.image.as_fd(), IMAGE_FD), (fuse.as_fd(), FUSE_FD)],
-        Path::new(OLD),
-        true,
-    )
-    .map_err(setup("preparing squashfuse"))?;
-    cmd.spawn().map_err(|e| RootfsError::ImageMount {
-        path: inputs.image_path.clone(),
-        detail: format!("cannot start {}: {e}", program.display()),
-    })
+        .arg(format!("/dev/fd/{FUSE_FD}"));
+    raw::pass_fds_and_chroot_on_exec(&mut cmd, &[(image, IMAGE_FD), (fuse, FUSE_FD)], root, true)?;
+    Ok(cmd)
 }
 
 /// Wait until squashfuse (`child`) serves the image; on failure it is ended, and its last
