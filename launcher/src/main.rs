@@ -166,11 +166,20 @@ struct RunArgs {
     #[arg(short = 'e', long = "env", value_name = "NAME=VALUE")]
     env: Vec<String>,
     /// Make the container checkpointable into DIR (with CRIU, where the site enables it):
-    /// `ferry checkpoint DIR` or SIGUSR1 to ferry saves it and ends it, `ferry restore DIR`
+    /// `ferry checkpoint DIR` or SIGUSR1 (--checkpoint-signal) to ferry saves it and ends it, `ferry restore DIR`
     /// continues it. The command gets its own PID namespace, stdin from /dev/null, and its
     /// output goes to DIR/output, which ferry copies to stdout.
     #[arg(long, value_name = "DIR")]
     checkpoint_dir: Option<PathBuf>,
+    /// With --checkpoint-dir: the signal to ferry that checkpoints the container, for
+    /// programs that use SIGUSR1 themselves (USR1, USR2, TERM, INT, HUP, QUIT or ALRM).
+    #[arg(
+        long,
+        value_name = "SIGNAL",
+        default_value = "USR1",
+        requires = "checkpoint_dir"
+    )]
+    checkpoint_signal: ferry::container::checkpoint::CheckpointSignal,
     /// Run in a writable, unpacked copy of the image kept in DIR (made on first use,
     /// reused after; DIR/rootfs), like a named container. `ferry save DIR/rootfs OUT.sqsh`
     /// makes an image of it.
@@ -321,11 +330,12 @@ fn main() {
         Command::Doctor(args) => ferry::doctor::main(&args),
         Command::Containers(args) => report(containers_command(args)),
         Command::Checkpoint { dir } => match ferry::container::checkpoint::request(&dir) {
-            Ok(summary) => {
+            Ok(made) => {
                 eprintln!(
-                    "ferry: checkpointed the container to {} ({summary}); continue it with `ferry restore {}`",
+                    "ferry: checkpointed the container to {} ({}); continue it with {}",
                     dir.display(),
-                    dir.display()
+                    made.summary,
+                    made.continue_with
                 );
                 0
             }
@@ -524,6 +534,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
             &command,
             &PrepareOptions::for_cli(program),
             &dir,
+            args.checkpoint_signal,
         )
         .with_context(|| format!("--checkpoint-dir {}", dir.display()));
     }

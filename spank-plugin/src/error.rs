@@ -82,10 +82,14 @@ pub enum PluginError {
     OptionsWithoutImage,
     #[error("{0} is empty: give the checkpoint's directory, e.g. {0}=$HOME/ck")]
     EmptyCheckpointDir(&'static str),
-    #[error("{0} cannot be combined with {1}: a checkpointed container is the step's own, made by its one task (leave out {1})")]
+    #[error("{0} cannot be combined with {1}: a checkpointed container is the step's own, made by its tasks (leave out {1})")]
     CheckpointWith(&'static str, &'static str),
     #[error(transparent)]
     Checkpoint(#[from] ferry::container::checkpoint::StepRefusal),
+    #[error("--container-checkpoint-signal: {0}")]
+    CheckpointSignal(#[from] ferry::container::checkpoint::signal::BadSignal),
+    #[error("--container-checkpoint-signal needs --container-checkpoint (the step it names is not checkpointable)")]
+    SignalWithoutCheckpoint,
     #[error("--container-mounts: {0}")]
     Mounts(MountSpecError),
     #[error("--container-unshare={list}: {error}")]

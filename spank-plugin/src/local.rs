@@ -238,7 +238,14 @@ pub fn resolve(
         entrypoint_log: opts.entrypoint_log.or(job.entrypoint_log),
         checkpoint,
         restore,
+        checkpoint_signal: match &opts.checkpoint_signal {
+            Some(text) => Some(text.parse()?),
+            None => job.checkpoint_signal,
+        },
     };
+    if opts.checkpoint_signal.is_some() && req.checkpoint.is_none() && req.restore.is_none() {
+        return Err(PluginError::SignalWithoutCheckpoint);
+    }
     check_checkpoint_combinations(&req)?;
     if context == Context::Local {
         let option = if req.checkpoint.is_some() {

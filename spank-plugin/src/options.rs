@@ -31,6 +31,7 @@ pub enum Key {
     Unshare,
     EntrypointLog,
     Checkpoint,
+    CheckpointSignal,
     Restore,
 }
 
@@ -150,10 +151,18 @@ pub static OPTIONS: &[OptDef] = &[
     opt!(
         "container-checkpoint",
         "DIR",
-        "[ferry] make the step's container checkpointable into DIR (one task per node, in \
-         a PID namespace of its own; output via DIR/output): `scancel --signal=USR1 \
-         JOB.STEP` saves it there and ends the step; where the site enables checkpoints",
+        "[ferry] make the step's container checkpointable into DIR (one node, its tasks \
+         in one container with a PID namespace of its own; output via DIR): `scancel \
+         --signal=USR1 JOB.STEP` saves it there and ends the step; where the site enables \
+         checkpoints",
         Key::Checkpoint
+    ),
+    opt!(
+        "container-checkpoint-signal",
+        "SIGNAL",
+        "[ferry] with --container-checkpoint: the signal that checkpoints the step \
+         (default USR1; USR2, TERM, INT, HUP, QUIT or ALRM), for programs that use USR1",
+        Key::CheckpointSignal
     ),
     opt!(
         "container-restore",
@@ -318,6 +327,7 @@ pub struct OptionValues {
     pub unshare: Option<String>,
     pub entrypoint_log: Option<bool>,
     pub checkpoint: Option<String>,
+    pub checkpoint_signal: Option<String>,
     pub restore: Option<String>,
     /// Both options of a pair (`--container-writable` and `--container-readonly`), as
     /// `(first, second)` names; the callbacks see them in different orders in srun and in
@@ -346,6 +356,7 @@ impl OptionValues {
             Key::Unshare => self.unshare = text(),
             Key::EntrypointLog => self.entrypoint_log = Some(true),
             Key::Checkpoint => self.checkpoint = text(),
+            Key::CheckpointSignal => self.checkpoint_signal = text(),
             Key::Restore => self.restore = text(),
             Key::MountHome(on) => self.mount_home = self.flag(self.mount_home, on, def),
             Key::RemapRoot(on) => self.remap_root = self.flag(self.remap_root, on, def),
@@ -440,6 +451,7 @@ impl OptionValues {
             unshare: self.unshare.clone().or(d.unshare),
             entrypoint_log: self.entrypoint_log.or(d.entrypoint_log),
             checkpoint: self.checkpoint.clone().or(d.checkpoint),
+            checkpoint_signal: self.checkpoint_signal.clone().or(d.checkpoint_signal),
             restore: self.restore.clone().or(d.restore),
             conflicts: [self.conflicts.clone(), d.conflicts].concat(),
         }
@@ -482,7 +494,7 @@ mod tests {
 
     #[test]
     fn table_is_consistent() {
-        assert_eq!(OPTIONS.len(), 21);
+        assert_eq!(OPTIONS.len(), 22);
         for o in OPTIONS {
             assert_eq!(o.name.last(), Some(&0));
             assert_eq!(o.usage.last(), Some(&0));

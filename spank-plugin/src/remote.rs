@@ -523,6 +523,11 @@ fn from_options(
         entrypoint_log: opts.entrypoint_log,
         checkpoint: absolute(&opts.checkpoint),
         restore: absolute(&opts.restore),
+        checkpoint_signal: opts
+            .checkpoint_signal
+            .as_deref()
+            .map(str::parse)
+            .transpose()?,
     };
     crate::local::check_checkpoint_combinations(&request)?;
     Ok(Some((request, origin)))
@@ -1079,6 +1084,7 @@ fn checkpoint_step(
         restore,
         step.uid,
         step.local_tasks,
+        spank.job_nnodes().unwrap_or(1),
         &gpus,
     )?;
     step.ferry_bin = Some(
@@ -1089,6 +1095,9 @@ fn checkpoint_step(
         spec,
         dir,
         argv0: None,
+        signal: step.request.checkpoint_signal.unwrap_or_default(),
+        local_task: 0,
+        local_tasks: step.local_tasks,
     });
     Ok(())
 }
@@ -1251,9 +1260,11 @@ fn checkpoint_task_through_ferry(
         .as_deref()
         .ok_or(PluginError::NoFerryProgram)?;
     let env = ferry::container::checkpoint::SLURM_TASK_ENV;
+    let local_task = spank.task_id().map_err(PluginError::from)?;
     exec_ferry_in_task(spank, raw, ferry_bin, env, |argv0| {
         let mut task = task.clone();
         task.argv0 = argv0;
+        task.local_task = u32::try_from(local_task).unwrap_or(0);
         Ok(serde_json::to_string(&task)?)
     })
 }

@@ -19,6 +19,7 @@
 
 use std::path::Path;
 
+use ferry::container::checkpoint::CheckpointSignal;
 use ferry::container::named::{self, NameFlag};
 use ferry::spec::mounts::{MountSpec, MountSpecError};
 use ferry::spec::unshare::Unshare;
@@ -58,6 +59,8 @@ pub const ENV_ENTRYPOINT_LOG: &str = "SLURM_FERRY_CONTAINER_ENTRYPOINT_LOG";
 /// `--container-checkpoint` and `--container-restore`, made absolute.
 pub const ENV_CHECKPOINT: &str = "SLURM_FERRY_CONTAINER_CHECKPOINT";
 pub const ENV_RESTORE: &str = "SLURM_FERRY_CONTAINER_RESTORE";
+/// `--container-checkpoint-signal`, by name (`USR2`).
+pub const ENV_CHECKPOINT_SIGNAL: &str = "SLURM_FERRY_CONTAINER_CHECKPOINT_SIGNAL";
 
 /// Where the batch script runs (`container` or `host`): the user's `FERRY_BATCH_SCRIPT`,
 /// checked and passed on by sbatch (under `--export=NONE` too).
@@ -84,6 +87,7 @@ pub const ALL_ENV: &[&str] = &[
     ENV_ENTRYPOINT_LOG,
     ENV_CHECKPOINT,
     ENV_RESTORE,
+    ENV_CHECKPOINT_SIGNAL,
 ];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -111,6 +115,8 @@ pub struct StepRequest {
     pub checkpoint: Option<String>,
     /// `--container-restore`: the directory, absolute (the step needs no image then).
     pub restore: Option<String>,
+    /// `--container-checkpoint-signal`.
+    pub checkpoint_signal: Option<CheckpointSignal>,
 }
 
 fn flag_text(v: Option<bool>) -> Option<String> {
@@ -150,6 +156,10 @@ impl StepRequest {
             (ENV_ENTRYPOINT_LOG, flag_text(self.entrypoint_log)),
             (ENV_CHECKPOINT, self.checkpoint.clone()),
             (ENV_RESTORE, self.restore.clone()),
+            (
+                ENV_CHECKPOINT_SIGNAL,
+                self.checkpoint_signal.map(|s| s.to_string()),
+            ),
         ]
     }
 
@@ -189,6 +199,7 @@ impl StepRequest {
             entrypoint_log: parse_flag(ENV_ENTRYPOINT_LOG, get(ENV_ENTRYPOINT_LOG))?,
             checkpoint: text(ENV_CHECKPOINT),
             restore: text(ENV_RESTORE),
+            checkpoint_signal: text(ENV_CHECKPOINT_SIGNAL).map(|s| s.parse()).transpose()?,
         }))
     }
 }

@@ -183,6 +183,39 @@ pub(crate) fn prepare_command(
     phases.extend(&holder.ready().phases);
     phases.restart();
     let namespaces = Namespaces::of_holder(&holder)?;
+    let ExecLine {
+        args,
+        envp,
+        search_path,
+    } = exec_line(&holder, spec, argv, caller)?;
+    let workdir = holder.ready().workdir.clone();
+    Ok(Prepared {
+        holder,
+        namespaces,
+        args,
+        envp,
+        search_path,
+        workdir,
+        phases,
+        timings,
+    })
+}
+
+/// What a command execs in a container: its arguments, environment and search path.
+pub(crate) struct ExecLine {
+    pub args: Vec<CString>,
+    pub envp: Vec<CString>,
+    pub search_path: String,
+}
+
+/// `argv` (or the image's start command) with `caller`'s environment under the image's and
+/// `spec`'s, for the container `holder` made.
+pub(crate) fn exec_line(
+    holder: &holder::Holder,
+    spec: &ContainerSpec,
+    argv: &[OsString],
+    caller: Vec<(String, String)>,
+) -> Result<ExecLine, RunError> {
     let vars = env::compose(caller, &holder.ready().env, &spec.env);
     let search_path = vars
         .iter()
@@ -199,16 +232,10 @@ pub(crate) fn prepare_command(
         .iter()
         .map(|a| cstr(a.clone().into_vec()))
         .collect::<Result<Vec<_>, _>>()?;
-    let workdir = holder.ready().workdir.clone();
-    Ok(Prepared {
-        holder,
-        namespaces,
+    Ok(ExecLine {
         args,
         envp,
         search_path,
-        workdir,
-        phases,
-        timings,
     })
 }
 

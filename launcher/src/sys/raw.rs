@@ -258,6 +258,29 @@ pub fn sent_by_process(info: &libc::siginfo_t) -> bool {
     info.si_code <= 0
 }
 
+/// [`wait_signal`] for at most `timeout`: `None` when none came.
+pub fn wait_signal_for(
+    set: &nix::sys::signal::SigSet,
+    timeout: std::time::Duration,
+) -> io::Result<Option<libc::siginfo_t>> {
+    // SAFETY: siginfo_t is plain data; zeroed is a valid value for the kernel to overwrite.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let limit = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: `set`, `info` and `limit` point to valid, live values of their C types.
+    let rc = unsafe { libc::sigtimedwait(set.as_ref(), &mut info, &limit) };
+    if rc >= 0 {
+        return Ok(Some(info));
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(None),
+        _ => Err(err),
+    }
+}
+
 /// Wait for one of the blocked signals in `set`, with the sender's details.
 pub fn wait_signal(set: &nix::sys::signal::SigSet) -> io::Result<libc::siginfo_t> {
     // SAFETY: siginfo_t is plain data; zeroed is a valid value for the kernel to overwrite.

@@ -14,6 +14,11 @@
 //! namespace's owner). The measurements behind this (what fails as root, with file
 //! capabilities, or with the host's PID namespace) are in docs/bench/criu-evidence.txt.
 //!
+//! Several Slurm tasks on a node share one such container, started by the first ([`tasks`]);
+//! a checkpoint stops every process of the namespace, then dumps each task's tree, so that
+//! what they share is saved at one moment, and the restore brings every tree back stopped
+//! before it lets them all go on.
+//!
 //! The image is not copied (the saved spec names it by path); the memory, open files and
 //! the state of the processes are. The command's standard output and error go to
 //! `DIR/output` (a file CRIU can reopen; a terminal or pipe of the host is outside the
@@ -38,6 +43,11 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
+pub mod signal;
+pub mod tasks;
+
+pub use signal::CheckpointSignal;
+
 use crate::container::exit_code;
 use crate::container::holder::PrepareOptions;
 use crate::container::join;
@@ -51,9 +61,6 @@ use crate::sys::raw;
 pub const SITE_CONF: &str = "/etc/ferry/checkpoint.conf";
 /// Where the checkpoint directory appears inside the container.
 pub const INSIDE: &str = "/.ferry-checkpoint";
-/// The signal that checkpoints a running container (`ferry checkpoint` sends it to `ferry
-/// run`, which passes it on to init).
-pub const SIGNAL: Signal = Signal::SIGUSR1;
 /// The CRIU series that works on current kernels (3.x fails on their vDSO).
 pub const MIN_CRIU_MAJOR: u32 = 4;
 
@@ -64,6 +71,9 @@ const IMAGES_DIR: &str = "images";
 const SUPERVISOR_FILE: &str = "supervisor";
 const DONE_FILE: &str = "checkpointed";
 const FAILED_FILE: &str = "checkpoint-failed";
+/// `/dev/shm` of a checkpointable container: on disk in DIR, so that POSIX shared memory
+/// its tasks map outlives them and is there again at the restore.
+const SHM_DIR: &str = "shm";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -106,6 +116,16 @@ pub enum CheckpointError {
         file: &'static str,
         reason: String,
     },
+    #[error("{dir} holds the checkpoint of {tasks} Slurm tasks: continue it with `srun --ntasks-per-node={tasks} --container-restore={dir} ...`")]
+    SlurmTasks { dir: String, tasks: u32 },
+    #[error(
+        "the container of {dir} runs on {host}, outside Slurm: run `ferry checkpoint {dir}` there"
+    )]
+    OtherHost { dir: String, host: String },
+    #[error("scancel --signal for step {step} failed: {detail}")]
+    Scancel { step: String, detail: String },
+    #[error(transparent)]
+    Tasks(#[from] tasks::TaskError),
     #[error(transparent)]
     Run(#[from] RunError),
 }
@@ -264,13 +284,27 @@ pub struct SlurmTask {
     /// [`crate::container::task_exec::TaskExec::argv0`]).
     #[serde(default)]
     pub argv0: Option<Vec<u8>>,
+    #[serde(default)]
+    pub signal: CheckpointSignal,
+    /// This task's index among the step's tasks on this node (`SLURM_LOCALID`), and their
+    /// number: the first makes the container, the others run in it ([`tasks`]).
+    #[serde(default)]
+    pub local_task: u32,
+    #[serde(default = "one")]
+    pub local_tasks: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Why a Slurm step cannot have `--container-checkpoint` or `--container-restore` here.
 #[derive(Debug, thiserror::Error)]
 pub enum StepRefusal {
-    #[error("{option} runs one task per node, and this step has {tasks} here: use --ntasks-per-node=1 (or -n1)")]
-    Tasks { option: &'static str, tasks: u32 },
+    #[error("{option} saves the tasks of one node, and this step runs on {nodes} (CRIU cannot save what passes between nodes): use -N1")]
+    Nodes { option: &'static str, nodes: u32 },
+    #[error("--container-restore={dir}: the checkpoint holds {saved} tasks, and this step has {here} on this node: use --ntasks-per-node={saved}")]
+    TaskCount { dir: String, saved: u32, here: u32 },
     #[error("--container-checkpoint: a step with GPUs cannot be checkpointed (CRIU cannot save GPU state): ask for no GPUs or add --container-gpus=none")]
     Gpus,
     #[error("{option}={dir}: {dir} belongs to uid {owner}, not to you (uid {uid}): choose a directory of your own")]
@@ -294,14 +328,15 @@ pub enum StepRefusal {
 }
 
 /// Check, on a node, a Slurm step that asks for a checkpointable container in `dir`
-/// (`restore`: to restore the one in `dir`) as user `uid`, with `tasks` tasks on this node.
-/// Run with the user's effective ids (slurmstepd's user_init), so that what the user cannot
-/// see is refused as the user's task would find it.
+/// (`restore`: to restore the one in `dir`) as user `uid`, with `tasks` tasks on this node,
+/// of `nodes`. Run with the user's effective ids (slurmstepd's user_init), so that what
+/// the user cannot see is refused as the user's task would find it.
 pub fn check_slurm_step(
     dir: &Path,
     restore: bool,
     uid: u32,
     tasks: u32,
+    nodes: u32,
     gpus: &GpuRequest,
 ) -> Result<(), StepRefusal> {
     let option = if restore {
@@ -309,8 +344,8 @@ pub fn check_slurm_step(
     } else {
         "--container-checkpoint"
     };
-    if tasks > 1 {
-        return Err(StepRefusal::Tasks { option, tasks });
+    if nodes > 1 {
+        return Err(StepRefusal::Nodes { option, nodes });
     }
     if !restore && *gpus != GpuRequest::None {
         return Err(StepRefusal::Gpus);
@@ -331,11 +366,25 @@ pub fn check_slurm_step(
             uid,
         }),
         Ok(_) if restore && !dir.join(SPEC_FILE).exists() => Err(StepRefusal::NoCheckpoint(shown)),
+        Ok(_) if restore => match saved_task_count(dir) {
+            Some(saved) if saved != tasks => Err(StepRefusal::TaskCount {
+                dir: shown,
+                saved,
+                here: tasks,
+            }),
+            _ => Ok(()),
+        },
         Ok(_) if !restore && dir.join(SPEC_FILE).exists() => Err(StepRefusal::InUse(shown)),
         Err(_) if restore => Err(StepRefusal::NoCheckpoint(shown)),
         // (A directory that does not exist yet is made by the task, as the user.)
         _ => Ok(()),
     }
+}
+
+/// How many tasks the checkpoint in `dir` holds (`None`: unreadable; the restore says why).
+fn saved_task_count(dir: &Path) -> Option<u32> {
+    let text = fs::read(dir.join(SPEC_FILE)).ok()?;
+    serde_json::from_slice::<Saved>(&text).ok().map(|s| s.tasks)
 }
 
 /// When this process was started as a Slurm task's program ([`SLURM_TASK_ENV`] is set), run
@@ -366,8 +415,10 @@ fn slurm_task(value: &std::ffi::OsStr) -> Result<i32, CheckpointError> {
     nix::sys::prctl::set_no_new_privs().map_err(|e| bad(format!("no_new_privs: {e}")))?;
     let program = std::env::current_exe().map_err(|e| bad(format!("no ferry binary: {e}")))?;
     let opts = PrepareOptions::for_cli(program);
-    let Some(spec) = &task.spec else {
-        return restore_with(&opts, &task.dir, Resume::Slurm);
+    let run = RunAs {
+        resume: Resume::Slurm,
+        signal: task.signal,
+        tasks: task.local_tasks.max(1),
     };
     let own: Vec<OsString> = std::env::args_os().skip(1).collect();
     let argv: Vec<OsString> = match &task.argv0 {
@@ -376,15 +427,53 @@ fn slurm_task(value: &std::ffi::OsStr) -> Result<i32, CheckpointError> {
             .collect(),
         None => own,
     };
-    let caller = std::env::vars_os()
+    let caller = caller_env();
+    if task.local_task > 0 {
+        return follow_leader(&task, argv, caller);
+    }
+    match &task.spec {
+        None => restore_with(&opts, &task.dir, run),
+        Some(spec) => run_with(spec, &argv, &opts, &task.dir, caller, run),
+    }
+}
+
+/// This process's environment, for the command's.
+fn caller_env() -> Vec<(String, String)> {
+    std::env::vars_os()
         .map(|(k, v)| {
             (
                 k.to_string_lossy().into_owned(),
                 v.to_string_lossy().into_owned(),
             )
         })
-        .collect();
-    run_with(spec, &argv, &opts, &task.dir, caller, Resume::Slurm)
+        .collect()
+}
+
+/// A Slurm task other than its node's first: its command runs in the first task's
+/// container ([`tasks`]); this process stands in for it.
+fn follow_leader(
+    task: &SlurmTask,
+    argv: Vec<OsString>,
+    caller: Vec<(String, String)>,
+) -> Result<i32, CheckpointError> {
+    use std::os::unix::ffi::OsStringExt;
+    let request = task.spec.as_ref().map(|_| tasks::TaskRequest {
+        argv: argv.into_iter().map(OsStringExt::into_vec).collect(),
+        env: caller,
+    });
+    let mask = run::forwarded_mask();
+    mask.thread_block().map_err(|source| RunError::Os {
+        what: "blocking signals",
+        source,
+    })?;
+    let dir = fs::canonicalize(&task.dir).unwrap_or_else(|_| task.dir.clone());
+    Ok(tasks::follow(
+        &dir,
+        task.local_task,
+        request.as_ref(),
+        &mask,
+        task.signal.signal(),
+    )?)
 }
 
 /// What a checkpoint directory keeps of its container, for the restore.
@@ -392,37 +481,38 @@ fn slurm_task(value: &std::ffi::OsStr) -> Result<i32, CheckpointError> {
 struct Saved {
     spec: ContainerSpec,
     criu: Criu,
+    #[serde(default)]
+    signal: CheckpointSignal,
+    /// The Slurm tasks in the container (1 for `ferry run`).
+    #[serde(default = "one")]
+    tasks: u32,
 }
 
 /// The pieces init needs, prepared before the fork.
 struct InitPlan {
     /// The host's `/`, for CRIU's binary and libraries.
     host_root: OwnedFd,
-    criu: Criu,
-    /// The checkpoint directory on the host (for messages) and inside.
+    /// The checkpoint directory on the host (for messages).
     dir: PathBuf,
     output_inside: PathBuf,
-    /// `--remap-root`: the command gets [`crate::container::id_filter`].
-    remap_root: bool,
+    saved: Saved,
 }
 
 /// `ferry run --checkpoint-dir DIR`: run `argv` in a container from `spec` that `ferry
-/// checkpoint DIR` (or [`SIGNAL`] to this process) checkpoints into DIR.
+/// checkpoint DIR` (or `signal` to this process) checkpoints into DIR.
 pub fn run(
     spec: &ContainerSpec,
     argv: &[OsString],
     opts: &PrepareOptions,
     dir: &Path,
+    signal: CheckpointSignal,
 ) -> Result<i32, CheckpointError> {
-    let caller = std::env::vars_os()
-        .map(|(k, v)| {
-            (
-                k.to_string_lossy().into_owned(),
-                v.to_string_lossy().into_owned(),
-            )
-        })
-        .collect();
-    run_with(spec, argv, opts, dir, caller, Resume::Cli)
+    let run = RunAs {
+        resume: Resume::Cli,
+        signal,
+        tasks: 1,
+    };
+    run_with(spec, argv, opts, dir, caller_env(), run)
 }
 
 /// How the user continues a checkpoint, for the line that says it was made.
@@ -433,12 +523,24 @@ enum Resume {
 }
 
 impl Resume {
-    fn how(self, dir: &Path) -> String {
+    fn how(self, dir: &Path, tasks: u32) -> String {
         match self {
             Resume::Cli => format!("`ferry restore {}`", dir.display()),
+            Resume::Slurm if tasks > 1 => format!(
+                "`srun --ntasks-per-node={tasks} --container-restore={} ...`",
+                dir.display()
+            ),
             Resume::Slurm => format!("`srun --container-restore={} ...`", dir.display()),
         }
     }
+}
+
+/// Who runs a checkpointable container: `ferry run` or Slurm's tasks on a node.
+#[derive(Clone, Copy)]
+struct RunAs {
+    resume: Resume,
+    signal: CheckpointSignal,
+    tasks: u32,
 }
 
 fn run_with(
@@ -447,7 +549,7 @@ fn run_with(
     opts: &PrepareOptions,
     dir: &Path,
     caller: Vec<(String, String)>,
-    resume: Resume,
+    run: RunAs,
 ) -> Result<i32, CheckpointError> {
     let criu = allowed(spec)?;
     let made_here = !dir.exists();
@@ -468,17 +570,21 @@ fn run_with(
         });
     }
     spec.writable = true;
-    spec.mounts.push(MountSpec {
-        source: dir.clone(),
-        target: PathBuf::from(INSIDE),
+    let bind = |source: PathBuf, target: &str| MountSpec {
+        source,
+        target: PathBuf::from(target),
         read_only: false,
         no_exec: true,
         unbindable: false,
         tmpfs: None,
-    });
+    };
+    spec.mounts.push(bind(dir.clone(), INSIDE));
+    spec.mounts.push(bind(dir.join(SHM_DIR), "/dev/shm"));
     let saved = Saved {
         spec: spec.clone(),
-        criu: criu.clone(),
+        criu,
+        signal: run.signal,
+        tasks: run.tasks,
     };
     write_new(
         &dir,
@@ -486,8 +592,12 @@ fn run_with(
         &serde_json::to_vec_pretty(&saved).unwrap_or_default(),
     )?;
     let started = (|| {
+        if run.tasks > 1 {
+            tasks::begin_run(&dir, run.tasks, false)?;
+        }
         fs::create_dir_all(dir.join(IMAGES_DIR))
             .map_err(dir_error(&dir, "cannot create images/"))?;
+        fs::create_dir_all(dir.join(SHM_DIR)).map_err(dir_error(&dir, "cannot create shm/"))?;
         write_new(&dir, OUTPUT_FILE, b"")?;
         let prepared = run::prepare_command(&spec, argv, opts, caller, run::RunTimings::quiet())?;
         Ok::<_, CheckpointError>(prepared)
@@ -499,31 +609,31 @@ fn run_with(
             if made_here {
                 let _ = fs::remove_dir_all(&dir);
             } else {
-                for f in [SPEC_FILE, OUTPUT_FILE] {
+                for f in [SPEC_FILE, OUTPUT_FILE, tasks::RUN_FILE] {
                     let _ = fs::remove_file(dir.join(f));
                 }
-                let _ = fs::remove_dir(dir.join(IMAGES_DIR));
+                for d in [IMAGES_DIR, SHM_DIR] {
+                    let _ = fs::remove_dir(dir.join(d));
+                }
+                let _ = fs::remove_dir_all(dir.join(tasks::TASKS_DIR));
             }
             return Err(e);
         }
     };
-    supervise_container(
-        prepared,
-        &dir,
-        criu,
-        0,
-        Start::Command,
-        spec.remap_root,
-        resume,
-    )
+    supervise_container(prepared, &dir, saved, 0, Start::Command, run.resume)
 }
 
 /// `ferry restore DIR`: continue the container checkpointed into DIR.
 pub fn restore(opts: &PrepareOptions, dir: &Path) -> Result<i32, CheckpointError> {
-    restore_with(opts, dir, Resume::Cli)
+    let run = RunAs {
+        resume: Resume::Cli,
+        signal: CheckpointSignal::default(),
+        tasks: 1,
+    };
+    restore_with(opts, dir, run)
 }
 
-fn restore_with(opts: &PrepareOptions, dir: &Path, resume: Resume) -> Result<i32, CheckpointError> {
+fn restore_with(opts: &PrepareOptions, dir: &Path, run: RunAs) -> Result<i32, CheckpointError> {
     let shown = dir.display().to_string();
     let dir = fs::canonicalize(dir).map_err(dir_error(dir, "cannot open the checkpoint"))?;
     let text = match fs::read(dir.join(SPEC_FILE)) {
@@ -548,8 +658,17 @@ fn restore_with(opts: &PrepareOptions, dir: &Path, resume: Resume) -> Result<i32
     if !dir.join(DONE_FILE).exists() {
         return Err(CheckpointError::NotCheckpointed(shown));
     }
+    if saved.tasks != run.tasks {
+        return Err(CheckpointError::SlurmTasks {
+            dir: shown,
+            tasks: saved.tasks,
+        });
+    }
     // The site may have turned checkpoints off, or CRIU changed, since the checkpoint.
-    let criu = allowed(&saved.spec)?;
+    allowed(&saved.spec)?;
+    if saved.tasks > 1 {
+        tasks::begin_run(&dir, saved.tasks, true)?;
+    }
     let prepared =
         run::prepare_command(&saved.spec, &[], opts, Vec::new(), run::RunTimings::quiet())?;
     // Only the output written after the restore is new to the caller.
@@ -558,11 +677,10 @@ fn restore_with(opts: &PrepareOptions, dir: &Path, resume: Resume) -> Result<i32
     supervise_container(
         prepared,
         &dir,
-        criu,
+        saved,
         shown_up_to,
         Start::Restore,
-        saved.spec.remap_root,
-        resume,
+        run.resume,
     )
 }
 
@@ -578,21 +696,20 @@ enum Start {
 fn supervise_container(
     mut prepared: Prepared,
     dir: &Path,
-    criu: Criu,
+    saved: Saved,
     output_from: u64,
     start: Start,
-    remap_root: bool,
     resume: Resume,
 ) -> Result<i32, CheckpointError> {
     let host_root = fs::File::open("/")
         .map(OwnedFd::from)
         .map_err(dir_error(Path::new("/"), "cannot open the host's root"))?;
+    let tasks = saved.tasks;
     let plan = InitPlan {
         host_root,
-        criu,
         dir: dir.to_path_buf(),
         output_inside: Path::new(INSIDE).join(OUTPUT_FILE),
-        remap_root,
+        saved,
     };
     let _ = fs::remove_file(dir.join(FAILED_FILE));
     write_supervisor(dir)?;
@@ -621,7 +738,7 @@ fn supervise_container(
                 "ferry: checkpointed the container to {} ({}); continue it with {}",
                 dir.display(),
                 text.trim(),
-                resume.how(dir)
+                resume.how(dir, tasks)
             );
         }
     }
@@ -655,12 +772,44 @@ fn follow(path: &Path, from: u64, stop: &AtomicBool) {
     }
 }
 
-/// `DIR/supervisor`: this process's pid and start time, for `ferry checkpoint DIR`.
+/// `DIR/supervisor`: who to signal for a checkpoint (`ferry checkpoint DIR`): this
+/// process, and in a Slurm step the step, for a request from another node of the job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Supervisor {
+    pid: u32,
+    /// Its start time, which tells it from a later process with the same pid.
+    started: u64,
+    host: String,
+    /// `JOBID.STEPID` of the Slurm step it runs in.
+    step: Option<String>,
+}
+
+fn this_host() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 fn write_supervisor(dir: &Path) -> Result<(), CheckpointError> {
     let me = std::process::id();
-    let started = start_time(me).unwrap_or(0);
-    fs::write(dir.join(SUPERVISOR_FILE), format!("{me} {started}\n"))
-        .map_err(dir_error(dir, "cannot write supervisor"))
+    let step = match (
+        std::env::var("SLURM_JOB_ID"),
+        std::env::var("SLURM_STEP_ID"),
+    ) {
+        (Ok(job), Ok(step)) => Some(format!("{job}.{step}")),
+        _ => None,
+    };
+    let record = Supervisor {
+        pid: me,
+        started: start_time(me).unwrap_or(0),
+        host: this_host(),
+        step,
+    };
+    fs::write(
+        dir.join(SUPERVISOR_FILE),
+        serde_json::to_vec(&record).unwrap_or_default(),
+    )
+    .map_err(dir_error(dir, "cannot write supervisor"))
 }
 
 /// A process's start time (field 22 of /proc/PID/stat), which tells it from a later
@@ -682,28 +831,80 @@ fn write_new(dir: &Path, name: &'static str, contents: &[u8]) -> Result<(), Chec
         .map_err(dir_error(dir, "cannot write"))
 }
 
+/// A checkpoint that `ferry checkpoint` had made.
+pub struct Made {
+    /// Its time and size.
+    pub summary: String,
+    /// How to continue it: `ferry restore DIR`, or srun's option for a Slurm step's.
+    pub continue_with: String,
+}
+
 /// `ferry checkpoint DIR`: have the container of DIR checkpointed, and wait for the result.
-pub fn request(dir: &Path) -> Result<String, CheckpointError> {
+pub fn request(dir: &Path) -> Result<Made, CheckpointError> {
     let shown = dir.display().to_string();
-    let text = fs::read_to_string(dir.join(SUPERVISOR_FILE))
-        .map_err(|_| CheckpointError::NotRunning(shown.clone()))?;
-    let mut words = text.split_whitespace().map(|w| w.parse::<u64>().ok());
-    let (Some(Some(pid)), Some(Some(started))) = (words.next(), words.next()) else {
-        return Err(CheckpointError::BadFile {
-            dir: shown,
+    let path = dir.join(SUPERVISOR_FILE);
+    let text = fs::read(&path).map_err(|_| CheckpointError::NotRunning(shown.clone()))?;
+    let record: Supervisor =
+        serde_json::from_slice(&text).map_err(|e| CheckpointError::BadFile {
+            dir: shown.clone(),
             file: SUPERVISOR_FILE,
-            reason: format!("`{}`", text.trim()),
-        });
+            reason: e.to_string(),
+        })?;
+    let saved = fs::read(dir.join(SPEC_FILE))
+        .ok()
+        .and_then(|text| serde_json::from_slice::<Saved>(&text).ok());
+    let signal = saved.as_ref().map(|s| s.signal).unwrap_or_default();
+    let resume = match record.step {
+        Some(_) => Resume::Slurm,
+        None => Resume::Cli,
     };
-    let pid = u32::try_from(pid).map_err(|_| CheckpointError::NotRunning(shown.clone()))?;
-    let alive = || start_time(pid) == Some(started);
+    let made = |summary: String| Made {
+        summary: summary.trim().to_string(),
+        continue_with: resume.how(dir, saved.as_ref().map_or(1, |s| s.tasks)),
+    };
+    let here = record.host == this_host();
+    let alive = || {
+        if here {
+            start_time(record.pid) == Some(record.started)
+        } else {
+            // Elsewhere in the job: the supervisor removes its record when it ends.
+            fs::read(&path).is_ok_and(|now| now == text)
+        }
+    };
     if !alive() {
         return Err(CheckpointError::NotRunning(shown));
     }
     let _ = fs::remove_file(dir.join(FAILED_FILE));
     let _ = fs::remove_file(dir.join(DONE_FILE));
-    let pid_i32 = i32::try_from(pid).map_err(|_| CheckpointError::NotRunning(shown.clone()))?;
-    kill(Pid::from_raw(pid_i32), SIGNAL).map_err(|_| CheckpointError::NotRunning(shown.clone()))?;
+    if here {
+        let pid =
+            i32::try_from(record.pid).map_err(|_| CheckpointError::NotRunning(shown.clone()))?;
+        kill(Pid::from_raw(pid), signal.signal())
+            .map_err(|_| CheckpointError::NotRunning(shown.clone()))?;
+    } else {
+        let Some(step) = &record.step else {
+            return Err(CheckpointError::OtherHost {
+                dir: shown,
+                host: record.host,
+            });
+        };
+        // Slurm passes the signal to the step's tasks on their node.
+        let out = std::process::Command::new("scancel")
+            .arg(format!("--signal={}", signal.name()))
+            .arg(step)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| CheckpointError::Scancel {
+                step: step.clone(),
+                detail: e.to_string(),
+            })?;
+        if !out.status.success() {
+            return Err(CheckpointError::Scancel {
+                step: step.clone(),
+                detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+    }
     loop {
         if let Ok(reason) = fs::read_to_string(dir.join(FAILED_FILE)) {
             let _ = fs::remove_file(dir.join(FAILED_FILE));
@@ -713,12 +914,12 @@ pub fn request(dir: &Path) -> Result<String, CheckpointError> {
             });
         }
         if let Ok(done) = fs::read_to_string(dir.join(DONE_FILE)) {
-            return Ok(done.trim().to_string());
+            return Ok(made(done));
         }
         if !alive() {
             // (It may have written the result just before it ended.)
             if let Ok(done) = fs::read_to_string(dir.join(DONE_FILE)) {
-                return Ok(done.trim().to_string());
+                return Ok(made(done));
             }
             return Err(CheckpointError::EndedFirst(shown));
         }
@@ -756,8 +957,35 @@ fn first_process(p: &Prepared, mask: &SigSet, plan: &InitPlan, start: Start) {
     }
 }
 
-/// PID 1 of the container's PID namespace: starts the command (or has CRIU restore it),
-/// passes signals on, checkpoints at [`SIGNAL`], reaps, and ends with the command's status.
+/// The commands init runs, by their task's index on the node (0 alone for `ferry run`).
+#[derive(Default)]
+struct Commands {
+    running: std::collections::BTreeMap<u32, Pid>,
+    ended: std::collections::BTreeMap<u32, i32>,
+}
+
+impl Commands {
+    /// Note that `pid` ended with `code`; tells a follower's task.
+    fn reap(&mut self, pid: Pid, code: i32) {
+        let Some(task) = self
+            .running
+            .iter()
+            .find(|(_, p)| **p == pid)
+            .map(|(t, _)| *t)
+        else {
+            return;
+        };
+        self.running.remove(&task);
+        self.ended.insert(task, code);
+        if task > 0 {
+            tasks::write_status(Path::new(INSIDE), task, tasks::TaskEnd::Exited(code));
+        }
+    }
+}
+
+/// PID 1 of the container's PID namespace: starts the commands (or has CRIU restore them),
+/// passes signals on, checkpoints at the plan's signal, reaps, and ends with the first
+/// task's status once every task's command has ended.
 fn init(p: &Prepared, mask: &SigSet, plan: &InitPlan, start: Start) -> ! {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     // A mount namespace of init's own, for a /proc of the new PID namespace (CRIU and the
@@ -787,37 +1015,93 @@ fn init(p: &Prepared, mask: &SigSet, plan: &InitPlan, start: Start) -> ! {
         ));
     }
     let _ = std::env::set_current_dir(&p.workdir);
-    let command = match start {
-        Start::Command => start_command(p, plan),
-        Start::Restore => match restore_with_criu(plan) {
-            Ok(pid) => pid,
-            Err(reason) => die(&format!(
-                "the restore from {} failed: {reason}",
-                plan.dir.display()
-            )),
-        },
-    };
+    let base = Path::new(INSIDE);
+    let tasks = plan.saved.tasks;
+    let mut commands = Commands::default();
+    match start {
+        Start::Command => {
+            let line = run::ExecLine {
+                args: p.args.clone(),
+                envp: p.envp.clone(),
+                search_path: p.search_path.clone(),
+            };
+            let pid = start_command(plan, &line, &plan.output_inside);
+            commands.running.insert(0, pid);
+        }
+        Start::Restore => {
+            for task in 0..tasks {
+                if let Some(code) = tasks::ended_before(base, task) {
+                    commands.ended.insert(task, code);
+                    if task > 0 {
+                        tasks::write_status(base, task, tasks::TaskEnd::Exited(code));
+                    }
+                    continue;
+                }
+                match restore_with_criu(plan, &images_of(task)) {
+                    Ok(pid) => {
+                        commands.running.insert(task, pid);
+                    }
+                    Err(reason) => die(&format!(
+                        "the restore from {} failed: {reason}",
+                        plan.dir.display()
+                    )),
+                }
+            }
+            // They were stopped for the dump (so that all were saved at one moment), and
+            // CRIU brings them back stopped.
+            let _ = kill(Pid::from_raw(-1), Signal::SIGCONT);
+        }
+    }
+    let checkpoint = plan.saved.signal.signal() as i32;
     loop {
-        let Ok(info) = raw::wait_signal(mask) else {
-            std::process::exit(exit_code::SETUP_FAILED);
+        if commands.running.is_empty() && commands.ended.len() as u32 >= tasks {
+            std::process::exit(commands.ended.get(&0).copied().unwrap_or(0));
+        }
+        let info = if tasks > 1 {
+            if start == Start::Command {
+                start_requested(p, plan, &mut commands);
+            }
+            for (task, pid) in &commands.running {
+                for signo in tasks::take_signals(base, *task) {
+                    if let Ok(sig) = Signal::try_from(signo) {
+                        let _ = kill(*pid, sig);
+                    }
+                }
+            }
+            match raw::wait_signal_for(mask, Duration::from_millis(50)) {
+                Ok(Some(info)) => info,
+                Ok(None) => continue,
+                Err(_) => std::process::exit(exit_code::SETUP_FAILED),
+            }
+        } else {
+            match raw::wait_signal(mask) {
+                Ok(info) => info,
+                Err(_) => std::process::exit(exit_code::SETUP_FAILED),
+            }
         };
         if info.si_signo == libc::SIGCHLD {
-            // Init reaps every orphan of the namespace; the command's end ends it.
+            // Init reaps every orphan of the namespace; the commands' ends are noted.
             loop {
                 match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                    Ok(WaitStatus::Exited(pid, code)) if pid == command => std::process::exit(code),
-                    Ok(WaitStatus::Signaled(pid, sig, _)) if pid == command => {
-                        std::process::exit(exit_code::killed_by(sig as i32))
+                    Ok(WaitStatus::Exited(pid, code)) => commands.reap(pid, code),
+                    Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                        commands.reap(pid, exit_code::killed_by(sig as i32))
                     }
                     Ok(WaitStatus::StillAlive) | Err(_) => break,
                     Ok(_) => continue,
                 }
             }
-        } else if info.si_signo == SIGNAL as i32 {
-            match dump_with_criu(plan, command) {
+        } else if info.si_signo == checkpoint {
+            match checkpoint_all(plan, &commands) {
                 Ok(summary) => {
-                    let _ = fs::write(Path::new(INSIDE).join(DONE_FILE), format!("{summary}\n"));
-                    // The dump killed the command's processes; their end is not an error.
+                    let _ = fs::write(base.join(DONE_FILE), format!("{summary}\n"));
+                    for task in 1..tasks {
+                        if commands.running.contains_key(&task) {
+                            tasks::write_status(base, task, tasks::TaskEnd::Checkpointed);
+                        }
+                    }
+                    // Init's end ends the stopped, saved processes with the namespace;
+                    // that end is not an error.
                     std::process::exit(0)
                 }
                 Err(reason) => {
@@ -825,32 +1109,68 @@ fn init(p: &Prepared, mask: &SigSet, plan: &InitPlan, start: Start) -> ! {
                         "ferry: error: the checkpoint of {} failed: {reason}",
                         plan.dir.display()
                     );
-                    let _ = fs::write(Path::new(INSIDE).join(FAILED_FILE), format!("{reason}\n"));
+                    let _ = fs::write(base.join(FAILED_FILE), format!("{reason}\n"));
                 }
             }
         } else if let Ok(sig) = Signal::try_from(info.si_signo) {
             // From a process or the terminal alike (^C reaches ferry's process group, init
-            // included, but not the command's own session): init is the command's only way.
-            let _ = kill(command, sig);
+            // included, but not the command's own session): init is the command's only
+            // way. The followers pass on their own task's signals.
+            if let Some(pid) = commands.running.get(&0) {
+                let _ = kill(*pid, sig);
+            }
         }
     }
 }
 
-/// Fork the command: its own session (CRIU dumps whole sessions), stdin from /dev/null,
-/// stdout and stderr to the checkpoint's output file, no other inherited descriptor;
+/// Start the commands of the followers that asked since the last call.
+fn start_requested(p: &Prepared, plan: &InitPlan, commands: &mut Commands) {
+    let base = Path::new(INSIDE);
+    for task in 1..plan.saved.tasks {
+        if commands.running.contains_key(&task) || commands.ended.contains_key(&task) {
+            continue;
+        }
+        let request = match tasks::take_request(base, task) {
+            None => continue,
+            Some(Ok(r)) => r,
+            Some(Err(e)) => {
+                eprintln!("ferry: error: task {task}: {e}");
+                commands.ended.insert(task, exit_code::SETUP_FAILED);
+                tasks::write_status(base, task, tasks::TaskEnd::Exited(exit_code::SETUP_FAILED));
+                continue;
+            }
+        };
+        use std::os::unix::ffi::OsStringExt;
+        let argv: Vec<OsString> = request.argv.into_iter().map(OsString::from_vec).collect();
+        match run::exec_line(&p.holder, &plan.saved.spec, &argv, request.env) {
+            Ok(line) => {
+                let pid = start_command(plan, &line, &tasks::output_path(base, task));
+                commands.running.insert(task, pid);
+            }
+            Err(e) => {
+                eprintln!("ferry: error: task {task}: {e}");
+                commands.ended.insert(task, exit_code::SETUP_FAILED);
+                tasks::write_status(base, task, tasks::TaskEnd::Exited(exit_code::SETUP_FAILED));
+            }
+        }
+    }
+}
+
+/// Fork a command: its own session (CRIU dumps whole sessions), stdin from /dev/null,
+/// stdout and stderr to `output` (in the container), no other inherited descriptor;
 /// returns its pid.
-fn start_command(p: &Prepared, plan: &InitPlan) -> Pid {
+fn start_command(plan: &InitPlan, line: &run::ExecLine, output: &Path) -> Pid {
     let open_output = || {
         fs::OpenOptions::new()
             .append(true)
-            .open(&plan.output_inside)
+            .open(output)
             .map(OwnedFd::from)
     };
-    let (output, null) = match (open_output(), fs::File::open("/dev/null")) {
+    let (output_fd, null) = match (open_output(), fs::File::open("/dev/null")) {
         (Ok(o), Ok(n)) => (o, OwnedFd::from(n)),
         (Err(e), _) | (_, Err(e)) => die(&format!(
             "cannot open {} in the container: {e}",
-            plan.output_inside.display()
+            output.display()
         )),
     };
     match raw::fork_single_threaded() {
@@ -860,14 +1180,14 @@ fn start_command(p: &Prepared, plan: &InitPlan) -> Pid {
             let _ = nix::unistd::setsid();
             for (from, to) in [
                 (null.as_raw_fd(), 0),
-                (output.as_raw_fd(), 1),
-                (output.as_raw_fd(), 2),
+                (output_fd.as_raw_fd(), 1),
+                (output_fd.as_raw_fd(), 2),
             ] {
                 if nix::unistd::dup2(from, to).is_err() {
                     std::process::exit(exit_code::SETUP_FAILED);
                 }
             }
-            drop(output);
+            drop(output_fd);
             drop(null);
             // Nothing the caller left open goes in: CRIU can save only what the container
             // can reach (a lock file of the host's, say, it cannot).
@@ -875,12 +1195,12 @@ fn start_command(p: &Prepared, plan: &InitPlan) -> Pid {
                 die(&format!("cannot close inherited descriptors: {e}"));
             }
             let _ = run::forwarded_mask().thread_unblock();
-            if plan.remap_root {
+            if plan.saved.spec.remap_root {
                 if let Err(e) = crate::container::id_filter::install() {
                     die(&e.to_string());
                 }
             }
-            run::exec_searching(&p.args, &p.envp, &p.search_path)
+            run::exec_searching(&line.args, &line.envp, &line.search_path)
         }
     }
 }
@@ -913,8 +1233,8 @@ fn run_criu(plan: &InitPlan, args: &[String]) -> io::Result<bool> {
     )
     .map_err(io::Error::from)?;
     let prefix = format!("/proc/self/fd/{root}");
-    let criu = format!("{prefix}{}", plan.criu.path.display());
-    let mut command = match &plan.criu.interpreter {
+    let criu = format!("{prefix}{}", plan.saved.criu.path.display());
+    let mut command = match &plan.saved.criu.interpreter {
         Some(loader) => {
             let mut c = std::process::Command::new(format!("{prefix}{}", loader.display()));
             c.arg("--inhibit-cache")
@@ -998,70 +1318,114 @@ enum CriuError {
     BadPid(String),
 }
 
-/// Dump the command's process tree into the images directory; returns a summary (time and
-/// size) or why it failed.
-fn dump_with_criu(plan: &InitPlan, command: Pid) -> Result<String, CriuError> {
-    let images_inside = Path::new(INSIDE).join(IMAGES_DIR);
-    let images_shown = plan.dir.join(IMAGES_DIR);
-    // A dump from an earlier checkpoint (this is a restored container) is replaced.
-    let _ = fs::remove_dir_all(&images_inside);
-    fs::create_dir_all(&images_inside).map_err(|error| CriuError::ImagesDir {
-        dir: images_shown.clone(),
-        error,
-    })?;
+/// Where task `task`'s process tree is dumped, under [`IMAGES_DIR`] in the container:
+/// the first task's in it (as for `ferry run`), the others' in `task-N` below.
+fn images_of(task: u32) -> PathBuf {
+    let images = Path::new(INSIDE).join(IMAGES_DIR);
+    match task {
+        0 => images,
+        n => images.join(format!("task-{n}")),
+    }
+}
+
+/// Dump every running command's process tree, all stopped first so that what they share
+/// is saved at one moment; on success they stay stopped for init's end to kill, on failure
+/// they go on. Returns a summary (time and size) or why it failed.
+fn checkpoint_all(plan: &InitPlan, commands: &Commands) -> Result<String, CriuError> {
+    let images = Path::new(INSIDE).join(IMAGES_DIR);
     let started = Instant::now();
-    let args: Vec<String> = [
-        "dump",
-        "--unprivileged",
-        "--tree",
-        &command.as_raw().to_string(),
-        "--images-dir",
-        &images_inside.display().to_string(),
-        "--log-file",
-        "dump.log",
-        "-v4",
-    ]
-    .map(String::from)
-    .to_vec();
-    criu_with_log(plan, &args, "dump.log")?;
+    // Every process of the namespace but init: the commands and whatever they started.
+    let _ = kill(Pid::from_raw(-1), Signal::SIGSTOP);
+    let dumped = (|| {
+        // A dump from an earlier checkpoint (this is a restored container) is replaced.
+        let _ = fs::remove_dir_all(&images);
+        tasks::forget_ended(Path::new(INSIDE), plan.saved.tasks);
+        for (task, pid) in &commands.running {
+            dump_tree(plan, *task, *pid)?;
+        }
+        for (task, code) in &commands.ended {
+            tasks::keep_ended(Path::new(INSIDE), *task, *code);
+        }
+        Ok(())
+    })();
+    if let Err(e) = dumped {
+        let _ = kill(Pid::from_raw(-1), Signal::SIGCONT);
+        return Err(e);
+    }
+    // The saved files must be on disk before the step ends (another node may restore them).
+    if let Ok(d) = fs::File::open(INSIDE) {
+        let _ = nix::unistd::syncfs(d.as_raw_fd());
+    }
     let secs = started.elapsed().as_secs_f64();
-    let size = dir_size(&images_inside);
+    let size = dir_size(&images);
     Ok(format!(
         "{} of images in {secs:.2} s",
         crate::image::registry::progress::human_bytes(size)
     ))
 }
 
-/// Run CRIU with `args`, whose log goes to `log` in the images directory; a failure says
-/// why from that log.
-fn criu_with_log(plan: &InitPlan, args: &[String], log: &str) -> Result<(), CriuError> {
+/// Dump the process tree of `task`'s command (`pid`), leaving it stopped.
+fn dump_tree(plan: &InitPlan, task: u32, pid: Pid) -> Result<(), CriuError> {
+    let images = images_of(task);
+    fs::create_dir_all(&images).map_err(|error| CriuError::ImagesDir {
+        dir: shown_path(plan, &images),
+        error,
+    })?;
+    let args: Vec<String> = [
+        "dump",
+        "--unprivileged",
+        "--leave-stopped",
+        "--tree",
+        &pid.as_raw().to_string(),
+        "--images-dir",
+        &images.display().to_string(),
+        "--log-file",
+        "dump.log",
+        "-v4",
+    ]
+    .map(String::from)
+    .to_vec();
+    criu_with_log(plan, &args, &images.join("dump.log"))
+}
+
+/// `inside` (under [`INSIDE`]) as the user sees it on the host.
+fn shown_path(plan: &InitPlan, inside: &Path) -> PathBuf {
+    inside
+        .strip_prefix(INSIDE)
+        .map_or_else(|_| inside.to_path_buf(), |rel| plan.dir.join(rel))
+}
+
+/// Run CRIU with `args`, whose log goes to `log` (in the container); a failure says why
+/// from that log.
+fn criu_with_log(plan: &InitPlan, args: &[String], log: &Path) -> Result<(), CriuError> {
     match run_criu(plan, args) {
         Ok(true) => Ok(()),
-        Ok(false) => Err(CriuError::Failed(criu_reason(
-            &Path::new(INSIDE).join(IMAGES_DIR).join(log),
-            &plan.dir.join(IMAGES_DIR).join(log),
-        ))),
+        Ok(false) => Err(CriuError::Failed(criu_reason(log, &shown_path(plan, log)))),
         Err(error) => Err(CriuError::Start {
-            criu: plan.criu.path.clone(),
+            criu: plan.saved.criu.path.clone(),
             error,
         }),
     }
 }
 
+/// The size of the files under `dir`.
 fn dir_size(dir: &Path) -> u64 {
     fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .filter(|m| m.is_file())
-        .map(|m| m.len())
+        .filter_map(|e| Some((e.path(), e.file_type().ok()?)))
+        .map(|(path, kind)| match kind {
+            k if k.is_dir() => dir_size(&path),
+            k if k.is_file() => fs::metadata(&path).map_or(0, |m| m.len()),
+            _ => 0,
+        })
         .sum()
 }
 
-/// Have CRIU restore the dumped tree into this PID namespace; returns the command's pid.
-fn restore_with_criu(plan: &InitPlan) -> Result<Pid, CriuError> {
-    let images_inside = Path::new(INSIDE).join(IMAGES_DIR);
+/// Have CRIU restore the tree dumped into `images` into this PID namespace; returns the
+/// pid of its first process (a task's command).
+fn restore_with_criu(plan: &InitPlan, images: &Path) -> Result<Pid, CriuError> {
     // CRIU and its helpers take pids far above those of the restored tree (which CRIU sets
     // with clone3's set_tid), so that none is taken when a restored process needs it.
     if let Ok(max) = fs::read_to_string("/proc/sys/kernel/pid_max") {
@@ -1072,13 +1436,13 @@ fn restore_with_criu(plan: &InitPlan) -> Result<Pid, CriuError> {
             );
         }
     }
-    let pidfile = images_inside.join("restored.pid");
+    let pidfile = images.join("restored.pid");
     let args: Vec<String> = [
         "restore",
         "--unprivileged",
         "--restore-detached",
         "--images-dir",
-        &images_inside.display().to_string(),
+        &images.display().to_string(),
         "--log-file",
         "restore.log",
         "-v4",
@@ -1087,7 +1451,7 @@ fn restore_with_criu(plan: &InitPlan) -> Result<Pid, CriuError> {
     ]
     .map(String::from)
     .to_vec();
-    criu_with_log(plan, &args, "restore.log")?;
+    criu_with_log(plan, &args, &images.join("restore.log"))?;
     let text = fs::read_to_string(&pidfile).map_err(CriuError::NoPid)?;
     text.trim()
         .parse::<i32>()
@@ -1117,19 +1481,19 @@ mod tests {
     }
 
     #[test]
-    fn slurm_steps_of_several_tasks_or_with_gpus_are_refused_first() {
+    fn slurm_steps_on_several_nodes_or_with_gpus_are_refused_first() {
         let dir = Path::new("/nonexistent/ck");
-        let e = check_slurm_step(dir, false, 1000, 2, &GpuRequest::None).unwrap_err();
+        let e = check_slurm_step(dir, false, 1000, 2, 3, &GpuRequest::None).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "--container-checkpoint runs one task per node, and this step has 2 here: use --ntasks-per-node=1 (or -n1)"
+            "--container-checkpoint saves the tasks of one node, and this step runs on 3 (CRIU cannot save what passes between nodes): use -N1"
         );
-        let e = check_slurm_step(dir, false, 1000, 1, &GpuRequest::All).unwrap_err();
+        let e = check_slurm_step(dir, false, 1000, 1, 1, &GpuRequest::All).unwrap_err();
         assert!(matches!(e, StepRefusal::Gpus), "{e}");
-        let e = check_slurm_step(dir, true, 1000, 3, &GpuRequest::None).unwrap_err();
+        let e = check_slurm_step(dir, true, 1000, 3, 2, &GpuRequest::None).unwrap_err();
         assert!(
             e.to_string()
-                .starts_with("--container-restore runs one task"),
+                .starts_with("--container-restore saves the tasks of one node"),
             "{e}"
         );
     }
@@ -1140,12 +1504,25 @@ mod tests {
             spec: None,
             dir: PathBuf::from("/scratch/ck"),
             argv0: Some(b"/bin/true".to_vec()),
+            signal: "USR2".parse().unwrap(),
+            local_task: 1,
+            local_tasks: 2,
         };
         let text = serde_json::to_string(&task).unwrap();
         let back: SlurmTask = serde_json::from_str(&text).unwrap();
         assert_eq!(back.dir, task.dir);
         assert_eq!(back.argv0, task.argv0);
         assert!(back.spec.is_none());
+        assert_eq!(
+            (back.signal, back.local_task, back.local_tasks),
+            (task.signal, 1, 2)
+        );
+        // From a plugin before these fields: one task, SIGUSR1.
+        let old: SlurmTask = serde_json::from_str(r#"{"spec":null,"dir":"/ck"}"#).unwrap();
+        assert_eq!(
+            (old.signal.name(), old.local_task, old.local_tasks),
+            ("USR1", 0, 1)
+        );
     }
 
     #[test]
