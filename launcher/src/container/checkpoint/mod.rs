@@ -1526,6 +1526,44 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_says_how_to_continue_it() {
+        let dir = Path::new("/scratch/ck");
+        assert_eq!(Resume::Cli.how(dir, 1), "`ferry restore /scratch/ck`");
+        assert_eq!(
+            Resume::Slurm.how(dir, 1),
+            "`srun --container-restore=/scratch/ck ...`"
+        );
+        assert_eq!(
+            Resume::Slurm.how(dir, 4),
+            "`srun --ntasks-per-node=4 --container-restore=/scratch/ck ...`"
+        );
+    }
+
+    #[test]
+    fn a_supervisor_elsewhere_outside_slurm_cannot_be_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = Supervisor {
+            pid: std::process::id(),
+            started: start_time(std::process::id()).unwrap(),
+            host: "some-other-node".into(),
+            step: None,
+        };
+        fs::write(
+            dir.path().join(SUPERVISOR_FILE),
+            serde_json::to_vec(&record).unwrap(),
+        )
+        .unwrap();
+        let e = request(dir.path()).err().unwrap().to_string();
+        assert!(
+            e.contains("runs on some-other-node, outside Slurm: run `ferry checkpoint"),
+            "{e}"
+        );
+        fs::write(dir.path().join(SUPERVISOR_FILE), "1234 5678\n").unwrap();
+        let e = request(dir.path()).err().unwrap().to_string();
+        assert!(e.starts_with("bad supervisor in "), "{e}");
+    }
+
+    #[test]
     fn reads_criu_version_lines() {
         assert_eq!(parse_version("Version: 4.1.1\n").as_deref(), Some("4.1.1"));
         assert_eq!(
