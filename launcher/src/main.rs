@@ -52,6 +52,14 @@ enum Command {
     /// the Slurm plugin as the user for the kernel provider.
     #[command(hide = true)]
     ProbeImage { path: PathBuf },
+    /// (internal) Unpack IMAGE's shared tree under ROOT in the background, for the `auto`
+    /// provider; started by a container's holder as the user, returns at once.
+    #[command(hide = true)]
+    UnpackInBackground {
+        owned_from: PathBuf,
+        root: PathBuf,
+        image: PathBuf,
+    },
     /// (internal) Run Slurm's commands called inside a container step (or a batch
     /// script's container) on the host; started by the Slurm plugin as the user, ends when
     /// its stdin ends.
@@ -302,6 +310,11 @@ fn main() {
     let code = match cli.command {
         Command::Hold => ferry::container::holder::hold(),
         Command::ProbeImage { path } => report(probe_image(&path)),
+        Command::UnpackInBackground {
+            owned_from,
+            root,
+            image,
+        } => ferry::rootfs::unpacked::unpack_in_background(&owned_from, &root, &image),
         Command::ForwardServe { parent, dir } => report(
             ferry::slurm::forward::serve(match (dir, parent) {
                 (Some(dir), _) => ferry::slurm::forward::Place::Dir(dir),
@@ -460,11 +473,15 @@ fn run_command(args: RunArgs) -> anyhow::Result<i32> {
     // Imported images stay in the cache while they run: a gc then passes them by.
     let provider = match args.rootfs {
         Provider::Squashfuse => RootfsProvider::Squashfuse,
-        Provider::Unpack => {
+        Provider::Unpack | Provider::Auto => {
             let dir = open_cache(&args.cache)?.unpack_root(user.uid);
             RootfsProvider::Unpack {
                 owned_from: dir.clone(),
                 dir,
+                first_use: match args.rootfs {
+                    Provider::Auto => ferry::spec::FirstUse::Mount,
+                    _ => ferry::spec::FirstUse::Wait,
+                },
             }
         }
         Provider::Kernel => {

@@ -10,7 +10,7 @@ use ferry::slurm::site::{BatchScript, ContainerScope, GpuDefault};
 use ferry::spec::gpus::GpuRequest;
 use ferry::spec::mounts::MountSpec;
 use ferry::spec::user::UserInfo;
-use ferry::spec::{ContainerSpec, Provider, RootfsProvider};
+use ferry::spec::{ContainerSpec, FirstUse, Provider, RootfsProvider};
 use ferry::sys::raw::Credentials;
 use slurm_spank::SpankHandle;
 use tracing::{debug, error, info, trace, warn};
@@ -608,13 +608,17 @@ fn container_spec(
     spec.rootfs = match provider {
         Provider::Squashfuse => RootfsProvider::Squashfuse,
         // Node-local, per user, kept across jobs (the job epilog removes only jobJOB/).
-        Provider::Unpack => {
+        Provider::Unpack | Provider::Auto => {
             let user_dir = settings
                 .named_dir
                 .join(ferry::rootfs::user_dir::name(step.uid));
             RootfsProvider::Unpack {
                 dir: user_dir.join("unpacked"),
                 owned_from: user_dir,
+                first_use: match provider {
+                    Provider::Auto => FirstUse::Mount,
+                    _ => FirstUse::Wait,
+                },
             }
         }
         // Only where the admin allows it: users cannot turn this on themselves.

@@ -13,7 +13,7 @@ use crate::rootfs::gpu::{self, HostFiles};
 use crate::rootfs::staging::inside_path;
 use crate::rootfs::unpacked;
 use crate::spec::mounts::MountSpec;
-use crate::spec::{ContainerCli, ContainerSpec, RootfsProvider};
+use crate::spec::{ContainerCli, ContainerSpec, FirstUse, RootfsProvider};
 use crate::sys::raw;
 
 /// A host path the container binds, opened by the user before any namespace changes so
@@ -123,7 +123,15 @@ pub fn open_inputs(
     // it under the `kernel` provider.
     let mut hold = None;
     let (image_path, image, kind) = match (&spec.unpacked, &spec.rootfs, &kind) {
-        (None, RootfsProvider::Unpack { owned_from, dir }, ImageKind::Squashfs { .. }) => {
+        (
+            None,
+            RootfsProvider::Unpack {
+                owned_from,
+                dir,
+                first_use,
+            },
+            ImageKind::Squashfs { .. },
+        ) if *first_use == FirstUse::Wait || unpacked::tree_ready(dir, &image) => {
             let (rootfs, lock) =
                 unpacked::unpack_shared(owned_from, dir, &image_path, &image, &kind, observe)?;
             hold = Some(lock);
@@ -141,6 +149,14 @@ pub fn open_inputs(
                 dir,
                 ImageKind::Directory,
             )
+        }
+        // `auto` before the tree exists: this container mounts the image; the next finds
+        // the tree (unless the unpack was cut short: then one after that starts it again).
+        (None, RootfsProvider::Unpack { owned_from, dir, .. }, ImageKind::Squashfs { .. }) => {
+            if let Err(e) = unpacked::start_background_unpack(owned_from, dir, &image_path) {
+                tracing::info!("no unpack in the background: {e}");
+            }
+            (image_path, image, kind)
         }
         (None, ..) => (image_path, image, kind),
         (Some(u), ..) => {

@@ -364,6 +364,70 @@ pub fn unpack_shared(
     })
 }
 
+/// Whether `root` holds the finished shared tree of `image` (an open image file).
+pub fn tree_ready(root: &Path, image: &File) -> bool {
+    image.metadata().is_ok_and(|m| {
+        fs::symlink_metadata(root.join(unpack_key(&m)).join(ROOTFS)).is_ok_and(|m| m.is_dir())
+    })
+}
+
+/// The hidden `ferry` command that unpacks an image's shared tree in the background.
+pub const BACKGROUND_COMMAND: &str = "unpack-in-background";
+
+/// Have `ferry` unpack the shared tree of `image_path` under `root` (`owned_from` down the
+/// user's) in the background, for the `auto` provider; returns once it has gone off on its
+/// own, at the lowest priority, in a session of its own.
+pub fn start_background_unpack(owned_from: &Path, root: &Path, image_path: &Path) -> io::Result<()> {
+    let program = std::env::current_exe()?;
+    let status = Command::new(program)
+        .arg(BACKGROUND_COMMAND)
+        .arg(owned_from)
+        .arg(root)
+        .arg(image_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("ferry {BACKGROUND_COMMAND}: {status}")))
+    }
+}
+
+/// `ferry unpack-in-background OWNED_FROM ROOT IMAGE`: the parent exits at once; its child
+/// unpacks, unless another process is unpacking the same tree already. A Slurm step's ends
+/// with the step (its cgroup), and the next `auto` start cleans up after it and tries again.
+pub fn unpack_in_background(owned_from: &Path, root: &Path, image_path: &Path) -> i32 {
+    match crate::sys::raw::fork_single_threaded() {
+        Ok(Some(_)) => return 0,
+        Ok(None) => {}
+        Err(_) => return 1,
+    }
+    let _ = nix::unistd::setsid();
+    let _ = rustix::process::setpriority_process(None, 19);
+    let opened = File::open(image_path).ok().and_then(|image| {
+        let kind = crate::image::detect(image_path, &image).ok()?;
+        Some((image, kind))
+    });
+    let Some((image, kind)) = opened else {
+        return 1;
+    };
+    // Someone else unpacks it: nothing to do here.
+    let mut quit_if_waiting = |event: UnpackEvent| {
+        if matches!(event, UnpackEvent::Waiting) {
+            std::process::exit(0);
+        }
+    };
+    match unpack_shared(owned_from, root, image_path, &image, &kind, &mut quit_if_waiting) {
+        Ok(_) => 0,
+        Err(e) => {
+            tracing::info!("background unpack of {}: {e}", image_path.display());
+            1
+        }
+    }
+}
+
 /// The directory name of an image's shared unpacked tree: the image file's identity.
 pub fn unpack_key(meta: &fs::Metadata) -> String {
     format!(

@@ -100,11 +100,28 @@ pub enum RootfsProvider {
     /// Unpacked once into `dir` (reused by later containers, read-only to them), then
     /// bound: no FUSE on the read path, for metadata-heavy work; costs disk and a first
     /// unpack. `owned_from` down must be the user's own directories.
-    Unpack { owned_from: PathBuf, dir: PathBuf },
+    Unpack {
+        owned_from: PathBuf,
+        dir: PathBuf,
+        #[serde(default)]
+        first_use: FirstUse,
+    },
     /// Mounted by the kernel's squashfs driver, read-only, nosuid, nodev, by root before the
     /// holder starts (the `kernel` provider): no FUSE, no copy. Only where the site enables
     /// it, or for `ferry run` as root.
     Kernel,
+}
+
+/// What the `unpack` provider does when the image has no tree yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FirstUse {
+    /// Unpack it, then start (`unpack`): the first start costs the unpack.
+    #[default]
+    Wait,
+    /// Start on squashfuse at once and unpack it in the background for the containers
+    /// after (`auto`): no start waits for an unpack.
+    Mount,
 }
 
 /// A root filesystem provider by the name users and admins write (`--rootfs`,
@@ -115,16 +132,24 @@ pub enum Provider {
     Squashfuse,
     Unpack,
     Kernel,
+    /// `unpack` without the wait: squashfuse until the tree is there ([`FirstUse::Mount`]).
+    Auto,
 }
 
 impl Provider {
-    pub const ALL: [Provider; 3] = [Provider::Squashfuse, Provider::Unpack, Provider::Kernel];
+    pub const ALL: [Provider; 4] = [
+        Provider::Squashfuse,
+        Provider::Unpack,
+        Provider::Kernel,
+        Provider::Auto,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Provider::Squashfuse => "squashfuse",
             Provider::Unpack => "unpack",
             Provider::Kernel => "kernel",
+            Provider::Auto => "auto",
         }
     }
 }
