@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -436,13 +437,14 @@ def torch_import(args):
     chroot = shutil.which("chroot") or "/usr/sbin/chroot"  # not in the user's PATH
     bare = ["unshare", "-Ur", chroot, tree] + inner
     per_job_dir = os.path.join(args.scratch, "user")
-    # The user cannot make the image's device nodes: unsquashfs says so for each and, with
-    # -no-exit-code, fails only on fatal errors.
+    # The user cannot make the image's device nodes (unsquashfs says so for each and, with
+    # -no-exit-code, fails only on fatal errors): the host's /dev is bound in, as enroot does.
     per_job = sh(f"d=$(mktemp -d -p {per_job_dir}) && unsquashfs -no-exit-code -q -n -d $d/r {image} "
-                 f">/dev/null 2>&1 && unshare -Ur {chroot} $d/r python3 -c 'import torch'; rc=$?; rm -rf $d; "
-                 f"exit $rc")
+                 f">/dev/null 2>&1 && unshare -Urm /bin/sh -c \"mount --rbind /dev $d/r/dev && "
+                 f"exec {chroot} $d/r python3 -c 'import torch'\"; rc=$?; rm -rf $d; exit $rc")
+    bare_name = "bare (unpacked tree on the host's disk)"
     systems = [
-        ("bare (unpacked tree on the host's disk)", bare),
+        (bare_name, bare),
         ("ferry run (squashfuse)", ferry_run(f, image, "--", *inner)),
         ("ferry run (unpack)", ferry_run(f, image, "--", *inner, rootfs="unpack")),
         ("ch-run (squashfs)", ["ch-run", image, "--"] + inner),
@@ -452,6 +454,8 @@ def torch_import(args):
         ("srun --container (unpack)", srun(1, *inner, image=image, rootfs="unpack")),
         ("srun --container (kernel)", srun(1, *inner, image=image, rootfs="kernel")),
     ]
+    if args.only:
+        systems = [(s, c) for s, c in systems if re.search(args.only, s)]
     cache = os.path.join(args.scratch, "user", "cache")
     os.makedirs(cache, exist_ok=True)
     shutil.chown(cache, USER, USER)
@@ -520,7 +524,7 @@ def torch_import(args):
         return next((r for r in rows if (r["system"], r["mode"]) == (system, mode)), None)
 
     def bare_of(r):
-        return row("srun bare" if r["system"].startswith("srun") else systems[0][0], r["mode"])
+        return row("srun bare" if r["system"].startswith("srun") else bare_name, r["mode"])
 
     lines = [f"`python3 -c 'import torch'`, {os.path.basename(image)} ({os.path.getsize(image) / 1e9:.2f} GB, "
              f"{squashfs_compression(image)}), {args.runs} rounds, systems interleaved; as {USER}; seconds",
@@ -1144,7 +1148,7 @@ def main():
     bu.add_argument("--ch-image", help="Debian's ch-image (charliecloud-builders)")
     t = sub.add_parser("torch", help="`import torch` per system, warm and cold, against bare")
     t.add_argument("--runs", type=int, default=3)
-    t.add_argument("--per-job-runs", type=int, default=2)
+    t.add_argument("--per-job-runs", type=int, default=3)
     t.add_argument("--min-free-gb", type=int, default=12,
                    help="free space needed on the scratch file system to unpack per job")
     t.add_argument("--image", required=True)
@@ -1153,6 +1157,7 @@ def main():
     t.add_argument("--ferry", required=True)
     t.add_argument("--slurm-conf", required=True)
     t.add_argument("--out")
+    t.add_argument("--only", help="a regular expression: only the systems whose names match it")
     args = p.parse_args()
     if args.command == "torch":
         return torch_import(args)
