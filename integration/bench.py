@@ -13,6 +13,9 @@ Subcommands:
             runs interleaved, on the running cluster (integration/bench srun)
   build     `ferry build` against `ch-image build` and rootless `podman build`, one
             Dockerfile, cold and cached (integration/bench build)
+  torch     `python3 -c 'import torch'` in the PyTorch image, warm and cold, every provider
+            of `ferry run` and `srun --container`, ch-run and unpacking per job against the
+            same tree on the host's disk, rounds interleaved (integration/bench torch)
 
 Workloads of compare:
   start     `true` in each system, for every image size; srun -n1 and -n2; warm (image in
@@ -33,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -419,6 +423,170 @@ def build_compare(args):
         print(f"note: {n}")
     print(f"load average (1/5/15 min) before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
           f"after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; {os.cpu_count()} cores")
+
+
+def torch_import(args):
+    """integration/bench torch: `python3 -c 'import torch'` in the PyTorch image, warm and
+    cold, every system in each round (the order rotated between rounds), as the test user.
+    Bare is the same tree on the host's disk, run by the image's own python in a chroot in a
+    user namespace (the host has no torch); srun rows compare against the bare command
+    through srun. "Unpack per job" unpacks the image into a fresh directory and runs there,
+    as enroot does for each container: warm only, a few runs."""
+    image, tree, f = args.image, args.tree, args.ferry
+    inner = ["python3", "-c", "import torch"]
+    chroot = shutil.which("chroot") or "/usr/sbin/chroot"  # not in the user's PATH
+    bare = ["unshare", "-Ur", chroot, tree] + inner
+    per_job_dir = os.path.join(args.scratch, "user")
+    # The user cannot make the image's device nodes (unsquashfs says so for each and, with
+    # -no-exit-code, fails only on fatal errors): the host's /dev is bound in, as enroot does.
+    per_job = sh(f"d=$(mktemp -d -p {per_job_dir}) && unsquashfs -no-exit-code -q -n -d $d/r {image} "
+                 f">/dev/null 2>&1 && unshare -Urm /bin/sh -c \"mount --rbind /dev $d/r/dev && "
+                 f"exec {chroot} $d/r python3 -c 'import torch'\"; rc=$?; rm -rf $d; exit $rc")
+    bare_name = "bare (unpacked tree on the host's disk)"
+    systems = [
+        (bare_name, bare),
+        ("ferry run (squashfuse)", ferry_run(f, image, "--", *inner)),
+        ("ferry run (unpack)", ferry_run(f, image, "--", *inner, rootfs="unpack")),
+        ("ch-run (squashfs)", ["ch-run", image, "--"] + inner),
+        ("unpack per job (enroot's way)", per_job),
+        ("srun bare", srun(1, *bare)),
+        ("srun --container (squashfuse)", srun(1, *inner, image=image)),
+        ("srun --container (unpack)", srun(1, *inner, image=image, rootfs="unpack")),
+        ("srun --container (kernel)", srun(1, *inner, image=image, rootfs="kernel")),
+    ]
+    if args.only:
+        systems = [(s, c) for s, c in systems if re.search(args.only, s)]
+    cache = os.path.join(args.scratch, "user", "cache")
+    os.makedirs(cache, exist_ok=True)
+    shutil.chown(cache, USER, USER)
+    ex = Executor(user_env(SLURM_CONF=args.slurm_conf, FERRY_CACHE=cache, USER=USER))
+    load = os.getloadavg()
+    unavailable, notes = {}, []
+    key = torch_unpack_key(image)
+    plugin_tree = os.path.join(f"/tmp/ferry-{pwd_uid(USER)}", "unpacked", key)
+    plugin_tree_existed = os.path.isdir(plugin_tree)
+
+    def why(r):
+        lines = (r["err"] + r["out"]).strip().splitlines() or ["?"]
+        return f"exit {r['rc']}: {lines[-1][:200]}"
+
+    try:
+        # First use: the unpack providers' trees (and every binary) made before any timing.
+        for system, cmd in systems:
+            if "per job" in system:
+                continue
+            r = ex.run(cmd, timeout=1800)
+            if r["rc"] != 0:
+                unavailable[system] = why(r)
+            elif "(unpack)" in system:
+                notes.append(f"first use of {system} (tree unpacked, not timed below): {r['s']:.1f} s")
+            print(f"  first use {system:40} {r['s']:7.2f} s{'' if r['rc'] == 0 else '  ' + unavailable[system]}",
+                  flush=True)
+        runnable = [(s, c) for s, c in systems if s not in unavailable]
+        samples = {(s, m): [] for s, _ in runnable for m in ("warm", "cold")}
+        for mode in ("warm", "cold"):
+            if mode == "warm":
+                for system, cmd in runnable:  # the page cache filled for every system
+                    if "per job" not in system:
+                        ex.run(cmd)
+            for round_ in range(args.runs):
+                k = round_ % len(runnable)
+                for system, cmd in runnable[k:] + runnable[:k]:
+                    if "per job" in system and (mode == "cold" or round_ >= args.per_job_runs):
+                        continue
+                    if "per job" in system and shutil.disk_usage(per_job_dir).free < args.min_free_gb * 2**30:
+                        # Other users of the disk come first: this run is left out, said so.
+                        notes.append(f"{system}: round {round_ + 1} left out, less than "
+                                     f"{args.min_free_gb} GiB free on {per_job_dir}")
+                        continue
+                    if mode == "cold":
+                        drop_caches()
+                    r = ex.run(cmd, timeout=1800)
+                    if r["rc"] != 0:
+                        unavailable[system] = f"{mode} run: {why(r)}"
+                        continue
+                    samples[(system, mode)].append(r["s"])
+                    print(f"  {mode} {round_ + 1}/{args.runs} {system:40} {r['s']:7.2f} s", flush=True)
+    finally:
+        ex.close()
+        # The plugin's tree is left as found (the test user's, shared by its jobs on the node).
+        if not plugin_tree_existed:
+            shutil.rmtree(plugin_tree, ignore_errors=True)
+    load_after = os.getloadavg()
+
+    rows = []
+    for (system, mode), v in samples.items():
+        if not v or system in unavailable:
+            if not v and mode == "warm" and system not in unavailable:
+                unavailable[system] = "no run (see the notes)"
+            continue
+        q = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0], v[0], v[0]]
+        rows.append({"system": system, "mode": mode, "n": len(v), "median": statistics.median(v),
+                     "p25": q[0], "p75": q[2], "min": min(v), "max": max(v), "samples": v})
+
+    def row(system, mode):
+        return next((r for r in rows if (r["system"], r["mode"]) == (system, mode)), None)
+
+    def bare_of(r):
+        return row("srun bare" if r["system"].startswith("srun") else bare_name, r["mode"])
+
+    lines = [f"`python3 -c 'import torch'`, {os.path.basename(image)} ({os.path.getsize(image) / 1e9:.2f} GB, "
+             f"{squashfs_compression(image)}), {args.runs} rounds, systems interleaved; as {USER}; seconds",
+             f"warm: the page cache filled by a run of each system first; cold: `sync; echo 3 > "
+             f"/proc/sys/vm/drop_caches` before each run",
+             f"bare: {' '.join(bare)}", "",
+             "| system | mode | median | p25 | p75 | min | max | n | x bare |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for mode in ("warm", "cold"):
+        for r in (r for r in rows if r["mode"] == mode):
+            b = bare_of(r)
+            ratio = f"{r['median'] / b['median']:.2f}" if b else ""
+            lines.append(f"| {r['system']} | {mode} | {r['median']:.2f} | {r['p25']:.2f} | {r['p75']:.2f} | "
+                         f"{r['min']:.2f} | {r['max']:.2f} | {r['n']} | {ratio} |")
+    targets = []
+    for system, mode, limit in (("ferry run (squashfuse)", "warm", 1.10), ("ferry run (squashfuse)", "cold", 1.5),
+                                ("srun --container (squashfuse)", "warm", 1.10),
+                                ("srun --container (squashfuse)", "cold", 1.5)):
+        r = row(system, mode)
+        b = r and bare_of(r)
+        if r and b:
+            ratio = r["median"] / b["median"]
+            targets.append({"target": f"{mode} {system} within {limit:.2f}x of {b['system']}",
+                            "measured": f"{ratio:.2f}x", "met": ratio <= limit})
+    lines.append("")
+    lines += [f"target: {t['target']}: {t['measured']} ({'met' if t['met'] else 'not met'})" for t in targets]
+    lines += [f"not measured: {k}: {v}" for k, v in sorted(unavailable.items())]
+    lines += [f"note: {n}" for n in notes]
+    lines.append(f"load average (1/5/15 min) before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; after: "
+                 f"{load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; {os.cpu_count()} cores; "
+                 f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print("\n" + "\n".join(lines))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "torch.md"), "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        with open(os.path.join(args.out, "torch.json"), "w") as fh:
+            json.dump({"image": image, "tree": tree, "runs": args.runs, "load_before": load,
+                       "load_after": load_after, "rows": rows, "targets": targets,
+                       "unavailable": unavailable, "notes": notes}, fh, indent=1)
+        print(f"bench: results in {args.out}/ (torch.md, torch.json)")
+
+
+def torch_unpack_key(image):
+    """The name of an image's shared unpacked tree (launcher/src/rootfs/unpacked.rs,
+    unpack_key): the image file's identity."""
+    st = os.stat(image)
+    return f"{st.st_dev:x}-{st.st_ino:x}-{st.st_size:x}-{int(st.st_mtime):x}.{st.st_mtime_ns % 10**9}"
+
+
+def pwd_uid(user):
+    import pwd
+    return pwd.getpwnam(user).pw_uid
+
+
+def squashfs_compression(image):
+    r = subprocess.run(["unsquashfs", "-s", image], capture_output=True, text=True)
+    return next((l.split()[1] for l in r.stdout.splitlines() if l.startswith("Compression ")), "?")
 
 
 def drop_caches():
@@ -982,7 +1150,21 @@ def main():
     bu.add_argument("--images", required=True)
     bu.add_argument("--ferry", required=True)
     bu.add_argument("--ch-image", help="Debian's ch-image (charliecloud-builders)")
+    t = sub.add_parser("torch", help="`import torch` per system, warm and cold, against bare")
+    t.add_argument("--runs", type=int, default=3)
+    t.add_argument("--per-job-runs", type=int, default=3)
+    t.add_argument("--min-free-gb", type=int, default=12,
+                   help="free GiB needed on the scratch file system to unpack per job")
+    t.add_argument("--image", required=True)
+    t.add_argument("--tree", required=True)
+    t.add_argument("--scratch", required=True)
+    t.add_argument("--ferry", required=True)
+    t.add_argument("--slurm-conf", required=True)
+    t.add_argument("--out")
+    t.add_argument("--only", help="a regular expression: only the systems whose names match it")
     args = p.parse_args()
+    if args.command == "torch":
+        return torch_import(args)
     if args.command == "build":
         return build_compare(args)
     if args.command == "run":
