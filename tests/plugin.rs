@@ -965,13 +965,83 @@ fn the_unpack_provider_by_option_and_as_the_site_default() {
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert!(
         lines[0].contains(
-            "--container-rootfs=fancy: unknown provider (known: squashfuse, unpack, kernel)"
+            "--container-rootfs=fancy: unknown provider (known: squashfuse, unpack, kernel, auto)"
         ),
         "{}",
         lines[0]
     );
     drop(plugstack);
     // The trees belong to the user; clean them as root (the test made the directory).
+    let _ = Command::new("chmod")
+        .args(["-R", "u+rwX"])
+        .arg(named.path())
+        .status_within(COMMAND_LIMIT);
+}
+
+/// `rootfs=auto` (the site's default here): the first step starts at once on squashfuse
+/// (another file system than the tree's) and says nothing, while ferry unpacks the image's
+/// tree in the background; the steps after it run on that tree. A step may ask for it too.
+#[test]
+fn the_auto_provider_starts_on_squashfuse_and_later_steps_use_the_tree() {
+    let _m = exclusive_machine();
+    let plugstack = Plugstack::open(&cluster());
+    let debian = img("debian.sqsh");
+    let uid = uid_of(USER);
+    let named = tempfile::Builder::new()
+        .prefix("ferry-named-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    Command::new("chmod")
+        .arg("1777")
+        .arg(named.path())
+        .status_within(COMMAND_LIMIT);
+    let n = named.path().display();
+    let trees = format!("{n}/ferry-{uid}/unpacked");
+    let tree_inode = || {
+        let found = dir_entries(&trees);
+        assert_eq!(found.len(), 1, "{found:?}");
+        std::fs::metadata(format!("{trees}/{}/rootfs/bin/ls", found[0]))
+            .ok()
+            .map(|m| m.ino())
+    };
+    let step = |opt: &str, then: &str| {
+        slurm(&format!(
+            "srun -n1 --container={debian} {opt} sh -c 'stat -c %i /bin/ls; {then}'"
+        ))
+    };
+    plugstack.set_args(&format!("named_dir={n} rootfs=auto"));
+    // The first step lasts a few seconds, for the unpack behind it (the step's end would
+    // end it: the next step would start it again).
+    let out = step("", "sleep 5");
+    let first: u64 = out.ok().trim().parse().unwrap();
+    assert_eq!(
+        own_lines(&out.stderr),
+        Vec::<&str>::new(),
+        "it says nothing"
+    );
+    let mut tree = None;
+    for _ in 0..300 {
+        tree = tree_inode();
+        if tree.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let tree = tree.expect("the tree is unpacked in the background");
+    assert_ne!(first, tree, "the first step ran on squashfuse");
+    let out = step("", "true");
+    assert_eq!(
+        out.ok().trim().parse::<u64>().unwrap(),
+        tree,
+        "then on the tree"
+    );
+    assert_eq!(own_lines(&out.stderr), Vec::<&str>::new());
+    // Asked for by the step where the site's default is squashfuse: the tree is reused.
+    plugstack.set_args(&format!("named_dir={n}"));
+    let out = step("--container-rootfs=auto", "true");
+    assert_eq!(out.ok().trim().parse::<u64>().unwrap(), tree);
+    assert_ne!(step("", "true").ok().trim().parse::<u64>().unwrap(), tree);
+    drop(plugstack);
     let _ = Command::new("chmod")
         .args(["-R", "u+rwX"])
         .arg(named.path())

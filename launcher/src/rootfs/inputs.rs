@@ -152,7 +152,13 @@ pub fn open_inputs(
         }
         // `auto` before the tree exists: this container mounts the image; the next finds
         // the tree (unless the unpack was cut short: then one after that starts it again).
-        (None, RootfsProvider::Unpack { owned_from, dir, .. }, ImageKind::Squashfs { .. }) => {
+        (
+            None,
+            RootfsProvider::Unpack {
+                owned_from, dir, ..
+            },
+            ImageKind::Squashfs { .. },
+        ) => {
             if let Err(e) = unpacked::start_background_unpack(owned_from, dir, &image_path) {
                 tracing::info!("no unpack in the background: {e}");
             }

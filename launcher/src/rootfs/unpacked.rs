@@ -377,7 +377,11 @@ pub const BACKGROUND_COMMAND: &str = "unpack-in-background";
 /// Have `ferry` unpack the shared tree of `image_path` under `root` (`owned_from` down the
 /// user's) in the background, for the `auto` provider; returns once it has gone off on its
 /// own, at the lowest priority, in a session of its own.
-pub fn start_background_unpack(owned_from: &Path, root: &Path, image_path: &Path) -> io::Result<()> {
+pub fn start_background_unpack(
+    owned_from: &Path,
+    root: &Path,
+    image_path: &Path,
+) -> io::Result<()> {
     let program = std::env::current_exe()?;
     let status = Command::new(program)
         .arg(BACKGROUND_COMMAND)
@@ -391,7 +395,9 @@ pub fn start_background_unpack(owned_from: &Path, root: &Path, image_path: &Path
     if status.success() {
         Ok(())
     } else {
-        Err(io::Error::other(format!("ferry {BACKGROUND_COMMAND}: {status}")))
+        Err(io::Error::other(format!(
+            "ferry {BACKGROUND_COMMAND}: {status}"
+        )))
     }
 }
 
@@ -419,7 +425,14 @@ pub fn unpack_in_background(owned_from: &Path, root: &Path, image_path: &Path) -
             std::process::exit(0);
         }
     };
-    match unpack_shared(owned_from, root, image_path, &image, &kind, &mut quit_if_waiting) {
+    match unpack_shared(
+        owned_from,
+        root,
+        image_path,
+        &image,
+        &kind,
+        &mut quit_if_waiting,
+    ) {
         Ok(_) => 0,
         Err(e) => {
             tracing::info!("background unpack of {}: {e}", image_path.display());
