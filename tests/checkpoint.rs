@@ -15,6 +15,15 @@ fn img(name: &str) -> String {
     image(name).display().to_string()
 }
 
+/// The rest of the line of `out` that starts with `name`.
+fn field_of(out: &str, name: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .unwrap_or_else(|| panic!("no `{name}` in:\n{out}"))
+        .trim()
+        .to_string()
+}
+
 /// A counter that lives only in a shell variable, checkpointed with `ferry checkpoint`
 /// (its `ferry run` then ends), continues after `ferry restore` from the value it had.
 /// Needs CRIU 4 and the site's `enabled=yes` in /etc/ferry/checkpoint.conf (the trixie
@@ -48,13 +57,7 @@ fn a_checkpointed_counter_continues_from_its_value_after_restore() {
     ))
     .ok()
     .to_string();
-    let field = |name: &str| -> String {
-        out.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .unwrap_or_else(|| panic!("no `{name}` in:\n{out}"))
-            .trim()
-            .to_string()
-    };
+    let field = |name: &str| field_of(&out, name);
     assert_eq!(field("run exit"), "0", "{out}");
     assert!(
         field("run said:").starts_with("ferry: checkpointed the container to "),
@@ -142,13 +145,7 @@ fn a_step_checkpointed_at_usr1_continues_in_a_new_job_on_another_node() {
     ))
     .ok()
     .to_string();
-    let field = |name: &str| -> String {
-        out.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .unwrap_or_else(|| panic!("no `{name}` in:\n{out}"))
-            .trim()
-            .to_string()
-    };
+    let field = |name: &str| field_of(&out, name);
     assert_eq!(field("run exit"), "0", "{out}");
     let said = field("run said:");
     assert!(
@@ -283,13 +280,7 @@ SCRIPT
     ))
     .ok()
     .to_string();
-    let field = |name: &str| -> String {
-        out.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .unwrap_or_else(|| panic!("no `{name}` in:\n{out}"))
-            .trim()
-            .to_string()
-    };
+    let field = |name: &str| field_of(&out, name);
     let said = field("job said:");
     assert!(
         said.contains(&format!("ferry: checkpointed the container to {d}/ck ("))
@@ -365,13 +356,7 @@ fn two_tasks_sharing_memory_are_checkpointed_together_and_continue_on_another_no
     ))
     .ok()
     .to_string();
-    let field = |name: &str| -> String {
-        out.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .unwrap_or_else(|| panic!("no `{name}` in:\n{out}"))
-            .trim()
-            .to_string()
-    };
+    let field = |name: &str| field_of(&out, name);
     // `N: task N shared S mine M HOST`
     let turn = |name: &str| -> (u64, u64, String) {
         let line = field(name);
@@ -465,13 +450,7 @@ SCRIPT
     ))
     .ok()
     .to_string();
-    let field = |name: &str| -> String {
-        out.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .unwrap_or_else(|| panic!("no `{name}` in:\n{out}"))
-            .trim()
-            .to_string()
-    };
+    let field = |name: &str| field_of(&out, name);
     let said = field("job said:");
     assert!(
         said.contains("step exit 0|") && said.contains(&format!("script on {}|", nodes[0])),

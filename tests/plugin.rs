@@ -903,21 +903,45 @@ fn plugstack_arguments_take_effect() {
     );
 }
 
+/// A node-local directory for the users' unpacked trees (`named_dir=`), as an admin would
+/// give: root's, mode 1777; removed with the trees in it (the users', so made writable
+/// first).
+struct NamedDir(tempfile::TempDir);
+
+impl NamedDir {
+    fn new() -> NamedDir {
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-named-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        Command::new("chmod")
+            .arg("1777")
+            .arg(dir.path())
+            .status_within(COMMAND_LIMIT);
+        NamedDir(dir)
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for NamedDir {
+    fn drop(&mut self) {
+        let _ = Command::new("chmod")
+            .args(["-R", "u+rwX"])
+            .arg(self.0.path())
+            .status_within(COMMAND_LIMIT);
+    }
+}
+
 #[test]
 fn the_unpack_provider_by_option_and_as_the_site_default() {
     let _m = exclusive_machine();
     let plugstack = Plugstack::open(&cluster());
     let busybox = img("busybox.sqsh");
     let uid = uid_of(USER);
-    // A node-local directory for the users' unpacked trees, as an admin would give.
-    let named = tempfile::Builder::new()
-        .prefix("ferry-named-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    Command::new("chmod")
-        .arg("1777")
-        .arg(named.path())
-        .status_within(COMMAND_LIMIT);
+    let named = NamedDir::new();
     let n = named.path().display();
     let inode = "srun -n1 --container={busybox} {opt} stat -c %i /bin/busybox";
     let step_run = |opt: &str| slurm(&inode.replace("{busybox}", &busybox).replace("{opt}", opt));
@@ -971,11 +995,6 @@ fn the_unpack_provider_by_option_and_as_the_site_default() {
         lines[0]
     );
     drop(plugstack);
-    // The trees belong to the user; clean them as root (the test made the directory).
-    let _ = Command::new("chmod")
-        .args(["-R", "u+rwX"])
-        .arg(named.path())
-        .status_within(COMMAND_LIMIT);
 }
 
 /// `rootfs=auto` (the site's default here): the first step starts at once on squashfuse
@@ -987,14 +1006,7 @@ fn the_auto_provider_starts_on_squashfuse_and_later_steps_use_the_tree() {
     let plugstack = Plugstack::open(&cluster());
     let debian = img("debian.sqsh");
     let uid = uid_of(USER);
-    let named = tempfile::Builder::new()
-        .prefix("ferry-named-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    Command::new("chmod")
-        .arg("1777")
-        .arg(named.path())
-        .status_within(COMMAND_LIMIT);
+    let named = NamedDir::new();
     let n = named.path().display();
     let trees = format!("{n}/ferry-{uid}/unpacked");
     let tree_inode = || {
@@ -1042,10 +1054,6 @@ fn the_auto_provider_starts_on_squashfuse_and_later_steps_use_the_tree() {
     assert_eq!(out.ok().trim().parse::<u64>().unwrap(), tree);
     assert_ne!(step("", "true").ok().trim().parse::<u64>().unwrap(), tree);
     drop(plugstack);
-    let _ = Command::new("chmod")
-        .args(["-R", "u+rwX"])
-        .arg(named.path())
-        .status_within(COMMAND_LIMIT);
 }
 
 /// What the `kernel` provider could leave on the host: loop devices backed by one of
@@ -1787,14 +1795,7 @@ fn container_scope_global_keeps_named_containers_for_later_jobs() {
     let plugstack = Plugstack::open(&cluster());
     let busybox = img("busybox.sqsh");
     let uid = uid_of(USER);
-    let named = tempfile::Builder::new()
-        .prefix("ferry-named-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    Command::new("chmod")
-        .arg("1777")
-        .arg(named.path())
-        .status_within(COMMAND_LIMIT);
+    let named = NamedDir::new();
     let n = named.path().display();
     let two_jobs = format!(
         "srun -n1 --container={busybox} --container-name=tools sh -c 'echo from-job-1 > /etc/tool'; \
@@ -2001,14 +2002,7 @@ fn ferry_containers_lists_and_removes_containers_kept_across_jobs() {
     let plugstack = Plugstack::open(&cluster());
     let busybox = img("busybox.sqsh");
     let uid = uid_of(USER);
-    let named = tempfile::Builder::new()
-        .prefix("ferry-named-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    Command::new("chmod")
-        .arg("1777")
-        .arg(named.path())
-        .status_within(COMMAND_LIMIT);
+    let named = NamedDir::new();
     let n = named.path().display();
     plugstack.set_args(&format!("named_dir={n} container_scope=global"));
     // Outside any job, `ferry containers` finds named_dir in plugstack.conf.
