@@ -786,7 +786,7 @@ fn the_unpack_provider_unpacks_once_shares_read_only_and_gc_spares_trees_in_use(
     assert_eq!(bad.stderr.lines().count(), 1, "{}", bad.stderr);
     assert!(bad
         .stderr
-        .contains("--rootfs fancy: unknown provider (known: squashfuse, unpack, kernel)"));
+        .contains("--rootfs fancy: unknown provider (known: squashfuse, unpack, kernel, auto)"));
 }
 
 #[test]

@@ -368,7 +368,7 @@ mod tests {
         }
         assert_eq!(
             "fancy".parse::<Provider>().unwrap_err().to_string(),
-            "unknown provider (known: squashfuse, unpack, kernel)"
+            "unknown provider (known: squashfuse, unpack, kernel, auto)"
         );
     }
 }
