@@ -175,8 +175,9 @@ pub static OPTIONS: &[OptDef] = &[
         "container-rootfs",
         "PROVIDER",
         "[ferry] how the image becomes the root filesystem: squashfuse (mounted, nothing \
-         copied) or unpack (unpacked once per node and reused: faster for metadata-heavy \
-         work, costs disk); default: the site's",
+         copied), unpack (unpacked once per node and reused: faster for metadata-heavy \
+         work, costs disk) or auto (squashfuse until the unpack, made in the background, \
+         is there); default: the site's",
         Key::Rootfs
     ),
     opt!(

@@ -65,7 +65,7 @@ pub struct PluginSettings {
     /// `registries_conf=`: the site's registries file (mirrors and pull-through caches, see
     /// [`crate::image::registry::mirrors`]), tried before the user's own file.
     pub registries_conf: Option<PathBuf>,
-    /// `rootfs=squashfuse|unpack|kernel`: the root filesystem provider of steps that do not
+    /// `rootfs=squashfuse|unpack|kernel|auto`: the root filesystem provider of steps that do not
     /// choose one with `--container-rootfs` (default `squashfuse`; `kernel` only with
     /// `kernel_squashfs=yes`).
     pub rootfs: Provider,
