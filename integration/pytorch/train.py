@@ -44,15 +44,17 @@ def main():
     dist.all_reduce(loss)
     loss /= world
     params = sum(p.detach().sum().item() for p in model.parameters())
-    print(
+    # One write per line, newline included: the ranks of a node share one stdout, and
+    # print's text and end are two writes when Python's output is unbuffered.
+    say = lambda line: print(line + "\n", end="", flush=True)  # noqa: E731
+    say(
         f"rank {rank} of {world} on {socket.gethostname()} "
-        f"local {os.environ.get('LOCAL_RANK', '?')} loss {loss.item():.6f} params {params:.6f}",
-        flush=True,
+        f"local {os.environ.get('LOCAL_RANK', '?')} loss {loss.item():.6f} params {params:.6f}"
     )
     if rank == 0 and checkpoint_dir:
         path = os.path.join(checkpoint_dir, "model.pt")
         torch.save(model.module.state_dict(), path)
-        print(f"saved {path}", flush=True)
+        say(f"saved {path}")
     dist.destroy_process_group()
 
 
