@@ -717,6 +717,42 @@ fn enroot_images_start_through_etc_rc() {
     assert_eq!(run(&format!("{d}/rc.sqsh echo hi")), "hi\n");
 }
 
+/// `--rootfs auto`: the first run starts at once on squashfuse (another file system than
+/// the tree's) and says nothing, while ferry unpacks the image's tree in the background;
+/// the runs after it use that tree.
+#[test]
+fn the_auto_provider_runs_on_squashfuse_until_its_background_unpack_is_done() {
+    // Exclusive: the unpack goes on after the first run, which the tests that look for the
+    // user's leftover processes must not see.
+    let _m = exclusive_machine();
+    let dir = UserDir::new(USER);
+    let d = dir.path.display();
+    let image = img("debian.sqsh");
+    let uid = uid_of(USER);
+    let run = format!("$FERRY run --cache {d}/cache --rootfs auto {image} stat -c %i /bin/ls");
+    let out = sh(&run);
+    let first: u64 = out.ok().trim().parse().unwrap();
+    assert_eq!(out.stderr, "", "the first run says nothing");
+    // The tree appears whole (renamed into place), then its unpacker ends. (`[d]`: so that
+    // pgrep does not find the shell of this loop.)
+    let waited = sh(&format!(
+        "for i in $(seq 600); do \
+           ls {d}/cache/unpacked-{uid}/*/rootfs/bin/ls >/dev/null 2>&1 \
+             && ! pgrep -u {USER} -f 'unpack-in-backgroun[d]' >/dev/null && break; \
+           sleep 0.1; done; \
+         stat -c %i {d}/cache/unpacked-{uid}/*/rootfs/bin/ls"
+    ));
+    let tree: u64 = waited.ok().trim().parse().unwrap();
+    assert_ne!(first, tree, "the first run was on squashfuse");
+    let out = sh(&run);
+    assert_eq!(
+        out.ok().trim().parse::<u64>().unwrap(),
+        tree,
+        "then on the tree"
+    );
+    assert_eq!(out.stderr, "");
+}
+
 #[test]
 fn the_unpack_provider_unpacks_once_shares_read_only_and_gc_spares_trees_in_use() {
     // Exclusive: a container stays up for seconds here, which the tests that look for the
