@@ -338,7 +338,8 @@ fn two_tasks_sharing_memory_are_checkpointed_together_and_continue_on_another_no
         job=$(job_of ck2-run-{tag}) || {{ echo "no job ck2-run-{tag}"; exit 1; }}
         scancel --signal=USR2 "$job.0" || exit 1
         wait $run; echo "run exit $?"
-        echo "run said: $(grep -v '^srun: ' run.err | sed 's/^0: //' | tr '\n' '|')"
+        # (The first use of the image in DIR may say how its unpack goes, before.)
+        echo "run said: $(sed 's/^0: //' run.err | grep -v -e '^srun: ' -e '^ferry: unpack' | tr '\n' '|')"
         echo "before 0: $(grep '^0: task' run.out | tail -n 1)"
         echo "before 1: $(grep '^1: task' run.out | tail -n 1)"
         srun -J ck2-restore-{tag} -w {second} -n2 --ntasks-per-node=2 -l --container-restore={d}/ck true > restore.out 2> restore.err &
