@@ -244,7 +244,7 @@ pub fn prepare_rootfs_observed(
     // The tree appears only complete (renamed into place), so its presence needs no lock;
     // the exclusive lock below would wait for every container that uses the tree (they hold
     // it shared), which for a multi-node step whose nodes share this directory is forever.
-    if fs::symlink_metadata(&rootfs).is_ok_and(|m| m.is_dir()) {
+    if is_tree(&rootfs) {
         return Ok(rootfs);
     }
     let lock = File::create(dir.join(UNPACK_LOCK)).map_err(|source| NamedError::Create {
@@ -266,7 +266,7 @@ pub fn prepare_rootfs_observed(
         }
         Err((_, e)) => return Err(lock_error(e)),
     };
-    if fs::symlink_metadata(&rootfs).is_ok_and(|m| m.is_dir()) {
+    if is_tree(&rootfs) {
         return Ok(rootfs);
     }
     let partial = dir.join(PARTIAL);
@@ -366,9 +366,14 @@ pub fn unpack_shared(
 
 /// Whether `root` holds the finished shared tree of `image` (an open image file).
 pub fn tree_ready(root: &Path, image: &File) -> bool {
-    image.metadata().is_ok_and(|m| {
-        fs::symlink_metadata(root.join(unpack_key(&m)).join(ROOTFS)).is_ok_and(|m| m.is_dir())
-    })
+    image
+        .metadata()
+        .is_ok_and(|m| is_tree(&root.join(unpack_key(&m)).join(ROOTFS)))
+}
+
+/// Whether an unpacked tree is in place (it appears whole, renamed into place).
+fn is_tree(rootfs: &Path) -> bool {
+    fs::symlink_metadata(rootfs).is_ok_and(|m| m.is_dir())
 }
 
 /// The hidden `ferry` command that unpacks an image's shared tree in the background.

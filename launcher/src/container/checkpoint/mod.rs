@@ -383,8 +383,12 @@ pub fn check_slurm_step(
 
 /// How many tasks the checkpoint in `dir` holds (`None`: unreadable; the restore says why).
 fn saved_task_count(dir: &Path) -> Option<u32> {
-    let text = fs::read(dir.join(SPEC_FILE)).ok()?;
-    serde_json::from_slice::<Saved>(&text).ok().map(|s| s.tasks)
+    read_saved(dir).map(|s| s.tasks)
+}
+
+/// `DIR/container.json`, where it is there and readable.
+fn read_saved(dir: &Path) -> Option<Saved> {
+    serde_json::from_slice(&fs::read(dir.join(SPEC_FILE)).ok()?).ok()
 }
 
 /// When this process was started as a Slurm task's program ([`SLURM_TASK_ENV`] is set), run
@@ -753,23 +757,28 @@ fn follow(path: &Path, from: u64, stop: &AtomicBool) {
     };
     let _ = file.seek(io::SeekFrom::Start(from));
     let mut buf = vec![0u8; 64 * 1024];
-    let mut out = io::stdout();
     loop {
         let last = stop.load(Ordering::Relaxed);
-        loop {
-            match file.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let _ = out.write_all(&buf[..n]);
-                }
-            }
-        }
-        let _ = out.flush();
+        copy_to_stdout(&mut file, &mut buf);
         if last {
             return;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Copy what `file` has from its position on to stdout.
+fn copy_to_stdout(file: &mut fs::File, buf: &mut [u8]) {
+    let mut out = io::stdout();
+    loop {
+        match file.read(buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let _ = out.write_all(&buf[..n]);
+            }
+        }
+    }
+    let _ = out.flush();
 }
 
 /// `DIR/supervisor`: who to signal for a checkpoint (`ferry checkpoint DIR`): this
@@ -815,9 +824,14 @@ fn write_supervisor(dir: &Path) -> Result<(), CheckpointError> {
 /// A process's start time (field 22 of /proc/PID/stat), which tells it from a later
 /// process with the same pid.
 fn start_time(pid: u32) -> Option<u64> {
+    stat_field(pid, 22)
+}
+
+/// Field `n` (numbered from 1 as in proc(5)) of /proc/PID/stat, from field 3 on.
+fn stat_field(pid: u32, n: usize) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after_name = &stat[stat.rfind(')')? + 2..];
-    after_name.split(' ').nth(19)?.parse().ok()
+    after_name.split(' ').nth(n.checked_sub(3)?)?.parse().ok()
 }
 
 fn write_new(dir: &Path, name: &'static str, contents: &[u8]) -> Result<(), CheckpointError> {
@@ -850,9 +864,7 @@ pub fn request(dir: &Path) -> Result<Made, CheckpointError> {
             file: SUPERVISOR_FILE,
             reason: e.to_string(),
         })?;
-    let saved = fs::read(dir.join(SPEC_FILE))
-        .ok()
-        .and_then(|text| serde_json::from_slice::<Saved>(&text).ok());
+    let saved = read_saved(dir);
     let signal = saved.as_ref().map(|s| s.signal).unwrap_or_default();
     let resume = match record.step {
         Some(_) => Resume::Slurm,

@@ -19,7 +19,7 @@
 //! - `ended`: kept in a checkpoint for a command that had already ended.
 
 use std::fs;
-use std::io::{self, Read, Seek, Write};
+use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -180,14 +180,9 @@ fn current_leader(dir: &Path) -> Option<(u32, u64)> {
     let mut words = text.split_whitespace();
     let pid: u32 = words.next()?.parse().ok()?;
     let started: u64 = words.next()?.parse().ok()?;
-    let parent = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let ppid: u32 = parent[parent.rfind(')')? + 2..]
-        .split(' ')
-        .nth(1)?
-        .parse()
-        .ok()?;
+    let ppid = super::stat_field(pid, 4)?;
     (pid != std::process::id()
-        && ppid == std::os::unix::process::parent_id()
+        && ppid == u64::from(std::os::unix::process::parent_id())
         && super::start_time(pid) == Some(started))
     .then_some((pid, started))
 }
@@ -231,17 +226,7 @@ pub fn follow(
         .seek(io::SeekFrom::Start(from))
         .map_err(io_error(&out_path))?;
     let mut buf = vec![0u8; 64 * 1024];
-    let mut copy = |output: &mut fs::File| loop {
-        match output.read(&mut buf) {
-            Ok(0) | Err(_) => {
-                let _ = io::stdout().flush();
-                return;
-            }
-            Ok(n) => {
-                let _ = io::stdout().write_all(&buf[..n]);
-            }
-        }
-    };
+    let mut copy = |output: &mut fs::File| super::copy_to_stdout(output, &mut buf);
     let alive = || super::start_time(leader) == Some(started);
     loop {
         copy(&mut output);
