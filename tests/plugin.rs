@@ -997,11 +997,12 @@ fn the_unpack_provider_by_option_and_as_the_site_default() {
     drop(plugstack);
 }
 
-/// `rootfs=auto` (the site's default here): the first step starts at once on squashfuse
-/// (another file system than the tree's) and says nothing, while ferry unpacks the image's
-/// tree in the background; the steps after it run on that tree. A step may ask for it too.
+/// `auto`, the site's default: the first step starts at once on squashfuse (another file
+/// system than the tree's) and says nothing, while ferry unpacks the image's tree in the
+/// background; the steps after it run on that tree. A step may ask for it too. A named_dir
+/// in memory (tmpfs) gets no tree.
 #[test]
-fn the_auto_provider_starts_on_squashfuse_and_later_steps_use_the_tree() {
+fn the_default_provider_starts_on_squashfuse_and_later_steps_use_the_tree() {
     let _m = exclusive_machine();
     let plugstack = Plugstack::open(&cluster());
     let debian = img("debian.sqsh");
@@ -1021,7 +1022,8 @@ fn the_auto_provider_starts_on_squashfuse_and_later_steps_use_the_tree() {
             "srun -n1 --container={debian} {opt} sh -c 'stat -c %i /bin/ls; {then}'"
         ))
     };
-    plugstack.set_args(&format!("named_dir={n} rootfs=auto"));
+    // No rootfs= (the suites' pin): the default.
+    plugstack.set_args_unpinned(&format!("named_dir={n}"));
     // The first step lasts a few seconds, for the unpack behind it (the step's end would
     // end it: the next step would start it again).
     let out = step("", "sleep 5");
@@ -1053,6 +1055,25 @@ fn the_auto_provider_starts_on_squashfuse_and_later_steps_use_the_tree() {
     let out = step("--container-rootfs=auto", "true");
     assert_eq!(out.ok().trim().parse::<u64>().unwrap(), tree);
     assert_ne!(step("", "true").ok().trim().parse::<u64>().unwrap(), tree);
+    // A named_dir on tmpfs: the step runs on squashfuse and no tree is made.
+    let mem = tempfile::Builder::new()
+        .prefix("ferry-auto-tmpfs.")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let m = mem.path().display();
+    assert!(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "mode=0755", "ferry-auto-test"])
+        .arg(mem.path())
+        .status()
+        .unwrap()
+        .success());
+    plugstack.set_args_unpinned(&format!("named_dir={m}"));
+    let out = step("", "sleep 2");
+    let made = dir_entries(&format!("{m}/ferry-{uid}/unpacked"));
+    let _ = Command::new("umount").arg(mem.path()).status();
+    let inode: u64 = out.ok().trim().parse().unwrap();
+    assert_ne!(inode, tree);
+    assert_eq!(made, Vec::<String>::new(), "no tree in memory");
     drop(plugstack);
 }
 

@@ -717,11 +717,11 @@ fn enroot_images_start_through_etc_rc() {
     assert_eq!(run(&format!("{d}/rc.sqsh echo hi")), "hi\n");
 }
 
-/// `--rootfs auto`: the first run starts at once on squashfuse (another file system than
-/// the tree's) and says nothing, while ferry unpacks the image's tree in the background;
-/// the runs after it use that tree.
+/// `auto`, the default provider: the first run starts at once on squashfuse (another file
+/// system than the tree's) and says nothing, while ferry unpacks the image's tree in the
+/// background; the runs after it use that tree. A cache in memory (tmpfs) gets no tree.
 #[test]
-fn the_auto_provider_runs_on_squashfuse_until_its_background_unpack_is_done() {
+fn the_default_provider_runs_on_squashfuse_until_its_background_unpack_is_done() {
     // Exclusive: the unpack goes on after the first run, which the tests that look for the
     // user's leftover processes must not see.
     let _m = exclusive_machine();
@@ -729,7 +729,9 @@ fn the_auto_provider_runs_on_squashfuse_until_its_background_unpack_is_done() {
     let d = dir.path.display();
     let image = img("debian.sqsh");
     let uid = uid_of(USER);
-    let run = format!("$FERRY run --cache {d}/cache --rootfs auto {image} stat -c %i /bin/ls");
+    // Without FERRY_ROOTFS (the suites' pin) or --rootfs: the default.
+    let run =
+        format!("env -u FERRY_ROOTFS $FERRY run --cache {d}/cache {image} stat -c %i /bin/ls");
     let out = sh(&run);
     let first: u64 = out.ok().trim().parse().unwrap();
     assert_eq!(out.stderr, "", "the first run says nothing");
@@ -751,6 +753,27 @@ fn the_auto_provider_runs_on_squashfuse_until_its_background_unpack_is_done() {
         "then on the tree"
     );
     assert_eq!(out.stderr, "");
+    // `--rootfs auto` with the cache on tmpfs: no unpack (it would take the node's memory),
+    // and the reason where the log asks for it.
+    let shm = sh("mktemp -d -p /dev/shm ferry-auto.XXXXXX")
+        .ok()
+        .trim()
+        .to_string();
+    let out = sh(&format!(
+        "FERRY_LOG=info $FERRY run --cache {shm}/cache --rootfs auto {image} true;          sleep 1; pgrep -u {USER} -f 'unpack-in-backgroun[d]'; ls {shm}/cache"
+    ));
+    let _ = sh(&format!("rm -rf {shm}"));
+    assert!(
+        !out.stdout.contains("unpacked-"),
+        "no tree in memory: {}",
+        out.stdout
+    );
+    assert!(
+        out.stderr
+            .contains(&format!("{shm}/cache is on tmpfs, not a local disk")),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]

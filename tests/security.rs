@@ -178,6 +178,7 @@ fn with_running_container(script: &str, check: impl FnOnce()) {
         .arg(format!("HOME=/home/{USER}"))
         .arg(format!("SLURM_CONF={}", slurm_conf()))
         .arg(format!("FERRY={}", ferry_bin().display()))
+        .arg(PINNED_ROOTFS)
         .args(["bash", "-c", script])
         .current_dir("/")
         .spawn()

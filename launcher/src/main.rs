@@ -159,11 +159,20 @@ struct RunArgs {
     /// interface, up), ipc, uts (a hostname of its own); a comma-separated list.
     #[arg(long, value_name = "net,ipc,uts")]
     unshare: Option<ferry::spec::unshare::Unshare>,
-    /// How a squashfs or SIF image becomes the root filesystem: `squashfuse` (mounted,
-    /// nothing copied), `unpack` (unpacked once into the cache and reused: no FUSE on
-    /// the read path, costs disk) or `kernel` (mounted by the kernel's squashfs driver;
-    /// root only: for admins testing what the plugin does where the site enables it).
-    #[arg(long, value_name = "PROVIDER", value_enum, default_value_t)]
+    /// How a squashfs or SIF image becomes the root filesystem: `auto` (the default:
+    /// mounted with squashfuse while ferry unpacks it into the cache in the background, where
+    /// the cache is on a local disk with room; later runs use the tree, at the host's speed),
+    /// `squashfuse` (mounted, nothing copied), `unpack` (unpacked once into the cache and
+    /// reused: no FUSE on the read path, costs disk) or `kernel` (mounted by the kernel's
+    /// squashfs driver; root only: for admins testing what the plugin does where the site
+    /// enables it).
+    #[arg(
+        long,
+        value_name = "PROVIDER",
+        value_enum,
+        default_value_t,
+        env = "FERRY_ROOTFS"
+    )]
     rootfs: Provider,
     /// GPUs inside: `all`, `none`, or indexes (0,2: /dev/nvidia0 and /dev/nvidia2), with the
     /// host's driver libraries and nvidia-smi. Default: those the scheduler gave the job

@@ -94,6 +94,12 @@ pub const COMMAND_LIMIT: Duration = Duration::from_secs(360);
 /// Run a shell command line as `user` (via runuser, with a login-like environment and
 /// default signal dispositions, whatever the test command inherited, e.g. under `nohup`),
 /// within [`COMMAND_LIMIT`].
+/// The suites name the root filesystem provider they test: squashfuse, unless a test says
+/// otherwise (`--rootfs`, `--container-rootfs`, `rootfs=`). `auto`, the default, would
+/// leave every image's tree behind on the node and unpack each in the background while
+/// other tests run; `tests/run.rs` and `tests/plugin.rs` test it where they mean to.
+pub const PINNED_ROOTFS: &str = "FERRY_ROOTFS=squashfuse";
+
 pub fn sh_as(user: &str, script: &str) -> Run {
     sh_as_within(user, script, COMMAND_LIMIT)
 }
@@ -109,6 +115,7 @@ pub fn sh_as_within(user: &str, script: &str, limit: Duration) -> Run {
         .arg("PATH=/usr/local/bin:/usr/bin:/bin")
         .arg(format!("FERRY={}", ferry_bin().display()))
         .arg(format!("FERRY_IMAGES={}", required_env("FERRY_IMAGES")))
+        .arg(PINNED_ROOTFS)
         .args(extra_env())
         .args(["bash", "-c", script])
         .current_dir("/");
@@ -751,6 +758,29 @@ impl Plugstack {
 
     /// The plugin line with `args` in place of the current arguments.
     pub fn set_args(&self, args: &str) {
+        let line = self
+            .original
+            .lines()
+            .find(|l| l.contains("spank_ferry.so"))
+            .unwrap();
+        let mut words = line.split_whitespace();
+        let (required, so) = (words.next().unwrap(), words.next().unwrap());
+        let ferry_bin = words.find(|w| w.starts_with("ferry_bin=")).unwrap_or("");
+        // As integration/test pins it (see [`PINNED_ROOTFS`]), unless the test chooses.
+        let rootfs = match args.contains("rootfs=") {
+            true => "",
+            false => "rootfs=squashfuse",
+        };
+        std::fs::write(
+            &self.path,
+            format!("{required} {so} {ferry_bin} {rootfs} {args}\n"),
+        )
+        .unwrap();
+    }
+
+    /// The plugin line with only `args` (and ferry_bin): the site's defaults otherwise,
+    /// the root filesystem provider's included.
+    pub fn set_args_unpinned(&self, args: &str) {
         let line = self
             .original
             .lines()

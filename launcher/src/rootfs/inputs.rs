@@ -122,6 +122,7 @@ pub fn open_inputs(
     // an image under the `unpack` provider, read-only and shared, and the kernel's mount of
     // it under the `kernel` provider.
     let mut hold = None;
+    let mut unpack_later = None;
     let (image_path, image, kind) = match (&spec.unpacked, &spec.rootfs, &kind) {
         (
             None,
@@ -159,9 +160,8 @@ pub fn open_inputs(
             },
             ImageKind::Squashfs { .. },
         ) => {
-            if let Err(e) = unpacked::start_background_unpack(owned_from, dir, &image_path) {
-                tracing::info!("no unpack in the background: {e}");
-            }
+            let image_bytes = image.metadata().map(|m| m.len()).unwrap_or(0);
+            unpack_later = Some((owned_from, dir, image_path.clone(), image_bytes));
             (image_path, image, kind)
         }
         (None, ..) => (image_path, image, kind),
@@ -219,6 +219,14 @@ pub fn open_inputs(
         cli.as_deref(),
     )?;
     let host_binds = open_host_files(&host, user)?;
+    // Only a start whose inputs are all there sets an unpack going.
+    if let Some((owned_from, dir, image_path, image_bytes)) = unpack_later {
+        if let Err(e) = unpacked::room_for_tree(dir, image_bytes) {
+            tracing::info!("no unpack in the background: {e}");
+        } else if let Err(e) = unpacked::start_background_unpack(owned_from, dir, &image_path) {
+            tracing::info!("no unpack in the background: {e}");
+        }
+    }
     Ok(Inputs {
         image_path,
         image,

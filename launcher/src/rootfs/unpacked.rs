@@ -376,6 +376,90 @@ fn is_tree(rootfs: &Path) -> bool {
     fs::symlink_metadata(rootfs).is_ok_and(|m| m.is_dir())
 }
 
+/// How much larger than its image a tree is taken to be before it is made: PyTorch's lz4
+/// image of 3.65 GB unpacks to 5.5 GB, zstd images of Python trees to about 2.5 times theirs.
+const TREE_PER_IMAGE_BYTE: u64 = 3;
+/// The share of its file system that a background unpack leaves free.
+const MIN_FREE_PERCENT: u64 = 5;
+
+/// Local disks, by `statfs` type: ext2/3/4, XFS, Btrfs, F2FS, ZFS, bcachefs.
+const LOCAL_DISKS: [u64; 6] = [
+    0xEF53,
+    0x5846_5342,
+    0x9123_683E,
+    0xF2F5_2010,
+    0x2FC1_2FC1,
+    0xCA45_1A4E,
+];
+
+/// Why `auto` leaves an image on squashfuse instead of unpacking it.
+#[derive(Debug, thiserror::Error)]
+pub enum NoRoom {
+    #[error("{path} is on {fs}, not a local disk: a tree there would take {what} (set named_dir= in plugstack.conf, or ferry run --cache, to a local disk; or choose the unpack provider)")]
+    NotLocalDisk {
+        path: PathBuf,
+        fs: String,
+        what: &'static str,
+    },
+    #[error("{path} has {free} free: the tree of a {image} image needs about {needed} and must leave {MIN_FREE_PERCENT}% of the file system free (ferry gc removes unused trees)")]
+    Full {
+        path: PathBuf,
+        free: String,
+        image: String,
+        needed: String,
+    },
+    #[error("cannot check the file system of {path}: {source}")]
+    Check { path: PathBuf, source: io::Error },
+}
+
+/// Whether a tree of an image of `image_bytes` may be unpacked under `root` in the
+/// background (`auto`): on a local disk only, and leaving room there. The `unpack`
+/// provider, which the user or admin chose, is not held to this.
+pub fn room_for_tree(root: &Path, image_bytes: u64) -> Result<(), NoRoom> {
+    use crate::image::registry::progress::human_bytes;
+    // The user's directory is made on first use: its nearest existing parent tells.
+    let path = root
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let fs = rustix::fs::statfs(path).map_err(|e| NoRoom::Check {
+        path: path.into(),
+        source: e.into(),
+    })?;
+    let kind = fs.f_type as u64;
+    if !LOCAL_DISKS.contains(&kind) {
+        let (fs, what) = match kind {
+            0x0102_1994 => ("tmpfs".to_string(), "the node's memory"),
+            0x8584_58F6 => ("ramfs".to_string(), "the node's memory"),
+            0x6969 => ("NFS".to_string(), "space on a shared file system"),
+            0x0BD0_0BD0 => ("Lustre".to_string(), "space on a shared file system"),
+            0x4750_4653 => ("GPFS".to_string(), "space on a shared file system"),
+            other => (
+                format!("a file system of type {other:#x}"),
+                "space that is not a local disk's",
+            ),
+        };
+        return Err(NoRoom::NotLocalDisk {
+            path: path.into(),
+            fs,
+            what,
+        });
+    }
+    let block = fs.f_bsize as u64;
+    let free = (fs.f_bavail as u64).saturating_mul(block);
+    let keep = (fs.f_blocks as u64).saturating_mul(block) / 100 * MIN_FREE_PERCENT;
+    let needed = image_bytes.saturating_mul(TREE_PER_IMAGE_BYTE);
+    if free < needed.saturating_add(keep) {
+        return Err(NoRoom::Full {
+            path: path.into(),
+            free: human_bytes(free),
+            image: human_bytes(image_bytes),
+            needed: human_bytes(needed),
+        });
+    }
+    Ok(())
+}
+
 /// The hidden `ferry` command that unpacks an image's shared tree in the background.
 pub const BACKGROUND_COMMAND: &str = "unpack-in-background";
 
@@ -438,7 +522,12 @@ pub fn unpack_in_background(owned_from: &Path, root: &Path, image_path: &Path) -
         &kind,
         &mut quit_if_waiting,
     ) {
-        Ok(_) => 0,
+        Ok(_) => {
+            // Trees this user has not used for long go, so that `auto` keeps a node's disk
+            // to the images in use.
+            let _ = remove_unused_unpacked_older(root, AUTO_TREE_KEEP);
+            0
+        }
         Err(e) => {
             tracing::info!("background unpack of {}: {e}", image_path.display());
             1
@@ -486,6 +575,18 @@ fn lock_named(
 /// Remove the unpacked trees under `root` that no container uses now; returns how many
 /// were removed and the bytes they held (as far as they could be counted).
 pub fn remove_unused_unpacked(root: &Path) -> io::Result<(usize, u64)> {
+    remove_unused_unpacked_older(root, std::time::Duration::ZERO)
+}
+
+/// How long an `auto` tree that nothing uses stays on the node: a tree unused that long is
+/// removed by the next background unpack of the same user.
+pub const AUTO_TREE_KEEP: std::time::Duration = std::time::Duration::from_secs(14 * 24 * 3600);
+
+/// [`remove_unused_unpacked`] of the trees last used longer than `unused_for` ago.
+pub fn remove_unused_unpacked_older(
+    root: &Path,
+    unused_for: std::time::Duration,
+) -> io::Result<(usize, u64)> {
     let mut removed = (0, 0);
     let entries = match fs::read_dir(root) {
         Ok(e) => e,
@@ -497,9 +598,19 @@ pub fn remove_unused_unpacked(root: &Path) -> io::Result<(usize, u64)> {
         if !fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
             continue;
         }
-        let Ok(_lock) = lock_file(&dir, nix::fcntl::FlockArg::LockExclusiveNonblock) else {
+        let Ok(lock) = lock_file(&dir, nix::fcntl::FlockArg::LockExclusiveNonblock) else {
             continue; // in use (or not ours to lock)
         };
+        // The lock file's modification time is the tree's last use (see `unpack_shared`).
+        let idle = lock
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default();
+        if idle < unused_for {
+            continue;
+        }
         let Ok(_making) = lock_named(
             &dir,
             UNPACK_LOCK,
@@ -802,6 +913,62 @@ mod tests {
     fn tree(root: &Path) {
         fs::create_dir_all(root.join("etc")).unwrap();
         fs::write(root.join("etc/marker"), "one\n").unwrap();
+    }
+
+    #[test]
+    fn auto_unpacks_only_onto_a_local_disk_with_room() {
+        // The tests' own directory is on the build machine's disk.
+        let disk = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let not_yet = disk.path().join("ferry-1000/unpacked");
+        room_for_tree(&not_yet, 1 << 20).unwrap();
+        match room_for_tree(&not_yet, u64::MAX / 8) {
+            Err(e @ NoRoom::Full { .. }) => {
+                let line = e.to_string();
+                assert!(
+                    line.contains("must leave 5% of the file system free"),
+                    "{line}"
+                );
+                assert!(
+                    line.starts_with(&disk.path().display().to_string()),
+                    "{line}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // /dev/shm is memory.
+        match room_for_tree(Path::new("/dev/shm/ferry-1000/unpacked"), 1) {
+            Err(e @ NoRoom::NotLocalDisk { .. }) => {
+                assert!(e.to_string().starts_with("/dev/shm is on tmpfs, not a local disk: a tree there would take the node's memory"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_background_unpack_removes_the_trees_unused_for_long() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        for name in ["old", "recent", "old-in-use"] {
+            tree(&root.join(name).join(ROOTFS));
+        }
+        let lock_at = |name: &str, age: std::time::Duration| {
+            let lock = lock_file(&root.join(name), nix::fcntl::FlockArg::LockShared).unwrap();
+            lock.set_modified(std::time::SystemTime::now() - age)
+                .unwrap();
+            lock
+        };
+        let long = AUTO_TREE_KEEP + std::time::Duration::from_secs(60);
+        drop(lock_at("old", long));
+        drop(lock_at("recent", std::time::Duration::from_secs(60)));
+        let _in_use = lock_at("old-in-use", long);
+        let (count, _) = remove_unused_unpacked_older(root, AUTO_TREE_KEEP).unwrap();
+        assert_eq!(count, 1);
+        let mut left: Vec<_> = fs::read_dir(root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["old-in-use", "recent"]);
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub struct PluginSettings {
     /// [`crate::image::registry::mirrors`]), tried before the user's own file.
     pub registries_conf: Option<PathBuf>,
     /// `rootfs=squashfuse|unpack|kernel|auto`: the root filesystem provider of steps that do not
-    /// choose one with `--container-rootfs` (default `squashfuse`; `kernel` only with
+    /// choose one with `--container-rootfs` (default `auto`; `kernel` only with
     /// `kernel_squashfs=yes`).
     pub rootfs: Provider,
     /// `kernel_squashfs=yes|no`: allow the `kernel` provider, where slurmstepd (root) mounts
@@ -174,7 +174,7 @@ impl Default for PluginSettings {
             registry_ca_file: None,
             insecure_registries: Vec::new(),
             registries_conf: None,
-            rootfs: Provider::Squashfuse,
+            rootfs: Provider::Auto,
             kernel_squashfs: false,
             import_on_submit: false,
             gpus: GpuDefault::Auto,
@@ -213,7 +213,7 @@ pub enum SiteError {
     RelativeMountSource(String),
     #[error("plugstack.conf argument `insecure_registries=`: `{0}` is not HOST or HOST:PORT")]
     BadRegistry(String),
-    #[error("plugstack.conf argument `rootfs={0}`: use squashfuse, unpack or kernel")]
+    #[error("plugstack.conf argument `rootfs={0}`: use auto, squashfuse, unpack or kernel")]
     Rootfs(String),
     #[error("plugstack.conf argument `rootfs=kernel` needs `kernel_squashfs=yes` as well (the admin's choice to let the kernel's squashfs driver, as root, read users' images)")]
     KernelNotEnabled,
@@ -644,7 +644,7 @@ mod tests {
         assert!(!parse(&[]).unwrap().kernel_squashfs);
         let s = parse(&["kernel_squashfs=yes"]).unwrap();
         assert!(s.kernel_squashfs);
-        assert_eq!(s.rootfs, Provider::Squashfuse);
+        assert_eq!(s.rootfs, Provider::Auto);
         // As the site default too, in either order, but never without the key.
         let s = parse(&["rootfs=kernel", "kernel_squashfs=yes"]).unwrap();
         assert_eq!((s.rootfs, s.kernel_squashfs), (Provider::Kernel, true));

@@ -128,11 +128,14 @@ pub enum FirstUse {
 /// `--container-rootfs`, `rootfs=`); every such name is parsed here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Provider {
-    #[default]
     Squashfuse,
     Unpack,
     Kernel,
-    /// `unpack` without the wait: squashfuse until the tree is there ([`FirstUse::Mount`]).
+    // `unpack` without the wait (`FirstUse::Mount`), and only where a tree costs local disk,
+    // not memory or a shared file system's space (`unpacked::room_for_tree`). The default:
+    // the host's speed from a node's second start of an image on, at no start's expense.
+    /// squashfuse at once, the unpacked tree once a background unpack made it
+    #[default]
     Auto,
 }
 
