@@ -1077,6 +1077,76 @@ fn the_default_provider_starts_on_squashfuse_and_later_steps_use_the_tree() {
     drop(plugstack);
 }
 
+/// A default (`auto`) step that ends before its background unpack ends the unpack with it:
+/// nothing of the user's runs on after the step. The next step finds the unpack cut short
+/// and unpacks in the foreground, saying so, so that steps shorter than an unpack still get
+/// the tree; the steps after it run on the tree and say nothing.
+#[test]
+fn a_short_default_step_ends_its_background_unpack_and_the_next_step_unpacks_in_the_foreground() {
+    let _m = exclusive_machine();
+    let plugstack = Plugstack::open(&cluster());
+    // Big enough that its unpack outlasts a step of `true`.
+    let mpi = img("mpi.sqsh");
+    let uid = uid_of(USER);
+    let named = NamedDir::new();
+    let n = named.path().display();
+    let trees = format!("{n}/ferry-{uid}/unpacked");
+    plugstack.set_args_unpinned(&format!("named_dir={n}"));
+    let step = || slurm(&format!("srun -n1 --container={mpi} stat -c %i /bin/ls"));
+    let first = step();
+    let first_inode: u64 = first.ok().trim().parse().unwrap();
+    assert_eq!(
+        own_lines(&first.stderr),
+        Vec::<&str>::new(),
+        "it says nothing"
+    );
+    // The unpack ended with the step, its partial tree left behind.
+    let mut running = String::new();
+    for _ in 0..100 {
+        running = sh(&format!(
+            "pgrep -u {USER} -fa 'unpack-in-backgroun[d]|unsquashf[s]'"
+        ))
+        .stdout;
+        if running.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(running, "", "the unpack outlived its step");
+    let key = dir_entries(&trees);
+    assert_eq!(key.len(), 1, "{key:?}");
+    let left = dir_entries(&format!("{trees}/{}", key[0]));
+    assert!(
+        left.contains(&"rootfs.partial".to_string()) && !left.contains(&"rootfs".to_string()),
+        "cut short: {left:?}"
+    );
+    // The next step unpacks first, with the unpack's lines, and runs on the tree.
+    let second = step();
+    let tree_inode = std::fs::metadata(format!("{trees}/{}/rootfs/bin/ls", key[0]))
+        .expect("the tree is in place")
+        .ino();
+    assert_eq!(second.ok().trim().parse::<u64>().unwrap(), tree_inode);
+    assert_ne!(first_inode, tree_inode);
+    let lines = own_lines(&second.stderr);
+    assert!(
+        lines
+            .first()
+            .is_some_and(|l| l.starts_with(&format!("ferry: unpacking {mpi} on "))),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.starts_with(&format!("ferry: unpacked {mpi} in "))),
+        "{lines:#?}"
+    );
+    // Then on the tree, silently.
+    let third = step();
+    assert_eq!(third.ok().trim().parse::<u64>().unwrap(), tree_inode);
+    assert_eq!(own_lines(&third.stderr), Vec::<&str>::new());
+    drop(plugstack);
+}
+
 /// What the `kernel` provider could leave on the host: loop devices backed by one of
 /// `images` (`losetup -a`), and squashfs mounts in the host's mount table (the provider
 /// attaches its mount only in the container's own namespace).

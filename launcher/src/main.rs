@@ -59,6 +59,8 @@ enum Command {
         owned_from: PathBuf,
         root: PathBuf,
         image: PathBuf,
+        #[arg(long)]
+        while_stdin_open: bool,
     },
     /// (internal) Run Slurm's commands called inside a container step (or a batch
     /// script's container) on the host; started by the Slurm plugin as the user, ends when
@@ -323,7 +325,13 @@ fn main() {
             owned_from,
             root,
             image,
-        } => ferry::rootfs::unpacked::unpack_in_background(&owned_from, &root, &image),
+            while_stdin_open,
+        } => ferry::rootfs::unpacked::unpack_in_background(
+            &owned_from,
+            &root,
+            &image,
+            while_stdin_open,
+        ),
         Command::ForwardServe { parent, dir } => report(
             ferry::slurm::forward::serve(match (dir, parent) {
                 (Some(dir), _) => ferry::slurm::forward::Place::Dir(dir),

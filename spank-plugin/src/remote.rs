@@ -616,7 +616,7 @@ fn container_spec(
                 dir: user_dir.join("unpacked"),
                 owned_from: user_dir,
                 first_use: match provider {
-                    Provider::Auto => FirstUse::Mount,
+                    Provider::Auto => FirstUse::MountWhileRunning,
                     _ => FirstUse::Wait,
                 },
             }

@@ -37,6 +37,8 @@ pub struct Container {
     pub start: ImageStart,
     /// Kept for the container's life (see [`Inputs`]).
     pub hold: Option<nix::fcntl::Flock<File>>,
+    /// Closed as the holder exits: a background unpack tied to the container ends then.
+    pub unpack_tie: Option<std::os::fd::OwnedFd>,
     /// How long each phase of the build took.
     pub phases: Vec<Phase>,
 }
@@ -75,6 +77,7 @@ pub fn build(
             workdir,
             start,
             hold: inputs.hold.take(),
+            unpack_tie: inputs.unpack_tie.take(),
             phases: phases.into_vec(),
         }),
         Err(e) => {

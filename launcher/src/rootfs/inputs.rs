@@ -67,6 +67,9 @@ pub struct Inputs {
     /// The shared lock on an unpacked tree (`unpack` provider), kept while the container
     /// lives so that `ferry gc` leaves the tree alone.
     pub(super) hold: Option<nix::fcntl::Flock<File>>,
+    /// The write end of the pipe a background unpack tied to this container reads: it
+    /// ends when the container's holder does.
+    pub(super) unpack_tie: Option<std::os::fd::OwnedFd>,
 }
 
 fn open_source(path: &Path, user: &str) -> Result<Source, RootfsError> {
@@ -132,7 +135,13 @@ pub fn open_inputs(
                 first_use,
             },
             ImageKind::Squashfs { .. },
-        ) if *first_use == FirstUse::Wait || unpacked::tree_ready(dir, &image) => {
+        ) if *first_use == FirstUse::Wait
+            || unpacked::tree_ready(dir, &image)
+            || (*first_use == FirstUse::MountWhileRunning
+                && unpacked::unpack_cut_short(dir, &image)
+                && unpacked::room_for_tree(dir, image.metadata().map_or(0, |m| m.len()))
+                    .is_ok()) =>
+        {
             let (rootfs, lock) =
                 unpacked::unpack_shared(owned_from, dir, &image_path, &image, &kind, observe)?;
             hold = Some(lock);
@@ -156,12 +165,15 @@ pub fn open_inputs(
         (
             None,
             RootfsProvider::Unpack {
-                owned_from, dir, ..
+                owned_from,
+                dir,
+                first_use,
             },
             ImageKind::Squashfs { .. },
         ) => {
             let image_bytes = image.metadata().map(|m| m.len()).unwrap_or(0);
-            unpack_later = Some((owned_from, dir, image_path.clone(), image_bytes));
+            let tied = *first_use == FirstUse::MountWhileRunning;
+            unpack_later = Some((owned_from, dir, image_path.clone(), image_bytes, tied));
             (image_path, image, kind)
         }
         (None, ..) => (image_path, image, kind),
@@ -220,11 +232,15 @@ pub fn open_inputs(
     )?;
     let host_binds = open_host_files(&host, user)?;
     // Only a start whose inputs are all there sets an unpack going.
-    if let Some((owned_from, dir, image_path, image_bytes)) = unpack_later {
+    let mut unpack_tie = None;
+    if let Some((owned_from, dir, image_path, image_bytes, tied)) = unpack_later {
         if let Err(e) = unpacked::room_for_tree(dir, image_bytes) {
             tracing::info!("no unpack in the background: {e}");
-        } else if let Err(e) = unpacked::start_background_unpack(owned_from, dir, &image_path) {
-            tracing::info!("no unpack in the background: {e}");
+        } else {
+            match unpacked::start_background_unpack(owned_from, dir, &image_path, tied) {
+                Ok(tie) => unpack_tie = tie,
+                Err(e) => tracing::info!("no unpack in the background: {e}"),
+            }
         }
     }
     Ok(Inputs {
@@ -237,6 +253,7 @@ pub fn open_inputs(
         host,
         host_binds,
         hold,
+        unpack_tie,
     })
 }
 

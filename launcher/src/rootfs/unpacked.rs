@@ -371,6 +371,27 @@ pub fn tree_ready(root: &Path, image: &File) -> bool {
         .is_ok_and(|m| is_tree(&root.join(unpack_key(&m)).join(ROOTFS)))
 }
 
+/// Whether the last unpack of `image`'s shared tree under `root` was cut short (a Slurm step
+/// that ended first ends its background unpack) and no one is unpacking it now. `auto` then
+/// unpacks in the foreground, once: steps shorter than the unpack would otherwise each start
+/// it again, and none would ever find the tree.
+pub fn unpack_cut_short(root: &Path, image: &File) -> bool {
+    let Ok(meta) = image.metadata() else {
+        return false;
+    };
+    let dir = root.join(unpack_key(&meta));
+    if !dir.join(PARTIAL).exists() {
+        return false;
+    }
+    // Held by a live unpack (a `ferry run`'s goes on after it): that one will finish.
+    lock_named(
+        &dir,
+        UNPACK_LOCK,
+        nix::fcntl::FlockArg::LockExclusiveNonblock,
+    )
+    .is_ok()
+}
+
 /// Whether an unpacked tree is in place (it appears whole, renamed into place).
 fn is_tree(rootfs: &Path) -> bool {
     fs::symlink_metadata(rootfs).is_ok_and(|m| m.is_dir())
@@ -463,26 +484,39 @@ pub fn room_for_tree(root: &Path, image_bytes: u64) -> Result<(), NoRoom> {
 /// The hidden `ferry` command that unpacks an image's shared tree in the background.
 pub const BACKGROUND_COMMAND: &str = "unpack-in-background";
 
+/// The argument that ties a background unpack to its caller: it ends when its stdin does.
+pub const WHILE_STDIN_OPEN: &str = "--while-stdin-open";
+
 /// Have `ferry` unpack the shared tree of `image_path` under `root` (`owned_from` down the
 /// user's) in the background, for the `auto` provider; returns once it has gone off on its
-/// own, at the lowest priority, in a session of its own.
+/// own, at the lowest priority, in a session of its own. `tied`: it ends when the returned
+/// pipe end is closed (by the caller's exit), leaving its partial tree for
+/// [`unpack_cut_short`] to find.
 pub fn start_background_unpack(
     owned_from: &Path,
     root: &Path,
     image_path: &Path,
-) -> io::Result<()> {
+    tied: bool,
+) -> io::Result<Option<std::os::fd::OwnedFd>> {
     let program = std::env::current_exe()?;
-    let status = Command::new(program)
-        .arg(BACKGROUND_COMMAND)
+    let mut cmd = Command::new(program);
+    cmd.arg(BACKGROUND_COMMAND)
         .arg(owned_from)
         .arg(root)
         .arg(image_path)
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()?;
+        .stderr(Stdio::null());
+    let tie = if tied {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        cmd.arg(WHILE_STDIN_OPEN).stdin(Stdio::from(read));
+        Some(write)
+    } else {
+        cmd.stdin(Stdio::null());
+        None
+    };
+    let status = cmd.status()?;
     if status.success() {
-        Ok(())
+        Ok(tie)
     } else {
         Err(io::Error::other(format!(
             "ferry {BACKGROUND_COMMAND}: {status}"
@@ -490,10 +524,16 @@ pub fn start_background_unpack(
     }
 }
 
-/// `ferry unpack-in-background OWNED_FROM ROOT IMAGE`: the parent exits at once; its child
-/// unpacks, unless another process is unpacking the same tree already. A Slurm step's ends
-/// with the step (its cgroup), and the next `auto` start cleans up after it and tries again.
-pub fn unpack_in_background(owned_from: &Path, root: &Path, image_path: &Path) -> i32 {
+/// `ferry unpack-in-background OWNED_FROM ROOT IMAGE [--while-stdin-open]`: the parent
+/// exits at once; its child unpacks, unless another process is unpacking the same tree
+/// already. Tied (a Slurm step's), it and its unsquashfs end when stdin ends, and the next
+/// `auto` start of the image unpacks in the foreground.
+pub fn unpack_in_background(
+    owned_from: &Path,
+    root: &Path,
+    image_path: &Path,
+    while_stdin_open: bool,
+) -> i32 {
     match crate::sys::raw::fork_single_threaded() {
         Ok(Some(_)) => return 0,
         Ok(None) => {}
@@ -501,6 +541,15 @@ pub fn unpack_in_background(owned_from: &Path, root: &Path, image_path: &Path) -
     }
     let _ = nix::unistd::setsid();
     let _ = rustix::process::setpriority_process(None, 19);
+    if while_stdin_open {
+        std::thread::spawn(|| {
+            use std::io::Read;
+            let mut sink = [0u8; 64];
+            while matches!(io::stdin().read(&mut sink), Ok(n) if n > 0) {}
+            // Its own session's process group: this process and its unsquashfs.
+            let _ = nix::sys::signal::killpg(nix::unistd::getpgrp(), nix::sys::signal::SIGKILL);
+        });
+    }
     let opened = File::open(image_path).ok().and_then(|image| {
         let kind = crate::image::detect(image_path, &image).ok()?;
         Some((image, kind))

@@ -120,8 +120,14 @@ pub enum FirstUse {
     #[default]
     Wait,
     /// Start on squashfuse at once and unpack it in the background for the containers
-    /// after (`auto`): no start waits for an unpack.
+    /// after (`auto`): no start waits for an unpack. The unpack goes on after the container
+    /// (`ferry run`).
     Mount,
+    /// [`FirstUse::Mount`], but the unpack ends with the container: a Slurm step's, which
+    /// must leave nothing running on a node its job may no longer have. A start that finds
+    /// an unpack cut short that way unpacks in the foreground, once, so that steps shorter
+    /// than the unpack still get the tree.
+    MountWhileRunning,
 }
 
 /// A root filesystem provider by the name users and admins write (`--rootfs`,
