@@ -1225,13 +1225,14 @@ def main():
 def compare(args):
     b = Bench(args)
     started = time.time()
+    # FERRY_BENCH_GROUPS=start,torch: only those row groups (the rest are listed as not run).
+    groups = [g for g in os.environ.get("FERRY_BENCH_GROUPS", "").split(",") if g]
     try:
-        b.start()
-        b.metadata()
-        b.torch()
-        b.reads()
-        b.footprint()
-        b.build()
+        for name in ("start", "metadata", "torch", "reads", "footprint", "build"):
+            if groups and name not in groups:
+                b.unavailable[f"{name} (group)"] = "not run: FERRY_BENCH_GROUPS"
+                continue
+            getattr(b, name)()
     finally:
         b.ex.close()
     b.write()

@@ -110,6 +110,7 @@ fn a_healthy_node_passes_every_check() {
         "squashfuse",
         "squashfs-tools",
         "cache-dir",
+        "auto-unpack",
         "oci-conf",
         "plugstack",
         "plugin-version",

@@ -194,6 +194,59 @@ fn checkpoint_check(
     }
 }
 
+/// Where the default provider (`auto`) would unpack on this node, and whether it can: the
+/// plugin's steps under `named_dir`, else `ferry run`'s cache.
+fn auto_unpack_check(settings: Option<&PluginSettings>, uid: u32) -> Check {
+    use crate::spec::Provider;
+    const ID: &str = "auto-unpack";
+    let place = match settings {
+        Some(s) if s.rootfs != Provider::Auto => {
+            return Check::ok(
+                ID,
+                format!(
+                    "the site's provider is {}: steps unpack nothing in the background",
+                    s.rootfs
+                ),
+            )
+        }
+        Some(s) => s
+            .named_dir
+            .join(crate::rootfs::user_dir::name(uid))
+            .join("unpacked"),
+        None => match std::env::var_os("FERRY_CACHE")
+            .map(std::path::PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .map_or_else(crate::store::cache::Cache::default_root, Ok)
+        {
+            Ok(root) => root.join(format!("unpacked-{uid}")),
+            Err(e) => return Check::warn(ID, e.to_string(), "set HOME or XDG_CACHE_HOME"),
+        },
+    };
+    auto_unpack_verdict(&place, crate::rootfs::unpacked::room_for_tree(&place, 0))
+}
+
+fn auto_unpack_verdict(
+    place: &std::path::Path,
+    room: Result<(), crate::rootfs::unpacked::NoRoom>,
+) -> Check {
+    const ID: &str = "auto-unpack";
+    match room {
+        Ok(()) => Check::ok(
+            ID,
+            format!(
+                "images are unpacked in the background under {} (a local disk with room), for \
+                 the host's speed from their second start on",
+                place.display()
+            ),
+        ),
+        Err(e) => Check::warn(
+            ID,
+            format!("images stay on squashfuse: {e}"),
+            "point named_dir= (plugstack.conf) or the cache at a local disk, or set rootfs=squashfuse to say so",
+        ),
+    }
+}
+
 /// The plugin's settings in this node's plugstack.conf, for commands that must agree with
 /// the plugin (`ferry containers`); `None`: no Slurm configuration, or no ferry line in it.
 pub fn site_plugin_settings() -> Option<Result<PluginSettings, crate::slurm::site::SiteError>> {
@@ -237,6 +290,7 @@ pub fn run_checks() -> Vec<Check> {
     ));
     checks.push(directories::cache_dir_check());
     checks.push(directories::temp_dir_check());
+    checks.push(auto_unpack_check(settings.as_ref(), euid));
     checks.push(checkpoint_check(
         crate::container::checkpoint::SiteCheckpoint::read()
             .map(|site| (site.enabled, crate::container::checkpoint::find_criu(&site))),
@@ -249,6 +303,23 @@ pub fn run_checks() -> Vec<Check> {
 }
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn auto_unpack_says_where_images_are_unpacked_or_why_not() {
+        use crate::rootfs::unpacked::room_for_tree;
+        let disk = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let ok = super::auto_unpack_verdict(disk.path(), room_for_tree(disk.path(), 0));
+        assert_eq!(ok.status, super::Status::Ok, "{}", ok.message);
+        let shm = std::path::Path::new("/dev/shm/ferry-0/unpacked");
+        let warn = super::auto_unpack_verdict(shm, room_for_tree(shm, 0));
+        assert_eq!(warn.status, super::Status::Warn);
+        assert!(
+            warn.message
+                .starts_with("images stay on squashfuse: /dev/shm is on tmpfs, not a local disk"),
+            "{}",
+            warn.message
+        );
+    }
+
     use super::*;
 
     #[test]
