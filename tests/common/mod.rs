@@ -756,26 +756,13 @@ impl Plugstack {
         Plugstack { path, original }
     }
 
-    /// The plugin line with `args` in place of the current arguments.
+    /// The plugin line with `args` in place of the current arguments, and the provider
+    /// pinned as integration/test pins it (see [`PINNED_ROOTFS`]) unless `args` chooses one.
     pub fn set_args(&self, args: &str) {
-        let line = self
-            .original
-            .lines()
-            .find(|l| l.contains("spank_ferry.so"))
-            .unwrap();
-        let mut words = line.split_whitespace();
-        let (required, so) = (words.next().unwrap(), words.next().unwrap());
-        let ferry_bin = words.find(|w| w.starts_with("ferry_bin=")).unwrap_or("");
-        // As integration/test pins it (see [`PINNED_ROOTFS`]), unless the test chooses.
-        let rootfs = match args.contains("rootfs=") {
-            true => "",
-            false => "rootfs=squashfuse",
-        };
-        std::fs::write(
-            &self.path,
-            format!("{required} {so} {ferry_bin} {rootfs} {args}\n"),
-        )
-        .unwrap();
+        match args.contains("rootfs=") {
+            true => self.set_args_unpinned(args),
+            false => self.set_args_unpinned(&format!("rootfs=squashfuse {args}")),
+        }
     }
 
     /// The plugin line with only `args` (and ferry_bin): the site's defaults otherwise,
