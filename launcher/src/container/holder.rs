@@ -707,6 +707,11 @@ fn hold_spec(spec: Result<ContainerSpec, String>) -> i32 {
         let _ = fuse.kill();
         let _ = fuse.wait();
     }
+    // A tied background unpack goes before the holder: Slurm removes the step's cgroups
+    // once the holder is gone, and cannot while one of its processes is in them.
+    if let Some(unpack) = container.unpack_tie.take() {
+        unpack.end();
+    }
     // Its tree is free for `ferry gc` and others from here.
     drop(container.hold.take());
     // The end of the report tells the caller that the container is let go (no record, no

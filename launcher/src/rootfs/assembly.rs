@@ -38,7 +38,7 @@ pub struct Container {
     /// Kept for the container's life (see [`Inputs`]).
     pub hold: Option<nix::fcntl::Flock<File>>,
     /// Closed as the holder exits: a background unpack tied to the container ends then.
-    pub unpack_tie: Option<std::os::fd::OwnedFd>,
+    pub unpack_tie: Option<crate::rootfs::unpacked::TiedUnpack>,
     /// How long each phase of the build took.
     pub phases: Vec<Phase>,
 }

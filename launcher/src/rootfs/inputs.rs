@@ -69,7 +69,7 @@ pub struct Inputs {
     pub(super) hold: Option<nix::fcntl::Flock<File>>,
     /// The write end of the pipe a background unpack tied to this container reads: it
     /// ends when the container's holder does.
-    pub(super) unpack_tie: Option<std::os::fd::OwnedFd>,
+    pub(super) unpack_tie: Option<unpacked::TiedUnpack>,
 }
 
 fn open_source(path: &Path, user: &str) -> Result<Source, RootfsError> {

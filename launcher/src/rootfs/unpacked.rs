@@ -497,7 +497,7 @@ pub fn start_background_unpack(
     root: &Path,
     image_path: &Path,
     tied: bool,
-) -> io::Result<Option<std::os::fd::OwnedFd>> {
+) -> io::Result<Option<TiedUnpack>> {
     let program = std::env::current_exe()?;
     let mut cmd = Command::new(program);
     cmd.arg(BACKGROUND_COMMAND)
@@ -507,9 +507,10 @@ pub fn start_background_unpack(
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let tie = if tied {
-        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        cmd.arg(WHILE_STDIN_OPEN).stdin(Stdio::from(read));
-        Some(write)
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        cmd.arg(WHILE_STDIN_OPEN)
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)));
+        Some(TiedUnpack { socket: ours })
     } else {
         cmd.stdin(Stdio::null());
         None
@@ -522,6 +523,55 @@ pub fn start_background_unpack(
             "ferry {BACKGROUND_COMMAND}: {status}"
         )))
     }
+}
+
+/// A background unpack that ends with its caller: its stdin is the other end of `socket`,
+/// and it sends its process group's id there first.
+pub struct TiedUnpack {
+    socket: std::os::unix::net::UnixStream,
+}
+
+impl TiedUnpack {
+    /// End the unpack and wait (up to two seconds) until its processes are gone, so that
+    /// none of them is left in the step's cgroups when Slurm removes them.
+    pub fn end(mut self) {
+        use std::io::Read;
+        let _ = self
+            .socket
+            .set_read_timeout(Some(std::time::Duration::from_millis(500)));
+        let mut id = [0u8; 4];
+        let group = self
+            .socket
+            .read_exact(&mut id)
+            .ok()
+            .map(|()| i32::from_le_bytes(id));
+        drop(self.socket);
+        let Some(group) = group else { return };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while group_alive(group) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
+/// Whether a process of the group `group` still runs (a zombie has left its cgroups).
+fn group_alive(group: i32) -> bool {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
+            return false;
+        };
+        // After the command's closing parenthesis: state, ppid, pgrp.
+        let mut fields = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace();
+        let state = fields.next();
+        let pgrp = fields.nth(1).and_then(|g| g.parse::<i32>().ok());
+        pgrp == Some(group) && state != Some("Z")
+    })
 }
 
 /// `ferry unpack-in-background OWNED_FROM ROOT IMAGE [--while-stdin-open]`: the parent
@@ -542,6 +592,8 @@ pub fn unpack_in_background(
     let _ = nix::unistd::setsid();
     let _ = rustix::process::setpriority_process(None, 19);
     if while_stdin_open {
+        let group = nix::unistd::getpgrp().as_raw();
+        let _ = nix::unistd::write(io::stdin(), &group.to_le_bytes());
         std::thread::spawn(|| {
             use std::io::Read;
             let mut sink = [0u8; 64];
