@@ -48,18 +48,23 @@ fn try_write(dir: &Path) -> io::Result<bool> {
     result.map(|()| existed)
 }
 
-pub(super) fn cache_dir_check() -> Check {
-    const ID: &str = "cache-dir";
-    // FERRY_CACHE is what `ferry import --cache` defaults to.
+/// The cache `ferry` uses here: FERRY_CACHE (what `ferry import --cache` defaults to),
+/// else [`cache_dir`].
+pub(super) fn chosen_cache_dir() -> Option<PathBuf> {
     let chosen = std::env::var_os("FERRY_CACHE")
         .map(PathBuf::from)
         .filter(|p| p.is_absolute());
-    let Some(dir) = chosen.or_else(|| {
+    chosen.or_else(|| {
         cache_dir(
             std::env::var_os("XDG_CACHE_HOME").as_deref(),
             home_dir().as_deref(),
         )
-    }) else {
+    })
+}
+
+pub(super) fn cache_dir_check() -> Check {
+    const ID: &str = "cache-dir";
+    let Some(dir) = chosen_cache_dir() else {
         return Check::fail(
             ID,
             "no cache directory: neither XDG_CACHE_HOME nor HOME is set and the user has no passwd home",

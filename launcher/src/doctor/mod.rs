@@ -198,7 +198,7 @@ fn checkpoint_check(
 /// plugin's steps under `named_dir`, else `ferry run`'s cache.
 fn auto_unpack_check(settings: Option<&PluginSettings>, uid: u32) -> Check {
     use crate::spec::Provider;
-    const ID: &str = "auto-unpack";
+    const ID: &str = AUTO_UNPACK;
     let place = match settings {
         Some(s) if s.rootfs != Provider::Auto => {
             return Check::ok(
@@ -213,23 +213,22 @@ fn auto_unpack_check(settings: Option<&PluginSettings>, uid: u32) -> Check {
             .named_dir
             .join(crate::rootfs::user_dir::name(uid))
             .join("unpacked"),
-        None => match std::env::var_os("FERRY_CACHE")
-            .map(std::path::PathBuf::from)
-            .filter(|p| p.is_absolute())
-            .map_or_else(crate::store::cache::Cache::default_root, Ok)
-        {
-            Ok(root) => root.join(format!("unpacked-{uid}")),
-            Err(e) => return Check::warn(ID, e.to_string(), "set HOME or XDG_CACHE_HOME"),
+        None => match directories::chosen_cache_dir() {
+            Some(root) => root.join(format!("unpacked-{uid}")),
+            // The cache-dir check says why.
+            None => return Check::warn(ID, "no cache directory", "set HOME or XDG_CACHE_HOME"),
         },
     };
     auto_unpack_verdict(&place, crate::rootfs::unpacked::room_for_tree(&place, 0))
 }
 
+const AUTO_UNPACK: &str = "auto-unpack";
+
 fn auto_unpack_verdict(
     place: &std::path::Path,
     room: Result<(), crate::rootfs::unpacked::NoRoom>,
 ) -> Check {
-    const ID: &str = "auto-unpack";
+    const ID: &str = AUTO_UNPACK;
     match room {
         Ok(()) => Check::ok(
             ID,
@@ -303,6 +302,8 @@ pub fn run_checks() -> Vec<Check> {
 }
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn auto_unpack_says_where_images_are_unpacked_or_why_not() {
         use crate::rootfs::unpacked::room_for_tree;
@@ -319,8 +320,6 @@ mod tests {
             warn.message
         );
     }
-
-    use super::*;
 
     #[test]
     fn report_text_and_json() {

@@ -126,6 +126,7 @@ pub fn open_inputs(
     // it under the `kernel` provider.
     let mut hold = None;
     let mut unpack_later = None;
+    let image_bytes = image.metadata().map_or(0, |m| m.len());
     let (image_path, image, kind) = match (&spec.unpacked, &spec.rootfs, &kind) {
         (
             None,
@@ -139,8 +140,7 @@ pub fn open_inputs(
             || unpacked::tree_ready(dir, &image)
             || (*first_use == FirstUse::MountWhileRunning
                 && unpacked::unpack_cut_short(dir, &image)
-                && unpacked::room_for_tree(dir, image.metadata().map_or(0, |m| m.len()))
-                    .is_ok()) =>
+                && unpacked::room_for_tree(dir, image_bytes).is_ok()) =>
         {
             let (rootfs, lock) =
                 unpacked::unpack_shared(owned_from, dir, &image_path, &image, &kind, observe)?;
@@ -160,8 +160,9 @@ pub fn open_inputs(
                 ImageKind::Directory,
             )
         }
-        // `auto` before the tree exists: this container mounts the image; the next finds
-        // the tree (unless the unpack was cut short: then one after that starts it again).
+        // `auto` before the tree exists: this container mounts the image and, once its
+        // inputs are checked, sets the unpack going; the next finds the tree (a Slurm step's
+        // next, if this step cut the unpack short, unpacks in the foreground).
         (
             None,
             RootfsProvider::Unpack {
@@ -171,9 +172,8 @@ pub fn open_inputs(
             },
             ImageKind::Squashfs { .. },
         ) => {
-            let image_bytes = image.metadata().map(|m| m.len()).unwrap_or(0);
             let tied = *first_use == FirstUse::MountWhileRunning;
-            unpack_later = Some((owned_from, dir, image_path.clone(), image_bytes, tied));
+            unpack_later = Some((owned_from, dir, image_path.clone(), tied));
             (image_path, image, kind)
         }
         (None, ..) => (image_path, image, kind),
@@ -233,7 +233,7 @@ pub fn open_inputs(
     let host_binds = open_host_files(&host, user)?;
     // Only a start whose inputs are all there sets an unpack going.
     let mut unpack_tie = None;
-    if let Some((owned_from, dir, image_path, image_bytes, tied)) = unpack_later {
+    if let Some((owned_from, dir, image_path, tied)) = unpack_later {
         if let Err(e) = unpacked::room_for_tree(dir, image_bytes) {
             tracing::info!("no unpack in the background: {e}");
         } else {

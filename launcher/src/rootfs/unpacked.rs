@@ -556,21 +556,16 @@ impl TiedUnpack {
 
 /// Whether a process of the group `group` still runs (a zombie has left its cgroups).
 fn group_alive(group: i32) -> bool {
+    use crate::sys::proc::{read_stat, stat_field};
     let Ok(entries) = fs::read_dir("/proc") else {
         return false;
     };
+    let group = group.to_string();
     entries.flatten().any(|e| {
-        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
-            return false;
-        };
-        // After the command's closing parenthesis: state, ppid, pgrp.
-        let mut fields = stat
-            .rsplit_once(')')
-            .map_or("", |(_, rest)| rest)
-            .split_whitespace();
-        let state = fields.next();
-        let pgrp = fields.nth(1).and_then(|g| g.parse::<i32>().ok());
-        pgrp == Some(group) && state != Some("Z")
+        let pid = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok());
+        pid.and_then(read_stat).is_some_and(|stat| {
+            stat_field(&stat, 5) == Some(group.as_str()) && stat_field(&stat, 3) != Some("Z")
+        })
     })
 }
 

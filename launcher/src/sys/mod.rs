@@ -3,4 +3,5 @@
 //! child processes handled by pidfd.
 
 pub mod child;
+pub mod proc;
 pub mod raw;

@@ -824,14 +824,7 @@ fn write_supervisor(dir: &Path) -> Result<(), CheckpointError> {
 /// A process's start time (field 22 of /proc/PID/stat), which tells it from a later
 /// process with the same pid.
 fn start_time(pid: u32) -> Option<u64> {
-    stat_field(pid, 22)
-}
-
-/// Field `n` (numbered from 1 as in proc(5)) of /proc/PID/stat, from field 3 on.
-fn stat_field(pid: u32, n: usize) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_name = &stat[stat.rfind(')')? + 2..];
-    after_name.split(' ').nth(n.checked_sub(3)?)?.parse().ok()
+    crate::sys::proc::stat_number(pid, 22)
 }
 
 fn write_new(dir: &Path, name: &'static str, contents: &[u8]) -> Result<(), CheckpointError> {

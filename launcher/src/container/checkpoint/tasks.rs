@@ -180,7 +180,7 @@ fn current_leader(dir: &Path) -> Option<(u32, u64)> {
     let mut words = text.split_whitespace();
     let pid: u32 = words.next()?.parse().ok()?;
     let started: u64 = words.next()?.parse().ok()?;
-    let ppid = super::stat_field(pid, 4)?;
+    let ppid = crate::sys::proc::stat_number(pid, 4)?;
     (pid != std::process::id()
         && ppid == u64::from(std::os::unix::process::parent_id())
         && super::start_time(pid) == Some(started))
